@@ -1,0 +1,109 @@
+"""``comzy``: the stock agent. ``comzy 3000`` exposes localhost:3000."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+import anyio
+
+from comzy import __version__
+from comzy.agent.client import Agent, AgentConfig, AgentError, Rejected, Unreachable
+from comzy.agent.forward import LocalForwarder
+from comzy.agent.output import Printer
+
+DEFAULT_SERVER = "ws://localhost:8191"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``comzy [PORT] [options]``."""
+    parser = argparse.ArgumentParser(
+        prog="comzy",
+        description="Expose a local web service at a public URL through a Comzy server.",
+        epilog="Environment: COMZY_WS_SERVER (server URL, or a comma list tried in turn).",
+    )
+    parser.add_argument("port", nargs="?", type=_port, default=3000, help="local port to expose (default 3000)")
+    parser.add_argument("--subdomain", "-s", help="ask for this alias (e.g. myapp -> myapp.<domain>)")
+    parser.add_argument("--host-header", choices=["preserve", "rewrite"], default="preserve",
+                        help="'rewrite' sends Host: localhost:PORT to the local service (for dev servers "
+                        "that check Host); default passes the visitor's Host through")
+    parser.add_argument("--local-host", default="localhost", help="host of the local service (default localhost)")
+    parser.add_argument("--server", help=f"agent listener URL(s), comma-separated (default {DEFAULT_SERVER})")
+    parser.add_argument("--quiet", "-q", action="store_true", help="do not print a line per request")
+    parser.add_argument("--version", action="version", version=f"comzy {__version__}")
+    return parser.parse_args(argv)
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a port number (try: comzy 3000)") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is outside 1-65535")
+    return port
+
+
+def server_list(option: str | None) -> list[str]:
+    """Servers from --server, else COMZY_WS_SERVER, else the default."""
+    raw = option or os.environ.get("COMZY_WS_SERVER") or DEFAULT_SERVER
+    servers = [s.strip() for s in raw.split(",") if s.strip()]
+    for url in servers:
+        if not url.startswith(("ws://", "wss://")):
+            raise SystemExit(f"comzy: server URL {url!r} must start with ws:// or wss://")
+    return servers
+
+
+async def _run(agent: Agent, forwarder: LocalForwarder, printer: Printer) -> int:
+    code = 0
+    async with anyio.create_task_group() as tg:
+        async def stop_on_signal() -> None:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    printer.line("Stopping.")
+                    await agent.close()
+                    tg.cancel_scope.cancel()
+                    return
+
+        tg.start_soon(stop_on_signal)
+        try:
+            reason = await agent.run()
+            printer.error(f"the server ended this tunnel: {reason}")
+            code = 1
+        except Rejected as exc:
+            printer.error(f"the server refused the tunnel: {exc}")
+            code = 1
+        except Unreachable as exc:
+            printer.error(f"{exc}. Is comzy-server running there? Set --server or COMZY_WS_SERVER.")
+            code = 1
+        except AgentError as exc:
+            printer.error(str(exc))
+            code = 1
+        finally:
+            await forwarder.aclose()
+        tg.cancel_scope.cancel()
+    return code
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``comzy``."""
+    args = parse_args(argv)
+    servers = server_list(args.server)
+    target = f"{args.local_host}:{args.port}"
+    printer = Printer(target, quiet=args.quiet)
+    forwarder = LocalForwarder(args.local_host, args.port, rewrite_host=args.host_header == "rewrite",
+                               on_served=printer.served)
+    config = AgentConfig(servers=servers, port=args.port, local_host=args.local_host,
+                         subdomain=args.subdomain.lower() if args.subdomain else None)
+    agent = Agent(config, forwarder, printer)
+    try:
+        code = anyio.run(_run, agent, forwarder, printer)
+    except KeyboardInterrupt:
+        code = 0
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

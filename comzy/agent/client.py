@@ -1,0 +1,202 @@
+"""The agent's connection to the server: handshake, serving streams, reconnecting."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import anyio
+import anyio.abc
+
+from comzy import __version__
+from comzy.agent.forward import LocalForwarder
+from comzy.core import protocol as p
+from comzy.core.session import Session, Stream
+from comzy.core.websocket import Closed, WebSocket, WebSocketError, connect
+
+log = logging.getLogger("comzy.agent")
+
+MAX_LINK_MESSAGE = 2 * 1024 * 1024
+BACKOFF_START = 0.5
+BACKOFF_MAX = 30.0
+
+
+class AgentError(Exception):
+    """A condition the agent cannot recover from; the message says what to do."""
+
+
+class Rejected(AgentError):
+    """The server refused the registration."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+
+
+class Unreachable(AgentError):
+    """No server in the list could be reached."""
+
+
+class Reporter(Protocol):
+    """Where the agent reports what happens (the CLI prints it)."""
+
+    def connected(self, welcome: dict[str, Any], first: bool) -> None: ...
+    def reconnecting(self, reason: str, delay: float) -> None: ...
+    def notice(self, level: str, message: str) -> None: ...
+
+
+@dataclass
+class AgentConfig:
+    """What the agent needs to run."""
+
+    servers: list[str]
+    port: int
+    local_host: str = "localhost"
+    subdomain: str | None = None
+    token: str | None = None
+    rewrite_host: bool = False
+    window: int = p.DEFAULT_WINDOW
+    extra_hello: dict[str, Any] = field(default_factory=dict)
+
+
+class Agent:
+    """Keeps one tunnel up until told to stop."""
+
+    def __init__(self, config: AgentConfig, forwarder: LocalForwarder, reporter: Reporter) -> None:
+        self.config = config
+        self.forwarder = forwarder
+        self.reporter = reporter
+        self.alias: str | None = None
+        self.resume_secret: str | None = None
+        self.session: Session | None = None
+        self._server_index = 0
+
+    def _hello(self) -> dict[str, Any]:
+        hello: dict[str, Any] = {
+            "v": p.PROTOCOL_VERSION,
+            "agent": f"comzy/{__version__}",
+            "port": self.config.port,
+            "subdomain": self.config.subdomain,
+            "token": self.config.token,
+            "window": self.config.window,
+            **self.config.extra_hello,
+        }
+        if self.alias and self.resume_secret:
+            hello["resume"] = {"alias": self.alias, "secret": self.resume_secret}
+        return hello
+
+    async def _connect_any(self) -> tuple[WebSocket, str]:
+        """Try each server in turn, starting with the last one that worked."""
+        errors = []
+        servers = self.config.servers
+        for i in range(len(servers)):
+            url = servers[(self._server_index + i) % len(servers)]
+            try:
+                ws = await connect(url, MAX_LINK_MESSAGE)
+            except (OSError, TimeoutError, WebSocketError) as exc:
+                errors.append(f"{url} ({_reason(exc)})")
+                continue
+            self._server_index = (self._server_index + i) % len(servers)
+            return ws, url
+        raise Unreachable("cannot reach the Comzy server at " + ", ".join(errors))
+
+    async def _handshake(self, ws: WebSocket) -> dict[str, Any]:
+        await ws.send(p.encode(p.FrameType.HELLO, 0, self._hello()))
+        with anyio.fail_after(30):
+            message = await ws.receive()
+        if isinstance(message, Closed):
+            raise WebSocketError(f"server closed the connection during the handshake ({message.code})")
+        if isinstance(message, str):
+            raise AgentError("the server answered with text; is this URL a Comzy agent listener?")
+        frames = list(p.decode_message(message))
+        frame = frames[0]
+        if frame.type == p.FrameType.REJECT:
+            raise Rejected(str(frame.payload.get("code", "rejected")), str(frame.payload.get("reason", "refused")))
+        if frame.type != p.FrameType.WELCOME:
+            raise AgentError(f"unexpected {frame.type.name} from the server during the handshake")
+        return dict(frame.payload)
+
+    async def run(self) -> str:
+        """Serve until the server ends the tunnel for good; returns the server's reason.
+
+        Raises Unreachable if the very first connection fails, Rejected if refused.
+        """
+        first = True
+        delay = BACKOFF_START
+        while True:
+            try:
+                ws, _url = await self._connect_any()
+                welcome = await self._handshake(ws)
+            except Unreachable as exc:
+                if first:
+                    raise
+                reason = str(exc)
+            except Rejected:
+                raise
+            except (WebSocketError, p.ProtocolError, TimeoutError, OSError) as exc:
+                if first:
+                    raise Unreachable(f"the server did not complete the handshake: {exc}") from exc
+                reason = str(exc)
+            else:
+                self.alias = welcome["alias"]
+                self.resume_secret = welcome.get("resume_secret")
+                self.reporter.connected(welcome, first)
+                first = False
+                delay = BACKOFF_START
+                final, reason = await self._serve(ws, welcome)
+                if final is not None:
+                    return final
+            # Full jitter: agents of a restarted server do not all return in the same instant.
+            wait = random.uniform(delay / 2, delay)
+            self.reporter.reconnecting(reason, wait)
+            await anyio.sleep(wait)
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    async def _serve(self, ws: WebSocket, welcome: dict[str, Any]) -> tuple[str | None, str]:
+        """Run one session. Returns (final reason or None to reconnect, reason)."""
+        heartbeat = float(welcome.get("heartbeat", 10.0))
+        session = Session(ws, window=self.config.window, peer_window=int(welcome.get("window", p.DEFAULT_WINDOW)),
+                          heartbeat_interval=heartbeat, heartbeat_timeout=heartbeat * 3, name="agent")
+        self.session = session
+        final: list[str] = []
+
+        async def on_control(frame: p.Frame) -> None:
+            if frame.type == p.FrameType.NOTICE:
+                self.reporter.notice(str(frame.payload.get("level", "info")), str(frame.payload.get("message", "")))
+            elif frame.type == p.FrameType.GOAWAY:
+                reason = str(frame.payload.get("reason", "server going away"))
+                if frame.payload.get("reconnect", True):
+                    self.reporter.notice("warning", f"server says: {reason}; will reconnect")
+                else:
+                    final.append(reason)
+            else:
+                raise p.ProtocolError(f"unexpected {frame.type.name} frame")
+
+        async with anyio.create_task_group() as tg:
+            def on_request(stream: Stream, head: p.RequestHead) -> None:
+                tg.start_soon(self.forwarder.serve, stream, head)
+
+            session.on_request = on_request
+            session.on_control = on_control
+            reason = await session.run()
+            tg.cancel_scope.cancel()
+        self.session = None
+        return (final[0] if final else None), reason
+
+    async def close(self) -> None:
+        """Close the current session cleanly (Ctrl-C)."""
+        if self.session is not None:
+            await self.session.close(1000, "agent stopped")
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    text = str(exc)
+    if "Connection refused" in text or "connection attempts failed" in text:
+        return "connection refused"
+    return text or type(exc).__name__

@@ -1,0 +1,103 @@
+"""What the agent prints: the public URL stands out, then one line per request."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any, TextIO
+
+from comzy.agent.forward import Served
+
+_RESET = "\033[0m"
+_BOLD = "\033[1m"
+_DIM = "\033[2m"
+_RED = "\033[31m"
+_GREEN = "\033[32m"
+_YELLOW = "\033[33m"
+_CYAN = "\033[36m"
+
+
+def use_colour(stream: TextIO) -> bool:
+    """Colour on a terminal, plain text when piped or when NO_COLOR is set."""
+    if os.environ.get("NO_COLOR"):
+        return False
+    if os.environ.get("FORCE_COLOR"):
+        return True
+    return hasattr(stream, "isatty") and stream.isatty()
+
+
+class Printer:
+    """Formats agent events for a person (colour) or a pipe (plain)."""
+
+    def __init__(self, target: str, quiet: bool = False, out: TextIO | None = None) -> None:
+        self.out = out or sys.stdout
+        self.colour = use_colour(self.out)
+        self.target = target
+        self.quiet = quiet
+
+    def _c(self, code: str, text: str) -> str:
+        return f"{code}{text}{_RESET}" if self.colour else text
+
+    def line(self, text: str) -> None:
+        """Print one line and flush (a pipe sees it at once)."""
+        print(text, file=self.out, flush=True)
+
+    def error(self, text: str) -> None:
+        """An error line on stderr."""
+        prefix = self._c(_RED + _BOLD, "error:") if use_colour(sys.stderr) else "error:"
+        print(f"{prefix} {text}", file=sys.stderr, flush=True)
+
+    # -- Reporter ------------------------------------------------------------------
+    def connected(self, welcome: dict[str, Any], first: bool) -> None:
+        """The tunnel is up: show the public URL prominently."""
+        url = welcome.get("url", "?")
+        if first:
+            self.line(self._c(_DIM, f"comzy: forwarding {url} -> http://{self.target}"))
+            self.line(self._c(_BOLD + _GREEN, f"Public URL: {url}"))
+            user = welcome.get("user")
+            self.line(self._c(_DIM, f"Logged in as {user}" if user else "Anonymous tunnel"))
+            expires = welcome.get("expires_at")
+            if expires:
+                left = max(0, int(float(expires) - time.time()))
+                self.line(self._c(_YELLOW, f"Expires in {_span(left)} (at {time.strftime('%H:%M', time.localtime(expires))})"))
+            self.line(self._c(_DIM, "Press Ctrl-C to stop."))
+        else:
+            self.line(self._c(_GREEN, f"Reconnected: {url}"))
+        for notice in welcome.get("notices") or []:
+            self.notice("info", str(notice))
+
+    def reconnecting(self, reason: str, delay: float) -> None:
+        """The link dropped; say why and when we retry."""
+        self.line(self._c(_YELLOW, f"Connection lost ({reason}); reconnecting in {delay:.1f} s"))
+
+    def notice(self, level: str, message: str) -> None:
+        """A message from the server (expiry warnings, GOAWAY)."""
+        colour = _YELLOW if level in ("warning", "warn") else _CYAN
+        self.line(self._c(colour, message))
+
+    def served(self, served: Served) -> None:
+        """One line per request: method, path, status, duration."""
+        if self.quiet:
+            return
+        status = "WS" if served.websocket and served.status == 101 else str(served.status or "---")
+        if served.status >= 500 or not served.status:
+            status_text = self._c(_RED, status)
+        elif served.status >= 400:
+            status_text = self._c(_YELLOW, status)
+        else:
+            status_text = self._c(_GREEN, status)
+        ms = served.duration * 1000
+        duration = f"{ms:.0f} ms" if ms >= 10 else f"{ms:.1f} ms"
+        line = f"{served.method:<7} {served.target} {status_text} {duration}"
+        if served.error and served.status >= 500:
+            line += "  " + self._c(_DIM, served.error)
+        self.line(line)
+
+
+def _span(seconds: int) -> str:
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+    if seconds >= 60:
+        return f"{seconds // 60} min"
+    return f"{seconds} s"

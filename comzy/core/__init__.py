@@ -1,0 +1,1 @@
+"""The routing core: protocol, sessions, registry, hooks and the three listeners."""

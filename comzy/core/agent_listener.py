@@ -1,0 +1,219 @@
+"""The agent listener: WebSocket handshake, HELLO -> WELCOME/REJECT, then the session."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.abc
+
+from comzy import __version__
+from comzy.core import protocol as p
+from comzy.core.aliases import check_alias, random_alias
+from comzy.core.registry import Entry, hash_secret
+from comzy.core.session import Session
+from comzy.core.types import Registration, Reject, Tunnel
+from comzy.core.websocket import Closed, WebSocket, WebSocketError, server_handshake
+
+if TYPE_CHECKING:
+    from comzy.core.server import ServerContext
+
+log = logging.getLogger("comzy.agents")
+
+#: Largest message on the agent link: a few DATA frames coalesced, or a big head.
+MAX_LINK_MESSAGE = 2 * 1024 * 1024
+
+
+class AgentListener:
+    """Accepts agent connections and serves each as a tunnel session."""
+
+    def __init__(self, server: ServerContext) -> None:
+        self.server = server
+        self.settings = server.settings
+
+    async def handle(self, stream: anyio.abc.SocketStream) -> None:
+        """Serve one agent connection from handshake to disconnect."""
+        try:
+            peer = stream.extra(anyio.abc.SocketAttribute.remote_address)
+            client = peer[0] if isinstance(peer, tuple) else str(peer)
+        except Exception:
+            client = "?"
+        try:
+            with anyio.fail_after(self.settings.handshake_timeout):
+                ws, _ = await server_handshake(stream, MAX_LINK_MESSAGE)
+                hello = await self._read_hello(ws)
+        except TimeoutError:
+            log.info("agent %s: handshake timed out after %ss", client, self.settings.handshake_timeout)
+            await stream.aclose()
+            return
+        except (WebSocketError, p.ProtocolError, anyio.BrokenResourceError, OSError) as exc:
+            log.info("agent %s: bad handshake: %s", client, exc)
+            await stream.aclose()
+            return
+        if hello is None:
+            return
+        entry = await self._register(ws, hello, client)
+        if entry is None:
+            return
+        await self._serve(entry)
+
+    async def _read_hello(self, ws: WebSocket) -> dict[str, Any] | None:
+        message = await ws.receive()
+        if isinstance(message, Closed):
+            return None
+        if isinstance(message, str):
+            await self._reject(ws, "protocol", "expected a binary HELLO frame; is this a Comzy agent?")
+            return None
+        frames = list(p.decode_message(message))
+        if len(frames) != 1 or frames[0].type != p.FrameType.HELLO:
+            await self._reject(ws, "protocol", "the first frame must be HELLO")
+            return None
+        hello: dict[str, Any] = frames[0].payload
+        version = hello.get("v")
+        if version != p.PROTOCOL_VERSION:
+            await self._reject(
+                ws,
+                "version",
+                f"this server speaks protocol v{p.PROTOCOL_VERSION} but the agent speaks v{version}; "
+                "install a matching comzy agent (pip install --upgrade comzy)",
+            )
+            return None
+        return hello
+
+    async def _reject(self, ws: WebSocket, code: str, reason: str) -> None:
+        try:
+            await ws.send(p.encode(p.FrameType.REJECT, 0, {"code": code, "reason": reason}))
+            await ws.close(1008, "registration refused")
+        except WebSocketError:
+            await ws.aclose()
+
+    async def _register(self, ws: WebSocket, hello: dict[str, Any], client: str) -> Entry | None:
+        server = self.server
+        resume = hello.get("resume") if isinstance(hello.get("resume"), dict) else None
+        resume_secret = str(resume["secret"]) if resume and resume.get("secret") else None
+        if resume_secret is not None and len(resume_secret) < 16:
+            resume_secret = None
+        try:
+            port = int(hello.get("port", 0))
+        except (TypeError, ValueError):
+            port = 0
+        requested = hello.get("subdomain")
+        registration = Registration(
+            port=port,
+            requested_alias=str(requested).lower() if requested else None,
+            token=str(hello["token"]) if hello.get("token") else None,
+            client_address=client,
+            agent_version=str(hello.get("agent", "?")),
+            resume_secret=resume_secret,
+        )
+        try:
+            await server.hooks.on_register(registration, server)
+            alias, _replaced = self._choose_alias(registration, resume)
+        except Reject as exc:
+            server.count("registrations_refused")
+            log.info("agent %s refused: %s", client, exc.reason)
+            await self._reject(ws, "rejected", exc.reason)
+            return None
+        except Exception:
+            log.exception("agent %s: registration failed in a plugin", client)
+            await self._reject(ws, "internal", "the server failed to register the tunnel; try again later")
+            return None
+        secret = resume_secret or secrets.token_urlsafe(24)
+        tunnel = Tunnel(
+            alias=alias,
+            public_url=self.settings.url_for(alias),
+            port=port,
+            client_address=client,
+            user=registration.user,
+            expires_at=registration.expires_at,
+            metadata=registration.metadata,
+        )
+        peer_window = hello.get("window", p.DEFAULT_WINDOW)
+        if not isinstance(peer_window, int) or not 65536 <= peer_window <= 16 * 1024 * 1024:
+            peer_window = p.DEFAULT_WINDOW
+        session = Session(
+            ws,
+            window=self.settings.stream_window,
+            peer_window=peer_window,
+            heartbeat_interval=self.settings.heartbeat_interval,
+            heartbeat_timeout=self.settings.heartbeat_timeout,
+            name=f"tunnel {alias}",
+        )
+        entry = Entry(tunnel, session, hash_secret(secret))
+        previous = server.registry.add(entry)
+        welcome = {
+            "v": p.PROTOCOL_VERSION,
+            "server": f"comzy/{__version__}",
+            "alias": alias,
+            "url": tunnel.public_url,
+            "resume_secret": secret,
+            "heartbeat": self.settings.heartbeat_interval,
+            "window": self.settings.stream_window,
+            "expires_at": registration.expires_at,
+            "user": registration.user,
+            "notices": list(registration.notices),
+        }
+        try:
+            await ws.send(p.encode(p.FrameType.WELCOME, 0, welcome))
+        except WebSocketError:
+            server.registry.remove(alias, session)
+            if previous is not None:
+                server.registry.add(previous)
+            return None
+        if previous is not None:
+            log.info("tunnel %s taken over by a new session from %s", alias, client)
+            server.task_group.start_soon(previous.session.close, 4000, "replaced by a new session")
+        server.count("registrations_accepted")
+        log.info(
+            "tunnel %s registered: port=%s client=%s user=%s agent=%s",
+            alias, port, client, registration.user or "-", registration.agent_version,
+        )
+        return entry
+
+    def _choose_alias(self, registration: Registration, resume: dict[str, Any] | None) -> tuple[str, bool]:
+        """The alias to grant and whether it replaces a live session. Raises Reject."""
+        registry = self.server.registry
+        reserved = self.settings.reserved
+
+        def held_by_caller(name: str) -> bool:
+            entry = registry.get(name)
+            if entry is None:
+                return True
+            if registry.holder_matches(name, registration.resume_secret):
+                return True
+            return registration.user is not None and entry.tunnel.user == registration.user
+
+        if registration.alias:  # granted by a plugin (e.g. an owned alias)
+            name = registration.alias
+            if not held_by_caller(name):
+                raise Reject(f"'{name}' is in use by another agent right now; try again later")
+            return name, registry.get(name) is not None
+        if registration.requested_alias:
+            name = registration.requested_alias
+            problem = check_alias(name, reserved)
+            if problem:
+                raise Reject(problem)
+            if not held_by_caller(name):
+                raise Reject(f"'{name}' is in use by another agent; choose another --subdomain")
+            return name, registry.get(name) is not None
+        if resume and isinstance(resume.get("alias"), str):
+            name = resume["alias"]
+            if check_alias(name, reserved) is None and held_by_caller(name):
+                return name, registry.get(name) is not None
+        while True:
+            name = random_alias()
+            if registry.get(name) is None:
+                return name, False
+
+    async def _serve(self, entry: Entry) -> None:
+        server = self.server
+        tunnel, session = entry.tunnel, entry.session
+        started = time.monotonic()
+        reason = await session.run()
+        if not server.registry.remove(tunnel.alias, session):
+            reason = "replaced by a new session"
+        await server.hooks.on_disconnect(tunnel, reason, server)
+        log.info("tunnel %s closed after %.0fs: %s", tunnel.alias, time.monotonic() - started, reason)

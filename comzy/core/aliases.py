@@ -1,0 +1,40 @@
+"""Alias names: validation, random generation, and the core's subdomain parser."""
+
+from __future__ import annotations
+
+import re
+import secrets
+
+#: A DNS label: lowercase letters, digits and '-', 1-63 chars, no leading/trailing '-'.
+ALIAS_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+#: 10 symbols of 36 is about 51.7 bits, above the 40-bit floor.
+RANDOM_LENGTH = 10
+
+
+def random_alias() -> str:
+    """A fresh ``client-<random>`` alias with over 40 bits of entropy."""
+    return "client-" + "".join(secrets.choice(_ALPHABET) for _ in range(RANDOM_LENGTH))
+
+
+def check_alias(name: str, reserved: frozenset[str]) -> str | None:
+    """Why ``name`` cannot be an alias, or None if it can."""
+    if not ALIAS_RE.fullmatch(name):
+        return (
+            f"'{name}' is not a valid subdomain: use 1-63 lowercase letters, digits and '-', "
+            "not starting or ending with '-'"
+        )
+    if name in reserved:
+        return f"'{name}' is reserved on this server; choose another --subdomain"
+    return None
+
+
+def subdomain_of(host: str, base_domain: str) -> str | None:
+    """The single label in front of ``base_domain`` in ``host`` (lowercase, no port)."""
+    suffix = "." + base_domain
+    if not host.endswith(suffix):
+        return None
+    label = host[: -len(suffix)]
+    if not label or "." in label:
+        return None
+    return label

@@ -1,0 +1,71 @@
+"""``comzy-server``: run the tunnel server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+import anyio
+from pydantic import ValidationError
+
+from comzy import __version__
+from comzy.core import logs
+from comzy.core.hooks import PluginError, load_plugins, select_plugins
+from comzy.core.server import describe, run_server
+from comzy.core.settings import ServerSettings, explain_validation_error
+
+log = logging.getLogger("comzy.server")
+
+
+def load_settings() -> ServerSettings:
+    """Settings from the environment; exits with a message naming a bad variable."""
+    try:
+        return ServerSettings()
+    except ValidationError as exc:
+        print(f"comzy-server: {explain_validation_error(ServerSettings, exc)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+async def serve(settings: ServerSettings) -> None:
+    """Run until SIGINT/SIGTERM, then shut down gracefully."""
+    plugins = load_plugins(select_plugins(settings.plugins))
+    async with run_server(settings, plugins) as server:
+        for line in describe(server):
+            log.info(line)
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("received %s: draining (up to %gs), then exiting",
+                         signal.Signals(signum).name, settings.shutdown_grace)
+                break
+    log.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``comzy-server``."""
+    parser = argparse.ArgumentParser(prog="comzy-server", description="Run the Comzy tunnel server. "
+                                     "Configure it with COMZY_* environment variables (see docs/configuration.md).")
+    parser.add_argument("--version", action="version", version=f"comzy-server {__version__}")
+    parser.parse_args(argv)
+    settings = load_settings()
+    logs.configure(settings.log_level)
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"comzy-server: cannot create COMZY_DATA_DIR {settings.data_dir}: {exc.strerror}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        anyio.run(serve, settings)
+    except PluginError as exc:
+        print(f"comzy-server: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as exc:
+        print(f"comzy-server: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,430 @@
+"""The public listener: an ASGI app that carries each visitor request over a tunnel stream."""
+
+from __future__ import annotations
+
+import html
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from comzy.core import protocol as p
+from comzy.core.registry import Entry
+from comzy.core.session import SessionClosed, Stream, StreamReset
+from comzy.core.types import Exchange, ForwardRequest, Reject
+
+if TYPE_CHECKING:
+    from comzy.core.server import ServerContext
+
+log = logging.getLogger("comzy.edge")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+#: Hop-by-hop headers (RFC 9110 7.6.1) never cross the tunnel.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te",
+        b"trailer", b"upgrade", b"proxy-authenticate", b"proxy-authorization",
+    }
+)
+#: The WebSocket handshake is redone by the agent towards the local service.
+WS_HANDSHAKE = frozenset(
+    {b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-extensions",
+     b"sec-websocket-accept", b"sec-websocket-protocol"}
+)
+
+
+class VisitorGone(Exception):
+    """The visitor disconnected before the exchange finished."""
+
+
+def strip_hop_by_hop(headers: list[tuple[bytes, bytes]], extra: frozenset[bytes] = frozenset()) -> list[tuple[bytes, bytes]]:
+    """Headers without hop-by-hop ones, including those the Connection header names."""
+    named = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            named.update(token.strip().lower() for token in value.split(b","))
+    drop = HOP_BY_HOP | named | extra
+    return [(n, v) for n, v in headers if n.lower() not in drop]
+
+
+def _host_of(headers: list[tuple[bytes, bytes]]) -> str:
+    for name, value in headers:
+        if name == b"host":
+            host = value.decode("latin-1").strip().lower()
+            if host.startswith("["):  # IPv6 literal
+                return host.split("]", 1)[0] + "]"
+            return host.rsplit(":", 1)[0] if ":" in host else host
+    return ""
+
+
+class EdgeApp:
+    """ASGI application for visitors: resolve host -> tunnel, hooks, stream, respond."""
+
+    def __init__(self, server: ServerContext) -> None:
+        self.server = server
+        self.settings = server.settings
+        self.hooks = server.hooks
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self.http(scope, receive, send)
+        elif kind == "websocket":
+            await self.websocket(scope, receive, send)
+        elif kind == "lifespan":
+            await _lifespan(receive, send)
+
+    # -- routing shared by HTTP and WebSocket --------------------------------------
+    def _forward_request(self, scope: Scope, websocket: bool) -> tuple[ForwardRequest, Entry | None, str]:
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        host = _host_of(headers)
+        alias = self.hooks.resolve_host(host, self.server) if host else None
+        entry = self.server.registry.get(alias) if alias else None
+        target = scope.get("raw_path") or scope["path"].encode()
+        if scope.get("query_string"):
+            target = target + b"?" + scope["query_string"]
+        client = scope.get("client")
+        client_ip = client[0] if client else ""
+        scheme = "https" if scope.get("scheme") in ("https", "wss") else "http"
+        forwarded = strip_hop_by_hop(headers, WS_HANDSHAKE if websocket else frozenset())
+        forwarded = self._add_forwarded(forwarded, client_ip, scheme, host_header(headers))
+        request = ForwardRequest(
+            alias=alias or "",
+            method=scope.get("method", "GET"),
+            target=target,
+            headers=forwarded,
+            host=host,
+            client=client_ip,
+            scheme=scheme,
+            websocket=websocket,
+        )
+        return request, entry, host
+
+    @staticmethod
+    def _add_forwarded(headers: list[tuple[bytes, bytes]], client_ip: str, scheme: str,
+                       host: bytes) -> list[tuple[bytes, bytes]]:
+        prior = [v for n, v in headers if n.lower() == b"x-forwarded-for"]
+        out = [(n, v) for n, v in headers if n.lower() not in
+               (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host")]
+        chain = b", ".join([*prior, client_ip.encode()]) if client_ip else b", ".join(prior)
+        if chain:
+            out.append((b"x-forwarded-for", chain))
+        out.append((b"x-forwarded-proto", scheme.encode()))
+        if host:
+            out.append((b"x-forwarded-host", host))
+        return out
+
+    # -- HTTP ---------------------------------------------------------------------
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one visitor HTTP request."""
+        started = time.time()
+        request, entry, host = self._forward_request(scope, websocket=False)
+        if entry is None:
+            await _simple(send, 404, _not_active(host, scope), "text/html; charset=utf-8")
+            return
+        head_size = len(request.target) + sum(len(n) + len(v) + 4 for n, v in scope["headers"])
+        if head_size > self.settings.max_request_head:
+            await _simple(send, 431, f"Request head of {head_size} bytes exceeds the limit of "
+                          f"{self.settings.max_request_head}.\n")
+            return
+        tunnel, session = entry.tunnel, entry.session
+        try:
+            await self.hooks.before_forward(request, tunnel, self.server)
+        except Reject as exc:
+            await _simple(send, exc.status, exc.body, headers=exc.headers)
+            return
+        except Exception:
+            log.exception("before_forward failed for %s; answering 500", tunnel.alias)
+            await _simple(send, 500, "A server plugin failed while handling this request.\n")
+            return
+        if len(session.streams) >= self.settings.max_streams_per_tunnel:
+            await _simple(send, 503, f"Tunnel {tunnel.alias} is busy ({self.settings.max_streams_per_tunnel} "
+                          "requests in flight); retry shortly.\n", headers=[(b"retry-after", b"1")])
+            return
+        try:
+            stream = session.open_stream()
+        except SessionClosed:
+            await _simple(send, 502, f"The agent for {tunnel.alias} has disconnected.\n")
+            return
+        head = p.RequestHead(request.method, request.target, request.headers, request.client,
+                             request.scheme, scope.get("http_version", "1.1"),
+                             has_body=_has_body(scope["headers"]))
+        session.send_nowait(p.encode(p.FrameType.REQUEST, stream.id, head.to_payload()))
+        state = _Exchange()
+        try:
+            await self._proxy_http(stream, receive, send, state)
+        finally:
+            stream.close()
+            tunnel.requests += 1
+            tunnel.bytes_in += state.bytes_in
+            tunnel.bytes_out += state.bytes_out
+            if self.hooks.has_after_response:
+                exchange = Exchange(request, tunnel, state.status, state.bytes_in, state.bytes_out,
+                                    started, time.time() - started, state.error)
+                with anyio.CancelScope(shield=True):
+                    await self.hooks.after_response(exchange, self.server)
+
+    async def _proxy_http(self, stream: Stream, receive: Receive, send: Send, state: _Exchange) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._pump_request, stream, receive, state, tg.cancel_scope)
+            try:
+                await self._pump_response(stream, send, state)
+            except StreamReset as exc:
+                state.error = exc.message
+                if state.started:
+                    # Aborting the connection is the only honest end: a clean finish would
+                    # tell the visitor a truncated body was complete.
+                    tg.cancel_scope.cancel()
+                    raise
+                await _simple(send, 502, f"The tunnel failed before a response: {exc.message}\n")
+                state.status = 502
+            tg.cancel_scope.cancel()
+
+    async def _pump_request(self, stream: Stream, receive: Receive, state: _Exchange,
+                            scope: anyio.CancelScope) -> None:
+        body_done = False
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    state.error = state.error or "visitor disconnected"
+                    stream.reset(p.ResetCode.CANCEL, "visitor disconnected")
+                    scope.cancel()
+                    return
+                if body_done:
+                    continue
+                body = message.get("body", b"")
+                if body:
+                    state.bytes_in += len(body)
+                    await stream.send_data(body)
+                if not message.get("more_body", False):
+                    body_done = True
+                    stream.send_end()
+        except (StreamReset, SessionClosed):
+            return  # the response side reports it
+
+    async def _pump_response(self, stream: Stream, send: Send, state: _Exchange) -> None:
+        with anyio.move_on_after(self.settings.response_timeout) as timer:
+            head = await stream.wait_head()
+        if timer.cancelled_caught:
+            stream.reset(p.ResetCode.CANCEL, "response timeout")
+            state.status = 504
+            state.error = "response timeout"
+            await _simple(send, 504, f"The local service did not answer within "
+                          f"{self.settings.response_timeout:g} s.\n")
+            return
+        assert isinstance(head, p.ResponseHead)
+        state.status = head.status
+        headers = strip_hop_by_hop(head.headers)
+        await send({"type": "http.response.start", "status": head.status, "headers": headers})
+        state.started = True
+        # An empty body message makes the server write the head now, so a visitor sees it
+        # before the first body byte (SSE, long polls).
+        await send({"type": "http.response.body", "body": b"", "more_body": True})
+        while True:
+            chunk = await stream.receive()
+            if chunk is None:
+                break
+            data = chunk[0]
+            state.bytes_out += len(data)
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    # -- WebSocket -------------------------------------------------------------------
+    async def websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Carry one visitor WebSocket to the local service."""
+        started = time.time()
+        message = await receive()
+        if message["type"] != "websocket.connect":
+            return
+        request, entry, host = self._forward_request(scope, websocket=True)
+        if entry is None:
+            await _deny(scope, send, 404, _not_active(host, scope))
+            return
+        tunnel, session = entry.tunnel, entry.session
+        try:
+            await self.hooks.before_forward(request, tunnel, self.server)
+        except Reject as exc:
+            await _deny(scope, send, exc.status, exc.body)
+            return
+        try:
+            stream = session.open_stream()
+        except SessionClosed:
+            await _deny(scope, send, 502, f"The agent for {tunnel.alias} has disconnected.\n")
+            return
+        head = p.RequestHead(request.method, request.target, request.headers, request.client,
+                             request.scheme, "1.1", websocket=True,
+                             subprotocols=list(scope.get("subprotocols", [])))
+        session.send_nowait(p.encode(p.FrameType.REQUEST, stream.id, head.to_payload()))
+        state = _Exchange()
+        try:
+            await self._proxy_websocket(scope, stream, receive, send, state)
+        finally:
+            stream.close()
+            tunnel.requests += 1
+            tunnel.bytes_in += state.bytes_in
+            tunnel.bytes_out += state.bytes_out
+            if self.hooks.has_after_response:
+                exchange = Exchange(request, tunnel, state.status, state.bytes_in, state.bytes_out,
+                                    started, time.time() - started, state.error)
+                with anyio.CancelScope(shield=True):
+                    await self.hooks.after_response(exchange, self.server)
+
+    async def _proxy_websocket(self, scope: Scope, stream: Stream, receive: Receive, send: Send,
+                               state: _Exchange) -> None:
+        try:
+            with anyio.move_on_after(self.settings.response_timeout) as timer:
+                head = await stream.wait_head()
+        except StreamReset as exc:
+            state.status = 502
+            await _deny(scope, send, 502, f"The tunnel failed before a response: {exc.message}\n")
+            return
+        if timer.cancelled_caught:
+            state.status = 504
+            await _deny(scope, send, 504, "The local service did not answer the WebSocket upgrade in time.\n")
+            return
+        assert isinstance(head, p.ResponseHead)
+        state.status = head.status
+        if head.status != 101:
+            body = bytearray()
+            try:
+                while (chunk := await stream.receive()) is not None:
+                    body += chunk[0]
+            except StreamReset:
+                pass
+            await _deny(scope, send, head.status, bytes(body), strip_hop_by_hop(head.headers))
+            return
+        accept_headers = strip_hop_by_hop(head.headers, WS_HANDSHAKE)
+        await send({"type": "websocket.accept", "subprotocol": head.subprotocol, "headers": accept_headers})
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._ws_from_visitor, stream, receive, state, tg.cancel_scope)
+            await self._ws_to_visitor(stream, send, state)
+            tg.cancel_scope.cancel()
+
+    async def _ws_from_visitor(self, stream: Stream, receive: Receive, state: _Exchange,
+                               scope: anyio.CancelScope) -> None:
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "websocket.receive":
+                    if message.get("text") is not None:
+                        data = message["text"].encode()
+                        flags = p.FLAG_TEXT | p.FLAG_FIN
+                    else:
+                        data = message.get("bytes") or b""
+                        flags = p.FLAG_FIN
+                    state.bytes_in += len(data)
+                    await stream.send_data(data, flags)
+                elif message["type"] == "websocket.disconnect":
+                    code = int(message.get("code", 1005))
+                    stream.session.send_nowait(p.encode(p.FrameType.WS_CLOSE, stream.id,
+                                                        {"code": code, "reason": message.get("reason") or ""}))
+                    # The visitor is gone: nothing more can reach it.
+                    scope.cancel()
+                    return
+        except (StreamReset, SessionClosed):
+            return
+
+    async def _ws_to_visitor(self, stream: Stream, send: Send, state: _Exchange) -> None:
+        parts: list[bytes] = []
+        try:
+            while True:
+                chunk = await stream.receive()
+                if chunk is None:
+                    code, reason = stream.ws_close or (1000, "")
+                    await send({"type": "websocket.close", "code": _sendable_close(code), "reason": reason})
+                    return
+                data, flags = chunk
+                parts.append(data)
+                if flags & p.FLAG_FIN:
+                    payload = parts[0] if len(parts) == 1 else b"".join(parts)
+                    parts = []
+                    state.bytes_out += len(payload)
+                    if flags & p.FLAG_TEXT:
+                        await send({"type": "websocket.send", "text": payload.decode("utf-8", "replace")})
+                    else:
+                        await send({"type": "websocket.send", "bytes": payload})
+        except StreamReset as exc:
+            state.error = exc.message
+            await send({"type": "websocket.close", "code": 1011, "reason": "tunnel lost"})
+
+
+class _Exchange:
+    """Mutable counters for one proxied exchange."""
+
+    __slots__ = ("bytes_in", "bytes_out", "error", "started", "status")
+
+    def __init__(self) -> None:
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.status = 0
+        self.started = False
+        self.error: str | None = None
+
+
+def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"0", b"")):
+            return True
+    return False
+
+
+def host_header(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The raw Host header value (empty if absent)."""
+    for name, value in headers:
+        if name == b"host":
+            return value
+    return b""
+
+
+def _sendable_close(code: int) -> int:
+    # 1005/1006/1015 are reserved for "no code"/"abnormal" and may not be sent on the wire.
+    return 1000 if code in (1005, 1006, 1015) or code < 1000 else code
+
+
+def _not_active(host: str, scope: Scope) -> str:
+    safe = html.escape(host or "(no Host header)")
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>Tunnel Not Active</title></head>"
+        f"<body><h1>Tunnel Not Active</h1><p>No tunnel is connected for <b>{safe}</b>.</p>"
+        "<p>If this is your tunnel, start the agent again: <code>comzy PORT</code>.</p></body></html>\n"
+    )
+
+
+async def _simple(send: Send, status: int, body: bytes | str, content_type: str = "text/plain; charset=utf-8",
+                  headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    data = body.encode() if isinstance(body, str) else body
+    response_headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(data)).encode())]
+    response_headers += headers or []
+    await send({"type": "http.response.start", "status": status, "headers": response_headers})
+    await send({"type": "http.response.body", "body": data, "more_body": False})
+
+
+async def _deny(scope: Scope, send: Send, status: int, body: bytes | str,
+                headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    """Refuse a WebSocket upgrade with an HTTP response when the server supports it."""
+    if "websocket.http.response" in scope.get("extensions", {}):
+        data = body.encode() if isinstance(body, str) else body
+        response_headers = [(n, v) for n, v in (headers or []) if n.lower() != b"content-length"]
+        if not any(n.lower() == b"content-type" for n, _ in response_headers):
+            response_headers.append((b"content-type", b"text/html; charset=utf-8"))
+        response_headers.append((b"content-length", str(len(data)).encode()))
+        await send({"type": "websocket.http.response.start", "status": status, "headers": response_headers})
+        await send({"type": "websocket.http.response.body", "body": data, "more_body": False})
+    else:
+        await send({"type": "websocket.close", "code": 1008})
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

@@ -1,0 +1,165 @@
+"""The HookRunner (the only code that calls plugin hooks) and plugin loading."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Iterable
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
+
+import pluggy
+
+from comzy.core import hookspecs
+from comzy.core.aliases import subdomain_of
+from comzy.core.types import Reject
+
+log = logging.getLogger("comzy.plugins")
+
+ENTRY_POINT_GROUP = "comzy"
+
+
+class PluginError(Exception):
+    """A plugin could not be loaded or failed where failure stops the server."""
+
+
+class CoreRouting:
+    """The core's own hook implementations: the subdomain parser runs after all others."""
+
+    def __init__(self, base_domain: str) -> None:
+        self.base_domain = base_domain
+
+    @hookspecs.hookimpl(trylast=True)
+    def resolve_host(self, host: str) -> str | None:
+        """``<alias>.<base domain>`` -> ``alias``."""
+        return subdomain_of(host, self.base_domain)
+
+
+class HookRunner:
+    """Calls hooks with Comzy's ordering and error policy.
+
+    Async implementations are awaited one at a time in pluggy's call order (LIFO by
+    registration, tryfirst/trylast respected); an implementation receives only the
+    arguments it names.
+    """
+
+    def __init__(self, pm: pluggy.PluginManager) -> None:
+        self.pm = pm
+        self._resolve_host = pm.hook.resolve_host
+
+    def resolve_host(self, host: str, server: Any) -> str | None:
+        """First non-None alias for ``host`` (sync, firstresult)."""
+        return self._resolve_host(host=host, server=server)
+
+    async def _call_in_order(self, name: str, kwargs: dict[str, Any]) -> list[Any]:
+        results = []
+        caller = getattr(self.pm.hook, name)
+        for impl in reversed(caller.get_hookimpls()):
+            args = [kwargs[arg] for arg in impl.argnames]
+            result = impl.function(*args)
+            if inspect.isawaitable(result):
+                result = await result
+            if result is not None:
+                results.append(result)
+        return results
+
+    async def _call_logged(self, name: str, kwargs: dict[str, Any]) -> None:
+        caller = getattr(self.pm.hook, name)
+        for impl in reversed(caller.get_hookimpls()):
+            try:
+                result = impl.function(*[kwargs[arg] for arg in impl.argnames])
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                log.exception("plugin %s failed in %s (traffic unaffected)", impl.plugin_name, name)
+
+    async def on_startup(self, server: Any) -> None:
+        """Run every on_startup impl; an error stops start-up."""
+        await self._call_in_order("on_startup", {"server": server})
+
+    async def on_shutdown(self, server: Any) -> None:
+        """Run every on_shutdown impl; errors are logged."""
+        await self._call_logged("on_shutdown", {"server": server})
+
+    async def on_register(self, registration: Any, server: Any) -> None:
+        """Run every on_register impl; ``Reject`` propagates to refuse the agent."""
+        await self._call_in_order("on_register", {"registration": registration, "server": server})
+
+    async def before_forward(self, request: Any, tunnel: Any, server: Any) -> None:
+        """Run every before_forward impl; ``Reject`` propagates to answer the visitor."""
+        await self._call_in_order("before_forward", {"request": request, "tunnel": tunnel, "server": server})
+
+    async def after_response(self, exchange: Any, server: Any) -> None:
+        """Run every after_response impl; errors are logged, never raised."""
+        await self._call_logged("after_response", {"exchange": exchange, "server": server})
+
+    async def on_disconnect(self, tunnel: Any, reason: str, server: Any) -> None:
+        """Run every on_disconnect impl; errors are logged, never raised."""
+        await self._call_logged("on_disconnect", {"tunnel": tunnel, "reason": reason, "server": server})
+
+    async def admin_routes(self, server: Any) -> list[Any]:
+        """Every route contributed by plugins, flattened."""
+        routes: list[Any] = []
+        for result in await self._call_in_order("admin_routes", {"server": server}):
+            routes.extend(result)
+        return routes
+
+    @property
+    def has_after_response(self) -> bool:
+        """Whether any plugin listens to after_response (skips building exchanges)."""
+        return bool(self.pm.hook.after_response.get_hookimpls())
+
+
+def available_plugins() -> dict[str, EntryPoint]:
+    """Installed plugins by entry-point name."""
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def builtin_names() -> list[str]:
+    """Plugins shipped with Comzy itself (enabled when COMZY_PLUGINS is unset)."""
+    return sorted(
+        name for name, ep in available_plugins().items() if ep.value.startswith("comzy.plugins.")
+    )
+
+
+def select_plugins(setting: str | None) -> list[str]:
+    """Names to enable for a COMZY_PLUGINS value: unset = built-ins, 'none' = nothing."""
+    if setting is None:
+        return builtin_names()
+    names = [n.strip() for n in setting.split(",") if n.strip()]
+    return [] if names == ["none"] else names
+
+
+def load_plugins(names: Iterable[str]) -> list[tuple[str, object]]:
+    """Instantiate the named entry-point plugins; an unknown name fails with the list."""
+    available = available_plugins()
+    loaded = []
+    for name in names:
+        ep = available.get(name)
+        if ep is None:
+            known = ", ".join(sorted(available)) or "none installed"
+            raise PluginError(f"unknown plugin {name!r} in COMZY_PLUGINS; available: {known}")
+        try:
+            target = ep.load()
+            plugin = target() if inspect.isclass(target) else target
+        except Exception as exc:
+            raise PluginError(f"plugin {name!r} failed to load: {exc}") from exc
+        loaded.append((name, plugin))
+    return loaded
+
+
+def build_manager(base_domain: str, plugins: Iterable[tuple[str, object]]) -> pluggy.PluginManager:
+    """A fresh plugin manager with the core routing and the given plugins."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    pm.register(CoreRouting(base_domain), name="core-routing")
+    for name, plugin in plugins:
+        pm.register(plugin, name=name)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(str(exc)) from exc
+    return pm
+
+
+__all__ = ["HookRunner", "PluginError", "Reject", "build_manager", "load_plugins", "select_plugins"]

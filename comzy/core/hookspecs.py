@@ -1,0 +1,74 @@
+"""The hook specifications: Comzy's plugin API reference (see docs/plugin_hooks.md).
+
+Plugins implement these with ``@comzy.hookimpl``. An implementation may accept any subset
+of a hook's arguments. Async implementations are awaited one after another in pluggy's
+order (never gathered); ``resolve_host`` is the exception: it runs per request and is
+firstresult, so it must be synchronous.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from comzy.core.server import ServerContext
+    from comzy.core.types import Exchange, ForwardRequest, Registration, Tunnel
+
+PROJECT = "comzy"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# -- lifecycle -------------------------------------------------------------------
+@hookspec
+def on_startup(server: ServerContext) -> Any:
+    """Called once when the server starts, before any listener accepts. Open resources
+    (database engines, background tasks via ``server.task_group``) here."""
+
+
+@hookspec
+def on_shutdown(server: ServerContext) -> Any:
+    """Called once when the server stops, after the listeners closed. Release resources."""
+
+
+# -- agents ----------------------------------------------------------------------
+@hookspec
+def on_register(registration: Registration, server: ServerContext) -> Any:
+    """An agent asks for a tunnel. Raise ``Reject(reason)`` to refuse (the agent prints
+    the reason and exits non-zero); set ``registration.alias``/``user``/``expires_at`` or
+    append to ``registration.notices`` to shape the tunnel. Every impl runs, in order."""
+
+
+@hookspec
+def on_disconnect(tunnel: Tunnel, reason: str, server: ServerContext) -> Any:
+    """A registered tunnel ended (agent left, replaced, expired, server stopping).
+    Called once per tunnel; errors are logged."""
+
+
+# -- visitors --------------------------------------------------------------------
+@hookspec(firstresult=True)
+def resolve_host(host: str, server: ServerContext) -> str | None:
+    """Map a request's Host (lowercase, without port) to an alias; stops at the first
+    non-None result. Synchronous only: it runs on every request. The core's subdomain
+    parser runs last."""
+
+
+@hookspec
+def before_forward(request: ForwardRequest, tunnel: Tunnel, server: ServerContext) -> Any:
+    """A visitor's request is about to go to the agent. Edit ``request.headers`` or raise
+    ``Reject(reason, status, body)`` to answer the visitor instead (401/403/429...)."""
+
+
+@hookspec
+def after_response(exchange: Exchange, server: ServerContext) -> Any:
+    """A request/response finished (status, bytes, duration). Must not block: queue slow
+    work. Errors are logged and never affect traffic."""
+
+
+# -- admin listener ----------------------------------------------------------------
+@hookspec
+def admin_routes(server: ServerContext) -> Any:
+    """Return a list of ``AdminRoute`` (path prefix + ASGI app) to serve on the admin
+    listener (dashboards, feeds, metrics)."""

@@ -1,0 +1,270 @@
+"""The agent <-> server wire protocol: a sans-I/O frame codec.
+
+Every WebSocket binary message carries one or more whole frames. A frame is a fixed
+10-byte header followed by its payload::
+
+    length:u32  type:u8  flags:u8  stream:u32  payload[length]
+
+Bodies travel as raw bytes in DATA frames (never base64). Structured payloads (HELLO,
+WELCOME, REQUEST, RESPONSE, ...) are msgpack maps. Nothing here touches a socket: the
+session module feeds bytes in and sends the bytes this module returns. See docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct(">IBBI")
+HEADER_SIZE = HEADER.size
+#: Largest DATA payload a sender may put in one frame.
+MAX_DATA_FRAME = 64 * 1024
+#: Largest payload of any frame; control frames (request heads) may be bigger than DATA.
+MAX_FRAME_PAYLOAD = 1024 * 1024
+#: Initial per-stream receive window (bytes of DATA a sender may have in flight).
+DEFAULT_WINDOW = 256 * 1024
+MAX_STREAM_ID = 2**32 - 1
+
+# DATA flags. On WebSocket streams a message is a run of DATA frames ending with FLAG_FIN.
+FLAG_TEXT = 0x01
+FLAG_FIN = 0x02
+
+
+class FrameType(enum.IntEnum):
+    """The closed set of frame types."""
+
+    HELLO = 1  #: agent -> server: version, requested alias, resume secret, token
+    WELCOME = 2  #: server -> agent: alias, public URL, resume secret, limits
+    REJECT = 3  #: server -> agent: registration refused, with a human reason
+    REQUEST = 4  #: server -> agent: opens a stream with an HTTP request head
+    RESPONSE = 5  #: agent -> server: the response head of a stream
+    DATA = 6  #: body bytes or a WebSocket message fragment
+    END = 7  #: sender will send no more DATA on the stream (half-close)
+    RESET = 8  #: abort a stream, with a code and a message
+    WINDOW = 9  #: grant the peer more credit on a stream
+    PING = 10  #: heartbeat; answered by PONG with the same payload
+    PONG = 11
+    GOAWAY = 12  #: sender is shutting down; no new streams
+    NOTICE = 13  #: server -> agent: a message for the user (expiry warnings)
+    WS_CLOSE = 14  #: a WebSocket stream closed with a code and reason
+
+
+class ResetCode(enum.IntEnum):
+    """Why a stream was aborted."""
+
+    CANCEL = 0  #: the other end went away (visitor disconnected)
+    INTERNAL = 1
+    LOCAL_FAILED = 2  #: the local service failed mid-response
+    REFUSED = 3  #: too many streams
+    FLOW_CONTROL = 4
+
+
+# Frames whose payload is a msgpack map.
+_MAP_TYPES = frozenset(
+    {
+        FrameType.HELLO,
+        FrameType.WELCOME,
+        FrameType.REJECT,
+        FrameType.REQUEST,
+        FrameType.RESPONSE,
+        FrameType.GOAWAY,
+        FrameType.NOTICE,
+        FrameType.WS_CLOSE,
+    }
+)
+# Frames that belong to a stream; the rest must use stream 0.
+_STREAM_TYPES = frozenset(
+    {
+        FrameType.REQUEST,
+        FrameType.RESPONSE,
+        FrameType.DATA,
+        FrameType.END,
+        FrameType.RESET,
+        FrameType.WINDOW,
+        FrameType.WS_CLOSE,
+    }
+)
+_RESET = struct.Struct(">I")
+_WINDOW = struct.Struct(">I")
+
+
+class ProtocolError(Exception):
+    """The peer sent bytes that are not a valid frame; the session must close."""
+
+
+@dataclass(slots=True)
+class Frame:
+    """One decoded frame. ``payload`` is raw bytes (DATA, PING) or a decoded value."""
+
+    type: FrameType
+    stream: int = 0
+    flags: int = 0
+    payload: Any = b""
+
+
+@dataclass(slots=True)
+class RequestHead:
+    """The head of a proxied HTTP request or WebSocket upgrade (REQUEST payload)."""
+
+    method: str
+    target: bytes  # raw path and query, exactly as the visitor sent them
+    headers: list[tuple[bytes, bytes]]
+    client: str = ""
+    scheme: str = "http"
+    http_version: str = "1.1"
+    websocket: bool = False
+    subprotocols: list[str] = field(default_factory=list)
+    has_body: bool = False  # Content-Length > 0 or chunked: the agent must stream a body
+
+    def to_payload(self) -> dict[str, Any]:
+        """The msgpack map sent on the wire."""
+        return {
+            "m": self.method,
+            "t": self.target,
+            "h": [[k, v] for k, v in self.headers],
+            "c": self.client,
+            "s": self.scheme,
+            "v": self.http_version,
+            "w": self.websocket,
+            "sp": self.subprotocols,
+            "b": self.has_body,
+        }
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> RequestHead:
+        """Parse a REQUEST payload; raises ProtocolError on a malformed one."""
+        try:
+            return cls(
+                method=str(payload["m"]),
+                target=bytes(payload["t"]),
+                headers=_header_list(payload["h"]),
+                client=str(payload.get("c", "")),
+                scheme=str(payload.get("s", "http")),
+                http_version=str(payload.get("v", "1.1")),
+                websocket=bool(payload.get("w", False)),
+                subprotocols=[str(p) for p in payload.get("sp", [])],
+                has_body=bool(payload.get("b", False)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"malformed REQUEST head: {exc!r}") from exc
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    """The head of a response (RESPONSE payload); status 101 accepts a WebSocket."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    subprotocol: str | None = None
+
+    def to_payload(self) -> dict[str, Any]:
+        """The msgpack map sent on the wire."""
+        return {"s": self.status, "h": [[k, v] for k, v in self.headers], "sp": self.subprotocol}
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> ResponseHead:
+        """Parse a RESPONSE payload; raises ProtocolError on a malformed one."""
+        try:
+            status = int(payload["s"])
+            if not 100 <= status <= 999:
+                raise ValueError(f"status {status} out of range")
+            sub = payload.get("sp")
+            return cls(status, _header_list(payload["h"]), None if sub is None else str(sub))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"malformed RESPONSE head: {exc!r}") from exc
+
+
+def _header_list(raw: Any) -> list[tuple[bytes, bytes]]:
+    headers = []
+    for pair in raw:
+        name, value = pair
+        if not isinstance(name, bytes) or not isinstance(value, bytes):
+            raise TypeError("header names and values must be bytes")
+        headers.append((name, value))
+    return headers
+
+
+def encode(frame_type: FrameType, stream: int = 0, payload: Any = b"", flags: int = 0) -> bytes:
+    """Encode one frame. Map-typed frames take a dict; the others take bytes."""
+    body = msgpack.packb(payload, use_bin_type=True) if frame_type in _MAP_TYPES else payload
+    return HEADER.pack(len(body), frame_type, flags, stream) + body
+
+
+def encode_data(stream: int, data: bytes, flags: int = 0) -> bytes:
+    """Encode a DATA frame (the hot path: no msgpack, one concatenation)."""
+    return HEADER.pack(len(data), FrameType.DATA, flags, stream) + data
+
+
+def encode_reset(stream: int, code: ResetCode, message: str = "") -> bytes:
+    """Encode a RESET frame: a u32 code then a UTF-8 message."""
+    return encode(FrameType.RESET, stream, _RESET.pack(code) + message.encode()[:1024])
+
+
+def encode_window(stream: int, increment: int) -> bytes:
+    """Encode a WINDOW frame granting ``increment`` more bytes of credit."""
+    return encode(FrameType.WINDOW, stream, _WINDOW.pack(increment))
+
+
+def decode_message(message: bytes) -> Iterator[Frame]:
+    """Decode every frame in one WebSocket message.
+
+    Raises ProtocolError for a truncated, oversized or unknown frame, or a payload that
+    does not fit its type. Frames before a bad one are yielded first.
+    """
+    view = memoryview(message)
+    offset = 0
+    end = len(message)
+    if end == 0:
+        raise ProtocolError("empty message")
+    while offset < end:
+        if end - offset < HEADER_SIZE:
+            raise ProtocolError(f"truncated frame header ({end - offset} bytes)")
+        length, type_code, flags, stream = HEADER.unpack_from(view, offset)
+        offset += HEADER_SIZE
+        if length > MAX_FRAME_PAYLOAD:
+            raise ProtocolError(f"frame payload of {length} bytes exceeds {MAX_FRAME_PAYLOAD}")
+        if end - offset < length:
+            raise ProtocolError(f"truncated frame: {length} bytes announced, {end - offset} left")
+        try:
+            frame_type = FrameType(type_code)
+        except ValueError:
+            raise ProtocolError(f"unknown frame type {type_code}") from None
+        body = bytes(view[offset : offset + length])
+        offset += length
+        yield Frame(frame_type, stream, flags, _decode_payload(frame_type, stream, body))
+
+
+def _decode_payload(frame_type: FrameType, stream: int, body: bytes) -> Any:
+    if (frame_type in _STREAM_TYPES) != (stream != 0):
+        raise ProtocolError(f"{frame_type.name} frame on stream {stream}")
+    if frame_type in _MAP_TYPES:
+        try:
+            value = msgpack.unpackb(body, raw=False, strict_map_key=True)
+        except Exception as exc:  # msgpack raises several unrelated types
+            raise ProtocolError(f"{frame_type.name} payload is not msgpack: {exc}") from exc
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{frame_type.name} payload is not a map")
+        return value
+    if frame_type == FrameType.DATA and len(body) > MAX_DATA_FRAME:
+        raise ProtocolError(f"DATA frame of {len(body)} bytes exceeds {MAX_DATA_FRAME}")
+    if frame_type == FrameType.WINDOW:
+        if len(body) != _WINDOW.size:
+            raise ProtocolError("WINDOW payload must be 4 bytes")
+        (increment,) = _WINDOW.unpack(body)
+        if increment == 0:
+            raise ProtocolError("WINDOW increment of 0")
+        return increment
+    if frame_type == FrameType.RESET:
+        if len(body) < _RESET.size:
+            raise ProtocolError("RESET payload shorter than its code")
+        (code,) = _RESET.unpack_from(body)
+        return (code, body[_RESET.size :].decode("utf-8", "replace"))
+    if frame_type in (FrameType.END,) and body:
+        raise ProtocolError("END carries no payload")
+    return body

@@ -1,0 +1,197 @@
+"""The server process: three listeners around one registry, with graceful shutdown."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import anyio.abc
+from hypercorn.asyncio import serve as hypercorn_serve
+from hypercorn.config import Config as HypercornConfig
+
+from comzy import __version__
+from comzy.core import protocol as p
+from comzy.core.admin import AdminApp
+from comzy.core.agent_listener import AgentListener
+from comzy.core.edge import EdgeApp
+from comzy.core.hooks import HookRunner, build_manager
+from comzy.core.registry import Registry
+from comzy.core.settings import ServerSettings
+from comzy.core.types import Tunnel
+
+log = logging.getLogger("comzy.server")
+
+
+@dataclass(slots=True)
+class Ports:
+    """The ports the listeners actually bound (useful when configured as 0)."""
+
+    http: int
+    ws: int
+    admin: int
+
+
+class ServerContext:
+    """What hooks receive as ``server``: settings, live tunnels, and a task group."""
+
+    def __init__(self, settings: ServerSettings, hooks: HookRunner, plugin_names: list[str]) -> None:
+        self.settings = settings
+        self.hooks = hooks
+        self.plugin_names = plugin_names
+        self.registry = Registry()
+        self.counters: Counter[str] = Counter()
+        self.task_group: anyio.abc.TaskGroup = None  # type: ignore[assignment]  # set by run_server
+        self.ports = Ports(0, 0, 0)
+        self.draining = False
+
+    def tunnels(self) -> list[Tunnel]:
+        """Every live tunnel on this node."""
+        return [entry.tunnel for entry in self.registry.entries()]
+
+    def tunnel(self, alias: str) -> Tunnel | None:
+        """The live tunnel for ``alias``, if any."""
+        entry = self.registry.get(alias)
+        return entry.tunnel if entry else None
+
+    async def close_tunnel(self, alias: str, reason: str = "closed by the server") -> bool:
+        """Close a live tunnel (the agent is told why and does not reconnect to it)."""
+        entry = self.registry.get(alias)
+        if entry is None:
+            return False
+        entry.session.send_nowait(p.encode(p.FrameType.GOAWAY, 0, {"reason": reason, "reconnect": False}))
+        await entry.session.flush_and_close(1000, reason)
+        return True
+
+    def notify(self, alias: str, message: str, level: str = "info") -> bool:
+        """Show ``message`` to the agent of ``alias`` (e.g. an expiry warning)."""
+        entry = self.registry.get(alias)
+        if entry is None:
+            return False
+        entry.session.send_nowait(p.encode(p.FrameType.NOTICE, 0, {"level": level, "message": message}))
+        return True
+
+    def count(self, name: str, amount: int = 1) -> None:
+        """Bump a named counter (registrations, refusals...)."""
+        self.counters[name] += amount
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}; "
+                      "is another comzy-server running? Set another port.") from exc
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def _hypercorn_config(sock: socket.socket, settings: ServerSettings, tls: bool) -> HypercornConfig:
+    config = HypercornConfig()
+    config.bind = [f"fd://{sock.detach()}"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("comzy.http")
+    config.include_server_header = False
+    if hasattr(config, "include_date_header"):
+        config.include_date_header = False
+    # hypercorn answers 400 past this; our own check inside answers 431 below it.
+    config.h11_max_incomplete_size = settings.max_request_head * 2
+    config.h2_max_inbound_frame_size = max(config.h2_max_inbound_frame_size, 16384)
+    config.websocket_max_message_size = settings.max_websocket_message
+    config.graceful_timeout = settings.shutdown_grace
+    config.keep_alive_timeout = 75
+    if tls:
+        config.certfile = str(settings.ssl_cert_path)
+        config.keyfile = str(settings.ssl_key_path)
+    return config
+
+
+@asynccontextmanager
+async def run_server(
+    settings: ServerSettings,
+    plugins: Iterable[tuple[str, object]] = (),
+) -> AsyncIterator[ServerContext]:
+    """Run the server inside the block; on exit shut down gracefully.
+
+    Listeners are bound before the block starts, so ``server.ports`` is valid at once.
+    """
+    plugins = list(plugins)
+    pm = build_manager(settings.base_domain, plugins)
+    server = ServerContext(settings, HookRunner(pm), [name for name, _ in plugins])
+    if settings.ssl_cert_path and not settings.ssl_key_path:
+        raise ValueError("SSL_CERT_PATH is set but SSL_KEY_PATH is not; set both for TLS")
+    http_sock = _bind(settings.host, settings.http_port)
+    admin_sock = _bind(settings.admin_host, settings.admin_port)
+    agent_listener = await anyio.create_tcp_listener(local_host=settings.host, local_port=settings.ws_port,
+                                                     reuse_port=False)
+    server.ports = Ports(http_sock.getsockname()[1],
+                         agent_listener.extra(anyio.abc.SocketAttribute.local_port),
+                         admin_sock.getsockname()[1])
+    http_config = _hypercorn_config(http_sock, settings, tls=bool(settings.ssl_cert_path))
+    admin_config = _hypercorn_config(admin_sock, settings, tls=False)
+    public_stop = anyio.Event()
+    admin_stop = anyio.Event()
+    agents = AgentListener(server)
+    async with anyio.create_task_group() as tg:
+        server.task_group = tg
+        await server.hooks.on_startup(server)
+        admin_app = AdminApp(server, await server.hooks.admin_routes(server))
+        tg.start_soon(_serve_quietly, EdgeApp(server), http_config, public_stop)
+        tg.start_soon(_serve_quietly, admin_app, admin_config, admin_stop)
+        tg.start_soon(agent_listener.serve, agents.handle)
+        try:
+            yield server
+        finally:
+            with anyio.CancelScope(shield=True):
+                await _shutdown(server, agent_listener, public_stop, admin_stop)
+            tg.cancel_scope.cancel()
+
+
+async def _serve_quietly(app: Any, config: HypercornConfig, stop: anyio.Event) -> None:
+    await hypercorn_serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+
+
+async def _shutdown(server: ServerContext, agent_listener: anyio.abc.Listener[Any],
+                    public_stop: anyio.Event, admin_stop: anyio.Event) -> None:
+    """Stop accepting, GOAWAY to agents, let in-flight requests finish, then close."""
+    server.draining = True
+    await agent_listener.aclose()
+    entries = server.registry.entries()
+    for entry in entries:
+        entry.session.send_nowait(p.encode(p.FrameType.GOAWAY, 0, {"reason": "server shutting down",
+                                                                   "reconnect": True}))
+    public_stop.set()
+    with anyio.move_on_after(server.settings.shutdown_grace):
+        for entry in entries:
+            await entry.session.wait_idle()
+    for entry in server.registry.entries():
+        await entry.session.flush_and_close(1001, "server shutting down")
+    admin_stop.set()
+    await server.hooks.on_shutdown(server)
+
+
+def describe(server: ServerContext) -> list[str]:
+    """The start-up lines: what listens where, which plugins, where data lives."""
+    s = server.settings
+    ports = server.ports
+    scheme = "https" if s.ssl_cert_path else "http"
+    plugins = ", ".join(server.plugin_names) or "none"
+    return [
+        f"comzy-server {__version__} ready",
+        f"  public   {scheme}://{s.host}:{ports.http}  (tunnels at {s.url_for('<alias>')})",
+        f"  agents   ws://{s.host}:{ports.ws}  (agents connect with: comzy PORT --server ws://HOST:{ports.ws})",
+        f"  admin    http://{s.admin_host}:{ports.admin}",
+        f"  domain   {s.base_domain}",
+        f"  plugins  {plugins}",
+        f"  data     {s.data_dir}",
+    ]

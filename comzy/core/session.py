@@ -1,0 +1,388 @@
+"""Multiplexed streams with credit flow control over one WebSocket.
+
+Both ends use this module: the server opens a stream per visitor request, the agent
+answers on it. The reader task never waits on a stream consumer, so a slow stream can
+never stall the others: each stream buffers at most its window, which the sender must
+respect (a sender that overruns it is a protocol error).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+import anyio
+
+from comzy.core import protocol as p
+from comzy.core.websocket import Closed, WebSocket, WebSocketError
+
+log = logging.getLogger("comzy.session")
+
+#: Frames queued for the writer beyond which senders of DATA wait.
+WRITE_HIGH_WATER = 1024 * 1024
+#: Largest WebSocket message the writer builds by coalescing queued frames.
+COALESCE_LIMIT = 512 * 1024
+
+
+class StreamReset(Exception):
+    """The stream was aborted by the peer or because the session ended."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(f"stream reset ({code}): {message}")
+        self.code = code
+        self.message = message
+
+
+class SessionClosed(Exception):
+    """The session is gone; no new streams."""
+
+
+class Stream:
+    """One request/response exchange (or one proxied WebSocket) inside a session."""
+
+    def __init__(self, session: Session, stream_id: int, window: int) -> None:
+        self.session = session
+        self.id = stream_id
+        self._chunks: deque[tuple[bytes, int]] = deque()
+        self._buffered = 0
+        self._readable = anyio.Event()
+        self._remote_ended = False
+        self._reset: StreamReset | None = None
+        self._unacked = 0
+        self._window = window
+        self._credit = session.peer_window
+        self._credit_event = anyio.Event()
+        self._local_ended = False
+        self.head: object | None = None  # RESPONSE head (server side), set by the reader
+        self._head_event = anyio.Event()
+        self.ws_close: tuple[int, str] | None = None
+
+    # -- reading ---------------------------------------------------------------
+    async def receive(self) -> tuple[bytes, int] | None:
+        """The next DATA payload and its flags, or None after the peer's END."""
+        while not self._chunks:
+            if self._reset is not None:
+                raise self._reset
+            if self._remote_ended:
+                return None
+            self._readable = anyio.Event()
+            await self._readable.wait()
+        data, flags = self._chunks.popleft()
+        self._buffered -= len(data)
+        self._unacked += len(data)
+        # Re-open the window once half of it is consumed: the sender keeps the pipe full
+        # without one WINDOW frame per DATA frame.
+        if self._unacked >= self._window // 2 and not self._remote_ended:
+            self.session.send_nowait(p.encode_window(self.id, self._unacked))
+            self._unacked = 0
+        return data, flags
+
+    async def wait_head(self) -> object:
+        """Wait for the peer's RESPONSE head."""
+        while self.head is None:
+            if self._reset is not None:
+                raise self._reset
+            await self._head_event.wait()
+        return self.head
+
+    # -- writing ---------------------------------------------------------------
+    async def send_data(self, data: bytes, flags: int = 0) -> None:
+        """Send body bytes, split into frames and paced by the peer's credit.
+
+        ``flags`` (FIN/TEXT, for WebSocket messages) go on the last frame only.
+        """
+        view = memoryview(data)
+        total = len(view)
+        offset = 0
+        while True:
+            if self._reset is not None:
+                raise self._reset
+            if self._credit <= 0:
+                self._credit_event = anyio.Event()
+                await self._credit_event.wait()
+                continue
+            size = min(total - offset, self._credit, p.MAX_DATA_FRAME)
+            last = offset + size == total
+            chunk = bytes(view[offset : offset + size])
+            self._credit -= size
+            offset += size
+            await self.session.send(p.encode_data(self.id, chunk, flags if last else flags & p.FLAG_TEXT))
+            if last:
+                return
+
+    def send_end(self) -> None:
+        """Half-close: no more DATA from this side."""
+        if not self._local_ended and self._reset is None:
+            self._local_ended = True
+            self.session.send_nowait(p.encode(p.FrameType.END, self.id))
+
+    def reset(self, code: p.ResetCode, message: str = "") -> None:
+        """Abort the stream and tell the peer (if it is not already gone)."""
+        if self._reset is None:
+            self._fail(StreamReset(code, message))
+            self.session.send_nowait(p.encode_reset(self.id, code, message))
+        self.session.forget(self.id)
+
+    def close(self) -> None:
+        """Release the stream: a clean finish if both sides ended, otherwise a RESET."""
+        if self._reset is None and not (self._local_ended and self._remote_ended):
+            self.reset(p.ResetCode.CANCEL, "closed")
+        self.session.forget(self.id)
+
+    @property
+    def finished(self) -> bool:
+        """True once the peer has ended or reset the stream."""
+        return self._remote_ended or self._reset is not None
+
+    # -- called by the session reader -------------------------------------------
+    def _on_data(self, data: bytes, flags: int) -> None:
+        if self._remote_ended:
+            raise p.ProtocolError(f"DATA after END on stream {self.id}")
+        self._buffered += len(data)
+        if self._buffered > self._window:
+            raise p.ProtocolError(f"peer overran the window of stream {self.id}")
+        self._chunks.append((data, flags))
+        self._readable.set()
+
+    def _on_end(self) -> None:
+        self._remote_ended = True
+        self._readable.set()
+
+    def _on_credit(self, increment: int) -> None:
+        self._credit += increment
+        self._credit_event.set()
+
+    def _on_head(self, head: object) -> None:
+        self.head = head
+        self._head_event.set()
+
+    def _fail(self, error: StreamReset) -> None:
+        if self._reset is None:
+            self._reset = error
+        self._readable.set()
+        self._credit_event.set()
+        self._head_event.set()
+
+
+ControlHandler = Callable[[p.Frame], Awaitable[None]]
+
+
+class Session:
+    """The multiplexer on one side of an agent WebSocket."""
+
+    def __init__(
+        self,
+        ws: WebSocket,
+        *,
+        window: int = p.DEFAULT_WINDOW,
+        peer_window: int = p.DEFAULT_WINDOW,
+        heartbeat_interval: float = 10.0,
+        heartbeat_timeout: float = 30.0,
+        name: str = "session",
+    ) -> None:
+        self.ws = ws
+        self.window = window
+        self.peer_window = peer_window
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self.name = name
+        self.streams: dict[int, Stream] = {}
+        self._next_id = 1
+        self._out: list[bytes] = []
+        self._out_bytes = 0
+        self._out_event = anyio.Event()
+        self._drained = anyio.Event()
+        self._last_seen = time.monotonic()
+        self.closed: str | None = None
+        self._idle = anyio.Event()
+        self._closed_event = anyio.Event()
+        self.goaway_received = False
+        self.on_request: Callable[[Stream, p.RequestHead], None] | None = None
+        self.on_control: ControlHandler | None = None
+
+    # -- streams ---------------------------------------------------------------
+    def open_stream(self) -> Stream:
+        """A new locally-opened stream (the server side opens them)."""
+        if self.closed is not None:
+            raise SessionClosed(self.closed)
+        stream_id = self._next_id
+        self._next_id += 1
+        stream = Stream(self, stream_id, self.window)
+        self.streams[stream_id] = stream
+        return stream
+
+    def forget(self, stream_id: int) -> None:
+        """Drop a finished stream from the table."""
+        self.streams.pop(stream_id, None)
+        if not self.streams:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Wait until no stream is open (or the session ended)."""
+        while self.streams and self.closed is None:
+            self._idle = anyio.Event()
+            await self._idle.wait()
+
+    # -- writing ---------------------------------------------------------------
+    def send_nowait(self, frame: bytes) -> None:
+        """Queue a frame for the writer (control frames; never blocks)."""
+        if self.closed is not None:
+            return
+        self._out.append(frame)
+        self._out_bytes += len(frame)
+        self._out_event.set()
+
+    async def send(self, frame: bytes) -> None:
+        """Queue a frame, waiting while the writer is far behind (bounds memory)."""
+        if self.closed is not None:
+            raise SessionClosed(self.closed)
+        while self._out_bytes > WRITE_HIGH_WATER:
+            self._drained = anyio.Event()
+            await self._drained.wait()
+            if self.closed is not None:
+                raise SessionClosed(self.closed)
+        self.send_nowait(frame)
+
+    async def _writer(self) -> None:
+        while True:
+            if not self._out:
+                self._out_event = anyio.Event()
+                await self._out_event.wait()
+                continue
+            # Coalesce queued frames into one WebSocket message: fewer syscalls and
+            # masking passes for many small frames.
+            take, size = 0, 0
+            for frame in self._out:
+                if take and size + len(frame) > COALESCE_LIMIT:
+                    break
+                take += 1
+                size += len(frame)
+            batch = self._out[:take]
+            del self._out[:take]
+            self._out_bytes -= size
+            self._drained.set()
+            message = batch[0] if take == 1 else b"".join(batch)
+            await self.ws.send(message)
+
+    # -- reading ---------------------------------------------------------------
+    async def _reader(self) -> None:
+        while True:
+            message = await self.ws.receive()
+            if isinstance(message, Closed):
+                raise SessionClosed(f"connection closed ({message.code} {message.reason})".strip())
+            if isinstance(message, str):
+                raise p.ProtocolError("text message on the agent link")
+            self._last_seen = time.monotonic()
+            for frame in p.decode_message(message):
+                await self._dispatch(frame)
+
+    async def _dispatch(self, frame: p.Frame) -> None:
+        kind = frame.type
+        if kind == p.FrameType.DATA:
+            stream = self.streams.get(frame.stream)
+            if stream is not None:
+                stream._on_data(frame.payload, frame.flags)
+        elif kind == p.FrameType.WINDOW:
+            stream = self.streams.get(frame.stream)
+            if stream is not None:
+                stream._on_credit(frame.payload)
+        elif kind == p.FrameType.END:
+            stream = self.streams.get(frame.stream)
+            if stream is not None:
+                stream._on_end()
+        elif kind == p.FrameType.RESET:
+            stream = self.streams.get(frame.stream)
+            if stream is not None:
+                self.forget(frame.stream)
+                code, message = frame.payload
+                stream._fail(StreamReset(code, message))
+        elif kind == p.FrameType.RESPONSE:
+            stream = self.streams.get(frame.stream)
+            if stream is not None:
+                stream._on_head(p.ResponseHead.from_payload(frame.payload))
+        elif kind == p.FrameType.WS_CLOSE:
+            stream = self.streams.get(frame.stream)
+            if stream is not None:
+                stream.ws_close = (int(frame.payload.get("code", 1000)), str(frame.payload.get("reason", "")))
+                stream._on_end()
+        elif kind == p.FrameType.REQUEST:
+            if frame.stream in self.streams:
+                raise p.ProtocolError(f"REQUEST reuses open stream {frame.stream}")
+            if self.on_request is None:
+                raise p.ProtocolError("unexpected REQUEST frame")
+            head = p.RequestHead.from_payload(frame.payload)
+            stream = Stream(self, frame.stream, self.window)
+            self.streams[frame.stream] = stream
+            self.on_request(stream, head)
+        elif kind == p.FrameType.PING:
+            self.send_nowait(p.encode(p.FrameType.PONG, 0, frame.payload))
+        elif kind == p.FrameType.PONG:
+            pass
+        elif kind == p.FrameType.GOAWAY:
+            self.goaway_received = True
+            if self.on_control is not None:
+                await self.on_control(frame)
+        elif self.on_control is not None:
+            await self.on_control(frame)
+        else:
+            raise p.ProtocolError(f"unexpected {kind.name} frame")
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await anyio.sleep(self.heartbeat_interval)
+            silent = time.monotonic() - self._last_seen
+            if silent > self.heartbeat_timeout:
+                raise SessionClosed(f"peer silent for {math.floor(silent)} s (heartbeat timeout)")
+            self.send_nowait(p.encode(p.FrameType.PING, 0, int(time.monotonic() * 1000).to_bytes(8, "big")))
+
+    async def run(self) -> str:
+        """Serve the session until it ends; returns why it ended. Never raises."""
+        reason = "closed"
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._writer)
+                tg.start_soon(self._heartbeat)
+                await self._reader()
+        except* SessionClosed as group:
+            reason = str(group.exceptions[0])
+        except* p.ProtocolError as group:
+            reason = f"protocol error: {group.exceptions[0]}"
+            log.warning("%s: %s; closing the session", self.name, reason)
+            await self.ws.close(1002, "protocol error")
+        except* WebSocketError as group:
+            reason = str(group.exceptions[0])
+        finally:
+            self._shutdown(reason)
+            await self.ws.aclose()
+        return reason
+
+    def _shutdown(self, reason: str) -> None:
+        if self.closed is None:
+            self.closed = reason
+        error = StreamReset(p.ResetCode.INTERNAL, f"tunnel session ended: {reason}")
+        for stream in list(self.streams.values()):
+            stream._fail(error)
+        self.streams.clear()
+        self._idle.set()
+        self._drained.set()
+        self._closed_event.set()
+
+    async def close(self, code: int = 1000, reason: str = "closing") -> None:
+        """Close the WebSocket; run() then returns."""
+        self._shutdown(reason)
+        await self.ws.close(code, reason)
+
+    async def flush_and_close(self, code: int = 1000, reason: str = "closing", timeout: float = 2.0) -> None:
+        """Give the writer a moment to send queued frames, then close."""
+        with anyio.move_on_after(timeout):
+            while self._out and self.closed is None:
+                self._drained = anyio.Event()
+                await self._drained.wait()
+        await self.close(code, reason)
+
+    async def wait_closed(self) -> None:
+        """Wait until the session has ended."""
+        await self._closed_event.wait()

@@ -1,0 +1,139 @@
+"""Server settings from the environment (and ``.env``), with the seed's names accepted."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from comzy.core.aliases import ALIAS_RE
+
+
+def _env(name: str, *seed_names: str) -> Any:
+    return AliasChoices(name, *seed_names)
+
+
+def default_data_dir() -> Path:
+    """Where the server keeps its data when COMZY_DATA_DIR is unset."""
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "comzy"
+
+
+DEFAULT_RESERVED = (
+    "www,admin,api,app,dashboard,status,mail,smtp,imap,pop,ftp,ns,ns1,ns2,dns,"
+    "cdn,static,assets,docs,help,support,blog,comzy,localhost,root,server,agent,tunnel"
+)
+
+
+class ServerSettings(BaseSettings):
+    """Every core setting; each field is read from ``COMZY_<NAME>`` (or the seed name)."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+
+    host: str = Field("0.0.0.0", validation_alias=_env("COMZY_HOST"),
+                      description="Address the public and agent listeners bind.")
+    http_port: int = Field(8190, ge=0, le=65535, validation_alias=_env("COMZY_HTTP_PORT", "HTTP_PORT"),
+                           description="Public HTTP listener port (visitors).")
+    ws_port: int = Field(8191, ge=0, le=65535, validation_alias=_env("COMZY_WS_PORT", "WS_PORT"),
+                         description="Agent WebSocket listener port.")
+    admin_host: str = Field("127.0.0.1", validation_alias=_env("COMZY_ADMIN_HOST"),
+                            description="Address the admin listener binds.")
+    admin_port: int = Field(8192, ge=0, le=65535,
+                            validation_alias=_env("COMZY_ADMIN_PORT", "ADMIN_WS_PORT"),
+                            description="Admin listener port (dashboard, feed, metrics).")
+    base_domain: str = Field("localhost", validation_alias=_env("COMZY_BASE_DOMAIN", "BASE_DOMAIN"),
+                             description="Domain under which aliases are served.")
+    data_dir: Path = Field(default_factory=default_data_dir, validation_alias=_env("COMZY_DATA_DIR"),
+                           description="Where the server keeps its data.")
+    plugins: str | None = Field(None, validation_alias=_env("COMZY_PLUGINS"),
+                                description="Comma list of plugins to enable; unset: all built-ins; "
+                                "'none': no plugins.")
+    public_url: str | None = Field(None, validation_alias=_env("COMZY_PUBLIC_URL"),
+                                   description="Public URL template with {alias}, e.g. "
+                                   "https://{alias}.example.com behind a TLS proxy.")
+    ssl_cert_path: Path | None = Field(None, validation_alias=_env("COMZY_SSL_CERT_PATH", "SSL_CERT_PATH"),
+                                       description="TLS certificate for the public listener.")
+    ssl_key_path: Path | None = Field(None, validation_alias=_env("COMZY_SSL_KEY_PATH", "SSL_KEY_PATH"),
+                                      description="TLS private key for the public listener.")
+    reserved_aliases: str = Field(DEFAULT_RESERVED, validation_alias=_env("COMZY_RESERVED_ALIASES"),
+                                  description="Comma list of names no agent may take.")
+    max_streams_per_tunnel: int = Field(256, ge=1, validation_alias=_env("COMZY_MAX_STREAMS_PER_TUNNEL"),
+                                        description="Concurrent requests per tunnel; beyond: 503.")
+    max_request_head: int = Field(65536, ge=1024, validation_alias=_env("COMZY_MAX_REQUEST_HEAD"),
+                                  description="Largest request head (bytes); beyond: 431.")
+    stream_window: int = Field(256 * 1024, ge=65536, le=16 * 1024 * 1024,
+                               validation_alias=_env("COMZY_STREAM_WINDOW"),
+                               description="Per-stream flow-control window (bytes).")
+    handshake_timeout: float = Field(10.0, gt=0, validation_alias=_env("COMZY_HANDSHAKE_TIMEOUT"),
+                                     description="Seconds an agent has to complete HELLO.")
+    response_timeout: float = Field(60.0, gt=0, validation_alias=_env("COMZY_RESPONSE_TIMEOUT"),
+                                    description="Seconds to wait for a response head before 504.")
+    heartbeat_interval: float = Field(10.0, gt=0, validation_alias=_env("COMZY_HEARTBEAT_INTERVAL"),
+                                      description="Seconds between heartbeats.")
+    heartbeat_timeout: float = Field(30.0, gt=0, validation_alias=_env("COMZY_HEARTBEAT_TIMEOUT"),
+                                     description="Seconds of silence after which a peer is dead.")
+    shutdown_grace: float = Field(30.0, ge=0, validation_alias=_env("COMZY_SHUTDOWN_GRACE"),
+                                  description="Seconds in-flight requests get to finish at shutdown.")
+    max_websocket_message: int = Field(16 * 1024 * 1024, ge=1024,
+                                       validation_alias=_env("COMZY_MAX_WEBSOCKET_MESSAGE"),
+                                       description="Largest proxied WebSocket message (bytes).")
+    admin_token: SecretStr | None = Field(None, validation_alias=_env("COMZY_ADMIN_TOKEN"),
+                                          description="Token for the admin listener.")
+    log_level: str = Field("INFO", validation_alias=_env("COMZY_LOG_LEVEL"),
+                           description="Logging level (DEBUG, INFO, WARNING).")
+
+    @field_validator("base_domain")
+    @classmethod
+    def _domain(cls, value: str) -> str:
+        value = value.strip().lower().rstrip(".")
+        if not value or " " in value:
+            raise ValueError("must be a domain name such as example.com")
+        return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        if value is not None and "{alias}" not in value:
+            raise ValueError("must contain {alias}, e.g. https://{alias}.example.com")
+        return value
+
+    @field_validator("reserved_aliases")
+    @classmethod
+    def _reserved(cls, value: str) -> str:
+        for name in filter(None, (n.strip().lower() for n in value.split(","))):
+            if not ALIAS_RE.fullmatch(name):
+                raise ValueError(f"{name!r} is not a valid alias")
+        return value
+
+    @property
+    def reserved(self) -> frozenset[str]:
+        """The reserved names as a set."""
+        return frozenset(filter(None, (n.strip().lower() for n in self.reserved_aliases.split(","))))
+
+    def url_for(self, alias: str) -> str:
+        """The public URL of an alias."""
+        if self.public_url:
+            return self.public_url.replace("{alias}", alias)
+        scheme = "https" if self.ssl_cert_path else "http"
+        default_port = 443 if scheme == "https" else 80
+        port = "" if self.http_port == default_port else f":{self.http_port}"
+        return f"{scheme}://{alias}.{self.base_domain}{port}"
+
+
+def explain_validation_error(model: type[BaseSettings], error: ValidationError) -> str:
+    """A message naming the environment variable behind each bad value."""
+    lines = []
+    for item in error.errors():
+        field_name = str(item["loc"][0]) if item["loc"] else "?"
+        info = model.model_fields.get(field_name)
+        names = field_name
+        if info is not None and isinstance(info.validation_alias, AliasChoices):
+            names = "/".join(str(c) for c in info.validation_alias.choices)
+        elif info is not None and isinstance(info.validation_alias, str):
+            names = info.validation_alias
+        value = item.get("input")
+        lines.append(f"{names}={value!r}: {item['msg']}")
+    return "invalid setting: " + "; ".join(lines)

@@ -1,0 +1,99 @@
+"""Data types that hooks receive and return: the plugin author's vocabulary."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Reject(Exception):
+    """Raised by a hook to refuse: a registration (``on_register``) or a request
+    (``before_forward``, with an HTTP status and body for the visitor)."""
+
+    def __init__(self, reason: str, status: int = 403, body: bytes | str | None = None,
+                 headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+        self.body = body if body is not None else reason + "\n"
+        self.headers = headers or []
+
+
+@dataclass(slots=True)
+class Registration:
+    """An agent's request for a tunnel, as ``on_register`` hooks see it.
+
+    Hooks may set ``alias`` (to grant a name), ``user`` (who the agent is),
+    ``expires_at`` (unix time the tunnel ends) and append to ``notices``.
+    """
+
+    port: int
+    requested_alias: str | None
+    token: str | None
+    client_address: str
+    agent_version: str
+    resume_secret: str | None = None
+    alias: str | None = None
+    user: str | None = None
+    expires_at: float | None = None
+    notices: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Tunnel:
+    """A live tunnel: one alias served by one agent session."""
+
+    alias: str
+    public_url: str
+    port: int
+    client_address: str
+    user: str | None = None
+    expires_at: float | None = None
+    created_at: float = field(default_factory=time.time)
+    requests: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class ForwardRequest:
+    """A visitor's request on its way to an agent; ``before_forward`` may edit ``headers``."""
+
+    alias: str
+    method: str
+    target: bytes
+    headers: list[tuple[bytes, bytes]]
+    host: str
+    client: str
+    scheme: str
+    websocket: bool = False
+
+    @property
+    def path(self) -> str:
+        """The target's path as text (without the query)."""
+        return self.target.split(b"?", 1)[0].decode("latin-1")
+
+    def header(self, name: str) -> str | None:
+        """The first value of header ``name`` (case-insensitive), or None."""
+        key = name.lower().encode()
+        for k, v in self.headers:
+            if k.lower() == key:
+                return v.decode("latin-1")
+        return None
+
+
+@dataclass(slots=True)
+class Exchange:
+    """A finished request/response, given to ``after_response``."""
+
+    request: ForwardRequest
+    tunnel: Tunnel
+    status: int
+    bytes_in: int
+    bytes_out: int
+    started_at: float
+    duration: float
+    error: str | None = None

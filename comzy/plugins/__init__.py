@@ -1,0 +1,1 @@
+"""Built-in plugins, each enabled by naming it in COMZY_PLUGINS."""
