@@ -132,11 +132,9 @@ async def run_server(
         raise ValueError("SSL_CERT_PATH is set but SSL_KEY_PATH is not; set both for TLS")
     http_sock = _bind(settings.host, settings.http_port)
     admin_sock = _bind(settings.admin_host, settings.admin_port)
-    agent_listener = await anyio.create_tcp_listener(local_host=settings.host, local_port=settings.ws_port,
-                                                     reuse_port=False)
-    server.ports = Ports(http_sock.getsockname()[1],
-                         agent_listener.extra(anyio.abc.SocketAttribute.local_port),
-                         admin_sock.getsockname()[1])
+    ws_sock = _bind(settings.host, settings.ws_port)
+    server.ports = Ports(http_sock.getsockname()[1], ws_sock.getsockname()[1], admin_sock.getsockname()[1])
+    agent_listener = await anyio.abc.SocketListener.from_socket(ws_sock)
     http_config = _hypercorn_config(http_sock, settings, tls=bool(settings.ssl_cert_path))
     admin_config = _hypercorn_config(admin_sock, settings, tls=False)
     public_stop = anyio.Event()
@@ -146,19 +144,38 @@ async def run_server(
         server.task_group = tg
         await server.hooks.on_startup(server)
         admin_app = AdminApp(server, await server.hooks.admin_routes(server))
-        tg.start_soon(_serve_quietly, EdgeApp(server), http_config, public_stop)
-        tg.start_soon(_serve_quietly, admin_app, admin_config, admin_stop)
-        tg.start_soon(agent_listener.serve, agents.handle)
+        public_done, admin_done = anyio.Event(), anyio.Event()
+        tg.start_soon(_serve_until, EdgeApp(server), http_config, public_stop, public_done)
+        tg.start_soon(_serve_until, admin_app, admin_config, admin_stop, admin_done)
+        tg.start_soon(_accept_agents, agent_listener, agents, tg)
         try:
             yield server
         finally:
             with anyio.CancelScope(shield=True):
                 await _shutdown(server, agent_listener, public_stop, admin_stop)
+                # hypercorn must finish its own graceful close; cancelling it mid-way breaks it.
+                await public_done.wait()
+                await admin_done.wait()
             tg.cancel_scope.cancel()
 
 
-async def _serve_quietly(app: Any, config: HypercornConfig, stop: anyio.Event) -> None:
-    await hypercorn_serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+async def _accept_agents(listener: anyio.abc.Listener[Any], agents: AgentListener,
+                         tg: anyio.abc.TaskGroup) -> None:
+    # Sessions live in the server's task group, so closing the listener at shutdown stops
+    # new agents without cutting the ones that are draining.
+    while True:
+        try:
+            stream = await listener.accept()
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            return
+        tg.start_soon(agents.handle, stream)
+
+
+async def _serve_until(app: Any, config: HypercornConfig, stop: anyio.Event, done: anyio.Event) -> None:
+    try:
+        await hypercorn_serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+    finally:
+        done.set()
 
 
 async def _shutdown(server: ServerContext, agent_listener: anyio.abc.Listener[Any],

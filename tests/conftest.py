@@ -1,0 +1,152 @@
+"""Shared fixtures: a real server, a real agent and a real upstream, all on port 0."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from comzy.agent.client import Agent, AgentConfig
+from comzy.agent.forward import LocalForwarder, Served
+from comzy.core.server import ServerContext, run_server
+from comzy.core.settings import ServerSettings
+from tests.upstream import Upstream, serve_upstream
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def make_settings(data_dir: Path, **overrides: Any) -> ServerSettings:
+    """Settings for a test server: loopback, free ports, no plugins, no .env."""
+    values: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "http_port": 0,
+        "ws_port": 0,
+        "admin_port": 0,
+        "admin_host": "127.0.0.1",
+        "data_dir": data_dir,
+        "plugins": "none",
+        "shutdown_grace": 5.0,
+    }
+    values.update(overrides)
+    return ServerSettings(_env_file=None, **values)
+
+
+class RecordingReporter:
+    """An agent reporter that records events and signals the first connection."""
+
+    def __init__(self) -> None:
+        self.welcomes: list[dict[str, Any]] = []
+        self.notices: list[tuple[str, str]] = []
+        self.reconnects: list[str] = []
+        self.served: list[Served] = []
+        self._connected = anyio.Event()
+
+    def connected(self, welcome: dict[str, Any], first: bool) -> None:
+        self.welcomes.append(welcome)
+        self._connected.set()
+
+    def reconnecting(self, reason: str, delay: float) -> None:
+        self.reconnects.append(reason)
+        self._connected = anyio.Event()
+
+    def notice(self, level: str, message: str) -> None:
+        self.notices.append((level, message))
+
+    async def wait_connected(self) -> dict[str, Any]:
+        await self._connected.wait()
+        return self.welcomes[-1]
+
+
+class RunningAgent:
+    """A live in-process agent and what it reported."""
+
+    def __init__(self, agent: Agent, reporter: RecordingReporter, server: ServerContext) -> None:
+        self.agent = agent
+        self.reporter = reporter
+        self.server = server
+
+    @property
+    def alias(self) -> str:
+        assert self.agent.alias is not None
+        return self.agent.alias
+
+    @property
+    def url(self) -> str:
+        return str(self.reporter.welcomes[-1]["url"])
+
+    def visitor(self, **kwargs: Any) -> httpx.AsyncClient:
+        """An HTTP client that reaches this tunnel through the public listener."""
+        return visitor(self.server, self.alias, **kwargs)
+
+
+def visitor(server: ServerContext, alias: str, **kwargs: Any) -> httpx.AsyncClient:
+    """An HTTP client for ``alias`` on ``server``'s public listener."""
+    kwargs.setdefault("timeout", 30.0)
+    return httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.ports.http}",
+                             headers={"host": f"{alias}.{server.settings.base_domain}"}, **kwargs)
+
+
+@asynccontextmanager
+async def start_server(data_dir: Path, plugins: Any = (), **overrides: Any) -> AsyncIterator[ServerContext]:
+    """A running in-process server."""
+    async with run_server(make_settings(data_dir, **overrides), plugins) as server:
+        yield server
+
+
+@asynccontextmanager
+async def start_agent(server: ServerContext, port: int, rewrite_host: bool = False,
+                      **config: Any) -> AsyncIterator[RunningAgent]:
+    """A running in-process agent for local ``port``, connected when the block starts."""
+    reporter = RecordingReporter()
+    forwarder = LocalForwarder("127.0.0.1", port, rewrite_host=rewrite_host, on_served=reporter.served.append)
+    agent = Agent(AgentConfig(servers=[f"ws://127.0.0.1:{server.ports.ws}"], port=port, **config),
+                  forwarder, reporter)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(agent.run)
+        await reporter.wait_connected()
+        yield RunningAgent(agent, reporter, server)
+        await agent.close()
+        tg.cancel_scope.cancel()
+    await forwarder.aclose()
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    async with serve_upstream() as app:
+        yield app
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[ServerContext]:
+    async with start_server(tmp_path / "data") as srv:
+        yield srv
+
+
+@pytest.fixture
+async def tunnel(server: ServerContext, upstream: Upstream) -> AsyncIterator[RunningAgent]:
+    async with start_agent(server, upstream.port) as running:
+        yield running
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """Environment for running the console scripts in a subprocess."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COMZY_", "HTTP_PORT", "WS_PORT"))}
+    env["PYTHONUNBUFFERED"] = "1"
+    env["NO_COLOR"] = "1"
+    env.update(extra)
+    return env
+
+
+PYTHON = sys.executable
