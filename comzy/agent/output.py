@@ -35,6 +35,7 @@ class Printer:
         self.colour = use_colour(self.out)
         self.target = target
         self.quiet = quiet
+        self._down = False  # between a lost connection and the next successful one
 
     def _c(self, code: str, text: str) -> str:
         return f"{code}{text}{_RESET}" if self.colour else text
@@ -51,6 +52,7 @@ class Printer:
     # -- Reporter ------------------------------------------------------------------
     def connected(self, welcome: dict[str, Any], first: bool) -> None:
         """The tunnel is up: show the public URL prominently."""
+        self._down = False
         url = welcome.get("url", "?")
         if first:
             self.line(self._c(_DIM, f"comzy: forwarding {url} -> http://{self.target}"))
@@ -69,7 +71,9 @@ class Printer:
 
     def reconnecting(self, reason: str, delay: float) -> None:
         """The link dropped; say why and when we retry."""
-        self.line(self._c(_YELLOW, f"Connection lost ({reason}); reconnecting in {delay:.1f} s"))
+        what = "Still down" if self._down else "Connection lost"
+        self._down = True
+        self.line(self._c(_YELLOW, f"{what} ({reason}); reconnecting in {delay:.1f} s"))
 
     def notice(self, level: str, message: str) -> None:
         """A message from the server (expiry warnings, GOAWAY)."""

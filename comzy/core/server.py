@@ -21,6 +21,7 @@ from comzy.core.admin import AdminApp
 from comzy.core.agent_listener import AgentListener
 from comzy.core.edge import EdgeApp
 from comzy.core.hooks import HookRunner, build_manager
+from comzy.core.hypercorn_compat import install as install_hypercorn_fixes
 from comzy.core.registry import Registry
 from comzy.core.settings import ServerSettings
 from comzy.core.types import Tunnel
@@ -126,6 +127,7 @@ async def run_server(
     Listeners are bound before the block starts, so ``server.ports`` is valid at once.
     """
     plugins = list(plugins)
+    install_hypercorn_fixes()
     pm = build_manager(settings.base_domain, plugins)
     server = ServerContext(settings, HookRunner(pm), [name for name, _ in plugins])
     if settings.ssl_cert_path and not settings.ssl_key_path:
@@ -134,6 +136,9 @@ async def run_server(
     admin_sock = _bind(settings.admin_host, settings.admin_port)
     ws_sock = _bind(settings.host, settings.ws_port)
     server.ports = Ports(http_sock.getsockname()[1], ws_sock.getsockname()[1], admin_sock.getsockname()[1])
+    # Port 0 means "any free port": public URLs must name the port actually bound, not ":0".
+    settings = server.settings = settings.model_copy(update={
+        "http_port": server.ports.http, "ws_port": server.ports.ws, "admin_port": server.ports.admin})
     agent_listener = await anyio.abc.SocketListener.from_socket(ws_sock)
     http_config = _hypercorn_config(http_sock, settings, tls=bool(settings.ssl_cert_path))
     admin_config = _hypercorn_config(admin_sock, settings, tls=False)
@@ -142,8 +147,13 @@ async def run_server(
     agents = AgentListener(server)
     async with anyio.create_task_group() as tg:
         server.task_group = tg
-        await server.hooks.on_startup(server)
-        admin_app = AdminApp(server, await server.hooks.admin_routes(server))
+        try:
+            await server.hooks.on_startup(server)
+            admin_app = AdminApp(server, await server.hooks.admin_routes(server))
+        except BaseException:
+            # Nothing serves yet: give the bound ports back before reporting the failure.
+            await _release(agent_listener, http_config, admin_config)
+            raise
         public_done, admin_done = anyio.Event(), anyio.Event()
         tg.start_soon(_serve_until, EdgeApp(server), http_config, public_stop, public_done)
         tg.start_soon(_serve_until, admin_app, admin_config, admin_stop, admin_done)
@@ -156,7 +166,16 @@ async def run_server(
                 # hypercorn must finish its own graceful close; cancelling it mid-way breaks it.
                 await public_done.wait()
                 await admin_done.wait()
+                # Last: plugins release resources only once no listener can use them.
+                await server.hooks.on_shutdown(server)
             tg.cancel_scope.cancel()
+
+
+async def _release(agent_listener: anyio.abc.Listener[Any], *configs: HypercornConfig) -> None:
+    with anyio.CancelScope(shield=True):
+        await agent_listener.aclose()
+    for config in configs:
+        socket.socket(fileno=int(config.bind[0].removeprefix("fd://"))).close()
 
 
 async def _accept_agents(listener: anyio.abc.Listener[Any], agents: AgentListener,
@@ -194,7 +213,6 @@ async def _shutdown(server: ServerContext, agent_listener: anyio.abc.Listener[An
     for entry in server.registry.entries():
         await entry.session.flush_and_close(1001, "server shutting down")
     admin_stop.set()
-    await server.hooks.on_shutdown(server)
 
 
 def describe(server: ServerContext) -> list[str]:
