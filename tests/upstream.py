@@ -95,6 +95,41 @@ class Upstream:
             await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"100000")]})
             await send({"type": "http.response.body", "body": b"x" * 1000, "more_body": True})
             raise RuntimeError("upstream dies mid-response (expected by the test)")
+        elif path == "/drop-mid-chunked":
+            # No content-length: only an abort (not a clean end) can tell the visitor it was cut.
+            await _drain(receive)
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": b"y" * 1000, "more_body": True})
+            raise RuntimeError("upstream dies mid-chunked-response (expected by the test)")
+        elif path.startswith("/chunked/"):
+            await _drain(receive)
+            total = int(path.rsplit("/", 1)[1])
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"application/octet-stream")]})
+            block = pattern_block()
+            sent = 0
+            while sent < total:
+                chunk = block[: min(len(block), total - sent)]
+                sent += len(chunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        elif path == "/gzip-fixed":
+            await _drain(receive)
+            body = gzip.compress(b"compressed body " * 100, mtime=0)
+            await _reply(send, 200, body, [(b"content-encoding", b"gzip"), (b"content-type", b"text/plain")])
+        elif path == "/hop-headers":
+            await _drain(receive)
+            await _reply(send, 200, b"hop\n", [
+                (b"connection", b"x-resp-hop"), (b"keep-alive", b"timeout=5"), (b"x-resp-hop", b"secret"),
+                (b"proxy-authenticate", b"Basic realm=x"), (b"trailer", b"x-checksum"), (b"upgrade", b"h2c"),
+                (b"x-resp-kept", b"yes")])
+        elif path.startswith("/hold/"):
+            # Like /hang, with a gate per name and an "<name>-arrived" event the test can wait on.
+            await _drain(receive)
+            name = path.rsplit("/", 1)[1]
+            self.gate(f"{name}-arrived").set()
+            await self.gate(name).wait()
+            await _reply(send, 200, f"released {name}\n".encode())
         else:
             digest = hashlib.sha256()
             size = 0
@@ -120,6 +155,9 @@ class Upstream:
     async def websocket(self, scope: Scope, receive: Any, send: Any) -> None:
         await receive()  # websocket.connect
         path = scope["path"]
+        if path == "/ws/mirror":
+            await self.mirror(scope, receive, send)
+            return
         if path == "/ws/deny":
             await send({"type": "websocket.http.response.start", "status": 403,
                         "headers": [(b"content-type", b"text/plain")]})
@@ -146,6 +184,25 @@ class Upstream:
                 await send({"type": "websocket.send", "text": "echo:" + text})
             else:
                 await send({"type": "websocket.send", "bytes": b"echo:" + message["bytes"]})
+
+    async def mirror(self, scope: Scope, receive: Any, send: Any) -> None:
+        """/ws/mirror: send every message back unchanged, empty ones too.
+
+        A text message "send-empty" is answered with an empty text and an empty binary message.
+        """
+        subprotocol = scope["subprotocols"][0] if scope.get("subprotocols") else None
+        await send({"type": "websocket.accept", "subprotocol": subprotocol})
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            if message.get("text") == "send-empty":
+                await send({"type": "websocket.send", "text": ""})
+                await send({"type": "websocket.send", "bytes": b""})
+            elif message.get("text") is not None:
+                await send({"type": "websocket.send", "text": message["text"]})
+            else:
+                await send({"type": "websocket.send", "bytes": message.get("bytes") or b""})
 
 
 def pattern_block(size: int = 65536) -> bytes:

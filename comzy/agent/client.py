@@ -128,7 +128,11 @@ class Agent:
         while True:
             try:
                 ws, _url = await self._connect_any()
-                welcome = await self._handshake(ws)
+                try:
+                    welcome = await self._handshake(ws)
+                except BaseException:
+                    await ws.aclose()  # refused or failed: do not leak the connection
+                    raise
             except Unreachable as exc:
                 if first:
                     raise

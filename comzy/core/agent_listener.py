@@ -37,6 +37,15 @@ class AgentListener:
     async def handle(self, stream: anyio.abc.SocketStream) -> None:
         """Serve one agent connection from handshake to disconnect."""
         try:
+            await self._handle(stream)
+        finally:
+            # Every path (EOF before HELLO, a failed WELCOME, cancellation at shutdown)
+            # releases the socket; closing twice is harmless.
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _handle(self, stream: anyio.abc.SocketStream) -> None:
+        try:
             peer = stream.extra(anyio.abc.SocketAttribute.remote_address)
             client = peer[0] if isinstance(peer, tuple) else str(peer)
         except Exception:
@@ -98,7 +107,7 @@ class AgentListener:
             resume_secret = None
         try:
             port = int(hello.get("port", 0))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # int(inf) is an OverflowError
             port = 0
         requested = hello.get("subdomain")
         registration = Registration(
@@ -165,7 +174,11 @@ class AgentListener:
             return None
         if previous is not None:
             log.info("tunnel %s taken over by a new session from %s", alias, client)
-            server.task_group.start_soon(previous.session.close, 4000, "replaced by a new session")
+            # If the old session still reaches a live agent, that agent must not reconnect with
+            # the same secret: the two would take the alias from each other forever.
+            replaced = "replaced by a new session that presented this tunnel's resume secret"
+            previous.session.send_nowait(p.encode(p.FrameType.GOAWAY, 0, {"reason": replaced, "reconnect": False}))
+            server.task_group.start_soon(previous.session.flush_and_close, 4000, "replaced by a new session")
         server.count("registrations_accepted")
         log.info(
             "tunnel %s registered: port=%s client=%s user=%s agent=%s",

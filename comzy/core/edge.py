@@ -192,8 +192,10 @@ class EdgeApp:
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
-                    state.error = state.error or "visitor disconnected"
-                    stream.reset(p.ResetCode.CANCEL, "visitor disconnected")
+                    # hypercorn also reports a disconnect once a response is complete: not an error.
+                    if not state.complete:
+                        state.error = state.error or "visitor disconnected"
+                        stream.reset(p.ResetCode.CANCEL, "visitor disconnected")
                     scope.cancel()
                     return
                 if body_done:
@@ -233,6 +235,7 @@ class EdgeApp:
             data = chunk[0]
             state.bytes_out += len(data)
             await send({"type": "http.response.body", "body": data, "more_body": True})
+        state.complete = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     # -- WebSocket -------------------------------------------------------------------
@@ -357,13 +360,14 @@ class EdgeApp:
 class _Exchange:
     """Mutable counters for one proxied exchange."""
 
-    __slots__ = ("bytes_in", "bytes_out", "error", "started", "status")
+    __slots__ = ("bytes_in", "bytes_out", "complete", "error", "started", "status")
 
     def __init__(self) -> None:
         self.bytes_in = 0
         self.bytes_out = 0
         self.status = 0
         self.started = False
+        self.complete = False
         self.error: str | None = None
 
 

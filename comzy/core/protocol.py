@@ -140,9 +140,12 @@ class RequestHead:
     def from_payload(cls, payload: dict[str, Any]) -> RequestHead:
         """Parse a REQUEST payload; raises ProtocolError on a malformed one."""
         try:
+            target = payload["t"]
+            if not isinstance(target, bytes):  # bytes(5) would be five NULs, bytes(2**63) an OverflowError
+                raise TypeError("the target must be bytes")
             return cls(
                 method=str(payload["m"]),
-                target=bytes(payload["t"]),
+                target=target,
                 headers=_header_list(payload["h"]),
                 client=str(payload.get("c", "")),
                 scheme=str(payload.get("s", "http")),
@@ -151,7 +154,7 @@ class RequestHead:
                 subprotocols=[str(p) for p in payload.get("sp", [])],
                 has_body=bool(payload.get("b", False)),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ProtocolError(f"malformed REQUEST head: {exc!r}") from exc
 
 
@@ -176,7 +179,7 @@ class ResponseHead:
                 raise ValueError(f"status {status} out of range")
             sub = payload.get("sp")
             return cls(status, _header_list(payload["h"]), None if sub is None else str(sub))
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ProtocolError(f"malformed RESPONSE head: {exc!r}") from exc
 
 

@@ -64,10 +64,12 @@ class Stream:
     async def receive(self) -> tuple[bytes, int] | None:
         """The next DATA payload and its flags, or None after the peer's END."""
         while not self._chunks:
-            if self._reset is not None:
-                raise self._reset
+            # END (or WS_CLOSE) first: a RESET that follows a complete read takes nothing away
+            # (the edge resets a WebSocket stream right after passing on the visitor's close).
             if self._remote_ended:
                 return None
+            if self._reset is not None:
+                raise self._reset
             self._readable = anyio.Event()
             await self._readable.wait()
         data, flags = self._chunks.popleft()
@@ -240,7 +242,10 @@ class Session:
         if self.closed is not None:
             raise SessionClosed(self.closed)
         while self._out_bytes > WRITE_HIGH_WATER:
-            self._drained = anyio.Event()
+            # Many streams may wait here at once: share the pending event, never replace it
+            # under another waiter (that waiter would never be woken).
+            if self._drained.is_set():
+                self._drained = anyio.Event()
             await self._drained.wait()
             if self.closed is not None:
                 raise SessionClosed(self.closed)
@@ -306,7 +311,10 @@ class Session:
         elif kind == p.FrameType.WS_CLOSE:
             stream = self.streams.get(frame.stream)
             if stream is not None:
-                stream.ws_close = (int(frame.payload.get("code", 1000)), str(frame.payload.get("reason", "")))
+                code, reason = frame.payload.get("code", 1000), frame.payload.get("reason", "")
+                if type(code) is not int or not 1000 <= code <= 4999 or not isinstance(reason, str):
+                    raise p.ProtocolError(f"malformed WS_CLOSE payload on stream {frame.stream}")
+                stream.ws_close = (code, reason)
                 stream._on_end()
         elif kind == p.FrameType.REQUEST:
             if frame.stream in self.streams:
@@ -354,10 +362,16 @@ class Session:
             await self.ws.close(1002, "protocol error")
         except* WebSocketError as group:
             reason = str(group.exceptions[0])
+        except* Exception as group:
+            # A bug met by one session must end that session only, never the server's task group.
+            reason = f"internal error: {group.exceptions[0]!r}"
+            log.error("%s: %s; closing the session", self.name, reason, exc_info=group.exceptions[0])
+            await self.ws.close(1011, "internal error")
         finally:
             self._shutdown(reason)
             await self.ws.aclose()
-        return reason
+        # If close() was called first, its reason (not the resulting socket close) is the real one.
+        return self.closed or reason
 
     def _shutdown(self, reason: str) -> None:
         if self.closed is None:
@@ -379,7 +393,8 @@ class Session:
         """Give the writer a moment to send queued frames, then close."""
         with anyio.move_on_after(timeout):
             while self._out and self.closed is None:
-                self._drained = anyio.Event()
+                if self._drained.is_set():
+                    self._drained = anyio.Event()
                 await self._drained.wait()
         await self.close(code, reason)
 

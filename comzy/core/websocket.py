@@ -142,14 +142,15 @@ class WebSocket:
                 await self._stream.aclose()
 
 
-async def _read_events(stream: anyio.abc.ByteStream, conn: WSConnection) -> list[Event]:
+async def _read_events(stream: anyio.abc.ByteStream, conn: WSConnection) -> tuple[list[Event], int]:
+    """The events of the next read, and how many bytes it read."""
     try:
         data = await stream.receive(READ_SIZE)
     except (anyio.EndOfStream, anyio.BrokenResourceError, OSError) as exc:
         raise WebSocketError("connection closed during the WebSocket handshake") from exc
     try:
         conn.receive_data(data)
-        return list(conn.events())
+        return list(conn.events()), len(data)
     except RemoteProtocolError as exc:
         raise WebSocketError(f"bad WebSocket handshake: {exc}") from exc
 
@@ -162,8 +163,9 @@ async def server_handshake(
     received = 0
     events: list[Event] = []
     while not events:
-        events = await _read_events(stream, conn)
-        received += READ_SIZE
+        # Count the bytes actually read: a head split over several reads is normal.
+        events, size = await _read_events(stream, conn)
+        received += size
         if not events and received > max_head:
             raise WebSocketError("WebSocket handshake head too large")
     first = events.pop(0)
@@ -199,7 +201,7 @@ async def client_handshake(
     reject: RejectConnection | None = None
     body = bytearray()
     while True:
-        events = await _read_events(stream, conn)
+        events, _ = await _read_events(stream, conn)
         while events:
             event = events.pop(0)
             if isinstance(event, AcceptConnection):

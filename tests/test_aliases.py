@@ -1,0 +1,286 @@
+"""Aliases: random names, requested names, refusals, resume after a restart, takeover."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from comzy.agent.client import Agent, AgentConfig, Rejected
+from comzy.agent.forward import LocalForwarder
+from comzy.core import aliases
+from comzy.core.server import ServerContext
+from tests.conftest import RecordingReporter, start_agent, start_server, visitor
+from tests.upstream import Upstream, serve_upstream
+
+pytestmark = pytest.mark.anyio
+
+RANDOM_ALIAS = re.compile(r"client-[a-z0-9]{8,}")
+
+
+class CountingReporter(RecordingReporter):
+    """A RecordingReporter that can wait for its n-th welcome."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._welcomed = anyio.Event()
+
+    def connected(self, welcome: dict[str, Any], first: bool) -> None:
+        super().connected(welcome, first)
+        self._welcomed.set()
+        self._welcomed = anyio.Event()
+
+    async def wait_welcomes(self, count: int) -> dict[str, Any]:
+        """Wait until ``count`` WELCOMEs have arrived; the latest one."""
+        while len(self.welcomes) < count:
+            await self._welcomed.wait()
+        return self.welcomes[-1]
+
+
+class BackgroundAgent:
+    """An agent running in a caller's task group, so it can outlive one server.
+
+    ``outcome`` receives what ``Agent.run`` returned or raised, once it ends.
+    """
+
+    def __init__(self, servers: list[str], port: int, **config: Any) -> None:
+        self.reporter = CountingReporter()
+        self.forwarder = LocalForwarder("127.0.0.1", port)
+        self.agent = Agent(AgentConfig(servers=servers, port=port, **config), self.forwarder, self.reporter)
+        self.outcome: list[Any] = []
+        self.ended = anyio.Event()
+        self._scope = anyio.CancelScope()
+
+    async def run(self) -> None:
+        """Run the agent until it ends or is stopped; never raises."""
+        try:
+            with self._scope:
+                self.outcome.append(await self.agent.run())
+        except Exception as exc:
+            self.outcome.append(exc)
+        finally:
+            self.ended.set()
+
+    async def stop(self) -> None:
+        """Close the session, stop the agent, close the local connection pool."""
+        await self.agent.close()
+        self._scope.cancel()
+        await self.ended.wait()
+        await self.forwarder.aclose()
+
+
+async def refused(server: ServerContext, port: int, **config: Any) -> Rejected:
+    """Run an agent that the server must refuse; the Rejected it raised."""
+    forwarder = LocalForwarder("127.0.0.1", port)
+    agent = Agent(AgentConfig(servers=[ws_url(server)], port=port, **config),
+                  forwarder, RecordingReporter())
+    try:
+        with anyio.fail_after(10), pytest.raises(Rejected) as caught:
+            await agent.run()
+    finally:
+        await forwarder.aclose()
+    return caught.value
+
+
+def ws_url(server: ServerContext) -> str:
+    """The agent listener URL of ``server``."""
+    return f"ws://127.0.0.1:{server.ports.ws}"
+
+
+async def get_ok(server: ServerContext, alias: str, path: str) -> None:
+    """A GET through the tunnel that must succeed."""
+    async with visitor(server, alias) as client:
+        response = await client.get(path)
+    assert response.status_code == 200, response.text
+    assert response.json()["raw_path"] == path
+
+
+def paths_seen(upstream: Upstream) -> list[str]:
+    """The HTTP paths an upstream has served."""
+    return [scope["path"] for scope in upstream.requests if scope["type"] == "http"]
+
+
+# -- random aliases ---------------------------------------------------------------------
+def test_random_alias_has_at_least_40_bits() -> None:
+    assert aliases.RANDOM_LENGTH * math.log2(36) >= 40
+    names = {aliases.random_alias() for _ in range(2000)}
+    assert len(names) == 2000
+    for name in names:
+        assert RANDOM_ALIAS.fullmatch(name)
+        assert len(name) == len("client-") + aliases.RANDOM_LENGTH
+    # Every symbol of the alphabet is used: the entropy is not silently smaller.
+    assert set("".join(n.removeprefix("client-") for n in names)) == set("abcdefghijklmnopqrstuvwxyz0123456789")
+
+
+async def test_agents_get_distinct_random_aliases(server: ServerContext, upstream: Upstream) -> None:
+    async with start_agent(server, upstream.port) as one, start_agent(server, upstream.port) as two:
+        assert RANDOM_ALIAS.fullmatch(one.alias)
+        assert RANDOM_ALIAS.fullmatch(two.alias)
+        assert one.alias != two.alias
+        assert one.url == f"http://{one.alias}.localhost:{server.ports.http}"
+        for running in (one, two):
+            async with running.visitor() as client:
+                assert (await client.get("/hello")).status_code == 200
+
+
+# -- requested aliases ------------------------------------------------------------------
+async def test_requested_subdomain_is_granted(server: ServerContext, upstream: Upstream) -> None:
+    async with start_agent(server, upstream.port, subdomain="myapp") as running:
+        assert running.alias == "myapp"
+        assert running.url == f"http://myapp.localhost:{server.ports.http}"
+        async with visitor(server, "myapp") as client:
+            response = await client.get("/via/myapp?x=1")
+    assert response.status_code == 200
+    assert response.json()["raw_path"] == "/via/myapp"
+    assert ("host", "myapp.localhost") in [tuple(h) for h in response.json()["headers"]]
+
+
+async def test_requested_subdomain_is_lowercased(server: ServerContext, upstream: Upstream) -> None:
+    # DNS names are case-insensitive: "MyApp" and "myapp" are one tunnel.
+    async with start_agent(server, upstream.port, subdomain="MyApp") as running:
+        assert running.alias == "myapp"
+        error = await refused(server, upstream.port, subdomain="MYAPP")
+        assert "in use" in str(error)
+
+
+@pytest.mark.parametrize("name", ["-bad", "bad-", "bad_name", "a" * 64, "has.dot"])
+async def test_invalid_subdomain_is_refused(server: ServerContext, upstream: Upstream, name: str) -> None:
+    error = await refused(server, upstream.port, subdomain=name)
+    assert "not a valid subdomain" in str(error)
+    assert name in str(error)
+    assert server.tunnel(name) is None
+
+
+async def test_longest_valid_subdomain_is_granted(server: ServerContext, upstream: Upstream) -> None:
+    name = "a" * 63
+    async with start_agent(server, upstream.port, subdomain=name) as running:
+        assert running.alias == name
+
+
+@pytest.mark.parametrize("name", ["www", "admin", "api"])
+async def test_reserved_subdomain_is_refused(server: ServerContext, upstream: Upstream, name: str) -> None:
+    error = await refused(server, upstream.port, subdomain=name)
+    assert "reserved" in str(error)
+    assert name in str(error)
+
+
+async def test_reserved_list_is_configurable(tmp_path: Path, upstream: Upstream) -> None:
+    async with start_server(tmp_path / "data", reserved_aliases="secret, internal") as server:
+        for name in ("secret", "internal"):
+            error = await refused(server, upstream.port, subdomain=name)
+            assert "reserved" in str(error)
+        async with start_agent(server, upstream.port, subdomain="public") as running:
+            assert running.alias == "public"
+
+
+async def test_name_held_by_live_agent_is_refused(server: ServerContext, upstream: Upstream) -> None:
+    async with start_agent(server, upstream.port, subdomain="taken") as holder:
+        error = await refused(server, upstream.port, subdomain="taken")
+        assert "in use" in str(error)
+        assert "taken" in str(error)
+        # The holder keeps serving.
+        async with holder.visitor() as client:
+            assert (await client.get("/still")).status_code == 200
+        assert server.registry.get("taken") is not None
+
+
+# -- resume and takeover ----------------------------------------------------------------
+async def test_agent_gets_its_alias_back_after_server_restart(tmp_path: Path, upstream: Upstream) -> None:
+    async with anyio.create_task_group() as tg:
+        async with start_server(tmp_path / "data", shutdown_grace=1.0) as first_server:
+            ports = first_server.ports
+            running = BackgroundAgent([ws_url(first_server)], upstream.port)
+            tg.start_soon(running.run)
+            welcome = await running.reporter.wait_welcomes(1)
+            alias = welcome["alias"]
+            await get_ok(first_server, alias, "/before")
+        # The first server is gone (it said GOAWAY); the agent keeps trying by itself.
+        async with start_server(tmp_path / "data", http_port=ports.http, ws_port=ports.ws) as second_server:
+            with anyio.fail_after(15):
+                again = await running.reporter.wait_welcomes(2)
+            assert running.reporter.reconnects, "the agent should have reported reconnecting"
+            assert again["alias"] == alias
+            assert again["url"] == welcome["url"]
+            assert running.agent.alias == alias
+            await get_ok(second_server, alias, "/after")
+            await running.stop()
+    assert paths_seen(upstream) == ["/before", "/after"]
+
+
+async def test_resume_secret_takes_over_a_live_alias_at_once(server: ServerContext, upstream: Upstream) -> None:
+    async with serve_upstream() as other, anyio.create_task_group() as tg:
+        first = BackgroundAgent([ws_url(server)], upstream.port)
+        tg.start_soon(first.run)
+        alias = (await first.reporter.wait_welcomes(1))["alias"]
+        await get_ok(server, alias, "/to-first")
+        old_session = server.registry.get(alias).session  # type: ignore[union-attr]
+
+        # The same agent coming back on a new connection (its old one not yet known dead).
+        second = BackgroundAgent([ws_url(server)], other.port)
+        second.agent.alias = first.agent.alias
+        second.agent.resume_secret = first.agent.resume_secret
+        tg.start_soon(second.run)
+        with anyio.fail_after(10):
+            welcome = await second.reporter.wait_welcomes(1)
+            # The server closed the old session at once (no heartbeat timeout needed) and told
+            # its agent not to come back: two holders of one secret must not trade the alias forever.
+            await old_session.wait_closed()
+            await first.ended.wait()
+        assert welcome["alias"] == alias
+        assert server.registry.get(alias).session is not old_session  # type: ignore[union-attr]
+        assert len(first.outcome) == 1 and isinstance(first.outcome[0], str)
+        assert "replaced" in first.outcome[0]
+        assert not first.reporter.reconnects
+        await get_ok(server, alias, "/to-second")
+        assert "/to-second" in paths_seen(other)
+        assert "/to-second" not in paths_seen(upstream)
+        await second.stop()
+        await first.stop()
+
+
+async def test_wrong_resume_secret_does_not_take_over(server: ServerContext, upstream: Upstream) -> None:
+    async with serve_upstream() as other, anyio.create_task_group() as tg:
+        holder = BackgroundAgent([ws_url(server)], upstream.port)
+        tg.start_soon(holder.run)
+        alias = (await holder.reporter.wait_welcomes(1))["alias"]
+        assert holder.agent.resume_secret
+
+        intruder = BackgroundAgent([ws_url(server)], other.port)
+        intruder.agent.alias = alias
+        intruder.agent.resume_secret = "x" * len(holder.agent.resume_secret)
+        tg.start_soon(intruder.run)
+        welcome = await intruder.reporter.wait_welcomes(1)
+        assert welcome["alias"] != alias
+        assert RANDOM_ALIAS.fullmatch(welcome["alias"])
+        assert welcome["resume_secret"] != holder.agent.resume_secret
+        # The holder was not disturbed and still serves its alias.
+        assert not holder.reporter.reconnects
+        assert not holder.ended.is_set()
+        await get_ok(server, alias, "/holder")
+        assert "/holder" in paths_seen(upstream)
+        assert "/holder" not in paths_seen(other)
+        await intruder.stop()
+        await holder.stop()
+
+
+async def test_wrong_resume_secret_with_subdomain_is_refused(server: ServerContext, upstream: Upstream) -> None:
+    async with start_agent(server, upstream.port, subdomain="mine") as holder:
+        assert holder.agent.resume_secret
+        forwarder = LocalForwarder("127.0.0.1", upstream.port)
+        intruder = Agent(AgentConfig(servers=[ws_url(server)], port=upstream.port, subdomain="mine"),
+                         forwarder, RecordingReporter())
+        intruder.alias = "mine"
+        intruder.resume_secret = "y" * len(holder.agent.resume_secret)
+        try:
+            with anyio.fail_after(10), pytest.raises(Rejected) as caught:
+                await intruder.run()
+        finally:
+            await forwarder.aclose()
+        assert "in use" in str(caught.value)
+        assert not holder.reporter.reconnects
+        async with holder.visitor() as client:
+            assert (await client.get("/holder")).status_code == 200

@@ -1,0 +1,589 @@
+"""Every hookspec, exercised through a real server (and where it matters a real agent and upstream).
+
+tests/test_docs.py checks that each hook in comzy/core/hookspecs.py has a ``test_hook_<name>``
+here and a heading in docs/plugin_hooks.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from comzy import AdminRoute, Exchange, ForwardRequest, Registration, Reject, Tunnel, hookimpl
+from comzy.agent.client import Agent, AgentConfig, Rejected
+from comzy.agent.forward import LocalForwarder
+from comzy.core.hooks import PluginError
+from comzy.core.server import ServerContext
+from tests.conftest import PYTHON, RecordingReporter, cli_env, start_agent, start_server, visitor
+from tests.upstream import Upstream
+
+pytestmark = pytest.mark.anyio
+
+WAIT = 5.0  # generous upper bound for events that normally arrive in milliseconds
+
+
+def _accepting(port: int) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:``port``."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+async def _register_and_expect_reject(server: ServerContext, **config: Any) -> Rejected:
+    """Run an in-process agent that must be refused; returns the Rejected it raised."""
+    reporter = RecordingReporter()
+    forwarder = LocalForwarder("127.0.0.1", 9)
+    agent = Agent(AgentConfig(servers=[f"ws://127.0.0.1:{server.ports.ws}"], port=9, **config), forwarder, reporter)
+    try:
+        with anyio.fail_after(WAIT), pytest.raises(Rejected) as info:
+            await agent.run()
+    finally:
+        await forwarder.aclose()
+    assert reporter.welcomes == []
+    return info.value
+
+
+# -- lifecycle ----------------------------------------------------------------------
+class Lifecycle:
+    """Records start-up and shut-down, and runs a background task in the server's task group."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+        self.startup_server: ServerContext | None = None
+        self.background_ran = anyio.Event()
+        self.listeners_at_shutdown: dict[str, bool] = {}
+
+    @hookimpl
+    async def on_startup(self, server: ServerContext) -> None:
+        await anyio.lowlevel.checkpoint()  # really async: the runner must await it
+        self.events.append("startup")
+        self.startup_server = server
+        server.task_group.start_soon(self._background)
+
+    async def _background(self) -> None:
+        self.background_ran.set()
+
+    @hookimpl
+    def on_shutdown(self, server: ServerContext) -> None:
+        self.events.append("shutdown")
+        self.listeners_at_shutdown = {name: _accepting(getattr(server.ports, name)) for name in ("http", "ws", "admin")}
+
+
+async def test_hook_on_startup(tmp_path: Path) -> None:
+    plugin = Lifecycle()
+    async with start_server(tmp_path, plugins=[("lifecycle", plugin)]) as server:
+        # Called once, awaited, before the server is handed out; its task group is usable.
+        assert plugin.events == ["startup"]
+        assert plugin.startup_server is server
+        with anyio.fail_after(WAIT):
+            await plugin.background_ran.wait()
+        async with httpx.AsyncClient() as client:
+            health = await client.get(f"http://127.0.0.1:{server.ports.admin}/healthz")
+        assert health.status_code == 200
+    assert plugin.events == ["startup", "shutdown"]
+
+
+class FailingStartup:
+    """An on_startup that cannot open its resource."""
+
+    @hookimpl
+    def on_startup(self) -> None:
+        raise RuntimeError("database unreachable")
+
+
+async def test_hook_on_startup_error_stops_startup(tmp_path: Path) -> None:
+    lifecycle = Lifecycle()
+    with pytest.raises(Exception) as info:  # noqa: PT011 - anyio may wrap it in an ExceptionGroup
+        async with start_server(tmp_path, plugins=[("lifecycle", lifecycle), ("failing", FailingStartup())]):
+            pytest.fail("the server must not start when on_startup fails")
+    assert "database unreachable" in repr(info.value) + repr(getattr(info.value, "exceptions", ""))
+
+
+async def test_hook_on_shutdown(tmp_path: Path, upstream: Upstream) -> None:
+    plugin = Lifecycle()
+    async with start_server(tmp_path, plugins=[("lifecycle", plugin)]) as server:
+        async with start_agent(server, upstream.port) as agent, agent.visitor() as client:
+            assert (await client.get("/")).status_code == 200
+        assert "shutdown" not in plugin.events
+    # Called once, at the end, when no listener accepts any more.
+    assert plugin.events == ["startup", "shutdown"]
+    assert plugin.listeners_at_shutdown == {"http": False, "ws": False, "admin": False}
+
+
+class BrokenShutdown:
+    """An on_shutdown that fails: logged, and the other plugins still shut down."""
+
+    @hookimpl
+    def on_shutdown(self) -> None:
+        raise RuntimeError("cannot flush")
+
+
+async def test_hook_on_shutdown_errors_are_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    plugin = Lifecycle()
+    with caplog.at_level(logging.ERROR, logger="comzy.plugins"):
+        async with start_server(tmp_path, plugins=[("lifecycle", plugin), ("broken", BrokenShutdown())]):
+            pass
+    assert plugin.events == ["startup", "shutdown"]  # "broken" runs first (LIFO) and fails
+    assert any(r.name == "comzy.plugins" and "broken" in r.getMessage() and "on_shutdown" in r.getMessage()
+               for r in caplog.records)
+
+
+# -- on_register ---------------------------------------------------------------------
+class RejectAll:
+    """Refuses every tunnel."""
+
+    def __init__(self) -> None:
+        self.seen: list[Registration] = []
+
+    @hookimpl
+    async def on_register(self, registration: Registration) -> None:
+        self.seen.append(registration)
+        raise Reject("no tunnels for you")
+
+
+async def test_hook_on_register(tmp_path: Path) -> None:
+    plugin = RejectAll()
+    async with start_server(tmp_path, plugins=[("reject", plugin)]) as server:
+        rejected = await _register_and_expect_reject(server, subdomain="wanted", token="tok-123")
+        assert str(rejected) == "no tunnels for you"
+        assert rejected.code == "rejected"
+        assert server.tunnels() == []
+        assert server.counters["registrations_refused"] == 1
+    # What the hook saw: the agent's HELLO.
+    (registration,) = plugin.seen
+    assert registration.port == 9
+    assert registration.requested_alias == "wanted"
+    assert registration.token == "tok-123"
+    assert registration.client_address == "127.0.0.1"
+    assert registration.agent_version.startswith("comzy/")
+
+
+async def test_hook_on_register_reject_cli_agent(tmp_path: Path) -> None:
+    """The stock CLI prints the plugin's reason and exits non-zero."""
+    async with start_server(tmp_path, plugins=[("reject", RejectAll())]) as server:
+        command = [PYTHON, "-m", "comzy.agent.cli", "3999", "--server", f"ws://127.0.0.1:{server.ports.ws}"]
+        # run_process kills the agent if the deadline passes.
+        with anyio.fail_after(15):
+            result = await anyio.run_process(command, env=cli_env(), check=False)
+        assert server.counters["registrations_refused"] == 1
+    out, err = result.stdout.decode(), result.stderr.decode()
+    assert result.returncode != 0
+    assert "no tunnels for you" in err, (out, err)
+    assert "Public URL" not in out
+
+
+class Shape:
+    """Grants an alias, names the user, sets an expiry and adds notices."""
+
+    def __init__(self, expires_at: float) -> None:
+        self.expires_at = expires_at
+
+    @hookimpl
+    def on_register(self, registration: Registration, server: ServerContext) -> None:
+        assert isinstance(server, ServerContext)
+        registration.alias = f"granted-{registration.port}"
+        registration.user = "alice"
+        registration.expires_at = self.expires_at
+        registration.notices.append("welcome, alice")
+        registration.notices.append("this tunnel expires in an hour")
+        registration.metadata["plan"] = "free"
+
+
+async def test_hook_on_register_shapes_the_tunnel(tmp_path: Path, upstream: Upstream) -> None:
+    expires = time.time() + 3600
+    async with start_server(tmp_path, plugins=[("shape", Shape(expires))]) as server:
+        async with start_agent(server, upstream.port) as agent:
+            welcome = agent.reporter.welcomes[0]
+            assert welcome["alias"] == f"granted-{upstream.port}"
+            assert welcome["user"] == "alice"
+            assert welcome["expires_at"] == pytest.approx(expires)
+            assert welcome["notices"] == ["welcome, alice", "this tunnel expires in an hour"]
+            assert welcome["url"].startswith(f"http://granted-{upstream.port}.localhost:")
+            tunnel = server.tunnel(f"granted-{upstream.port}")
+            assert tunnel is not None
+            assert (tunnel.user, tunnel.metadata) == ("alice", {"plan": "free"})
+            async with agent.visitor() as client:
+                assert (await client.get("/granted")).status_code == 200
+
+
+class Crashes:
+    """An on_register with a bug (not a Reject)."""
+
+    @hookimpl
+    def on_register(self) -> None:
+        raise KeyError("bug in plugin")
+
+
+async def test_hook_on_register_plugin_bug_refuses_safely(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR):
+        async with start_server(tmp_path, plugins=[("crashes", Crashes())]) as server:
+            rejected = await _register_and_expect_reject(server)
+            assert server.tunnels() == []
+    assert rejected.code == "internal"
+    assert "bug in plugin" not in str(rejected)  # internals stay on the server
+    assert any(r.exc_info and "bug in plugin" in str(r.exc_info[1]) for r in caplog.records)
+
+
+class Ordered:
+    """Appends to a shared log; awaits in the middle, so gathering would interleave."""
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name = name
+        self.log = log
+
+    @hookimpl
+    async def on_register(self, registration: Registration, server: ServerContext) -> None:
+        self.log.append(f"{self.name} start (saw {registration.metadata.get('stamps', [])})")
+        await anyio.sleep(0.01)
+        registration.metadata.setdefault("stamps", []).append(self.name)
+        self.log.append(f"{self.name} end")
+
+
+class SubsetOfArgs:
+    """Takes only ``registration``; a sync impl among async ones."""
+
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+
+    @hookimpl(tryfirst=True)
+    def on_register(self, registration: Registration) -> None:
+        self.log.append("subset")
+        registration.metadata["stamps"] = ["subset"]
+
+
+async def test_hook_on_register_order(tmp_path: Path, upstream: Upstream) -> None:
+    """Impls run one after another in pluggy's order (tryfirst, then LIFO), each awaited."""
+    log: list[str] = []
+    plugins = [("first", Ordered("first", log)), ("second", Ordered("second", log)), ("subset", SubsetOfArgs(log))]
+    async with start_server(tmp_path, plugins=plugins) as server, start_agent(server, upstream.port) as agent:
+        tunnel = server.tunnel(agent.alias)
+        assert tunnel is not None
+        assert tunnel.metadata["stamps"] == ["subset", "second", "first"]
+    assert log == [
+        "subset",
+        "second start (saw ['subset'])",
+        "second end",
+        "first start (saw ['subset', 'second'])",  # sees the change made by the impl before it
+        "first end",
+    ]
+
+
+# -- on_disconnect ----------------------------------------------------------------------
+class Disconnects:
+    """Records every on_disconnect call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.changed = anyio.Event()
+
+    @hookimpl
+    async def on_disconnect(self, tunnel: Tunnel, reason: str, server: ServerContext) -> None:
+        assert server.tunnel(tunnel.alias) is not tunnel  # already out of the registry
+        self.calls.append((tunnel.alias, reason))
+        self.changed.set()
+        self.changed = anyio.Event()
+
+    async def wait(self, count: int) -> None:
+        with anyio.fail_after(WAIT):
+            while len(self.calls) < count:
+                await self.changed.wait()
+
+
+async def test_hook_on_disconnect(tmp_path: Path, upstream: Upstream) -> None:
+    plugin = Disconnects()
+    async with start_server(tmp_path, plugins=[("disconnects", plugin)]) as server:
+        async with start_agent(server, upstream.port) as first:
+            alias = first.alias
+            assert plugin.calls == []
+        await plugin.wait(1)
+        assert plugin.calls[0][0] == alias
+        assert "agent stopped" in plugin.calls[0][1]
+        assert server.tunnels() == []
+        # A tunnel the server closes is disconnected once too, with the server's reason.
+        async with start_agent(server, upstream.port) as second:
+            second_alias = second.alias
+            assert await server.close_tunnel(second_alias, "closed by an admin")
+            await plugin.wait(2)
+    # The server is gone: nothing more was reported, each tunnel exactly once.
+    assert [alias for alias, _ in plugin.calls] == [alias, second_alias]
+    assert "closed by an admin" in plugin.calls[1][1]
+
+
+async def test_hook_on_disconnect_at_server_shutdown(tmp_path: Path, upstream: Upstream) -> None:
+    """A tunnel still open when the server stops is disconnected exactly once."""
+    plugin = Disconnects()
+    reporter = RecordingReporter()
+    forwarder = LocalForwarder("127.0.0.1", upstream.port)
+    async with anyio.create_task_group() as tg:
+        async with start_server(tmp_path, plugins=[("disconnects", plugin)]) as server:
+            agent = Agent(AgentConfig(servers=[f"ws://127.0.0.1:{server.ports.ws}"], port=upstream.port),
+                          forwarder, reporter)
+            tg.start_soon(agent.run)
+            await reporter.wait_connected()
+            alias = agent.alias
+            assert plugin.calls == []
+        # The agent outlives the server (it is now trying to reconnect).
+        tg.cancel_scope.cancel()
+    await forwarder.aclose()
+    assert [a for a, _ in plugin.calls] == [alias]
+    assert "shutting down" in plugin.calls[0][1]
+
+
+# -- resolve_host --------------------------------------------------------------------------
+class CustomDomains:
+    """Maps whole host names to aliases (the custom-domain plugin in miniature)."""
+
+    def __init__(self) -> None:
+        self.domains: dict[str, str] = {}
+        self.hosts_seen: list[str] = []
+
+    @hookimpl
+    def resolve_host(self, host: str, server: ServerContext) -> str | None:
+        assert isinstance(server, ServerContext)
+        self.hosts_seen.append(host)
+        return self.domains.get(host)
+
+
+async def test_hook_resolve_host(tmp_path: Path, upstream: Upstream) -> None:
+    plugin = CustomDomains()
+    async with start_server(tmp_path, plugins=[("domains", plugin)]) as server, \
+            start_agent(server, upstream.port) as agent:
+        plugin.domains["custom.test"] = agent.alias
+        base = f"http://127.0.0.1:{server.ports.http}"
+        async with httpx.AsyncClient(base_url=base, timeout=WAIT) as client:
+            custom = await client.get("/via-custom?x=1", headers={"host": "custom.test:8080"})
+            assert custom.status_code == 200
+            assert custom.json()["raw_path"] == "/via-custom"
+            # Host reaches the hook lowercase and without the port.
+            assert "custom.test" in plugin.hosts_seen
+            # The core subdomain parser still answers for hosts the plugin does not know (trylast).
+            core = await client.get("/via-subdomain", headers={"host": f"{agent.alias}.localhost"})
+            assert core.status_code == 200
+            assert core.json()["raw_path"] == "/via-subdomain"
+            # The plugin runs first: it can claim a host the core would have parsed differently.
+            plugin.domains["shadow.localhost"] = agent.alias
+            shadow = await client.get("/shadow", headers={"host": "shadow.localhost"})
+            assert shadow.status_code == 200
+            unknown = await client.get("/", headers={"host": "unknown.test"})
+            assert unknown.status_code == 404
+            assert "Tunnel Not Active" in unknown.text
+    assert [r["path"] for r in upstream.requests] == ["/via-custom", "/via-subdomain", "/shadow"]
+
+
+class AsyncResolver:
+    """Not allowed: resolve_host is firstresult, and a coroutine is never None."""
+
+    @hookimpl
+    async def resolve_host(self, host: str) -> str | None:
+        return None
+
+
+async def test_hook_resolve_host_must_be_sync(tmp_path: Path) -> None:
+    with pytest.raises(PluginError, match=r"async.*resolve_host"):
+        async with start_server(tmp_path, plugins=[("async-resolver", AsyncResolver())]):
+            pytest.fail("an async resolve_host must be refused at start-up")
+
+
+# -- before_forward -----------------------------------------------------------------------------
+class Gate:
+    """Refuses /admin paths with 403, stamps a header on everything else."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[ForwardRequest, Tunnel]] = []
+
+    @hookimpl
+    def before_forward(self, request: ForwardRequest, tunnel: Tunnel, server: ServerContext) -> None:
+        self.seen.append((request, tunnel))
+        if request.path.startswith("/admin"):
+            raise Reject("forbidden", status=403)
+        request.headers.append((b"x-added-by-plugin", f"{tunnel.alias}:{request.header('x-visitor')}".encode()))
+
+
+async def test_hook_before_forward(tmp_path: Path, upstream: Upstream) -> None:
+    plugin = Gate()
+    async with start_server(tmp_path, plugins=[("gate", plugin)]) as server, \
+            start_agent(server, upstream.port) as agent, agent.visitor() as client:
+        refused = await client.post("/admin/users?x=1", content=b"secret")
+        assert refused.status_code == 403
+        assert refused.text == "forbidden\n"
+        allowed = await client.get("/public", headers={"x-visitor": "v1"})
+        assert allowed.status_code == 200
+        headers = allowed.json()["headers"]
+        assert ["x-added-by-plugin", f"{agent.alias}:v1"] in headers
+        assert ["x-visitor", "v1"] in headers
+    # The refused request never reached the agent or the local app.
+    assert [r["path"] for r in upstream.requests] == ["/public"]
+    assert [s.target for s in agent.reporter.served] == ["/public"]
+    request, tunnel = plugin.seen[0]
+    assert (request.method, request.target, request.path) == ("POST", b"/admin/users?x=1", "/admin/users")
+    assert request.alias == tunnel.alias == agent.alias
+    assert request.host == f"{agent.alias}.localhost"
+    assert request.client == "127.0.0.1"
+    assert request.websocket is False
+
+
+class RateLimited:
+    """A Reject with its own status, body and headers."""
+
+    @hookimpl
+    def before_forward(self) -> None:
+        raise Reject("slow down", status=429, body=b'{"error": "slow down"}',
+                     headers=[(b"retry-after", b"7")])
+
+
+async def test_hook_before_forward_custom_response(tmp_path: Path, upstream: Upstream) -> None:
+    async with start_server(tmp_path, plugins=[("limit", RateLimited())]) as server, \
+            start_agent(server, upstream.port) as agent, agent.visitor() as client:
+        response = await client.get("/anything")
+    assert response.status_code == 429
+    assert response.json() == {"error": "slow down"}
+    assert response.headers["retry-after"] == "7"
+    assert upstream.requests == []
+
+
+async def test_hook_before_forward_refuses_websocket(tmp_path: Path, upstream: Upstream) -> None:
+    """A WebSocket upgrade goes through before_forward too; the Reject becomes an HTTP answer."""
+    plugin = Gate()
+    async with start_server(tmp_path, plugins=[("gate", plugin)]) as server, \
+            start_agent(server, upstream.port) as agent:
+        head = (f"GET /admin/ws HTTP/1.1\r\nHost: {agent.alias}.localhost\r\nUpgrade: websocket\r\n"
+                "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n")
+        async with await anyio.connect_tcp("127.0.0.1", server.ports.http) as stream:
+            await stream.send(head.encode())
+            data = b""
+            with anyio.fail_after(WAIT):
+                while b"forbidden" not in data:
+                    data += await stream.receive()
+    assert data.startswith(b"HTTP/1.1 403")
+    assert plugin.seen[0][0].websocket is True
+    assert upstream.requests == []
+
+
+# -- after_response ------------------------------------------------------------------------------------
+class Recorder:
+    """Queues every exchange for the test to read (after_response must not block)."""
+
+    def __init__(self) -> None:
+        self.send, self.receive = anyio.create_memory_object_stream[Exchange](100)
+
+    @hookimpl
+    def after_response(self, exchange: Exchange) -> None:
+        self.send.send_nowait(exchange)
+
+    async def next(self) -> Exchange:
+        with anyio.fail_after(WAIT):
+            return await self.receive.receive()
+
+    def close(self) -> None:
+        self.send.close()
+        self.receive.close()
+
+
+class Explodes:
+    """An after_response with a bug."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    @hookimpl
+    async def after_response(self, exchange: Exchange, server: ServerContext) -> None:
+        self.calls += 1
+        raise RuntimeError(f"metrics backend down ({exchange.request.path})")
+
+
+async def test_hook_after_response(tmp_path: Path, upstream: Upstream) -> None:
+    recorder = Recorder()
+    try:
+        async with start_server(tmp_path, plugins=[("recorder", recorder)]) as server, \
+                start_agent(server, upstream.port) as agent, agent.visitor() as client:
+            body = b"u" * 1234
+            response = await client.post("/echo/path?q=1", content=body)
+            assert response.status_code == 200
+            exchange = await recorder.next()
+            assert (exchange.request.method, exchange.request.path) == ("POST", "/echo/path")
+            assert exchange.status == 200
+            assert exchange.bytes_in == len(body)
+            assert exchange.bytes_out == len(response.content)
+            assert 0 <= exchange.duration < WAIT
+            assert exchange.started_at == pytest.approx(time.time(), abs=WAIT)
+            assert exchange.tunnel.alias == agent.alias
+            assert exchange.error is None
+            missing = await client.get("/status/404")
+            assert missing.status_code == 404
+            exchange = await recorder.next()
+            assert (exchange.status, exchange.request.method, exchange.bytes_in) == (404, "GET", 0)
+            assert exchange.bytes_out == len(b"status 404\n")
+            tunnel = server.tunnel(agent.alias)
+            assert tunnel is not None
+            assert tunnel.requests == 2
+            assert tunnel.bytes_in == len(body)
+    finally:
+        recorder.close()
+
+
+async def test_hook_after_response_errors_never_break_traffic(tmp_path: Path, upstream: Upstream,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    recorder, boom = Recorder(), Explodes()
+    try:
+        with caplog.at_level(logging.ERROR, logger="comzy.plugins"):
+            async with start_server(tmp_path, plugins=[("recorder", recorder), ("boom", boom)]) as server, \
+                    start_agent(server, upstream.port) as agent, agent.visitor() as client:
+                for i in range(5):
+                    response = await client.get(f"/req/{i}")
+                    assert response.status_code == 200
+                    assert json.loads(response.content)["raw_path"] == f"/req/{i}"
+                    # "boom" runs first (registered last) and fails; "recorder" still runs.
+                    assert (await recorder.next()).request.path == f"/req/{i}"
+                bytes_response = await client.get("/bytes/70000")
+                assert bytes_response.status_code == 200
+                assert len(bytes_response.content) == 70000
+                assert (await recorder.next()).bytes_out == 70000
+    finally:
+        recorder.close()
+    assert boom.calls == 6
+    failures = [r for r in caplog.records if r.name == "comzy.plugins" and r.levelno == logging.ERROR]
+    assert len(failures) == 6
+    assert all("boom" in r.getMessage() and "after_response" in r.getMessage() for r in failures)
+    assert failures[0].exc_info is not None and "metrics backend down (/req/0)" in str(failures[0].exc_info[1])
+
+
+# -- admin_routes ------------------------------------------------------------------------------------------
+class AdminPage:
+    """Serves /x on the admin listener, with the live tunnel count from ``server``."""
+
+    @hookimpl
+    def admin_routes(self, server: ServerContext) -> list[AdminRoute]:
+        async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            body = json.dumps({"path": scope["path"], "tunnels": len(server.tunnels())}).encode()
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": body})
+
+        return [AdminRoute("/x", app)]
+
+
+async def test_hook_admin_routes(tmp_path: Path, upstream: Upstream) -> None:
+    async with start_server(tmp_path, plugins=[("page", AdminPage())]) as server, \
+            start_agent(server, upstream.port) as agent:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.ports.admin}", timeout=WAIT) as admin:
+            page = await admin.get("/x")
+            assert page.status_code == 200
+            assert page.json() == {"path": "/x", "tunnels": 1}
+            assert (await admin.get("/x/sub")).json()["path"] == "/x/sub"
+            assert (await admin.get("/xy")).status_code == 404  # a prefix is a path segment
+            assert (await admin.get("/healthz")).status_code == 200  # built-ins stay
+        # Admin routes are not on the public listener.
+        async with visitor(server, agent.alias) as client:
+            public = await client.get("/x")
+        assert public.json()["raw_path"] == "/x"  # the tunnel's app answered, not the plugin
