@@ -20,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class Hello(BaseHTTPRequestHandler):
     """A sample local app: says hello and echoes the path it was asked for."""
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:
         body = (f"Hello from your local app on port {self.server.server_address[1]}!\n"
                 f"You asked for {self.path}\n").encode()
         self.send_response(200)

@@ -131,7 +131,7 @@ def pre_handshake_payload(rng: random.Random) -> bytes:
         return b"GET /plain HTTP/1.1\r\nHost: x\r\n\r\n"  # HTTP, but not an upgrade
     if kind == 4:
         return UPGRADE.replace(b"13", str(rng.randint(0, 12)).encode())  # a WebSocket version we do not speak
-    return UPGRADE[: rng.randrange(1, len(UPGRADE) - 4)]  # cut short: only the timeout ends it
+    return UPGRADE[: rng.randrange(1, len(UPGRADE) - 4)]  # cut short: EOF or the timeout ends it
 
 
 async def fuzz_raw(server: ServerContext, payload: bytes, send_eof: bool) -> None:
@@ -170,7 +170,7 @@ def garbage_after_hello(rng: random.Random) -> bytes | str:
     if kind == 5:  # a map frame whose payload is not a msgpack map
         body = rng.choice([msgpack.packb([1, 2]), b"\xc1", random_bytes(rng, 1, 3)[:1] + b"\xc1"])
         return p.HEADER.pack(len(body), FT.NOTICE, 0, 0) + body
-    if kind == 6:  # frames only the server may send
+    if kind == 6:  # frames the server never accepts from an agent after the handshake
         return rng.choice([p.encode(FT.REQUEST, 1, p.RequestHead("GET", b"/", []).to_payload()), hello()])
     if kind == 7:  # a text message on the binary link
         return "".join(chr(rng.randint(32, 0x2FFF)) for _ in range(rng.randint(1, 64)))

@@ -103,7 +103,7 @@ class FailingStartup:
 
 async def test_hook_on_startup_error_stops_startup(tmp_path: Path) -> None:
     lifecycle = Lifecycle()
-    with pytest.raises(Exception) as info:  # noqa: PT011 - anyio may wrap it in an ExceptionGroup
+    with pytest.raises(Exception) as info:
         async with start_server(tmp_path, plugins=[("lifecycle", lifecycle), ("failing", FailingStartup())]):
             pytest.fail("the server must not start when on_startup fails")
     assert "database unreachable" in repr(info.value) + repr(getattr(info.value, "exceptions", ""))

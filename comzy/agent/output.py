@@ -62,7 +62,8 @@ class Printer:
             expires = welcome.get("expires_at")
             if expires:
                 left = max(0, int(float(expires) - time.time()))
-                self.line(self._c(_YELLOW, f"Expires in {_span(left)} (at {time.strftime('%H:%M', time.localtime(expires))})"))
+                at = time.strftime("%H:%M", time.localtime(expires))
+                self.line(self._c(_YELLOW, f"Expires in {_span(left)} (at {at})"))
             self.line(self._c(_DIM, "Press Ctrl-C to stop."))
         else:
             self.line(self._c(_GREEN, f"Reconnected: {url}"))

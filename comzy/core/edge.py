@@ -42,7 +42,9 @@ class VisitorGone(Exception):
     """The visitor disconnected before the exchange finished."""
 
 
-def strip_hop_by_hop(headers: list[tuple[bytes, bytes]], extra: frozenset[bytes] = frozenset()) -> list[tuple[bytes, bytes]]:
+def strip_hop_by_hop(
+    headers: list[tuple[bytes, bytes]], extra: frozenset[bytes] = frozenset()
+) -> list[tuple[bytes, bytes]]:
     """Headers without hop-by-hop ones, including those the Connection header names."""
     named = set()
     for name, value in headers:

@@ -187,7 +187,16 @@ async def _accept_agents(listener: anyio.abc.Listener[Any], agents: AgentListene
             stream = await listener.accept()
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             return
-        tg.start_soon(agents.handle, stream)
+        tg.start_soon(_serve_agent, agents, stream)
+
+
+async def _serve_agent(agents: AgentListener, stream: anyio.abc.SocketStream) -> None:
+    # A bug while serving one agent must end that connection only, never the server.
+    try:
+        await agents.handle(stream)
+    except Exception:
+        log.exception("unexpected error while serving an agent connection; closing it")
+        await stream.aclose()
 
 
 async def _serve_until(app: Any, config: HypercornConfig, stop: anyio.Event, done: anyio.Event) -> None:

@@ -9,7 +9,6 @@ respect (a sender that overruns it is a protocol error).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -343,7 +342,7 @@ class Session:
             await anyio.sleep(self.heartbeat_interval)
             silent = time.monotonic() - self._last_seen
             if silent > self.heartbeat_timeout:
-                raise SessionClosed(f"peer silent for {math.floor(silent)} s (heartbeat timeout)")
+                raise SessionClosed(f"peer silent for {silent:.1f} s (heartbeat timeout)")
             self.send_nowait(p.encode(p.FrameType.PING, 0, int(time.monotonic() * 1000).to_bytes(8, "big")))
 
     async def run(self) -> str:
@@ -389,9 +388,9 @@ class Session:
         self._shutdown(reason)
         await self.ws.close(code, reason)
 
-    async def flush_and_close(self, code: int = 1000, reason: str = "closing", timeout: float = 2.0) -> None:
+    async def flush_and_close(self, code: int = 1000, reason: str = "closing", grace: float = 2.0) -> None:
         """Give the writer a moment to send queued frames, then close."""
-        with anyio.move_on_after(timeout):
+        with anyio.move_on_after(grace):
             while self._out and self.closed is None:
                 if self._drained.is_set():
                     self._drained = anyio.Event()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from comzy import ForwardRequest, Reject, Tunnel, hookimpl
+
 from comzy_plugin_example.settings import ExampleSettings
 
 
