@@ -8,17 +8,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import anyio
-import httpx
 
+from comzy.agent.local_http import ConnectFailed, LocalClient, LocalError, StaleConnection
 from comzy.core import protocol as p
 from comzy.core.session import SessionClosed, Stream, StreamReset
 from comzy.core.websocket import Closed, HandshakeRejected, WebSocket, WebSocketError, client_handshake
 
 log = logging.getLogger("comzy.agent")
-
-#: Errors that mean "the pooled keep-alive connection was already dead": safe to retry
-#: once when no request body byte has been consumed.
-_STALE = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 
 @dataclass(slots=True)
@@ -45,18 +41,11 @@ class LocalForwarder:
         self.rewrite_host = rewrite_host
         self.max_ws_message = max_ws_message
         self.on_served = on_served
-        # Idle connections are dropped after 2 s: well before Node's 5 s keep-alive
-        # timeout, so we rarely reuse a connection the local app is about to close.
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(connect=10.0, read=None, write=None, pool=None),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64, keepalive_expiry=2.0),
-            follow_redirects=False,
-            trust_env=False,
-        )
+        self.local = LocalClient(host, port)
 
     async def aclose(self) -> None:
         """Close pooled connections."""
-        await self.client.aclose()
+        await self.local.aclose()
 
     def _headers(self, head: p.RequestHead) -> list[tuple[bytes, bytes]]:
         if not self.rewrite_host:
@@ -87,54 +76,56 @@ class LocalForwarder:
 
     # -- HTTP ----------------------------------------------------------------------
     async def _http(self, stream: Stream, head: p.RequestHead, served: Served) -> None:
-        consumed = False
+        headers = self._headers(head)
+        if head.has_body and not any(n.lower() == b"content-length" for n, _ in headers):
+            # The edge removed the visitor's (hop-by-hop) chunked framing; re-frame the body.
+            headers = [*headers, (b"transfer-encoding", b"chunked")]
+        if not any(n.lower() == b"host" for n, _ in headers):
+            headers = [(b"host", self.address.encode()), *headers]
 
         async def body() -> AsyncIterator[bytes]:
-            nonlocal consumed
             while (chunk := await stream.receive()) is not None:
-                consumed = True
                 yield chunk[0]
 
-        url = httpx.URL(scheme="http", host=self.host, port=self.port)
         for attempt in (1, 2):
-            request = httpx.Request(head.method, url, headers=self._headers(head),
-                                    content=body() if head.has_body else None,
-                                    extensions={"target": head.target})
             try:
-                response = await self.client.send(request, stream=True)
+                response = await self.local.request(head.method, head.target, headers,
+                                                    body() if head.has_body else None)
                 break
-            except httpx.ConnectError as exc:
-                return await self._fail(stream, served, f"could not connect to {self.address} ({_why(exc)}). "
+            except ConnectFailed as exc:
+                return await self._fail(stream, served, f"could not connect to {self.address} ({exc}). "
                                         f"Is anything listening on {self.address}?")
-            except httpx.ConnectTimeout:
-                return await self._fail(stream, served, f"connecting to {self.address} timed out. "
-                                        f"Is the service on {self.address} overloaded?")
-            except _STALE as exc:
-                if attempt == 1 and not consumed:
-                    continue  # the pooled connection was closed under us; a fresh one will do
-                return await self._fail(stream, served, f"{self.address} closed the connection without "
-                                        f"answering ({_why(exc)})")
+            except StaleConnection:
+                if attempt == 2:
+                    return await self._fail(stream, served, f"{self.address} closed the connection "
+                                            "without answering")
+                # The pooled connection was closed under us; a fresh one will do.
+            except LocalError as exc:
+                return await self._fail(stream, served, f"{self.address} failed: {exc}")
+        served.status = response.status
+        stream.session.send_nowait(p.encode(
+            p.FrameType.RESPONSE, stream.id, p.ResponseHead(response.status, response.headers).to_payload()))
+        clean = False
         try:
-            served.status = response.status_code
-            stream.session.send_nowait(p.encode(
-                p.FrameType.RESPONSE, stream.id,
-                p.ResponseHead(response.status_code, list(response.headers.raw)).to_payload()))
-            try:
-                async for chunk in response.aiter_raw():
-                    await stream.send_data(chunk)
-            except httpx.HTTPError as exc:
-                served.error = f"local service failed mid-response: {_why(exc)}"
-                stream.reset(p.ResetCode.LOCAL_FAILED, served.error)
-                return
-            stream.send_end()
-            if not stream.finished:
-                # Wait for the edge's END (the request body may still be flowing) so the
-                # stream closes cleanly rather than with a RESET.
-                with anyio.move_on_after(5):
-                    while await stream.receive() is not None:
-                        pass
+            async for chunk in response.body():
+                await stream.send_data(chunk)
+            clean = True
+        except LocalError as exc:
+            served.error = f"local service failed mid-response: {exc}"
+            stream.reset(p.ResetCode.LOCAL_FAILED, served.error)
+            return
         finally:
-            await response.aclose()
+            if clean:
+                await self.local.release(response.connection)
+            else:
+                await self.local.discard(response.connection)
+        stream.send_end()
+        if not stream.finished:
+            # Wait for the edge's END (the request body may still be flowing) so the
+            # stream closes cleanly rather than with a RESET.
+            with anyio.move_on_after(5):
+                while await stream.receive() is not None:
+                    pass
 
     async def _fail(self, stream: Stream, served: Served, message: str) -> None:
         served.status = 502
@@ -218,10 +209,3 @@ class LocalForwarder:
                     await ws.send(payload.decode("utf-8", "replace") if flags & p.FLAG_TEXT else payload)
         except WebSocketError:
             return
-
-
-def _why(exc: BaseException) -> str:
-    text = str(exc)
-    if "Connection refused" in text or "Errno 111" in text or "All connection attempts failed" in text:
-        return "connection refused"
-    return text or type(exc).__name__
