@@ -10,6 +10,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from comzy.core.admin import AdminRoute
+from comzy.core.hooks import PluginError
 from comzy.core.hookspecs import hookimpl
 from comzy.core.types import Exchange, ForwardRequest, Registration, Reject, Tunnel
 
@@ -17,6 +18,7 @@ __all__ = [
     "AdminRoute",
     "Exchange",
     "ForwardRequest",
+    "PluginError",
     "Registration",
     "Reject",
     "Tunnel",

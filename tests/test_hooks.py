@@ -53,6 +53,13 @@ async def _register_and_expect_reject(server: ServerContext, **config: Any) -> R
     return info.value
 
 
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (possibly nested) exception groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
 # -- lifecycle ----------------------------------------------------------------------
 class Lifecycle:
     """Records start-up and shut-down, and runs a background task in the server's task group."""
@@ -106,7 +113,7 @@ async def test_hook_on_startup_error_stops_startup(tmp_path: Path) -> None:
     with pytest.raises(Exception) as info:
         async with start_server(tmp_path, plugins=[("lifecycle", lifecycle), ("failing", FailingStartup())]):
             pytest.fail("the server must not start when on_startup fails")
-    assert "database unreachable" in repr(info.value) + repr(getattr(info.value, "exceptions", ""))
+    assert [str(e) for e in _leaves(info.value)] == ["database unreachable"]
 
 
 async def test_hook_on_shutdown(tmp_path: Path, upstream: Upstream) -> None:
@@ -201,19 +208,19 @@ class Shape:
 
 async def test_hook_on_register_shapes_the_tunnel(tmp_path: Path, upstream: Upstream) -> None:
     expires = time.time() + 3600
-    async with start_server(tmp_path, plugins=[("shape", Shape(expires))]) as server:
-        async with start_agent(server, upstream.port) as agent:
-            welcome = agent.reporter.welcomes[0]
-            assert welcome["alias"] == f"granted-{upstream.port}"
-            assert welcome["user"] == "alice"
-            assert welcome["expires_at"] == pytest.approx(expires)
-            assert welcome["notices"] == ["welcome, alice", "this tunnel expires in an hour"]
-            assert welcome["url"].startswith(f"http://granted-{upstream.port}.localhost:")
-            tunnel = server.tunnel(f"granted-{upstream.port}")
-            assert tunnel is not None
-            assert (tunnel.user, tunnel.metadata) == ("alice", {"plan": "free"})
-            async with agent.visitor() as client:
-                assert (await client.get("/granted")).status_code == 200
+    async with start_server(tmp_path, plugins=[("shape", Shape(expires))]) as server, \
+            start_agent(server, upstream.port) as agent:
+        welcome = agent.reporter.welcomes[0]
+        assert welcome["alias"] == f"granted-{upstream.port}"
+        assert welcome["user"] == "alice"
+        assert welcome["expires_at"] == pytest.approx(expires)
+        assert welcome["notices"] == ["welcome, alice", "this tunnel expires in an hour"]
+        assert welcome["url"].startswith(f"http://granted-{upstream.port}.localhost:")
+        tunnel = server.tunnel(f"granted-{upstream.port}")
+        assert tunnel is not None
+        assert (tunnel.user, tunnel.metadata) == ("alice", {"plan": "free"})
+        async with agent.visitor() as client:
+            assert (await client.get("/granted")).status_code == 200
 
 
 class Crashes:
@@ -289,9 +296,14 @@ class Disconnects:
     @hookimpl
     async def on_disconnect(self, tunnel: Tunnel, reason: str, server: ServerContext) -> None:
         assert server.tunnel(tunnel.alias) is not tunnel  # already out of the registry
+        await anyio.sleep(0.05)  # a database write, say
         self.calls.append((tunnel.alias, reason))
         self.changed.set()
         self.changed = anyio.Event()
+
+    @hookimpl
+    def on_shutdown(self) -> None:
+        self.calls.append(("<server>", "on_shutdown"))
 
     async def wait(self, count: int) -> None:
         with anyio.fail_after(WAIT):
@@ -315,8 +327,8 @@ async def test_hook_on_disconnect(tmp_path: Path, upstream: Upstream) -> None:
             assert await server.close_tunnel(second_alias, "closed by an admin")
             await plugin.wait(2)
     # The server is gone: nothing more was reported, each tunnel exactly once.
-    assert [alias for alias, _ in plugin.calls] == [alias, second_alias]
-    assert "closed by an admin" in plugin.calls[1][1]
+    assert [alias for alias, _ in plugin.calls] == [alias, second_alias, "<server>"]
+    assert plugin.calls[1][1] == "closed by an admin"
 
 
 async def test_hook_on_disconnect_at_server_shutdown(tmp_path: Path, upstream: Upstream) -> None:
@@ -335,8 +347,8 @@ async def test_hook_on_disconnect_at_server_shutdown(tmp_path: Path, upstream: U
         # The agent outlives the server (it is now trying to reconnect).
         tg.cancel_scope.cancel()
     await forwarder.aclose()
-    assert [a for a, _ in plugin.calls] == [alias]
-    assert "shutting down" in plugin.calls[0][1]
+    # Once, with the server's reason, and before on_shutdown (a plugin may still write to its database).
+    assert plugin.calls == [(alias, "server shutting down"), ("<server>", "on_shutdown")]
 
 
 # -- resolve_host --------------------------------------------------------------------------
@@ -351,6 +363,8 @@ class CustomDomains:
     def resolve_host(self, host: str, server: ServerContext) -> str | None:
         assert isinstance(server, ServerContext)
         self.hosts_seen.append(host)
+        if host == "boom.test":
+            raise LookupError("domain table corrupt")
         return self.domains.get(host)
 
 
@@ -377,7 +391,10 @@ async def test_hook_resolve_host(tmp_path: Path, upstream: Upstream) -> None:
             unknown = await client.get("/", headers={"host": "unknown.test"})
             assert unknown.status_code == 404
             assert "Tunnel Not Active" in unknown.text
-    assert [r["path"] for r in upstream.requests] == ["/via-custom", "/via-subdomain", "/shadow"]
+            # A failing resolver fails only that request.
+            assert (await client.get("/", headers={"host": "boom.test"})).status_code == 500
+            assert (await client.get("/after-boom", headers={"host": "custom.test"})).status_code == 200
+    assert [r["path"] for r in upstream.requests] == ["/via-custom", "/via-subdomain", "/shadow", "/after-boom"]
 
 
 class AsyncResolver:
@@ -449,6 +466,29 @@ async def test_hook_before_forward_custom_response(tmp_path: Path, upstream: Ups
     assert response.json() == {"error": "slow down"}
     assert response.headers["retry-after"] == "7"
     assert upstream.requests == []
+
+
+class BuggyGate:
+    """A before_forward with a bug (not a Reject)."""
+
+    @hookimpl
+    def before_forward(self, request: ForwardRequest) -> None:
+        if request.path == "/bug":
+            raise ZeroDivisionError("bug in gate")
+
+
+async def test_hook_before_forward_plugin_bug_answers_500(tmp_path: Path, upstream: Upstream,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    async with start_server(tmp_path, plugins=[("buggy", BuggyGate())]) as server, \
+            start_agent(server, upstream.port) as agent, agent.visitor() as client:
+        with caplog.at_level(logging.ERROR):
+            failed = await client.get("/bug")
+        fine = await client.get("/fine")
+    assert failed.status_code == 500
+    assert "bug in gate" not in failed.text  # internals stay in the server log
+    assert fine.status_code == 200
+    assert [r["path"] for r in upstream.requests] == ["/fine"]
+    assert any(r.exc_info and "bug in gate" in str(r.exc_info[1]) for r in caplog.records)
 
 
 async def test_hook_before_forward_refuses_websocket(tmp_path: Path, upstream: Upstream) -> None:
@@ -587,3 +627,18 @@ async def test_hook_admin_routes(tmp_path: Path, upstream: Upstream) -> None:
         async with visitor(server, agent.alias) as client:
             public = await client.get("/x")
         assert public.json()["raw_path"] == "/x"  # the tunnel's app answered, not the plugin
+
+
+class BrokenAdmin:
+    """An admin_routes that fails: the server must not start half-configured."""
+
+    @hookimpl
+    def admin_routes(self) -> list[AdminRoute]:
+        raise RuntimeError("templates missing")
+
+
+async def test_hook_admin_routes_error_stops_startup(tmp_path: Path) -> None:
+    with pytest.raises(Exception) as info:  # anyio wraps it in an ExceptionGroup
+        async with start_server(tmp_path, plugins=[("broken", BrokenAdmin())]):
+            pytest.fail("the server must not start when admin_routes fails")
+    assert [str(e) for e in _leaves(info.value)] == ["templates missing"]

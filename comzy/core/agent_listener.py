@@ -33,9 +33,12 @@ class AgentListener:
     def __init__(self, server: ServerContext) -> None:
         self.server = server
         self.settings = server.settings
+        self.active = 0
+        self._none_active = anyio.Event()
 
     async def handle(self, stream: anyio.abc.SocketStream) -> None:
         """Serve one agent connection from handshake to disconnect."""
+        self.active += 1
         try:
             await self._handle(stream)
         finally:
@@ -43,6 +46,15 @@ class AgentListener:
             # releases the socket; closing twice is harmless.
             with anyio.CancelScope(shield=True):
                 await stream.aclose()
+            self.active -= 1
+            if not self.active:
+                self._none_active.set()
+                self._none_active = anyio.Event()
+
+    async def wait_finished(self) -> None:
+        """Wait until no connection is being served, its ``on_disconnect`` hooks included."""
+        while self.active:
+            await self._none_active.wait()
 
     async def _handle(self, stream: anyio.abc.SocketStream) -> None:
         try:

@@ -60,11 +60,24 @@ def main(argv: list[str] | None = None) -> None:
     except PluginError as exc:
         print(f"comzy-server: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except BaseExceptionGroup as group:
+        # A PluginError from on_startup arrives wrapped by the server's task group.
+        failures, others = group.split(PluginError)
+        if failures is None or others is not None:
+            raise
+        for failure in _leaves(failures):
+            print(f"comzy-server: {failure}", file=sys.stderr)
+        raise SystemExit(2) from None
     except OSError as exc:
         print(f"comzy-server: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
     except KeyboardInterrupt:
         pass
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    return [leaf for exc in group.exceptions
+            for leaf in (_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])]
 
 
 if __name__ == "__main__":

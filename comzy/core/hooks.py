@@ -153,13 +153,30 @@ def build_manager(base_domain: str, plugins: Iterable[tuple[str, object]]) -> pl
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     pm.register(CoreRouting(base_domain), name="core-routing")
-    for name, plugin in plugins:
-        pm.register(plugin, name=name)
     try:
+        for name, plugin in plugins:
+            pm.register(plugin, name=name)
         pm.check_pending()
-    except pluggy.PluginValidationError as exc:
+    except (pluggy.PluginValidationError, ValueError) as exc:  # ValueError: a name registered twice
         raise PluginError(str(exc)) from exc
+    _check_calling_rules(pm)
     return pm
+
+
+def _check_calling_rules(pm: pluggy.PluginManager) -> None:
+    """Refuse impls that pluggy would accept but Comzy cannot call as their author expects."""
+    for impl in pm.hook.resolve_host.get_hookimpls():
+        if inspect.iscoroutinefunction(impl.function) or inspect.isasyncgenfunction(impl.function):
+            # firstresult + a coroutine (never None) would answer every host with garbage.
+            raise PluginError(f"plugin {impl.plugin_name!r}: an async resolve_host is not allowed; it runs on "
+                              "every request and must be a plain function (look aliases up in memory)")
+    for name in sorted(n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), f"{hookspecs.PROJECT}_spec")):
+        if name == "resolve_host":
+            continue  # pluggy itself calls resolve_host, wrappers included
+        for impl in getattr(pm.hook, name).get_hookimpls():
+            if impl.hookwrapper or impl.wrapper:
+                raise PluginError(f"plugin {impl.plugin_name!r}: {name} cannot be a (hook)wrapper; "
+                                  "Comzy awaits each implementation in turn")
 
 
 __all__ = ["HookRunner", "PluginError", "Reject", "build_manager", "load_plugins", "select_plugins"]

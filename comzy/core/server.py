@@ -166,6 +166,9 @@ async def run_server(
                 # hypercorn must finish its own graceful close; cancelling it mid-way breaks it.
                 await public_done.wait()
                 await admin_done.wait()
+                # Every tunnel's on_disconnect runs before on_shutdown releases what it may use.
+                with anyio.move_on_after(settings.shutdown_grace):
+                    await agents.wait_finished()
                 # Last: plugins release resources only once no listener can use them.
                 await server.hooks.on_shutdown(server)
             tg.cancel_scope.cancel()
