@@ -227,9 +227,8 @@ class EdgeApp:
         headers = strip_hop_by_hop(head.headers)
         await send({"type": "http.response.start", "status": head.status, "headers": headers})
         state.started = True
-        # An empty body message makes the server write the head now, so a visitor sees it
-        # before the first body byte (SSE, long polls).
-        await send({"type": "http.response.body", "body": b"", "more_body": True})
+        # hypercorn writes the head on http.response.start, so a visitor sees it before the
+        # first body byte (SSE, long polls); the SSE test guards this.
         while True:
             chunk = await stream.receive()
             if chunk is None:
