@@ -185,7 +185,13 @@ class EdgeApp:
                     raise
                 await _simple(send, 502, f"The tunnel failed before a response: {exc.message}\n")
                 state.status = 502
-            tg.cancel_scope.cancel()
+            if state.complete or state.status == 502:
+                # The server reports http.disconnect once a response is complete, which ends
+                # the request pump by itself; cancelling it instead costs more than the whole
+                # exchange (anyio's cancel delivery). The deadline is only a safety net.
+                tg.cancel_scope.deadline = anyio.current_time() + 5
+            else:
+                tg.cancel_scope.cancel()
 
     async def _pump_request(self, stream: Stream, receive: Receive, state: _Exchange,
                             scope: anyio.CancelScope) -> None:
@@ -232,12 +238,17 @@ class EdgeApp:
         while True:
             chunk = await stream.receive()
             if chunk is None:
-                break
+                state.complete = True
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
             data = chunk[0]
             state.bytes_out += len(data)
-            await send({"type": "http.response.body", "body": data, "more_body": True})
-        state.complete = True
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+            # When END is already here, the last chunk ends the response: one write, not two.
+            last = stream.drained_and_ended
+            state.complete = last
+            await send({"type": "http.response.body", "body": data, "more_body": not last})
+            if last:
+                return
 
     # -- WebSocket -------------------------------------------------------------------
     async def websocket(self, scope: Scope, receive: Receive, send: Send) -> None:

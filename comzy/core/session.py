@@ -134,6 +134,11 @@ class Stream:
         self.session.forget(self.id)
 
     @property
+    def drained_and_ended(self) -> bool:
+        """True when the peer's END has arrived and every DATA before it was read."""
+        return self._remote_ended and not self._chunks and self._reset is None
+
+    @property
     def finished(self) -> bool:
         """True once the peer has ended or reset the stream."""
         return self._remote_ended or self._reset is not None
