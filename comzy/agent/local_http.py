@@ -20,7 +20,8 @@ import anyio
 import anyio.abc
 import h11
 
-READ_SIZE = 65536
+# The event loop reads up to 256 KiB at a time; asking for less makes anyio copy the rest.
+READ_SIZE = 256 * 1024
 
 
 class LocalError(Exception):

@@ -81,6 +81,22 @@ class Stream:
             self._unacked = 0
         return data, flags
 
+    async def receive_coalesced(self, limit: int) -> tuple[bytes, int] | None:
+        """Like ``receive`` but joins DATA already buffered (same flags) up to ``limit``
+        bytes: one write downstream instead of several small ones."""
+        first = await self.receive()
+        if first is None or not self._chunks:
+            return first
+        data, flags = first
+        parts = [data]
+        size = len(data)
+        while self._chunks and size + len(self._chunks[0][0]) <= limit and self._chunks[0][1] == flags:
+            more = await self.receive()
+            assert more is not None  # a chunk is buffered, so receive returns it at once
+            parts.append(more[0])
+            size += len(more[0])
+        return b"".join(parts), flags
+
     async def wait_head(self) -> object:
         """Wait for the peer's RESPONSE head."""
         while self.head is None:
@@ -107,7 +123,7 @@ class Stream:
                 continue
             size = min(total - offset, self._credit, p.MAX_DATA_FRAME)
             last = offset + size == total
-            chunk = bytes(view[offset : offset + size])
+            chunk = view[offset : offset + size]
             self._credit -= size
             offset += size
             await self.session.send(p.encode_data(self.id, chunk, flags if last else flags & p.FLAG_TEXT))

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import anyio
 import anyio.abc
 from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
 from wsproto.events import (
     AcceptConnection,
     BytesMessage,
@@ -28,6 +29,8 @@ from wsproto.events import (
     TextMessage,
 )
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+
+from comzy.core import wsframe
 
 READ_SIZE = 256 * 1024
 
@@ -67,6 +70,10 @@ class WebSocket:
         """Send one message (bytes: binary, str: text)."""
         if self.closed is not None:
             raise WebSocketError(f"WebSocket is closed ({self.closed.code})")
+        if isinstance(message, bytes) and self._conn.state is ConnectionState.OPEN:
+            # Binary messages are the data path: framed and masked in C (see wsframe).
+            await self._write(wsframe.encode_binary(message, masked=self._conn.client))
+            return
         event = BytesMessage(message) if isinstance(message, bytes) else TextMessage(message)
         await self._write(self._conn.send(event))
 
