@@ -14,7 +14,7 @@ from comzy import __version__
 from comzy.core import protocol as p
 from comzy.core.aliases import check_alias, random_alias
 from comzy.core.registry import Entry, hash_secret
-from comzy.core.session import Session
+from comzy.core.session import Heartbeats, Session
 from comzy.core.types import Registration, Reject, Tunnel
 from comzy.core.websocket import Closed, WebSocket, WebSocketError, server_handshake
 
@@ -35,12 +35,18 @@ class AgentListener:
         self.settings = server.settings
         self.active = 0
         self._none_active = anyio.Event()
+        # One task heartbeats every tunnel: an idle tunnel then costs no task or timer of its own.
+        self.heartbeats = Heartbeats(self.settings.heartbeat_interval / 10)
+        self._sweeping = False
 
     async def handle(self, stream: anyio.abc.SocketStream) -> None:
         """Serve one agent connection from handshake to disconnect."""
         self.active += 1
         try:
-            await self._handle(stream)
+            # The handshake's frame (HELLO, the upgrade request) is gone before the long wait.
+            entry = await self._handle(stream)
+            if entry is not None:
+                await self._serve(entry)
         finally:
             # Every path (EOF before HELLO, a failed WELCOME, cancellation at shutdown)
             # releases the socket; closing twice is harmless.
@@ -56,7 +62,8 @@ class AgentListener:
         while self.active:
             await self._none_active.wait()
 
-    async def _handle(self, stream: anyio.abc.SocketStream) -> None:
+    async def _handle(self, stream: anyio.abc.SocketStream) -> Entry | None:
+        """Handshake, HELLO and registration: the entry to serve, or None."""
         try:
             peer = stream.extra(anyio.abc.SocketAttribute.remote_address)
             client = peer[0] if isinstance(peer, tuple) else str(peer)
@@ -69,17 +76,14 @@ class AgentListener:
         except TimeoutError:
             log.info("agent %s: handshake timed out after %ss", client, self.settings.handshake_timeout)
             await stream.aclose()
-            return
+            return None
         except (WebSocketError, p.ProtocolError, anyio.BrokenResourceError, OSError) as exc:
             log.info("agent %s: bad handshake: %s", client, exc)
             await stream.aclose()
-            return
+            return None
         if hello is None:
-            return
-        entry = await self._register(ws, hello, client)
-        if entry is None:
-            return
-        await self._serve(entry)
+            return None
+        return await self._register(ws, hello, client)
 
     async def _read_hello(self, ws: WebSocket) -> dict[str, Any] | None:
         message = await ws.receive()
@@ -162,6 +166,7 @@ class AgentListener:
             heartbeat_interval=self.settings.heartbeat_interval,
             heartbeat_timeout=self.settings.heartbeat_timeout,
             name=f"tunnel {alias}",
+            heartbeats=self.heartbeats,
         )
         entry = Entry(tunnel, session, hash_secret(secret))
         previous = server.registry.add(entry)
@@ -237,6 +242,9 @@ class AgentListener:
         server = self.server
         tunnel, session = entry.tunnel, entry.session
         started = time.monotonic()
+        if not self._sweeping:
+            self._sweeping = True
+            server.task_group.start_soon(self.heartbeats.run)
         reason = await session.run()
         if not server.registry.remove(tunnel.alias, session):
             reason = "replaced by a new session"

@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 
 import anyio
+import anyio.abc
 
 from comzy.core import protocol as p
 from comzy.core.websocket import Closed, WebSocket, WebSocketError
@@ -192,6 +193,41 @@ class Stream:
 ControlHandler = Callable[[p.Frame], Awaitable[None]]
 
 
+class Heartbeats:
+    """Heartbeats for many sessions from one task, instead of a sleeping task per session.
+
+    Every ``tick`` seconds it PINGs each session whose interval has passed and ends each one
+    whose peer has been silent past its timeout. The server keeps one for all its tunnels, so
+    an idle tunnel costs no task or timer of its own; a session given none runs its own.
+    """
+
+    def __init__(self, tick: float) -> None:
+        self.tick = tick
+        self._sessions: set[Session] = set()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def add(self, session: Session) -> None:
+        """Start heartbeating ``session`` (its run() does this)."""
+        self._sessions.add(session)
+
+    def discard(self, session: Session) -> None:
+        """Stop heartbeating ``session``."""
+        self._sessions.discard(session)
+
+    async def run(self) -> None:
+        """Sweep every ``tick`` seconds, forever (run it in a task group that outlives the sessions)."""
+        while True:
+            await anyio.sleep(self.tick)
+            now = time.monotonic()
+            for session in list(self._sessions):
+                try:
+                    session._beat(now)
+                except Exception:  # one session's bug must not stop the heartbeats of all the others
+                    log.exception("%s: heartbeat failed", session.name)
+
+
 class Session:
     """The multiplexer on one side of an agent WebSocket."""
 
@@ -204,6 +240,7 @@ class Session:
         heartbeat_interval: float = 10.0,
         heartbeat_timeout: float = 30.0,
         name: str = "session",
+        heartbeats: Heartbeats | None = None,
     ) -> None:
         self.ws = ws
         self.window = window
@@ -216,14 +253,20 @@ class Session:
         self._out: list[bytes] = []
         self._out_bytes = 0
         self._out_event = anyio.Event()
-        self._drained = anyio.Event()
+        # Events nobody may ever wait on are made on first wait: thousands of idle tunnels
+        # should not each hold several (an event and its waiter queue are ~800 bytes).
+        self._drained: anyio.Event | None = None
         self._last_seen = time.monotonic()
+        self._next_ping = self._last_seen + heartbeat_interval
         self.closed: str | None = None
-        self._idle = anyio.Event()
-        self._closed_event = anyio.Event()
+        self._idle: anyio.Event | None = None
+        self._closed_event: anyio.Event | None = None
         self.goaway_received = False
         self.on_request: Callable[[Stream, p.RequestHead], None] | None = None
         self.on_control: ControlHandler | None = None
+        self._heartbeats = heartbeats
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._timed_out: str | None = None
 
     # -- streams ---------------------------------------------------------------
     def open_stream(self) -> Stream:
@@ -239,7 +282,7 @@ class Session:
     def forget(self, stream_id: int) -> None:
         """Drop a finished stream from the table."""
         self.streams.pop(stream_id, None)
-        if not self.streams:
+        if not self.streams and self._idle is not None:
             self._idle.set()
 
     async def wait_idle(self) -> None:
@@ -264,7 +307,7 @@ class Session:
         while self._out_bytes > WRITE_HIGH_WATER:
             # Many streams may wait here at once: share the pending event, never replace it
             # under another waiter (that waiter would never be woken).
-            if self._drained.is_set():
+            if self._drained is None or self._drained.is_set():
                 self._drained = anyio.Event()
             await self._drained.wait()
             if self.closed is not None:
@@ -288,7 +331,8 @@ class Session:
             batch = self._out[:take]
             del self._out[:take]
             self._out_bytes -= size
-            self._drained.set()
+            if self._drained is not None:
+                self._drained.set()
             message = batch[0] if take == 1 else b"".join(batch)
             await self.ws.send(message)
 
@@ -358,22 +402,33 @@ class Session:
         else:
             raise p.ProtocolError(f"unexpected {kind.name} frame")
 
-    async def _heartbeat(self) -> None:
-        while True:
-            await anyio.sleep(self.heartbeat_interval)
-            silent = time.monotonic() - self._last_seen
-            if silent > self.heartbeat_timeout:
-                raise SessionClosed(f"peer silent for {silent:.1f} s (heartbeat timeout)")
-            self.send_nowait(p.encode(p.FrameType.PING, 0, int(time.monotonic() * 1000).to_bytes(8, "big")))
+    # -- heartbeats (driven by a Heartbeats sweeper) -----------------------------
+    def _beat(self, now: float) -> None:
+        """End the session if the peer has been silent too long, else PING it when due."""
+        silent = now - self._last_seen
+        if silent > self.heartbeat_timeout:
+            if self._timed_out is None and self._task_group is not None:
+                self._timed_out = f"peer silent for {silent:.1f} s (heartbeat timeout)"
+                self._task_group.cancel_scope.cancel()
+        elif now >= self._next_ping:
+            self._next_ping = now + self.heartbeat_interval
+            self.send_nowait(p.encode(p.FrameType.PING, 0, int(now * 1000).to_bytes(8, "big")))
 
     async def run(self) -> str:
         """Serve the session until it ends; returns why it ended. Never raises."""
         reason = "closed"
+        heartbeats = self._heartbeats
         try:
             async with anyio.create_task_group() as tg:
+                self._task_group = tg
                 tg.start_soon(self._writer)
-                tg.start_soon(self._heartbeat)
+                if heartbeats is None:  # a lone session (the agent's) beats in a task of its own
+                    heartbeats = Heartbeats(self.heartbeat_interval / 10)
+                    tg.start_soon(heartbeats.run)
+                heartbeats.add(self)
                 await self._reader()
+            # The reader only ever ends by raising: the task group was cancelled by _beat.
+            reason = self._timed_out or reason
         except* SessionClosed as group:
             reason = str(group.exceptions[0])
         except* p.ProtocolError as group:
@@ -388,6 +443,9 @@ class Session:
             log.error("%s: %s; closing the session", self.name, reason, exc_info=group.exceptions[0])
             await self.ws.close(1011, "internal error")
         finally:
+            if heartbeats is not None:
+                heartbeats.discard(self)
+            self._task_group = None
             self._shutdown(reason)
             await self.ws.aclose()
         # If close() was called first, its reason (not the resulting socket close) is the real one.
@@ -400,9 +458,9 @@ class Session:
         for stream in list(self.streams.values()):
             stream._fail(error)
         self.streams.clear()
-        self._idle.set()
-        self._drained.set()
-        self._closed_event.set()
+        for event in (self._idle, self._drained, self._closed_event):
+            if event is not None:
+                event.set()
 
     async def close(self, code: int = 1000, reason: str = "closing") -> None:
         """Close the WebSocket; run() then returns."""
@@ -413,11 +471,14 @@ class Session:
         """Give the writer a moment to send queued frames, then close."""
         with anyio.move_on_after(grace):
             while self._out and self.closed is None:
-                if self._drained.is_set():
+                if self._drained is None or self._drained.is_set():
                     self._drained = anyio.Event()
                 await self._drained.wait()
         await self.close(code, reason)
 
     async def wait_closed(self) -> None:
         """Wait until the session has ended."""
-        await self._closed_event.wait()
+        if self.closed is None:
+            if self._closed_event is None:
+                self._closed_event = anyio.Event()
+            await self._closed_event.wait()
