@@ -15,8 +15,11 @@ demo: $(VENV)/.installed  ## server + agent + sample app on the embedded default
 	$(PY) examples/demo.py
 
 test: $(VENV)/.installed  ## the whole test suite (lint included)
-	$(VENV)/bin/ruff check comzy tests examples
+	$(VENV)/bin/ruff check comzy tests examples bench
 	$(PY) -m pytest
 
+bench: $(VENV)/.installed  ## the benchmark harness (docs/benchmarks.md); results in bench/results/
+	$(PY) -m bench
+
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check comzy tests examples
+	$(VENV)/bin/ruff check comzy tests examples bench

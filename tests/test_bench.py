@@ -1,0 +1,134 @@
+"""The benchmark harness's quick mode: every case runs and returns sane numbers (never a speed check).
+
+Runs ``python -m bench --quick`` as a subprocess, exactly as CI and docs/benchmarks.md do. It needs
+nginx, wrk and curl from the system: without them the test skips, except in CI (``CI=true``), where
+a missing tool is a failure so the smoke test can never silently stop running.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+CASES = ["small_get_1c", "small_get_50c", "download", "upload", "sse", "websocket", "fairness"]
+HEADLINE = {
+    "small_get_1c": ["requests_per_s", "p50_ms", "p99_ms"],
+    "small_get_50c": ["requests_per_s", "p50_ms", "p99_ms"],
+    "download": ["mib_per_s"],
+    "upload": ["mib_per_s"],
+    "sse": ["first_event_p50_ms"],
+    "websocket": ["round_trips_per_s"],
+    "fairness": ["requests_per_s", "p99_ms"],
+}
+
+
+def missing_tools() -> list[str]:
+    """The system programs the harness needs that are not installed."""
+    found = {
+        "nginx": shutil.which("nginx") or (os.access("/usr/sbin/nginx", os.X_OK) and "/usr/sbin/nginx"),
+        "wrk": shutil.which("wrk"),
+        "curl": shutil.which("curl"),
+    }
+    return [name for name, path in found.items() if not path]
+
+
+def numbers(data: Any, path: str = "") -> Iterator[tuple[str, float]]:
+    """Every number in a JSON tree, with its path."""
+    if isinstance(data, dict):
+        for key, value in data.items():
+            yield from numbers(value, f"{path}.{key}")
+    elif isinstance(data, list):
+        for index, value in enumerate(data):
+            yield from numbers(value, f"{path}[{index}]")
+    elif isinstance(data, int | float) and not isinstance(data, bool):
+        yield path, float(data)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    missing = missing_tools()
+    if missing:
+        message = f"{', '.join(missing)} not installed (apt-get install nginx-light wrk curl)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run the benchmark smoke test: {message}")
+        pytest.skip(message)
+    out = tmp_path_factory.mktemp("bench")
+    done = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=240, check=False)
+    return out, done
+
+
+def test_quick_mode_exits_cleanly(quick_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    out, done = quick_run
+    assert done.returncode == 0, f"python -m bench --quick failed:\n{done.stdout}\n{done.stderr}"
+    results = json.loads((out / "results.json").read_text())
+    assert results["meta"]["quick"] is True
+    assert results["problems"] == []
+    assert results["failures"] == {}
+
+
+def test_every_case_ran_with_sane_numbers(quick_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    out, done = quick_run
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(results["cases"]) == sorted(CASES), done.stderr
+    for name, case in results["cases"].items():
+        variants = {"direct", "tunnel"} | ({"direct_alone", "tunnel_alone"} if name == "fairness" else set())
+        assert set(case["runs"]) == variants, name
+        for variant in variants:
+            assert case["runs"][variant], f"{name}/{variant} has no rounds"
+            for metric in HEADLINE[name]:
+                value = case["median"][variant][metric]
+                assert math.isfinite(value) and value > 0, f"{name}/{variant} {metric} = {value}"
+        for path, value in numbers(case["runs"]):
+            assert math.isfinite(value), f"{name}{path} = {value}"
+            if "error" in path:
+                assert value == 0, f"{name}{path} = {value}"
+            elif "cpu" in path:  # 10 ms clock ticks: a one-second run may read 0
+                assert value >= 0, f"{name}{path} = {value}"
+            else:
+                assert value > 0, f"{name}{path} = {value}"
+    for case in ("download", "upload"):
+        for who in ("server", "agent"):
+            assert results["cases"][case]["max"]["tunnel"][f"{who}_peak_rss_mib"] > 1
+
+
+def test_idle_agents_case_is_included_when_present(quick_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    out, _ = quick_run
+    results = json.loads((out / "results.json").read_text())
+    if importlib.util.find_spec("bench.idle_agents") is None:
+        assert results.get("idle_agents") is None
+        return
+    idle = results["idle_agents"]
+    assert "error" not in idle, idle
+    assert idle["runs"]
+    for run in idle["runs"]:
+        assert run["registered"] == run["agents"] > 0
+        assert run["failed"] == 0
+        assert run["request_ok"], run["request_detail"]
+        assert math.isfinite(run["registrations_per_second"]) and run["registrations_per_second"] > 0
+        assert math.isfinite(run["rss_per_tunnel_kib"])
+
+
+def test_table_and_charts_are_written(quick_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    out, _ = quick_run
+    table = (out / "results.md").read_text()
+    assert "| case | direct | tunnel | ratio | target | met? |" in table
+    for row in ("small GET 1 KiB, 50c: req/s", "download 32 MiB: MiB/s", "upload 16 MiB: MiB/s",
+                "SSE first event", "WebSocket echo", "slow visitor"):
+        assert row in table
+    if importlib.util.find_spec("matplotlib") is not None:
+        for chart in ("summary.png", "latency.png", "fairness.png"):
+            assert (out / chart).stat().st_size > 1000, chart
