@@ -39,6 +39,8 @@ def make_settings(data_dir: Path, **overrides: Any) -> ServerSettings:
         "plugins": "none",
         "shutdown_grace": 5.0,
     }
+    if os.environ.get("COMZY_TEST_HTTP_SERVER"):  # run the suite on another public listener server
+        values["http_server"] = os.environ["COMZY_TEST_HTTP_SERVER"]
     values.update(overrides)
     return ServerSettings(_env_file=None, **values)
 
@@ -145,6 +147,8 @@ def cli_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("COMZY_", "HTTP_PORT", "WS_PORT"))}
     env["PYTHONUNBUFFERED"] = "1"
     env["NO_COLOR"] = "1"
+    if os.environ.get("COMZY_TEST_HTTP_SERVER"):
+        env["COMZY_HTTP_SERVER"] = os.environ["COMZY_TEST_HTTP_SERVER"]
     env.update(extra)
     return env
 

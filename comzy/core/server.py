@@ -12,10 +12,10 @@ from typing import Any
 
 import anyio
 import anyio.abc
-from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
 
 from comzy import __version__
+from comzy.core import http_servers
 from comzy.core import protocol as p
 from comzy.core.admin import AdminApp
 from comzy.core.agent_listener import AgentListener
@@ -155,7 +155,7 @@ async def run_server(
             await _release(agent_listener, http_config, admin_config)
             raise
         public_done, admin_done = anyio.Event(), anyio.Event()
-        tg.start_soon(_serve_until, EdgeApp(server), http_config, public_stop, public_done)
+        tg.start_soon(_serve_until, EdgeApp(server), http_config, public_stop, public_done, settings.http_server)
         tg.start_soon(_serve_until, admin_app, admin_config, admin_stop, admin_done)
         tg.start_soon(_accept_agents, agent_listener, agents, tg)
         try:
@@ -202,9 +202,10 @@ async def _serve_agent(agents: AgentListener, stream: anyio.abc.SocketStream) ->
         await stream.aclose()
 
 
-async def _serve_until(app: Any, config: HypercornConfig, stop: anyio.Event, done: anyio.Event) -> None:
+async def _serve_until(app: Any, config: HypercornConfig, stop: anyio.Event, done: anyio.Event,
+                       kind: str = "hypercorn") -> None:
     try:
-        await hypercorn_serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+        await http_servers.serve(kind, app, config, stop)
     finally:
         done.set()
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from comzy.core.aliases import ALIAS_RE
+from comzy.core.http_servers import missing_requirement
 
 
 def _env(name: str, *seed_names: str) -> Any:
@@ -58,6 +59,10 @@ class ServerSettings(BaseSettings):
                                        description="TLS certificate for the public listener.")
     ssl_key_path: Path | None = Field(None, validation_alias=_env("COMZY_SSL_KEY_PATH", "SSL_KEY_PATH"),
                                       description="TLS private key for the public listener.")
+    http_server: Literal["hypercorn", "uvicorn"] = Field(
+        "hypercorn", validation_alias=_env("COMZY_HTTP_SERVER"),
+        description="ASGI server of the public listener: hypercorn or uvicorn (faster; pip extra "
+        "comzy[uvicorn]); see docs/benchmarks.md.")
     reserved_aliases: str = Field(DEFAULT_RESERVED, validation_alias=_env("COMZY_RESERVED_ALIASES"),
                                   description="Comma list of names no agent may take.")
     max_streams_per_tunnel: int = Field(256, ge=1, validation_alias=_env("COMZY_MAX_STREAMS_PER_TUNNEL"),
@@ -98,6 +103,14 @@ class ServerSettings(BaseSettings):
     def _public_url(cls, value: str | None) -> str | None:
         if value is not None and "{alias}" not in value:
             raise ValueError("must contain {alias}, e.g. https://{alias}.example.com")
+        return value
+
+    @field_validator("http_server")
+    @classmethod
+    def _http_server_installed(cls, value: str) -> str:
+        problem = missing_requirement(value)
+        if problem:
+            raise ValueError(problem)
         return value
 
     @field_validator("reserved_aliases")

@@ -1,0 +1,134 @@
+"""The public listener's HTTP server: hypercorn (the default) or uvicorn.
+
+``COMZY_HTTP_SERVER`` picks one. Whatever the choice, the server is handed the listener's
+pre-bound socket (so port 0 works) and the hypercorn ``Config`` that describes the listener
+(TLS files, limits, grace), and behaves the same to visitors and to the edge: no Server or Date
+header added, the response head written at ``http.response.start`` (SSE), request heads past
+``h11_max_incomplete_size`` refused by the server itself (the edge answers 431 below that), a
+visitor's WebSocket close code passed on, and a graceful stop within the grace once ``stop`` is
+set. docs/benchmarks.md says what each costs and gives, and why granian is not offered.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import socket
+from typing import Any
+
+import anyio
+from hypercorn.asyncio import serve as hypercorn_serve
+from hypercorn.config import Config
+
+HTTP_SERVERS = ("hypercorn", "uvicorn")
+
+#: The modules each alternative needs (hypercorn is a core dependency).
+_REQUIRES = {"uvicorn": ("uvicorn", "httptools")}
+
+
+def missing_requirement(kind: str) -> str | None:
+    """Why ``kind`` cannot serve here (a message naming the pip extra to install), or None."""
+    absent = [name for name in _REQUIRES.get(kind, ()) if importlib.util.find_spec(name) is None]
+    if not absent:
+        return None
+    verb = "is" if len(absent) == 1 else "are"
+    return (f"{kind} is selected but {' and '.join(absent)} {verb} not installed; "
+            f"install it with: pip install 'comzy[{kind}]'")
+
+
+async def serve(kind: str, app: Any, config: Config, stop: anyio.Event) -> None:
+    """Serve ``app`` on the socket ``config.bind`` names (``fd://N``) until ``stop`` is set."""
+    if kind == "uvicorn":
+        await _serve_uvicorn(app, config, stop)
+    else:
+        await hypercorn_serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+
+
+def _bound_fd(config: Config) -> int:
+    return int(config.bind[0].removeprefix("fd://"))
+
+
+# -- uvicorn -------------------------------------------------------------------------------------
+
+async def _serve_uvicorn(app: Any, config: Config, stop: anyio.Event) -> None:
+    import uvicorn
+
+    grace = config.graceful_timeout
+    server = uvicorn.Server(uvicorn.Config(
+        app,
+        loop="none",  # run on the caller's loop
+        http=_bounded_head_protocol(config.h11_max_incomplete_size),
+        # wsproto (a core dependency, as in hypercorn) reports a visitor's close code and
+        # supports the websocket.http.response extension the edge uses to refuse upgrades.
+        ws="wsproto",
+        ws_max_size=config.websocket_max_message_size,
+        ws_ping_interval=None,
+        lifespan="off",
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        date_header=False,
+        proxy_headers=False,
+        timeout_keep_alive=int(config.keep_alive_timeout),
+        timeout_graceful_shutdown=grace,  # type: ignore[arg-type]  # a float works as well
+        ssl_certfile=config.certfile,
+        ssl_keyfile=config.keyfile,
+    ))
+    # uvicorn announces itself at INFO ("Press CTRL+C to quit"); comzy prints its own banner.
+    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+    sock = socket.socket(fileno=_bound_fd(config))
+
+    async def stop_when_asked() -> None:
+        await stop.wait()
+        server.should_exit = True
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(stop_when_asked)
+        try:
+            # _serve, not serve: serve() takes over SIGINT/SIGTERM, which the CLI handles.
+            await server._serve(sockets=[sock])
+        finally:
+            sock.close()
+            tg.cancel_scope.cancel()
+
+
+def _bounded_head_protocol(limit: int) -> type:
+    """uvicorn's httptools protocol with a bound on request heads, which httptools lacks."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class BoundedHeadProtocol(HttpToolsProtocol):
+        """Counts the bytes of an unfinished request head and answers 431 past ``limit``.
+
+        The read that starts a head is not counted (it may also hold the previous request's
+        body); every later read that leaves the head unfinished is, so a head can buffer at
+        most ``limit`` bytes plus one read.
+        """
+
+        in_head = False
+        head_started_now = False
+        head_bytes = 0
+
+        def data_received(self, data: bytes) -> None:
+            was_in_head = self.in_head
+            self.head_started_now = False
+            super().data_received(data)
+            if not (was_in_head and self.in_head and not self.head_started_now):
+                return
+            self.head_bytes += len(data)
+            if self.head_bytes > limit and not self.transport.is_closing():
+                body = f"Request head larger than {limit} bytes.\n".encode()
+                self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                                     b"content-type: text/plain; charset=utf-8\r\n"
+                                     b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+                self.transport.close()
+
+        def on_message_begin(self) -> None:
+            self.in_head = self.head_started_now = True
+            self.head_bytes = 0
+            super().on_message_begin()
+
+        def on_headers_complete(self) -> None:
+            self.in_head = False
+            super().on_headers_complete()
+
+    return BoundedHeadProtocol

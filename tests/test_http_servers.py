@@ -1,0 +1,94 @@
+"""The public listener's HTTP server (COMZY_HTTP_SERVER): hypercorn or uvicorn.
+
+The whole suite runs on uvicorn with ``COMZY_TEST_HTTP_SERVER=uvicorn``; these tests pin what the
+servers must share and what comzy adds to uvicorn: a bound on request heads (httptools has none),
+no Server/Date header, the WebSocket message limit, and a clear start-up error when the selected
+server is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from pydantic import ValidationError
+
+from comzy.core.http_servers import missing_requirement
+from comzy.core.settings import ServerSettings, explain_validation_error
+from comzy.core.websocket import Closed
+from tests.conftest import start_agent, start_server
+from tests.test_websocket import exchange, open_ws
+from tests.upstream import Upstream
+
+pytestmark = pytest.mark.anyio
+
+SERVERS = [
+    "hypercorn",
+    pytest.param("uvicorn", marks=pytest.mark.skipif(missing_requirement("uvicorn") is not None,
+                                                     reason="pip install 'comzy[uvicorn]'")),
+]
+
+
+@pytest.mark.parametrize("kind", SERVERS)
+async def test_no_server_or_date_header_added(tmp_path: Path, kind: str) -> None:
+    async with start_server(tmp_path / "data", http_server=kind) as server, httpx.AsyncClient() as client:
+        response = await client.get(f"http://127.0.0.1:{server.ports.http}/", headers={"host": "nope.localhost"})
+    assert response.status_code == 404
+    assert "server" not in response.headers
+    assert "date" not in response.headers
+
+
+@pytest.mark.parametrize("kind", SERVERS)
+async def test_endless_request_head_is_cut_off_with_431(tmp_path: Path, kind: str) -> None:
+    async with start_server(tmp_path / "data", http_server=kind, max_request_head=4096) as server:
+        stream = await anyio.connect_tcp("127.0.0.1", server.ports.http)
+        async with stream:
+            await stream.send(b"GET / HTTP/1.1\r\nhost: nope.localhost\r\n")
+            piece = (b"x-filler: " + b"a" * 1000 + b"\r\n") * 4
+            answer = b""
+            # A piece at a time, each read by the server before the next: sending on after the
+            # server closed would make the kernel reset the connection and drop its answer.
+            for _ in range(256):  # up to 1 MB, far past the bound (twice the limit)
+                await stream.send(piece)
+                with anyio.move_on_after(0.05):
+                    answer = await stream.receive()
+                if answer:
+                    break
+        assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+
+
+@pytest.mark.parametrize("kind", SERVERS)
+async def test_visitor_websocket_message_past_the_limit_closes_1009(tmp_path: Path, upstream: Upstream,
+                                                                      kind: str) -> None:
+    async with start_server(tmp_path / "data", http_server=kind, max_websocket_message=4096) as server, \
+            start_agent(server, upstream.port) as running, open_ws(server, running.alias) as (ws, _):
+        assert await exchange(ws, b"x" * 4000) == b"echo:" + b"x" * 4000
+        closed = await exchange(ws, b"x" * 4097)
+    assert isinstance(closed, Closed)
+    assert closed.code == 1009
+
+
+def test_a_server_not_installed_fails_start_up_naming_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name: str, *args: Any) -> Any:
+        return None if name == "uvicorn" else real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    monkeypatch.setenv("COMZY_HTTP_SERVER", "uvicorn")
+    with pytest.raises(ValidationError) as info:
+        ServerSettings(_env_file=None)
+    message = explain_validation_error(ServerSettings, info.value)
+    assert "COMZY_HTTP_SERVER" in message
+    assert "pip install 'comzy[uvicorn]'" in message
+
+
+def test_an_unknown_server_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COMZY_HTTP_SERVER", "granian")
+    with pytest.raises(ValidationError) as info:
+        ServerSettings(_env_file=None)
+    assert "'hypercorn' or 'uvicorn'" in explain_validation_error(ServerSettings, info.value)
