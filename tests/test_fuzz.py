@@ -14,11 +14,11 @@ import anyio.abc
 import msgpack
 import pytest
 
-from comzy import Tunnel, hookimpl
 from comzy.core import protocol as p
 from comzy.core.server import ServerContext
 from comzy.core.websocket import Closed, WebSocket, connect
 from tests.conftest import RunningAgent, start_agent, start_server, visitor
+from tests.helpers import DisconnectWatcher
 from tests.upstream import Upstream
 
 pytestmark = pytest.mark.anyio
@@ -30,26 +30,6 @@ HANDSHAKE_TIMEOUT = 0.5
 #: Bound on how long the server may take to close a bad connection (handshake timeout + slack).
 CLOSE_WITHIN = 5.0
 LINK_MESSAGE = 4 * 1024 * 1024
-
-
-class DisconnectWatcher:
-    """A plugin that records every ended tunnel, so tests can wait for clean-up."""
-
-    def __init__(self) -> None:
-        self.ended: dict[str, str] = {}
-        self._changed = anyio.Event()
-
-    @hookimpl
-    def on_disconnect(self, tunnel: Tunnel, reason: str) -> None:
-        self.ended[tunnel.alias] = reason
-        self._changed.set()
-
-    async def wait_for(self, aliases: set[str]) -> None:
-        """Wait until every alias in ``aliases`` has ended."""
-        with anyio.fail_after(CLOSE_WITHIN):
-            while not aliases <= self.ended.keys():
-                self._changed = anyio.Event()
-                await self._changed.wait()
 
 
 @asynccontextmanager
@@ -296,7 +276,8 @@ async def test_fuzzing_the_agent_listener_harms_nobody(tmp_path: Path, upstream:
         assert served_during >= 1
         assert registered, "no fuzz session got past HELLO: the fuzzer tests too little"
         # Every fuzz tunnel is gone; the real one is untouched.
-        await watcher.wait_for(registered)
+        with anyio.fail_after(CLOSE_WITHIN):
+            await watcher.wait_for(*registered)
         assert agent.alias not in watcher.ended
         assert [e.tunnel.alias for e in server.registry.entries()] == [agent.alias]
         assert agent.reporter.reconnects == []
@@ -354,7 +335,8 @@ async def test_malformed_frame_from_a_serving_agent_ends_only_its_session(tmp_pa
             assert result["response"].status_code == 502
         finally:
             await ws.aclose()
-        await watcher.wait_for({alias})
+        with anyio.fail_after(CLOSE_WITHIN):
+            await watcher.wait_for(alias)
         assert "protocol error" in watcher.ended[alias]
         await check_tunnel(agent, "after-bad-agent")
 
@@ -373,7 +355,8 @@ async def test_oversized_link_message_closes_the_session(tmp_path: Path, upstrea
         finally:
             await ws.aclose()
         assert closed.code == 1009
-        await watcher.wait_for({alias})
+        with anyio.fail_after(CLOSE_WITHIN):
+            await watcher.wait_for(alias)
         await check_tunnel(agent, "after-oversized")
 
 

@@ -9,12 +9,12 @@ import anyio
 import anyio.abc
 import pytest
 
-from comzy import Tunnel, hookimpl
 from comzy.agent.client import Agent, AgentConfig
 from comzy.agent.forward import LocalForwarder
 from comzy.core import protocol as p
-from comzy.core.websocket import Closed, WebSocket, connect, server_handshake
+from comzy.core.websocket import WebSocket, connect, server_handshake
 from tests.conftest import RecordingReporter, start_agent, start_server
+from tests.helpers import DisconnectWatcher, receive_until_closed
 from tests.upstream import Upstream
 
 pytestmark = pytest.mark.anyio
@@ -22,26 +22,6 @@ pytestmark = pytest.mark.anyio
 FT = p.FrameType
 INTERVAL = 0.2
 TIMEOUT = 1.0
-
-
-class DisconnectWatcher:
-    """A plugin that signals when a tunnel ends, and why."""
-
-    def __init__(self) -> None:
-        self.ended: dict[str, str] = {}
-        self._changed = anyio.Event()
-
-    @hookimpl
-    def on_disconnect(self, tunnel: Tunnel, reason: str) -> None:
-        self.ended[tunnel.alias] = reason
-        self._changed.set()
-
-    async def wait_for(self, alias: str) -> str:
-        """Wait until ``alias`` has ended; its reason."""
-        while alias not in self.ended:
-            self._changed = anyio.Event()
-            await self._changed.wait()
-        return self.ended[alias]
 
 
 class ReconnectReporter(RecordingReporter):
@@ -54,18 +34,6 @@ class ReconnectReporter(RecordingReporter):
     def reconnecting(self, reason: str, delay: float) -> None:
         super().reconnecting(reason, delay)
         self.lost.set()
-
-
-async def drain_until_closed(ws: WebSocket) -> tuple[Closed, list[p.Frame]]:
-    """Everything the peer sent (and had buffered) before the connection closed."""
-    frames: list[p.Frame] = []
-    with anyio.fail_after(5):
-        while True:
-            message = await ws.receive()
-            if isinstance(message, Closed):
-                return message, frames
-            assert isinstance(message, bytes)
-            frames.extend(p.decode_message(message))
 
 
 async def test_server_drops_an_agent_that_goes_silent(tmp_path: Path, upstream: Upstream) -> None:
@@ -88,9 +56,9 @@ async def test_server_drops_an_agent_that_goes_silent(tmp_path: Path, upstream: 
             started = anyio.current_time()
             # From here on this agent neither reads nor writes: it answers no PING.
             with anyio.fail_after(TIMEOUT + 3):
-                reason = await watcher.wait_for(alias)
+                (reason,) = await watcher.wait_for(alias)
             elapsed = anyio.current_time() - started
-            closed, frames = await drain_until_closed(ws)
+            closed, frames = await receive_until_closed(ws)
         finally:
             await ws.aclose()
         assert "heartbeat timeout" in reason
@@ -152,7 +120,7 @@ async def test_agent_notices_a_server_that_goes_silent(upstream: Upstream) -> No
         # The agent's timeout is three heartbeat intervals from WELCOME.
         assert "heartbeat timeout" in reporter.reconnects[0]
         assert 3 * INTERVAL * 0.9 <= elapsed < 3 * INTERVAL + 2.0
-        closed, frames = await drain_until_closed(links[0])
+        closed, frames = await receive_until_closed(links[0])
         assert sum(f.type == FT.PING for f in frames) >= 2  # it asked before giving up
         assert closed.code == 1006
     finally:

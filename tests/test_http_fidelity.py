@@ -24,6 +24,7 @@ import pytest
 
 from comzy.core.server import ServerContext
 from tests.conftest import RunningAgent, start_agent, start_server, visitor
+from tests.helpers import serve_tcp
 from tests.upstream import Upstream, pattern_block
 
 pytestmark = pytest.mark.anyio
@@ -429,18 +430,15 @@ class IdleClosingApp:
 
 
 @asynccontextmanager
-async def serve_idle_closing(app: IdleClosingApp) -> AsyncIterator[IdleClosingApp]:
+async def serve_app(app: IdleClosingApp) -> AsyncIterator[IdleClosingApp]:
     """Run ``app`` on a free loopback port."""
-    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
-    app.port = listener.extra(anyio.abc.SocketAttribute.local_port)
-    async with listener, anyio.create_task_group() as tg:
-        tg.start_soon(listener.serve, app.handle)
+    async with serve_tcp(app.handle) as port:
+        app.port = port
         yield app
-        tg.cancel_scope.cancel()
 
 
 async def test_requests_after_local_app_drops_idle_connections(server: ServerContext) -> None:
-    async with serve_idle_closing(IdleClosingApp(idle=0.3)) as app, \
+    async with serve_app(IdleClosingApp(idle=0.3)) as app, \
             start_agent(server, app.port) as running, running.visitor() as client:
         for round_ in range(4):
             for i in range(2):  # the second one may reuse the connection the first one opened
@@ -453,7 +451,7 @@ async def test_requests_after_local_app_drops_idle_connections(server: ServerCon
 
 
 async def test_request_on_connection_closed_under_it_is_retried(server: ServerContext) -> None:
-    async with serve_idle_closing(IdleClosingApp(idle=5, answers_per_connection=1)) as app, \
+    async with serve_app(IdleClosingApp(idle=5, answers_per_connection=1)) as app, \
             start_agent(server, app.port) as running, running.visitor() as client:
         for i in range(5):
             response = await client.get(f"/again/{i}")

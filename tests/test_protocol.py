@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from comzy.core import protocol as p
 from comzy.core.session import Session, Stream, StreamReset
-from comzy.core.websocket import Closed, WebSocket, client_handshake, server_handshake
+from comzy.core.websocket import WebSocket, client_handshake, server_handshake
+from tests.helpers import receive_until_closed
 
 FT = p.FrameType
 STREAM_TYPES = [FT.REQUEST, FT.RESPONSE, FT.DATA, FT.END, FT.RESET, FT.WINDOW, FT.WS_CLOSE]
@@ -451,18 +452,6 @@ async def next_frames(ws: WebSocket) -> list[p.Frame]:
     message = await ws.receive()
     assert isinstance(message, bytes), message
     return decode_all(message)
-
-
-async def receive_until_closed(ws: WebSocket) -> tuple[Closed, list[p.Frame]]:
-    """Every frame the peer sends before it closes, and how it closed."""
-    frames: list[p.Frame] = []
-    with anyio.fail_after(5):
-        while True:
-            message = await ws.receive()
-            if isinstance(message, Closed):
-                return message, frames
-            assert isinstance(message, bytes)
-            frames.extend(decode_all(message))
 
 
 @asynccontextmanager

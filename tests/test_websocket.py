@@ -16,6 +16,7 @@ from wsproto.events import AcceptConnection
 from comzy.core.server import ServerContext
 from comzy.core.websocket import Closed, HandshakeRejected, WebSocket, client_handshake, server_handshake
 from tests.conftest import RunningAgent, start_agent
+from tests.helpers import serve_tcp
 from tests.upstream import Upstream
 
 pytestmark = pytest.mark.anyio
@@ -123,12 +124,9 @@ class RecordingWsUpstream:
 async def serve_recording_upstream() -> AsyncIterator[RecordingWsUpstream]:
     """Run a RecordingWsUpstream on a free loopback port."""
     app = RecordingWsUpstream()
-    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
-    app.port = listener.extra(anyio.abc.SocketAttribute.local_port)
-    async with listener, anyio.create_task_group() as tg:
-        tg.start_soon(listener.serve, app.handle)
+    async with serve_tcp(app.handle) as port:
+        app.port = port
         yield app
-        tg.cancel_scope.cancel()
 
 
 async def test_visitor_close_code_and_reason_reach_upstream(server: ServerContext) -> None:
