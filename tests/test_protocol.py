@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from comzy.core import protocol as p
-from comzy.core.session import Session, Stream, StreamReset
+from comzy.core.session import Session
+from comzy.core.stream import Stream, StreamReset
 from comzy.core.websocket import WebSocket, client_handshake, server_handshake
 from tests.helpers import receive_until_closed
 

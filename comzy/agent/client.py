@@ -13,7 +13,8 @@ import anyio.abc
 from comzy import __version__
 from comzy.agent.forward import LocalForwarder
 from comzy.core import protocol as p
-from comzy.core.session import Session, Stream
+from comzy.core.session import Session
+from comzy.core.stream import Stream
 from comzy.core.websocket import Closed, WebSocket, WebSocketError, connect
 
 log = logging.getLogger("comzy.agent")

@@ -11,7 +11,8 @@ import anyio
 
 from comzy.agent.local_http import ConnectFailed, LocalClient, LocalError, StaleConnection
 from comzy.core import protocol as p
-from comzy.core.session import SessionClosed, Stream, StreamReset
+from comzy.core.session import SessionClosed
+from comzy.core.stream import Stream, StreamReset
 from comzy.core.websocket import Closed, HandshakeRejected, WebSocket, WebSocketError, client_handshake
 
 log = logging.getLogger("comzy.agent")

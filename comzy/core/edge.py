@@ -12,7 +12,8 @@ import anyio
 
 from comzy.core import protocol as p
 from comzy.core.registry import Entry
-from comzy.core.session import SessionClosed, Stream, StreamReset
+from comzy.core.session import SessionClosed
+from comzy.core.stream import Stream, StreamReset
 from comzy.core.types import Exchange, ForwardRequest, Reject
 
 if TYPE_CHECKING:

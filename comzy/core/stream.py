@@ -1,0 +1,176 @@
+"""One stream inside a session: a request/response exchange or a proxied WebSocket.
+
+A stream buffers at most its window of DATA from the peer and sends only as much as the
+peer's credit allows; the session's reader feeds it through the ``_on_*`` methods.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING
+
+import anyio
+
+from comzy.core import protocol as p
+
+if TYPE_CHECKING:
+    from comzy.core.session import Session
+
+
+class StreamReset(Exception):
+    """The stream was aborted by the peer or because the session ended."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(f"stream reset ({code}): {message}")
+        self.code = code
+        self.message = message
+
+
+class Stream:
+    """One request/response exchange (or one proxied WebSocket) inside a session."""
+
+    def __init__(self, session: Session, stream_id: int, window: int) -> None:
+        self.session = session
+        self.id = stream_id
+        self._chunks: deque[tuple[bytes, int]] = deque()
+        self._buffered = 0
+        self._readable = anyio.Event()
+        self._remote_ended = False
+        self._reset: StreamReset | None = None
+        self._unacked = 0
+        self._window = window
+        self._credit = session.peer_window
+        self._credit_event = anyio.Event()
+        self._local_ended = False
+        self.head: object | None = None  # RESPONSE head (server side), set by the reader
+        self._head_event = anyio.Event()
+        self.ws_close: tuple[int, str] | None = None
+
+    # -- reading ---------------------------------------------------------------
+    async def receive(self) -> tuple[bytes, int] | None:
+        """The next DATA payload and its flags, or None after the peer's END."""
+        while not self._chunks:
+            # END (or WS_CLOSE) first: a RESET that follows a complete read takes nothing away
+            # (the edge resets a WebSocket stream right after passing on the visitor's close).
+            if self._remote_ended:
+                return None
+            if self._reset is not None:
+                raise self._reset
+            self._readable = anyio.Event()
+            await self._readable.wait()
+        data, flags = self._chunks.popleft()
+        self._buffered -= len(data)
+        self._unacked += len(data)
+        # Re-open the window once half of it is consumed: the sender keeps the pipe full
+        # without one WINDOW frame per DATA frame.
+        if self._unacked >= self._window // 2 and not self._remote_ended:
+            self.session.send_nowait(p.encode_window(self.id, self._unacked))
+            self._unacked = 0
+        return data, flags
+
+    async def receive_coalesced(self, limit: int) -> tuple[bytes, int] | None:
+        """Like ``receive`` but joins DATA already buffered (same flags) up to ``limit``
+        bytes: one write downstream instead of several small ones."""
+        first = await self.receive()
+        if first is None or not self._chunks:
+            return first
+        data, flags = first
+        parts = [data]
+        size = len(data)
+        while self._chunks and size + len(self._chunks[0][0]) <= limit and self._chunks[0][1] == flags:
+            more = await self.receive()
+            assert more is not None  # a chunk is buffered, so receive returns it at once
+            parts.append(more[0])
+            size += len(more[0])
+        return b"".join(parts), flags
+
+    async def wait_head(self) -> object:
+        """Wait for the peer's RESPONSE head."""
+        while self.head is None:
+            if self._reset is not None:
+                raise self._reset
+            await self._head_event.wait()
+        return self.head
+
+    # -- writing ---------------------------------------------------------------
+    async def send_data(self, data: bytes, flags: int = 0) -> None:
+        """Send body bytes, split into frames and paced by the peer's credit.
+
+        ``flags`` (FIN/TEXT, for WebSocket messages) go on the last frame only.
+        """
+        view = memoryview(data)
+        total = len(view)
+        offset = 0
+        while True:
+            if self._reset is not None:
+                raise self._reset
+            if self._credit <= 0:
+                self._credit_event = anyio.Event()
+                await self._credit_event.wait()
+                continue
+            size = min(total - offset, self._credit, p.MAX_DATA_FRAME)
+            last = offset + size == total
+            chunk = view[offset : offset + size]
+            self._credit -= size
+            offset += size
+            await self.session.send(p.encode_data(self.id, chunk, flags if last else flags & p.FLAG_TEXT))
+            if last:
+                return
+
+    def send_end(self) -> None:
+        """Half-close: no more DATA from this side."""
+        if not self._local_ended and self._reset is None:
+            self._local_ended = True
+            self.session.send_nowait(p.encode(p.FrameType.END, self.id))
+
+    def reset(self, code: p.ResetCode, message: str = "") -> None:
+        """Abort the stream and tell the peer (if it is not already gone)."""
+        if self._reset is None:
+            self._fail(StreamReset(code, message))
+            self.session.send_nowait(p.encode_reset(self.id, code, message))
+        self.session.forget(self.id)
+
+    def close(self) -> None:
+        """Release the stream: a clean finish if both sides ended, otherwise a RESET."""
+        if self._reset is None and not (self._local_ended and self._remote_ended):
+            self.reset(p.ResetCode.CANCEL, "closed")
+        self.session.forget(self.id)
+
+    @property
+    def drained_and_ended(self) -> bool:
+        """True when the peer's END has arrived and every DATA before it was read."""
+        return self._remote_ended and not self._chunks and self._reset is None
+
+    @property
+    def finished(self) -> bool:
+        """True once the peer has ended or reset the stream."""
+        return self._remote_ended or self._reset is not None
+
+    # -- called by the session reader -------------------------------------------
+    def _on_data(self, data: bytes, flags: int) -> None:
+        if self._remote_ended:
+            raise p.ProtocolError(f"DATA after END on stream {self.id}")
+        self._buffered += len(data)
+        if self._buffered > self._window:
+            raise p.ProtocolError(f"peer overran the window of stream {self.id}")
+        self._chunks.append((data, flags))
+        self._readable.set()
+
+    def _on_end(self) -> None:
+        self._remote_ended = True
+        self._readable.set()
+
+    def _on_credit(self, increment: int) -> None:
+        self._credit += increment
+        self._credit_event.set()
+
+    def _on_head(self, head: object) -> None:
+        self.head = head
+        self._head_event.set()
+
+    def _fail(self, error: StreamReset) -> None:
+        if self._reset is None:
+            self._reset = error
+        self._readable.set()
+        self._credit_event.set()
+        self._head_event.set()
