@@ -224,6 +224,17 @@ async def test_agent_prints_public_url_and_a_line_per_request(tmp_path: Path, up
         assert ANSI not in cli.stdout
 
 
+async def test_agent_warns_when_nothing_listens_locally(tmp_path: Path, upstream: Upstream) -> None:
+    async with start_server(tmp_path / "data") as server:
+        with dead_port() as port:
+            async with run_agent(port, server.ports.ws, tmp_path) as cli:
+                await cli.wait_for(rf"Nothing is listening on 127\.0\.0\.1:{port} yet")
+                await cli.wait_for(PUBLIC_URL)
+        async with run_agent(upstream.port, server.ports.ws, tmp_path) as cli:
+            await cli.wait_for(PUBLIC_URL)
+            assert "Nothing is listening" not in cli.stdout
+
+
 async def test_output_is_plain_when_piped_and_coloured_when_forced(tmp_path: Path, upstream: Upstream) -> None:
     piped = agent_env()
     del piped["NO_COLOR"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import sys
 
 import anyio
@@ -87,6 +88,15 @@ async def _run(agent: Agent, forwarder: LocalForwarder, printer: Printer) -> int
     return code
 
 
+def local_service_answers(host: str, port: int, timeout: float = 0.5) -> bool:
+    """Whether something accepts TCP connections on ``host:port`` (a start-up hint only)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``comzy``."""
     args = parse_args(argv)
@@ -98,6 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     config = AgentConfig(servers=servers, port=args.port, local_host=args.local_host,
                          subdomain=args.subdomain.lower() if args.subdomain else None)
     agent = Agent(config, forwarder, printer)
+    if not local_service_answers(args.local_host, args.port):
+        printer.notice("warning", f"Nothing is listening on {target} yet; visitors get a 502 until it starts.")
     try:
         code = anyio.run(_run, agent, forwarder, printer)
     except KeyboardInterrupt:
