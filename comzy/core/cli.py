@@ -48,9 +48,21 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="comzy-server", description="Run the Comzy tunnel server. "
                                      "Configure it with COMZY_* environment variables (see docs/configuration.md).")
     parser.add_argument("--version", action="version", version=f"comzy-server {__version__}")
-    parser.parse_args(argv)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND",
+                                     help="without one: run the server")
+    db = commands.add_parser("db", help="the database schema (Alembic migrations)",
+                             description="Manage the database schema of COMZY_DATABASE_URL (or DB_*, "
+                             "or comzy.db in COMZY_DATA_DIR).")
+    db_actions = db.add_subparsers(dest="action", metavar="ACTION", required=True)
+    db_actions.add_parser("upgrade", help="apply every pending migration")
+    db_actions.add_parser("current", help="print the schema revision and whether it is current")
+    args = parser.parse_args(argv)
     settings = load_settings()
     logs.configure(settings.log_level)
+    if args.command == "db":
+        from comzy.core.db import run_db_command  # SQLAlchemy and Alembic load only when needed
+
+        raise SystemExit(run_db_command(settings, args.action))
     # Every tunnel keeps long-lived objects; with the default thresholds full collections
     # took ~30% of the server's CPU while 10,000 agents registered (bench/idle_agents.py).
     gc.set_threshold(10_000, 10, 100)

@@ -20,3 +20,5 @@ def configure(level: str = "INFO") -> None:
     root.setLevel(level.upper())
     # hypercorn's own start-up chatter repeats what our banner says.
     logging.getLogger("comzy.http").setLevel(max(logging.WARNING, root.level))
+    # Alembic (comzy/core/db.py) logs its set-up at INFO; Comzy reports migrations itself.
+    logging.getLogger("alembic").setLevel(logging.WARNING if root.level > logging.DEBUG else logging.NOTSET)

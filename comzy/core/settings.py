@@ -89,6 +89,20 @@ class ServerSettings(BaseSettings):
                                           description="Token for the admin listener.")
     log_level: str = Field("INFO", validation_alias=_env("COMZY_LOG_LEVEL"),
                            description="Logging level (DEBUG, INFO, WARNING).")
+    database_url: SecretStr | None = Field(
+        None, validation_alias=_env("COMZY_DATABASE_URL"),
+        description="SQLAlchemy URL of the database, e.g. postgresql+asyncpg://user:pw@host/comzy; unset: "
+        "MySQL from DB_* when DB_PASSWORD is set, else SQLite comzy.db in COMZY_DATA_DIR.")
+    db_host: str = Field("127.0.0.1", validation_alias=_env("COMZY_DB_HOST", "DB_HOST"),
+                         description="MySQL/MariaDB host (used when DB_PASSWORD is set).")
+    db_port: int = Field(3306, ge=1, le=65535, validation_alias=_env("COMZY_DB_PORT", "DB_PORT"),
+                         description="MySQL/MariaDB port (used when DB_PASSWORD is set).")
+    db_user: str = Field("root", validation_alias=_env("COMZY_DB_USER", "DB_USER"),
+                         description="MySQL/MariaDB user (used when DB_PASSWORD is set).")
+    db_password: SecretStr | None = Field(None, validation_alias=_env("COMZY_DB_PASSWORD", "DB_PASSWORD"),
+                                          description="MySQL/MariaDB password; setting it selects MySQL.")
+    db_name: str = Field("comzy", validation_alias=_env("COMZY_DB_NAME", "DB_NAME"),
+                         description="MySQL/MariaDB database name (used when DB_PASSWORD is set).")
 
     @field_validator("base_domain")
     @classmethod

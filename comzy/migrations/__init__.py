@@ -1,0 +1,1 @@
+"""Alembic migration scripts; they ship inside the package so `comzy-server db upgrade` finds them."""

@@ -1,0 +1,64 @@
+"""Alembic environment for Comzy: async drivers, URL from Comzy's settings.
+
+Comzy (comzy/core/db.py) hands over an open connection in ``config.attributes["connection"]``.
+The plain ``alembic`` command (alembic.ini at the repository top) gets its URL from
+``config.attributes["url"]``, ``sqlalchemy.url`` or, usually, the same COMZY_DATABASE_URL /
+DB_* / data-directory resolution the server uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from logging.config import fileConfig
+
+from alembic import context
+from sqlalchemy import URL, Connection, make_url, pool
+
+from comzy.core.db import create_engine, database_url
+from comzy.core.models import Base
+from comzy.core.settings import ServerSettings
+
+config = context.config
+target_metadata = Base.metadata
+
+
+def _url() -> URL:
+    if config.attributes.get("url") is not None:
+        return make_url(config.attributes["url"])
+    configured = config.get_main_option("sqlalchemy.url")
+    if configured:
+        return make_url(configured)
+    return database_url(ServerSettings())
+
+
+def _configure(**options: object) -> None:
+    context.configure(target_metadata=target_metadata, render_as_batch=True, compare_type=True, **options)
+
+
+def run_with(connection: Connection) -> None:
+    """Run the migrations on an open (synchronous facade of an async) connection."""
+    _configure(connection=connection)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+async def _run_online() -> None:
+    engine = create_engine(_url(), poolclass=pool.NullPool)
+    try:
+        async with engine.connect() as connection:
+            await connection.run_sync(run_with)
+            await connection.commit()
+    finally:
+        await engine.dispose()
+
+
+if context.is_offline_mode():
+    _configure(url=_url(), literal_binds=True, dialect_opts={"paramstyle": "named"})
+    with context.begin_transaction():
+        context.run_migrations()
+elif config.attributes.get("connection") is not None:
+    run_with(config.attributes["connection"])
+else:
+    if config.config_file_name is not None:
+        fileConfig(config.config_file_name, disable_existing_loggers=False)
+    asyncio.run(_run_online())
