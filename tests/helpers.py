@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import anyio
 import anyio.abc
+import pytest
+from sqlalchemy import URL, make_url, pool, text
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from comzy import Tunnel, hookimpl
+from comzy.core import db
 from comzy.core import protocol as p
 from comzy.core.websocket import Closed, WebSocket
 
@@ -54,3 +60,58 @@ async def serve_tcp(handler: Callable[[anyio.abc.SocketStream], Awaitable[None]]
         tg.start_soon(listener.serve, handler)
         yield port
         tg.cancel_scope.cancel()
+
+
+# -- Database services (MariaDB, PostgreSQL) ---------------------------------------------------
+#: The database services the tests use: the variable that overrides each URL, and its default.
+SERVICES = {
+    "mariadb": ("COMZY_TEST_MARIADB_URL", "mysql+aiomysql://root@127.0.0.1:3306/test"),
+    "postgres": ("COMZY_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"),
+}
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def unavailable(reason: str) -> None:
+    """Skip with ``reason``; under CI=true, where the services are required, fail instead."""
+    if IN_CI:
+        pytest.fail(f"{reason} (required when CI=true)")
+    pytest.skip(reason)
+
+
+async def admin_engine(service: str) -> tuple[AsyncEngine, URL]:
+    """An autocommit engine on ``service`` and its URL; skips (fails under CI) when unreachable."""
+    variable, default = SERVICES[service]
+    url = make_url(os.environ.get(variable, default))
+    timeout = {"connect_timeout": 5} if service == "mariadb" else {"timeout": 5}
+    try:
+        engine = create_async_engine(url, poolclass=pool.NullPool, connect_args=timeout,
+                                     isolation_level="AUTOCOMMIT")
+    except ModuleNotFoundError as exc:
+        unavailable(f"{service} driver {exc.name} not installed (pip install -e '.[dev]')")
+    try:
+        async with engine.connect() as connection:
+            await connection.execute(text("SELECT 1"))
+    except Exception as exc:
+        await engine.dispose()
+        unavailable(f"{service} not reachable at {db.masked_url(url)}: {db.describe_error(exc, url)}; "
+                    f"start it (DEVELOPERS.md) or set {variable}")
+    return engine, url
+
+
+async def scratch_database(service: str) -> AsyncIterator[URL]:
+    """A new empty database on ``service`` for one test (``async for url in ...``); dropped afterwards."""
+    admin, url = await admin_engine(service)
+    name = f"comzy_test_{uuid.uuid4().hex[:12]}"
+    try:
+        async with admin.connect() as connection:
+            await connection.execute(text(f"CREATE DATABASE {name}"))
+        try:
+            yield url.set(database=name)
+        finally:
+            async with admin.connect() as connection:
+                if service == "postgres":
+                    await connection.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                else:
+                    await connection.execute(text(f"DROP DATABASE IF EXISTS {name}"))
+    finally:
+        await admin.dispose()

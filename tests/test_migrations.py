@@ -10,10 +10,8 @@ its own, created for it and dropped afterwards, so concurrent runs never meet.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import tomllib
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,68 +19,19 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import URL, Connection, inspect, make_url, pool, select, text
+from sqlalchemy import URL, Connection, inspect, make_url, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from comzy.core import db
 from comzy.core.models import ApiRequest, Base, CustomDomain, User, UserAlias
 from comzy.core.settings import ServerSettings
 from tests.conftest import PYTHON, ROOT, cli_env, start_server
+from tests.helpers import scratch_database as _scratch
 
 pytestmark = pytest.mark.anyio
 
 TABLES = {"users", "user_aliases", "api_requests", "custom_domains"}
-SERVICES = {
-    "mariadb": ("COMZY_TEST_MARIADB_URL", "mysql+aiomysql://root@127.0.0.1:3306/test"),
-    "postgres": ("COMZY_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"),
-}
-IN_CI = os.environ.get("CI", "").lower() == "true"
-
-
-def unavailable(reason: str) -> None:
-    """Skip with ``reason``; under CI=true, where the services are required, fail instead."""
-    if IN_CI:
-        pytest.fail(f"{reason} (required when CI=true)")
-    pytest.skip(reason)
-
-
-async def _admin(service: str) -> tuple[AsyncEngine, URL]:
-    variable, default = SERVICES[service]
-    url = make_url(os.environ.get(variable, default))
-    timeout = {"connect_timeout": 5} if service == "mariadb" else {"timeout": 5}
-    try:
-        engine = create_async_engine(url, poolclass=pool.NullPool, connect_args=timeout,
-                                     isolation_level="AUTOCOMMIT")
-    except ModuleNotFoundError as exc:
-        unavailable(f"{service} driver {exc.name} not installed (pip install -e '.[dev]')")
-    try:
-        async with engine.connect() as connection:
-            await connection.execute(text("SELECT 1"))
-    except Exception as exc:
-        await engine.dispose()
-        unavailable(f"{service} not reachable at {db.masked_url(url)}: {db.describe_error(exc, url)}; "
-                    f"start it (DEVELOPERS.md) or set {variable}")
-    return engine, url
-
-
-async def _scratch(service: str) -> AsyncIterator[URL]:
-    """A new empty database on ``service`` for one test; dropped afterwards."""
-    admin, url = await _admin(service)
-    name = f"comzy_test_{uuid.uuid4().hex[:12]}"
-    try:
-        async with admin.connect() as connection:
-            await connection.execute(text(f"CREATE DATABASE {name}"))
-        try:
-            yield url.set(database=name)
-        finally:
-            async with admin.connect() as connection:
-                if service == "postgres":
-                    await connection.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                else:
-                    await connection.execute(text(f"DROP DATABASE IF EXISTS {name}"))
-    finally:
-        await admin.dispose()
 
 
 @pytest.fixture(params=["sqlite", "mariadb", "postgres"])

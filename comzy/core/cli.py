@@ -56,6 +56,16 @@ def main(argv: list[str] | None = None) -> None:
     db_actions = db.add_subparsers(dest="action", metavar="ACTION", required=True)
     db_actions.add_parser("upgrade", help="apply every pending migration")
     db_actions.add_parser("current", help="print the schema revision and whether it is current")
+    domains = commands.add_parser("domains", help="custom domains served by an alias (plugin custom_domains)",
+                                  description="Manage the custom domain mappings kept in the database "
+                                  "(COMZY_DATABASE_URL, or DB_*, or comzy.db in COMZY_DATA_DIR).")
+    domain_actions = domains.add_subparsers(dest="action", metavar="ACTION", required=True)
+    domain_add = domain_actions.add_parser("add", help="serve HOST with ALIAS's tunnel (updates an existing HOST)")
+    domain_add.add_argument("host", metavar="HOST", help="a host outside the base domain, e.g. app.example.com")
+    domain_add.add_argument("alias", metavar="ALIAS", help="the alias whose tunnel serves it")
+    domain_actions.add_parser("list", help="print every mapping")
+    domain_remove = domain_actions.add_parser("remove", help="stop serving HOST")
+    domain_remove.add_argument("host", metavar="HOST")
     args = parser.parse_args(argv)
     settings = load_settings()
     logs.configure(settings.log_level)
@@ -63,6 +73,11 @@ def main(argv: list[str] | None = None) -> None:
         from comzy.core.db import run_db_command  # SQLAlchemy and Alembic load only when needed
 
         raise SystemExit(run_db_command(settings, args.action))
+    if args.command == "domains":
+        from comzy.plugins.custom_domains.cli import run_domains_command
+
+        raise SystemExit(run_domains_command(settings, args.action, getattr(args, "host", None),
+                                             getattr(args, "alias", None)))
     # Every tunnel keeps long-lived objects; with the default thresholds full collections
     # took ~30% of the server's CPU while 10,000 agents registered (bench/idle_agents.py).
     gc.set_threshold(10_000, 10, 100)

@@ -1,0 +1,112 @@
+"""Hosts outside the base domain served by an alias: from CUSTOM_DOMAINS and the database."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import anyio
+from sqlalchemy.exc import SQLAlchemyError
+
+from comzy import PluginError, hookimpl
+
+from .domains import MappingError, check_alias, check_host, load_mappings, parse_mappings
+from .settings import MAPPINGS_VARIABLES, CustomDomainsSettings
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from comzy.core.server import ServerContext
+
+log = logging.getLogger("comzy.plugins.custom_domains")
+
+
+class CustomDomains:
+    """Answers ``resolve_host`` for custom hosts from a dict in memory.
+
+    The dict joins the environment's mappings (which win) and the database's; a background
+    task re-reads the database every ``refresh_seconds``, so ``comzy-server domains add`` from
+    another process takes effect without a restart. The request path never touches the database.
+    """
+
+    def __init__(self, settings: CustomDomainsSettings | None = None) -> None:
+        self.settings = settings or CustomDomainsSettings()
+        self.hosts: dict[str, str] = {}
+        self._from_env: dict[str, str] = {}
+        self._engine: AsyncEngine | None = None
+        self._failing = False
+        self._skipped: set[str] = set()
+        self._stop: anyio.CancelScope | None = None
+        self._stopped: anyio.Event | None = None
+        self.refreshes = 0
+
+    @hookimpl
+    def resolve_host(self, host: str) -> str | None:
+        """The alias mapped to ``host`` (lowercase, without port), or None."""
+        return self.hosts.get(host)
+
+    @hookimpl
+    async def on_startup(self, server: ServerContext) -> None:
+        """Check CUSTOM_DOMAINS, open the database, load every mapping, start the refresher."""
+        from comzy.core.db import prepare_database  # SQLAlchemy loads only with the plugin
+
+        try:
+            self._from_env = parse_mappings(self.settings.mappings, server.settings.base_domain)
+        except MappingError as exc:
+            raise PluginError(f"custom_domains: invalid {' (or '.join(reversed(MAPPINGS_VARIABLES))}): {exc}") from None
+        self._engine = await prepare_database(server.settings)
+        await self.refresh(server.settings.base_domain)
+        log.info("custom domains: %d mapped (%d from CUSTOM_DOMAINS)", len(self.hosts), len(self._from_env))
+        self._stop, self._stopped = anyio.CancelScope(), anyio.Event()
+        server.task_group.start_soon(self._refresh_forever, server.settings.base_domain)
+
+    @hookimpl
+    async def on_shutdown(self) -> None:
+        """Stop the refresher (never in the middle of a query), then dispose of the database engine."""
+        if self._stop is not None and self._stopped is not None:
+            self._stop.cancel()
+            await self._stopped.wait()
+        if self._engine is not None:
+            engine, self._engine = self._engine, None
+            await engine.dispose()
+
+    async def _refresh_forever(self, base_domain: str) -> None:
+        # Cancelled only while sleeping: a query cut off half-way leaves an aiosqlite
+        # connection that hangs the engine's disposal.
+        assert self._stop is not None and self._stopped is not None
+        try:
+            with self._stop:
+                while True:
+                    await anyio.sleep(self.settings.refresh_seconds)
+                    with anyio.CancelScope(shield=True):
+                        await self.refresh(base_domain)
+        finally:
+            self._stopped.set()
+
+    async def refresh(self, base_domain: str) -> None:
+        """Re-read the database's mappings and swap in the new map; on a database error keep the old one."""
+        engine = self._engine
+        if engine is None:
+            return
+        try:
+            stored = await load_mappings(engine)
+        except (SQLAlchemyError, OSError) as exc:
+            if not self._failing:
+                log.warning("custom domains: cannot read the database (%s); keeping the %d known mappings",
+                            type(exc).__name__, len(self.hosts))
+            self._failing = True
+            return
+        if self._failing:
+            log.info("custom domains: the database is readable again")
+            self._failing = False
+        hosts: dict[str, str] = {}
+        for host, alias in stored.items():
+            try:
+                hosts[check_host(host, base_domain)] = check_alias(alias)
+            except MappingError as exc:  # e.g. written before COMZY_BASE_DOMAIN changed
+                if host not in self._skipped:
+                    self._skipped.add(host)
+                    log.warning("custom domains: ignoring the stored mapping of %s: %s", host, exc)
+        hosts.update(self._from_env)
+        self.hosts = hosts  # one assignment: resolve_host never sees a half-built map
+        self.refreshes += 1
