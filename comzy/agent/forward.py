@@ -193,20 +193,11 @@ class LocalForwarder:
                 await stream.send_data(message, p.FLAG_FIN)
 
     async def _ws_to_local(self, stream: Stream, ws: WebSocket, scope: anyio.CancelScope) -> None:
-        parts: list[bytes] = []
         try:
-            while True:
-                chunk = await stream.receive()
-                if chunk is None:
-                    code, reason = stream.ws_close or (1000, "")
-                    await ws.close(code if code not in (1005, 1006, 1015) else 1000, reason)
-                    scope.cancel()
-                    return
-                data, flags = chunk
-                parts.append(data)
-                if flags & p.FLAG_FIN:
-                    payload = b"".join(parts)
-                    parts = []
-                    await ws.send(payload.decode("utf-8", "replace") if flags & p.FLAG_TEXT else payload)
+            while (message := await stream.receive_message()) is not None:
+                await ws.send(message)
+            code, reason = stream.ws_close or (1000, "")
+            await ws.close(p.sendable_close_code(code), reason)
+            scope.cancel()
         except WebSocketError:
             return

@@ -14,7 +14,7 @@ from comzy.core import protocol as p
 from comzy.core.registry import Entry
 from comzy.core.session import SessionClosed
 from comzy.core.stream import Stream, StreamReset
-from comzy.core.types import Exchange, ForwardRequest, Reject
+from comzy.core.types import Exchange, ForwardRequest, Reject, Tunnel
 
 if TYPE_CHECKING:
     from comzy.core.server import ServerContext
@@ -162,15 +162,20 @@ class EdgeApp:
         try:
             await self._proxy_http(stream, receive, send, state)
         finally:
-            stream.close()
-            tunnel.requests += 1
-            tunnel.bytes_in += state.bytes_in
-            tunnel.bytes_out += state.bytes_out
-            if self.hooks.has_after_response:
-                exchange = Exchange(request, tunnel, state.status, state.bytes_in, state.bytes_out,
-                                    started, time.time() - started, state.error)
-                with anyio.CancelScope(shield=True):
-                    await self.hooks.after_response(exchange, self.server)
+            await self._finish(stream, request, tunnel, state, started)
+
+    async def _finish(self, stream: Stream, request: ForwardRequest, tunnel: Tunnel, state: _Exchange,
+                      started: float) -> None:
+        """Release the stream, count the exchange on its tunnel and tell after_response."""
+        stream.close()
+        tunnel.requests += 1
+        tunnel.bytes_in += state.bytes_in
+        tunnel.bytes_out += state.bytes_out
+        if self.hooks.has_after_response:
+            exchange = Exchange(request, tunnel, state.status, state.bytes_in, state.bytes_out,
+                                started, time.time() - started, state.error)
+            with anyio.CancelScope(shield=True):
+                await self.hooks.after_response(exchange, self.server)
 
     async def _proxy_http(self, stream: Stream, receive: Receive, send: Send, state: _Exchange) -> None:
         async with anyio.create_task_group() as tg:
@@ -281,15 +286,7 @@ class EdgeApp:
         try:
             await self._proxy_websocket(scope, stream, receive, send, state)
         finally:
-            stream.close()
-            tunnel.requests += 1
-            tunnel.bytes_in += state.bytes_in
-            tunnel.bytes_out += state.bytes_out
-            if self.hooks.has_after_response:
-                exchange = Exchange(request, tunnel, state.status, state.bytes_in, state.bytes_out,
-                                    started, time.time() - started, state.error)
-                with anyio.CancelScope(shield=True):
-                    await self.hooks.after_response(exchange, self.server)
+            await self._finish(stream, request, tunnel, state, started)
 
     async def _proxy_websocket(self, scope: Scope, stream: Stream, receive: Receive, send: Send,
                                state: _Exchange) -> None:
@@ -347,24 +344,16 @@ class EdgeApp:
             return
 
     async def _ws_to_visitor(self, stream: Stream, send: Send, state: _Exchange) -> None:
-        parts: list[bytes] = []
         try:
-            while True:
-                chunk = await stream.receive()
-                if chunk is None:
-                    code, reason = stream.ws_close or (1000, "")
-                    await send({"type": "websocket.close", "code": _sendable_close(code), "reason": reason})
-                    return
-                data, flags = chunk
-                parts.append(data)
-                if flags & p.FLAG_FIN:
-                    payload = parts[0] if len(parts) == 1 else b"".join(parts)
-                    parts = []
-                    state.bytes_out += len(payload)
-                    if flags & p.FLAG_TEXT:
-                        await send({"type": "websocket.send", "text": payload.decode("utf-8", "replace")})
-                    else:
-                        await send({"type": "websocket.send", "bytes": payload})
+            while (message := await stream.receive_message()) is not None:
+                if isinstance(message, str):
+                    state.bytes_out += len(message.encode())  # bytes on the wire, not characters
+                    await send({"type": "websocket.send", "text": message})
+                else:
+                    state.bytes_out += len(message)
+                    await send({"type": "websocket.send", "bytes": message})
+            code, reason = stream.ws_close or (1000, "")
+            await send({"type": "websocket.close", "code": p.sendable_close_code(code), "reason": reason})
         except StreamReset as exc:
             state.error = exc.message
             await send({"type": "websocket.close", "code": 1011, "reason": "tunnel lost"})
@@ -397,11 +386,6 @@ def host_header(headers: list[tuple[bytes, bytes]]) -> bytes:
         if name == b"host":
             return value
     return b""
-
-
-def _sendable_close(code: int) -> int:
-    # 1005/1006/1015 are reserved for "no code"/"abnormal" and may not be sent on the wire.
-    return 1000 if code in (1005, 1006, 1015) or code < 1000 else code
 
 
 def _not_active(host: str, scope: Scope) -> str:

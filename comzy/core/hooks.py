@@ -46,6 +46,9 @@ class HookRunner:
     def __init__(self, pm: pluggy.PluginManager) -> None:
         self.pm = pm
         self._resolve_host = pm.hook.resolve_host
+        #: Whether any plugin listens to after_response: the edge skips building exchanges
+        #: otherwise. Plugins are fixed once the server runs, so this is read once.
+        self.has_after_response = bool(pm.hook.after_response.get_hookimpls())
 
     def resolve_host(self, host: str, server: Any) -> str | None:
         """First non-None alias for ``host`` (sync, firstresult)."""
@@ -104,10 +107,6 @@ class HookRunner:
             routes.extend(result)
         return routes
 
-    @property
-    def has_after_response(self) -> bool:
-        """Whether any plugin listens to after_response (skips building exchanges)."""
-        return bool(self.pm.hook.after_response.get_hookimpls())
 
 
 def available_plugins() -> dict[str, EntryPoint]:

@@ -183,6 +183,12 @@ class ResponseHead:
             raise ProtocolError(f"malformed RESPONSE head: {exc!r}") from exc
 
 
+def sendable_close_code(code: int) -> int:
+    """A close code that may go on the wire: 1005/1006/1015 only describe a missing or
+    abnormal close and must never be sent, so they become a normal 1000."""
+    return 1000 if code in (1005, 1006, 1015) or code < 1000 else code
+
+
 def _header_list(raw: Any) -> list[tuple[bytes, bytes]]:
     headers = []
     for pair in raw:

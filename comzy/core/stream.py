@@ -84,6 +84,20 @@ class Stream:
             size += len(more[0])
         return b"".join(parts), flags
 
+    async def receive_message(self) -> bytes | str | None:
+        """The next whole WebSocket message (DATA frames up to FIN; TEXT decoded), or None
+        once the peer closed (see ``ws_close``)."""
+        parts: list[bytes] = []
+        while True:
+            chunk = await self.receive()
+            if chunk is None:
+                return None
+            data, flags = chunk
+            parts.append(data)
+            if flags & p.FLAG_FIN:
+                payload = parts[0] if len(parts) == 1 else b"".join(parts)
+                return payload.decode("utf-8", "replace") if flags & p.FLAG_TEXT else payload
+
     async def wait_head(self) -> object:
         """Wait for the peer's RESPONSE head."""
         while self.head is None:
