@@ -136,7 +136,7 @@ class AgentListener:
         )
         try:
             await server.hooks.on_register(registration, server)
-            alias, _replaced = self._choose_alias(registration, resume)
+            alias = self._choose_alias(registration, resume)
         except Reject as exc:
             server.count("registrations_refused")
             log.info("agent %s refused: %s", client, exc.reason)
@@ -203,8 +203,8 @@ class AgentListener:
         )
         return entry
 
-    def _choose_alias(self, registration: Registration, resume: dict[str, Any] | None) -> tuple[str, bool]:
-        """The alias to grant and whether it replaces a live session. Raises Reject."""
+    def _choose_alias(self, registration: Registration, resume: dict[str, Any] | None) -> str:
+        """The alias to grant (registering it may replace the caller's live session). Raises Reject."""
         registry = self.server.registry
         reserved = self.settings.reserved
 
@@ -220,7 +220,7 @@ class AgentListener:
             name = registration.alias
             if not held_by_caller(name):
                 raise Reject(f"'{name}' is in use by another agent right now; try again later")
-            return name, registry.get(name) is not None
+            return name
         if registration.requested_alias:
             name = registration.requested_alias
             problem = check_alias(name, reserved)
@@ -228,15 +228,15 @@ class AgentListener:
                 raise Reject(problem)
             if not held_by_caller(name):
                 raise Reject(f"'{name}' is in use by another agent; choose another --subdomain")
-            return name, registry.get(name) is not None
+            return name
         if resume and isinstance(resume.get("alias"), str):
             name = resume["alias"]
             if check_alias(name, reserved) is None and held_by_caller(name):
-                return name, registry.get(name) is not None
+                return name
         while True:
             name = random_alias()
             if registry.get(name) is None:
-                return name, False
+                return name
 
     async def _serve(self, entry: Entry) -> None:
         server = self.server

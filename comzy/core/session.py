@@ -102,7 +102,6 @@ class Session:
         self.closed: str | None = None
         self._idle: anyio.Event | None = None
         self._closed_event: anyio.Event | None = None
-        self.goaway_received = False
         self.on_request: Callable[[Stream, p.RequestHead], None] | None = None
         self.on_control: ControlHandler | None = None
         self._heartbeats = heartbeats
@@ -234,12 +233,10 @@ class Session:
             self.send_nowait(p.encode(p.FrameType.PONG, 0, frame.payload))
         elif kind == p.FrameType.PONG:
             pass
-        elif kind == p.FrameType.GOAWAY:
-            self.goaway_received = True
-            if self.on_control is not None:
-                await self.on_control(frame)
         elif self.on_control is not None:
             await self.on_control(frame)
+        elif kind == p.FrameType.GOAWAY:
+            pass  # a peer going away needs no answer; its connection ends the session
         else:
             raise p.ProtocolError(f"unexpected {kind.name} frame")
 
