@@ -411,6 +411,59 @@ async def test_hook_resolve_host_must_be_sync(tmp_path: Path) -> None:
             pytest.fail("an async resolve_host must be refused at start-up")
 
 
+# -- alias_owner -----------------------------------------------------------------------------------
+class Owners:
+    """Says 'owned-by-ana' belongs to ana; records every question."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    @hookimpl
+    def alias_owner(self, alias: str, server: ServerContext) -> str | None:
+        assert isinstance(server, ServerContext)
+        self.asked.append(alias)
+        return "ana" if alias == "owned-by-ana" else None
+
+
+class AnaLogin:
+    """Registrations asking for 'as-ana' are ana's (a login plugin in miniature)."""
+
+    @hookimpl
+    def on_register(self, registration: Registration) -> None:
+        if registration.requested_alias == "owned-by-ana" and registration.token == "ana-token":
+            registration.user = "ana"
+
+
+async def test_hook_alias_owner(tmp_path: Path, upstream: Upstream) -> None:
+    owners = Owners()
+    async with start_server(tmp_path, plugins=[("owners", owners), ("login", AnaLogin())]) as server:
+        # Anonymous: refused the owned name, even though its owner is offline.
+        refused = await _register_and_expect_reject(server, subdomain="owned-by-ana")
+        assert "belongs to another user" in str(refused)
+        assert "owned-by-ana" in owners.asked
+        # Its owner gets it.
+        async with start_agent(server, upstream.port, subdomain="owned-by-ana", token="ana-token") as agent:
+            assert agent.alias == "owned-by-ana"
+            async with agent.visitor() as client:
+                assert (await client.get("/mine")).status_code == 200
+        # Random aliases are checked too: every candidate was asked about.
+        async with start_agent(server, upstream.port) as anonymous:
+            assert anonymous.alias in owners.asked
+            assert anonymous.alias != "owned-by-ana"
+
+
+class AsyncOwner:
+    @hookimpl
+    async def alias_owner(self, alias: str) -> str | None:
+        return None
+
+
+async def test_hook_alias_owner_must_be_sync(tmp_path: Path) -> None:
+    with pytest.raises(PluginError, match=r"async.*alias_owner"):
+        async with start_server(tmp_path, plugins=[("async-owner", AsyncOwner())]):
+            pytest.fail("an async alias_owner must be refused at start-up")
+
+
 # -- before_forward -----------------------------------------------------------------------------
 class Gate:
     """Refuses /admin paths with 403, stamps a header on everything else."""
@@ -642,3 +695,43 @@ async def test_hook_admin_routes_error_stops_startup(tmp_path: Path) -> None:
         async with start_server(tmp_path, plugins=[("broken", BrokenAdmin())]):
             pytest.fail("the server must not start when admin_routes fails")
     assert [str(e) for e in _leaves(info.value)] == ["templates missing"]
+
+
+# -- agent_routes ------------------------------------------------------------------------------------------
+class Motd:
+    """Serves /api/v1/motd on the agent listener (plain HTTP next to the WebSocket)."""
+
+    @hookimpl
+    def agent_routes(self, server: ServerContext) -> list[AdminRoute]:
+        async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            request = await receive()
+            body = json.dumps({"method": scope["method"], "path": scope["path"],
+                               "query": scope["query_string"].decode(),
+                               "body": request["body"].decode(), "tunnels": len(server.tunnels())}).encode()
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": body})
+
+        return [AdminRoute("/api/v1/motd", app)]
+
+
+async def test_hook_agent_routes(tmp_path: Path, upstream: Upstream) -> None:
+    async with start_server(tmp_path, plugins=[("motd", Motd())]) as server, start_agent(server, upstream.port):
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.ports.ws}", timeout=WAIT) as api:
+            got = await api.post("/api/v1/motd/today?lang=en", content=b"hello")
+            assert got.status_code == 200
+            assert got.headers["connection"] == "close"
+            assert got.json() == {"method": "POST", "path": "/api/v1/motd/today", "query": "lang=en",
+                                  "body": "hello", "tunnels": 1}
+            status = await api.get("/api/v1/status")
+            assert status.status_code == 200
+            assert status.json()["base_domain"] == server.settings.base_domain
+            assert (await api.get("/api/v1/motdx")).status_code == 404  # a prefix is a path segment
+            too_big = await api.post("/api/v1/motd", content=b"x" * (65 * 1024))
+            assert too_big.status_code == 413
+        # The tunnel still serves: plain HTTP on the agent port did not disturb the WebSocket sessions.
+        async with visitor(server, server.tunnels()[0].alias) as client:
+            assert (await client.get("/still")).status_code == 200
+        # Not on the admin listener.
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.ports.admin}", timeout=WAIT) as admin:
+            assert (await admin.get("/api/v1/motd")).status_code == 404

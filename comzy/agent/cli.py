@@ -1,4 +1,5 @@
-"""``comzy``: the stock agent. ``comzy 3000`` exposes localhost:3000."""
+"""``comzy``: the stock agent. ``comzy 3000`` exposes localhost:3000; ``comzy login``, ``logout``,
+``status`` and ``aliases`` manage the saved login."""
 
 from __future__ import annotations
 
@@ -11,11 +12,14 @@ import sys
 import anyio
 
 from comzy import __version__
+from comzy.agent import account
 from comzy.agent.client import Agent, AgentConfig, AgentError, Rejected, Unreachable
 from comzy.agent.forward import LocalForwarder
 from comzy.agent.output import Printer
 
 DEFAULT_SERVER = "ws://localhost:8191"
+#: Words that are commands, not a port.
+COMMANDS = ("login", "logout", "status", "aliases")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -23,7 +27,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="comzy",
         description="Expose a local web service at a public URL through a Comzy server.",
-        epilog="Environment: COMZY_WS_SERVER (server URL, or a comma list tried in turn).",
+        epilog="Commands: comzy login | logout | status | aliases (see comzy COMMAND --help). "
+        "Environment: COMZY_WS_SERVER (server URL, or a comma list tried in turn); COMZY_TOKEN (a token to "
+        "use instead of the saved login).",
     )
     parser.add_argument("port", nargs="?", type=_port, default=3000, help="local port to expose (default 3000)")
     parser.add_argument("--subdomain", "-s", help="ask for this alias (e.g. myapp -> myapp.<domain>)")
@@ -47,9 +53,9 @@ def _port(text: str) -> int:
     return port
 
 
-def server_list(option: str | None) -> list[str]:
-    """Servers from --server, else COMZY_WS_SERVER, else the default."""
-    raw = option or os.environ.get("COMZY_WS_SERVER") or DEFAULT_SERVER
+def server_list(option: str | None, saved: str | None = None) -> list[str]:
+    """Servers from --server, else COMZY_WS_SERVER, else the saved login's server, else the default."""
+    raw = option or os.environ.get("COMZY_WS_SERVER") or saved or DEFAULT_SERVER
     servers = [s.strip() for s in raw.split(",") if s.strip()]
     for url in servers:
         if not url.startswith(("ws://", "wss://")):
@@ -99,14 +105,21 @@ def local_service_answers(host: str, port: int, timeout: float = 0.5) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``comzy``."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in COMMANDS:
+        from comzy.agent.commands import run_command
+
+        sys.exit(run_command(argv))
     args = parse_args(argv)
-    servers = server_list(args.server)
+    saved = account.load_credentials()
+    servers = server_list(args.server, saved.server if saved else None)
+    token = os.environ.get("COMZY_TOKEN") or (saved.token if saved else None)
     target = f"{args.local_host}:{args.port}"
     printer = Printer(target, quiet=args.quiet)
     forwarder = LocalForwarder(args.local_host, args.port, rewrite_host=args.host_header == "rewrite",
                                on_served=printer.served)
     config = AgentConfig(servers=servers, port=args.port, local_host=args.local_host,
-                         subdomain=args.subdomain.lower() if args.subdomain else None)
+                         subdomain=args.subdomain.lower() if args.subdomain else None, token=token)
     agent = Agent(config, forwarder, printer)
     if not local_service_answers(args.local_host, args.port):
         printer.notice("warning", f"Nothing is listening on {target} yet; visitors get a 502 until it starts.")

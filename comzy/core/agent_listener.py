@@ -12,11 +12,12 @@ import anyio.abc
 
 from comzy import __version__
 from comzy.core import protocol as p
+from comzy.core.agent_api import AgentApi
 from comzy.core.aliases import check_alias, random_alias
 from comzy.core.registry import Entry, hash_secret
 from comzy.core.session import Heartbeats, Session
 from comzy.core.types import Registration, Reject, Tunnel
-from comzy.core.websocket import Closed, WebSocket, WebSocketError, server_handshake
+from comzy.core.websocket import Closed, WebSocket, WebSocketError, accept, asks_for_upgrade, read_head
 
 if TYPE_CHECKING:
     from comzy.core.server import ServerContext
@@ -38,6 +39,8 @@ class AgentListener:
         # One task heartbeats every tunnel: an idle tunnel then costs no task or timer of its own.
         self.heartbeats = Heartbeats(self.settings.heartbeat_interval / 10)
         self._sweeping = False
+        #: Answers plain HTTP requests (the account API); set by the server once plugins started.
+        self.api = AgentApi(server, [])
 
     async def handle(self, stream: anyio.abc.SocketStream) -> None:
         """Serve one agent connection from handshake to disconnect."""
@@ -66,12 +69,17 @@ class AgentListener:
         """Handshake, HELLO and registration: the entry to serve, or None."""
         try:
             peer = stream.extra(anyio.abc.SocketAttribute.remote_address)
-            client = peer[0] if isinstance(peer, tuple) else str(peer)
         except Exception:
-            client = "?"
+            peer = ("?", 0)
+        client = peer[0] if isinstance(peer, tuple) else str(peer)
         try:
             with anyio.fail_after(self.settings.handshake_timeout):
-                ws, _ = await server_handshake(stream, MAX_LINK_MESSAGE)
+                head, rest = await read_head(stream)
+                if not asks_for_upgrade(head):
+                    # Plain HTTP: the account API (`comzy login`, `comzy status`), not a tunnel.
+                    await self.api.serve(stream, head, rest, (client, peer[1] if isinstance(peer, tuple) else 0))
+                    return None
+                ws, _ = await accept(stream, head, rest, MAX_LINK_MESSAGE)
                 hello = await self._read_hello(ws)
         except TimeoutError:
             log.info("agent %s: handshake timed out after %ss", client, self.settings.handshake_timeout)
@@ -207,6 +215,11 @@ class AgentListener:
         """The alias to grant (registering it may replace the caller's live session). Raises Reject."""
         registry = self.server.registry
         reserved = self.settings.reserved
+        hooks, server = self.server.hooks, self.server
+
+        def owned_by_other(name: str) -> bool:
+            owner = hooks.alias_owner(name, server)
+            return owner is not None and owner != registration.user
 
         def held_by_caller(name: str) -> bool:
             entry = registry.get(name)
@@ -226,16 +239,18 @@ class AgentListener:
             problem = check_alias(name, reserved)
             if problem:
                 raise Reject(problem)
+            if owned_by_other(name):
+                raise Reject(f"'{name}' belongs to another user; choose another --subdomain")
             if not held_by_caller(name):
                 raise Reject(f"'{name}' is in use by another agent; choose another --subdomain")
             return name
         if resume and isinstance(resume.get("alias"), str):
             name = resume["alias"]
-            if check_alias(name, reserved) is None and held_by_caller(name):
+            if check_alias(name, reserved) is None and held_by_caller(name) and not owned_by_other(name):
                 return name
         while True:
             name = random_alias()
-            if registry.get(name) is None:
+            if registry.get(name) is None and not owned_by_other(name):
                 return name
 
     async def _serve(self, entry: Entry) -> None:

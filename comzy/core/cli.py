@@ -66,6 +66,17 @@ def main(argv: list[str] | None = None) -> None:
     domain_actions.add_parser("list", help="print every mapping")
     domain_remove = domain_actions.add_parser("remove", help="stop serving HOST")
     domain_remove.add_argument("host", metavar="HOST")
+    users = commands.add_parser("users", help="users and their tokens (plugin auth_token)",
+                                description="Manage the users kept in the database (COMZY_DATABASE_URL, or DB_*, "
+                                "or comzy.db in COMZY_DATA_DIR). Tokens are stored hashed: create and rotate "
+                                "print a token once, as the last line of their output.")
+    user_actions = users.add_subparsers(dest="action", metavar="ACTION", required=True)
+    user_actions.add_parser("create", help="add a user and print their token").add_argument("name", metavar="NAME")
+    user_actions.add_parser("list", help="print every user, active or revoked")
+    user_actions.add_parser("revoke", help="stop NAME's token working (their live tunnels close)").add_argument(
+        "name", metavar="NAME")
+    user_actions.add_parser("rotate", help="give NAME a new token (the old one stops working)").add_argument(
+        "name", metavar="NAME")
     args = parser.parse_args(argv)
     settings = load_settings()
     logs.configure(settings.log_level)
@@ -78,6 +89,10 @@ def main(argv: list[str] | None = None) -> None:
 
         raise SystemExit(run_domains_command(settings, args.action, getattr(args, "host", None),
                                              getattr(args, "alias", None)))
+    if args.command == "users":
+        from comzy.plugins.auth_token.cli import run_users_command
+
+        raise SystemExit(run_users_command(settings, args.action, getattr(args, "name", None)))
     # Every tunnel keeps long-lived objects; with the default thresholds full collections
     # took ~30% of the server's CPU while 10,000 agents registered (bench/idle_agents.py).
     gc.set_threshold(10_000, 10, 100)

@@ -46,6 +46,7 @@ class HookRunner:
     def __init__(self, pm: pluggy.PluginManager) -> None:
         self.pm = pm
         self._resolve_host = pm.hook.resolve_host
+        self._alias_owner = pm.hook.alias_owner
         #: Whether any plugin listens to after_response: the edge skips building exchanges
         #: otherwise. Plugins are fixed once the server runs, so this is read once.
         self.has_after_response = bool(pm.hook.after_response.get_hookimpls())
@@ -53,6 +54,10 @@ class HookRunner:
     def resolve_host(self, host: str, server: Any) -> str | None:
         """First non-None alias for ``host`` (sync, firstresult)."""
         return self._resolve_host(host=host, server=server)
+
+    def alias_owner(self, alias: str, server: Any) -> str | None:
+        """The user who owns ``alias`` (sync, firstresult), or None."""
+        return self._alias_owner(alias=alias, server=server)
 
     async def _call_in_order(self, name: str, kwargs: dict[str, Any]) -> list[Any]:
         results = []
@@ -104,6 +109,13 @@ class HookRunner:
         """Every route contributed by plugins, flattened."""
         routes: list[Any] = []
         for result in await self._call_in_order("admin_routes", {"server": server}):
+            routes.extend(result)
+        return routes
+
+    async def agent_routes(self, server: Any) -> list[Any]:
+        """Every agent-listener API route contributed by plugins, flattened."""
+        routes: list[Any] = []
+        for result in await self._call_in_order("agent_routes", {"server": server}):
             routes.extend(result)
         return routes
 
@@ -164,14 +176,15 @@ def build_manager(base_domain: str, plugins: Iterable[tuple[str, object]]) -> pl
 
 def _check_calling_rules(pm: pluggy.PluginManager) -> None:
     """Refuse impls that pluggy would accept but Comzy cannot call as their author expects."""
-    for impl in pm.hook.resolve_host.get_hookimpls():
-        if inspect.iscoroutinefunction(impl.function) or inspect.isasyncgenfunction(impl.function):
-            # firstresult + a coroutine (never None) would answer every host with garbage.
-            raise PluginError(f"plugin {impl.plugin_name!r}: an async resolve_host is not allowed; it runs on "
-                              "every request and must be a plain function (look aliases up in memory)")
+    for hook in ("resolve_host", "alias_owner"):
+        for impl in getattr(pm.hook, hook).get_hookimpls():
+            if inspect.iscoroutinefunction(impl.function) or inspect.isasyncgenfunction(impl.function):
+                # firstresult + a coroutine (never None) would answer every call with garbage.
+                raise PluginError(f"plugin {impl.plugin_name!r}: an async {hook} is not allowed; it must be a "
+                                  "plain function (look the answer up in memory)")
     for name in sorted(n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), f"{hookspecs.PROJECT}_spec")):
-        if name == "resolve_host":
-            continue  # pluggy itself calls resolve_host, wrappers included
+        if name in ("resolve_host", "alias_owner"):
+            continue  # pluggy itself calls these, wrappers included
         for impl in getattr(pm.hook, name).get_hookimpls():
             if impl.hookwrapper or impl.wrapper:
                 raise PluginError(f"plugin {impl.plugin_name!r}: {name} cannot be a (hook)wrapper; "

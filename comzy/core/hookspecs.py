@@ -2,8 +2,8 @@
 
 Plugins implement these with ``@comzy.hookimpl``. An implementation may accept any subset
 of a hook's arguments. Async implementations are awaited one after another in pluggy's
-order (never gathered); ``resolve_host`` is the exception: it runs per request and is
-firstresult, so it must be synchronous.
+order (never gathered); ``resolve_host`` and ``alias_owner`` are the exceptions: they are
+firstresult and must be synchronous (``resolve_host`` runs on every request).
 """
 
 from __future__ import annotations
@@ -39,6 +39,20 @@ def on_register(registration: Registration, server: ServerContext) -> Any:
     """An agent asks for a tunnel. Raise ``Reject(reason)`` to refuse (the agent prints
     the reason and exits non-zero); set ``registration.alias``/``user``/``expires_at`` or
     append to ``registration.notices`` to shape the tunnel. Every impl runs, in order."""
+
+
+@hookspec(firstresult=True)
+def alias_owner(alias: str, server: ServerContext) -> str | None:
+    """The user who owns ``alias``, or None when nobody does; stops at the first non-None
+    result. The core then refuses the alias to everyone else (anonymous agents included),
+    even while its owner is offline. Synchronous only: look owners up in memory."""
+
+
+@hookspec
+def agent_routes(server: ServerContext) -> Any:
+    """Return a list of ``AdminRoute`` served as plain HTTP on the agent listener (the API
+    behind ``comzy login``, ``comzy status`` and ``comzy aliases``). One request per
+    connection; bodies up to 64 KiB."""
 
 
 @hookspec

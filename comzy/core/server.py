@@ -18,6 +18,7 @@ from comzy import __version__
 from comzy.core import http_servers
 from comzy.core import protocol as p
 from comzy.core.admin import AdminApp
+from comzy.core.agent_api import AgentApi
 from comzy.core.agent_listener import AgentListener
 from comzy.core.edge import EdgeApp
 from comzy.core.hooks import HookRunner, build_manager
@@ -150,6 +151,7 @@ async def run_server(
         try:
             await server.hooks.on_startup(server)
             admin_app = AdminApp(server, await server.hooks.admin_routes(server))
+            agents.api = AgentApi(server, await server.hooks.agent_routes(server))
         except BaseException:
             # Nothing serves yet: give the bound ports back before reporting the failure.
             await _release(agent_listener, http_config, admin_config)

@@ -232,13 +232,10 @@ def parse_upgrade_request(head: bytes) -> Request:
                    extra_headers=headers, subprotocols=_tokens(joined(b"sec-websocket-protocol")))
 
 
-async def server_handshake(
-    stream: anyio.abc.ByteStream, max_message: int, max_head: int = 16384
-) -> tuple[WebSocket, Request]:
-    """Complete the server side of the opening handshake on an accepted connection.
+async def read_head(stream: anyio.abc.ByteStream, max_head: int = 16384) -> tuple[bytes, bytes]:
+    """Read an HTTP request head: (the head without its blank line, the bytes read after it).
 
-    No extension or subprotocol is accepted. Bytes sent right after the head (a client that
-    does not wait for the 101) are kept as the first WebSocket frames.
+    Raises WebSocketError when the connection closes first or the head exceeds ``max_head``.
     """
     buffer = b""
     while (end := buffer.find(b"\r\n\r\n")) < 0:
@@ -251,19 +248,44 @@ async def server_handshake(
             raise WebSocketError("connection closed during the WebSocket handshake") from exc
     if end > max_head:
         raise WebSocketError("WebSocket handshake head too large")
-    request = parse_upgrade_request(buffer[:end])
+    return buffer[:end], buffer[end + 4 :]
+
+
+_UPGRADE_HEADER = re.compile(rb"\r\nupgrade:[^\r]*websocket", re.IGNORECASE)
+
+
+def asks_for_upgrade(head: bytes) -> bool:
+    """Whether a request head asks for a WebSocket (else it is plain HTTP, e.g. an API call)."""
+    return _UPGRADE_HEADER.search(head) is not None
+
+
+async def accept(stream: anyio.abc.ByteStream, head: bytes, rest: bytes, max_message: int) -> tuple[WebSocket, Request]:
+    """Answer an upgrade request head with 101 and return the open WebSocket.
+
+    No extension or subprotocol is accepted. ``rest`` (bytes a client sent without waiting
+    for the 101) is kept as the first WebSocket frames. Raises WebSocketError on a bad head.
+    """
+    request = parse_upgrade_request(head)
     key = next(value for name, value in request.extra_headers if name == b"sec-websocket-key")
     await stream.send(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                       b"Sec-WebSocket-Accept: " + generate_accept_token(key) + b"\r\n\r\n")
     conn = Connection(ConnectionType.SERVER)
     events: list[Event] = []
-    if len(buffer) > end + 4:
+    if rest:
         try:
-            conn.receive_data(buffer[end + 4 :])
+            conn.receive_data(rest)
             events = list(conn.events())
         except RemoteProtocolError as exc:
             raise WebSocketError(f"WebSocket protocol error: {exc}") from exc
     return WebSocket(stream, conn, max_message, events), request
+
+
+async def server_handshake(
+    stream: anyio.abc.ByteStream, max_message: int, max_head: int = 16384
+) -> tuple[WebSocket, Request]:
+    """Complete the server side of the opening handshake on an accepted connection."""
+    head, rest = await read_head(stream, max_head)
+    return await accept(stream, head, rest, max_message)
 
 
 @dataclass(slots=True)

@@ -1,0 +1,174 @@
+"""``comzy login | logout | status | aliases``: the saved login and the aliases a user owns."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+from typing import Any
+
+import anyio
+
+from comzy import __version__
+from comzy.agent import account
+from comzy.agent.account import AccountError, Credentials
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="comzy", description="Manage your Comzy login and aliases.")
+    parser.add_argument("--version", action="version", version=f"comzy {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    server_help = "agent listener URL, e.g. wss://tunnel.example.com:8191 (default: COMZY_WS_SERVER, " \
+                  "else the server you logged in to, else ws://localhost:8191)"
+    login = commands.add_parser("login", help="check a token with the server and save it in ~/.comzy/.user",
+                                description="Check a token with the server, then save it (mode 0600) so "
+                                "`comzy PORT` uses it. Without --token, asks for it (or reads it from stdin).")
+    login.add_argument("--token", help="the token (from `comzy-server users create NAME`)")
+    login.add_argument("--server", help=server_help)
+    commands.add_parser("logout", help="forget the saved token")
+    status = commands.add_parser("status", help="is the server reachable, who am I, which aliases are mine")
+    status.add_argument("--server", help=server_help)
+    aliases = commands.add_parser("aliases", help="list your aliases, or release one",
+                                  description="Without an action: list the aliases you own. "
+                                  "`comzy aliases release NAME` gives one up (it becomes free for anyone).")
+    aliases.add_argument("--server", help=server_help)
+    actions = aliases.add_subparsers(dest="action", metavar="ACTION")
+    actions.add_parser("release", help="give up an alias you own").add_argument("name", metavar="NAME")
+    return parser
+
+
+def _fail(message: str) -> int:
+    print(f"comzy: {message}", file=sys.stderr)
+    return 1
+
+
+def _server(option: str | None, saved: Credentials | None) -> str:
+    from comzy.agent.cli import server_list
+
+    return server_list(option, saved.server if saved else None)[0]
+
+
+def run_command(argv: list[str]) -> int:
+    """Run one account command; the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "login":
+            return anyio.run(_login, args.token, args.server)
+        if args.command == "logout":
+            return _logout()
+        if args.command == "status":
+            return anyio.run(_status, args.server)
+        return anyio.run(_aliases, args.server, args.action, getattr(args, "name", None))
+    except AccountError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return 130
+
+
+def _read_token() -> str:
+    if sys.stdin.isatty():
+        return getpass.getpass("Token (from your server's operator): ")
+    return sys.stdin.readline()  # piped: `echo $TOKEN | comzy login`
+
+
+async def _login(token: str | None, server_option: str | None) -> int:
+    server = _server(server_option, None)
+    token = (token or os.environ.get("COMZY_TOKEN") or _read_token()).strip()
+    if not token:
+        return _fail("no token given; pass --token TOKEN or type it at the prompt")
+    answer = await account.call(server, "GET", "/api/v1/me", token)
+    if answer.status == 404:
+        return _fail(account.no_accounts(server))
+    if answer.status != 200:
+        return _fail(f"{server} refused the token: {answer.error}")
+    user = str(answer.document.get("user"))
+    path = account.save_credentials(Credentials(token, user, server))
+    print(f"Logged in to {server} as {user}. Token saved in {path} (readable by you only).")
+    owned = answer.document.get("aliases") or []
+    if owned:
+        print("Your aliases: " + ", ".join(f"{a['alias']} (port {a['port']})" for a in owned))
+    print("Run `comzy PORT`: each local port keeps its alias from now on.")
+    return 0
+
+
+def _logout() -> int:
+    path = account.credentials_path()
+    if account.remove_credentials():
+        print(f"Logged out (removed {path}). New tunnels are anonymous.")
+    else:
+        print("Not logged in; nothing to do.")
+    return 0
+
+
+def _alias_lines(owned: list[dict[str, Any]]) -> list[str]:
+    width = max((len(a["alias"]) for a in owned), default=0)
+    return [f"  {a['alias']:<{width}}  port {a['port']:<5}  {'online ' if a.get('online') else 'offline'}  {a['url']}"
+            for a in owned]
+
+
+async def _status(server_option: str | None) -> int:
+    saved = account.load_credentials()
+    server = _server(server_option, saved)
+    try:
+        answer = await account.call(server, "GET", "/api/v1/status")
+    except AccountError as exc:
+        print(f"Server:  {server}: unreachable")
+        return _fail(str(exc))
+    if answer.status != 200:
+        return _fail(f"{server} answered HTTP {answer.status} to /api/v1/status; is it a Comzy agent listener?")
+    info = answer.document
+    draining = " (shutting down)" if info.get("draining") else ""
+    print(f"Server:  {server}: reachable, {info.get('server', '?')}, tunnels at *.{info.get('base_domain', '?')}"
+          f"{draining}")
+    token = os.environ.get("COMZY_TOKEN") or (saved.token if saved else None)
+    if token is None:
+        print("Login:   not logged in (tunnels are anonymous). Run `comzy login` for lasting aliases.")
+        return 0
+    me = await account.call(server, "GET", "/api/v1/me", token)
+    if me.status == 404:
+        print(f"Login:   saved for {saved.user if saved else '?'}, but {account.no_accounts(server)}")
+        return 0
+    if me.status != 200:
+        print(f"Login:   your token is not accepted: {me.error}")
+        return 1
+    owned = me.document.get("aliases") or []
+    source = "COMZY_TOKEN" if os.environ.get("COMZY_TOKEN") else str(account.credentials_path())
+    print(f"Login:   {me.document.get('user')} (token from {source})")
+    print(f"Aliases: {len(owned)} of {me.document.get('max_aliases', '?')}")
+    for line in _alias_lines(owned):
+        print(line)
+    return 0
+
+
+async def _aliases(server_option: str | None, action: str | None, name: str | None) -> int:
+    saved = account.load_credentials()
+    token = os.environ.get("COMZY_TOKEN") or (saved.token if saved else None)
+    if token is None:
+        return _fail("not logged in; aliases belong to users: run `comzy login` first")
+    server = _server(server_option, saved)
+    if action == "release":
+        assert name is not None
+        answer = await account.call(server, "DELETE", f"/api/v1/aliases/{name.lower()}", token)
+        if answer.status == 404 and "no alias" not in answer.error:
+            return _fail(account.no_accounts(server))
+        if answer.status != 200:
+            return _fail(answer.error)
+        note = " Its tunnel keeps running until it stops." if answer.document.get("online") else ""
+        print(f"Released {answer.document.get('released')}: anyone may take it now.{note}")
+        return 0
+    answer = await account.call(server, "GET", "/api/v1/me", token)
+    if answer.status == 404:
+        return _fail(account.no_accounts(server))
+    if answer.status != 200:
+        return _fail(f"your token is not accepted: {answer.error}")
+    owned = answer.document.get("aliases") or []
+    limit = answer.document.get("max_aliases", "?")
+    if not owned:
+        print(f"{answer.document.get('user')} owns no aliases yet (up to {limit}); `comzy PORT` claims one.")
+        return 0
+    print(f"{answer.document.get('user')} owns {len(owned)} of {limit} aliases:")
+    for line in _alias_lines(owned):
+        print(line)
+    print("Release one with `comzy aliases release NAME`.")
+    return 0

@@ -1,0 +1,93 @@
+"""The account API on the agent listener (what ``comzy login``, ``status`` and ``aliases`` call).
+
+- ``GET /api/v1/me``: who the bearer token belongs to and the aliases they own.
+- ``GET /api/v1/aliases``: the same aliases, alone.
+- ``DELETE /api/v1/aliases/NAME``: give up an owned alias.
+
+Every call needs ``Authorization: Bearer <token>``; answers are JSON, errors ``{"error": ...}``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from comzy import Reject
+
+if TYPE_CHECKING:
+    from comzy.core.server import ServerContext
+
+    from .plugin import AuthToken
+    from .store import UserRecord
+
+
+class AccountApi:
+    """ASGI app for the account routes."""
+
+    def __init__(self, plugin: AuthToken, server: ServerContext) -> None:
+        self.plugin = plugin
+        self.server = server
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        status, document = await self._answer(scope)
+        body = json.dumps(document).encode() + b"\n"
+        headers = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
+        if status == 401:
+            headers.append((b"www-authenticate", b'Bearer realm="comzy"'))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _answer(self, scope: dict[str, Any]) -> tuple[int, Any]:
+        token = _bearer(scope["headers"])
+        if token is None:
+            return 401, {"error": "send your token as 'Authorization: Bearer <token>' (comzy login does)"}
+        try:
+            user = await self.plugin.authenticate(token)
+        except Reject as exc:
+            return exc.status, {"error": exc.reason}
+        method, path = scope["method"], scope["path"].rstrip("/")
+        if path == "/api/v1/me":
+            if method != "GET":
+                return 405, {"error": f"{method} is not allowed on {path}; use GET"}
+            return 200, {"user": user.name, "aliases": self._aliases(user),
+                         "max_aliases": self.plugin.settings.max_aliases_per_user}
+        if path == "/api/v1/aliases":
+            if method != "GET":
+                return 405, {"error": f"{method} is not allowed on {path}; use GET"}
+            return 200, {"aliases": self._aliases(user)}
+        alias = path.removeprefix("/api/v1/aliases/")
+        if "/" in alias or not alias:
+            return 404, {"error": f"no API at {scope['path']}"}
+        if method != "DELETE":
+            return 405, {"error": f"{method} is not allowed on {path}; use DELETE to release the alias"}
+        try:
+            released = await self.plugin.release(user, alias.lower())
+        except (SQLAlchemyError, OSError):
+            return 503, {"error": "the server cannot change aliases right now (its database is unavailable); "
+                                  "try again in a minute"}
+        if not released:
+            return 404, {"error": f"you own no alias '{alias}' (`comzy aliases` lists yours)"}
+        return 200, {"released": alias.lower(), "online": self.server.tunnel(alias.lower()) is not None}
+
+    def _aliases(self, user: UserRecord) -> list[dict[str, Any]]:
+        listing = []
+        for record in self.plugin.owned_by(user.id):
+            tunnel = self.server.tunnel(record.alias)
+            url = self.server.settings.url_for(record.alias)
+            listing.append({"alias": record.alias, "port": record.port, "url": url,
+                            "online": tunnel is not None and tunnel.user == user.name,
+                            "created_at": record.created_at.isoformat()})
+        return listing
+
+
+def _bearer(headers: list[tuple[bytes, bytes]]) -> str | None:
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+    return None

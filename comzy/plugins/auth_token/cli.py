@@ -1,0 +1,75 @@
+"""``comzy-server users create|list|revoke|rotate``: the users kept in the database."""
+
+from __future__ import annotations
+
+import sys
+
+import anyio
+from sqlalchemy.exc import SQLAlchemyError
+
+from comzy.core.db import DatabaseError, describe_error, masked_url, prepare_database
+from comzy.core.settings import ServerSettings
+
+from .store import UserError, check_name, create_user, list_users, revoke_user, rotate_token
+
+
+def _fail(message: str, status: int = 2) -> int:
+    print(f"comzy-server: {message}", file=sys.stderr)
+    return status
+
+
+def _print_token(name: str, token: str, what: str) -> None:
+    # The token is the last line, bare, so scripts can take it with `| tail -n1`.
+    print(f"{what} {name}. Their token is shown only now; give it to them for `comzy login`:")
+    print(token)
+
+
+async def _users(settings: ServerSettings, action: str, name: str | None) -> int:
+    if name is not None:
+        try:
+            name = check_name(name)
+        except UserError as exc:
+            return _fail(str(exc))
+    engine = await prepare_database(settings)  # the embedded SQLite default upgrades itself
+    try:
+        if action == "create":
+            assert name is not None
+            _print_token(name, await create_user(engine, name), "created user")
+        elif action == "rotate":
+            assert name is not None
+            _print_token(name, await rotate_token(engine, name), "new token for")
+            print("(the old token stops working; a running server closes its tunnels within "
+                  "COMZY_AUTH_REFRESH_SECONDS)", file=sys.stderr)
+        elif action == "revoke":
+            assert name is not None
+            if not await revoke_user(engine, name):
+                print(f"{name}'s token was revoked already (`comzy-server users rotate {name}` issues a new one)")
+            else:
+                print(f"revoked {name}'s token; a running server closes their tunnels within "
+                      "COMZY_AUTH_REFRESH_SECONDS (5 s by default). Their aliases stay reserved for them.")
+        elif action == "list":
+            users = await list_users(engine)
+            if not users:
+                print("no users (create one with `comzy-server users create NAME`)")
+            width = max((len(u.name) for u in users), default=0)
+            for u in users:
+                state = f"revoked {u.revoked_at:%Y-%m-%d %H:%M}" if u.revoked_at else "active"
+                print(f"{u.name:<{width}}  {state:<24}  {u.aliases} aliases  created {u.created_at:%Y-%m-%d %H:%M}")
+        else:
+            raise ValueError(f"unknown users action {action!r}")
+        return 0
+    except UserError as exc:
+        return _fail(str(exc), 1)
+    except (SQLAlchemyError, OSError) as exc:
+        url = engine.url
+        return _fail(f"cannot use the database {masked_url(url)}: {describe_error(exc, url)}", 1)
+    finally:
+        await engine.dispose()
+
+
+def run_users_command(settings: ServerSettings, action: str, name: str | None = None) -> int:
+    """``comzy-server users create NAME | list | revoke NAME | rotate NAME``; the exit status."""
+    try:
+        return anyio.run(_users, settings, action, name)
+    except DatabaseError as exc:
+        return _fail(str(exc))

@@ -1,0 +1,258 @@
+"""Users with tokens, aliases they own, and the account API the stock agent calls."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import anyio
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from comzy import AdminRoute, Registration, Reject, hookimpl
+from comzy.core.aliases import check_alias, random_alias
+
+from .api import AccountApi
+from .settings import AuthTokenSettings
+from .store import (
+    AliasRecord,
+    UserRecord,
+    claim_alias,
+    find_user,
+    fingerprint,
+    hash_token,
+    load_aliases,
+    load_users,
+    release_alias,
+    same_hash,
+)
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from comzy.core.server import ServerContext
+
+log = logging.getLogger("comzy.plugins.auth_token")
+
+LOGIN_HINT = "run `comzy login` with a token from the server's operator"
+UNAVAILABLE = "the server cannot check tokens right now (its database is unavailable); try again in a minute"
+
+
+class AuthToken:
+    """Authenticates agents by token, gives users the aliases they own, and enforces revocation.
+
+    Users and owned aliases live in memory, re-read every ``refresh_seconds``, so agents that
+    reconnect (after a server restart, say) are recognised even while the database is down. A
+    token the memory does not know is looked up in the database at once, so a user created
+    with ``comzy-server users create`` can connect straight away. The request path never
+    touches any of this.
+    """
+
+    def __init__(self, settings: AuthTokenSettings | None = None) -> None:
+        self.settings = settings or AuthTokenSettings()
+        self.users_by_hash: dict[str, UserRecord] = {}
+        self.users_by_id: dict[int, UserRecord] = {}
+        self.aliases: dict[str, AliasRecord] = {}
+        self._engine: AsyncEngine | None = None
+        self._claiming = anyio.Lock()
+        self._closing: set[str] = set()
+        self._failing = False
+        self._stop: anyio.CancelScope | None = None
+        self._stopped: anyio.Event | None = None
+        self.refreshes = 0
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The database engine (after start-up)."""
+        if self._engine is None:
+            raise RuntimeError("auth_token: the plugin has not started")
+        return self._engine
+
+    # -- lifecycle ---------------------------------------------------------------------
+    @hookimpl
+    async def on_startup(self, server: ServerContext) -> None:
+        """Open the database, load users and aliases, start the refresher."""
+        from comzy.core.db import prepare_database  # SQLAlchemy loads only with the plugin
+
+        self._engine = await prepare_database(server.settings)
+        await self.refresh(server)
+        log.info("auth: %d users, %d owned aliases; anonymous agents %s; at most %d aliases per user",
+                 len(self.users_by_id), len(self.aliases),
+                 "refused (COMZY_REQUIRE_TOKEN)" if self.settings.require_token else "allowed",
+                 self.settings.max_aliases_per_user)
+        self._stop, self._stopped = anyio.CancelScope(), anyio.Event()
+        server.task_group.start_soon(self._refresh_forever, server)
+
+    @hookimpl
+    async def on_shutdown(self) -> None:
+        """Stop the refresher (never mid-query), then dispose of the engine."""
+        if self._stop is not None and self._stopped is not None:
+            self._stop.cancel()
+            await self._stopped.wait()
+        if self._engine is not None:
+            engine, self._engine = self._engine, None
+            await engine.dispose()
+
+    async def _refresh_forever(self, server: ServerContext) -> None:
+        # Cancelled only while sleeping: a query cut off half-way can hang the engine's disposal.
+        assert self._stop is not None and self._stopped is not None
+        try:
+            with self._stop:
+                while True:
+                    await anyio.sleep(self.settings.refresh_seconds)
+                    with anyio.CancelScope(shield=True):
+                        await self.refresh(server)
+        finally:
+            self._stopped.set()
+
+    async def refresh(self, server: ServerContext) -> None:
+        """Re-read users and aliases, then close live tunnels whose token no longer works.
+
+        On a database error the known users and aliases stay in force.
+        """
+        try:
+            users = await load_users(self.engine)
+            aliases = await load_aliases(self.engine)
+        except (SQLAlchemyError, OSError) as exc:
+            if not self._failing:
+                log.warning("auth: cannot read users from the database (%s); keeping the %d known users",
+                            type(exc).__name__, len(self.users_by_id))
+            self._failing = True
+            return
+        if self._failing:
+            log.info("auth: the database is readable again")
+            self._failing = False
+        self.users_by_hash = {u.token_hash: u for u in users}
+        self.users_by_id = {u.id: u for u in users}
+        self.aliases = {a.alias: a for a in aliases}
+        self.refreshes += 1
+        self._enforce(server)
+
+    def _enforce(self, server: ServerContext) -> None:
+        live = {t.alias for t in server.tunnels()}
+        self._closing &= live
+        for tunnel in server.tunnels():
+            user_id = tunnel.metadata.get("user_id")
+            if user_id is None or tunnel.alias in self._closing:
+                continue
+            user = self.users_by_id.get(user_id)
+            if user is None:
+                reason = f"the user {tunnel.user} no longer exists on this server"
+            elif user.revoked:
+                reason = f"your token was revoked by the server's operator; {LOGIN_HINT}"
+            elif fingerprint(user.token_hash) != tunnel.metadata.get("token"):
+                reason = "your token was replaced (`comzy-server users rotate`); run `comzy login` with the new one"
+            else:
+                continue
+            log.info("auth: closing tunnel %s of %s: %s", tunnel.alias, tunnel.user, reason.split(";")[0])
+            self._closing.add(tunnel.alias)
+            server.task_group.start_soon(server.close_tunnel, tunnel.alias, reason)
+
+    # -- who is this? ------------------------------------------------------------------
+    async def authenticate(self, token: str) -> UserRecord:
+        """The active user holding ``token``; ``Reject`` with what to do otherwise."""
+        digest = hash_token(token)
+        user = self.users_by_hash.get(digest)
+        if user is None or not same_hash(user.token_hash, digest):
+            try:
+                user = await find_user(self.engine, digest)
+            except (SQLAlchemyError, OSError):
+                raise Reject(UNAVAILABLE, status=503) from None
+            if user is not None:
+                self.users_by_hash[digest] = user
+                self.users_by_id[user.id] = user
+        if user is None:
+            raise Reject(f"the token was not accepted (unknown, mistyped, or replaced by a newer one); {LOGIN_HINT}",
+                         status=401)
+        if user.revoked:
+            raise Reject(f"the token of {user.name} has been revoked; {LOGIN_HINT}", status=401)
+        return user
+
+    def owned_by(self, user_id: int) -> list[AliasRecord]:
+        """The aliases ``user_id`` owns, oldest first."""
+        return [a for a in self.aliases.values() if a.user_id == user_id]
+
+    # -- hooks ---------------------------------------------------------------------------
+    @hookimpl
+    def alias_owner(self, alias: str) -> str | None:
+        """The name of the user who owns ``alias``."""
+        record = self.aliases.get(alias)
+        if record is None:
+            return None
+        user = self.users_by_id.get(record.user_id)
+        return user.name if user is not None else f"user #{record.user_id}"
+
+    # First, so later plugins (anonymous_timeout among them) see who the agent is.
+    @hookimpl(tryfirst=True)
+    async def on_register(self, registration: Registration, server: ServerContext) -> None:
+        """Authenticate the token and grant the user's alias; refuse anonymous agents if required."""
+        if not registration.token:
+            if self.settings.require_token:
+                raise Reject(f"this server accepts logged-in agents only: {LOGIN_HINT}")
+            return
+        user = await self.authenticate(registration.token)
+        registration.user = user.name
+        registration.metadata["user_id"] = user.id
+        registration.metadata["token"] = fingerprint(user.token_hash)
+        registration.alias = await self._alias_for(user, registration, server)
+
+    async def _alias_for(self, user: UserRecord, registration: Registration, server: ServerContext) -> str:
+        """The alias ``user`` gets: the one asked for, or the one kept for this port, or a new one."""
+        async with self._claiming:  # one claim at a time: the per-user limit holds under races
+            mine = self.owned_by(user.id)
+            wanted = registration.requested_alias
+            if wanted:
+                problem = check_alias(wanted, server.settings.reserved)
+                if problem:
+                    raise Reject(problem)
+                record = self.aliases.get(wanted)
+                if record is not None:
+                    if record.user_id != user.id:
+                        raise Reject(f"'{wanted}' belongs to another user; choose another --subdomain")
+                    return wanted
+                live = server.tunnel(wanted)
+                if live is not None and live.user != user.name:
+                    raise Reject(f"'{wanted}' is in use by another agent right now; choose another --subdomain")
+            else:
+                for record in mine:
+                    if record.port == registration.port:
+                        return record.alias
+                wanted = self._fresh_alias(server)
+            limit = self.settings.max_aliases_per_user
+            if len(mine) >= limit:
+                names = ", ".join(a.alias for a in mine)
+                raise Reject(f"you own {len(mine)} aliases, the most this server allows (MAX_ALIASES_PER_USER="
+                             f"{limit}): {names}. Free one with `comzy aliases release NAME`, or reuse one "
+                             "with --subdomain NAME")
+            try:
+                record = await claim_alias(self.engine, user.id, wanted, registration.port)
+            except IntegrityError:
+                raise Reject(f"'{wanted}' was just taken by another user; choose another --subdomain") from None
+            except (SQLAlchemyError, OSError):
+                raise Reject("the server cannot record your alias right now (its database is unavailable); "
+                             "try again in a minute") from None
+            self.aliases[wanted] = record
+            log.info("auth: %s now owns %s (port %d)", user.name, wanted, registration.port)
+            return wanted
+
+    def _fresh_alias(self, server: ServerContext) -> str:
+        while True:
+            name = random_alias()
+            if name not in self.aliases and server.tunnel(name) is None:
+                return name
+
+    async def release(self, user: UserRecord, alias: str) -> bool:
+        """Give up ``user``'s ownership of ``alias`` (a live tunnel on it keeps running)."""
+        async with self._claiming:
+            record = self.aliases.get(alias)
+            if record is None or record.user_id != user.id:
+                return False
+            await release_alias(self.engine, user.id, alias)
+            self.aliases.pop(alias, None)
+        log.info("auth: %s released %s", user.name, alias)
+        return True
+
+    @hookimpl
+    def agent_routes(self, server: ServerContext) -> list[AdminRoute]:
+        """The account API: ``/api/v1/me`` and ``/api/v1/aliases``."""
+        api = AccountApi(self, server)
+        return [AdminRoute("/api/v1/me", api), AdminRoute("/api/v1/aliases", api)]

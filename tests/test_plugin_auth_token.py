@@ -1,0 +1,389 @@
+"""auth_token: users with tokens, owned aliases, revocation, `comzy-server users`, and the agent's
+`comzy login | status | aliases | logout`, on SQLite and MariaDB."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import stat
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from sqlalchemy import select
+
+from comzy.agent.client import Agent, AgentConfig
+from comzy.agent.forward import LocalForwarder
+from comzy.core import db
+from comzy.core.hooks import builtin_names, load_plugins
+from comzy.core.models import User
+from comzy.core.server import ServerContext
+from comzy.plugins.anonymous_timeout import AnonymousTimeout, AnonymousTimeoutSettings
+from comzy.plugins.auth_token import AuthToken, AuthTokenSettings
+from comzy.plugins.auth_token.store import create_user, hash_token, rotate_token
+from tests.conftest import PYTHON, ROOT, RecordingReporter, cli_env, start_agent, start_server
+from tests.helpers import scratch_database
+from tests.test_hooks import _register_and_expect_reject
+from tests.upstream import Upstream
+
+pytestmark = pytest.mark.anyio
+
+WAIT = 20.0
+ENV = ("COMZY_DATABASE_URL", "DB_HOST", "DB_PORT", "DB_USER", "DB_PASSWORD", "DB_NAME", "COMZY_REQUIRE_TOKEN",
+       "MAX_ALIASES_PER_USER", "COMZY_MAX_ALIASES_PER_USER", "COMZY_AUTH_REFRESH_SECONDS", "COMZY_TOKEN",
+       "COMZY_WS_SERVER")
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the agent's ~/.comzy/.user
+
+
+@pytest.fixture(params=["sqlite", "mariadb"])
+async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
+    """Server overrides that select the database: the SQLite default, or a fresh migrated MariaDB."""
+    if request.param == "sqlite":
+        yield {}
+        return
+    async for url in scratch_database("mariadb"):
+        engine = db.create_engine(url)
+        try:
+            await db.upgrade(engine)
+        finally:
+            await engine.dispose()
+        yield {"database_url": url.render_as_string(hide_password=False)}
+
+
+def auth(**settings: Any) -> AuthToken:
+    settings.setdefault("refresh_seconds", 0.05)
+    return AuthToken(AuthTokenSettings(_env_file=None, **settings))
+
+
+@asynccontextmanager
+async def auth_server(tmp_path: Path, plugin: AuthToken, database: dict[str, Any],
+                      *extra: tuple[str, object]) -> AsyncIterator[ServerContext]:
+    async with start_server(tmp_path / "data", plugins=[("auth_token", plugin), *extra], **database) as server:
+        yield server
+
+
+class Background:
+    """An in-process agent run in a task, whose final reason (or error) is kept."""
+
+    def __init__(self, server: ServerContext, port: int, **config: Any) -> None:
+        self.reporter = RecordingReporter()
+        self.forwarder = LocalForwarder("127.0.0.1", port)
+        self.agent = Agent(AgentConfig(servers=[f"ws://127.0.0.1:{server.ports.ws}"], port=port, **config),
+                           self.forwarder, self.reporter)
+        self.ended = anyio.Event()
+        self.result: str | BaseException | None = None
+
+    async def run(self) -> None:
+        try:
+            self.result = await self.agent.run()
+        except Exception as exc:
+            self.result = exc
+        finally:
+            self.ended.set()
+
+
+# -- owned aliases ------------------------------------------------------------------------------
+async def test_a_user_keeps_the_alias_of_each_port_across_reconnects_and_restarts(
+        tmp_path: Path, upstream: Upstream, database: dict[str, Any]) -> None:
+    plugin = auth()
+    async with auth_server(tmp_path, plugin, database) as server:
+        token = await create_user(plugin.engine, "ana")
+        async with start_agent(server, upstream.port, token=token) as first:
+            alias = first.alias
+            assert first.reporter.welcomes[0]["user"] == "ana"
+            async with first.visitor() as client:
+                assert (await client.get("/owned")).status_code == 200
+        # A fresh agent (no resume secret) for the same port gets the same alias...
+        async with start_agent(server, upstream.port, token=token) as again:
+            assert again.alias == alias
+        # ... and another port gets another one.
+        async with start_agent(server, 9, token=token) as other_port:
+            assert other_port.alias != alias
+            second = other_port.alias
+    # After a restart (a new plugin reads the database) both are still hers.
+    plugin = auth()
+    async with auth_server(tmp_path, plugin, database) as server:
+        assert plugin.alias_owner(alias) == "ana" and plugin.alias_owner(second) == "ana"
+        async with start_agent(server, upstream.port, token=token) as after_restart:
+            assert after_restart.alias == alias
+
+
+async def test_subdomains_are_claimed_up_to_the_limit_and_released_through_the_api(
+        tmp_path: Path, upstream: Upstream, database: dict[str, Any]) -> None:
+    plugin = auth(max_aliases_per_user=2)
+    async with auth_server(tmp_path, plugin, database) as server:
+        token = await create_user(plugin.engine, "ana")
+        async with start_agent(server, upstream.port, token=token, subdomain="ana-site") as named:
+            assert named.alias == "ana-site"
+        async with start_agent(server, 9, token=token) as by_port:
+            random_alias = by_port.alias
+        refused = await _register_and_expect_reject(server, token=token, subdomain="ana-third")
+        assert "MAX_ALIASES_PER_USER=2" in str(refused) and "comzy aliases release" in str(refused)
+        assert "ana-site" in str(refused) and random_alias in str(refused)
+        # Her own name is still hers for any port, at the limit or not.
+        async with start_agent(server, 9, token=token, subdomain="ana-site") as reused:
+            assert reused.alias == "ana-site"
+        base = f"http://127.0.0.1:{server.ports.ws}"
+        async with httpx.AsyncClient(base_url=base, headers={"authorization": f"Bearer {token}"}) as api:
+            me = (await api.get("/api/v1/me")).json()
+            assert me["user"] == "ana" and me["max_aliases"] == 2
+            assert sorted(a["alias"] for a in me["aliases"]) == sorted(["ana-site", random_alias])
+            assert (await api.delete("/api/v1/aliases/nobodys")).status_code == 404
+            released = await api.delete(f"/api/v1/aliases/{random_alias}")
+            assert released.status_code == 200 and released.json()["released"] == random_alias
+        async with start_agent(server, upstream.port, token=token, subdomain="ana-third") as third:
+            assert third.alias == "ana-third"
+        assert plugin.alias_owner(random_alias) is None
+
+
+async def test_nobody_else_takes_an_owned_alias_even_while_its_owner_is_offline(
+        tmp_path: Path, upstream: Upstream, database: dict[str, Any]) -> None:
+    plugin = auth()
+    async with auth_server(tmp_path, plugin, database) as server:
+        ana = await create_user(plugin.engine, "ana")
+        bob = await create_user(plugin.engine, "bob")
+        async with start_agent(server, upstream.port, token=ana, subdomain="ana-site"):
+            pass  # claimed; now offline
+        anonymous = await _register_and_expect_reject(server, subdomain="ana-site")
+        assert "belongs to another user" in str(anonymous)
+        other_user = await _register_and_expect_reject(server, token=bob, subdomain="ana-site")
+        assert "belongs to another user" in str(other_user)
+        # The owner still gets it.
+        async with start_agent(server, upstream.port, token=ana, subdomain="ana-site") as owner, \
+                owner.visitor() as client:
+            assert (await client.get("/still-ana")).status_code == 200
+        assert [r["path"] for r in upstream.requests] == ["/still-ana"]
+
+
+async def test_the_owner_replaces_a_stale_session_of_theirs_at_once(
+        tmp_path: Path, upstream: Upstream) -> None:
+    plugin = auth()
+    async with auth_server(tmp_path, plugin, {}) as server:
+        token = await create_user(plugin.engine, "ana")
+        stale = Background(server, upstream.port, token=token)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stale.run)
+            await stale.reporter.wait_connected()
+            alias = stale.agent.alias
+            # A second laptop (no resume secret) of the same user: no waiting for a heartbeat timeout.
+            async with start_agent(server, upstream.port, token=token) as fresh:
+                assert fresh.alias == alias
+                with anyio.fail_after(WAIT):
+                    await stale.ended.wait()
+                assert isinstance(stale.result, str) and "replaced" in stale.result
+                async with fresh.visitor() as client:
+                    assert (await client.get("/fresh")).status_code == 200
+        await stale.forwarder.aclose()
+
+
+# -- tokens ---------------------------------------------------------------------------------------
+async def test_require_token_refuses_anonymous_agents_with_a_hint(tmp_path: Path) -> None:
+    async with auth_server(tmp_path, auth(require_token=True), {}) as server:
+        refused = await _register_and_expect_reject(server)
+        assert "comzy login" in str(refused) and "logged-in agents only" in str(refused)
+        assert server.counters["registrations_refused"] == 1
+
+
+async def test_a_bad_token_is_refused_even_when_anonymous_agents_are_allowed(tmp_path: Path) -> None:
+    async with auth_server(tmp_path, auth(), {}) as server:
+        refused = await _register_and_expect_reject(server, token="czy_not-a-real-token")
+        assert "not accepted" in str(refused) and "comzy login" in str(refused)
+
+
+async def test_revoked_and_rotated_tokens_close_live_tunnels(
+        tmp_path: Path, upstream: Upstream, database: dict[str, Any]) -> None:
+    plugin = auth()
+    async with auth_server(tmp_path, plugin, database) as server:
+        token = await create_user(plugin.engine, "ana")
+        env = {"COMZY_DATABASE_URL": database["database_url"]} if database else {}
+        async with anyio.create_task_group() as tg:
+            live = Background(server, upstream.port, token=token)
+            tg.start_soon(live.run)
+            await live.reporter.wait_connected()
+            revoked = await anyio.to_thread.run_sync(lambda: users_cli(tmp_path, "revoke", "ana", **env))
+            assert revoked.returncode == 0, revoked.stderr
+            with anyio.fail_after(WAIT):
+                await live.ended.wait()
+            assert isinstance(live.result, str) and "revoked" in live.result and "comzy login" in live.result
+            assert server.tunnels() == []
+            refused = await _register_and_expect_reject(server, token=token)
+            assert "revoked" in str(refused)
+            # Rotating gives a working token again; the old one stays dead, and tunnels on it close.
+            new_token = await rotate_token(plugin.engine, "ana")
+            second = Background(server, upstream.port, token=new_token)
+            tg.start_soon(second.run)
+            await second.reporter.wait_connected()
+            assert second.agent.alias == live.agent.alias  # still her alias
+            await _register_and_expect_reject(server, token=token)
+            await rotate_token(plugin.engine, "ana")
+            with anyio.fail_after(WAIT):
+                await second.ended.wait()
+            assert isinstance(second.result, str) and "replaced" in second.result
+        await live.forwarder.aclose()
+        await second.forwarder.aclose()
+
+
+async def test_logged_in_tunnels_do_not_expire(tmp_path: Path, upstream: Upstream) -> None:
+    plugin = auth()
+    expiry = AnonymousTimeout(AnonymousTimeoutSettings(_env_file=None, seconds=600))
+    async with auth_server(tmp_path, plugin, {}, ("anonymous_timeout", expiry)) as server:
+        token = await create_user(plugin.engine, "ana")
+        async with start_agent(server, upstream.port, token=token) as user, \
+                start_agent(server, upstream.port) as anonymous:
+            assert user.reporter.welcomes[0]["expires_at"] is None
+            assert anonymous.reporter.welcomes[0]["expires_at"] is not None
+
+
+async def test_tokens_are_stored_hashed_and_never_logged(tmp_path: Path, upstream: Upstream,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    plugin = auth()
+    with caplog.at_level(logging.DEBUG):
+        async with auth_server(tmp_path, plugin, {}) as server:
+            token = await create_user(plugin.engine, "ana")
+            async with start_agent(server, upstream.port, token=token):
+                pass
+            await _register_and_expect_reject(server, token=token + "x")
+            async with plugin.engine.connect() as conn:
+                stored = (await conn.execute(select(User.token_hash))).scalar_one()
+    assert stored == hashlib.sha256(token.encode()).hexdigest() == hash_token(token)
+    assert token not in caplog.text and token not in (tmp_path / "data" / "comzy.db").read_bytes().decode("latin-1")
+
+
+# -- comzy-server users ---------------------------------------------------------------------------
+def users_cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``comzy-server users ...`` in a subprocess on the data dir tmp_path/data."""
+    environment = cli_env(COMZY_DATA_DIR=str(tmp_path / "data"), **env)
+    for name in ENV:
+        if name not in env:
+            environment.pop(name, None)
+    return subprocess.run([PYTHON, "-m", "comzy.core.cli", "users", *args], cwd=tmp_path, env=environment,
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_users_cli_creates_lists_revokes_and_rotates(tmp_path: Path) -> None:
+    created = users_cli(tmp_path, "create", "ana")
+    assert created.returncode == 0, created.stderr
+    token = created.stdout.strip().splitlines()[-1]
+    assert token.startswith("czy_") and len(token) > 40
+    assert "shown only now" in created.stdout
+    again = users_cli(tmp_path, "create", "ana")
+    assert again.returncode == 1 and "exists already" in again.stderr and "users rotate ana" in again.stderr
+    bad = users_cli(tmp_path, "create", "no spaces")
+    assert bad.returncode == 2 and "not a valid user name" in bad.stderr
+    listed = users_cli(tmp_path, "list")
+    assert listed.returncode == 0 and "ana" in listed.stdout and "active" in listed.stdout
+    assert token not in listed.stdout + listed.stderr
+    revoked = users_cli(tmp_path, "revoke", "ana")
+    assert revoked.returncode == 0 and "revoked ana's token" in revoked.stdout
+    assert "revoked already" in users_cli(tmp_path, "revoke", "ana").stdout
+    assert "revoked" in users_cli(tmp_path, "list").stdout
+    rotated = users_cli(tmp_path, "rotate", "ana")
+    assert rotated.returncode == 0
+    new_token = rotated.stdout.strip().splitlines()[-1]
+    assert new_token.startswith("czy_") and new_token != token
+    assert "active" in users_cli(tmp_path, "list").stdout
+    missing = users_cli(tmp_path, "rotate", "nobody")
+    assert missing.returncode == 1 and "no user 'nobody'" in missing.stderr
+
+
+# -- the agent's commands ---------------------------------------------------------------------------
+async def comzy(tmp_path: Path, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    """``comzy ARGS`` in a subprocess with HOME in tmp_path."""
+    env = cli_env(HOME=str(tmp_path / "home"))
+    env.pop("COMZY_TOKEN", None)
+    return await anyio.run_process([PYTHON, "-m", "comzy.agent.cli", *args], input=stdin, env=env,
+                                   cwd=tmp_path, check=False)
+
+
+async def test_login_status_aliases_and_logout(tmp_path: Path, upstream: Upstream) -> None:
+    plugin = auth()
+    async with auth_server(tmp_path, plugin, {}) as server:
+        url = f"ws://127.0.0.1:{server.ports.ws}"
+        token = await create_user(plugin.engine, "ana")
+        saved = tmp_path / "home" / ".comzy" / ".user"
+        bad = await comzy(tmp_path, "login", "--server", url, "--token", "czy_wrong")
+        assert bad.returncode == 1 and b"refused the token" in bad.stderr and not saved.exists()
+        not_logged = await comzy(tmp_path, "status", "--server", url)
+        assert not_logged.returncode == 0 and b"not logged in" in not_logged.stdout
+        login = await comzy(tmp_path, "login", "--server", url, stdin=token.encode() + b"\n")  # piped token
+        assert login.returncode == 0, login.stderr
+        assert b"Logged in to" in login.stdout and b"as ana" in login.stdout
+        assert stat.S_IMODE(saved.stat().st_mode) == 0o600
+        assert stat.S_IMODE(saved.parent.stat().st_mode) == 0o700
+        assert json.loads(saved.read_text()) == {"token": token, "user": "ana", "server": url}
+        # The saved login is used by `comzy PORT` (the saved server, too: no --server here).
+        async with start_agent(server, upstream.port, token=token, subdomain="ana-site"):
+            status = await comzy(tmp_path, "status")
+            assert status.returncode == 0, status.stderr
+            out = status.stdout.decode()
+            assert "reachable" in out and "Login:   ana" in out and "Aliases: 1 of 5" in out
+            assert "ana-site" in out and "online" in out
+        listed = await comzy(tmp_path, "aliases")
+        assert listed.returncode == 0 and b"ana-site" in listed.stdout and b"offline" in listed.stdout
+        release = await comzy(tmp_path, "aliases", "release", "ana-site")
+        assert release.returncode == 0 and b"Released ana-site" in release.stdout
+        assert plugin.alias_owner("ana-site") is None
+        unknown = await comzy(tmp_path, "aliases", "release", "ana-site")
+        assert unknown.returncode == 1 and b"you own no alias" in unknown.stderr
+        logout = await comzy(tmp_path, "logout")
+        assert logout.returncode == 0 and not saved.exists()
+        assert b"not logged in" in (await comzy(tmp_path, "status", "--server", url)).stdout
+    assert token.encode() not in login.stdout + login.stderr
+
+
+async def test_login_explains_unreachable_servers_and_servers_without_accounts(tmp_path: Path) -> None:
+    async with start_server(tmp_path / "data") as server:  # no plugins: no account API
+        url = f"ws://127.0.0.1:{server.ports.ws}"
+        plain = await comzy(tmp_path, "login", "--server", url, "--token", "czy_x")
+        assert plain.returncode == 1 and b"has no user accounts" in plain.stderr
+        status = await comzy(tmp_path, "status", "--server", url)
+        assert status.returncode == 0 and b"reachable" in status.stdout
+    gone = await comzy(tmp_path, "login", "--server", url, "--token", "czy_x")
+    assert gone.returncode == 1 and b"cannot reach the Comzy server" in gone.stderr
+    assert (await comzy(tmp_path, "status", "--server", url)).returncode == 1
+
+
+# -- packaging and settings -------------------------------------------------------------------------
+def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAX_ALIASES_PER_USER", "7")  # the seed's name
+    monkeypatch.setenv("COMZY_REQUIRE_TOKEN", "true")
+    monkeypatch.setenv("COMZY_AUTH_REFRESH_SECONDS", "2.5")
+    settings = AuthTokenSettings(_env_file=None)
+    assert (settings.max_aliases_per_user, settings.require_token, settings.refresh_seconds) == (7, True, 2.5)
+
+
+def test_readme_documents_every_setting() -> None:
+    readme = (ROOT / "comzy" / "plugins" / "auth_token" / "README.md").read_text()
+    for name in ("COMZY_REQUIRE_TOKEN", "MAX_ALIASES_PER_USER", "COMZY_AUTH_REFRESH_SECONDS"):
+        assert f"`{name}`" in readme, name
+
+
+def test_it_is_a_builtin_plugin() -> None:
+    assert "auth_token" in builtin_names()
+    [(_name, loaded)] = load_plugins(["auth_token"])
+    assert isinstance(loaded, AuthToken)
+
+
+def test_the_token_file_is_private_even_if_it_existed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from comzy.agent import account
+
+    path = account.credentials_path()
+    path.parent.mkdir(parents=True)
+    path.write_text("old")
+    os.chmod(path, 0o644)
+    account.save_credentials(account.Credentials("czy_t", "ana", "ws://x:1"))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert account.load_credentials() == account.Credentials("czy_t", "ana", "ws://x:1")
