@@ -142,6 +142,14 @@ async def tunnel(server: ServerContext, upstream: Upstream) -> AsyncIterator[Run
         yield running
 
 
+def admin_client(server: ServerContext, **kwargs: Any) -> httpx.AsyncClient:
+    """An HTTP client for the admin listener, with the admin token."""
+    assert server.admin_token is not None
+    kwargs.setdefault("timeout", 30.0)
+    return httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.ports.admin}",
+                             headers={"authorization": f"Bearer {server.admin_token.value}"}, **kwargs)
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     """Environment for running the console scripts in a subprocess."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("COMZY_", "HTTP_PORT", "WS_PORT"))}

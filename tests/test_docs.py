@@ -16,12 +16,11 @@ import types
 from pathlib import Path
 
 import anyio
-import httpx
 import pytest
 
 import comzy
 from comzy.core import hookspecs
-from tests.conftest import ROOT, start_agent, start_server
+from tests.conftest import ROOT, admin_client, start_agent, start_server
 from tests.test_hooks import _register_and_expect_reject
 from tests.upstream import Upstream
 
@@ -55,7 +54,8 @@ def hook_specs() -> dict[str, list[str]]:
 
 
 def test_the_hooks_are_the_designed_ones() -> None:
-    assert set(hook_specs()) == {"on_startup", "on_shutdown", "on_register", "on_disconnect", "resolve_host",
+    assert set(hook_specs()) == {"on_startup", "on_shutdown", "on_register", "on_connect", "on_disconnect",
+                                 "resolve_host",
                                  "alias_owner", "before_forward", "after_response", "admin_routes",
                                  "agent_routes"}
 
@@ -124,7 +124,7 @@ async def test_the_documented_example_works(tmp_path: Path, upstream: Upstream,
                     response = await client.get("/who")
                     assert ["x-team-member", "ana"] in response.json()["headers"]
                 # Counted by the plugin's background task: each admin request lets it run.
-                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.ports.admin}") as admin:
+                async with admin_client(server) as admin:
                     with anyio.fail_after(5):
                         while (counts := (await admin.get("/teamgate/counts")).json()) != {"team-ana": 3}:
                             assert counts in ({}, {"team-ana": 1}, {"team-ana": 2})

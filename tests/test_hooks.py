@@ -22,7 +22,7 @@ from comzy.agent.client import Agent, AgentConfig, Rejected
 from comzy.agent.forward import LocalForwarder
 from comzy.core.hooks import PluginError
 from comzy.core.server import ServerContext
-from tests.conftest import PYTHON, RecordingReporter, cli_env, start_agent, start_server, visitor
+from tests.conftest import PYTHON, RecordingReporter, admin_client, cli_env, start_agent, start_server, visitor
 from tests.upstream import Upstream
 
 pytestmark = pytest.mark.anyio
@@ -94,8 +94,8 @@ async def test_hook_on_startup(tmp_path: Path) -> None:
         assert plugin.startup_server is server
         with anyio.fail_after(WAIT):
             await plugin.background_ran.wait()
-        async with httpx.AsyncClient() as client:
-            health = await client.get(f"http://127.0.0.1:{server.ports.admin}/healthz")
+        async with admin_client(server) as client:
+            health = await client.get("/healthz")
         assert health.status_code == 200
     assert plugin.events == ["startup", "shutdown"]
 
@@ -286,6 +286,45 @@ async def test_hook_on_register_order(tmp_path: Path, upstream: Upstream) -> Non
 
 
 # -- on_disconnect ----------------------------------------------------------------------
+class Connects:
+    """Records every on_connect call; the first one fails (the tunnel must serve anyway)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bool, str | None]] = []
+        self.changed = anyio.Event()
+
+    @hookimpl
+    async def on_connect(self, tunnel: Tunnel, server: ServerContext) -> None:
+        self.calls.append((tunnel.alias, server.tunnel(tunnel.alias) is tunnel, tunnel.user))
+        self.changed.set()
+        self.changed = anyio.Event()
+        if len(self.calls) == 1:
+            raise RuntimeError("dashboard feed down")
+
+    async def wait(self, count: int) -> None:
+        # The agent may see its WELCOME a moment before the server runs the hook.
+        with anyio.fail_after(WAIT):
+            while len(self.calls) < count:
+                await self.changed.wait()
+
+
+async def test_hook_on_connect(tmp_path: Path, upstream: Upstream, caplog: pytest.LogCaptureFixture) -> None:
+    plugin = Connects()
+    async with start_server(tmp_path, plugins=[("connects", plugin), ("login", AnaLogin())]) as server:
+        async with start_agent(server, upstream.port) as first, first.visitor() as client:
+            # Called once, with the live tunnel; an error is logged and the tunnel serves anyway.
+            await plugin.wait(1)
+            assert plugin.calls == [(first.alias, True, None)]
+            assert (await client.get("/after-a-failing-hook")).status_code == 200
+        assert "failed in on_connect" in caplog.text
+        async with start_agent(server, upstream.port, subdomain="owned-by-ana", token="ana-token"):
+            await plugin.wait(2)
+            assert plugin.calls[1] == ("owned-by-ana", True, "ana")
+        refused = await _register_and_expect_reject(server, subdomain="www")  # reserved
+        assert "reserved" in str(refused)
+    assert len(plugin.calls) == 2  # refused registrations never connect
+
+
 class Disconnects:
     """Records every on_disconnect call."""
 
@@ -669,7 +708,7 @@ class AdminPage:
 async def test_hook_admin_routes(tmp_path: Path, upstream: Upstream) -> None:
     async with start_server(tmp_path, plugins=[("page", AdminPage())]) as server, \
             start_agent(server, upstream.port) as agent:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.ports.admin}", timeout=WAIT) as admin:
+        async with admin_client(server) as admin:
             page = await admin.get("/x")
             assert page.status_code == 200
             assert page.json() == {"path": "/x", "tunnels": 1}
@@ -733,5 +772,5 @@ async def test_hook_agent_routes(tmp_path: Path, upstream: Upstream) -> None:
         async with visitor(server, server.tunnels()[0].alias) as client:
             assert (await client.get("/still")).status_code == 200
         # Not on the admin listener.
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.ports.admin}", timeout=WAIT) as admin:
+        async with admin_client(server) as admin:
             assert (await admin.get("/api/v1/motd")).status_code == 404

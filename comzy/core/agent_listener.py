@@ -260,6 +260,7 @@ class AgentListener:
         if not self._sweeping:
             self._sweeping = True
             server.task_group.start_soon(self.heartbeats.run)
+        await server.hooks.on_connect(tunnel, server)
         reason = await session.run()
         if not server.registry.remove(tunnel.alias, session):
             reason = "replaced by a new session"

@@ -101,6 +101,10 @@ class HookRunner:
         """Run every after_response impl; errors are logged, never raised."""
         await self._call_logged("after_response", {"exchange": exchange, "server": server})
 
+    async def on_connect(self, tunnel: Any, server: Any) -> None:
+        """Run every on_connect impl; errors are logged, never raised."""
+        await self._call_logged("on_connect", {"tunnel": tunnel, "server": server})
+
     async def on_disconnect(self, tunnel: Any, reason: str, server: Any) -> None:
         """Run every on_disconnect impl; errors are logged, never raised."""
         await self._call_logged("on_disconnect", {"tunnel": tunnel, "reason": reason, "server": server})

@@ -56,6 +56,12 @@ def agent_routes(server: ServerContext) -> Any:
 
 
 @hookspec
+def on_connect(tunnel: Tunnel, server: ServerContext) -> Any:
+    """A tunnel went live: its agent got WELCOME and visitors can reach it. Must not block
+    (the session starts serving after the last impl returns); errors are logged."""
+
+
+@hookspec
 def on_disconnect(tunnel: Tunnel, reason: str, server: ServerContext) -> Any:
     """A registered tunnel ended (agent left, replaced, expired, server stopping).
     Called once per tunnel; errors are logged."""

@@ -17,7 +17,7 @@ from hypercorn.config import Config as HypercornConfig
 from comzy import __version__
 from comzy.core import http_servers
 from comzy.core import protocol as p
-from comzy.core.admin import AdminApp
+from comzy.core.admin import AdminApp, AdminToken, load_admin_token
 from comzy.core.agent_api import AgentApi
 from comzy.core.agent_listener import AgentListener
 from comzy.core.edge import EdgeApp
@@ -51,6 +51,8 @@ class ServerContext:
         self.task_group: anyio.abc.TaskGroup = None  # type: ignore[assignment]  # set by run_server
         self.ports = Ports(0, 0, 0)
         self.draining = False
+        #: The admin listener's token (COMZY_ADMIN_TOKEN or the data directory's file); set by run_server.
+        self.admin_token: AdminToken | None = None
 
     def tunnels(self) -> list[Tunnel]:
         """Every live tunnel on this node."""
@@ -150,7 +152,8 @@ async def run_server(
         server.task_group = tg
         try:
             await server.hooks.on_startup(server)
-            admin_app = AdminApp(server, await server.hooks.admin_routes(server))
+            server.admin_token = load_admin_token(settings)
+            admin_app = AdminApp(server, await server.hooks.admin_routes(server), server.admin_token)
             agents.api = AgentApi(server, await server.hooks.agent_routes(server))
         except BaseException:
             # Nothing serves yet: give the bound ports back before reporting the failure.
@@ -236,11 +239,12 @@ def describe(server: ServerContext) -> list[str]:
     ports = server.ports
     scheme = "https" if s.ssl_cert_path else "http"
     plugins = ", ".join(server.plugin_names) or "none"
+    token_source = server.admin_token.source if server.admin_token else "not loaded"
     return [
         f"comzy-server {__version__} ready",
         f"  public   {scheme}://{s.host}:{ports.http}  (tunnels at {s.url_for('<alias>')})",
         f"  agents   ws://{s.host}:{ports.ws}  (agents connect with: comzy PORT --server ws://HOST:{ports.ws})",
-        f"  admin    http://{s.admin_host}:{ports.admin}",
+        f"  admin    http://{s.admin_host}:{ports.admin}  (token: {token_source})",
         f"  domain   {s.base_domain}",
         f"  plugins  {plugins}",
         f"  data     {s.data_dir}",
