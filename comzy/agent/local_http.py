@@ -1,15 +1,25 @@
-"""HTTP/1.1 to the one local service, on h11, with a keep-alive pool made for one origin.
+"""HTTP/1.1 to the one local service, with a keep-alive pool made for one origin.
 
 The agent talks to exactly one host:port, so its pool is a stack of idle connections:
 taking one costs a single non-blocking peek to see whether the local app closed it while
 idle (Node closes idle keep-alive connections after 5 s). A general-purpose pool (httpx)
 scans every pooled connection with several syscalls on every request, which profiling
 showed was most of the agent's CPU under load.
+
+The HTTP/1.1 client itself is small and written for this one job: build a request head,
+read a response head, then the body by its framing (Content-Length, chunked, or until
+close; none for HEAD, 1xx, 204 and 304). h11 did this before and was correct, but cost
+about 50 µs per request here (a third of the agent's CPU under load); this costs a few.
+It is as strict as h11 where strictness protects someone: header names and values are
+checked before sending (no CR/LF smuggling into the local app) and on receipt, framing
+headers must agree, and a connection is reused only after a complete, well-framed
+exchange with nothing left over.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import select
 import socket
 import time
@@ -18,10 +28,24 @@ from dataclasses import dataclass
 
 import anyio
 import anyio.abc
-import h11
 
 # The event loop reads up to 256 KiB at a time; asking for less makes anyio copy the rest.
 READ_SIZE = 256 * 1024
+#: Largest response head accepted (status line and headers).
+MAX_HEAD = 256 * 1024
+#: Largest chunk-size line or trailer section line accepted in a chunked body.
+MAX_CHUNK_LINE = 4096
+
+_TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
+# Field values: no control characters but tab (so no CR/LF/NUL), as RFC 9110 5.5 allows.
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_BAD_TARGET = re.compile(rb"[\x00-\x20\x7f]")
+_STATUS_LINE = re.compile(rb"HTTP/([0-9])\.([0-9]) ([0-9]{3})(?: [^\x00-\x08\x0a-\x1f\x7f]*)?")
+_HEADER_LINE = re.compile(rb"([-!#$%&'*+.^_`|~0-9a-zA-Z]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*")
+_HEAD_END_LF = re.compile(rb"\n\r?\n")  # tolerated like h11 does: a head whose lines end in a bare LF
+_LINE_END = re.compile(rb"\r?\n")
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_NO_BODY_STATUS = (204, 304)
 
 
 class LocalError(Exception):
@@ -36,6 +60,13 @@ class StaleConnection(LocalError):
     """A pooled connection turned out to be closed before any response byte arrived."""
 
 
+class _Invalid(LocalError):
+    """The local service sent something that is not HTTP/1.1."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"invalid HTTP from the local service: {what}")
+
+
 @dataclass(slots=True)
 class LocalResponse:
     """A response head from the local service; read the body with ``body()``."""
@@ -44,52 +75,193 @@ class LocalResponse:
     headers: list[tuple[bytes, bytes]]
     connection: _Connection
 
-    async def body(self) -> AsyncIterator[bytes]:
+    def body(self) -> AsyncIterator[bytes]:
         """The response body as it arrives (chunked framing removed, bytes untouched)."""
-        conn = self.connection
-        while True:
-            event = await conn.next_event()
-            if isinstance(event, h11.Data):
-                yield bytes(event.data)
-            elif isinstance(event, h11.EndOfMessage):
-                return
-            else:
-                raise LocalError(f"unexpected {type(event).__name__} in a response body")
+        return self.connection.body()
 
 
 class _Connection:
+    """One keep-alive connection: the bytes read but not yet used, and the current response's framing."""
+
     def __init__(self, stream: anyio.abc.SocketStream) -> None:
         self.stream = stream
-        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=256 * 1024)
         self.sock = stream.extra(anyio.abc.SocketAttribute.raw_socket)
         self.idle_since = 0.0
         self.received_any = False
+        # True once an exchange finished cleanly and the connection may carry another.
+        self.reusable = False
+        self._buffer = b""
+        self._keep_alive = False
+        # Body framing of the response being read: -1 chunked, -2 until close, else a byte count.
+        self._length = 0
 
-    async def send(self, event: h11.Event) -> None:
-        data = self.h11.send(event)
-        if data:
-            try:
-                await self.stream.send(data)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-                raise LocalError(f"connection lost while sending ({exc})") from exc
+    async def send(self, data: bytes) -> None:
+        try:
+            await self.stream.send(data)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            raise LocalError(f"connection lost while sending ({exc})") from exc
 
-    async def next_event(self) -> h11.Event:
+    async def _receive(self) -> bytes:
+        """The next bytes from the local service; b"" at end of stream."""
+        try:
+            data = await self.stream.receive(READ_SIZE)
+        except anyio.EndOfStream:
+            return b""
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            raise LocalError(f"connection lost while reading ({exc})") from exc
+        self.received_any = True
+        return data
+
+    async def _more(self) -> bytes:
+        """More body bytes; a body cut short by the end of the stream is an error."""
+        data = await self._receive()
+        if not data:
+            raise LocalError("the local service closed the connection before the end of the response body")
+        return data
+
+    # -- the response head ---------------------------------------------------------------
+    async def read_head(self, method: str, request_keep_alive: bool) -> tuple[int, list[tuple[bytes, bytes]]]:
+        """Read a final response head (1xx are skipped) and set up the body framing."""
         while True:
-            try:
-                event = self.h11.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise LocalError(f"invalid HTTP from the local service: {exc}") from exc
-            if event is not h11.NEED_DATA:
-                return event
-            try:
-                data = await self.stream.receive(READ_SIZE)
-            except anyio.EndOfStream:
-                data = b""
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-                raise LocalError(f"connection lost while reading ({exc})") from exc
-            if data:
-                self.received_any = True
-            self.h11.receive_data(data)
+            buffer = self._buffer
+            while True:
+                end = buffer.find(b"\r\n\r\n")
+                if end >= 0:
+                    head, buffer = buffer[:end], buffer[end + 4 :]
+                    break
+                if b"\n" in buffer and (match := _HEAD_END_LF.search(buffer)):
+                    head, buffer = buffer[: match.start()], buffer[match.end() :]
+                    break
+                if len(buffer) > MAX_HEAD:
+                    raise _Invalid(f"response head larger than {MAX_HEAD} bytes")
+                data = await self._receive()
+                if not data:
+                    if buffer:
+                        raise LocalError("the local service closed the connection in the middle of a response head")
+                    raise LocalError("the local service closed the connection without answering")
+                buffer += data
+            self._buffer = buffer
+            lines = _LINE_END.split(head) if b"\n" in head else [head]
+            status_line = _STATUS_LINE.fullmatch(lines[0])
+            if status_line is None:
+                raise _Invalid(f"bad status line {lines[0][:100]!r}")
+            status = int(status_line[3])
+            headers = _parse_header_lines(lines)
+            if status >= 200:
+                break
+            if status == 101:
+                raise _Invalid("101 Switching Protocols to a plain HTTP request")
+            # 1xx informational responses (100 Continue, 103 Early Hints) are skipped.
+        self._frame(method, status, headers, (int(status_line[1]), int(status_line[2])), request_keep_alive)
+        return status, headers
+
+    def _frame(self, method: str, status: int, headers: list[tuple[bytes, bytes]], version: tuple[int, int],
+               request_keep_alive: bool) -> None:
+        """Work out the body's framing (RFC 9112 6.3) and whether the connection stays open."""
+        keep_alive = request_keep_alive and version >= (1, 1)
+        chunked = False
+        length: bytes | None = None
+        for name, value in headers:
+            lower = name.lower()
+            if lower == b"transfer-encoding":
+                # Like h11: "chunked" is the only transfer coding a response may use here.
+                if chunked or value.strip().lower() != b"chunked":
+                    raise _Invalid(f"unsupported Transfer-Encoding {value[:100]!r}")
+                chunked = True
+            elif lower == b"content-length":
+                value = value.strip()
+                if not value.isdigit() or len(value) > 18 or (length is not None and value != length):
+                    raise _Invalid(f"bad or conflicting Content-Length {value[:100]!r}")
+                length = value
+            elif lower == b"connection" and b"close" in value.lower() and any(
+                    token.strip() == b"close" for token in value.lower().split(b",")):
+                keep_alive = False
+        if method == "HEAD" or status in _NO_BODY_STATUS:
+            self._length = 0
+        elif chunked:
+            self._length = -1
+        elif length is not None:
+            self._length = int(length)
+        else:
+            self._length = -2
+            keep_alive = False
+        self._keep_alive = keep_alive
+
+    # -- the response body ---------------------------------------------------------------
+    async def body(self) -> AsyncIterator[bytes]:
+        """The body of the response whose head was read last; marks the connection reusable at its end."""
+        if self._length == -1:
+            async for piece in self._chunked_body():
+                yield piece
+        elif self._length == -2:
+            if self._buffer:
+                data, self._buffer = self._buffer, b""
+                yield data
+            while data := await self._receive():
+                yield data
+        else:
+            left = self._length
+            buffer, self._buffer = self._buffer, b""
+            while left:
+                if not buffer:
+                    buffer = await self._more()
+                if len(buffer) <= left:
+                    left -= len(buffer)
+                    piece, buffer = buffer, b""
+                else:
+                    piece, buffer = buffer[:left], buffer[left:]
+                    left = 0
+                yield piece
+            self._buffer = buffer  # more than the body: see the leftover check below
+        # Bytes after the body that nobody asked for (a premature next response) make the
+        # connection unsafe to reuse: the next exchange would read them as its answer.
+        self.reusable = self._keep_alive and not self._buffer
+
+    async def _chunked_body(self) -> AsyncIterator[bytes]:
+        """Chunked transfer coding (RFC 9112 7.1): data yielded as it arrives, trailers dropped."""
+        buffer = self._buffer
+        pos = 0
+        while True:
+            # chunk-size [; extensions] CRLF
+            while (eol := buffer.find(b"\n", pos)) < 0:
+                if len(buffer) - pos > MAX_CHUNK_LINE:
+                    raise _Invalid("chunk-size line too long")
+                buffer = buffer[pos:] + await self._more()
+                pos = 0
+            line = buffer[pos:eol]
+            pos = eol + 1
+            size_field = line.split(b";", 1)[0].strip(b" \t\r")
+            if not line.endswith(b"\r") or not _CHUNK_SIZE.fullmatch(size_field):
+                raise _Invalid(f"bad chunk-size line {line[:100]!r}")
+            size = int(size_field, 16)
+            if size == 0:
+                break
+            while size:
+                if pos == len(buffer):
+                    buffer, pos = await self._more(), 0
+                # When the whole read is chunk data it is passed on as it is: no copy.
+                piece = buffer if pos == 0 and len(buffer) <= size else buffer[pos : pos + size]
+                pos += len(piece)
+                size -= len(piece)
+                yield piece
+            while len(buffer) - pos < 2:
+                buffer = buffer[pos:] + await self._more()
+                pos = 0
+            if buffer[pos : pos + 2] != b"\r\n":
+                raise _Invalid("chunk data not followed by CRLF")
+            pos += 2
+        # Trailer section: header lines up to an empty line.
+        while True:
+            while (eol := buffer.find(b"\n", pos)) < 0:
+                if len(buffer) - pos > MAX_CHUNK_LINE:
+                    raise _Invalid("trailer line too long")
+                buffer = buffer[pos:] + await self._more()
+                pos = 0
+            line = buffer[pos:eol]
+            pos = eol + 1
+            if line in (b"", b"\r"):
+                break
+        self._buffer = buffer[pos:]
 
     def closed_while_idle(self) -> bool:
         """True if the peer closed (or sent bytes nobody asked for, e.g. a 408) while idle.
@@ -105,9 +277,60 @@ class _Connection:
         return bool(poller.poll(0))
 
     async def aclose(self) -> None:
+        self.reusable = False
         with anyio.CancelScope(shield=True):
             with contextlib.suppress(OSError, anyio.BrokenResourceError):
                 await self.stream.aclose()
+
+
+def _parse_header_lines(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """Header lines after the status line, in order, duplicates kept; obsolete folding unfolded."""
+    headers: list[tuple[bytes, bytes]] = []
+    for index in range(1, len(lines)):
+        line = lines[index]
+        if line[:1] in (b" ", b"\t"):
+            # obs-fold (RFC 9112 5.2): a continuation of the previous value, joined by a space.
+            if not headers or _BAD_VALUE.search(line):
+                raise _Invalid(f"bad header continuation line {line[:100]!r}")
+            name, value = headers[-1]
+            headers[-1] = (name, (value + b" " + line.strip(b" \t")).strip(b" \t"))
+            continue
+        match = _HEADER_LINE.fullmatch(line)
+        if match is None:
+            raise _Invalid(f"malformed header line {line[:100]!r}")
+        headers.append((match[1], match[2]))
+    return headers
+
+
+def _request_head(method: str, target: bytes, headers: list[tuple[bytes, bytes]]) -> tuple[bytes, int, bool]:
+    """The request head, the body framing (-1 chunked, else the Content-Length; none declared
+    means no body, RFC 9112 6.3), and whether the request lets the connection stay open.
+
+    Raises LocalError for anything that cannot be sent as HTTP/1.1 unchanged.
+    """
+    method_bytes = method.encode("ascii", "replace")
+    if not _TOKEN.fullmatch(method_bytes) or not target or _BAD_TARGET.search(target):
+        raise LocalError(f"request cannot be sent as HTTP/1.1: bad method or target {method!r} {target[:100]!r}")
+    lines = [method_bytes + b" " + target + b" HTTP/1.1"]
+    framing = 0
+    keep_alive = True
+    for name, value in headers:
+        if not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
+            raise LocalError(f"request cannot be sent as HTTP/1.1: invalid header {name[:100]!r}")
+        lower = name.lower()
+        if lower == b"transfer-encoding":
+            if value.strip().lower() != b"chunked":
+                raise LocalError(f"request cannot be sent as HTTP/1.1: Transfer-Encoding {value[:100]!r}")
+            framing = -1
+        elif lower == b"content-length" and framing != -1:
+            if not value.strip().isdigit():
+                raise LocalError(f"request cannot be sent as HTTP/1.1: Content-Length {value[:100]!r}")
+            framing = int(value)
+        elif lower == b"connection" and any(token.strip() == b"close" for token in value.lower().split(b",")):
+            keep_alive = False
+        lines.append(name + b": " + value)
+    lines.append(b"\r\n")
+    return b"\r\n".join(lines), framing, keep_alive
 
 
 class LocalClient:
@@ -144,8 +367,8 @@ class LocalClient:
 
     async def release(self, conn: _Connection) -> None:
         """Return a connection whose exchange finished; reuse it if it can be reused."""
-        if conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE and len(self._idle) < self.max_idle:
-            conn.h11.start_next_cycle()
+        if conn.reusable and len(self._idle) < self.max_idle:
+            conn.reusable = False
             conn.idle_since = time.monotonic()
             conn.received_any = False
             self._idle.append(conn)
@@ -163,31 +386,41 @@ class LocalClient:
         A request is retried once on a fresh connection when a pooled one proves dead before
         any response byte and before any body byte was consumed.
         """
+        head, framing, keep_alive = _request_head(method, target, headers)
         conn, reused = await self._take()
         consumed = False
         try:
-            await conn.send(h11.Request(method=method, target=target, headers=headers))
-            if body is not None:
-                async for chunk in body:
+            if body is None and framing == 0:
+                await conn.send(head)
+            else:
+                pending = head  # the head goes out with the first piece of body: one write
+                sent = 0
+                async for chunk in body or _no_body():
                     consumed = True
-                    if chunk:
-                        await conn.send(h11.Data(data=chunk))
-            await conn.send(h11.EndOfMessage())
-            while True:
-                event = await conn.next_event()
-                if isinstance(event, h11.Response):
-                    return LocalResponse(event.status_code, list(event.headers.raw_items()), conn)
-                if isinstance(event, h11.ConnectionClosed):
-                    raise LocalError("the local service closed the connection without answering")
-                # 1xx informational responses (100 Continue, 103 Early Hints) are skipped.
+                    if not chunk:
+                        continue
+                    sent += len(chunk)
+                    if framing == -1:
+                        chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk)
+                    elif sent > framing:
+                        raise LocalError(f"request cannot be sent as HTTP/1.1: body longer than its "
+                                         f"Content-Length of {framing}")
+                    await conn.send(pending + chunk if pending else chunk)
+                    pending = b""
+                if framing == -1:
+                    pending += b"0\r\n\r\n"
+                elif sent != framing:
+                    raise LocalError(f"request cannot be sent as HTTP/1.1: body of {sent} bytes for a "
+                                     f"Content-Length of {framing}")
+                if pending:
+                    await conn.send(pending)
+            status, response_headers = await conn.read_head(method, keep_alive)
+            return LocalResponse(status, response_headers, conn)
         except LocalError as exc:
             await conn.aclose()
             if reused and not conn.received_any and not consumed:
                 raise StaleConnection(str(exc)) from exc
             raise
-        except h11.LocalProtocolError as exc:
-            await conn.aclose()
-            raise LocalError(f"request cannot be sent as HTTP/1.1: {exc}") from exc
         except BaseException:
             await conn.aclose()
             raise
@@ -197,6 +430,11 @@ class LocalClient:
         idle, self._idle = self._idle, []
         for conn in idle:
             await conn.aclose()
+
+
+async def _no_body() -> AsyncIterator[bytes]:
+    return
+    yield b""  # an async generator that yields nothing
 
 
 def _connect_reason(exc: OSError) -> str:

@@ -117,6 +117,9 @@ class AgentListener:
         return hello
 
     async def _reject(self, ws: WebSocket, code: str, reason: str) -> None:
+        # By code too (protocol, version, rejected by a plugin, internal): the metrics plugin's labels.
+        self.server.count("registrations_refused")
+        self.server.count(f"registrations_refused:{code}")
         try:
             await ws.send(p.encode(p.FrameType.REJECT, 0, {"code": code, "reason": reason}))
             await ws.close(1008, "registration refused")
@@ -146,7 +149,6 @@ class AgentListener:
             await server.hooks.on_register(registration, server)
             alias = self._choose_alias(registration, resume)
         except Reject as exc:
-            server.count("registrations_refused")
             log.info("agent %s refused: %s", client, exc.reason)
             await self._reject(ws, "rejected", exc.reason)
             return None

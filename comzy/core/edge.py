@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import html
 import logging
 import time
@@ -178,56 +179,62 @@ class EdgeApp:
                 await self.hooks.after_response(exchange, self.server)
 
     async def _proxy_http(self, stream: Stream, receive: Receive, send: Send, state: _Exchange) -> None:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._pump_request, stream, receive, state, tg.cancel_scope)
+        # The request body (and the visitor's disconnect) is pumped by a task of its own: a plain
+        # asyncio task, not an anyio task group, whose set-up, cancel scopes and cancel delivery
+        # cost more per request than the rest of the edge (profiled). Both comzy listeners run
+        # on asyncio. Every way out of this method stops the pump (finally below).
+        pump = asyncio.get_running_loop().create_task(self._pump_request(stream, receive, state))
+        pump.add_done_callback(_report_pump_failure)
+        try:
+            await self._pump_response(stream, send, state)
+        except StreamReset as exc:
+            if state.visitor_gone:
+                return  # the pump reset the stream: there is nobody left to answer
+            state.error = exc.message
+            if state.started:
+                # Aborting the connection is the only honest end: a clean finish would
+                # tell the visitor a truncated body was complete.
+                raise
+            await _simple(send, 502, f"The tunnel failed before a response: {exc.message}\n")
+            state.status = 502
+        finally:
             try:
-                await self._pump_response(stream, send, state)
-            except StreamReset as exc:
-                state.error = exc.message
-                if state.started:
-                    # Aborting the connection is the only honest end: a clean finish would
-                    # tell the visitor a truncated body was complete.
-                    tg.cancel_scope.cancel()
-                    raise
-                await _simple(send, 502, f"The tunnel failed before a response: {exc.message}\n")
-                state.status = 502
-            if state.complete or state.status == 502:
-                # The server reports http.disconnect once a response is complete, which ends
-                # the request pump by itself; cancelling it instead costs more than the whole
-                # exchange (anyio's cancel delivery). The deadline is only a safety net.
-                tg.cancel_scope.deadline = anyio.current_time() + 5
-            else:
-                tg.cancel_scope.cancel()
+                if (state.complete or state.status == 502) and not state.request_done and not pump.done():
+                    # The local app answered before reading the whole request body: let the
+                    # body finish (the agent waits for it too), for a while.
+                    await asyncio.wait({pump}, timeout=5)
+            finally:
+                # Otherwise the pump only waits for the visitor's disconnect, which the server
+                # may report late or never on a kept-alive connection.
+                pump.cancel()
 
-    async def _pump_request(self, stream: Stream, receive: Receive, state: _Exchange,
-                            scope: anyio.CancelScope) -> None:
-        body_done = False
+    async def _pump_request(self, stream: Stream, receive: Receive, state: _Exchange) -> None:
         try:
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
-                    # hypercorn also reports a disconnect once a response is complete: not an error.
+                    # The server also reports a disconnect once a response is complete: not an error.
                     if not state.complete:
+                        state.visitor_gone = True
                         state.error = state.error or "visitor disconnected"
+                        # Wakes the response side (waiting for the head or body) with StreamReset.
                         stream.reset(p.ResetCode.CANCEL, "visitor disconnected")
-                    scope.cancel()
                     return
-                if body_done:
+                if state.request_done:
                     continue
                 body = message.get("body", b"")
                 if body:
                     state.bytes_in += len(body)
                     await stream.send_data(body)
                 if not message.get("more_body", False):
-                    body_done = True
+                    state.request_done = True
                     stream.send_end()
         except (StreamReset, SessionClosed):
             return  # the response side reports it
 
     async def _pump_response(self, stream: Stream, send: Send, state: _Exchange) -> None:
-        with anyio.move_on_after(self.settings.response_timeout) as timer:
-            head = await stream.wait_head()
-        if timer.cancelled_caught:
+        head = await stream.wait_head(self.settings.response_timeout)
+        if head is None:
             stream.reset(p.ResetCode.CANCEL, "response timeout")
             state.status = 504
             state.error = "response timeout"
@@ -278,6 +285,7 @@ class EdgeApp:
         except SessionClosed:
             await _deny(scope, send, 502, f"The agent for {tunnel.alias} has disconnected.\n")
             return
+        stream.websocket = True
         head = p.RequestHead(request.method, request.target, request.headers, request.client,
                              request.scheme, "1.1", websocket=True,
                              subprotocols=list(scope.get("subprotocols", [])))
@@ -291,13 +299,12 @@ class EdgeApp:
     async def _proxy_websocket(self, scope: Scope, stream: Stream, receive: Receive, send: Send,
                                state: _Exchange) -> None:
         try:
-            with anyio.move_on_after(self.settings.response_timeout) as timer:
-                head = await stream.wait_head()
+            head = await stream.wait_head(self.settings.response_timeout)
         except StreamReset as exc:
             state.status = 502
             await _deny(scope, send, 502, f"The tunnel failed before a response: {exc.message}\n")
             return
-        if timer.cancelled_caught:
+        if head is None:
             state.status = 504
             await _deny(scope, send, 504, "The local service did not answer the WebSocket upgrade in time.\n")
             return
@@ -362,7 +369,7 @@ class EdgeApp:
 class _Exchange:
     """Mutable counters for one proxied exchange."""
 
-    __slots__ = ("bytes_in", "bytes_out", "complete", "error", "started", "status")
+    __slots__ = ("bytes_in", "bytes_out", "complete", "error", "request_done", "started", "status", "visitor_gone")
 
     def __init__(self) -> None:
         self.bytes_in = 0
@@ -370,7 +377,15 @@ class _Exchange:
         self.status = 0
         self.started = False
         self.complete = False
+        self.request_done = False  # the whole request body went to the agent, END included
+        self.visitor_gone = False  # the visitor disconnected before the response was complete
         self.error: str | None = None
+
+
+def _report_pump_failure(task: asyncio.Task[None]) -> None:
+    """Log a request pump that died of a bug (it handles every expected error itself)."""
+    if not task.cancelled() and (error := task.exception()) is not None:
+        log.error("request body pump failed: %r", error, exc_info=error)
 
 
 def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:

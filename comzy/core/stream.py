@@ -6,6 +6,7 @@ peer's credit allows; the session's reader feeds it through the ``_on_*`` method
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -44,7 +45,10 @@ class Stream:
         self._local_ended = False
         self.head: object | None = None  # RESPONSE head (server side), set by the reader
         self._head_event = anyio.Event()
+        self._head_late = False
         self.ws_close: tuple[int, str] | None = None
+        #: Whether the stream carries a visitor's WebSocket (set by the edge; for metrics).
+        self.websocket = False
 
     # -- reading ---------------------------------------------------------------
     async def receive(self) -> tuple[bytes, int] | None:
@@ -98,13 +102,33 @@ class Stream:
                 payload = parts[0] if len(parts) == 1 else b"".join(parts)
                 return payload.decode("utf-8", "replace") if flags & p.FLAG_TEXT else payload
 
-    async def wait_head(self) -> object:
-        """Wait for the peer's RESPONSE head."""
-        while self.head is None:
-            if self._reset is not None:
-                raise self._reset
-            await self._head_event.wait()
+    async def wait_head(self, timeout: float | None = None) -> object | None:
+        """Wait for the peer's RESPONSE head; None if ``timeout`` seconds pass first.
+
+        The timeout is a plain loop timer, not a cancel scope: this runs once per proxied
+        request, and entering and leaving a scope cost more than the rest of this method.
+        """
+        if self.head is not None:
+            return self.head
+        timer = None
+        if timeout is not None:
+            # Runs on asyncio (both comzy processes do); call_later is a heap push, cancel O(1).
+            timer = asyncio.get_running_loop().call_later(timeout, self._head_timed_out)
+        try:
+            while self.head is None:
+                if self._reset is not None:
+                    raise self._reset
+                if self._head_late:
+                    return None
+                await self._head_event.wait()
+        finally:
+            if timer is not None:
+                timer.cancel()
         return self.head
+
+    def _head_timed_out(self) -> None:
+        self._head_late = True
+        self._head_event.set()
 
     # -- writing ---------------------------------------------------------------
     async def send_data(self, data: bytes, flags: int = 0) -> None:

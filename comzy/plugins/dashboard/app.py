@@ -1,0 +1,174 @@
+"""The dashboard's ASGI app: the page and its assets, the ``/feed`` WebSocket, the JSON API.
+
+The admin listener has checked the admin token before anything here runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from datetime import UTC, datetime
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
+
+import anyio
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+
+from comzy import __version__
+from comzy.core.models import ApiRequest
+
+from .feed import tunnel_view
+
+if TYPE_CHECKING:
+    from comzy.core.server import ServerContext
+
+    from .plugin import Dashboard
+
+log = logging.getLogger("comzy.plugins.dashboard")
+
+CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                 ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
+#: Requests the page gets in its first snapshot.
+SNAPSHOT_REQUESTS = 100
+MAX_LIMIT = 1000
+
+
+def _static(name: str) -> bytes | None:
+    """A file shipped in ``static/`` (names only: no directories, so no way out of it)."""
+    if "/" in name or "\\" in name or name.startswith(".") or not name:
+        return None
+    try:
+        return (resources.files(__package__) / "static" / name).read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+
+
+class DashboardApp:
+    """Routes the dashboard's paths; anything else is 404."""
+
+    def __init__(self, plugin: Dashboard, server: ServerContext) -> None:
+        self.plugin = plugin
+        self.server = server
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        path = scope["path"]
+        if scope["type"] == "websocket":
+            if path == "/feed":
+                await self.feed(receive, send)
+            else:
+                await send({"type": "websocket.close", "code": 1008})
+            return
+        method = scope["method"]
+        if path.startswith("/api/"):
+            status, document = await self.api(method, path, scope.get("query_string", b""))
+            await _send(send, status, json.dumps(document).encode(), "application/json")
+            return
+        if method not in ("GET", "HEAD"):
+            await _send(send, 405, b"Method not allowed.\n", "text/plain")
+            return
+        name = "index.html" if path == "/" else path.removeprefix("/static/") if path.startswith("/static/") else ""
+        body = _static(name)
+        if body is None:
+            await _send(send, 404, b"Not found on the admin listener.\n", "text/plain")
+            return
+        suffix = name[name.rfind("."):]
+        await _send(send, 200, body, CONTENT_TYPES.get(suffix, "application/octet-stream"),
+                    [(b"cache-control", b"no-cache"), (b"x-content-type-options", b"nosniff"),
+                     (b"content-security-policy", b"default-src 'self'; connect-src 'self'; img-src 'self' data:"),
+                     (b"x-frame-options", b"DENY")])
+
+    # -- the feed -----------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        """The first event of every feed connection."""
+        hub = self.plugin.hub
+        return {"type": "snapshot", "time": time.time(),
+                "server": {"version": __version__, "base_domain": self.server.settings.base_domain,
+                           "plugins": self.server.plugin_names},
+                "tunnels": [tunnel_view(t) for t in self.server.tunnels()],
+                "recent": list(hub.recent)[-SNAPSHOT_REQUESTS:], "series": list(hub.series.view())}
+
+    async def feed(self, receive: Any, send: Any) -> None:
+        """Snapshot, then every event, until the client leaves."""
+        if (await receive())["type"] != "websocket.connect":
+            return
+        await send({"type": "websocket.accept"})
+        hub = self.plugin.hub
+        subscriber = hub.subscribe()  # before the snapshot: nothing falls between the two
+        try:
+            await send({"type": "websocket.send", "text": json.dumps(self.snapshot())})
+            async with anyio.create_task_group() as tg:
+                async def watch_for_close() -> None:
+                    while (await receive())["type"] != "websocket.disconnect":
+                        pass  # the feed is one-way: what the client says is ignored
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(watch_for_close)
+                while True:
+                    for event in await subscriber.next_batch():
+                        await send({"type": "websocket.send", "text": json.dumps(event)})
+        except OSError:
+            pass  # the client went away mid-send
+        finally:
+            hub.unsubscribe(subscriber)
+
+    # -- the JSON API --------------------------------------------------------------------------
+    async def api(self, method: str, path: str, query: bytes) -> tuple[int, Any]:
+        """``GET /api/tunnels``, ``DELETE /api/tunnels/ALIAS``, ``GET /api/requests?alias=&limit=``."""
+        if path == "/api/tunnels":
+            if method != "GET":
+                return 405, {"error": "use GET to list tunnels, DELETE /api/tunnels/ALIAS to close one"}
+            return 200, {"tunnels": [tunnel_view(t) for t in self.server.tunnels()]}
+        if path.startswith("/api/tunnels/"):
+            alias = path.removeprefix("/api/tunnels/").lower()
+            if method != "DELETE":
+                return 405, {"error": "use DELETE to close a tunnel"}
+            if not await self.server.close_tunnel(alias, "closed by the server's operator (admin dashboard)"):
+                return 404, {"error": f"no live tunnel '{alias}'"}
+            log.info("tunnel %s closed from the admin dashboard", alias)
+            return 200, {"closed": alias}
+        if path == "/api/requests":
+            if method != "GET":
+                return 405, {"error": "use GET"}
+            args = parse_qs(query.decode("latin-1"))
+            alias = (args.get("alias") or [""])[0].lower() or None
+            try:
+                limit = min(max(int((args.get("limit") or ["100"])[0]), 1), MAX_LIMIT)
+            except ValueError:
+                return 400, {"error": "limit must be a whole number (1-1000)"}
+            return await self.requests(alias, limit)
+        return 404, {"error": f"no API at {path}"}
+
+    async def requests(self, alias: str | None, limit: int) -> tuple[int, Any]:
+        """The newest requests: from the request log when it is on, else from memory."""
+        engine = self.plugin.engine
+        if engine is None:
+            rows = [r for r in self.plugin.hub.recent if alias is None or r["alias"] == alias]
+            return 200, {"source": "memory", "requests": list(reversed(rows))[:limit]}
+        query = select(ApiRequest).order_by(ApiRequest.id.desc()).limit(limit)
+        if alias is not None:
+            query = query.where(ApiRequest.alias == alias)
+        try:
+            async with engine.connect() as conn:
+                rows = (await conn.execute(query)).mappings().all()
+        except (SQLAlchemyError, OSError) as exc:
+            return 503, {"error": f"the request log cannot be read right now ({type(exc).__name__}); try again"}
+        return 200, {"source": "database", "requests": [_row(r) for r in rows]}
+
+
+def _row(row: Any) -> dict[str, Any]:
+    created: datetime = row["created_at"]
+    if created.tzinfo is None:  # MySQL and SQLite give UTC back without a zone
+        created = created.replace(tzinfo=UTC)
+    return {"time": created.timestamp(), "alias": row["alias"], "port": row["port"], "method": row["method"],
+            "path": row["path"], "status": row["status_code"], "bytes_in": row["bytes_in"],
+            "bytes_out": row["bytes_out"], "duration_ms": row["duration_ms"], "client": row["client_address"]}
+
+
+async def _send(send: Any, status: int, body: bytes, content_type: str,
+                extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers + (extra or [])})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,97 @@
+"""Prometheus metrics (text format, via prometheus-client) at ``/metrics`` on the admin listener.
+
+Per-request numbers are counted in ``after_response`` (a few dict updates, no I/O); gauges of
+live state (tunnels, streams) and the core's registration counters are read when Prometheus
+scrapes, so they cost nothing between scrapes. Each plugin instance has its own registry, so
+several servers in one process (tests) never mix their numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from comzy import AdminRoute, Exchange, __version__, hookimpl
+
+if TYPE_CHECKING:
+    from comzy.core.server import ServerContext
+
+#: Request durations (seconds): from a fast local app (~1 ms) to a long download or SSE stream.
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+
+
+class _LiveState(Collector):
+    """What is read at scrape time from the server itself."""
+
+    def __init__(self, server: ServerContext) -> None:
+        self.server = server
+
+    def collect(self) -> Iterator[Metric]:
+        entries = self.server.registry.entries()
+        yield GaugeMetricFamily("comzy_tunnels_active", "Tunnels connected to this server now.", len(entries))
+        streams = [stream for entry in entries for stream in list(entry.session.streams.values())]
+        yield GaugeMetricFamily("comzy_streams_open", "Visitor requests and WebSockets in flight now.", len(streams))
+        yield GaugeMetricFamily("comzy_websocket_streams_open", "Visitor WebSockets open now.",
+                                sum(1 for s in streams if s.websocket))
+        registrations = CounterMetricFamily("comzy_registrations", "Agent registrations, by result and, for "
+                                            "refusals, by reason.", labels=["result", "reason"])
+        counters = self.server.counters
+        registrations.add_metric(["accepted", ""], counters["registrations_accepted"])
+        for name, value in sorted(counters.items()):
+            if name.startswith("registrations_refused:"):
+                registrations.add_metric(["refused", name.partition(":")[2]], value)
+        yield registrations
+        info = GaugeMetricFamily("comzy_build_info", "Always 1; the labels say which Comzy this is.",
+                                 labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+
+
+class Metrics:
+    """Counts requests, bytes and durations; serves ``/metrics``."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("comzy_requests", "Proxied requests (and WebSockets) by status class.",
+                                ["status_class"], registry=self.registry)
+        self.bytes_in = Counter("comzy_bytes_in", "Bytes of request bodies from visitors.", registry=self.registry)
+        self.bytes_out = Counter("comzy_bytes_out", "Bytes of response bodies to visitors.", registry=self.registry)
+        self.duration = Histogram("comzy_request_duration_seconds", "From the request's arrival to the end of "
+                                  "its response.", buckets=DURATION_BUCKETS, registry=self.registry)
+        # Label children made once: .labels() per request would hash and lock each time.
+        self._by_class = {name: self.requests.labels(name) for name in STATUS_CLASSES}
+        self._other = self.requests.labels("other")
+
+    @hookimpl
+    def on_startup(self, server: ServerContext) -> None:
+        """Register the scrape-time collector for this server."""
+        self.registry.register(_LiveState(server))
+
+    @hookimpl
+    def after_response(self, exchange: Exchange) -> None:
+        """Count one finished request."""
+        self._by_class.get(f"{exchange.status // 100}xx", self._other).inc()
+        if exchange.bytes_in:
+            self.bytes_in.inc(exchange.bytes_in)
+        if exchange.bytes_out:
+            self.bytes_out.inc(exchange.bytes_out)
+        self.duration.observe(exchange.duration)
+
+    @hookimpl
+    def admin_routes(self) -> list[AdminRoute]:
+        """``/metrics`` in the Prometheus text format."""
+        async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            if scope["type"] != "http":
+                return
+            body = generate_latest(self.registry)
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", CONTENT_TYPE_LATEST.encode()),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+        return [AdminRoute("/metrics", app)]

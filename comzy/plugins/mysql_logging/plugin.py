@@ -1,0 +1,297 @@
+"""Request logging: one ``api_requests`` row per proxied request, written in batches off the request path.
+
+``after_response`` only appends a tuple to a bounded in-memory queue. A writer task turns the
+queue into multi-row INSERTs, one transaction per batch; while the database is down it keeps the
+batch, retries with back-off and lets the queue fill up to its bound, beyond which new rows are
+dropped and counted. A second task deletes rows older than the retention period.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+import anyio
+from sqlalchemy import String, delete, insert, select
+from sqlalchemy.exc import DataError, IntegrityError
+
+from comzy import Exchange, hookimpl
+from comzy.core.db import describe_error, masked_url, prepare_database
+from comzy.core.models import ApiRequest
+
+from .settings import MysqlLoggingSettings
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from comzy.core.server import ServerContext
+
+log = logging.getLogger("comzy.plugins.mysql_logging")
+
+
+def _length(column: str) -> int:
+    kind = ApiRequest.__table__.c[column].type
+    assert isinstance(kind, String) and kind.length is not None
+    return kind.length
+
+
+# The columns' lengths: longer values are cut rather than refused by the database.
+ALIAS_LENGTH, METHOD_LENGTH, PATH_LENGTH, CLIENT_LENGTH = (
+    _length("alias"), _length("method"), _length("path"), _length("client_address"))
+
+# Printable ASCII stays as sent (existing %XX escapes included); spaces, control characters
+# and non-ASCII bytes are %-escaped, so the column holds ASCII whatever the table's charset.
+_PATH_SAFE = "".join(chr(c) for c in range(0x21, 0x7F))
+
+#: What ``after_response`` queues: alias, port, method, target, status, bytes in, bytes out,
+#: start (unix time), duration (s), client address. Converted to a row by the writer.
+QueuedRequest = tuple[str, int, str, bytes, int, int, int, float, float, str]
+
+
+def logged_path(target: bytes) -> str:
+    """The path as logged: the target without its query string (queries can carry tokens and
+    other secrets), non-ASCII and control bytes %-escaped, cut to the column's length."""
+    return quote(target.split(b"?", 1)[0], safe=_PATH_SAFE)[:PATH_LENGTH]
+
+
+def to_row(item: QueuedRequest) -> dict[str, Any]:
+    """The ``api_requests`` row of a queued request."""
+    alias, port, method, target, status, bytes_in, bytes_out, started_at, duration, client = item
+    return {
+        "alias": alias[:ALIAS_LENGTH],
+        "port": port,
+        "method": method[:METHOD_LENGTH],
+        "path": logged_path(target),
+        "status_code": status,
+        "bytes_in": bytes_in,
+        "bytes_out": bytes_out,
+        "duration_ms": round(duration * 1000.0, 3),
+        "client_address": client[:CLIENT_LENGTH] or None,
+        "created_at": datetime.fromtimestamp(started_at, UTC),
+    }
+
+
+class MysqlLogging:
+    """Writes one ``api_requests`` row per proxied request to the server's database.
+
+    Counters for tests and metrics: ``written`` (rows committed), ``dropped`` (rows lost: queue
+    full, refused by the database, or still queued when shutdown ran out of time),
+    ``failed_batches`` (failed INSERT attempts, retries included), ``purged`` (rows deleted by
+    retention) and ``queued`` (rows waiting, the batch being written included).
+    """
+
+    #: Rows deleted per transaction by retention, so one DELETE never holds locks for long.
+    delete_batch_size = 5000
+
+    def __init__(self, settings: MysqlLoggingSettings | None = None) -> None:
+        self.settings = settings or MysqlLoggingSettings()
+        self.written = 0
+        self.dropped = 0
+        self.failed_batches = 0
+        self.purged = 0
+        self._queue: deque[QueuedRequest] = deque()
+        self._batch: list[dict[str, Any]] = []  # taken from the queue, not yet committed
+        self._engine: AsyncEngine | None = None
+        self._closing = False
+        # anyio objects need the event loop: made in on_startup.
+        self._wake: anyio.Event | None = None
+        self._closing_event: anyio.Event | None = None
+        self._writer_done: anyio.Event | None = None
+        self._purger_done: anyio.Event | None = None
+        self._failing_since: float | None = None
+        self._dropped_when_failing = 0
+        self._drops_reported = 0
+        self._drops_reported_at: float | None = None
+
+    @property
+    def queued(self) -> int:
+        """Rows waiting to be written, including the batch being written."""
+        return len(self._queue) + len(self._batch)
+
+    # -- The request path -----------------------------------------------------------------------
+    @hookimpl
+    def after_response(self, exchange: Exchange) -> None:
+        """Queue the exchange's row; never waits. A full queue drops the row and counts it."""
+        if len(self._queue) + len(self._batch) >= self.settings.queue_size:
+            self.dropped += 1  # the writer reports drops, at most every drop_log_seconds
+            return
+        request, tunnel = exchange.request, exchange.tunnel
+        self._queue.append((tunnel.alias, tunnel.port, request.method, request.target, exchange.status,
+                            exchange.bytes_in, exchange.bytes_out, exchange.started_at, exchange.duration,
+                            request.client))
+        wake = self._wake
+        if wake is not None and len(self._queue) >= self.settings.batch_size and not wake.is_set():
+            wake.set()  # a full batch is written now rather than at the next flush tick
+
+    # -- Lifecycle ------------------------------------------------------------------------------
+    @hookimpl
+    async def on_startup(self, server: ServerContext) -> None:
+        """Open the database (its schema must be current) and start the writer and retention tasks."""
+        self._engine = await prepare_database(server.settings)
+        self._closing = False
+        self._wake, self._closing_event = anyio.Event(), anyio.Event()
+        self._writer_done, self._purger_done = anyio.Event(), anyio.Event()
+        server.task_group.start_soon(self._write_forever)
+        server.task_group.start_soon(self._purge_forever)
+        kept = f"{self.settings.retention_days:g} days" if self.settings.retention_days else "forever"
+        log.info("request log: api_requests in %s, kept %s", masked_url(self._engine.url), kept)
+
+    @hookimpl
+    async def on_shutdown(self) -> None:
+        """Write what is queued (for at most ``shutdown_seconds``), stop the tasks, dispose of the engine."""
+        if self._engine is None:
+            return
+        self._closing = True
+        for event in (self._closing_event, self._wake):
+            if event is not None:
+                event.set()
+        # The writer bounds its own flush; the margin covers a query already in flight.
+        with anyio.move_on_after(self.settings.shutdown_seconds + 5):
+            for done in (self._writer_done, self._purger_done):
+                if done is not None:
+                    await done.wait()
+        engine, self._engine = self._engine, None
+        await engine.dispose()
+
+    # -- The writer -----------------------------------------------------------------------------
+    async def _write_forever(self) -> None:
+        assert self._writer_done is not None
+        try:
+            while not self._closing:
+                assert self._wake is not None
+                with anyio.move_on_after(self.settings.flush_seconds):
+                    await self._wake.wait()
+                self._wake = anyio.Event()
+                await self._drain()
+            await self._flush_at_shutdown()
+        finally:
+            self._writer_done.set()
+
+    async def _drain(self) -> None:
+        """Write batches until the queue is empty; while the database fails, retry with back-off."""
+        assert self._closing_event is not None
+        delay = self.settings.retry_seconds
+        longest = max(self.settings.retry_max_seconds, self.settings.retry_seconds)
+        while (self._batch or self._queue) and not self._closing:
+            if not self._batch:
+                self._batch = self._take()
+            if await self._write(self._batch):
+                self._batch = []
+                delay = self.settings.retry_seconds
+                continue
+            self._report_drops()
+            with anyio.move_on_after(delay):
+                await self._closing_event.wait()  # shutdown cuts the back-off short
+            delay = min(delay * 2, longest)
+        self._report_drops()
+
+    async def _flush_at_shutdown(self) -> None:
+        with anyio.move_on_after(self.settings.shutdown_seconds):
+            while self._batch or self._queue:
+                if not self._batch:
+                    self._batch = self._take()
+                if await self._write(self._batch):
+                    self._batch = []
+                else:
+                    await anyio.sleep(self.settings.retry_seconds)
+        left = self.queued
+        if left:
+            self.dropped += left
+            self._queue.clear()
+            self._batch = []
+            log.warning("request log: %d rows not written: the database %s did not take them within %g s of "
+                        "shutdown (COMZY_MYSQL_LOGGING_SHUTDOWN_SECONDS)", left, self._where(),
+                        self.settings.shutdown_seconds)
+
+    def _take(self) -> list[dict[str, Any]]:
+        queue = self._queue
+        return [to_row(queue.popleft()) for _ in range(min(len(queue), self.settings.batch_size))]
+
+    async def _write(self, rows: list[dict[str, Any]]) -> bool:
+        """One multi-row INSERT in a transaction. True when the batch is done with (written, or
+        refused for its content and dropped); False when it must be retried."""
+        engine = self._engine
+        if engine is None:  # disposed: shutdown gave up waiting for this writer
+            return False
+        try:
+            async with engine.begin() as connection:
+                await connection.execute(insert(ApiRequest), rows)
+        except (IntegrityError, DataError) as exc:
+            # Retrying cannot help a batch the database refuses for its content; keep logging the rest.
+            self.failed_batches += 1
+            self.dropped += len(rows)
+            log.error("request log: the database %s refused a batch of %d rows (%s); dropped them",
+                      self._where(), len(rows), describe_error(exc, engine.url))
+            return True
+        except Exception as exc:  # unreachable, timed out, a driver's own error: all worth a retry
+            self.failed_batches += 1
+            if self._failing_since is None:  # one warning per outage, not one per retry
+                self._failing_since = time.monotonic()
+                self._dropped_when_failing = self.dropped
+                log.warning("request log: cannot write to the database %s (%s); keeping up to %d rows in "
+                            "memory (COMZY_MYSQL_LOGGING_QUEUE_SIZE) and retrying", self._where(),
+                            describe_error(exc, engine.url), self.settings.queue_size)
+            return False
+        self.written += len(rows)
+        if self._failing_since is not None:
+            log.info("request log: writing to the database %s again after %.1f s; %d rows were dropped meanwhile",
+                     self._where(), time.monotonic() - self._failing_since, self.dropped - self._dropped_when_failing)
+            self._failing_since = None
+        return True
+
+    def _report_drops(self) -> None:
+        new = self.dropped - self._drops_reported
+        if new <= 0:
+            return
+        now = time.monotonic()
+        if self._drops_reported_at is not None and now - self._drops_reported_at < self.settings.drop_log_seconds:
+            return
+        log.warning("request log: dropped %d rows: the queue of %d rows was full (%d dropped since start)",
+                    new, self.settings.queue_size, self.dropped)
+        self._drops_reported, self._drops_reported_at = self.dropped, now
+
+    def _where(self) -> str:
+        return masked_url(self._engine.url) if self._engine is not None else "(closed)"
+
+    # -- Retention ------------------------------------------------------------------------------
+    async def _purge_forever(self) -> None:
+        assert self._closing_event is not None and self._purger_done is not None
+        try:
+            while self.settings.retention_days > 0 and not self._closing:
+                await self.purge()
+                with anyio.move_on_after(self.settings.retention_interval_seconds):
+                    await self._closing_event.wait()
+        finally:
+            self._purger_done.set()
+
+    async def purge(self) -> int:
+        """Delete rows older than ``retention_days``, ``delete_batch_size`` per transaction; how many
+        were deleted. A database error is logged (the next run retries), never raised."""
+        engine, days = self._engine, self.settings.retention_days
+        if engine is None or days <= 0:
+            return 0
+        cutoff = datetime.now(UTC) - timedelta(days=days)
+        deleted = 0
+        try:
+            while not self._closing:
+                async with engine.begin() as connection:
+                    # The created_at of the batch's last row: portable, unlike DELETE ... LIMIT.
+                    edge = (await connection.execute(
+                        select(ApiRequest.created_at).where(ApiRequest.created_at < cutoff)
+                        .order_by(ApiRequest.created_at).offset(self.delete_batch_size - 1).limit(1))).scalar()
+                    older = ApiRequest.created_at < cutoff if edge is None else ApiRequest.created_at <= edge
+                    deleted += (await connection.execute(delete(ApiRequest).where(older))).rowcount
+                if edge is None:
+                    break
+        except Exception as exc:  # a background task must never take the server down
+            log.warning("request log: cannot delete rows older than %g days from %s (%s); retrying in %g s",
+                        days, self._where(), describe_error(exc, engine.url),
+                        self.settings.retention_interval_seconds)
+        self.purged += deleted
+        if deleted:
+            log.info("request log: deleted %d rows older than %g days", deleted, days)
+        return deleted
