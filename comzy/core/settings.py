@@ -86,7 +86,8 @@ class ServerSettings(BaseSettings):
                                        validation_alias=_env("COMZY_MAX_WEBSOCKET_MESSAGE"),
                                        description="Largest proxied WebSocket message (bytes).")
     admin_token: SecretStr | None = Field(None, validation_alias=_env("COMZY_ADMIN_TOKEN"),
-                                          description="Token for the admin listener.")
+                                          description="Token every admin route needs (docs/admin.md); unset: "
+                                          "the server makes one and keeps it in COMZY_DATA_DIR/admin_token.")
     log_level: str = Field("INFO", validation_alias=_env("COMZY_LOG_LEVEL"),
                            description="Logging level (DEBUG, INFO, WARNING).")
     database_url: SecretStr | None = Field(
