@@ -17,6 +17,7 @@ from comzy.agent.client import Agent, AgentConfig
 from comzy.agent.forward import LocalForwarder, Served
 from comzy.core.server import ServerContext, run_server
 from comzy.core.settings import ServerSettings
+from tests.private_mariadb import private_mariadb  # noqa: F401 (a fixture: a MariaDB a test may stop)
 from tests.upstream import Upstream, serve_upstream
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -30,6 +30,7 @@ from comzy.plugins.auth_token import AuthToken, AuthTokenSettings
 from comzy.plugins.auth_token.store import create_user, hash_token, rotate_token
 from tests.conftest import PYTHON, ROOT, RecordingReporter, cli_env, start_agent, start_server
 from tests.helpers import scratch_database
+from tests.private_mariadb import PrivateMariaDB
 from tests.test_hooks import _register_and_expect_reject
 from tests.upstream import Upstream
 
@@ -387,3 +388,33 @@ def test_the_token_file_is_private_even_if_it_existed(tmp_path: Path, monkeypatc
     account.save_credentials(account.Credentials("czy_t", "ana", "ws://x:1"))
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert account.load_credentials() == account.Credentials("czy_t", "ana", "ws://x:1")
+
+
+# -- a dead database ------------------------------------------------------------------------------
+async def test_known_users_keep_connecting_while_the_database_is_down(
+        tmp_path: Path, upstream: Upstream, private_mariadb: PrivateMariaDB) -> None:
+    await private_mariadb.execute("CREATE DATABASE comzy_auth")
+    url = private_mariadb.url("pw", "comzy_auth")
+    engine = db.create_engine(url)
+    try:
+        await db.upgrade(engine)
+    finally:
+        await engine.dispose()
+    plugin = auth()
+    async with auth_server(tmp_path, plugin, {"database_url": url.render_as_string(hide_password=False)}) as server:
+        ana = await create_user(plugin.engine, "ana")
+        async with start_agent(server, upstream.port, token=ana) as first:
+            alias = first.alias
+        await private_mariadb.stop()
+        # Known token, known alias: served from memory.
+        async with start_agent(server, upstream.port, token=ana) as again, again.visitor() as client:
+            assert again.alias == alias
+            assert (await client.get("/while-down")).status_code == 200
+        # What needs the database is refused with what to do, not an error.
+        new_alias = await _register_and_expect_reject(server, token=ana, subdomain="ana-new")
+        assert "database is unavailable" in str(new_alias) and "try again" in str(new_alias)
+        unknown = await _register_and_expect_reject(server, token="czy_someone-new")
+        assert "cannot check tokens right now" in str(unknown)
+        await private_mariadb.start()
+        async with start_agent(server, upstream.port, token=ana, subdomain="ana-new") as later:
+            assert later.alias == "ana-new"
