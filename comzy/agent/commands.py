@@ -68,6 +68,10 @@ def run_command(argv: list[str]) -> int:
 
 def _read_token() -> str:
     if sys.stdin.isatty():
+        # The seed's COMZY_LOGIN_URL: where a server's users get their token.
+        login_url = os.environ.get("COMZY_LOGIN_URL")
+        if login_url:
+            print(f"Get your token at {login_url}")
         return getpass.getpass("Token (from your server's operator): ")
     return sys.stdin.readline()  # piped: `echo $TOKEN | comzy login`
 
