@@ -7,8 +7,11 @@ import hashlib
 import json
 import logging
 import os
+import pty
+import select as io_select
 import stat
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -418,3 +421,48 @@ async def test_known_users_keep_connecting_while_the_database_is_down(
         await private_mariadb.start()
         async with start_agent(server, upstream.port, token=ana, subdomain="ana-new") as later:
             assert later.alias == "ana-new"
+
+
+def _login_at_a_terminal(home: Path, url: str, token: str, login_url: str) -> tuple[int, str]:
+    """``comzy login`` on a pseudo-terminal: answer its prompt as a person would; (status, screen)."""
+    env = cli_env(HOME=str(home), COMZY_LOGIN_URL=login_url)
+    env.pop("COMZY_TOKEN", None)
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: becomes `comzy login` with the pty as its terminal
+        os.execve(PYTHON, [PYTHON, "-m", "comzy.agent.cli", "login", "--server", url], env)
+    screen = b""
+    try:
+        deadline = time.monotonic() + 30
+        answered = False
+        while time.monotonic() < deadline:
+            ready, _, _ = io_select.select([fd], [], [], 0.5)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            screen += chunk
+            if not answered and b"Token" in screen:
+                os.write(fd, token.encode() + b"\n")
+                answered = True
+    finally:
+        os.close(fd)
+        _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), screen.decode(errors="replace")
+
+
+async def test_login_prompts_for_the_token_without_echoing_it(tmp_path: Path) -> None:
+    plugin = auth()
+    async with auth_server(tmp_path, plugin, {}) as server:
+        token = await create_user(plugin.engine, "ana")
+        url = f"ws://127.0.0.1:{server.ports.ws}"
+        status, screen = await anyio.to_thread.run_sync(
+            _login_at_a_terminal, tmp_path / "home", url, token, "https://tunnel.example.com/login")
+    assert status == 0, screen
+    assert "Get your token at https://tunnel.example.com/login" in screen
+    assert "Logged in to" in screen and "as ana" in screen
+    assert token not in screen  # getpass: typed, never shown
+    assert json.loads((tmp_path / "home" / ".comzy" / ".user").read_text())["token"] == token
