@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import pytest
 
 from comzy.core.hooks import builtin_names
 from comzy.core.server import ServerContext
-from comzy.core.websocket import WebSocket, connect
+from comzy.core.websocket import Closed, WebSocket, connect
 from comzy.plugins.dashboard import Dashboard, DashboardSettings
 from comzy.plugins.mysql_logging import MysqlLogging, MysqlLoggingSettings
 from tests.conftest import ROOT, admin_client, start_agent, start_server
@@ -205,3 +206,18 @@ async def test_the_documented_event_shapes_are_the_real_ones(tmp_path: Path, ups
             await feed.aclose()
     assert set(tunnel) == documented_fields("TUNNEL")
     assert set(request) == documented_fields("REQUEST")
+
+
+async def test_an_open_feed_ends_at_shutdown_without_holding_it(tmp_path: Path) -> None:
+    async with start_server(tmp_path, plugins=[("dashboard", Dashboard())]) as server:
+        feed = await open_feed(server)
+        await next_event(feed, "snapshot")
+        stopping = time.monotonic()
+    try:
+        # The default shutdown grace in tests is 5 s: an open feed must not make the server wait it out.
+        assert time.monotonic() - stopping < 3
+        with anyio.fail_after(WAIT):
+            closed = await feed.receive()
+        assert isinstance(closed, Closed) and closed.code == 1001
+    finally:
+        await feed.aclose()

@@ -51,6 +51,9 @@ class ServerContext:
         self.task_group: anyio.abc.TaskGroup = None  # type: ignore[assignment]  # set by run_server
         self.ports = Ports(0, 0, 0)
         self.draining = False
+        #: Set when shutdown begins: long-lived admin streams (a dashboard's feed) end on it, so
+        #: the admin listener can close without waiting out the grace period.
+        self.stopping = anyio.Event()
         #: The admin listener's token (COMZY_ADMIN_TOKEN or the data directory's file); set by run_server.
         self.admin_token: AdminToken | None = None
 
@@ -219,6 +222,7 @@ async def _shutdown(server: ServerContext, agent_listener: anyio.abc.Listener[An
                     public_stop: anyio.Event, admin_stop: anyio.Event) -> None:
     """Stop accepting, GOAWAY to agents, let in-flight requests finish, then close."""
     server.draining = True
+    server.stopping.set()
     await agent_listener.aclose()
     entries = server.registry.entries()
     for entry in entries:

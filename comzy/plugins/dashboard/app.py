@@ -105,10 +105,18 @@ class DashboardApp:
                         pass  # the feed is one-way: what the client says is ignored
                     tg.cancel_scope.cancel()
 
+                async def end_at_shutdown() -> None:
+                    await self.server.stopping.wait()
+                    tg.cancel_scope.cancel()
+
                 tg.start_soon(watch_for_close)
+                tg.start_soon(end_at_shutdown)
                 while True:
                     for event in await subscriber.next_batch():
                         await send({"type": "websocket.send", "text": json.dumps(event)})
+            if self.server.stopping.is_set():
+                # The page shows "reconnecting" and comes back with the server.
+                await send({"type": "websocket.close", "code": 1001, "reason": "server shutting down"})
         except OSError:
             pass  # the client went away mid-send
         finally:
