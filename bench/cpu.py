@@ -51,7 +51,8 @@ def measure_get(stack: Stack, connections: int, seconds: float) -> dict[str, Any
     server = stack.server.cpu_seconds() - before[0]
     agent = stack.nginx_agent.cpu_seconds() - before[1]
     requests = max(result["requests"], 1)
-    return {"requests_per_s": result["requests_per_s"], "p99_ms": result["p99_ms"], "errors": result["errors"],
+    return {"requests_per_s": result["requests_per_s"], "p50_ms": result["p50_ms"], "p99_ms": result["p99_ms"],
+            "errors": result["errors"],
             "server_us": server / requests * 1e6, "agent_us": agent / requests * 1e6}
 
 
@@ -63,7 +64,9 @@ def measure_download(stack: Stack) -> dict[str, Any]:
     gib = max(result["bytes"], 1) / GIB
     return {"mib_per_s": result["mib_per_s"], "errors": result["errors"],
             "server_s_per_gib": (stack.server.cpu_seconds() - before[0]) / gib,
-            "agent_s_per_gib": (stack.nginx_agent.cpu_seconds() - before[1]) / gib}
+            "agent_s_per_gib": (stack.nginx_agent.cpu_seconds() - before[1]) / gib,
+            "server_peak_rss_mib": (stack.server.peak_rss() or 0) / MIB,
+            "agent_peak_rss_mib": (stack.nginx_agent.peak_rss() or 0) / MIB}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,10 +92,13 @@ def main(argv: list[str] | None = None) -> int:
         medians = {key: statistics.median(run[key] for run in runs) for key in runs[0] if key != "errors"}
         if name == "download":
             print(f"{name:10} server {medians['server_s_per_gib']:.2f} s/GiB  agent {medians['agent_s_per_gib']:.2f} "
-                  f"s/GiB  ({medians['mib_per_s']:.0f} MiB/s)")
+                  f"s/GiB  ({medians['mib_per_s']:.0f} MiB/s; peak RSS server "
+                  f"{max(run['server_peak_rss_mib'] for run in runs):.0f} MiB, agent "
+                  f"{max(run['agent_peak_rss_mib'] for run in runs):.0f} MiB)")
         else:
             print(f"{name:10} server {medians['server_us']:6.0f} µs/req  agent {medians['agent_us']:6.0f} µs/req  "
-                  f"({medians['requests_per_s']:.0f} req/s, p99 {medians['p99_ms']:.1f} ms)")
+                  f"({medians['requests_per_s']:.0f} req/s, p50 {medians['p50_ms']:.2f} ms, "
+                  f"p99 {medians['p99_ms']:.1f} ms)")
         if args.json:
             print(json.dumps({name: runs}))
     if failed:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import stat
 from pathlib import Path
 from typing import Any
@@ -72,9 +73,10 @@ async def test_the_login_form_and_token_links_set_a_cookie(tmp_path: Path) -> No
             assert failed.status_code == 401 and "not right" in failed.text
             assert COOKIE not in browser.cookies
             # Never redirected off the listener, whatever `next` says.
-            offsite = await browser.post("/login", data={"token": token, "next": "//evil.example/x"})
-            assert offsite.status_code == 303 and offsite.headers["location"] == "/"
-            browser.cookies.clear()
+            for offsite_target in ("//evil.example/x", "/\\evil.example/x", "/\t/evil.example/x", "https://evil.example"):
+                offsite = await browser.post("/login", data={"token": token, "next": offsite_target})
+                assert offsite.status_code == 303 and offsite.headers["location"] == "/", offsite_target
+                browser.cookies.clear()
             login = await browser.post("/login", data={"token": token, "next": "/echo"})
             assert login.status_code == 303 and login.headers["location"] == "/echo"
             cookie = login.headers["set-cookie"]
@@ -126,6 +128,20 @@ async def test_the_server_makes_a_private_token_and_keeps_it(tmp_path: Path) -> 
         assert str(path) in lines and first not in lines
     async with start_server(tmp_path / "data") as again:
         assert again.admin_token is not None and again.admin_token.value == first
+
+
+async def test_a_token_file_others_can_read_is_made_private_with_a_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "data" / TOKEN_FILE
+    path.parent.mkdir()
+    path.write_text("restored-from-a-backup\n")
+    path.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="comzy"):
+        async with start_server(tmp_path / "data") as server:
+            assert server.admin_token is not None and server.admin_token.value == "restored-from-a-backup"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert "was readable by other users (mode 644)" in caplog.text
+    assert "restored-from-a-backup" not in caplog.text
 
 
 async def test_comzy_admin_token_wins(tmp_path: Path) -> None:

@@ -132,3 +132,28 @@ def test_table_and_charts_are_written(quick_run: tuple[Path, subprocess.Complete
     if importlib.util.find_spec("matplotlib") is not None:
         for chart in ("summary.png", "latency.png", "fairness.png"):
             assert (out / chart).stat().st_size > 1000, chart
+
+
+def test_cpu_script_prints_cpu_per_request_and_per_gib() -> None:
+    """``python -m bench.cpu`` (docs/benchmarks.md): one short round, every figure present and positive."""
+    missing = missing_tools()
+    if missing:
+        message = f"{', '.join(missing)} not installed (apt-get install nginx-light wrk curl)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run the benchmark smoke test: {message}")
+        pytest.skip(message)
+    done = subprocess.run([sys.executable, "-m", "bench.cpu", "--rounds", "1", "--seconds", "1",
+                           "--connections", "4", "--download-mib", "16", "--json"],
+                          cwd=REPO, capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 0, f"python -m bench.cpu failed:\n{done.stdout}\n{done.stderr}"
+    runs = {}
+    for line in done.stdout.splitlines():
+        if line.startswith("{"):
+            runs.update(json.loads(line))
+    assert set(runs) == {"get_4c", "download"}, done.stdout
+    [get] = runs["get_4c"]
+    assert get["errors"] == 0 and get["requests_per_s"] > 0
+    assert get["server_us"] > 0 and get["agent_us"] > 0  # a second of requests uses well over a clock tick
+    [download] = runs["download"]
+    assert download["errors"] == 0 and download["mib_per_s"] > 0
+    assert download["server_peak_rss_mib"] > 1 and download["agent_peak_rss_mib"] > 1

@@ -754,6 +754,30 @@ class Motd:
         return [AdminRoute("/api/v1/motd", app)]
 
 
+class Stuck:
+    """An agent route whose plugin never answers (a wedged database behind it, say)."""
+
+    @hookimpl
+    def agent_routes(self, server: ServerContext) -> list[AdminRoute]:
+        async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            await anyio.sleep_forever()
+
+        return [AdminRoute("/api/v1/stuck", app)]
+
+
+async def test_an_agent_route_that_never_answers_gets_a_503_past_the_handshake_timeout(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from comzy.core import agent_api
+
+    # The answer's own deadline, longer than the handshake's: a slow plugin is not cut off silently.
+    monkeypatch.setattr(agent_api, "ANSWER_TIMEOUT", 1.0)
+    async with start_server(tmp_path, plugins=[("stuck", Stuck())], handshake_timeout=0.3) as server, \
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.ports.ws}", timeout=WAIT) as api:
+        got = await api.get("/api/v1/stuck")
+        assert got.status_code == 503 and "try again" in got.json()["error"]
+        assert (await api.get("/api/v1/status")).status_code == 200
+
+
 async def test_hook_agent_routes(tmp_path: Path, upstream: Upstream) -> None:
     async with start_server(tmp_path, plugins=[("motd", Motd())]) as server, start_agent(server, upstream.port):
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.ports.ws}", timeout=WAIT) as api:

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import URL, select
 
 from comzy.agent.client import Agent, AgentConfig
 from comzy.agent.forward import LocalForwarder
@@ -30,9 +31,9 @@ from comzy.core.models import User
 from comzy.core.server import ServerContext
 from comzy.plugins.anonymous_timeout import AnonymousTimeout, AnonymousTimeoutSettings
 from comzy.plugins.auth_token import AuthToken, AuthTokenSettings
-from comzy.plugins.auth_token.store import create_user, hash_token, rotate_token
+from comzy.plugins.auth_token.store import create_user, hash_token, revoke_user, rotate_token
 from tests.conftest import PYTHON, ROOT, RecordingReporter, cli_env, start_agent, start_server
-from tests.helpers import scratch_database
+from tests.helpers import scratch_database, serve_tcp
 from tests.private_mariadb import PrivateMariaDB
 from tests.test_hooks import _register_and_expect_reject
 from tests.upstream import Upstream
@@ -360,6 +361,48 @@ async def test_login_explains_unreachable_servers_and_servers_without_accounts(t
     assert (await comzy(tmp_path, "status", "--server", url)).returncode == 1
 
 
+async def test_the_saved_token_goes_only_to_the_server_it_was_checked_with(tmp_path: Path, upstream: Upstream) -> None:
+    home = auth()
+    async with auth_server(tmp_path / "home-server", home, {}) as server:
+        url = f"ws://127.0.0.1:{server.ports.ws}"
+        token = await create_user(home.engine, "ana")
+        assert (await comzy(tmp_path, "login", "--server", url, "--token", token)).returncode == 0
+    # Another server, which has never seen ana's token, and expires anonymous tunnels in 2 s.
+    other = auth()
+    expiry = AnonymousTimeout(AnonymousTimeoutSettings(_env_file=None, seconds=2, warn_seconds=1))
+    async with auth_server(tmp_path / "other-server", other, {}, ("anonymous_timeout", expiry)) as server:
+        elsewhere = f"ws://127.0.0.1:{server.ports.ws}"
+        status = await comzy(tmp_path, "status", "--server", elsewhere)
+        assert status.returncode == 0 and b"saved login (ana) is for " + url.encode() in status.stdout
+        aliases = await comzy(tmp_path, "aliases", "--server", elsewhere)
+        assert aliases.returncode == 1 and b"comzy login --server " + elsewhere.encode() in aliases.stderr
+        with anyio.fail_after(30):
+            run = await comzy(tmp_path, str(upstream.port), "--local-host", "127.0.0.1", "--server", elsewhere)
+    # Anonymous there (it expired; a token it does not know would have been refused at once).
+    assert b"connecting anonymously" in run.stdout + run.stderr
+    assert b"anonymous tunnels last 2 s" in run.stderr and b"not accepted" not in run.stderr
+
+
+def test_token_for_prefers_comzy_token_and_matches_saved_servers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from comzy.agent.account import Credentials, token_for
+
+    cluster = Credentials("czy_saved", "ana", "wss://a.example/,wss://b.example")
+    monkeypatch.delenv("COMZY_TOKEN", raising=False)
+    assert token_for(["wss://b.example", "wss://A.example"], cluster) == ("czy_saved", None)
+    token, why = token_for(["wss://a.example", "wss://evil.example"], cluster)
+    assert token is None and why is not None and "comzy login --server wss://a.example" in why
+    assert token_for(["wss://a.example"], None) == (None, None)
+    monkeypatch.setenv("COMZY_TOKEN", "czy_env")
+    assert token_for(["wss://evil.example"], cluster) == ("czy_env", None)
+
+
+def test_the_account_api_keeps_a_path_prefix_of_the_server_url() -> None:
+    from comzy.agent.account import api_base
+
+    assert api_base("ws://127.0.0.1:8191") == "http://127.0.0.1:8191"
+    assert api_base("wss://tunnel.example.com/comzy/") == "https://tunnel.example.com/comzy"
+
+
 # -- packaging and settings -------------------------------------------------------------------------
 def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MAX_ALIASES_PER_USER", "7")  # the seed's name
@@ -466,3 +509,69 @@ async def test_login_prompts_for_the_token_without_echoing_it(tmp_path: Path) ->
     assert "Logged in to" in screen and "as ana" in screen
     assert token not in screen  # getpass: typed, never shown
     assert json.loads((tmp_path / "home" / ".comzy" / ".user").read_text())["token"] == token
+
+
+async def test_a_new_session_on_the_alias_of_a_closed_one_is_still_checked(tmp_path: Path, upstream: Upstream) -> None:
+    plugin = auth(refresh_seconds=3600)  # refreshes driven by the test, one at a time
+    async with auth_server(tmp_path, plugin, {}) as server, anyio.create_task_group() as tg:
+        token = await create_user(plugin.engine, "ana")
+        first = Background(server, upstream.port, token=token)
+        tg.start_soon(first.run)
+        await first.reporter.wait_connected()
+        await revoke_user(plugin.engine, "ana")
+        await plugin.refresh(server)
+        with anyio.fail_after(WAIT):
+            await first.ended.wait()
+        # She gets a new token and comes back on the same alias before the next refresh...
+        second = Background(server, upstream.port, token=await rotate_token(plugin.engine, "ana"))
+        tg.start_soon(second.run)
+        await second.reporter.wait_connected()
+        assert second.agent.alias == first.agent.alias
+        await plugin.refresh(server)
+        assert server.tunnel(second.agent.alias) is not None  # the new token is good
+        # ... and a second revocation reaches the new session too.
+        await revoke_user(plugin.engine, "ana")
+        await plugin.refresh(server)
+        with anyio.fail_after(WAIT):
+            await second.ended.wait()
+        assert isinstance(second.result, str) and "revoked" in second.result
+        await first.forwarder.aclose()
+        await second.forwarder.aclose()
+
+
+async def test_a_database_that_stops_answering_never_holds_up_known_users(
+        tmp_path: Path, upstream: Upstream) -> None:
+    async def black_hole(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            await anyio.sleep_forever()  # accepts, never answers: a wedged database server
+
+    plugin = auth(database_timeout=0.5)
+    async with auth_server(tmp_path, plugin, {}) as server, serve_tcp(black_hole) as port:
+        ana = await create_user(plugin.engine, "ana")
+        carol = await create_user(plugin.engine, "carol")
+        async with start_agent(server, upstream.port, token=carol) as before:
+            alias = before.alias
+        await plugin.refresh(server)  # both users are known now
+        sqlite = plugin._engine
+        plugin._engine = db.create_engine(URL.create("mysql+aiomysql", username="u", password="p",
+                                                     host="127.0.0.1", port=port, database="comzy"))
+        try:
+            with anyio.fail_after(5):  # far less than the agent's 30 s handshake wait
+                async with anyio.create_task_group() as tg:
+                    refused: list[str] = []
+
+                    async def claim() -> None:
+                        refused.append(str(await _register_and_expect_reject(server, token=ana,
+                                                                              subdomain="ana-new")))
+                    tg.start_soon(claim)
+                    # Meanwhile carol, known and owning her alias, is served from memory at once.
+                    async with start_agent(server, upstream.port, token=carol) as again:
+                        assert again.alias == alias
+            assert "cannot record your alias right now" in refused[0]
+            with anyio.fail_after(5):
+                unknown = await _register_and_expect_reject(server, token="czy_nobody")
+            assert "cannot check tokens right now" in str(unknown)
+        finally:
+            wedged, plugin._engine = plugin._engine, sqlite
+            with anyio.move_on_after(1):
+                await wedged.dispose()

@@ -100,7 +100,10 @@ async def test_the_page_and_api_need_the_admin_token(tmp_path: Path) -> None:
             page = await admin.get("/")
             assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
             assert "default-src 'self'" in page.headers["content-security-policy"]
-            assert (await admin.get("/static/../plugin.py")).status_code == 404
+            assert (await admin.get("/static/app.js")).status_code == 200
+            # Encoded, so that the client does not resolve the dots itself: the server sees "../plugin.py".
+            for escape in ("/static/..%2Fplugin.py", "/static/%2e%2e/plugin.py", "/static/..%5Cplugin.py"):
+                assert (await admin.get(escape)).status_code == 404, escape
             assert (await admin.get("/nothing-here")).status_code == 404
 
 

@@ -69,13 +69,38 @@ def remove_credentials() -> bool:
     return True
 
 
+def _same_place(url: str) -> str:
+    return url.strip().rstrip("/").lower()
+
+
+def token_for(servers: list[str], saved: Credentials | None) -> tuple[str | None, str | None]:
+    """The token to present to ``servers`` and, when a saved login is held back, why.
+
+    COMZY_TOKEN is always used. The saved token goes only to the server(s) it was checked with at
+    `comzy login`: pointing the agent elsewhere (--server, COMZY_WS_SERVER) must never hand a
+    token to a server that was not meant to see it.
+    """
+    if os.environ.get("COMZY_TOKEN"):
+        return os.environ["COMZY_TOKEN"], None
+    if saved is None:
+        return None, None
+    logged_in = {_same_place(s) for s in saved.server.split(",") if s.strip()}
+    if logged_in and all(_same_place(s) in logged_in for s in servers):
+        return saved.token, None
+    return None, (f"your saved login ({saved.user}) is for {saved.server}, not {', '.join(servers)}; "
+                  f"connecting anonymously. Run `comzy login --server {servers[0]}` to log in there.")
+
+
 def api_base(server: str) -> str:
-    """``ws://host:8191/...`` -> ``http://host:8191`` (``wss`` -> ``https``)."""
+    """``ws://host:8191/prefix`` -> ``http://host:8191/prefix`` (``wss`` -> ``https``).
+
+    A path prefix is kept: behind a reverse proxy the agent listener may live under one.
+    """
     parts = urlsplit(server)
     scheme = {"ws": "http", "wss": "https"}.get(parts.scheme)
     if scheme is None:
         raise AccountError(f"server URL {server!r} must start with ws:// or wss://")
-    return urlunsplit((scheme, parts.netloc, "", "", ""))
+    return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
 
 
 @dataclass(frozen=True, slots=True)

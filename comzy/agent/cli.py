@@ -113,9 +113,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     saved = account.load_credentials()
     servers = server_list(args.server, saved.server if saved else None)
-    token = os.environ.get("COMZY_TOKEN") or (saved.token if saved else None)
+    token, held_back = account.token_for(servers, saved)
     target = f"{args.local_host}:{args.port}"
     printer = Printer(target, quiet=args.quiet)
+    if held_back:
+        printer.notice("warning", held_back[0].upper() + held_back[1:])
     forwarder = LocalForwarder(args.local_host, args.port, rewrite_host=args.host_header == "rewrite",
                                on_served=printer.served)
     config = AgentConfig(servers=servers, port=args.port, local_host=args.local_host,

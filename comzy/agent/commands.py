@@ -77,7 +77,10 @@ def _read_token() -> str:
 
 
 async def _login(token: str | None, server_option: str | None) -> int:
-    server = _server(server_option, None)
+    from comzy.agent.cli import server_list
+
+    servers = server_list(server_option, None)
+    server = servers[0]  # checked with the first; the saved token is for all of them (one cluster)
     token = (token or os.environ.get("COMZY_TOKEN") or _read_token()).strip()
     if not token:
         return _fail("no token given; pass --token TOKEN or type it at the prompt")
@@ -87,7 +90,7 @@ async def _login(token: str | None, server_option: str | None) -> int:
     if answer.status != 200:
         return _fail(f"{server} refused the token: {answer.error}")
     user = str(answer.document.get("user"))
-    path = account.save_credentials(Credentials(token, user, server))
+    path = account.save_credentials(Credentials(token, user, ",".join(servers)))
     print(f"Logged in to {server} as {user}. Token saved in {path} (readable by you only).")
     owned = answer.document.get("aliases") or []
     if owned:
@@ -125,9 +128,10 @@ async def _status(server_option: str | None) -> int:
     draining = " (shutting down)" if info.get("draining") else ""
     print(f"Server:  {server}: reachable, {info.get('server', '?')}, tunnels at *.{info.get('base_domain', '?')}"
           f"{draining}")
-    token = os.environ.get("COMZY_TOKEN") or (saved.token if saved else None)
+    token, held_back = account.token_for([server], saved)
     if token is None:
-        print("Login:   not logged in (tunnels are anonymous). Run `comzy login` for lasting aliases.")
+        print(f"Login:   {held_back}" if held_back else
+              "Login:   not logged in (tunnels are anonymous). Run `comzy login` for lasting aliases.")
         return 0
     me = await account.call(server, "GET", "/api/v1/me", token)
     if me.status == 404:
@@ -147,10 +151,10 @@ async def _status(server_option: str | None) -> int:
 
 async def _aliases(server_option: str | None, action: str | None, name: str | None) -> int:
     saved = account.load_credentials()
-    token = os.environ.get("COMZY_TOKEN") or (saved.token if saved else None)
-    if token is None:
-        return _fail("not logged in; aliases belong to users: run `comzy login` first")
     server = _server(server_option, saved)
+    token, held_back = account.token_for([server], saved)
+    if token is None:
+        return _fail(held_back or "not logged in; aliases belong to users: run `comzy login` first")
     if action == "release":
         assert name is not None
         answer = await account.call(server, "DELETE", f"/api/v1/aliases/{name.lower()}", token)

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import secrets
+import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http.cookies import SimpleCookie
@@ -78,6 +79,7 @@ def load_admin_token(settings: ServerSettings) -> AdminToken:
     try:
         token = path.read_text().strip()
         if token:
+            _make_private(path)
             return AdminToken(token, path)
     except FileNotFoundError:
         pass
@@ -89,6 +91,21 @@ def load_admin_token(settings: ServerSettings) -> AdminToken:
         os.fchmod(file.fileno(), 0o600)
         file.write(token + "\n")
     return AdminToken(token, path)
+
+
+def _make_private(path: Path) -> None:
+    """Take group and other access away from an existing token file (copied, restored from a
+    backup, or made by hand), and say so: others may have read the token already."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        try:
+            path.chmod(0o600)
+        except OSError as exc:
+            log.warning("admin token file %s is readable by other users (mode %03o) and cannot be made private "
+                        "(%s); fix its mode with `chmod 600 %s`", path, mode, exc.strerror, path)
+            return
+        log.warning("admin token file %s was readable by other users (mode %03o); made it 0600. To replace the "
+                    "token, delete the file and restart the server", path, mode)
 
 
 class AdminApp:
@@ -231,7 +248,7 @@ class AdminApp:
                 break
         form = dict(parse_qsl(body.decode("utf-8", "replace")))
         target = form.get("next", "/")
-        if not target.startswith("/") or target.startswith("//"):
+        if not _local_path(target):
             target = "/"  # never redirect off this listener
         if not self._check(form.get("token", "").strip()):
             log.info("admin login refused from %s", (scope.get("client") or ("?",))[0])
@@ -240,6 +257,13 @@ class AdminApp:
         await send({"type": "http.response.start", "status": 303,
                     "headers": [(b"location", target.encode()), self._cookie_header()]})
         await send({"type": "http.response.body", "body": b""})
+
+
+def _local_path(target: str) -> bool:
+    """Whether ``target`` is a path on this listener. Browsers read ``/\\host`` as ``//host``
+    and drop tabs and newlines, so a backslash or a control character anywhere is refused."""
+    return (target.startswith("/") and not target.startswith("//")
+            and "\\" not in target and not any(ord(c) < 0x20 or ord(c) == 0x7F for c in target))
 
 
 def _login_page(target: str, failed: bool = False) -> bytes:

@@ -33,6 +33,8 @@ log = logging.getLogger("comzy.agents")
 MAX_BODY = 64 * 1024
 #: A slow or silent client gets this long for its whole request.
 REQUEST_TIMEOUT = 10.0
+#: A plugin gets this long to answer; then the agent is told to try again (its own wait is 10 s).
+ANSWER_TIMEOUT = 8.0
 
 
 def json_response(status: int, document: Any) -> tuple[int, bytes]:
@@ -57,8 +59,8 @@ class AgentApi:
                 if not isinstance(request, h11.Request):
                     raise h11.RemoteProtocolError("not an HTTP/1.1 request")
                 body = await _read_body(stream, conn)
-        except TimeoutError:
-            return
+        except (TimeoutError, anyio.BrokenResourceError, anyio.EndOfStream, OSError):
+            return  # the client is slow or gone: nobody to answer
         except (h11.RemoteProtocolError, _BodyTooLarge) as exc:
             status = 413 if isinstance(exc, _BodyTooLarge) else 400
             await _write_simple(stream, status, {"error": f"bad request: {exc}"})
@@ -99,7 +101,15 @@ class AgentApi:
                 response = {"status": status, "headers": [(b"content-type", b"application/json")]}
                 chunks = [payload]
             else:
-                await app(scope, receive, send)
+                with anyio.move_on_after(ANSWER_TIMEOUT) as deadline:
+                    await app(scope, receive, send)
+                if deadline.cancelled_caught:
+                    log.warning("agent API: %s %s got no answer from its plugin within %g s",
+                                scope["method"], path, ANSWER_TIMEOUT)
+                    status, payload = json_response(503, {"error": "the server is too busy to answer right now; "
+                                                                   "try again in a minute"})
+                    response = {"status": status, "headers": [(b"content-type", b"application/json")]}
+                    chunks = [payload]
         except Exception:
             log.exception("agent API: %s %s failed in a plugin", scope["method"], path)
             status, payload = json_response(500, {"error": "the server failed to answer; see its log"})

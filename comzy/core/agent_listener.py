@@ -72,15 +72,14 @@ class AgentListener:
         except Exception:
             peer = ("?", 0)
         client = peer[0] if isinstance(peer, tuple) else str(peer)
+        plain = False
         try:
             with anyio.fail_after(self.settings.handshake_timeout):
                 head, rest = await read_head(stream)
-                if not asks_for_upgrade(head):
-                    # Plain HTTP: the account API (`comzy login`, `comzy status`), not a tunnel.
-                    await self.api.serve(stream, head, rest, (client, peer[1] if isinstance(peer, tuple) else 0))
-                    return None
-                ws, _ = await accept(stream, head, rest, MAX_LINK_MESSAGE)
-                hello = await self._read_hello(ws)
+                plain = not asks_for_upgrade(head)
+                if not plain:
+                    ws, _ = await accept(stream, head, rest, MAX_LINK_MESSAGE)
+                    hello = await self._read_hello(ws)
         except TimeoutError:
             log.info("agent %s: handshake timed out after %ss", client, self.settings.handshake_timeout)
             await stream.aclose()
@@ -88,6 +87,11 @@ class AgentListener:
         except (WebSocketError, p.ProtocolError, anyio.BrokenResourceError, OSError) as exc:
             log.info("agent %s: bad handshake: %s", client, exc)
             await stream.aclose()
+            return None
+        if plain:
+            # Plain HTTP: the account API (`comzy login`, `comzy status`), not a tunnel. It keeps
+            # its own deadlines: a plugin's answer is not cut short by the handshake's.
+            await self.api.serve(stream, head, rest, (client, peer[1] if isinstance(peer, tuple) else 0))
             return None
         if hello is None:
             return None

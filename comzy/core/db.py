@@ -97,6 +97,13 @@ def create_engine(url: URL, **options: Any) -> AsyncEngine:
     else:
         options.setdefault("pool_pre_ping", True)
         options.setdefault("pool_recycle", 3600)  # below MySQL's default wait_timeout
+        # A database that does not answer must fail a call in seconds, not hang it (and the pool).
+        if "poolclass" not in options:  # NullPool and StaticPool take no pool_timeout
+            options.setdefault("pool_timeout", 10)
+        if url.get_backend_name() in ("mysql", "mariadb"):
+            options.setdefault("connect_args", {"connect_timeout": 10})
+        elif url.get_backend_name() == "postgresql":
+            options.setdefault("connect_args", {"timeout": 10})
     try:
         engine = create_async_engine(url, **options)
     except ModuleNotFoundError as exc:

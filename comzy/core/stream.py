@@ -35,16 +35,18 @@ class Stream:
         self.id = stream_id
         self._chunks: deque[tuple[bytes, int]] = deque()
         self._buffered = 0
-        self._readable = anyio.Event()
+        # Events are made when someone first waits: most streams of a small exchange never
+        # wait on some of them, and making one costs more than the rest of __init__.
+        self._readable: anyio.Event | None = None
         self._remote_ended = False
         self._reset: StreamReset | None = None
         self._unacked = 0
         self._window = window
         self._credit = session.peer_window
-        self._credit_event = anyio.Event()
+        self._credit_event: anyio.Event | None = None
         self._local_ended = False
         self.head: object | None = None  # RESPONSE head (server side), set by the reader
-        self._head_event = anyio.Event()
+        self._head_event: anyio.Event | None = None
         self._head_late = False
         self.ws_close: tuple[int, str] | None = None
         #: Whether the stream carries a visitor's WebSocket (set by the edge; for metrics).
@@ -120,6 +122,8 @@ class Stream:
                     raise self._reset
                 if self._head_late:
                     return None
+                if self._head_event is None:
+                    self._head_event = anyio.Event()
                 await self._head_event.wait()
         finally:
             if timer is not None:
@@ -128,7 +132,8 @@ class Stream:
 
     def _head_timed_out(self) -> None:
         self._head_late = True
-        self._head_event.set()
+        if self._head_event is not None:
+            self._head_event.set()
 
     # -- writing ---------------------------------------------------------------
     async def send_data(self, data: bytes, flags: int = 0) -> None:
@@ -192,23 +197,27 @@ class Stream:
         if self._buffered > self._window:
             raise p.ProtocolError(f"peer overran the window of stream {self.id}")
         self._chunks.append((data, flags))
-        self._readable.set()
+        if self._readable is not None:
+            self._readable.set()
 
     def _on_end(self) -> None:
         self._remote_ended = True
-        self._readable.set()
+        if self._readable is not None:
+            self._readable.set()
 
     def _on_credit(self, increment: int) -> None:
         self._credit += increment
-        self._credit_event.set()
+        if self._credit_event is not None:
+            self._credit_event.set()
 
     def _on_head(self, head: object) -> None:
         self.head = head
-        self._head_event.set()
+        if self._head_event is not None:
+            self._head_event.set()
 
     def _fail(self, error: StreamReset) -> None:
         if self._reset is None:
             self._reset = error
-        self._readable.set()
-        self._credit_event.set()
-        self._head_event.set()
+        for event in (self._readable, self._credit_event, self._head_event):
+            if event is not None:
+                event.set()

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+#: Session numbers: each tunnel gets the next one, so a new session on an alias is told apart from the old.
+_sessions = itertools.count(1)
 
 
 class Reject(Exception):
@@ -43,7 +47,11 @@ class Registration:
 
 @dataclass(slots=True)
 class Tunnel:
-    """A live tunnel: one alias served by one agent session."""
+    """A live tunnel: one alias served by one agent session.
+
+    ``session`` is unique within the server process: when an agent reconnects or its owner takes
+    the alias over, the new tunnel has the same alias and a new session.
+    """
 
     alias: str
     public_url: str
@@ -56,6 +64,7 @@ class Tunnel:
     bytes_in: int = 0
     bytes_out: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)
+    session: int = field(default_factory=lambda: next(_sessions))
 
 
 @dataclass(slots=True)

@@ -16,6 +16,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from comzy import Reject
 
+from .store import DatabaseSlow
+
 if TYPE_CHECKING:
     from comzy.core.server import ServerContext
 
@@ -66,7 +68,7 @@ class AccountApi:
             return 405, {"error": f"{method} is not allowed on {path}; use DELETE to release the alias"}
         try:
             released = await self.plugin.release(user, alias.lower())
-        except (SQLAlchemyError, OSError):
+        except (SQLAlchemyError, OSError, DatabaseSlow):
             return 503, {"error": "the server cannot change aliases right now (its database is unavailable); "
                                   "try again in a minute"}
         if not released:

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from comzy import AdminRoute, Registration, Reject, hookimpl
+from comzy import AdminRoute, Registration, Reject, Tunnel, hookimpl
 from comzy.core.aliases import check_alias, random_alias
 
 from .api import AccountApi
 from .settings import AuthTokenSettings
 from .store import (
     AliasRecord,
+    DatabaseSlow,
     UserRecord,
     claim_alias,
     find_user,
@@ -33,8 +36,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("comzy.plugins.auth_token")
 
+T = TypeVar("T")
+
+#: How long an unknown token is remembered as unknown (one database lookup per this, per token).
+UNKNOWN_TOKEN_SECONDS = 10.0
+#: At most this many unknown tokens are remembered; beyond, the memory starts over.
+UNKNOWN_TOKEN_LIMIT = 10_000
+
 LOGIN_HINT = "run `comzy login` with a token from the server's operator"
 UNAVAILABLE = "the server cannot check tokens right now (its database is unavailable); try again in a minute"
+NO_RECORD = "the server cannot record your alias right now (its database is unavailable); try again in a minute"
 
 
 class AuthToken:
@@ -53,8 +64,16 @@ class AuthToken:
         self.users_by_id: dict[int, UserRecord] = {}
         self.aliases: dict[str, AliasRecord] = {}
         self._engine: AsyncEngine | None = None
-        self._claiming = anyio.Lock()
-        self._closing: set[str] = set()
+        self._server: ServerContext | None = None
+        # One claim at a time per user (the limit holds under races); users never wait for each other.
+        self._claim_locks: dict[int, anyio.Lock] = {}
+        # Tunnel sessions being closed for a dead token: a new session on the same alias is not one.
+        self._closing: set[int] = set()
+        # Claims and releases made while a refresh reads the table, re-applied over what it read.
+        self._refreshing = False
+        self._claimed_meanwhile: dict[str, AliasRecord] = {}
+        self._released_meanwhile: set[str] = set()
+        self._unknown: dict[str, float] = {}
         self._failing = False
         self._stop: anyio.CancelScope | None = None
         self._stopped: anyio.Event | None = None
@@ -67,6 +86,34 @@ class AuthToken:
             raise RuntimeError("auth_token: the plugin has not started")
         return self._engine
 
+    async def _within_deadline(self, call: Callable[[], Awaitable[T]]) -> T:
+        """``await call()``, or DatabaseSlow after ``database_timeout`` seconds.
+
+        The call runs in a task of its own and is never cancelled half-way (a query cut off can
+        wedge its connection); a late one finishes in the background, and its result is dropped.
+        """
+        assert self._server is not None
+        outcome: list[T] = []
+        failure: list[BaseException] = []
+        done = anyio.Event()
+
+        async def run() -> None:
+            try:
+                outcome.append(await call())
+            except Exception as exc:
+                failure.append(exc)
+            finally:
+                done.set()
+
+        self._server.task_group.start_soon(run)
+        with anyio.move_on_after(self.settings.database_timeout):
+            await done.wait()
+        if failure:
+            raise failure[0]
+        if not outcome:
+            raise DatabaseSlow(f"no answer within {self.settings.database_timeout:g} s")
+        return outcome[0]
+
     # -- lifecycle ---------------------------------------------------------------------
     @hookimpl
     async def on_startup(self, server: ServerContext) -> None:
@@ -74,6 +121,7 @@ class AuthToken:
         from comzy.core.db import prepare_database  # SQLAlchemy loads only with the plugin
 
         self._engine = await prepare_database(server.settings)
+        self._server = server
         await self.refresh(server)
         log.info("auth: %d users, %d owned aliases; anonymous agents %s; at most %d aliases per user",
                  len(self.users_by_id), len(self.aliases),
@@ -93,7 +141,8 @@ class AuthToken:
             await engine.dispose()
 
     async def _refresh_forever(self, server: ServerContext) -> None:
-        # Cancelled only while sleeping: a query cut off half-way can hang the engine's disposal.
+        # Cancelled only while sleeping: a query cut off half-way can hang the engine's disposal
+        # (a refresh waits for the database at most database_timeout; see refresh()).
         assert self._stop is not None and self._stopped is not None
         try:
             with self._stop:
@@ -109,30 +158,43 @@ class AuthToken:
 
         On a database error the known users and aliases stay in force.
         """
+        async def read() -> tuple[list[UserRecord], list[AliasRecord]]:
+            engine = self.engine
+            return await load_users(engine), await load_aliases(engine)
+
+        self._refreshing = True
         try:
-            users = await load_users(self.engine)
-            aliases = await load_aliases(self.engine)
-        except (SQLAlchemyError, OSError) as exc:
+            # Within the deadline: a database that stops answering must not stall the refresher
+            # (and with it the server's shutdown); a late read finishes unseen.
+            users, aliases = await self._within_deadline(read)
+        except (SQLAlchemyError, OSError, DatabaseSlow) as exc:
             if not self._failing:
                 log.warning("auth: cannot read users from the database (%s); keeping the %d known users",
                             type(exc).__name__, len(self.users_by_id))
             self._failing = True
             return
+        finally:
+            self._refreshing = False
+            claimed, released = self._claimed_meanwhile, self._released_meanwhile
+            self._claimed_meanwhile, self._released_meanwhile = {}, set()
         if self._failing:
             log.info("auth: the database is readable again")
             self._failing = False
         self.users_by_hash = {u.token_hash: u for u in users}
         self.users_by_id = {u.id: u for u in users}
-        self.aliases = {a.alias: a for a in aliases}
+        # What was claimed or released while the table was being read may be missing from it.
+        current = {a.alias: a for a in aliases if a.alias not in released}
+        current.update(claimed)
+        self.aliases = current
         self.refreshes += 1
         self._enforce(server)
 
     def _enforce(self, server: ServerContext) -> None:
-        live = {t.alias for t in server.tunnels()}
-        self._closing &= live
-        for tunnel in server.tunnels():
+        live = server.tunnels()
+        self._closing &= {t.session for t in live}
+        for tunnel in live:
             user_id = tunnel.metadata.get("user_id")
-            if user_id is None or tunnel.alias in self._closing:
+            if user_id is None or tunnel.session in self._closing:
                 continue
             user = self.users_by_id.get(user_id)
             if user is None:
@@ -144,8 +206,14 @@ class AuthToken:
             else:
                 continue
             log.info("auth: closing tunnel %s of %s: %s", tunnel.alias, tunnel.user, reason.split(";")[0])
-            self._closing.add(tunnel.alias)
-            server.task_group.start_soon(server.close_tunnel, tunnel.alias, reason)
+            self._closing.add(tunnel.session)
+            server.task_group.start_soon(self._close, server, tunnel, reason)
+
+    @staticmethod
+    async def _close(server: ServerContext, tunnel: Tunnel, reason: str) -> None:
+        # Only this session: a new one on the alias (a fresh login) has its own token to answer for.
+        if server.tunnel(tunnel.alias) is tunnel:
+            await server.close_tunnel(tunnel.alias, reason)
 
     # -- who is this? ------------------------------------------------------------------
     async def authenticate(self, token: str) -> UserRecord:
@@ -153,13 +221,20 @@ class AuthToken:
         digest = hash_token(token)
         user = self.users_by_hash.get(digest)
         if user is None or not same_hash(user.token_hash, digest):
-            try:
-                user = await find_user(self.engine, digest)
-            except (SQLAlchemyError, OSError):
-                raise Reject(UNAVAILABLE, status=503) from None
-            if user is not None:
-                self.users_by_hash[digest] = user
-                self.users_by_id[user.id] = user
+            user = None
+            now = time.monotonic()
+            if self._unknown.get(digest, 0.0) < now:  # not refused moments ago: ask the database
+                try:
+                    user = await self._within_deadline(lambda: find_user(self.engine, digest))
+                except (SQLAlchemyError, OSError, DatabaseSlow):
+                    raise Reject(UNAVAILABLE, status=503) from None
+                if user is None:
+                    if len(self._unknown) >= UNKNOWN_TOKEN_LIMIT:
+                        self._unknown.clear()
+                    self._unknown[digest] = now + UNKNOWN_TOKEN_SECONDS
+                else:
+                    self.users_by_hash[digest] = user
+                    self.users_by_id[user.id] = user
         if user is None:
             raise Reject(f"the token was not accepted (unknown, mistyped, or replaced by a newer one); {LOGIN_HINT}",
                          status=401)
@@ -197,15 +272,26 @@ class AuthToken:
 
     async def _alias_for(self, user: UserRecord, registration: Registration, server: ServerContext) -> str:
         """The alias ``user`` gets: the one asked for, or the one kept for this port, or a new one."""
-        async with self._claiming:  # one claim at a time: the per-user limit holds under races
+        wanted = registration.requested_alias
+        # Aliases the user owns already come from memory: no lock, no database, no waiting.
+        if wanted:
+            problem = check_alias(wanted, server.settings.reserved)
+            if problem:
+                raise Reject(problem)
+            record = self.aliases.get(wanted)
+            if record is not None:
+                if record.user_id != user.id:
+                    raise Reject(f"'{wanted}' belongs to another user; choose another --subdomain")
+                return wanted
+        else:
+            for record in self.owned_by(user.id):
+                if record.port == registration.port:
+                    return record.alias
+        async with self._claim_locks.setdefault(user.id, anyio.Lock()):
             mine = self.owned_by(user.id)
-            wanted = registration.requested_alias
             if wanted:
-                problem = check_alias(wanted, server.settings.reserved)
-                if problem:
-                    raise Reject(problem)
                 record = self.aliases.get(wanted)
-                if record is not None:
+                if record is not None:  # claimed while this registration waited for the lock
                     if record.user_id != user.id:
                         raise Reject(f"'{wanted}' belongs to another user; choose another --subdomain")
                     return wanted
@@ -223,16 +309,29 @@ class AuthToken:
                 raise Reject(f"you own {len(mine)} aliases, the most this server allows (MAX_ALIASES_PER_USER="
                              f"{limit}): {names}. Free one with `comzy aliases release NAME`, or reuse one "
                              "with --subdomain NAME")
+            name = wanted
             try:
-                record = await claim_alias(self.engine, user.id, wanted, registration.port)
+                record = await self._within_deadline(lambda: claim_alias(self.engine, user.id, name,
+                                                                         registration.port))
             except IntegrityError:
-                raise Reject(f"'{wanted}' was just taken by another user; choose another --subdomain") from None
-            except (SQLAlchemyError, OSError):
-                raise Reject("the server cannot record your alias right now (its database is unavailable); "
-                             "try again in a minute") from None
-            self.aliases[wanted] = record
-            log.info("auth: %s now owns %s (port %d)", user.name, wanted, registration.port)
-            return wanted
+                raise Reject(f"'{name}' was just taken by another user; choose another --subdomain") from None
+            except (SQLAlchemyError, OSError, DatabaseSlow):
+                raise Reject(NO_RECORD) from None
+            self._remember(record)
+            log.info("auth: %s now owns %s (port %d)", user.name, name, registration.port)
+            return name
+
+    def _remember(self, record: AliasRecord) -> None:
+        self.aliases[record.alias] = record
+        if self._refreshing:
+            self._claimed_meanwhile[record.alias] = record
+            self._released_meanwhile.discard(record.alias)
+
+    def _forget(self, alias: str) -> None:
+        self.aliases.pop(alias, None)
+        if self._refreshing:
+            self._released_meanwhile.add(alias)
+            self._claimed_meanwhile.pop(alias, None)
 
     def _fresh_alias(self, server: ServerContext) -> str:
         while True:
@@ -241,13 +340,16 @@ class AuthToken:
                 return name
 
     async def release(self, user: UserRecord, alias: str) -> bool:
-        """Give up ``user``'s ownership of ``alias`` (a live tunnel on it keeps running)."""
-        async with self._claiming:
+        """Give up ``user``'s ownership of ``alias`` (a live tunnel on it keeps running).
+
+        Raises DatabaseSlow, SQLAlchemyError or OSError when the database cannot do it now.
+        """
+        async with self._claim_locks.setdefault(user.id, anyio.Lock()):
             record = self.aliases.get(alias)
             if record is None or record.user_id != user.id:
                 return False
-            await release_alias(self.engine, user.id, alias)
-            self.aliases.pop(alias, None)
+            await self._within_deadline(lambda: release_alias(self.engine, user.id, alias))
+            self._forget(alias)
         log.info("auth: %s released %s", user.name, alias)
         return True
 

@@ -20,5 +20,8 @@ class AuthTokenSettings(BaseSettings):
     max_aliases_per_user: int = Field(5, ge=1, le=1000, validation_alias=AliasChoices(
         "COMZY_MAX_ALIASES_PER_USER", "MAX_ALIASES_PER_USER", "COMZY_AUTH_MAX_ALIASES_PER_USER"),
         description="How many aliases one user may own (`MAX_ALIASES_PER_USER`, the seed's name, works too).")
+    database_timeout: float = Field(5.0, gt=0, description="Seconds a registration or account call waits for the "
+                                    "database (an unknown token, a new alias) before it is refused with "
+                                    "\"try again\"; known users and their aliases never wait for it.")
     refresh_seconds: float = Field(5.0, gt=0, description="Seconds between re-reads of the users and their "
                                    "aliases: `comzy-server users revoke` closes live tunnels within this time.")

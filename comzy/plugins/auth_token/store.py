@@ -19,6 +19,10 @@ TOKEN_PREFIX = "czy_"
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
 
 
+class DatabaseSlow(Exception):
+    """A database call did not finish within the plugin's deadline."""
+
+
 class UserError(ValueError):
     """A user name or operation that cannot be done; the message says why, for a person."""
 
@@ -170,6 +174,6 @@ async def list_users(engine: AsyncEngine) -> list[UserListing]:
     return [UserListing(r.name, r.created_at, r.revoked_at, int(r.aliases)) for r in rows]
 
 
-__all__ = ["AliasRecord", "UserError", "UserRecord", "check_name", "claim_alias", "create_user", "find_user",
-           "fingerprint", "hash_token", "list_users", "load_aliases", "load_users", "release_alias",
+__all__ = ["AliasRecord", "DatabaseSlow", "UserError", "UserRecord", "check_name", "claim_alias", "create_user",
+           "find_user", "fingerprint", "hash_token", "list_users", "load_aliases", "load_users", "release_alias",
            "revoke_user", "rotate_token", "same_hash"]

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 def tunnel_view(tunnel: Tunnel) -> dict[str, Any]:
     """A tunnel as the feed and the API show it."""
     return {
-        "alias": tunnel.alias, "url": tunnel.public_url, "user": tunnel.user, "port": tunnel.port,
+        "alias": tunnel.alias, "session": tunnel.session, "url": tunnel.public_url, "user": tunnel.user,
+        "port": tunnel.port,
         "client": tunnel.client_address, "since": tunnel.created_at, "expires_at": tunnel.expires_at,
         "requests": tunnel.requests, "bytes_in": tunnel.bytes_in, "bytes_out": tunnel.bytes_out,
     }

@@ -198,9 +198,11 @@
     cells.bytesOut.textContent = formatBytes(data.bytes_out);
   }
 
-  function removeTunnel(alias) {
+  function removeTunnel(alias, session) {
     const entry = state.tunnels.get(alias);
     if (!entry) return;
+    // A takeover registers the new session before the old one's close arrives: keep the new row.
+    if (session !== undefined && entry.data.session !== session) return;
     entry.row.remove();
     state.tunnels.delete(alias);
     tunnelsChanged();
@@ -534,7 +536,7 @@
         addTunnel(event.tunnel);
         break;
       case "tunnel_closed":
-        removeTunnel(event.alias);
+        removeTunnel(event.alias, event.tunnel ? event.tunnel.session : undefined);
         break;
       case "request":
         onRequest(event);
