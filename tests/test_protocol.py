@@ -493,6 +493,9 @@ async def test_window_is_reopened_when_half_consumed() -> None:
         stream = session.open_stream()
         chunks = [bytes([i]) * 8192 for i in range(8)]  # 64 KiB: the whole window
         await far.send(b"".join(p.encode_data(stream.id, c) for c in chunks))
+        with anyio.fail_after(5):  # all buffered before reading: a reader that never waits keeps its window
+            while stream._buffered < window:
+                await anyio.wait_all_tasks_blocked()
         received = []
         for _ in range(4):  # half the window
             item = await stream.receive()
@@ -506,6 +509,52 @@ async def test_window_is_reopened_when_half_consumed() -> None:
         while (item := await stream.receive()) is not None:
             received.append(item[0])
         assert received == chunks + chunks[:4]
+        assert session.closed is None
+
+
+@pytest.mark.anyio
+async def test_a_reader_that_waits_for_data_grows_its_window_within_the_session_budget() -> None:
+    window = 65536
+    chunks = [bytes([i]) * 8192 for i in range(4)]  # half a window
+    async with ws_pair() as (near, far), running_session(near, window=window) as (session, _):
+        session.window_budget = budget = window + window // 2
+        fast, slow = session.open_stream(), session.open_stream()
+        # The slow stream's reader falls behind: its data is buffered before it reads.
+        await far.send(b"".join(p.encode_data(slow.id, c) for c in chunks))
+        with anyio.fail_after(5):
+            while slow._buffered < window // 2:
+                await anyio.wait_all_tasks_blocked()
+        for _ in chunks:
+            await slow.receive()
+        assert await next_frames(far) == [p.Frame(FT.WINDOW, slow.id, 0, window // 2)]  # no growth
+        # The fast stream's reader is waiting when its data arrives: the window doubles.
+        received: list[bytes] = []
+
+        async def read(count: int) -> None:
+            for _ in range(count):
+                item = await fast.receive()
+                assert item is not None
+                received.append(item[0])
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read, len(chunks))
+            await anyio.wait_all_tasks_blocked()
+            await far.send(b"".join(p.encode_data(fast.id, c) for c in chunks))
+        with anyio.fail_after(5):
+            assert await next_frames(far) == [p.Frame(FT.WINDOW, fast.id, 0, window // 2 + window)]
+        assert session.window_budget == budget - window
+        # Next time only what is left of the budget: half a window, not a doubling.
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read, 8)  # half of the grown window (128 KiB)
+            await anyio.wait_all_tasks_blocked()
+            # Within the grown window: the peer had 64 KiB of credit plus 96 KiB granted.
+            await far.send(b"".join(p.encode_data(fast.id, c) for c in chunks * 2))
+        with anyio.fail_after(5):
+            assert await next_frames(far) == [p.Frame(FT.WINDOW, fast.id, 0, window + window // 2)]
+        assert session.window_budget == 0 and received == chunks * 3
+        # The growth goes back to the session when the stream ends.
+        fast.close()
+        assert session.window_budget == budget
         assert session.closed is None
 
 

@@ -29,6 +29,9 @@ MAX_DATA_FRAME = 64 * 1024
 MAX_FRAME_PAYLOAD = 1024 * 1024
 #: Initial per-stream receive window (bytes of DATA a sender may have in flight).
 DEFAULT_WINDOW = 256 * 1024
+#: Extra window a receiver may grant, over all streams of a session, to streams whose reader
+#: keeps up (a receiver's own choice: the sender only ever sees WINDOW credit).
+SESSION_WINDOW_BUDGET = 16 * 1024 * 1024
 MAX_STREAM_ID = 2**32 - 1
 
 # DATA flags. On WebSocket streams a message is a run of DATA frames ending with FLAG_FIN.

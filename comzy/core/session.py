@@ -86,6 +86,8 @@ class Session:
         self.ws = ws
         self.window = window
         self.peer_window = peer_window
+        #: Window growth left for fast streams (see Stream._grow); returned when they end.
+        self.window_budget = p.SESSION_WINDOW_BUDGET
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.name = name
@@ -120,8 +122,11 @@ class Session:
         return stream
 
     def forget(self, stream_id: int) -> None:
-        """Drop a finished stream from the table."""
-        self.streams.pop(stream_id, None)
+        """Drop a finished stream from the table (and return its window growth to the budget)."""
+        stream = self.streams.pop(stream_id, None)
+        if stream is not None and stream.grown:
+            self.window_budget += stream.grown
+            stream.grown = 0
         if not self.streams and self._idle is not None:
             self._idle.set()
 
