@@ -74,7 +74,7 @@ def _same_place(url: str) -> str:
 
 
 def token_for(servers: list[str], saved: Credentials | None) -> tuple[str | None, str | None]:
-    """The token to present to ``servers`` and, when a saved login is held back, why.
+    """The token to present to ``servers`` and, when a saved login is held back, why (a clause).
 
     COMZY_TOKEN is always used. The saved token goes only to the server(s) it was checked with at
     `comzy login`: pointing the agent elsewhere (--server, COMZY_WS_SERVER) must never hand a
@@ -87,8 +87,7 @@ def token_for(servers: list[str], saved: Credentials | None) -> tuple[str | None
     logged_in = {_same_place(s) for s in saved.server.split(",") if s.strip()}
     if logged_in and all(_same_place(s) in logged_in for s in servers):
         return saved.token, None
-    return None, (f"your saved login ({saved.user}) is for {saved.server}, not {', '.join(servers)}; "
-                  f"connecting anonymously. Run `comzy login --server {servers[0]}` to log in there.")
+    return None, f"your saved login ({saved.user}) is for {saved.server}, not {', '.join(servers)}"
 
 
 def api_base(server: str) -> str:

@@ -16,6 +16,7 @@ from comzy.agent import account
 from comzy.agent.client import Agent, AgentConfig, AgentError, Rejected, Unreachable
 from comzy.agent.forward import LocalForwarder
 from comzy.agent.output import Printer
+from comzy.core.memory import tune_malloc
 
 DEFAULT_SERVER = "ws://localhost:8191"
 #: Words that are commands, not a port.
@@ -117,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     target = f"{args.local_host}:{args.port}"
     printer = Printer(target, quiet=args.quiet)
     if held_back:
-        printer.notice("warning", held_back[0].upper() + held_back[1:])
+        printer.notice("warning", f"{held_back[0].upper()}{held_back[1:]}; connecting anonymously. "
+                                  f"Run `comzy login --server {servers[0]}` to log in there.")
     forwarder = LocalForwarder(args.local_host, args.port, rewrite_host=args.host_header == "rewrite",
                                on_served=printer.served)
     config = AgentConfig(servers=servers, port=args.port, local_host=args.local_host,
@@ -126,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     if not local_service_answers(args.local_host, args.port):
         printer.notice("warning", f"Nothing is listening on {target} yet; visitors get a 502 until it starts.")
     try:
+        tune_malloc()  # bulk transfers reuse pages instead of faulting in fresh ones
         code = anyio.run(_run, agent, forwarder, printer)
     except KeyboardInterrupt:
         code = 0

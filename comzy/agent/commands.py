@@ -130,7 +130,8 @@ async def _status(server_option: str | None) -> int:
           f"{draining}")
     token, held_back = account.token_for([server], saved)
     if token is None:
-        print(f"Login:   {held_back}" if held_back else
+        print(f"Login:   {held_back}, so it is not sent there (tunnels are anonymous). Run `comzy login "
+              f"--server {server}` to log in there." if held_back else
               "Login:   not logged in (tunnels are anonymous). Run `comzy login` for lasting aliases.")
         return 0
     me = await account.call(server, "GET", "/api/v1/me", token)
@@ -154,7 +155,9 @@ async def _aliases(server_option: str | None, action: str | None, name: str | No
     server = _server(server_option, saved)
     token, held_back = account.token_for([server], saved)
     if token is None:
-        return _fail(held_back or "not logged in; aliases belong to users: run `comzy login` first")
+        if held_back:
+            return _fail(f"{held_back}; aliases belong to users: run `comzy login --server {server}` first")
+        return _fail("not logged in; aliases belong to users: run `comzy login` first")
     if action == "release":
         assert name is not None
         answer = await account.call(server, "DELETE", f"/api/v1/aliases/{name.lower()}", token)

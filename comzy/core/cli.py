@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from comzy import __version__
 from comzy.core import logs
 from comzy.core.hooks import PluginError, load_plugins, select_plugins
+from comzy.core.memory import tune_malloc
 from comzy.core.server import describe, run_server
 from comzy.core.settings import ServerSettings, explain_validation_error
 
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"comzy-server: cannot create COMZY_DATA_DIR {settings.data_dir}: {exc.strerror}", file=sys.stderr)
         raise SystemExit(2) from None
     try:
+        tune_malloc()  # bulk transfers reuse pages instead of faulting in fresh ones
         anyio.run(serve, settings)
     except PluginError as exc:
         print(f"comzy-server: {exc}", file=sys.stderr)

@@ -1,9 +1,10 @@
-"""A small WebSocket endpoint on an anyio byte stream, driven by wsproto.
+"""A small WebSocket endpoint on an anyio byte stream.
 
-Used for the agent <-> server link (both ends) and by the agent to reach a local
-WebSocket service. wsproto does the framing; this module only moves bytes and
-assembles messages, with a bound on message size so a peer cannot make us buffer
-without limit.
+Used for the agent <-> server link (both ends) and by the agent to reach a local WebSocket
+service. wsproto does the client's opening handshake, a small parser here the server's; once
+the connection is open, frames are read by ``wsframe.FrameReader`` and written by
+``wsframe``'s encoders (the data path, see there). Messages are bounded in size so a peer
+cannot make us buffer without limit.
 """
 
 from __future__ import annotations
@@ -17,19 +18,8 @@ from urllib.parse import urlsplit
 import anyio
 import anyio.abc
 from wsproto import ConnectionType, WSConnection
-from wsproto.connection import Connection, ConnectionState
-from wsproto.events import (
-    AcceptConnection,
-    BytesMessage,
-    CloseConnection,
-    Event,
-    Ping,
-    RejectConnection,
-    RejectData,
-    Request,
-    TextMessage,
-)
-from wsproto.utilities import LocalProtocolError, RemoteProtocolError, generate_accept_token
+from wsproto.events import AcceptConnection, Event, RejectConnection, RejectData, Request
+from wsproto.utilities import RemoteProtocolError, generate_accept_token
 
 from comzy.core import wsframe
 
@@ -51,23 +41,16 @@ class Closed:
 class WebSocket:
     """One open WebSocket connection: send and receive whole messages.
 
-    ``conn`` is wsproto's post-handshake ``Connection``: the handshake machinery (an h11
-    connection and its buffers, ~3 KB) is not kept for the life of the link.
+    ``client`` says which end this is (a client masks what it sends, a server what it
+    receives); ``received`` is what was read after the handshake, the first frames. Only a
+    frame parser and a few fields are kept per connection: idle tunnels are many.
     """
 
-    def __init__(
-        self,
-        stream: anyio.abc.ByteStream,
-        conn: Connection,
-        max_message: int,
-        pending: list[Event] | None = None,
-    ) -> None:
+    def __init__(self, stream: anyio.abc.ByteStream, client: bool, max_message: int, received: bytes = b"") -> None:
         self._stream = stream
-        self._conn = conn
-        self._max_message = max_message
-        self._events: list[Event] = pending or []
-        self._parts: list[bytes | str] = []
-        self._size = 0
+        self._client = client
+        self._reader = wsframe.FrameReader(client, max_message)
+        self._reader.feed(received)
         # One write at a time (the session's writer, and the reader answering a ping or a close).
         # Contention is rare, so this is a flag plus an event made only when someone must wait:
         # no lock object (and its waiter queue) per idle connection, no extra yield per send.
@@ -79,12 +62,10 @@ class WebSocket:
         """Send one message (bytes: binary, str: text)."""
         if self.closed is not None:
             raise WebSocketError(f"WebSocket is closed ({self.closed.code})")
-        if isinstance(message, bytes) and self._conn.state is ConnectionState.OPEN:
-            # Binary messages are the data path: framed and masked in C (see wsframe).
-            await self._write(wsframe.encode_binary(message, masked=self._conn.client))
-            return
-        event = BytesMessage(message) if isinstance(message, bytes) else TextMessage(message)
-        await self._write(self._conn.send(event))
+        if isinstance(message, str):
+            await self._write(wsframe.encode_frame(wsframe.OP_TEXT, message.encode("utf-8"), self._client))
+        else:
+            await self._write(wsframe.encode_binary(message, self._client))
 
     async def _write(self, data: bytes) -> None:
         while self._writing:
@@ -105,60 +86,48 @@ class WebSocket:
 
     async def receive(self) -> bytes | str | Closed:
         """The next whole message, or ``Closed`` once the peer has gone."""
-        while True:
-            while self._events:
-                event = self._events.pop(0)
-                result = await self._handle(event)
-                if result is not None:
-                    return result
-            if self.closed is not None:
-                return self.closed
+        reader = self._reader
+        while self.closed is None:
             try:
-                data = await self._stream.receive(READ_SIZE)
-            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                self.closed = Closed(1006, "connection lost")
-                return self.closed
-            try:
-                self._conn.receive_data(data)
-                self._events.extend(self._conn.events())
-            except RemoteProtocolError as exc:
-                self.closed = Closed(1002, f"WebSocket protocol error: {exc}")
-                await self.aclose()
-                return self.closed
+                message = reader.next()
+            except wsframe.FrameError as exc:
+                # RFC 6455 7.1.7: fail the connection, telling the peer why.
+                told = "message too big" if exc.code == wsframe.MESSAGE_TOO_BIG else exc.reason
+                await self._close_with(Closed(exc.code, exc.reason), wsframe.encode_close(exc.code, told, self._client))
+                break
+            if message is None:
+                try:
+                    data = await self._stream.receive(READ_SIZE)
+                except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                    self.closed = Closed(1006, "connection lost")
+                    break
+                reader.feed(data)
+            elif isinstance(message, (bytes, str)):
+                return message
+            elif isinstance(message, wsframe.Ping):
+                with contextlib.suppress(WebSocketError):
+                    await self._write(wsframe.encode_frame(wsframe.OP_PONG, message.payload, self._client))
+            else:
+                # The peer's close: answer with its own code, or none if it gave none (RFC 6455 5.5.1).
+                code = None if message.code == wsframe.NO_STATUS else message.code
+                await self._close_with(Closed(message.code, message.reason),
+                                       wsframe.encode_close(code, message.reason, self._client))
+        assert self.closed is not None
+        return self.closed
 
-    async def _handle(self, event: Event) -> bytes | str | Closed | None:
-        if isinstance(event, (BytesMessage, TextMessage)):
-            self._size += len(event.data)
-            if self._size > self._max_message:
-                self.closed = Closed(1009, f"message larger than {self._max_message} bytes")
-                await self.close(1009, "message too big")
-                return self.closed
-            self._parts.append(event.data)
-            if not event.message_finished:
-                return None
-            parts, self._parts, self._size = self._parts, [], 0
-            if isinstance(event, TextMessage):
-                return "".join(parts)  # type: ignore[arg-type]
-            return parts[0] if len(parts) == 1 else b"".join(parts)  # type: ignore[arg-type]
-        if isinstance(event, Ping):
-            with contextlib.suppress(WebSocketError):
-                await self._write(self._conn.send(event.response()))
-            return None
-        if isinstance(event, CloseConnection):
-            self.closed = Closed(event.code, event.reason or "")
-            with contextlib.suppress(WebSocketError, LocalProtocolError):
-                await self._write(self._conn.send(event.response()))
-            await self.aclose()
-            return self.closed
-        return None
+    async def _close_with(self, closed: Closed, close_frame: bytes) -> None:
+        """Record how the WebSocket closed, send ``close_frame`` and close the connection."""
+        self.closed = closed
+        with contextlib.suppress(WebSocketError):
+            await self._write(close_frame)
+        await self.aclose()
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         """Start the closing handshake and close the connection."""
         if self.closed is None:
-            self.closed = Closed(code, reason)
-        with contextlib.suppress(WebSocketError, LocalProtocolError):
-            await self._write(self._conn.send(CloseConnection(code=code, reason=reason)))
-        await self.aclose()
+            await self._close_with(Closed(code, reason), wsframe.encode_close(code, reason, self._client))
+        else:
+            await self.aclose()  # a close frame went out already, or the connection is gone
 
     async def aclose(self) -> None:
         """Close the underlying connection without a handshake."""
@@ -167,19 +136,21 @@ class WebSocket:
                 await self._stream.aclose()
 
 
-async def _read_events(stream: anyio.abc.ByteStream, conn: WSConnection) -> tuple[list[Event], int]:
-    """The events of the next read, and how many bytes it read."""
+async def _read_events(stream: anyio.abc.ByteStream, conn: WSConnection) -> tuple[list[Event], bytes]:
+    """The handshake events of the next read, and what it read."""
     try:
         data = await stream.receive(READ_SIZE)
     except (anyio.EndOfStream, anyio.BrokenResourceError, OSError) as exc:
         raise WebSocketError("connection closed during the WebSocket handshake") from exc
     try:
         conn.receive_data(data)
-        return list(conn.events()), len(data)
+        return list(conn.events()), data
     except RemoteProtocolError as exc:
         raise WebSocketError(f"bad WebSocket handshake: {exc}") from exc
 
 
+#: The end of an HTTP head, as h11 (under wsproto) finds it: lines may end in a bare LF.
+_HEAD_END = re.compile(rb"\n\r?\n")
 _HEADER_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*")
 
 
@@ -269,15 +240,7 @@ async def accept(stream: anyio.abc.ByteStream, head: bytes, rest: bytes, max_mes
     key = next(value for name, value in request.extra_headers if name == b"sec-websocket-key")
     await stream.send(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                       b"Sec-WebSocket-Accept: " + generate_accept_token(key) + b"\r\n\r\n")
-    conn = Connection(ConnectionType.SERVER)
-    events: list[Event] = []
-    if rest:
-        try:
-            conn.receive_data(rest)
-            events = list(conn.events())
-        except RemoteProtocolError as exc:
-            raise WebSocketError(f"WebSocket protocol error: {exc}") from exc
-    return WebSocket(stream, conn, max_message, events), request
+    return WebSocket(stream, False, max_message, rest), request
 
 
 async def server_handshake(
@@ -311,17 +274,23 @@ async def client_handshake(
         host=host, target=target, extra_headers=headers or [], subprotocols=subprotocols or []
     )
     await stream.send(conn.send(request))
+    received = bytearray()  # what was read: the bytes after the 101's head are the first frames
     reject: RejectConnection | None = None
     body = bytearray()
     while True:
-        events, _ = await _read_events(stream, conn)
-        while events:
-            event = events.pop(0)
+        events, data = await _read_events(stream, conn)
+        if reject is None:
+            received += data
+        for event in events:
             if isinstance(event, AcceptConnection):
-                assert conn.connection is not None  # set by the 101 response
-                return WebSocket(stream, conn.connection, max_message, events), event
+                # wsproto accepts only if the first response is the 101, so its head ends at
+                # the first blank line (found as h11 finds it); whatever follows is frames, for
+                # our reader (wsproto parsed them too, into a connection we drop).
+                head_end = _HEAD_END.search(received)
+                assert head_end is not None
+                return WebSocket(stream, True, max_message, bytes(received[head_end.end() :])), event
             if isinstance(event, RejectConnection):
-                reject = event
+                reject, received = event, bytearray()
                 if not event.has_body:
                     raise HandshakeRejected(event.status_code, list(event.headers), b"")
             elif isinstance(event, RejectData) and reject is not None:
