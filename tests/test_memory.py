@@ -50,6 +50,8 @@ def test_tuned_malloc_reuses_pages_for_big_messages() -> None:
 
 
 @glibc
-def test_an_operators_own_malloc_settings_win() -> None:
-    applied, _ = probe("tune", MALLOC_MMAP_THRESHOLD_="262144")
+@pytest.mark.parametrize("setting", [{"MALLOC_MMAP_THRESHOLD_": "262144"}, {"MALLOC_TRIM_THRESHOLD_": "131072"},
+                                     {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"}])
+def test_an_operators_own_malloc_settings_win(setting: dict[str, str]) -> None:
+    applied, _ = probe("tune", **setting)
     assert applied == "False"

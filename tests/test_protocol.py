@@ -559,6 +559,31 @@ async def test_a_reader_that_waits_for_data_grows_its_window_within_the_session_
 
 
 @pytest.mark.anyio
+async def test_a_stream_reset_while_its_data_is_read_keeps_the_budget_whole() -> None:
+    window = 65536
+    chunks = [bytes([i]) * 8192 for i in range(4)]  # half a window
+    async with ws_pair() as (near, far), running_session(near, window=window) as (session, _):
+        budget = session.window_budget
+        stream = session.open_stream()
+        received: list[bytes] = []
+
+        async def drain() -> None:
+            with pytest.raises(StreamReset):
+                while (item := await stream.receive()) is not None:
+                    received.append(item[0])
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(drain)
+            await anyio.wait_all_tasks_blocked()  # the reader waits: a grant would grow the window
+            # Half a window, then the peer gives up (its local service failed mid-body).
+            await far.send(b"".join(p.encode_data(stream.id, c) for c in chunks)
+                           + p.encode_reset(stream.id, p.ResetCode.INTERNAL, "local service failed"))
+        assert received == chunks  # what arrived before the RESET is still handed out...
+        assert session.window_budget == budget  # ...but no credit, nor growth, for a reset stream
+        assert stream.id not in session.streams and stream.grown == 0
+
+
+@pytest.mark.anyio
 async def test_sender_waits_for_credit() -> None:
     peer_window = 65536
     async with ws_pair() as (near, far), running_session(near, peer_window=peer_window) as (session, _):

@@ -7,7 +7,8 @@ either way every message lands on fresh pages. Measured on a 1 GiB download thro
 100,000-290,000 minor page faults per GiB, 0.3-1 s of system CPU per GiB in each process, and
 most of the run-to-run noise. With a 1 MiB mmap threshold and a 4 MiB trim threshold the
 pages are reused: about 1,500 faults per GiB, and the server's CPU per GiB fell by about a
-third (docs/benchmarks.md). The cost is up to 4 MiB of freed heap kept per process.
+third (docs/benchmarks.md). The cost is up to 4 MiB of freed heap kept per malloc arena (one
+per thread that allocates, in practice the main thread and a few workers).
 
 Both values are set together: setting only the trim threshold turns glibc's dynamic mmap
 threshold off and made things three times worse. Other C libraries (musl) are left alone.
@@ -34,9 +35,13 @@ TRIM_THRESHOLD = 4 * 1024 * 1024
 def tune_malloc() -> bool:
     """Apply the settings above when the C library is glibc; whether they were applied.
 
-    An operator's own MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ wins: nothing is changed then.
+    An operator's own setting wins: nothing is changed when MALLOC_MMAP_THRESHOLD_,
+    MALLOC_TRIM_THRESHOLD_, or a ``glibc.malloc.mmap_threshold`` / ``trim_threshold`` in
+    GLIBC_TUNABLES is set.
     """
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or os.environ.get("MALLOC_TRIM_THRESHOLD_"):
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if (os.environ.get("MALLOC_MMAP_THRESHOLD_") or os.environ.get("MALLOC_TRIM_THRESHOLD_")
+            or "glibc.malloc.mmap_threshold" in tunables or "glibc.malloc.trim_threshold" in tunables):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -77,7 +77,9 @@ class Stream:
         self._unacked += len(data)
         # Re-open the window once half of it is consumed: the sender keeps the pipe full
         # without one WINDOW frame per DATA frame.
-        if self._unacked >= self._window // 2 and not self._remote_ended:
+        # Nothing more for a reset stream (its buffered data is still handed out): it has left
+        # the session's table, so credit, and growth, would never be given back.
+        if self._unacked >= self._window // 2 and not self._remote_ended and self._reset is None:
             increment = self._unacked
             if self._starved and self._window < MAX_GROWN_WINDOW:
                 increment += self._grow()
