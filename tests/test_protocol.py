@@ -584,6 +584,29 @@ async def test_a_stream_reset_while_its_data_is_read_keeps_the_budget_whole() ->
 
 
 @pytest.mark.anyio
+async def test_empty_messages_use_no_credit_so_their_number_is_bounded() -> None:
+    from comzy.core.stream import MAX_EMPTY_MESSAGES
+
+    async with ws_pair() as (near, far), running_session(near) as (session, _):
+        stream, other = session.open_stream(), session.open_stream()
+        # Empty pieces that end nothing are not kept at all...
+        await far.send(b"".join(p.encode_data(stream.id, b"") for _ in range(5000)))
+        # ...empty messages are, up to the bound; past it only this stream is reset.
+        await far.send(b"".join(p.encode_data(stream.id, b"", p.FLAG_FIN) for _ in range(MAX_EMPTY_MESSAGES + 1)))
+        with anyio.fail_after(5):
+            frames = await next_frames(far)
+        assert frames[0].type == FT.RESET and frames[0].stream == stream.id
+        assert frames[0].payload[0] == p.ResetCode.FLOW_CONTROL
+        messages = 0
+        with pytest.raises(StreamReset):
+            while (item := await stream.receive()) is not None:
+                assert item == (b"", p.FLAG_FIN)
+                messages += 1
+        assert messages == MAX_EMPTY_MESSAGES
+        assert session.closed is None and other.id in session.streams  # the session goes on
+
+
+@pytest.mark.anyio
 async def test_sender_waits_for_credit() -> None:
     peer_window = 65536
     async with ws_pair() as (near, far), running_session(near, peer_window=peer_window) as (session, _):

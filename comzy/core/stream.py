@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 
 #: How far a stream's receive window may grow while its reader keeps waiting for data.
 MAX_GROWN_WINDOW = 2 * 1024 * 1024
+#: Empty WebSocket messages a stream buffers at most: they use no credit, so without a bound a
+#: peer could queue them without end while the reader is slow.
+MAX_EMPTY_MESSAGES = 1024
 
 
 class StreamReset(Exception):
@@ -49,6 +52,7 @@ class Stream:
         # Window growth: taken from the session's budget while the reader outpaces the sender.
         self._starved = False
         self.grown = 0
+        self._empty = 0  # empty messages buffered (see MAX_EMPTY_MESSAGES)
         self._credit = session.peer_window
         self._credit_event: anyio.Event | None = None
         self._local_ended = False
@@ -73,6 +77,8 @@ class Stream:
             self._readable = anyio.Event()
             await self._readable.wait()
         data, flags = self._chunks.popleft()
+        if not data:
+            self._empty -= 1
         self._buffered -= len(data)
         self._unacked += len(data)
         # Re-open the window once half of it is consumed: the sender keeps the pipe full
@@ -224,6 +230,14 @@ class Stream:
     def _on_data(self, data: bytes, flags: int) -> None:
         if self._remote_ended:
             raise p.ProtocolError(f"DATA after END on stream {self.id}")
+        if not data:
+            if not flags & p.FLAG_FIN:
+                return  # an empty piece of a body or message carries nothing
+            self._empty += 1
+            if self._empty > MAX_EMPTY_MESSAGES:
+                # Only this stream: its peer may be relaying a flood it did not make.
+                self.reset(p.ResetCode.FLOW_CONTROL, f"more than {MAX_EMPTY_MESSAGES} empty messages waiting")
+                return
         self._buffered += len(data)
         if self._buffered > self._window:
             raise p.ProtocolError(f"peer overran the window of stream {self.id}")
