@@ -57,14 +57,19 @@ def numbers(data: Any, path: str = "") -> Iterator[tuple[str, float]]:
         yield path, float(data)
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+def require_bench_tools() -> None:
+    """Skip without nginx, wrk or curl; fail instead under CI=true, where the smoke test is required."""
     missing = missing_tools()
     if missing:
         message = f"{', '.join(missing)} not installed (apt-get install nginx-light wrk curl)"
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI must run the benchmark smoke test: {message}")
         pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    require_bench_tools()
     out = tmp_path_factory.mktemp("bench")
     done = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out)], cwd=REPO,
                           capture_output=True, text=True, timeout=240, check=False)
@@ -136,12 +141,7 @@ def test_table_and_charts_are_written(quick_run: tuple[Path, subprocess.Complete
 
 def test_cpu_script_prints_cpu_per_request_and_per_gib() -> None:
     """``python -m bench.cpu`` (docs/benchmarks.md): one short round, every figure present and positive."""
-    missing = missing_tools()
-    if missing:
-        message = f"{', '.join(missing)} not installed (apt-get install nginx-light wrk curl)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must run the benchmark smoke test: {message}")
-        pytest.skip(message)
+    require_bench_tools()
     done = subprocess.run([sys.executable, "-m", "bench.cpu", "--rounds", "1", "--seconds", "1",
                            "--connections", "4", "--download-mib", "16", "--json"],
                           cwd=REPO, capture_output=True, text=True, timeout=180, check=False)
