@@ -273,35 +273,24 @@ class AuthToken:
     async def _alias_for(self, user: UserRecord, registration: Registration, server: ServerContext) -> str:
         """The alias ``user`` gets: the one asked for, or the one kept for this port, or a new one."""
         wanted = registration.requested_alias
-        # Aliases the user owns already come from memory: no lock, no database, no waiting.
         if wanted:
             problem = check_alias(wanted, server.settings.reserved)
             if problem:
                 raise Reject(problem)
-            record = self.aliases.get(wanted)
-            if record is not None:
-                if record.user_id != user.id:
-                    raise Reject(f"'{wanted}' belongs to another user; choose another --subdomain")
-                return wanted
-        else:
-            for record in self.owned_by(user.id):
-                if record.port == registration.port:
-                    return record.alias
+        # Aliases the user owns already come from memory: no lock, no database, no waiting.
+        known = self._owned_alias(user, wanted, registration.port)
+        if known:
+            return known
         async with self._claim_locks.setdefault(user.id, anyio.Lock()):
+            known = self._owned_alias(user, wanted, registration.port)  # claimed while waiting for the lock
+            if known:
+                return known
             mine = self.owned_by(user.id)
             if wanted:
-                record = self.aliases.get(wanted)
-                if record is not None:  # claimed while this registration waited for the lock
-                    if record.user_id != user.id:
-                        raise Reject(f"'{wanted}' belongs to another user; choose another --subdomain")
-                    return wanted
                 live = server.tunnel(wanted)
                 if live is not None and live.user != user.name:
                     raise Reject(f"'{wanted}' is in use by another agent right now; choose another --subdomain")
             else:
-                for record in mine:
-                    if record.port == registration.port:
-                        return record.alias
                 wanted = self._fresh_alias(server)
             limit = self.settings.max_aliases_per_user
             if len(mine) >= limit:
@@ -320,6 +309,18 @@ class AuthToken:
             self._remember(record)
             log.info("auth: %s now owns %s (port %d)", user.name, name, registration.port)
             return name
+
+    def _owned_alias(self, user: UserRecord, wanted: str | None, port: int) -> str | None:
+        """The alias ``user`` already owns for this registration (``wanted``, or the one kept for
+        ``port``), None if there is none yet; Reject if ``wanted`` is someone else's."""
+        if wanted:
+            record = self.aliases.get(wanted)
+            if record is None:
+                return None
+            if record.user_id != user.id:
+                raise Reject(f"'{wanted}' belongs to another user; choose another --subdomain")
+            return wanted
+        return next((r.alias for r in self.owned_by(user.id) if r.port == port), None)
 
     def _remember(self, record: AliasRecord) -> None:
         self.aliases[record.alias] = record
