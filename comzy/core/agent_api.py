@@ -94,31 +94,27 @@ class AgentApi:
             elif message["type"] == "http.response.body":
                 chunks.append(message.get("body", b""))
 
+        own: tuple[int, bytes] | None = None  # our JSON answer, in place of a plugin's
         app = self._route(path)
         try:
             if app is None:
-                status, payload = self._builtin(scope)
-                response = {"status": status, "headers": [(b"content-type", b"application/json")]}
-                chunks = [payload]
+                own = self._builtin(scope)
             else:
                 with anyio.move_on_after(ANSWER_TIMEOUT) as deadline:
                     await app(scope, receive, send)
                 if deadline.cancelled_caught:
                     log.warning("agent API: %s %s got no answer from its plugin within %g s",
                                 scope["method"], path, ANSWER_TIMEOUT)
-                    status, payload = json_response(503, {"error": "the server is too busy to answer right now; "
-                                                                   "try again in a minute"})
-                    response = {"status": status, "headers": [(b"content-type", b"application/json")]}
-                    chunks = [payload]
+                    own = json_response(503, {"error": "the server is too busy to answer right now; "
+                                                       "try again in a minute"})
         except Exception:
             log.exception("agent API: %s %s failed in a plugin", scope["method"], path)
-            status, payload = json_response(500, {"error": "the server failed to answer; see its log"})
-            response = {"status": status, "headers": [(b"content-type", b"application/json")]}
-            chunks = [payload]
-        if "status" not in response:
-            status, payload = json_response(500, {"error": "the server sent no answer"})
-            response = {"status": status, "headers": [(b"content-type", b"application/json")]}
-            chunks = [payload]
+            own = json_response(500, {"error": "the server failed to answer; see its log"})
+        if own is None and "status" not in response:
+            own = json_response(500, {"error": "the server sent no answer"})
+        if own is not None:
+            response = {"status": own[0], "headers": [(b"content-type", b"application/json")]}
+            chunks = [own[1]]
         payload = b"".join(chunks)
         framing = (b"content-length", b"connection")
         headers = [(k, v) for k, v in response.get("headers", []) if k.lower() not in framing]
