@@ -285,6 +285,7 @@ async def test_hop_by_hop_request_headers_stripped_and_forwarded_set(tunnel: Run
         ("Connection", "close, X-Secret-Hop"), ("Keep-Alive", "timeout=5"), ("TE", "trailers"),
         ("Upgrade", "foo/1"), ("Trailer", "X-Checksum"), ("Proxy-Authorization", "Basic c2VjcmV0"),
         ("X-Secret-Hop", "must not cross"), ("X-Kept", "yes"), ("X-Forwarded-For", "203.0.113.7"),
+        ("X-Real-IP", "203.0.113.8"), ("Forwarded", "for=203.0.113.9"), ("X-Forwarded-Proto", "https"),
     ]
     async with tunnel.visitor() as client:
         info = echo(await client.get("/hop", headers=sent))
@@ -292,7 +293,10 @@ async def test_hop_by_hop_request_headers_stripped_and_forwarded_set(tunnel: Run
     for hop in ("connection", "keep-alive", "te", "upgrade", "trailer", "proxy-authorization", "x-secret-hop"):
         assert hop not in names, f"{hop} crossed the tunnel"
     assert header_values(info, "x-kept") == ["yes"]
-    assert header_values(info, "x-forwarded-for") == ["203.0.113.7, 127.0.0.1"]
+    # The visitor is no trusted proxy (COMZY_TRUSTED_PROXIES is unset): what it claims is dropped.
+    assert header_values(info, "x-forwarded-for") == ["127.0.0.1"]
+    assert header_values(info, "x-real-ip") == []
+    assert header_values(info, "forwarded") == []
     assert header_values(info, "x-forwarded-proto") == ["http"]
     host = f"{tunnel.alias}.{tunnel.server.settings.base_domain}"
     assert header_values(info, "x-forwarded-host") == [host]

@@ -92,7 +92,7 @@ def valid_frames(draw: st.DrawFn) -> tuple[bytes, p.Frame]:
     elif kind == FT.END:
         payload = b""
     else:  # PING, PONG
-        payload = draw(st.binary(max_size=64))
+        payload = draw(st.binary(max_size=p.MAX_PING_PAYLOAD))
     return p.encode(kind, stream, payload), p.Frame(kind, stream, 0, payload)
 
 
@@ -147,9 +147,18 @@ def test_reset_round_trips(stream: int, code: int, message: str) -> None:
     assert got_message == (message if len(raw) <= 1024 else raw[:1024].decode("utf-8", "replace"))
 
 
-@given(kind=st.sampled_from([FT.PING, FT.PONG]), payload=st.binary(max_size=256))
+@given(kind=st.sampled_from([FT.PING, FT.PONG]), payload=st.binary(max_size=p.MAX_PING_PAYLOAD))
 def test_ping_pong_round_trip(kind: FT, payload: bytes) -> None:
     assert decode_one(p.encode(kind, 0, payload)) == p.Frame(kind, 0, 0, payload)
+
+
+@given(kind=st.sampled_from([FT.PING, FT.PONG]),
+       size=st.integers(p.MAX_PING_PAYLOAD + 1, p.MAX_FRAME_PAYLOAD))
+@settings(max_examples=25)
+def test_ping_pong_payload_past_the_clock_is_a_protocol_error(kind: FT, size: int) -> None:
+    # A 1 MiB PING used to be answered with a 1 MiB PONG: a peer could make us queue that freely.
+    with pytest.raises(p.ProtocolError, match=f"exceeds {p.MAX_PING_PAYLOAD}"):
+        decode_all(p.encode(kind, 0, bytes(size)))
 
 
 @given(stream=stream_ids)
@@ -222,10 +231,14 @@ def test_oversized_announced_length_is_an_error(kind: int, length: int, stream: 
 
 
 def test_payload_at_frame_limit_is_accepted_and_one_more_byte_is_not() -> None:
-    ping = p.encode(FT.PING, 0, bytes(p.MAX_FRAME_PAYLOAD))
-    assert len(decode_one(ping).payload) == p.MAX_FRAME_PAYLOAD
+    # A GOAWAY map {"reason": str}: 1 (map) + 7 ("reason") + 5 (str32 header) bytes around the text.
+    def goaway(size: int) -> bytes:
+        return p.encode(FT.GOAWAY, 0, {"reason": "x" * (size - 13)})
+
+    assert len(goaway(p.MAX_FRAME_PAYLOAD)) == p.HEADER_SIZE + p.MAX_FRAME_PAYLOAD
+    assert len(decode_one(goaway(p.MAX_FRAME_PAYLOAD)).payload["reason"]) == p.MAX_FRAME_PAYLOAD - 13
     with pytest.raises(p.ProtocolError, match="exceeds"):
-        decode_all(p.encode(FT.PING, 0, bytes(p.MAX_FRAME_PAYLOAD + 1)))
+        decode_all(goaway(p.MAX_FRAME_PAYLOAD + 1))
 
 
 @given(extra=st.integers(1, p.MAX_FRAME_PAYLOAD - p.MAX_DATA_FRAME), stream=stream_ids)

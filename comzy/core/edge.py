@@ -12,8 +12,19 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from comzy.core import protocol as p
+from comzy.core.headers import (
+    WS_HANDSHAKE,
+    add_forwarded,
+    announces_body,
+    framing_problem,
+    host_header,
+    host_of,
+    is_trusted,
+    origin_form,
+    strip_hop_by_hop,
+)
 from comzy.core.registry import Entry
-from comzy.core.session import SessionClosed
+from comzy.core.session import Session, SessionClosed
 from comzy.core.stream import Stream, StreamReset
 from comzy.core.types import Exchange, ForwardRequest, Reject, Tunnel
 
@@ -26,44 +37,8 @@ Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
-#: Hop-by-hop headers (RFC 9110 7.6.1) never cross the tunnel.
-HOP_BY_HOP = frozenset(
-    {
-        b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te",
-        b"trailer", b"upgrade", b"proxy-authenticate", b"proxy-authorization",
-    }
-)
-#: The WebSocket handshake is redone by the agent towards the local service.
-WS_HANDSHAKE = frozenset(
-    {b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-extensions",
-     b"sec-websocket-accept", b"sec-websocket-protocol"}
-)
-
-
 #: Body bytes already buffered are handed to the server in one piece up to this size.
 COALESCE_BODY = 512 * 1024
-
-
-def strip_hop_by_hop(
-    headers: list[tuple[bytes, bytes]], extra: frozenset[bytes] = frozenset()
-) -> list[tuple[bytes, bytes]]:
-    """Headers without hop-by-hop ones, including those the Connection header names."""
-    named: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            named.update(token.strip().lower() for token in value.split(b","))
-    drop = HOP_BY_HOP | named | extra
-    return [(n, v) for n, v in headers if n.lower() not in drop]
-
-
-def _host_of(headers: list[tuple[bytes, bytes]]) -> str:
-    for name, value in headers:
-        if name == b"host":
-            host = value.decode("latin-1").strip().lower()
-            if host.startswith("["):  # IPv6 literal
-                return host.split("]", 1)[0] + "]"
-            return host.rsplit(":", 1)[0] if ":" in host else host
-    return ""
 
 
 class EdgeApp:
@@ -86,17 +61,22 @@ class EdgeApp:
     # -- routing shared by HTTP and WebSocket --------------------------------------
     def _forward_request(self, scope: Scope, websocket: bool) -> tuple[ForwardRequest, Entry | None, str]:
         headers: list[tuple[bytes, bytes]] = scope["headers"]
-        host = _host_of(headers)
+        target, authority = origin_form(scope.get("raw_path") or scope["path"].encode())
+        if authority is not None:
+            # Absolute-form (RFC 9112 3.2.2): the target's authority wins over Host, and the app
+            # sees a Host that agrees with it.
+            headers = [(n, v) for n, v in headers if n != b"host"] + [(b"host", authority)]
+        host = host_of(headers)
         alias = self.hooks.resolve_host(host, self.server) if host else None
         entry = self.server.registry.get(alias) if alias else None
-        target = scope.get("raw_path") or scope["path"].encode()
         if scope.get("query_string"):
             target = target + b"?" + scope["query_string"]
         client = scope.get("client")
         client_ip = client[0] if client else ""
         scheme = "https" if scope.get("scheme") in ("https", "wss") else "http"
         forwarded = strip_hop_by_hop(headers, WS_HANDSHAKE if websocket else frozenset())
-        forwarded = self._add_forwarded(forwarded, client_ip, scheme, host_header(headers))
+        trusted = is_trusted(client_ip, self.settings.trusted_networks)
+        forwarded = add_forwarded(forwarded, client_ip, scheme, host_header(headers), trusted)
         request = ForwardRequest(
             alias=alias or "",
             method=scope.get("method", "GET"),
@@ -109,24 +89,14 @@ class EdgeApp:
         )
         return request, entry, host
 
-    @staticmethod
-    def _add_forwarded(headers: list[tuple[bytes, bytes]], client_ip: str, scheme: str,
-                       host: bytes) -> list[tuple[bytes, bytes]]:
-        prior = [v for n, v in headers if n.lower() == b"x-forwarded-for"]
-        out = [(n, v) for n, v in headers if n.lower() not in
-               (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host")]
-        chain = b", ".join([*prior, client_ip.encode()]) if client_ip else b", ".join(prior)
-        if chain:
-            out.append((b"x-forwarded-for", chain))
-        out.append((b"x-forwarded-proto", scheme.encode()))
-        if host:
-            out.append((b"x-forwarded-host", host))
-        return out
-
     # -- HTTP ---------------------------------------------------------------------
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Serve one visitor HTTP request."""
         started = time.time()
+        problem = framing_problem(scope["headers"])
+        if problem is not None:
+            await _simple(send, 400, problem, headers=[(b"connection", b"close")])
+            return
         request, entry, host = self._forward_request(scope, websocket=False)
         if entry is None:
             await _simple(send, 404, _not_active(host, scope), "text/html; charset=utf-8")
@@ -146,30 +116,59 @@ class EdgeApp:
             log.exception("before_forward failed for %s; answering 500", tunnel.alias)
             await _simple(send, 500, "A server plugin failed while handling this request.\n")
             return
-        if len(session.streams) >= self.settings.max_streams_per_tunnel:
-            await _simple(send, 503, f"Tunnel {tunnel.alias} is busy ({self.settings.max_streams_per_tunnel} "
-                          "requests in flight); retry shortly.\n", headers=[(b"retry-after", b"1")])
+        busy = self._busy(session, tunnel)
+        if busy is not None:
+            await _simple(send, 503, busy, headers=[(b"retry-after", b"1")])
             return
+        http_version = scope.get("http_version", "1.1")
+        has_body = announces_body(scope["headers"])
+        first: dict[str, Any] | None = None
+        if has_body is None:
+            if http_version in ("1.1", "1.0"):
+                has_body = False  # no framing header means no body in HTTP/1.x (RFC 9112 6.3)
+            else:
+                # HTTP/2 and 3 need not announce a body: whether one follows comes from the ASGI
+                # messages. The first one is read before the head goes out, so a body that came
+                # whole gets its Content-Length, and one still streaming is forwarded chunked.
+                first = await receive()
+                if first["type"] != "http.request":
+                    return  # the visitor left before sending anything
+                body = first.get("body", b"")
+                has_body = bool(body) or first.get("more_body", False)
+                if body and not first.get("more_body", False):
+                    request.headers.append((b"content-length", str(len(body)).encode()))
         try:
             stream = session.open_stream()
         except SessionClosed:
             await _simple(send, 502, f"The agent for {tunnel.alias} has disconnected.\n")
             return
-        http_version = scope.get("http_version", "1.1")
         head = p.RequestHead(request.method, request.target, request.headers, request.client,
-                             request.scheme, http_version, has_body=_has_body(scope["headers"]))
+                             request.scheme, http_version, has_body=has_body)
         session.send_nowait(p.encode(p.FrameType.REQUEST, stream.id, head.to_payload()))
         state = _Exchange()
-        if not head.has_body and http_version in ("1.1", "1.0"):
-            # In HTTP/1.x no framing header means no body (RFC 9112 6.3), so END can go with
-            # REQUEST in one WebSocket message: one write here and one wakeup in the agent
-            # instead of two. (An HTTP/2 request may carry a body without announcing it.)
+        if not has_body:
+            # END goes with REQUEST in one WebSocket message: one write here and one wakeup in
+            # the agent instead of two.
             stream.send_end()
             state.request_done = True
         try:
-            await self._proxy_http(stream, receive, send, state)
+            await self._proxy_http(stream, receive, send, state, first)
         finally:
             await self._finish(stream, request, tunnel, state, started)
+
+    def _busy(self, session: Session, tunnel: Tunnel) -> str | None:
+        """Why a new stream on ``session`` is refused with 503 (None: it may open).
+
+        A tunnel whose agent does not read its link would otherwise queue every visitor's
+        request head in this process (see Session.congested).
+        """
+        if len(session.streams) >= self.settings.max_streams_per_tunnel:
+            return (f"Tunnel {tunnel.alias} is busy ({self.settings.max_streams_per_tunnel} "
+                    "requests in flight); retry shortly.\n")
+        if session.congested:
+            return (f"Tunnel {tunnel.alias} is not keeping up: its agent has not read the "
+                    f"{session.queued} bytes already sent to it; retry shortly.\n")
+        return None
 
     async def _finish(self, stream: Stream, request: ForwardRequest, tunnel: Tunnel, state: _Exchange,
                       started: float) -> None:
@@ -184,12 +183,13 @@ class EdgeApp:
             with anyio.CancelScope(shield=True):
                 await self.hooks.after_response(exchange, self.server)
 
-    async def _proxy_http(self, stream: Stream, receive: Receive, send: Send, state: _Exchange) -> None:
+    async def _proxy_http(self, stream: Stream, receive: Receive, send: Send, state: _Exchange,
+                          first: dict[str, Any] | None) -> None:
         # The request body (and the visitor's disconnect) is pumped by a task of its own: a plain
         # asyncio task, not an anyio task group, whose set-up, cancel scopes and cancel delivery
         # cost more per request than the rest of the edge (profiled). Both comzy listeners run
         # on asyncio. Every way out of this method stops the pump (finally below).
-        pump = asyncio.get_running_loop().create_task(self._pump_request(stream, receive, state))
+        pump = asyncio.get_running_loop().create_task(self._pump_request(stream, receive, state, first))
         pump.add_done_callback(_report_pump_failure)
         try:
             await self._pump_response(stream, send, state)
@@ -214,10 +214,11 @@ class EdgeApp:
                 # may report late or never on a kept-alive connection.
                 pump.cancel()
 
-    async def _pump_request(self, stream: Stream, receive: Receive, state: _Exchange) -> None:
+    async def _pump_request(self, stream: Stream, receive: Receive, state: _Exchange,
+                            first: dict[str, Any] | None) -> None:
         try:
             while True:
-                message = await receive()
+                message, first = (first, None) if first is not None else (await receive(), None)
                 if message["type"] == "http.disconnect":
                     # The server also reports a disconnect once a response is complete: not an error.
                     if not state.complete:
@@ -285,6 +286,10 @@ class EdgeApp:
             await self.hooks.before_forward(request, tunnel, self.server)
         except Reject as exc:
             await _deny(scope, send, exc.status, exc.body)
+            return
+        busy = self._busy(session, tunnel)
+        if busy is not None:
+            await _deny(scope, send, 503, busy, [(b"retry-after", b"1")])
             return
         try:
             stream = session.open_stream()
@@ -392,21 +397,6 @@ def _report_pump_failure(task: asyncio.Task[None]) -> None:
     """Log a request pump that died of a bug (it handles every expected error itself)."""
     if not task.cancelled() and (error := task.exception()) is not None:
         log.error("request body pump failed: %r", error, exc_info=error)
-
-
-def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
-    for name, value in headers:
-        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"0", b"")):
-            return True
-    return False
-
-
-def host_header(headers: list[tuple[bytes, bytes]]) -> bytes:
-    """The raw Host header value (empty if absent)."""
-    for name, value in headers:
-        if name == b"host":
-            return value
-    return b""
 
 
 def _not_active(host: str, scope: Scope) -> str:

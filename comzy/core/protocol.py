@@ -27,6 +27,8 @@ HEADER_SIZE = HEADER.size
 MAX_DATA_FRAME = 64 * 1024
 #: Largest payload of any frame; control frames (request heads) may be bigger than DATA.
 MAX_FRAME_PAYLOAD = 1024 * 1024
+#: Largest PING/PONG payload: the sender's clock, 8 bytes (a bigger one is a protocol error).
+MAX_PING_PAYLOAD = 8
 #: Initial per-stream receive window (bytes of DATA a sender may have in flight).
 DEFAULT_WINDOW = 256 * 1024
 #: Extra window a receiver may grant, over all streams of a session, to streams whose reader
@@ -279,4 +281,6 @@ def _decode_payload(frame_type: FrameType, stream: int, body: bytes) -> Any:
         return (code, body[_RESET.size :].decode("utf-8", "replace"))
     if frame_type in (FrameType.END,) and body:
         raise ProtocolError("END carries no payload")
+    if frame_type in (FrameType.PING, FrameType.PONG) and len(body) > MAX_PING_PAYLOAD:
+        raise ProtocolError(f"{frame_type.name} payload of {len(body)} bytes exceeds {MAX_PING_PAYLOAD}")
     return body

@@ -23,6 +23,11 @@ log = logging.getLogger("comzy.session")
 
 #: Frames queued for the writer beyond which senders of DATA wait.
 WRITE_HIGH_WATER = 1024 * 1024
+#: The most a session queues for its peer, control frames included. DATA alone never passes
+#: WRITE_HIGH_WATER by more than a frame, so only a peer that stops reading fills the rest:
+#: past it, new streams are refused (the edge answers 503) and the reader stops reading from
+#: the peer (TCP backpressure) until the writer catches up.
+SEND_BUDGET = 4 * 1024 * 1024
 #: Largest WebSocket message the writer builds by coalescing queued frames.
 COALESCE_LIMIT = 512 * 1024
 
@@ -109,6 +114,12 @@ class Session:
         self._heartbeats = heartbeats
         self._task_group: anyio.abc.TaskGroup | None = None
         self._timed_out: str | None = None
+        # The PONG owed to the peer's latest PING: one at most, however many PINGs arrive
+        # before the writer runs (a peer that pings and never reads must not grow the queue).
+        self._pong: bytes | None = None
+        # When the writer's current send began (None while it waits for frames): a send stuck
+        # past the heartbeat timeout means the peer stopped reading (see _beat).
+        self._write_started: float | None = None
 
     # -- streams ---------------------------------------------------------------
     def open_stream(self) -> Stream:
@@ -145,6 +156,17 @@ class Session:
         self._out_bytes += len(frame)
         self._out_event.set()
 
+    @property
+    def queued(self) -> int:
+        """Bytes queued for the peer and not yet handed to the socket."""
+        return self._out_bytes
+
+    @property
+    def congested(self) -> bool:
+        """True while the queue for the peer is past ``SEND_BUDGET``: the peer is not reading,
+        so new streams must be refused rather than queued."""
+        return self._out_bytes > SEND_BUDGET
+
     async def send(self, frame: bytes) -> None:
         """Queue a frame, waiting while the writer is far behind (bounds memory)."""
         if self.closed is not None:
@@ -161,10 +183,15 @@ class Session:
 
     async def _writer(self) -> None:
         while True:
-            if not self._out:
+            if not self._out and self._pong is None:
                 self._out_event = anyio.Event()
                 await self._out_event.wait()
                 continue
+            if self._pong is not None:
+                # The owed PONG goes first: it answers a PING that arrived before what is queued.
+                self._out.insert(0, p.encode(p.FrameType.PONG, 0, self._pong))
+                self._out_bytes += p.HEADER_SIZE + len(self._pong)
+                self._pong = None
             # Coalesce queued frames into one WebSocket message: fewer syscalls and
             # masking passes for many small frames.
             take, size = 0, 0
@@ -179,7 +206,9 @@ class Session:
             if self._drained is not None:
                 self._drained.set()
             message = batch[0] if take == 1 else b"".join(batch)
+            self._write_started = time.monotonic()
             await self.ws.send(message)
+            self._write_started = None
 
     # -- reading ---------------------------------------------------------------
     async def _reader(self) -> None:
@@ -192,6 +221,20 @@ class Session:
             self._last_seen = time.monotonic()
             for frame in p.decode_message(message):
                 await self._dispatch(frame)
+            if self._out_bytes > SEND_BUDGET:
+                await self._wait_writer_caught_up()
+
+    async def _wait_writer_caught_up(self) -> None:
+        """Stop reading from the peer until the queue for it is back under ``SEND_BUDGET``.
+
+        What the peer sends next then waits in the kernel's buffers and, once they are full,
+        on the peer's side (TCP backpressure): a peer that does not read cannot make this side
+        hold more. If the writer makes no progress, _beat ends the session.
+        """
+        while self._out_bytes > SEND_BUDGET and self.closed is None:
+            if self._drained is None or self._drained.is_set():
+                self._drained = anyio.Event()
+            await self._drained.wait()
 
     async def _dispatch(self, frame: p.Frame) -> None:
         kind = frame.type
@@ -235,7 +278,10 @@ class Session:
             self.streams[frame.stream] = stream
             self.on_request(stream, head)
         elif kind == p.FrameType.PING:
-            self.send_nowait(p.encode(p.FrameType.PONG, 0, frame.payload))
+            # Coalesced: answering the latest PING is enough for the peer's liveness check.
+            if self.closed is None:
+                self._pong = frame.payload
+                self._out_event.set()
         elif kind == p.FrameType.PONG:
             pass
         elif self.on_control is not None:
@@ -247,11 +293,16 @@ class Session:
 
     # -- heartbeats (driven by a Heartbeats sweeper) -----------------------------
     def _beat(self, now: float) -> None:
-        """End the session if the peer has been silent too long, else PING it when due."""
+        """End the session if the peer has been silent, or has not read what we send, for too
+        long; else PING it when due."""
         silent = now - self._last_seen
-        if silent > self.heartbeat_timeout:
+        stuck = 0.0 if self._write_started is None else now - self._write_started
+        if silent > self.heartbeat_timeout or stuck > self.heartbeat_timeout:
             if self._timed_out is None and self._task_group is not None:
-                self._timed_out = f"peer silent for {silent:.1f} s (heartbeat timeout)"
+                self._timed_out = (f"peer silent for {silent:.1f} s (heartbeat timeout)"
+                                   if silent > self.heartbeat_timeout else
+                                   f"peer not reading: a send has been stuck for {stuck:.1f} s "
+                                   f"with {self._out_bytes} bytes queued")
                 self._task_group.cancel_scope.cancel()
         elif now >= self._next_ping:
             self._next_ping = now + self.heartbeat_interval

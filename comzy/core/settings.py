@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -10,6 +11,7 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from comzy.core.aliases import ALIAS_RE
+from comzy.core.headers import Network, parse_networks
 from comzy.core.http_servers import missing_requirement
 
 
@@ -65,6 +67,15 @@ class ServerSettings(BaseSettings):
         "comzy[uvicorn]); see docs/benchmarks.md.")
     reserved_aliases: str = Field(DEFAULT_RESERVED, validation_alias=_env("COMZY_RESERVED_ALIASES"),
                                   description="Comma list of names no agent may take.")
+    allow_punycode_aliases: bool = Field(
+        False, validation_alias=_env("COMZY_ALLOW_PUNYCODE_ALIASES"),
+        description="Allow aliases with '--' in the third and fourth places: xn--... punycode names, which "
+        "browsers show as Unicode look-alikes of other names (xn--pple-43d shows as аpple), and the other "
+        "prefixes RFC 5891 reserves. Off: agents, users and custom domains are refused such aliases.")
+    trusted_proxies: str = Field("", validation_alias=_env("COMZY_TRUSTED_PROXIES"),
+                                 description="Comma list of CIDRs (e.g. 127.0.0.1/32 behind nginx on the same host) "
+                                 "whose X-Forwarded-For, X-Real-IP and Forwarded headers are kept; a visitor's own "
+                                 "are dropped. Unset: none trusted.")
     max_streams_per_tunnel: int = Field(256, ge=1, validation_alias=_env("COMZY_MAX_STREAMS_PER_TUNNEL"),
                                         description="Concurrent requests per tunnel; beyond: 503.")
     max_request_head: int = Field(65536, ge=1024, validation_alias=_env("COMZY_MAX_REQUEST_HEAD"),
@@ -135,6 +146,17 @@ class ServerSettings(BaseSettings):
             if not ALIAS_RE.fullmatch(name):
                 raise ValueError(f"{name!r} is not a valid alias")
         return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _trusted_proxies(cls, value: str) -> str:
+        parse_networks(value)
+        return value
+
+    @cached_property
+    def trusted_networks(self) -> tuple[Network, ...]:
+        """COMZY_TRUSTED_PROXIES as networks (parsed once: the edge asks on every request)."""
+        return parse_networks(self.trusted_proxies)
 
     @property
     def reserved(self) -> frozenset[str]:

@@ -1,0 +1,150 @@
+"""What the edge does to a visitor's request head before it crosses the tunnel (and to a response
+head on its way back): hop-by-hop headers, strict body framing, origin-form targets, and the
+X-Forwarded-* headers with their trust rule. Pure functions on header lists, no I/O.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+
+Headers = list[tuple[bytes, bytes]]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: Hop-by-hop headers (RFC 9110 7.6.1) never cross the tunnel.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te",
+        b"trailer", b"upgrade", b"proxy-authenticate", b"proxy-authorization",
+    }
+)
+#: The WebSocket handshake is redone by the agent towards the local service.
+WS_HANDSHAKE = frozenset(
+    {b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-extensions",
+     b"sec-websocket-accept", b"sec-websocket-protocol"}
+)
+#: End-to-end headers the tunnel relies on: naming them in ``Connection`` does not remove them
+#: (``Connection: host`` would otherwise reach the local app without a Host, and
+#: ``Connection: content-length`` would unframe a body).
+PROTECTED = frozenset({b"host", b"content-length"})
+#: What a visitor may claim about the client or the original request; kept only from a trusted proxy.
+FORWARDING = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip", b"forwarded"})
+
+
+def strip_hop_by_hop(headers: Headers, extra: frozenset[bytes] = frozenset()) -> Headers:
+    """Headers without hop-by-hop ones, including those the Connection header names (except
+    the ``PROTECTED`` ones)."""
+    named: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            named.update(token.strip().lower() for token in value.split(b","))
+    drop = (HOP_BY_HOP | named | extra) - PROTECTED
+    return [(n, v) for n, v in headers if n.lower() not in drop]
+
+
+def host_of(headers: Headers) -> str:
+    """The Host header's host, lowercase and without a port ('' if absent)."""
+    return authority_host(host_header(headers))
+
+
+def authority_host(authority: bytes) -> str:
+    """The host of an authority (``host[:port]``, or ``[v6]:port``), lowercase, without the port."""
+    host = authority.decode("latin-1").strip().lower()
+    if host.startswith("["):  # IPv6 literal
+        return host.split("]", 1)[0] + "]"
+    return host.rsplit(":", 1)[0] if ":" in host else host
+
+
+def host_header(headers: Headers) -> bytes:
+    """The raw Host header value (empty if absent)."""
+    for name, value in headers:
+        if name == b"host":
+            return value
+    return b""
+
+
+def framing_problem(headers: Headers) -> str | None:
+    """Why a request head's body framing is refused (400), or None.
+
+    Content-Length together with Transfer-Encoding is how request smuggling starts: the two ends
+    of a connection may each believe a different one (RFC 9112 6.3 allows a server to refuse it,
+    and a proxy must never forward both).
+    """
+    length = chunked = False
+    for name, _ in headers:
+        if name == b"content-length":
+            length = True
+        elif name == b"transfer-encoding":
+            chunked = True
+    if length and chunked:
+        return "Content-Length and Transfer-Encoding together are refused (RFC 9112 6.3).\n"
+    return None
+
+
+def announces_body(headers: Headers) -> bool | None:
+    """From an HTTP/1.x head: whether a body follows; None when the head does not say (no
+    Content-Length, no Transfer-Encoding: HTTP/2 and HTTP/3 need not announce a body)."""
+    for name, value in headers:
+        if name == b"transfer-encoding":
+            return True
+        if name == b"content-length":
+            return value.strip() not in (b"0", b"")
+    return None
+
+
+def origin_form(target: bytes) -> tuple[bytes, bytes | None]:
+    """``target`` in origin-form (``/path``), and the authority an absolute-form target named.
+
+    A server must accept ``GET http://host/path`` (RFC 9112 3.2.2) but the local app must see
+    the path only, as it would from any client talking to it directly.
+    """
+    if target[:1] == b"/" or target == b"*":
+        return target, None
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or not scheme.isalpha():
+        return target, None  # not absolute-form: passed on as sent, the app judges it
+    authority, slash, path = rest.partition(b"/")
+    authority = authority.rsplit(b"@", 1)[-1]  # userinfo is never forwarded (RFC 9110 4.2.4)
+    return b"/" + path if slash else b"/", authority
+
+
+def parse_networks(value: str) -> tuple[Network, ...]:
+    """A comma list of CIDRs (or bare addresses) as networks; ValueError names a bad entry."""
+    networks = []
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address or CIDR such as 10.0.0.0/8 or 127.0.0.1/32") from None
+    return tuple(networks)
+
+
+def is_trusted(client_ip: str, networks: Sequence[Network]) -> bool:
+    """Whether ``client_ip`` (the TCP peer) is a proxy whose forwarding headers count."""
+    if not networks or not client_ip:
+        return False
+    try:
+        address = ipaddress.ip_address(client_ip)
+    except ValueError:
+        return False
+    return any(address in network for network in networks)
+
+
+def add_forwarded(headers: Headers, client_ip: str, scheme: str, host: bytes, trusted: bool) -> Headers:
+    """``headers`` with the edge's X-Forwarded-For/-Proto/-Host.
+
+    A visitor's own X-Forwarded-*, X-Real-IP and Forwarded are dropped: anyone can write them, and
+    an app that trusts the tunnel would take them as the client's address. From a trusted proxy
+    (COMZY_TRUSTED_PROXIES) its X-Forwarded-For chain is extended, and its X-Real-IP and Forwarded
+    are kept.
+    """
+    prior = [v for n, v in headers if n.lower() == b"x-forwarded-for"] if trusted else []
+    drop = (FORWARDING - {b"x-real-ip", b"forwarded"}) if trusted else FORWARDING
+    out = [(n, v) for n, v in headers if n.lower() not in drop]
+    chain = b", ".join([*prior, client_ip.encode()]) if client_ip else b", ".join(prior)
+    if chain:
+        out.append((b"x-forwarded-for", chain))
+    out.append((b"x-forwarded-proto", scheme.encode()))
+    if host:
+        out.append((b"x-forwarded-host", host))
+    return out
