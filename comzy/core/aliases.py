@@ -10,6 +10,8 @@ ALIAS_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 #: 10 symbols of 36 is about 51.7 bits, above the 40-bit floor.
 RANDOM_LENGTH = 10
+#: The ACE prefix of punycode labels (RFC 3492, RFC 5890): browsers display them as Unicode.
+PUNYCODE_PREFIX = "xn--"
 
 
 def random_alias() -> str:
@@ -22,16 +24,44 @@ def random_alias() -> str:
     return "client-" + "".join(symbols[:RANDOM_LENGTH])
 
 
-def check_alias(name: str, reserved: frozenset[str]) -> str | None:
-    """Why ``name`` cannot be an alias, or None if it can."""
+def check_alias(name: str, reserved: frozenset[str], *, allow_punycode: bool = False) -> str | None:
+    """Why ``name`` cannot be an alias, or None if it can.
+
+    Names with '--' in the third and fourth places (``xn--...`` punycode, which browsers show
+    as Unicode, and the other prefixes DNS reserves for internationalized labels) are refused
+    unless ``allow_punycode`` (COMZY_ALLOW_PUNYCODE_ALIASES) is true.
+    """
     if not ALIAS_RE.fullmatch(name):
         return (
             f"'{name}' is not a valid subdomain: use 1-63 lowercase letters, digits and '-', "
             "not starting or ending with '-'"
         )
+    if not allow_punycode and is_idna_reserved(name):
+        return _idna_refusal(name)
     if name in reserved:
         return f"'{name}' is reserved on this server; choose another --subdomain"
     return None
+
+
+def is_idna_reserved(name: str) -> bool:
+    """Whether ``name`` has '--' in the third and fourth places: an ``xn--`` punycode label, or
+    another prefix RFC 5890/5891 reserve for internationalized names ("R-LDH" labels)."""
+    return name[2:4] == "--"
+
+
+def _idna_refusal(name: str) -> str:
+    hint = "choose another --subdomain (the operator may allow such names with COMZY_ALLOW_PUNYCODE_ALIASES)"
+    if not name.startswith(PUNYCODE_PREFIX):
+        return (f"'{name}' has '--' in the third and fourth places, which DNS reserves for internationalized "
+                f"names (RFC 5891); {hint}")
+    try:
+        shown = name.encode("ascii").decode("idna")
+    except UnicodeError:
+        shown = ""
+    # Shown only when every character prints: a bidi control would garble the agent's message.
+    looks_like = f" (browsers show it as '{shown}')" if shown and shown.isprintable() else ""
+    return (f"'{name}' is a punycode name{looks_like}: such names can look like other sites' names, so this "
+            f"server refuses them; {hint}")
 
 
 def subdomain_of(host: str, base_domain: str) -> str | None:

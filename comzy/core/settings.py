@@ -70,8 +70,8 @@ class ServerSettings(BaseSettings):
     allow_punycode_aliases: bool = Field(
         False, validation_alias=_env("COMZY_ALLOW_PUNYCODE_ALIASES"),
         description="Allow aliases with '--' in the third and fourth places: xn--... punycode names, which "
-        "browsers show as Unicode look-alikes of other names (xn--pple-43d shows as аpple), and the other "
-        "prefixes RFC 5891 reserves. Off: agents, users and custom domains are refused such aliases.")
+        "browsers show as Unicode look-alikes of other names (xn--pple-43d shows as apple with a Cyrillic a), "
+        "and the other prefixes RFC 5891 reserves. Off: agents, users and custom domains are refused them.")
     trusted_proxies: str = Field("", validation_alias=_env("COMZY_TRUSTED_PROXIES"),
                                  description="Comma list of CIDRs (e.g. 127.0.0.1/32 behind nginx on the same host) "
                                  "whose X-Forwarded-For, X-Real-IP and Forwarded headers are kept; a visitor's own "
