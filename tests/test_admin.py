@@ -15,7 +15,7 @@ import pytest
 from pydantic import SecretStr
 
 from comzy import AdminRoute, hookimpl
-from comzy.core.admin import COOKIE, TOKEN_FILE
+from comzy.core.admin import COOKIE, TOKEN_FILE, AdminApp
 from comzy.core.server import ServerContext, describe
 from comzy.core.websocket import Closed, HandshakeRejected, connect
 from tests.conftest import admin_client, start_server
@@ -24,7 +24,12 @@ pytestmark = pytest.mark.anyio
 
 
 class Echo:
-    """/echo answers HTTP with the method; /echo/ws accepts a WebSocket and sends one message."""
+    """/echo answers HTTP with the method; /echo/ws accepts a WebSocket and sends one message.
+
+    ``reached`` lists the methods of the HTTP requests that got through to it."""
+
+    def __init__(self) -> None:
+        self.reached: list[str] = []
 
     @hookimpl
     def admin_routes(self) -> list[AdminRoute]:
@@ -35,6 +40,7 @@ class Echo:
                 await send({"type": "websocket.send", "text": "hello admin"})
                 await send({"type": "websocket.close", "code": 1000})
                 return
+            self.reached.append(scope["method"])
             body = json.dumps({"method": scope["method"]}).encode()
             await send({"type": "http.response.start", "status": 200,
                         "headers": [(b"content-type", b"application/json")]})
@@ -113,6 +119,48 @@ async def test_websockets_take_the_token_in_the_query(tmp_path: Path) -> None:
                 assert isinstance(await ws.receive(), Closed)
         finally:
             await ws.aclose()
+
+
+async def test_a_token_in_the_query_string_changes_nothing(tmp_path: Path) -> None:
+    echo = Echo()
+    async with start_server(tmp_path, plugins=[("echo", echo)]) as server:
+        assert server.admin_token is not None
+        token = server.admin_token.value
+        # A link (or a logged URL) that would change something: refused before any route sees it.
+        async with httpx.AsyncClient(base_url=base(server)) as link:
+            for method in ("POST", "DELETE", "PUT", "PATCH", "OPTIONS"):
+                refused = await link.request(method, f"/echo?token={token}")
+                assert refused.status_code == 401, method
+                assert "Authorization: Bearer" in refused.json()["error"] and token not in refused.text
+            assert echo.reached == []
+            assert COOKIE not in link.cookies
+            # GET still works (and moves the token into the cookie); so does the header, for changes.
+            assert (await link.get(f"/echo?token={token}")).status_code == 303
+        async with admin_client(server) as admin:
+            assert (await admin.delete(f"/echo?token={token}")).json() == {"method": "DELETE"}
+        assert echo.reached == ["DELETE"]
+
+
+async def test_a_refused_websocket_closes_with_1008_where_the_server_cannot_answer_http(tmp_path: Path) -> None:
+    async with start_server(tmp_path) as server:
+        assert server.admin_token is not None
+        async with httpx.AsyncClient(base_url=base(server)) as browser:
+            await browser.post("/login", data={"token": server.admin_token.value, "next": "/"})
+            cookie = f"{COOKIE}={browser.cookies[COOKIE]}".encode()
+        app = AdminApp(server, [AdminRoute("/echo", Echo().admin_routes()[0].app)], server.admin_token)
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "websocket.connect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        # An ASGI server without the websocket.http.response extension.
+        scope = {"type": "websocket", "path": "/echo/ws", "query_string": b"", "extensions": {},
+                 "headers": [(b"cookie", cookie), (b"origin", b"http://evil.example"), (b"host", b"127.0.0.1")]}
+        await app(scope, receive, send)
+        assert sent == [{"type": "websocket.close", "code": 1008}]
 
 
 async def test_the_server_makes_a_private_token_and_keeps_it(tmp_path: Path) -> None:

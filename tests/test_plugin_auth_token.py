@@ -21,21 +21,24 @@ import anyio
 import anyio.abc
 import httpx
 import pytest
-from sqlalchemy import URL, select
+from sqlalchemy import URL, event, insert, select
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from comzy.agent.client import Agent, AgentConfig
 from comzy.agent.forward import LocalForwarder
 from comzy.core import db
 from comzy.core.hooks import builtin_names, load_plugins
-from comzy.core.models import User
+from comzy.core.models import User, utc_now
 from comzy.core.server import ServerContext
 from comzy.plugins.anonymous_timeout import AnonymousTimeout, AnonymousTimeoutSettings
 from comzy.plugins.auth_token import AuthToken, AuthTokenSettings
 from comzy.plugins.auth_token.store import create_user, hash_token, revoke_user, rotate_token
+from comzy.plugins.auth_token.throttle import FailureThrottle, Throttled, UnknownTokens
 from tests.conftest import PYTHON, ROOT, RecordingReporter, cli_env, start_agent, start_server
 from tests.helpers import scratch_database, serve_tcp
 from tests.private_mariadb import PrivateMariaDB
 from tests.test_hooks import _register_and_expect_reject
+from tests.test_plugin_mysql_logging import wait_until
 from tests.upstream import Upstream
 
 pytestmark = pytest.mark.anyio
@@ -267,6 +270,146 @@ async def test_tokens_are_stored_hashed_and_never_logged(tmp_path: Path, upstrea
     assert token not in caplog.text and token not in (tmp_path / "data" / "comzy.db").read_bytes().decode("latin-1")
 
 
+# -- token guessing ---------------------------------------------------------------------------------
+def count_token_lookups(engine: AsyncEngine) -> list[str]:
+    """The database lookups of single tokens on ``engine`` from now on (a list that grows)."""
+    lookups: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
+        if "users.token_hash =" in statement:
+            lookups.append(statement)
+
+    event.listen(engine.sync_engine, "before_cursor_execute", record)
+    return lookups
+
+
+def account_api(server: ServerContext, token: str, source: str = "127.0.0.1") -> httpx.AsyncClient:
+    """A client of the account API with ``token``, connecting from the loopback address ``source``."""
+    return httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.ports.ws}",
+                             headers={"authorization": f"Bearer {token}"},
+                             transport=httpx.AsyncHTTPTransport(local_address=source))
+
+
+async def test_token_guessing_is_throttled_per_address_and_logged_once(
+        tmp_path: Path, upstream: Upstream, caplog: pytest.LogCaptureFixture) -> None:
+    plugin = auth(refresh_seconds=3600)  # the default: 5 failures a minute
+    with caplog.at_level(logging.INFO, logger="comzy"):
+        async with auth_server(tmp_path, plugin, {}) as server:
+            token = await create_user(plugin.engine, "ana")
+            lookups = count_token_lookups(plugin.engine)
+            guesses = [f"czy_guess-{n}" for n in range(12)]
+            for guess in guesses[:5]:
+                async with account_api(server, guess) as api:
+                    assert (await api.get("/api/v1/me")).status_code == 401
+            assert len(lookups) == 5
+            # Past the limit: 429 with Retry-After, whatever the token, and no database query.
+            for guess in [*guesses[5:], token]:
+                async with account_api(server, guess) as api:
+                    refused = await api.get("/api/v1/me")
+                assert refused.status_code == 429, refused.text
+                assert 1 <= int(refused.headers["retry-after"]) <= 60
+                assert "too many failed token checks" in refused.json()["error"]
+            assert len(lookups) == 5
+            # The agent link shares the allowance: the HELLO is refused with when to retry.
+            hello = await _register_and_expect_reject(server, token=token)
+            assert "too many failed token checks" in str(hello) and "try again in" in str(hello)
+            # Another address is not held back by this one.
+            async with account_api(server, token, source="127.0.0.2") as api:
+                assert (await api.get("/api/v1/me")).json()["user"] == "ana"
+    throttled = [r for r in caplog.records if "failed token checks" in r.getMessage()]
+    assert len(throttled) == 1 and throttled[0].levelno == logging.WARNING, caplog.text
+    assert "127.0.0.1" in throttled[0].getMessage()
+    assert not any(secret in caplog.text for secret in [token, *guesses])
+
+
+async def test_a_guess_on_the_agent_link_counts_and_many_at_once_gain_nothing(tmp_path: Path) -> None:
+    plugin = auth(refresh_seconds=3600, max_failures_per_minute=3)
+    async with auth_server(tmp_path, plugin, {}) as server:
+        for n in range(3):
+            refused = await _register_and_expect_reject(server, token=f"czy_hello-guess-{n}")
+            assert "not accepted" in str(refused)
+        throttled = await _register_and_expect_reject(server, token="czy_hello-guess-3")
+        assert "too many failed token checks" in str(throttled)
+    # Checks started together (each waiting for the database) are counted before they finish.
+    plugin = auth(refresh_seconds=3600, max_failures_per_minute=3)
+    async with auth_server(tmp_path, plugin, {}) as server:
+        statuses: list[int] = []
+
+        async def guess(n: int) -> None:
+            async with account_api(server, f"czy_parallel-{n}") as api:
+                statuses.append((await api.get("/api/v1/me")).status_code)
+
+        async with anyio.create_task_group() as tg:
+            for n in range(20):
+                tg.start_soon(guess, n)
+        assert sorted(statuses) == [401] * 3 + [429] * 17
+
+
+async def test_an_unknown_token_costs_one_query_and_works_once_it_exists(tmp_path: Path) -> None:
+    ttl = 1.5
+    # Re-reads of the users far apart: only the end of the unknown-token memory lets the token in.
+    plugin = auth(refresh_seconds=3600, unknown_token_seconds=ttl, max_failures_per_minute=10_000)
+    async with auth_server(tmp_path, plugin, {}) as server:
+        lookups = count_token_lookups(plugin.engine)
+        token = "czy_made-a-moment-later"
+        async with account_api(server, token) as api:
+            for _ in range(20):
+                assert (await api.get("/api/v1/me")).status_code == 401
+            refused_at = time.monotonic()
+            assert len(lookups) == 1
+            # The token now exists (as `users create` would make it, with this value).
+            async with plugin.engine.begin() as conn:
+                await conn.execute(insert(User).values(name="late", token_hash=hash_token(token),
+                                                       created_at=utc_now()))
+
+            async def accepted() -> bool:
+                return (await api.get("/api/v1/me")).status_code == 200
+
+            await wait_until(accepted, timeout=ttl + 10)
+        assert time.monotonic() - refused_at < ttl + 5
+        assert plugin.refreshes == 1  # the start-up read only
+
+
+def test_the_tables_against_guessing_stay_bounded() -> None:
+    now = [0.0]
+    throttle = FailureThrottle(limit=2, max_addresses=100, clock=lambda: now[0])
+    # Many addresses: the table holds the newest 100, never more.
+    for n in range(1000):
+        throttle.begin(f"10.0.{n // 250}.{n % 250}")
+    assert len(throttle) == 100
+    # IPv6 counts per /64; an IPv4-mapped address as its IPv4 address.
+    throttle.begin("2001:db8::1")
+    throttle.begin("2001:db8::ffff:2")
+    with pytest.raises(Throttled) as refused:
+        throttle.begin("2001:db8::3")
+    assert refused.value.key == "2001:db8::/64" and refused.value.first and refused.value.retry_after == 60
+    with pytest.raises(Throttled) as again:
+        throttle.begin("2001:db8::4")
+    assert not again.value.first  # logged once per window
+    throttle.begin("::ffff:192.0.2.1")
+    throttle.begin("192.0.2.1")
+    with pytest.raises(Throttled):
+        throttle.begin("192.0.2.1")
+    # A check forgiven (it succeeded) does not count, and takes no room once none are left.
+    kind = FailureThrottle(limit=1, clock=lambda: now[0])
+    for _ in range(3):
+        kind.begin("198.51.100.7").forgive()
+    assert len(kind) == 0
+    # After the window the address starts over, and old windows are dropped.
+    now[0] = 61.0
+    throttle.begin("2001:db8::5")
+    assert len(throttle) == 1
+
+    unknown = UnknownTokens(seconds=10, limit=50, clock=lambda: now[0])
+    for n in range(500):
+        unknown.add(f"digest-{n}")
+    assert len(unknown) == 50 and "digest-499" in unknown and "digest-0" not in unknown
+    now[0] += 10.5
+    assert "digest-499" not in unknown
+    unknown.add("fresh")
+    assert len(unknown) == 1
+
+
 # -- comzy-server users ---------------------------------------------------------------------------
 def users_cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     """``comzy-server users ...`` in a subprocess on the data dir tmp_path/data."""
@@ -415,8 +558,12 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_readme_documents_every_setting() -> None:
     readme = (ROOT / "comzy" / "plugins" / "auth_token" / "README.md").read_text()
-    for name in ("COMZY_REQUIRE_TOKEN", "MAX_ALIASES_PER_USER", "COMZY_AUTH_REFRESH_SECONDS"):
-        assert f"`{name}`" in readme, name
+    table = readme[readme.index("## Settings"):]
+    for field, info in AuthTokenSettings.model_fields.items():
+        names = [f"COMZY_AUTH_{field.upper()}"]
+        if info.validation_alias is not None:
+            names = [str(choice) for choice in getattr(info.validation_alias, "choices", [info.validation_alias])]
+        assert any(f"`{name}`" in table for name in names), field
 
 
 def test_it_is_a_builtin_plugin() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import socket
 import time
@@ -15,9 +16,10 @@ import anyio
 import httpx
 import pytest
 
+from comzy.core.admin import COOKIE
 from comzy.core.hooks import builtin_names
 from comzy.core.server import ServerContext
-from comzy.core.websocket import Closed, WebSocket, connect
+from comzy.core.websocket import Closed, HandshakeRejected, WebSocket, connect
 from comzy.plugins.dashboard import Dashboard, DashboardSettings
 from comzy.plugins.mysql_logging import MysqlLogging, MysqlLoggingSettings
 from tests.conftest import ROOT, admin_client, start_agent, start_server
@@ -105,6 +107,31 @@ async def test_the_page_and_api_need_the_admin_token(tmp_path: Path) -> None:
             for escape in ("/static/..%2Fplugin.py", "/static/%2e%2e/plugin.py", "/static/..%5Cplugin.py"):
                 assert (await admin.get(escape)).status_code == 404, escape
             assert (await admin.get("/nothing-here")).status_code == 404
+
+
+async def test_a_cross_origin_feed_is_a_clean_403_and_the_page_s_own_feed_works(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async with start_server(tmp_path, plugins=[("dashboard", Dashboard(DashboardSettings(_env_file=None)))]) as server:
+        assert server.admin_token is not None
+        page = f"http://127.0.0.1:{server.ports.admin}"
+        async with httpx.AsyncClient(base_url=page) as browser:  # logged in as the page is
+            await browser.post("/login", data={"token": server.admin_token.value, "next": "/"})
+            cookie = (b"cookie", f"{COOKIE}={browser.cookies[COOKIE]}".encode())
+        feed_url = f"ws://127.0.0.1:{server.ports.admin}/feed"
+        # Another site's page open in the same browser: the browser sends the cookie and its Origin.
+        with caplog.at_level(logging.INFO, logger="comzy"), pytest.raises(HandshakeRejected) as refused:
+            await connect(feed_url, 1 << 16, headers=[cookie, (b"origin", b"http://evil.example")])
+        assert refused.value.status == 403
+        assert "cross-origin request refused" in json.loads(refused.value.body)["error"]
+        lines = [r for r in caplog.records if "cross-origin" in r.getMessage()]
+        assert len(lines) == 1 and lines[0].exc_info is None and "http://evil.example" in lines[0].getMessage()
+        assert [r for r in caplog.records if r.levelno >= logging.ERROR] == [], caplog.text
+        # The page's own feed: same cookie, its own origin.
+        feed = await connect(feed_url, 1 << 22, headers=[cookie, (b"origin", page.encode())])
+        try:
+            assert (await next_event(feed))["type"] == "snapshot"
+        finally:
+            await feed.aclose()
 
 
 async def test_a_slow_feed_client_lags_and_never_slows_traffic(tmp_path: Path, upstream: Upstream) -> None:

@@ -8,9 +8,11 @@ data directory), presented in one of three ways:
   (browsers; the token is then dropped from the address bar by a redirect);
 - ``?token=`` on a WebSocket handshake (a browser cannot set headers on one).
 
-The cookie holds an HMAC of the token, not the token, is HttpOnly and SameSite=Strict, and
-changing the token invalidates it. Requests that change something with only the cookie must come
-from the admin page's own origin.
+``?token=`` is accepted on GET, HEAD and WebSocket requests only: query strings end up in logs,
+histories and Referer headers, and a link must never be able to change anything. The cookie holds
+an HMAC of the token, not the token, is HttpOnly and SameSite=Strict, and changing the token
+invalidates it. Requests that change something with only the cookie must come from the admin
+page's own origin (a WebSocket too: the feed streams what the server sees).
 """
 
 from __future__ import annotations
@@ -135,10 +137,19 @@ class AdminApp:
         if how is None:
             await self._refuse(scope, send)
             return
-        if how == "query" and scope["type"] == "http" and scope["method"] in ("GET", "HEAD"):
-            await self._keep_in_cookie(scope, send)
+        if how == "query" and scope["type"] == "http":
+            if scope["method"] in ("GET", "HEAD"):
+                await self._keep_in_cookie(scope, send)
+                return
+            # A link or a logged URL must never change anything: the token goes in a header for that.
+            log.info("admin: %s %r refused: the token came in the query string", scope["method"], path)
+            await self._deny(scope, send, 401, f"?token= works on GET and WebSocket requests only; send "
+                             f"'Authorization: Bearer <token>' with {scope['method']} requests")
             return
         if how == "cookie" and not self._same_origin(scope):
+            origin = dict(scope.get("headers", [])).get(b"origin", b"").decode("latin-1")
+            log.info("admin: cross-origin %s %r from origin %r refused",
+                     "WebSocket" if scope["type"] == "websocket" else scope["method"], path, origin)
             await self._deny(scope, send, 403, "cross-origin request refused; use the admin page itself")
             return
         for route in self.routes:
@@ -228,10 +239,17 @@ class AdminApp:
 
     async def _deny(self, scope: dict[str, Any], send: Any, status: int, message: str) -> None:
         body = json.dumps({"error": message}).encode()
-        await send({"type": "http.response.start", "status": status, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"www-authenticate", b'Bearer realm="comzy admin"')]})
-        await send({"type": "http.response.body", "body": body})
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"www-authenticate", b'Bearer realm="comzy admin"')]
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+        elif "websocket.http.response" in scope.get("extensions", {}):
+            # A WebSocket handshake answered with a plain HTTP response (ASGI's extension).
+            await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
+            await send({"type": "websocket.http.response.body", "body": body})
+        else:
+            await send({"type": "websocket.close", "code": 1008})  # servers answer this with 403
 
     async def _login(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["method"] != "POST":

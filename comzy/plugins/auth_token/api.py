@@ -5,6 +5,7 @@
 - ``DELETE /api/v1/aliases/NAME``: give up an owned alias.
 
 Every call needs ``Authorization: Bearer <token>``; answers are JSON, errors ``{"error": ...}``.
+An address that sent too many wrong tokens gets 429 with ``Retry-After`` (see FailureThrottle).
 """
 
 from __future__ import annotations
@@ -35,21 +36,26 @@ class AccountApi:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        status, document = await self._answer(scope)
+        extra: list[tuple[bytes, bytes]] = []
+        status, document = await self._answer(scope, extra)
         body = json.dumps(document).encode() + b"\n"
-        headers = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
+        headers = [(b"content-type", b"application/json"), (b"cache-control", b"no-store"), *extra]
         if status == 401:
             headers.append((b"www-authenticate", b'Bearer realm="comzy"'))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    async def _answer(self, scope: dict[str, Any]) -> tuple[int, Any]:
+    async def _answer(self, scope: dict[str, Any], headers: list[tuple[bytes, bytes]]) -> tuple[int, Any]:
+        """``(status, document)``; appends to ``headers`` what the answer needs (Retry-After)."""
         token = _bearer(scope["headers"])
         if token is None:
             return 401, {"error": "send your token as 'Authorization: Bearer <token>' (comzy login does)"}
+        client = scope.get("client")
         try:
-            user = await self.plugin.authenticate(token)
+            # Failures count per address: guessing tokens here is as slow as on the agent link.
+            user = await self.plugin.authenticate(token, client[0] if client else "?")
         except Reject as exc:
+            headers.extend(exc.headers)
             return exc.status, {"error": exc.reason}
         method, path = scope["method"], scope["path"].rstrip("/")
         if path == "/api/v1/me":

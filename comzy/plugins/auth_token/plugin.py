@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -28,6 +27,7 @@ from .store import (
     release_alias,
     same_hash,
 )
+from .throttle import FailureThrottle, Throttled, UnknownTokens
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -37,11 +37,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("comzy.plugins.auth_token")
 
 T = TypeVar("T")
-
-#: How long an unknown token is remembered as unknown (one database lookup per this, per token).
-UNKNOWN_TOKEN_SECONDS = 10.0
-#: At most this many unknown tokens are remembered; beyond, the memory starts over.
-UNKNOWN_TOKEN_LIMIT = 10_000
 
 LOGIN_HINT = "run `comzy login` with a token from the server's operator"
 UNAVAILABLE = "the server cannot check tokens right now (its database is unavailable); try again in a minute"
@@ -73,7 +68,9 @@ class AuthToken:
         self._refreshing = False
         self._claimed_meanwhile: dict[str, AliasRecord] = {}
         self._released_meanwhile: set[str] = set()
-        self._unknown: dict[str, float] = {}
+        # Token guessing: refused per address past the limit, and unknown tokens cost no query twice.
+        self.throttle = FailureThrottle(self.settings.max_failures_per_minute)
+        self.unknown_tokens = UnknownTokens(self.settings.unknown_token_seconds)
         self._failing = False
         self._stop: anyio.CancelScope | None = None
         self._stopped: anyio.Event | None = None
@@ -216,22 +213,45 @@ class AuthToken:
             await server.close_tunnel(tunnel.alias, reason)
 
     # -- who is this? ------------------------------------------------------------------
-    async def authenticate(self, token: str) -> UserRecord:
-        """The active user holding ``token``; ``Reject`` with what to do otherwise."""
+    async def authenticate(self, token: str, client: str | None = None) -> UserRecord:
+        """The active user holding ``token``; ``Reject`` with what to do otherwise.
+
+        With ``client`` (the address asking), a failure counts towards that address's limit,
+        and an address past it is refused with 429 before its token is even looked at: else a
+        right guess would still show, and guessing would go on at full speed.
+        """
+        if client is None:
+            return await self._check(token)
+        try:
+            attempt = self.throttle.begin(client)
+        except Throttled as exc:
+            if exc.first:  # once per address and window: an attack never floods the log
+                log.warning("auth: %d failed token checks from %s within a minute; refusing its token checks "
+                            "for %d s (COMZY_AUTH_MAX_FAILURES_PER_MINUTE)", exc.failures, exc.key, exc.retry_after)
+            raise Reject(f"too many failed token checks from your address; try again in {exc.retry_after} s",
+                         status=429, headers=[(b"retry-after", str(exc.retry_after).encode())]) from None
+        failed = False
+        try:
+            return await self._check(token)
+        except Reject as exc:
+            failed = exc.status == 401  # a database outage (503) is not the client's failure
+            raise
+        finally:
+            if not failed:
+                attempt.forgive()
+
+    async def _check(self, token: str) -> UserRecord:
         digest = hash_token(token)
         user = self.users_by_hash.get(digest)
         if user is None or not same_hash(user.token_hash, digest):
             user = None
-            now = time.monotonic()
-            if self._unknown.get(digest, 0.0) < now:  # not refused moments ago: ask the database
+            if digest not in self.unknown_tokens:  # not refused moments ago: ask the database
                 try:
                     user = await self._within_deadline(lambda: find_user(self.engine, digest))
                 except (SQLAlchemyError, OSError, DatabaseSlow):
                     raise Reject(UNAVAILABLE, status=503) from None
                 if user is None:
-                    if len(self._unknown) >= UNKNOWN_TOKEN_LIMIT:
-                        self._unknown.clear()
-                    self._unknown[digest] = now + UNKNOWN_TOKEN_SECONDS
+                    self.unknown_tokens.add(digest)
                 else:
                     self.users_by_hash[digest] = user
                     self.users_by_id[user.id] = user
@@ -264,7 +284,7 @@ class AuthToken:
             if self.settings.require_token:
                 raise Reject(f"this server accepts logged-in agents only: {LOGIN_HINT}")
             return
-        user = await self.authenticate(registration.token)
+        user = await self.authenticate(registration.token, registration.client_address)
         registration.user = user.name
         registration.metadata["user_id"] = user.id
         registration.metadata["token"] = fingerprint(user.token_hash)

@@ -7,7 +7,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class AuthTokenSettings(BaseSettings):
-    """Whether a token is required, how many aliases a user may own, how often users are re-read."""
+    """Whether a token is required, how many aliases a user may own, how often users are re-read, and how
+    token guessing is slowed down."""
 
     model_config = SettingsConfigDict(env_prefix="COMZY_AUTH_", env_file=".env", extra="ignore",
                                       populate_by_name=True)
@@ -25,3 +26,10 @@ class AuthTokenSettings(BaseSettings):
                                     "\"try again\"; known users and their aliases never wait for it.")
     refresh_seconds: float = Field(5.0, gt=0, description="Seconds between re-reads of the users and their "
                                    "aliases: `comzy-server users revoke` closes live tunnels within this time.")
+    max_failures_per_minute: int = Field(5, ge=1, le=10_000, description="Failed token checks (account API "
+                                         "and agent HELLO) one client address may make per minute; then it is "
+                                         "refused (429 with Retry-After; a REJECT saying when to retry) until its "
+                                         "minute ends, whatever token it sends. IPv6 addresses count per /64.")
+    unknown_token_seconds: float = Field(10.0, gt=0, le=300, description="Seconds a token the database did not "
+                                         "know is refused from memory, without a query; a token created or rotated "
+                                         "meanwhile works at the latest after this time.")
