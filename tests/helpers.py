@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -49,6 +50,23 @@ async def receive_until_closed(ws: WebSocket) -> tuple[Closed, list[p.Frame]]:
                 return message, frames
             assert isinstance(message, bytes)
             frames.extend(p.decode_message(message))
+
+
+async def wait_until(condition: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0,
+                     interval: float = 0.01) -> None:
+    """Poll ``condition`` (sync or async) until it is true; fail after ``timeout`` seconds.
+
+    For state another task or process changes with no event to wait on (a map swapped by a
+    refresher, a queue's size, a row in a database).
+    """
+    with anyio.fail_after(timeout):
+        while True:
+            result = condition()
+            if inspect.isawaitable(result):
+                result = await result
+            if result:
+                return
+            await anyio.sleep(interval)
 
 
 @asynccontextmanager

@@ -9,6 +9,7 @@ respect (a sender that overruns it is a protocol error).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 
@@ -117,9 +118,13 @@ class Session:
         # The PONG owed to the peer's latest PING: one at most, however many PINGs arrive
         # before the writer runs (a peer that pings and never reads must not grow the queue).
         self._pong: bytes | None = None
-        # When the writer's current send began (None while it waits for frames): a send stuck
-        # past the heartbeat timeout means the peer stopped reading (see _beat).
-        self._write_started: float | None = None
+        # Our PINGs not yet answered, and since when: a PONG proves the peer reads what we send,
+        # where any message only proves it writes (a peer that floods and never reads).
+        # The payloads are random, so a PONG sent blindly cannot fake the proof.
+        self._pings: list[bytes] = []
+        #: True while the reader waits for the writer (the peer is not reading what we send).
+        self.reading_paused = False
+        self._unanswered_since: float | None = None
 
     # -- streams ---------------------------------------------------------------
     def open_stream(self) -> Stream:
@@ -206,9 +211,7 @@ class Session:
             if self._drained is not None:
                 self._drained.set()
             message = batch[0] if take == 1 else b"".join(batch)
-            self._write_started = time.monotonic()
             await self.ws.send(message)
-            self._write_started = None
 
     # -- reading ---------------------------------------------------------------
     async def _reader(self) -> None:
@@ -231,10 +234,14 @@ class Session:
         on the peer's side (TCP backpressure): a peer that does not read cannot make this side
         hold more. If the writer makes no progress, _beat ends the session.
         """
-        while self._out_bytes > SEND_BUDGET and self.closed is None:
-            if self._drained is None or self._drained.is_set():
-                self._drained = anyio.Event()
-            await self._drained.wait()
+        self.reading_paused = True
+        try:
+            while self._out_bytes > SEND_BUDGET and self.closed is None:
+                if self._drained is None or self._drained.is_set():
+                    self._drained = anyio.Event()
+                await self._drained.wait()
+        finally:
+            self.reading_paused = False
 
     async def _dispatch(self, frame: p.Frame) -> None:
         kind = frame.type
@@ -283,7 +290,9 @@ class Session:
                 self._pong = frame.payload
                 self._out_event.set()
         elif kind == p.FrameType.PONG:
-            pass
+            if frame.payload in self._pings:
+                self._pings.clear()
+                self._unanswered_since = None
         elif self.on_control is not None:
             await self.on_control(frame)
         elif kind == p.FrameType.GOAWAY:
@@ -293,20 +302,26 @@ class Session:
 
     # -- heartbeats (driven by a Heartbeats sweeper) -----------------------------
     def _beat(self, now: float) -> None:
-        """End the session if the peer has been silent, or has not read what we send, for too
-        long; else PING it when due."""
+        """End the session if the peer has been silent, or has not answered a PING (so does not
+        read what we send), for longer than the timeout; else PING it when due."""
         silent = now - self._last_seen
-        stuck = 0.0 if self._write_started is None else now - self._write_started
-        if silent > self.heartbeat_timeout or stuck > self.heartbeat_timeout:
+        deaf = 0.0 if self._unanswered_since is None else now - self._unanswered_since
+        if silent > self.heartbeat_timeout or deaf > self.heartbeat_timeout:
             if self._timed_out is None and self._task_group is not None:
                 self._timed_out = (f"peer silent for {silent:.1f} s (heartbeat timeout)"
                                    if silent > self.heartbeat_timeout else
-                                   f"peer not reading: a send has been stuck for {stuck:.1f} s "
-                                   f"with {self._out_bytes} bytes queued")
+                                   f"peer not reading: no PONG for {deaf:.1f} s, {self._out_bytes} bytes "
+                                   "queued for it (heartbeat timeout)")
                 self._task_group.cancel_scope.cancel()
         elif now >= self._next_ping:
             self._next_ping = now + self.heartbeat_interval
-            self.send_nowait(p.encode(p.FrameType.PING, 0, int(now * 1000).to_bytes(8, "big")))
+            payload = os.urandom(p.MAX_PING_PAYLOAD)
+            if len(self._pings) >= 4:  # the oldest can go: an answer to a later one proves as much
+                del self._pings[0]
+            self._pings.append(payload)
+            if self._unanswered_since is None:
+                self._unanswered_since = now
+            self.send_nowait(p.encode(p.FrameType.PING, 0, payload))
 
     async def run(self) -> str:
         """Serve the session until it ends; returns why it ended. Never raises."""
