@@ -2,8 +2,8 @@
 
 The whole suite runs on uvicorn with ``COMZY_TEST_HTTP_SERVER=uvicorn``; these tests pin what the
 servers must share and what comzy adds to uvicorn: a bound on request heads (httptools has none),
-no Server/Date header, the WebSocket message limit, and a clear start-up error when the selected
-server is not installed.
+a 400 for two Host headers (httptools lets them through), no Server/Date header, the WebSocket
+message limit, and a clear start-up error when the selected server is not installed.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from comzy.core.http_servers import missing_requirement
+from comzy.core.http_servers import OneHostOnly, missing_requirement
 from comzy.core.settings import ServerSettings, explain_validation_error
 from comzy.core.websocket import Closed
 from tests.conftest import start_agent, start_server
@@ -70,6 +70,82 @@ async def test_visitor_websocket_message_past_the_limit_closes_1009(tmp_path: Pa
         closed = await exchange(ws, b"x" * 4097)
     assert isinstance(closed, Closed)
     assert closed.code == 1009
+
+
+async def raw_answer(port: int, request: bytes) -> bytes:
+    """Everything the public listener sends back to ``request`` until it closes the connection."""
+    answer = b""
+    async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+        await stream.send(request)
+        with anyio.fail_after(5):
+            try:
+                while True:
+                    answer += await stream.receive()
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                pass
+    return answer
+
+
+UPGRADE = (b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+           b"Sec-WebSocket-Version: 13\r\n")
+
+
+@pytest.mark.parametrize("kind", SERVERS)
+@pytest.mark.parametrize(("headers", "why"), [
+    (b"Host: {tunnel}\r\nHost: other.localhost\r\n", b"more than one Host header"),
+    (b"Host: other.localhost\r\nHost: {tunnel}\r\n", b"more than one Host header"),
+    (b"Host: {tunnel}\r\nHost: {tunnel}\r\n", b"more than one Host header"),
+    (b"Host: {tunnel}\r\nX-A: 1\r\nhost: {tunnel}\r\n", b"more than one Host header"),
+    (b"Host: {tunnel}\r\nHost: other.localhost\r\n" + UPGRADE, b"more than one Host header"),
+    (b"X-A: 1\r\n", b"no Host header"),
+], ids=["tunnel-first", "tunnel-second", "identical", "apart", "websocket", "none"])
+async def test_two_host_headers_or_none_are_400_before_routing(tmp_path: Path, upstream: Upstream, kind: str,
+                                                                headers: bytes, why: bytes) -> None:
+    """RFC 9112 3.2: more than one Host (or none in HTTP/1.1) is a 400; the tunnel never sees it."""
+    async with start_server(tmp_path / "data", http_server=kind) as server, \
+            start_agent(server, upstream.port) as running:
+        tunnel = f"{running.alias}.{server.settings.base_domain}".encode()
+        request = b"GET /echo HTTP/1.1\r\n" + headers.replace(b"{tunnel}", tunnel) + b"\r\n"
+        answer = await raw_answer(server.ports.http, request)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:300]
+    _, _, body = answer.partition(b"\r\n\r\n")
+    if kind == "uvicorn" and b"Upgrade" not in headers:
+        # comzy's own check (OneHostOnly) says why; hypercorn's h11 and wsproto answer with no body.
+        assert why in body, answer
+    assert upstream.requests == []
+    assert [served.status for served in running.reporter.served] == []
+
+
+@pytest.mark.parametrize("kind", SERVERS)
+async def test_http10_without_host_is_still_routed_by_host(tmp_path: Path, kind: str) -> None:
+    """HTTP/1.0 may omit Host: no 400, the edge's usual 404 for an unknown host."""
+    async with start_server(tmp_path / "data", http_server=kind) as server:
+        answer = await raw_answer(server.ports.http, b"GET / HTTP/1.0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 404 "), answer[:300]
+    assert b"Tunnel Not Active" in answer
+
+
+@pytest.mark.parametrize(("extensions", "first"), [
+    ({"websocket.http.response": {}}, {"type": "websocket.http.response.start", "status": 400}),
+    ({}, {"type": "websocket.close", "code": 1002}),
+])
+async def test_one_host_only_refuses_a_websocket_upgrade_too(extensions: dict[str, Any], first: dict[str, Any]) -> None:
+    """With wsproto, uvicorn's h11 refuses such upgrades first; the wrapper does not rely on it."""
+    sent: list[dict[str, Any]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        raise AssertionError("the app saw an ambiguous request")
+
+    async def receive() -> dict[str, Any]:
+        raise AssertionError("nothing is read from an ambiguous request")
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "websocket", "http_version": "1.1", "extensions": extensions,
+             "headers": [(b"host", b"a.localhost"), (b"host", b"b.localhost")]}
+    await OneHostOnly(app)(scope, receive, send)
+    assert {key: sent[0][key] for key in first} == first
 
 
 def test_a_server_not_installed_fails_start_up_naming_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

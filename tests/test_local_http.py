@@ -7,14 +7,18 @@ reused. End-to-end fidelity (through server and agent) is in test_http_fidelity.
 
 from __future__ import annotations
 
+import asyncio
+import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import anyio
 import anyio.abc
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from comzy.agent.local_http import LocalClient, LocalError, LocalResponse
+from comzy.agent.local_http import LocalClient, LocalError, LocalResponse, MalformedResponse, _Connection
 from tests.helpers import serve_tcp
 
 pytestmark = pytest.mark.anyio
@@ -218,8 +222,65 @@ async def test_bare_lf_head_and_folded_header_like_h11() -> None:
 ])
 async def test_invalid_responses_are_errors(answer: bytes) -> None:
     async with scripted(always(answer), close_after=True) as (client, _):
-        with pytest.raises(LocalError, match="invalid HTTP from the local service"):
+        with pytest.raises(MalformedResponse, match="malformed response from the local service"):
             await fetch(client)
+
+
+SMUGGLED = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nsmuggled"
+
+
+def first_then(first: bytes, then: bytes) -> Script:
+    """Answers the first request with ``first`` and every later one with ``then``."""
+    answers = [first]
+    return lambda head: [answers.pop() if answers else then]
+
+
+@pytest.mark.parametrize(("answer", "what"), [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+     "conflicting Content-Length values 5 and 6"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\nhello!", "conflicting Content-Length values in b'5, 6'"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5,\r\n\r\nhello", "bad Content-Length b'5,'"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+     "both Content-Length (5) and Transfer-Encoding: chunked"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+     "both Content-Length (5) and Transfer-Encoding: chunked"),
+    (b"HTTP/1.1 100 Continue\r\nContent-Length: 5\r\n\r\nhelloHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+     "a 100 response with a body (Content-Length: 5)"),
+    (b"HTTP/1.1 103 Early Hints\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", "a 103 response with a body"),
+    (b"HTTP/1.1 100 Continue\r\n\r\nhelloHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+     "bytes that are not a status line after a 100 response"),
+])
+async def test_malformed_framing_is_refused_and_the_connection_closed(answer: bytes, what: str) -> None:
+    """Each answer is followed by a smuggled response: it must never be served to anyone."""
+    good = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfresh"
+    async with scripted(first_then(answer + SMUGGLED, good)) as (client, server):
+        with pytest.raises(MalformedResponse, match=re.escape(what)):
+            await fetch(client)
+        for _ in range(2):
+            response, data = await fetch(client)
+            assert (response.status, data) == (200, b"fresh")
+        assert server.connections == 2  # the malformed one was closed; the next one is reused
+
+
+@pytest.mark.parametrize("lengths", [b"Content-Length: 5, 5", b"Content-Length: 5\r\nContent-Length: 5",
+                                     b"Content-Length: 5 ,5\r\nContent-Length: 5"])
+async def test_identical_content_lengths_are_one_length(lengths: bytes) -> None:
+    """RFC 9110 8.6: a recipient may take repeated identical values as one."""
+    async with scripted(always(b"HTTP/1.1 200 OK\r\n%b\r\n\r\nhello" % lengths)) as (client, server):
+        for _ in range(2):
+            _, data = await fetch(client)
+            assert data == b"hello"
+        assert server.connections == 1
+
+
+async def test_informational_response_with_zero_content_length_is_skipped() -> None:
+    answer = b"HTTP/1.1 100 Continue\r\nContent-Length: 0\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    async with scripted(always(answer)) as (client, server):
+        for _ in range(2):
+            _, data = await fetch(client)
+            assert data == b"ok"
+        assert server.connections == 1
 
 
 @pytest.mark.parametrize("answer", [
@@ -266,3 +327,62 @@ async def test_closed_without_answering() -> None:
     async with scripted(lambda head: []) as (client, _):
         with pytest.raises(LocalError, match="closed the connection without answering"):
             await fetch(client)
+
+
+# -- property: no framing ambiguity ever lets the smuggled response through --------------------------------
+
+_PREAMBLES = {  # 1xx responses before the real one, and whether the client must refuse them
+    b"HTTP/1.1 100 Continue\r\n\r\n": False,
+    b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n": False,
+    b"HTTP/1.1 100 Continue\r\nContent-Length: 0\r\n\r\n": False,
+    b"HTTP/1.1 100 Continue\r\nContent-Length: 5\r\n\r\nhello": True,
+    b"HTTP/1.1 103 Early Hints\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n": True,
+    b"HTTP/1.1 100 Continue\r\n\r\nhello": True,
+}
+_FRAMING = [b"Content-Length: 5", b"Content-Length: 6", b"Content-Length: 5, 5", b"Content-Length: 5, 6",
+            b"Transfer-Encoding: chunked"]
+
+
+def _expected(preambles: list[bytes], framing: list[bytes], stream: bytes) -> bytes | None:
+    """What a strict client must make of the response: its body, or None for a refusal."""
+    if any(_PREAMBLES[preamble] for preamble in preambles):
+        return None
+    chunked = framing.count(b"Transfer-Encoding: chunked")
+    lengths = {part.strip() for line in framing if line.startswith(b"Content-Length")
+               for part in line.split(b":")[1].split(b",")}
+    if chunked > 1 or len(lengths) > 1 or (chunked and lengths):
+        return None
+    return b"hello" if chunked else stream[: int(lengths.pop())]
+
+
+@settings(max_examples=200, deadline=None)
+@given(preambles=st.lists(st.sampled_from(list(_PREAMBLES)), max_size=2),
+       framing=st.lists(st.sampled_from(_FRAMING), min_size=1, max_size=3),
+       pieces=st.lists(st.integers(min_value=1, max_value=40), max_size=4))
+def test_framing_never_serves_the_smuggled_response(preambles: list[bytes], framing: list[bytes],
+                                                    pieces: list[int]) -> None:
+    """Whatever the 1xx and framing headers, the client refuses or reads exactly the declared body,
+    and the bytes after it (a smuggled response) always keep the connection out of the pool."""
+    chunked = b"Transfer-Encoding: chunked" in framing
+    body = b"5\r\nhello\r\n0\r\n\r\n" if chunked else b"hello"
+    stream = body + SMUGGLED
+    wire = b"".join(preambles) + b"HTTP/1.1 200 OK\r\n" + b"\r\n".join(framing) + b"\r\n\r\n" + stream
+    expected = _expected(preambles, framing, stream)
+
+    async def read() -> bytes:
+        conn = _Connection()
+        rest = wire
+        for size in pieces:  # the bytes arrive in several reads
+            conn.data_received(rest[:size])
+            rest = rest[size:]
+        conn.data_received(rest)
+        await conn.read_head("GET", True)
+        data = b"".join([piece async for piece in conn.body()])
+        assert not conn.reusable
+        return data
+
+    if expected is None:
+        with pytest.raises(MalformedResponse):
+            asyncio.run(read())
+    else:
+        assert asyncio.run(read()) == expected

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 import anyio
 
-from comzy.agent.local_http import ConnectFailed, LocalClient, LocalError, StaleConnection
+from comzy.agent.local_http import ConnectFailed, LocalClient, LocalError, MalformedResponse, StaleConnection
 from comzy.core import protocol as p
+from comzy.core.logs import RateLimitedLog
 from comzy.core.session import SessionClosed
 from comzy.core.stream import Stream, StreamReset
 from comzy.core.websocket import Closed, HandshakeRejected, WebSocket, WebSocketError, client_handshake
@@ -43,6 +44,8 @@ class LocalForwarder:
         self.max_ws_message = max_ws_message
         self.on_served = on_served
         self.local = LocalClient(host, port)
+        # A local app that keeps sending malformed responses gets one log line per minute.
+        self._log_malformed = RateLimitedLog(log, interval=60.0)
 
     async def aclose(self) -> None:
         """Close pooled connections."""
@@ -101,6 +104,8 @@ class LocalForwarder:
                     return await self._fail(stream, served, f"{self.address} closed the connection "
                                             "without answering")
                 # The pooled connection was closed under us; a fresh one will do.
+            except MalformedResponse as exc:
+                return await self._fail(stream, served, self._malformed(exc))
             except LocalError as exc:
                 return await self._fail(stream, served, f"{self.address} failed: {exc}")
         served.status = response.status
@@ -112,6 +117,8 @@ class LocalForwarder:
                 await stream.send_data(chunk)
             clean = True
         except LocalError as exc:
+            if isinstance(exc, MalformedResponse):
+                self._malformed(exc)
             served.error = f"local service failed mid-response: {exc}"
             stream.reset(p.ResetCode.LOCAL_FAILED, served.error)
             return
@@ -127,6 +134,13 @@ class LocalForwarder:
             with anyio.move_on_after(5):
                 while await stream.receive() is not None:
                     pass
+
+    def _malformed(self, exc: MalformedResponse) -> str:
+        """Log (rate-limited) a malformed response from the local service; the message for the visitor."""
+        message = (f"the local service at {self.address} sent a malformed response: {exc.what}; "
+                   "the connection to it was closed")
+        self._log_malformed("%s", message)
+        return message
 
     async def _fail(self, stream: Stream, served: Served, message: str) -> None:
         served.status = 502

@@ -10,9 +10,12 @@ The HTTP/1.1 client itself is small and written for this one job: build a reques
 read a response head, then the body by its framing (Content-Length, chunked, or until
 close; none for HEAD, 1xx, 204 and 304). h11 did this before and was correct, but cost
 about 50 µs per request here (a third of the agent's CPU under load); this costs a few.
-It is as strict as h11 where strictness protects someone: header names and values are
-checked before sending (no CR/LF smuggling into the local app) and on receipt, framing
-headers must agree, and a connection is reused only after a complete, well-framed
+It is as strict as h11 where strictness protects someone, and stricter where a proxy must be:
+header names and values are checked before sending (no CR/LF smuggling into the local app)
+and on receipt; Content-Length values must agree (``5, 5`` is one length, ``5, 6`` is an
+error), Content-Length with Transfer-Encoding (h11 lets chunked win) and a 1xx that declares
+a body (h11 reads that body as the next response) are refused; every MalformedResponse
+closes the connection, and a connection is reused only after a complete, well-framed
 exchange with nothing left over.
 """
 
@@ -61,11 +64,17 @@ class StaleConnection(LocalError):
     """A pooled connection turned out to be closed before any response byte arrived."""
 
 
-class _Invalid(LocalError):
-    """The local service sent something that is not HTTP/1.1."""
+class MalformedResponse(LocalError):
+    """The local service sent something that is not a well-formed HTTP/1.1 response.
+
+    The connection it came on is always closed, never pooled: after a framing error nobody
+    can tell where the next response starts, and bytes a lenient reader took for a second
+    response (a smuggled one) must never reach the next visitor.
+    """
 
     def __init__(self, what: str) -> None:
-        super().__init__(f"invalid HTTP from the local service: {what}")
+        super().__init__(f"malformed response from the local service: {what}")
+        self.what = what
 
 
 @dataclass(slots=True)
@@ -200,6 +209,7 @@ class _Connection(asyncio.Protocol):
     # -- the response head ---------------------------------------------------------------
     async def read_head(self, method: str, request_keep_alive: bool) -> tuple[int, list[tuple[bytes, bytes]]]:
         """Read a final response head (1xx are skipped) and set up the body framing."""
+        informational = 0  # the last 1xx status skipped, for the error message
         while True:
             buffer = self._buffer
             while True:
@@ -211,7 +221,7 @@ class _Connection(asyncio.Protocol):
                     head, buffer = buffer[: match.start()], buffer[match.end() :]
                     break
                 if len(buffer) > MAX_HEAD:
-                    raise _Invalid(f"response head larger than {MAX_HEAD} bytes")
+                    raise MalformedResponse(f"response head larger than {MAX_HEAD} bytes")
                 data = await self._receive()
                 if not data:
                     if buffer:
@@ -234,13 +244,22 @@ class _Connection(asyncio.Protocol):
                 status_line = _STATUS_LINE.fullmatch(lines[0])
                 headers = _parse_header_lines(lines)
             if status_line is None:
-                raise _Invalid(f"bad status line {_LINE_END.split(head, maxsplit=1)[0][:100]!r}")
+                first_line = _LINE_END.split(head, maxsplit=1)[0][:100]
+                if informational:
+                    # A 1xx has no body (RFC 9110 15.2): whatever follows it must be a status line.
+                    raise MalformedResponse(f"bytes that are not a status line after a {informational} "
+                                            f"response (a 1xx response has no body): {first_line!r}")
+                raise MalformedResponse(f"bad status line {first_line!r}")
             status = int(status_line[3])
             if status >= 200:
                 break
             if status == 101:
-                raise _Invalid("101 Switching Protocols to a plain HTTP request")
-            # 1xx informational responses (100 Continue, 103 Early Hints) are skipped.
+                raise MalformedResponse("101 Switching Protocols to a plain HTTP request")
+            # 1xx informational responses (100 Continue, 103 Early Hints) are skipped. One that
+            # declares a body is refused: a reader that honours the declaration and one that
+            # ignores it (as RFC 9110 says to) would take different bytes for the real response.
+            _check_no_body_declared(status, headers)
+            informational = status
         self._frame(method, status, headers, (int(status_line[1]), int(status_line[2])), request_keep_alive)
         return status, headers
 
@@ -255,16 +274,22 @@ class _Connection(asyncio.Protocol):
             if lower == b"transfer-encoding":
                 # Like h11: "chunked" is the only transfer coding a response may use here.
                 if chunked or value.strip().lower() != b"chunked":
-                    raise _Invalid(f"unsupported Transfer-Encoding {value[:100]!r}")
+                    raise MalformedResponse(f"unsupported Transfer-Encoding {value[:100]!r}")
                 chunked = True
             elif lower == b"content-length":
                 value = value.strip()
-                if not value.isdigit() or len(value) > 18 or (length is not None and value != length):
-                    raise _Invalid(f"bad or conflicting Content-Length {value[:100]!r}")
+                if not value.isdigit() or len(value) > 18:
+                    value = _list_content_length(value)
+                if length is not None and value != length:
+                    raise MalformedResponse(f"conflicting Content-Length values {length.decode()} and {value.decode()}")
                 length = value
             elif lower == b"connection" and b"close" in value.lower() and any(
                     token.strip() == b"close" for token in value.lower().split(b",")):
                 keep_alive = False
+        if chunked and length is not None:
+            # RFC 9112 6.1: a sender MUST NOT send both; a proxy that picks one while the next
+            # hop picks the other is how responses get split, so neither is trusted.
+            raise MalformedResponse(f"both Content-Length ({length.decode()}) and Transfer-Encoding: chunked")
         if method == "HEAD" or status in _NO_BODY_STATUS:
             self._length = 0
         elif chunked:
@@ -314,14 +339,14 @@ class _Connection(asyncio.Protocol):
             # chunk-size [; extensions] CRLF
             while (eol := buffer.find(b"\n", pos)) < 0:
                 if len(buffer) - pos > MAX_CHUNK_LINE:
-                    raise _Invalid("chunk-size line too long")
+                    raise MalformedResponse("chunk-size line too long")
                 buffer = buffer[pos:] + await self._more()
                 pos = 0
             line = buffer[pos:eol]
             pos = eol + 1
             size_field = line.split(b";", 1)[0].strip(b" \t\r")
             if not line.endswith(b"\r") or not _CHUNK_SIZE.fullmatch(size_field):
-                raise _Invalid(f"bad chunk-size line {line[:100]!r}")
+                raise MalformedResponse(f"bad chunk-size line {line[:100]!r}")
             size = int(size_field, 16)
             if size == 0:
                 break
@@ -337,13 +362,13 @@ class _Connection(asyncio.Protocol):
                 buffer = buffer[pos:] + await self._more()
                 pos = 0
             if buffer[pos : pos + 2] != b"\r\n":
-                raise _Invalid("chunk data not followed by CRLF")
+                raise MalformedResponse("chunk data not followed by CRLF")
             pos += 2
         # Trailer section: header lines up to an empty line.
         while True:
             while (eol := buffer.find(b"\n", pos)) < 0:
                 if len(buffer) - pos > MAX_CHUNK_LINE:
-                    raise _Invalid("trailer line too long")
+                    raise MalformedResponse("trailer line too long")
                 buffer = buffer[pos:] + await self._more()
                 pos = 0
             line = buffer[pos:eol]
@@ -362,6 +387,26 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
 
+def _list_content_length(value: bytes) -> bytes:
+    """The one length of a Content-Length list like ``5, 5`` (RFC 9110 8.6 allows identical
+    repeats); anything else is a MalformedResponse."""
+    values = {part.strip(b" \t") for part in value.split(b",")}
+    if not all(part.isdigit() and len(part) <= 18 for part in values):
+        raise MalformedResponse(f"bad Content-Length {value[:100]!r}")
+    if len(values) > 1:
+        raise MalformedResponse(f"conflicting Content-Length values in {value[:100]!r}")
+    return values.pop()
+
+
+def _check_no_body_declared(status: int, headers: list[tuple[bytes, bytes]]) -> None:
+    """Refuse a 1xx response that announces a body (Transfer-Encoding, or a non-zero Content-Length)."""
+    for name, value in headers:
+        lower = name.lower()
+        if lower == b"transfer-encoding" or (lower == b"content-length" and value.strip() != b"0"):
+            raise MalformedResponse(f"a {status} response with a body ({name.decode('latin-1')}: "
+                                    f"{value[:100].decode('latin-1')}); a 1xx response has none")
+
+
 def _parse_header_lines(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
     """Header lines after the status line, in order, duplicates kept; obsolete folding unfolded."""
     headers: list[tuple[bytes, bytes]] = []
@@ -370,13 +415,13 @@ def _parse_header_lines(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
         if line[:1] in (b" ", b"\t"):
             # obs-fold (RFC 9112 5.2): a continuation of the previous value, joined by a space.
             if not headers or _BAD_VALUE.search(line):
-                raise _Invalid(f"bad header continuation line {line[:100]!r}")
+                raise MalformedResponse(f"bad header continuation line {line[:100]!r}")
             name, value = headers[-1]
             headers[-1] = (name, (value + b" " + line.strip(b" \t")).strip(b" \t"))
             continue
         match = _HEADER_LINE.fullmatch(line)
         if match is None:
-            raise _Invalid(f"malformed header line {line[:100]!r}")
+            raise MalformedResponse(f"malformed header line {line[:100]!r}")
         headers.append((match[1], match[2]))
     return headers
 

@@ -7,6 +7,10 @@ header added, the response head written at ``http.response.start`` (SSE), reques
 ``h11_max_incomplete_size`` refused by the server itself (the edge answers 431 below that), a
 visitor's WebSocket close code passed on, and a graceful stop within the grace once ``stop`` is
 set. docs/benchmarks.md says what each costs and gives, and why granian is not offered.
+
+Both answer 400 to an HTTP/1.1 request with more than one Host header, or none (RFC 9112 3.2),
+before the edge sees it: hypercorn through h11, which checks it while parsing; uvicorn (httptools
+does not check) through OneHostOnly, a thin wrapper around the app.
 """
 
 from __future__ import annotations
@@ -14,11 +18,15 @@ from __future__ import annotations
 import importlib.util
 import logging
 import socket
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config
+
+ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[dict[str, Any]]],
+                    Callable[[dict[str, Any]], Awaitable[None]]], Awaitable[None]]
 
 HTTP_SERVERS = ("hypercorn", "uvicorn")
 
@@ -55,7 +63,7 @@ async def _serve_uvicorn(app: Any, config: Config, stop: anyio.Event) -> None:
 
     grace = config.graceful_timeout
     server = uvicorn.Server(uvicorn.Config(
-        app,
+        OneHostOnly(app),
         loop="none",  # run on the caller's loop
         http=_bounded_head_protocol(config.h11_max_incomplete_size),
         # wsproto (a core dependency, as in hypercorn) reports a visitor's close code and
@@ -132,3 +140,46 @@ def _bounded_head_protocol(limit: int) -> type:
             super().on_headers_complete()
 
     return BoundedHeadProtocol
+
+
+class OneHostOnly:
+    """Answers 400 to a request with more than one Host header (or none, in HTTP/1.1).
+
+    RFC 9112 3.2: a server MUST answer 400 to such a request. A proxy that routed by one Host
+    while the app behind it read another would let a visitor reach one tunnel while appearing to
+    ask for another. h11 (hypercorn) refuses these while parsing; httptools (uvicorn) passes
+    every header through, so this check stands in front of the app there. It costs one pass
+    over the header list per request.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]],
+                       send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        """Refuse an ambiguous request, pass everything else to the app untouched."""
+        if scope["type"] != "lifespan":
+            hosts = 0
+            for name, _ in scope["headers"]:
+                if name == b"host":  # both servers give header names in lower case
+                    hosts += 1
+            if hosts > 1:
+                return await _bad_request(scope, send, "more than one Host header")
+            if not hosts and scope.get("http_version") == "1.1":  # HTTP/1.0 may omit it
+                return await _bad_request(scope, send, "no Host header")
+        await self.app(scope, receive, send)
+
+
+async def _bad_request(scope: dict[str, Any], send: Callable[[dict[str, Any]], Awaitable[None]], why: str) -> None:
+    body = f"Bad Request: {why} (RFC 9112 3.2).\n".encode()
+    # Close the connection: after an ambiguous request, nothing on it is worth trusting.
+    headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode()),
+               (b"connection", b"close")]
+    if scope["type"] == "http":
+        await send({"type": "http.response.start", "status": 400, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+    elif "websocket.http.response" in scope.get("extensions", {}):
+        await send({"type": "websocket.http.response.start", "status": 400, "headers": headers})
+        await send({"type": "websocket.http.response.body", "body": body})
+    else:
+        await send({"type": "websocket.close", "code": 1002})
