@@ -144,7 +144,7 @@ async def raw_upgrade_status(server: ServerContext, alias: str) -> bytes:
 async def test_request_heads_for_a_stalled_agent_are_bounded_then_refused_with_503(
         tmp_path: Path, upstream: Upstream) -> None:
     watcher = DisconnectWatcher()
-    timeout = 6.0
+    timeout = 30.0  # long: the checks must finish before the server gives up on the agent
     requests = 200
     # 200 heads of 200 KB are 40 MB: more than the send budget and the kernel's socket buffers
     # together (loopback's absorbed about 11 MB here), and under the stream limit, so only the
@@ -156,7 +156,7 @@ async def test_request_heads_for_a_stalled_agent_are_bounded_then_refused_with_5
                      heartbeat_timeout=timeout, max_request_head=head_limit,
                      max_streams_per_tunnel=requests + 10) as server,
         start_agent(server, upstream.port) as healthy,
-        hostile_agent(server) as (_, alias),
+        hostile_agent(server) as (ws, alias),
         anyio.create_task_group() as tg,
     ):
         session = server.registry.get(alias).session  # type: ignore[union-attr]
@@ -180,17 +180,21 @@ async def test_request_heads_for_a_stalled_agent_are_bounded_then_refused_with_5
             async with anyio.create_task_group() as visitors:
                 for index in range(requests):
                     visitors.start_soon(one, index)
-                await wait_until(lambda: bool(refusals), timeout + 10)
+                await wait_until(lambda: bool(refusals), timeout)
                 # Congested: a WebSocket visitor is refused the same way.
                 assert await raw_upgrade_status(server, alias) == b"HTTP/1.1 503 "
+                assert "is not keeping up" in refusals[0]
+                # Heads wait in the server only up to the budget (plus the one admitted last, and
+                # small frames).
+                assert sampler.largest <= SEND_BUDGET + head_limit + 16 * 1024, sampler.largest
+                # The agent goes away (the heartbeat would end it too, later: the flood test shows
+                # that): every admitted visitor is answered, none is left hanging.
+                await ws.aclose()
         tg.cancel_scope.cancel()
         assert len(statuses) == requests
-        assert "is not keeping up" in refusals[0]
-        # Heads wait in the server only up to the budget (plus the one admitted last, and small frames).
-        assert sampler.largest <= SEND_BUDGET + head_limit + 16 * 1024, sampler.largest
-        with anyio.fail_after(timeout + 5):
-            (reason,) = await watcher.wait_for(alias)
-        assert "not reading" in reason or "heartbeat timeout" in reason, reason
+        assert set(statuses) <= {503, 502, 0}, statuses
+        with anyio.fail_after(10):
+            await watcher.wait_for(alias)
         await check_tunnel(server, healthy.alias)
 
 
