@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     # took ~30% of the server's CPU while 10,000 agents registered (bench/idle_agents.py).
     gc.set_threshold(10_000, 10, 100)
     try:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # private; see core/datadir.py
     except OSError as exc:
         print(f"comzy-server: cannot create COMZY_DATA_DIR {settings.data_dir}: {exc.strerror}", file=sys.stderr)
         raise SystemExit(2) from None

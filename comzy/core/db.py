@@ -23,6 +23,7 @@ from sqlalchemy import URL, Connection, event, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from comzy.core import sqlite_file
 from comzy.core.hooks import PluginError
 from comzy.core.settings import ServerSettings
 
@@ -88,11 +89,14 @@ def is_sqlite(url: URL) -> bool:
 
 # -- Engines ---------------------------------------------------------------------------
 def create_engine(url: URL, **options: Any) -> AsyncEngine:
-    """An async engine for ``url``: SQLite with foreign keys on and WAL; pooled connections
-    checked before use, so a database that comes back is picked up again."""
+    """An async engine for ``url``: SQLite with foreign keys on and WAL, its file private (0600)
+    and watched for deletion (:mod:`comzy.core.sqlite_file`); pooled connections of other
+    databases checked before use, so a database that comes back is picked up again."""
+    sqlite_path: Path | None = None
     if is_sqlite(url):
         if url.database and url.database != ":memory:" and not url.database.startswith("file:"):
-            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+            sqlite_path = Path(url.database)
+            sqlite_file.prepare(sqlite_path)  # 0600 before SQLite opens it: it holds token hashes
         options.setdefault("connect_args", {"timeout": 30})
     else:
         options.setdefault("pool_pre_ping", True)
@@ -114,6 +118,8 @@ def create_engine(url: URL, **options: Any) -> AsyncEngine:
         raise DatabaseError(f"cannot use the database {masked_url(url)}: {exc}") from None
     if is_sqlite(url):
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+    if sqlite_path is not None:
+        sqlite_file.watch(engine, sqlite_path)  # a deleted file is reported, not silently split
     return engine
 
 

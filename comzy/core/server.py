@@ -20,6 +20,7 @@ from comzy.core import protocol as p
 from comzy.core.admin import AdminApp, AdminToken, load_admin_token
 from comzy.core.agent_api import AgentApi
 from comzy.core.agent_listener import AgentListener
+from comzy.core.datadir import prepare_data_dir
 from comzy.core.edge import EdgeApp
 from comzy.core.hooks import HookRunner, build_manager
 from comzy.core.hypercorn_compat import install as install_hypercorn_fixes
@@ -138,6 +139,8 @@ async def run_server(
     server = ServerContext(settings, HookRunner(pm), [name for name, _ in plugins])
     if settings.ssl_cert_path and not settings.ssl_key_path:
         raise ValueError("SSL_CERT_PATH is set but SSL_KEY_PATH is not; set both for TLS")
+    # Before any plugin writes there: the directory holds token hashes and client addresses.
+    prepare_data_dir(settings.data_dir)
     http_sock = _bind(settings.host, settings.http_port)
     admin_sock = _bind(settings.admin_host, settings.admin_port)
     ws_sock = _bind(settings.host, settings.ws_port)
