@@ -69,6 +69,20 @@ async def wait_until(condition: Callable[[], bool | Awaitable[bool]], timeout: f
             await anyio.sleep(interval)
 
 
+async def upgrade_status_line(port: int, host: str, target: str = "/ws") -> bytes:
+    """The status line a WebSocket upgrade for ``host`` gets from the listener on ``port``."""
+    stream = await anyio.connect_tcp("127.0.0.1", port)
+    async with stream:
+        await stream.send(f"GET {target} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+                          "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                          "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode())
+        head = b""
+        with anyio.fail_after(10):
+            while b"\r\n" not in head:
+                head += await stream.receive()
+    return head.split(b"\r\n", 1)[0]
+
+
 @asynccontextmanager
 async def serve_tcp(handler: Callable[[anyio.abc.SocketStream], Awaitable[None]]) -> AsyncIterator[int]:
     """Serve ``handler`` on a free loopback port; yields the port."""

@@ -24,7 +24,7 @@ import pytest
 
 from comzy.core.server import ServerContext
 from tests.conftest import RunningAgent, start_agent, start_server, visitor
-from tests.helpers import serve_tcp
+from tests.helpers import serve_tcp, upgrade_status_line
 from tests.upstream import Upstream, pattern_block
 
 pytestmark = pytest.mark.anyio
@@ -495,6 +495,9 @@ async def test_max_streams_per_tunnel_503_then_recovers(tmp_path: Path, upstream
                 busy = await client.get("/status/200")
                 assert busy.status_code == 503
                 assert busy.headers["retry-after"] == "1"
+                # A WebSocket visitor takes the same path through the limits.
+                status = await upgrade_status_line(server.ports.http, client.headers["host"], "/ws/mirror")
+                assert status.startswith(b"HTTP/1.1 503 ")
                 upstream.gate("a").set()
                 upstream.gate("b").set()
             assert held["a"].text == "released a\n"
