@@ -19,8 +19,8 @@ from comzy.core import db
 from comzy.core.datadir import prepare_data_dir
 from comzy.plugins.auth_token.store import create_user
 from tests.conftest import start_server
+from tests.helpers import wait_until
 from tests.test_plugin_auth_token import auth
-from tests.test_plugin_mysql_logging import wait_until
 
 pytestmark = pytest.mark.anyio
 

@@ -44,6 +44,7 @@ def test_public_url_template_and_tls_scheme(tmp_path: Path) -> None:
         ("COMZY_PUBLIC_URL", "https://example.com", "COMZY_PUBLIC_URL"),
         ("COMZY_RESERVED_ALIASES", "www,Bad_Name", "COMZY_RESERVED_ALIASES"),
         ("COMZY_STREAM_WINDOW", "10", "COMZY_STREAM_WINDOW"),
+        ("COMZY_ALLOW_PUNYCODE_ALIASES", "maybe", "COMZY_ALLOW_PUNYCODE_ALIASES"),
     ],
 )
 def test_bad_value_names_the_variable(monkeypatch: pytest.MonkeyPatch, env: str, value: str, named: str) -> None:
@@ -60,3 +61,9 @@ def test_every_setting_is_documented() -> None:
     for name, field in ServerSettings.model_fields.items():
         canonical = field.validation_alias.choices[0]  # type: ignore[union-attr]
         assert f"`{canonical}`" in doc, f"{canonical} ({name}) is missing from docs/configuration.md"
+
+
+def test_punycode_aliases_are_refused_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert ServerSettings(_env_file=None).allow_punycode_aliases is False
+    monkeypatch.setenv("COMZY_ALLOW_PUNYCODE_ALIASES", "true")
+    assert ServerSettings(_env_file=None).allow_punycode_aliases is True

@@ -294,7 +294,8 @@ class AuthToken:
         """The alias ``user`` gets: the one asked for, or the one kept for this port, or a new one."""
         wanted = registration.requested_alias
         if wanted:
-            problem = check_alias(wanted, server.settings.reserved)
+            problem = check_alias(wanted, server.settings.reserved,
+                                  allow_punycode=server.settings.allow_punycode_aliases)
             if problem:
                 raise Reject(problem)
         # Aliases the user owns already come from memory: no lock, no database, no waiting.
