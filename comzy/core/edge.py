@@ -61,11 +61,7 @@ class EdgeApp:
     # -- routing shared by HTTP and WebSocket --------------------------------------
     def _forward_request(self, scope: Scope, websocket: bool) -> tuple[ForwardRequest, Entry | None, str]:
         headers: list[tuple[bytes, bytes]] = scope["headers"]
-        target, authority = origin_form(scope.get("raw_path") or scope["path"].encode())
-        if authority is not None:
-            # Absolute-form (RFC 9112 3.2.2): the target's authority wins over Host, and the app
-            # sees a Host that agrees with it.
-            headers = [(n, v) for n, v in headers if n != b"host"] + [(b"host", authority)]
+        target = origin_form(scope.get("raw_path") or scope["path"].encode())
         host = host_of(headers)
         alias = self.hooks.resolve_host(host, self.server) if host else None
         entry = self.server.registry.get(alias) if alias else None

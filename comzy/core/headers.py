@@ -44,12 +44,7 @@ def strip_hop_by_hop(headers: Headers, extra: frozenset[bytes] = frozenset()) ->
 
 def host_of(headers: Headers) -> str:
     """The Host header's host, lowercase and without a port ('' if absent)."""
-    return authority_host(host_header(headers))
-
-
-def authority_host(authority: bytes) -> str:
-    """The host of an authority (``host[:port]``, or ``[v6]:port``), lowercase, without the port."""
-    host = authority.decode("latin-1").strip().lower()
+    host = host_header(headers).decode("latin-1").strip().lower()
     if host.startswith("["):  # IPv6 literal
         return host.split("]", 1)[0] + "]"
     return host.rsplit(":", 1)[0] if ":" in host else host
@@ -92,20 +87,20 @@ def announces_body(headers: Headers) -> bool | None:
     return None
 
 
-def origin_form(target: bytes) -> tuple[bytes, bytes | None]:
-    """``target`` in origin-form (``/path``), and the authority an absolute-form target named.
+def origin_form(target: bytes) -> bytes:
+    """``target`` in origin-form (``/path``): an absolute-form target (``GET http://host/path``,
+    which a server must accept, RFC 9112 3.2.2) loses its scheme and authority.
 
-    A server must accept ``GET http://host/path`` (RFC 9112 3.2.2) but the local app must see
-    the path only, as it would from any client talking to it directly.
+    The local app sees the path only, as from any client talking to it directly; the tunnel is
+    still chosen by the Host header, as uvicorn (which drops the authority itself) leaves no other.
     """
     if target[:1] == b"/" or target == b"*":
-        return target, None
+        return target
     scheme, sep, rest = target.partition(b"://")
     if not sep or not scheme.isalpha():
-        return target, None  # not absolute-form: passed on as sent, the app judges it
-    authority, slash, path = rest.partition(b"/")
-    authority = authority.rsplit(b"@", 1)[-1]  # userinfo is never forwarded (RFC 9110 4.2.4)
-    return b"/" + path if slash else b"/", authority
+        return target  # not absolute-form: passed on as sent, the app judges it
+    _, slash, path = rest.partition(b"/")
+    return b"/" + path if slash else b"/"
 
 
 def parse_networks(value: str) -> tuple[Network, ...]:
