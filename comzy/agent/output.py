@@ -8,6 +8,7 @@ import time
 from typing import Any, TextIO
 
 from comzy.agent.forward import Served
+from comzy.core.logs import printable
 
 _RESET = "\033[0m"
 _BOLD = "\033[1m"
@@ -53,11 +54,11 @@ class Printer:
     def connected(self, welcome: dict[str, Any], first: bool) -> None:
         """The tunnel is up: show the public URL prominently."""
         self._down = False
-        url = welcome.get("url", "?")
+        url = printable(str(welcome.get("url", "?")))
         if first:
             self.line(self._c(_DIM, f"comzy: forwarding {url} -> http://{self.target}"))
             self.line(self._c(_BOLD + _GREEN, f"Public URL: {url}"))
-            user = welcome.get("user")
+            user = printable(str(welcome["user"])) if welcome.get("user") else None
             self.line(self._c(_DIM, f"Logged in as {user}" if user else "Anonymous tunnel"))
             expires = welcome.get("expires_at")
             if expires:
@@ -74,12 +75,12 @@ class Printer:
         """The link dropped; say why and when we retry."""
         what = "Still down" if self._down else "Connection lost"
         self._down = True
-        self.line(self._c(_YELLOW, f"{what} ({reason}); reconnecting in {delay:.1f} s"))
+        self.line(self._c(_YELLOW, f"{what} ({printable(reason)}); reconnecting in {delay:.1f} s"))
 
     def notice(self, level: str, message: str) -> None:
         """A message from the server (expiry warnings, GOAWAY)."""
         colour = _YELLOW if level in ("warning", "warn") else _CYAN
-        self.line(self._c(colour, message))
+        self.line(self._c(colour, printable(message)))
 
     def served(self, served: Served) -> None:
         """One line per request: method, path, status, duration."""
@@ -94,9 +95,10 @@ class Printer:
             status_text = self._c(_GREEN, status)
         ms = served.duration * 1000
         duration = f"{ms:.0f} ms" if ms >= 10 else f"{ms:.1f} ms"
-        line = f"{served.method:<7} {served.target} {status_text} {duration}"
+        # The method and path are the visitor's: escaped, they cannot drive this terminal.
+        line = f"{printable(served.method):<7} {printable(served.target)} {status_text} {duration}"
         if served.error and served.status >= 500:
-            line += "  " + self._c(_DIM, served.error)
+            line += "  " + self._c(_DIM, printable(served.error))
         self.line(line)
 
 

@@ -6,15 +6,38 @@ import logging
 import sys
 import time
 
+#: Characters that could end a log line or drive a terminal: C0 and C1 controls, DEL, and the
+#: Unicode line and paragraph separators. Each becomes a visible escape.
+_UNPRINTABLE = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
+_UNPRINTABLE.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped (``\\x1b``, ``\\x0a``...): what a visitor or an
+    agent wrote (a path, an agent name) can then neither forge a log line nor send escape
+    sequences to a terminal."""
+    return text.translate(_UNPRINTABLE)
+
 
 class _UTCFormatter(logging.Formatter):
+    """One line per record: the message (which may quote what peers sent) is escaped; a traceback
+    that follows is the only thing allowed to span lines."""
+
     converter = time.gmtime
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return printable(super().formatMessage(record))
+
+
+def formatter() -> logging.Formatter:
+    """The formatter of every comzy log line: ``2026-01-02T03:04:05Z INFO comzy.edge message``."""
+    return _UTCFormatter("%(asctime)s %(levelname)s %(name)s %(message)s", "%Y-%m-%dT%H:%M:%SZ")
 
 
 def configure(level: str = "INFO") -> None:
     """Log ``2026-01-02T03:04:05Z INFO comzy.edge message`` lines to stderr."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_UTCFormatter("%(asctime)s %(levelname)s %(name)s %(message)s", "%Y-%m-%dT%H:%M:%SZ"))
+    handler.setFormatter(formatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

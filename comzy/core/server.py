@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 from collections import Counter
@@ -24,6 +25,7 @@ from comzy.core.datadir import prepare_data_dir
 from comzy.core.edge import EdgeApp
 from comzy.core.hooks import HookRunner, build_manager
 from comzy.core.hypercorn_compat import install as install_hypercorn_fixes
+from comzy.core.logs import RateLimitedLog
 from comzy.core.registry import Registry
 from comzy.core.settings import ServerSettings
 from comzy.core.types import Tunnel
@@ -169,6 +171,8 @@ async def run_server(
         tg.start_soon(_serve_until, EdgeApp(server), http_config, public_stop, public_done, settings.http_server)
         tg.start_soon(_serve_until, admin_app, admin_config, admin_stop, admin_done)
         tg.start_soon(_accept_agents, agent_listener, agents, tg)
+        loop = asyncio.get_running_loop()
+        previous_handler = _quiet_accept_errors(loop)
         try:
             yield server
         finally:
@@ -183,6 +187,7 @@ async def run_server(
                 # Last: plugins release resources only once no listener can use them.
                 await server.hooks.on_shutdown(server)
             tg.cancel_scope.cancel()
+            loop.set_exception_handler(previous_handler)
 
 
 async def _release(agent_listener: anyio.abc.Listener[Any], *configs: HypercornConfig) -> None:
@@ -192,16 +197,50 @@ async def _release(agent_listener: anyio.abc.Listener[Any], *configs: HypercornC
         socket.socket(fileno=int(config.bind[0].removeprefix("fd://"))).close()
 
 
+#: How long the agent listener waits before accepting again after accept() failed (EMFILE...).
+ACCEPT_RETRY_DELAY = 0.1
+
+
 async def _accept_agents(listener: anyio.abc.Listener[Any], agents: AgentListener,
                          tg: anyio.abc.TaskGroup) -> None:
     # Sessions live in the server's task group, so closing the listener at shutdown stops
     # new agents without cutting the ones that are draining.
+    report = RateLimitedLog(log, interval=10.0, level=logging.ERROR)
     while True:
         try:
             stream = await listener.accept()
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             return
+        except OSError as exc:
+            # Out of file descriptors (a flood of visitors can do it) or memory: the error passes
+            # when connections close. It must not end the server, nor log once per attempt.
+            report("agent listener: cannot accept a connection: %s; retrying (raise the open-file "
+                   "limit, `ulimit -n`, if this persists)", exc.strerror or exc)
+            await anyio.sleep(ACCEPT_RETRY_DELAY)
+            continue
         tg.start_soon(_serve_agent, agents, stream)
+
+
+def _quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> Any:
+    """Route asyncio's reports of failed accept() calls (the public and admin listeners) through a
+    rate limit: asyncio retries every second and would log each time, with a traceback. Returns
+    the handler it replaced."""
+    default = loop.get_exception_handler()
+    report = RateLimitedLog(log, interval=10.0, level=logging.ERROR)
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        message = str(context.get("message", ""))
+        if message.startswith("socket.accept() out of system resource"):
+            error = context.get("exception")
+            report("listener: cannot accept a connection: %s; retrying (raise the open-file limit, "
+                   "`ulimit -n`, if this persists)", getattr(error, "strerror", None) or error)
+        elif default is not None:
+            default(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handle)
+    return default
 
 
 async def _serve_agent(agents: AgentListener, stream: anyio.abc.SocketStream) -> None:
