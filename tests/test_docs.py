@@ -56,7 +56,7 @@ def hook_specs() -> dict[str, list[str]]:
 def test_the_hooks_are_the_designed_ones() -> None:
     assert set(hook_specs()) == {"on_startup", "on_shutdown", "on_register", "on_connect", "on_disconnect",
                                  "resolve_host",
-                                 "alias_owner", "before_forward", "after_response", "admin_routes",
+                                 "alias_owner", "alias_reserved", "before_forward", "after_response", "admin_routes",
                                  "agent_routes"}
 
 

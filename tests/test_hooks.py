@@ -503,6 +503,71 @@ async def test_hook_alias_owner_must_be_sync(tmp_path: Path) -> None:
             pytest.fail("an async alias_owner must be refused at start-up")
 
 
+# -- alias_reserved --------------------------------------------------------------------------------
+class Keeper:
+    """Keeps 'kept-name' for its owner, who is whoever ``owner`` says (nobody at first); records
+    every question."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+        self.owner: str | None = None
+
+    @hookimpl
+    def alias_reserved(self, alias: str, server: ServerContext) -> str | None:
+        assert isinstance(server, ServerContext)
+        self.asked.append(alias)
+        return "it serves the demo" if alias == "kept-name" else None
+
+    @hookimpl
+    def alias_owner(self, alias: str) -> str | None:
+        return self.owner if alias == "kept-name" else None
+
+
+class GrantKept:
+    """A login plugin in miniature that hands out 'kept-name' to the bearer of 'ana-token'."""
+
+    @hookimpl
+    def on_register(self, registration: Registration) -> None:
+        if registration.token == "ana-token":
+            registration.user = "ana"
+            registration.alias = "kept-name"
+
+
+async def test_hook_alias_reserved(tmp_path: Path, upstream: Upstream) -> None:
+    keeper = Keeper()
+    async with start_server(tmp_path, plugins=[("keeper", keeper), ("login", GrantKept())]) as server:
+        # Nobody owns it: refused to everyone, by every path, with the plugin's reason.
+        anonymous = await _register_and_expect_reject(server, subdomain="kept-name")
+        assert "'kept-name' is kept for the user who owns it (it serves the demo), and no user owns it" in str(
+            anonymous)
+        granted = await _register_and_expect_reject(server, token="ana-token")
+        assert "no user owns it" in str(granted)
+        resume = {"resume": {"alias": "kept-name", "secret": "s" * 24}}
+        async with start_agent(server, upstream.port, extra_hello=resume) as resumed:
+            assert resumed.alias != "kept-name"
+            assert resumed.alias in keeper.asked  # random candidates are checked too
+        # Owned: its owner gets it, everyone else is refused.
+        keeper.owner = "ana"
+        other = await _register_and_expect_reject(server, subdomain="kept-name")
+        assert "belongs to another user" in str(other)
+        async with start_agent(server, upstream.port, token="ana-token") as owner, owner.visitor() as client:
+            assert owner.alias == "kept-name"
+            assert (await client.get("/kept")).status_code == 200
+    assert [r["path"] for r in upstream.requests] == ["/kept"]
+
+
+class AsyncKeeper:
+    @hookimpl
+    async def alias_reserved(self, alias: str) -> str | None:
+        return None
+
+
+async def test_hook_alias_reserved_must_be_sync(tmp_path: Path) -> None:
+    with pytest.raises(PluginError, match=r"async.*alias_reserved"):
+        async with start_server(tmp_path, plugins=[("async-keeper", AsyncKeeper())]):
+            pytest.fail("an async alias_reserved must be refused at start-up")
+
+
 # -- before_forward -----------------------------------------------------------------------------
 class Gate:
     """Refuses /admin paths with 403, stamps a header on everything else."""

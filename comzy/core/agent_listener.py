@@ -150,6 +150,7 @@ class AgentListener:
             resume_secret=resume_secret,
         )
         try:
+            self._refuse_ownerless(registration)
             await server.hooks.on_register(registration, server)
             alias = self._choose_alias(registration, resume)
         except Reject as exc:
@@ -221,11 +222,7 @@ class AgentListener:
         """The alias to grant (registering it may replace the caller's live session). Raises Reject."""
         registry = self.server.registry
         reserved = self.settings.reserved
-        hooks, server = self.server.hooks, self.server
-
-        def owned_by_other(name: str) -> bool:
-            owner = hooks.alias_owner(name, server)
-            return owner is not None and owner != registration.user
+        user = registration.user
 
         def held_by_caller(name: str) -> bool:
             entry = registry.get(name)
@@ -233,31 +230,64 @@ class AgentListener:
                 return True
             if registry.holder_matches(name, registration.resume_secret):
                 return True
-            return registration.user is not None and entry.tunnel.user == registration.user
+            return user is not None and entry.tunnel.user == user
 
         if registration.alias:  # granted by a plugin (e.g. an owned alias)
             name = registration.alias
+            # The plugin's word stands, except on an alias kept for its owner: no plugin hands that out.
+            if self.server.hooks.alias_reserved(name, self.server) is not None:
+                problem = self._not_for(name, user)
+                if problem:
+                    raise Reject(problem)
             if not held_by_caller(name):
                 raise Reject(f"'{name}' is in use by another agent right now; try again later")
             return name
         if registration.requested_alias:
             name = registration.requested_alias
-            problem = check_alias(name, reserved)
+            problem = check_alias(name, reserved) or self._not_for(name, user)
             if problem:
                 raise Reject(problem)
-            if owned_by_other(name):
-                raise Reject(f"'{name}' belongs to another user; choose another --subdomain")
             if not held_by_caller(name):
                 raise Reject(f"'{name}' is in use by another agent; choose another --subdomain")
             return name
         if resume and isinstance(resume.get("alias"), str):
+            # The secret proves the caller held the alias; it never proves it may have it now.
             name = resume["alias"]
-            if check_alias(name, reserved) is None and held_by_caller(name) and not owned_by_other(name):
+            if check_alias(name, reserved) is None and held_by_caller(name) and self._not_for(name, user) is None:
                 return name
         while True:
             name = random_alias()
-            if registry.get(name) is None and not owned_by_other(name):
+            if registry.get(name) is None and self._not_for(name, user) is None:
                 return name
+
+    def _not_for(self, name: str, user: str | None) -> str | None:
+        """Why ``user`` (None: anonymous) may not take ``name`` because of who owns it, or None.
+
+        An owned alias is its owner's alone. An alias a plugin keeps for its owner
+        (``alias_reserved``, e.g. one a custom domain maps to) that nobody owns is nobody's:
+        whoever took it would serve what it is kept for.
+        """
+        owner = self.server.hooks.alias_owner(name, self.server)
+        if owner is not None:
+            return None if owner == user else f"'{name}' belongs to another user; choose another --subdomain"
+        why = self.server.hooks.alias_reserved(name, self.server)
+        if why is not None:
+            return (f"'{name}' is kept for the user who owns it ({why}), and no user owns it: no agent may "
+                    "take it; choose another --subdomain")
+        return None
+
+    def _refuse_ownerless(self, registration: Registration) -> None:
+        """Reject a requested alias that is kept for its owner while nobody owns it.
+
+        Runs before ``on_register``: a login plugin would otherwise claim the name for its user,
+        and the core would then take that user for its rightful owner.
+        """
+        name = registration.requested_alias
+        # The hooks are promised valid aliases; an invalid one is refused later, with its reason.
+        if name and check_alias(name, frozenset()) is None and self.server.hooks.alias_owner(name, self.server) is None:
+            problem = self._not_for(name, None)  # nobody owns it: only a reservation refuses it
+            if problem:
+                raise Reject(problem)
 
     async def _serve(self, entry: Entry) -> None:
         server = self.server

@@ -17,6 +17,8 @@ from comzy.core.types import Reject
 log = logging.getLogger("comzy.plugins")
 
 ENTRY_POINT_GROUP = "comzy"
+#: Hooks pluggy calls itself (first non-None answer wins): plain functions only, wrappers allowed.
+SYNC_FIRSTRESULT = ("resolve_host", "alias_owner", "alias_reserved")
 
 
 class PluginError(Exception):
@@ -47,6 +49,7 @@ class HookRunner:
         self.pm = pm
         self._resolve_host = pm.hook.resolve_host
         self._alias_owner = pm.hook.alias_owner
+        self._alias_reserved = pm.hook.alias_reserved
         #: Whether any plugin listens to after_response: the edge skips building exchanges
         #: otherwise. Plugins are fixed once the server runs, so this is read once.
         self.has_after_response = bool(pm.hook.after_response.get_hookimpls())
@@ -58,6 +61,14 @@ class HookRunner:
     def alias_owner(self, alias: str, server: Any) -> str | None:
         """The user who owns ``alias`` (sync, firstresult), or None."""
         return self._alias_owner(alias=alias, server=server)
+
+    def alias_reserved(self, alias: str, server: Any) -> str | None:
+        """Why ``alias`` is kept for its owner (sync, firstresult), or None."""
+        return self._alias_reserved(alias=alias, server=server)
+
+    def implementers(self, name: str) -> list[str]:
+        """The names of the plugins that implement hook ``name``, in calling order."""
+        return [impl.plugin_name for impl in reversed(getattr(self.pm.hook, name).get_hookimpls())]
 
     async def _call_in_order(self, name: str, kwargs: dict[str, Any]) -> list[Any]:
         results = []
@@ -180,14 +191,14 @@ def build_manager(base_domain: str, plugins: Iterable[tuple[str, object]]) -> pl
 
 def _check_calling_rules(pm: pluggy.PluginManager) -> None:
     """Refuse impls that pluggy would accept but Comzy cannot call as their author expects."""
-    for hook in ("resolve_host", "alias_owner"):
+    for hook in SYNC_FIRSTRESULT:
         for impl in getattr(pm.hook, hook).get_hookimpls():
             if inspect.iscoroutinefunction(impl.function) or inspect.isasyncgenfunction(impl.function):
                 # firstresult + a coroutine (never None) would answer every call with garbage.
                 raise PluginError(f"plugin {impl.plugin_name!r}: an async {hook} is not allowed; it must be a "
                                   "plain function (look the answer up in memory)")
     for name in sorted(n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), f"{hookspecs.PROJECT}_spec")):
-        if name in ("resolve_host", "alias_owner"):
+        if name in SYNC_FIRSTRESULT:
             continue  # pluggy itself calls these, wrappers included
         for impl in getattr(pm.hook, name).get_hookimpls():
             if impl.hookwrapper or impl.wrapper:

@@ -2,8 +2,8 @@
 
 Plugins implement these with ``@comzy.hookimpl``. An implementation may accept any subset
 of a hook's arguments. Async implementations are awaited one after another in pluggy's
-order (never gathered); ``resolve_host`` and ``alias_owner`` are the exceptions: they are
-firstresult and must be synchronous (``resolve_host`` runs on every request).
+order (never gathered); ``resolve_host``, ``alias_owner`` and ``alias_reserved`` are the
+exceptions: they are firstresult and must be synchronous (``resolve_host`` runs on every request).
 """
 
 from __future__ import annotations
@@ -46,6 +46,15 @@ def alias_owner(alias: str, server: ServerContext) -> str | None:
     """The user who owns ``alias``, or None when nobody does; stops at the first non-None
     result. The core then refuses the alias to everyone else (anonymous agents included),
     even while its owner is offline. Synchronous only: look owners up in memory."""
+
+
+@hookspec(firstresult=True)
+def alias_reserved(alias: str, server: ServerContext) -> str | None:
+    """Why ``alias`` may be taken only by the user who owns it (e.g. "it serves the custom
+    domain shop.example.com"), or None; stops at the first non-None result. The core refuses a
+    reserved alias to every registration whose ``user`` is not its owner (``alias_owner``), and
+    to everyone while nobody owns it, whether it was asked for, resumed, drawn at random or
+    granted by a plugin. Synchronous only: answer from memory."""
 
 
 @hookspec

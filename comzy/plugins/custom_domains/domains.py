@@ -53,7 +53,7 @@ def check_alias(alias: str) -> str:
 
 
 def parse_mappings(text: str, base_domain: str) -> dict[str, str]:
-    """``custom.example.com:client-abc123,another.com:site-xyz`` as ``{host: alias}``.
+    """``shop.example.com:ana-shop,docs.example.net:bob-docs`` as ``{host: alias}``.
 
     :class:`MappingError` names the first bad entry; empty entries are skipped.
     """
@@ -64,13 +64,31 @@ def parse_mappings(text: str, base_domain: str) -> dict[str, str]:
             continue
         host, sep, alias = entry.rpartition(":")
         if not sep or not host.strip() or not alias.strip():
-            raise MappingError(f"entry '{entry}' is not HOST:ALIAS (e.g. custom.example.com:client-abc123)")
+            raise MappingError(f"entry '{entry}' is not HOST:ALIAS (e.g. shop.example.com:ana-shop)")
         try:
             name = check_host(host, base_domain)
             mappings[name] = check_alias(alias)
         except MappingError as exc:
             raise MappingError(f"entry '{entry}': {exc}") from None
     return mappings
+
+
+# -- Ownership ---------------------------------------------------------------------------------
+#: Why a mapped alias must be owned, for messages: the reason behind every refusal below.
+WHY_OWNED = ("A custom domain is served only by the tunnel of the user who owns its alias, so that no "
+             "other agent can take the alias and serve the domain.")
+
+
+def claim_hint(alias: str) -> str:
+    """How a user comes to own ``alias``, as a sentence naming the commands that exist (auth_token's)."""
+    return (f"To claim {alias}: create the user with `comzy-server users create NAME` (the built-in auth_token "
+            f"plugin); they run `comzy login`, then `comzy PORT --subdomain {alias}` once (`comzy aliases` "
+            "lists the aliases they own).")
+
+
+def reservation(host: str) -> str:
+    """The ``alias_reserved`` answer for an alias that ``host`` maps to (agents see it when refused)."""
+    return f"it serves the custom domain {host}"
 
 
 # -- The custom_domains table ---------------------------------------------------------------

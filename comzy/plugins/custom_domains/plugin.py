@@ -10,7 +10,15 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from comzy import PluginError, hookimpl
 
-from .domains import MappingError, check_alias, check_host, load_mappings, parse_mappings
+from .domains import (
+    MappingError,
+    check_alias,
+    check_host,
+    claim_hint,
+    load_mappings,
+    parse_mappings,
+    reservation,
+)
 from .settings import MAPPINGS_VARIABLES, CustomDomainsSettings
 
 if TYPE_CHECKING:
@@ -27,11 +35,20 @@ class CustomDomains:
     The dict joins the environment's mappings (which win) and the database's; a background
     task re-reads the database every ``refresh_seconds``, so ``comzy-server domains add`` from
     another process takes effect without a restart. The request path never touches the database.
+
+    A mapped alias is kept for the user who owns it (``alias_reserved``): the core gives it to
+    nobody else, and to nobody at all while no user owns it. Such a mapping is unreachable (404)
+    rather than open to whichever agent asks first; a warning names it.
     """
 
     def __init__(self, settings: CustomDomainsSettings | None = None) -> None:
         self.settings = settings or CustomDomainsSettings()
         self.hosts: dict[str, str] = {}
+        #: Mapped alias -> the first of its hosts (``alias_reserved`` answers from it).
+        self.reserved: dict[str, str] = {}
+        #: (host, alias) mappings whose alias no user owns, as last checked (each warned about once).
+        self.ownerless: set[tuple[str, str]] = set()
+        self._server: ServerContext | None = None
         self._from_env: dict[str, str] = {}
         self._engine: AsyncEngine | None = None
         self._failing = False
@@ -41,13 +58,33 @@ class CustomDomains:
         self.refreshes = 0
 
     @hookimpl
-    def resolve_host(self, host: str) -> str | None:
-        """The alias mapped to ``host`` (lowercase, without port), or None."""
-        return self.hosts.get(host)
+    def resolve_host(self, host: str, server: ServerContext) -> str | None:
+        """The alias mapped to ``host`` (lowercase, without port), or None.
+
+        None, too, when the alias's live tunnel here is not its owner's (a visitor then gets 404):
+        whatever path a tunnel took to the alias, the domain reaches only its owner.
+        """
+        alias = self.hosts.get(host)
+        if alias is None:
+            return None
+        tunnel = server.tunnel(alias)
+        if tunnel is not None:
+            owner = server.hooks.alias_owner(alias, server)
+            if owner is None or tunnel.user != owner:
+                return None
+        return alias
 
     @hookimpl
+    def alias_reserved(self, alias: str) -> str | None:
+        """Why a mapped alias is kept for its owner ("it serves the custom domain HOST"), or None."""
+        host = self.reserved.get(alias)
+        return reservation(host) if host is not None else None
+
+    # Last: the plugins that know who owns each alias (alias_owner) have loaded it by then.
+    @hookimpl(trylast=True)
     async def on_startup(self, server: ServerContext) -> None:
-        """Check CUSTOM_DOMAINS, open the database, load every mapping, start the refresher."""
+        """Check CUSTOM_DOMAINS, open the database, load every mapping, warn about those whose alias
+        nobody owns, start the refresher."""
         from comzy.core.db import prepare_database  # SQLAlchemy loads only with the plugin
 
         try:
@@ -55,6 +92,7 @@ class CustomDomains:
         except MappingError as exc:
             raise PluginError(f"custom_domains: invalid {' (or '.join(reversed(MAPPINGS_VARIABLES))}): {exc}") from None
         self._engine = await prepare_database(server.settings)
+        self._server = server
         await self.refresh(server.settings.base_domain)
         log.info("custom domains: %d mapped (%d from CUSTOM_DOMAINS)", len(self.hosts), len(self._from_env))
         self._stop, self._stopped = anyio.CancelScope(), anyio.Event()
@@ -108,5 +146,32 @@ class CustomDomains:
                     self._skipped.add(host)
                     log.warning("custom domains: ignoring the stored mapping of %s: %s", host, exc)
         hosts.update(self._from_env)
+        reserved: dict[str, str] = {}
+        for host, alias in sorted(hosts.items()):
+            reserved.setdefault(alias, host)
+        # Swapped together, with no await in between: no registration sees a mapped alias unreserved.
+        self.reserved = reserved
         self.hosts = hosts  # one assignment: resolve_host never sees a half-built map
+        self._check_owners()
         self.refreshes += 1
+
+    def _check_owners(self) -> None:
+        """Warn once per mapping whose alias no user owns (and say when one is served again)."""
+        server = self._server
+        if server is None:
+            return
+        ownerless = {(host, alias) for host, alias in self.hosts.items()
+                     if server.hooks.alias_owner(alias, server) is None}
+        if ownerless - self.ownerless and not server.hooks.implementers("alias_owner"):
+            log.warning("custom domains: no enabled plugin knows who owns an alias (COMZY_PLUGINS=%s), so every "
+                        "custom domain is unreachable; enable one, e.g. the built-in auth_token",
+                        ",".join(server.plugin_names) or "none")
+        for host, alias in sorted(ownerless - self.ownerless):
+            log.warning("custom domains: %s -> %s is unreachable (404): no user owns the alias %s, and an alias "
+                        "a custom domain maps to is kept for its owner, so no agent may take it. Map %s to an "
+                        "alias a user owns, or remove the mapping, have the user claim %s and map it again. %s",
+                        host, alias, alias, host, alias, claim_hint(alias))
+        for host, alias in sorted(self.ownerless - ownerless):
+            if self.hosts.get(host) == alias:
+                log.info("custom domains: %s -> %s has an owner again: served by their tunnel", host, alias)
+        self.ownerless = ownerless

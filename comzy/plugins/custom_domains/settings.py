@@ -16,8 +16,9 @@ class CustomDomainsSettings(BaseSettings):
                                       populate_by_name=True)
 
     mappings: str = Field("", validation_alias=AliasChoices(*MAPPINGS_VARIABLES),
-                          description="Comma list of HOST:ALIAS, e.g. `custom.example.com:client-abc123,"
-                          "another.com:site-xyz` (the seed's `CUSTOM_DOMAINS` is read too). These win over "
-                          "the database's mappings for the same host.")
+                          description="Comma list of HOST:ALIAS, e.g. `shop.example.com:ana-shop,"
+                          "docs.example.net:bob-docs` (the seed's `CUSTOM_DOMAINS` is read too); each alias must "
+                          "be owned by a user, or its domain is unreachable. These win over the database's "
+                          "mappings for the same host.")
     refresh_seconds: float = Field(5.0, gt=0, description="Seconds between re-reads of the database's "
                                    "mappings (`comzy-server domains add` takes effect within this time).")
