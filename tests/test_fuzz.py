@@ -129,12 +129,14 @@ async def fuzz_raw(server: ServerContext, payload: bytes, send_eof: bool) -> Non
 # -- (b) after the WebSocket handshake ---------------------------------------------------------
 def garbage_after_hello(rng: random.Random) -> bytes | str:
     """A message that must end an established session with a protocol error."""
-    kind = rng.randrange(9)
+    kind = rng.randrange(10)
     if kind == 0:
         while True:
             message = random_bytes(rng)
             if is_protocol_error(message):
                 return message
+    if kind == 8:  # a PING bigger than its 8-byte clock (it used to be echoed, queued unread)
+        return p.encode(FT.PING, 0, random_bytes(rng, p.MAX_PING_PAYLOAD + 1, p.MAX_FRAME_PAYLOAD))
     if kind == 1:  # a valid frame, then a truncated one
         frame = p.encode(FT.PING, 0, random_bytes(rng, 0, 64))
         whole = hello(pad=random_bytes(rng, 1, 64))

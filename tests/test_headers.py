@@ -1,0 +1,97 @@
+"""Property tests of the edge's header rules (comzy/core/headers.py): whatever a visitor sends,
+the local app never gets a Host-less request, a visitor's forged client address, two body
+framings, or an absolute-form target."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from comzy.core.headers import (
+    FORWARDING,
+    HOP_BY_HOP,
+    PROTECTED,
+    add_forwarded,
+    announces_body,
+    framing_problem,
+    is_trusted,
+    origin_form,
+    parse_networks,
+    strip_hop_by_hop,
+)
+
+token = st.sampled_from([b"host", b"content-length", b"x-forwarded-for", b"x-real-ip", b"forwarded",
+                         b"connection", b"keep-alive", b"te", b"x-app", b"cookie", b"transfer-encoding",
+                         b"x-forwarded-proto", b"upgrade"])
+value = st.binary(min_size=0, max_size=20).filter(lambda v: b"\r" not in v and b"\n" not in v)
+headers = st.lists(st.tuples(token, value), max_size=12)
+connection_lists = st.lists(token, max_size=6).map(lambda names: b", ".join(names))
+
+
+@given(headers=headers, named=connection_lists)
+def test_connection_never_removes_what_the_tunnel_relies_on(headers: list[tuple[bytes, bytes]],
+                                                            named: bytes) -> None:
+    sent = [*headers, (b"connection", named)]
+    kept = strip_hop_by_hop(sent)
+    for name in PROTECTED:
+        assert [v for n, v in kept if n == name] == [v for n, v in sent if n == name]
+    assert not any(n in HOP_BY_HOP for n, _ in kept)
+    # Order and duplicates of what stays are those the visitor sent.
+    assert kept == [(n, v) for n, v in sent if (n, v) in kept]
+
+
+@given(headers=headers, client=st.sampled_from(["127.0.0.1", "203.0.113.5", "::1", ""]),
+       host=st.binary(max_size=10))
+def test_an_untrusted_visitor_cannot_claim_a_client_address(headers: list[tuple[bytes, bytes]], client: str,
+                                                            host: bytes) -> None:
+    out = add_forwarded(headers, client, "https", host, trusted=False)
+    assert [v for n, v in out if n == b"x-forwarded-for"] == ([client.encode()] if client else [])
+    assert not any(n in (b"x-real-ip", b"forwarded") for n, _ in out)
+    assert [v for n, v in out if n == b"x-forwarded-proto"] == [b"https"]
+    assert [v for n, v in out if n == b"x-forwarded-host"] == ([host] if host else [])
+    # Everything else the visitor sent goes through untouched, in order.
+    assert [h for h in out if h[0] not in FORWARDING] == [h for h in headers if h[0] not in FORWARDING]
+
+
+@given(headers=headers)
+def test_a_trusted_proxy_chain_is_extended(headers: list[tuple[bytes, bytes]]) -> None:
+    out = add_forwarded(headers, "10.0.0.2", "http", b"h", trusted=True)
+    prior = [v for n, v in headers if n == b"x-forwarded-for"]
+    assert [v for n, v in out if n == b"x-forwarded-for"] == [b", ".join([*prior, b"10.0.0.2"])]
+    assert [v for n, v in out if n == b"x-real-ip"] == [v for n, v in headers if n == b"x-real-ip"]
+
+
+@given(headers=headers)
+def test_two_body_framings_are_always_refused(headers: list[tuple[bytes, bytes]]) -> None:
+    names = {n for n, _ in headers}
+    refused = framing_problem(headers) is not None
+    assert refused == ({b"content-length", b"transfer-encoding"} <= names)
+    if not refused and b"transfer-encoding" in names:
+        assert announces_body(headers) is True
+    if not names & {b"content-length", b"transfer-encoding"}:
+        assert announces_body(headers) is None  # the ASGI messages decide (HTTP/2)
+
+
+path_chars = st.text(alphabet="abcxyz/%?=&.-_~0123456789", max_size=20).map(str.encode)
+
+
+@given(scheme=st.sampled_from([b"http", b"https", b"ws", b"HTTP"]),
+       authority=st.text(alphabet="abc.:@0123456789[]", min_size=1, max_size=20).map(str.encode),
+       path=path_chars)
+def test_an_absolute_form_target_always_becomes_origin_form(scheme: bytes, authority: bytes, path: bytes) -> None:
+    target = origin_form(scheme + b"://" + authority + (b"/" + path if path else b""))
+    assert target.startswith(b"/")
+    assert authority not in target or authority in path
+
+
+@given(path=path_chars)
+def test_origin_form_targets_pass_untouched(path: bytes) -> None:
+    assert origin_form(b"/" + path) == b"/" + path
+
+
+def test_trust_follows_the_networks() -> None:
+    networks = parse_networks("127.0.0.1/32, 10.0.0.0/8, fd00::/8")
+    assert is_trusted("127.0.0.1", networks) and is_trusted("10.9.8.7", networks) and is_trusted("fd00::1", networks)
+    assert not is_trusted("127.0.0.2", networks) and not is_trusted("203.0.113.1", networks)
+    assert not is_trusted("not-an-ip", networks) and not is_trusted("", networks)
+    assert not is_trusted("127.0.0.1", ())  # none by default
