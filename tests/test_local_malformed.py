@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import anyio
 import anyio.abc
@@ -17,9 +18,11 @@ import pytest
 
 from comzy.core.logs import RateLimitedLog
 from comzy.core.server import ServerContext
-from tests.conftest import start_agent
-from tests.helpers import serve_tcp
+from comzy.plugins.metrics import Metrics
+from tests.conftest import admin_client, start_agent, start_server
+from tests.helpers import serve_tcp, wait_until
 from tests.test_http_fidelity import raw_exchanges
+from tests.test_plugin_metrics import samples
 
 pytestmark = pytest.mark.anyio
 
@@ -127,3 +130,23 @@ def test_rate_limited_log_reports_the_first_then_a_count_per_interval(
         "bad thing from peer (and 2 more like it in the 140 s before, not logged)",
     ]
     assert all(record.levelno == logging.WARNING for record in caplog.records)
+
+
+async def test_malformed_local_responses_count_as_5xx_in_metrics(tmp_path: Path) -> None:
+    answer, _ = MALFORMED["two Content-Lengths"]
+    app = MalformedApp(answer, bad=3)
+    values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    by_class = "comzy_requests_total"
+    async with start_server(tmp_path / "data", plugins=[("metrics", Metrics())]) as server, \
+            serve_tcp(app.handle) as port, start_agent(server, port) as running, running.visitor() as client:
+        statuses = [(await client.get(f"/{i}")).status_code for i in range(4)]
+        assert statuses == [502, 502, 502, 200]
+        async with admin_client(server) as admin:
+
+            async def counted() -> bool:  # after_response runs once each exchange has ended
+                values.update(samples((await admin.get("/metrics")).text))
+                return values.get((by_class, (("status_class", "2xx"),)), 0) >= 1
+
+            await wait_until(counted)
+    assert values[(by_class, (("status_class", "5xx"),))] == 3
+    assert values[(by_class, (("status_class", "2xx"),))] == 1

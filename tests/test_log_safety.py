@@ -145,3 +145,21 @@ async def test_asyncio_accept_errors_of_the_public_listener_are_rate_limited(
     assert loop.get_exception_handler() is before  # the server put the previous handler back
     records = [r for r in caplog.records if "accept" in r.getMessage()]
     assert len(records) == 1 and "Too many open files" in records[0].getMessage()
+
+
+@pytest.mark.anyio
+async def test_bad_agent_handshakes_are_logged_once_per_interval(tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="comzy.agents")
+    async with start_server(tmp_path / "data") as server:
+        for _ in range(20):
+            async with await anyio.connect_tcp("127.0.0.1", server.ports.ws) as stream:
+                await stream.send(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n")  # no key
+                with anyio.fail_after(5):
+                    try:
+                        while await stream.receive():
+                            pass
+                    except (anyio.EndOfStream, anyio.BrokenResourceError):
+                        pass
+    lines = [r.getMessage() for r in caplog.records if "bad handshake" in r.getMessage()]
+    assert len(lines) == 1, lines

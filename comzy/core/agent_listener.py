@@ -14,6 +14,7 @@ from comzy import __version__
 from comzy.core import protocol as p
 from comzy.core.agent_api import AgentApi
 from comzy.core.aliases import check_alias, random_alias
+from comzy.core.logs import RateLimitedLog
 from comzy.core.registry import Entry, hash_secret
 from comzy.core.session import Heartbeats, Session
 from comzy.core.types import Registration, Reject, Tunnel
@@ -41,6 +42,8 @@ class AgentListener:
         self._sweeping = False
         #: Answers plain HTTP requests (the account API); set by the server once plugins started.
         self.api = AgentApi(server, [])
+        # Scanners and broken clients cost a connection each, and must not cost a log line each.
+        self._bad_handshake = RateLimitedLog(log, interval=10.0, level=logging.INFO)
 
     async def handle(self, stream: anyio.abc.SocketStream) -> None:
         """Serve one agent connection from handshake to disconnect."""
@@ -81,11 +84,11 @@ class AgentListener:
                     ws, _ = await accept(stream, head, rest, MAX_LINK_MESSAGE)
                     hello = await self._read_hello(ws)
         except TimeoutError:
-            log.info("agent %s: handshake timed out after %ss", client, self.settings.handshake_timeout)
+            self._bad_handshake("agent %s: handshake timed out after %ss", client, self.settings.handshake_timeout)
             await stream.aclose()
             return None
         except (WebSocketError, p.ProtocolError, anyio.BrokenResourceError, OSError) as exc:
-            log.info("agent %s: bad handshake: %s", client, exc)
+            self._bad_handshake("agent %s: bad handshake: %s", client, exc)
             await stream.aclose()
             return None
         if plain:
@@ -154,7 +157,10 @@ class AgentListener:
             await server.hooks.on_register(registration, server)
             alias = self._choose_alias(registration, resume)
         except Reject as exc:
-            log.info("agent %s refused: %s", client, exc.reason)
+            # 429: a plugin throttles this client and logs that once per window; a line per
+            # attempt would let the client flood the log.
+            if exc.status != 429:
+                log.info("agent %s refused: %s", client, exc.reason)
             await self._reject(ws, "rejected", exc.reason)
             return None
         except Exception:
