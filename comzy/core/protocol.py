@@ -27,7 +27,8 @@ HEADER_SIZE = HEADER.size
 MAX_DATA_FRAME = 64 * 1024
 #: Largest payload of any frame; control frames (request heads) may be bigger than DATA.
 MAX_FRAME_PAYLOAD = 1024 * 1024
-#: Largest PING/PONG payload: the sender's clock, 8 bytes (a bigger one is a protocol error).
+#: Largest PING/PONG payload (Comzy sends 8 random bytes); a bigger one is a protocol error, so a
+#: peer cannot make us echo megabytes.
 MAX_PING_PAYLOAD = 8
 #: Initial per-stream receive window (bytes of DATA a sender may have in flight).
 DEFAULT_WINDOW = 256 * 1024
