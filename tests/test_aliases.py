@@ -14,7 +14,9 @@ from comzy.agent.client import Agent, AgentConfig, Rejected
 from comzy.agent.forward import LocalForwarder
 from comzy.core import aliases
 from comzy.core.server import ServerContext
+from comzy.plugins.auth_token.store import claim_alias, create_user, hash_token
 from tests.conftest import RecordingReporter, start_agent, start_server, visitor
+from tests.test_plugin_auth_token import auth
 from tests.upstream import Upstream, serve_upstream
 
 pytestmark = pytest.mark.anyio
@@ -284,3 +286,87 @@ async def test_wrong_resume_secret_with_subdomain_is_refused(server: ServerConte
         assert not holder.reporter.reconnects
         async with holder.visitor() as client:
             assert (await client.get("/holder")).status_code == 200
+
+
+# -- punycode (IDNA) names -----------------------------------------------------------------
+#: Shown by browsers as apple with a Cyrillic a (U+0430): a look-alike of apple.<base-domain>.
+LOOKALIKE = "xn--pple-43d"
+
+
+@pytest.mark.parametrize("name", [LOOKALIKE, "xn--80ak6aa92e", "xn--abc", "ab--cd"])
+def test_names_reserved_for_idna_are_refused_unless_allowed(name: str) -> None:
+    problem = aliases.check_alias(name, frozenset())
+    assert problem is not None and name in problem
+    assert "COMZY_ALLOW_PUNYCODE_ALIASES" in problem
+    assert aliases.check_alias(name, frozenset(), allow_punycode=True) is None
+    # Reserved stays reserved, allowed or not.
+    assert "reserved" in str(aliases.check_alias(name, frozenset({name}), allow_punycode=True))
+
+
+@pytest.mark.parametrize("name", ["xn", "x-n", "my-app", "a-b--c", "client-xn--abcd"])
+def test_other_hyphenated_names_stay_valid(name: str) -> None:
+    assert aliases.check_alias(name, frozenset()) is None
+
+
+def test_refusal_shows_what_a_browser_would_show() -> None:
+    problem = str(aliases.check_alias(LOOKALIKE, frozenset()))
+    assert "punycode" in problem
+    assert "\u0430pple" in problem  # the Cyrillic look-alike, so the person sees why
+
+
+async def test_agent_asking_for_a_punycode_alias_is_refused(server: ServerContext, upstream: Upstream) -> None:
+    error = await refused(server, upstream.port, subdomain=LOOKALIKE)
+    assert "punycode" in str(error)
+    assert LOOKALIKE in str(error)
+    assert server.tunnel(LOOKALIKE) is None
+
+
+async def test_punycode_alias_is_granted_when_the_operator_allows_it(tmp_path: Path, upstream: Upstream) -> None:
+    async with start_server(tmp_path / "data", allow_punycode_aliases=True) as server, \
+            start_agent(server, upstream.port, subdomain=LOOKALIKE) as running:
+        assert running.alias == LOOKALIKE
+        await get_ok(server, LOOKALIKE, "/idn")
+
+
+async def test_resume_never_grants_a_punycode_alias(server: ServerContext, upstream: Upstream) -> None:
+    # An agent that claims (with any secret) to have held the alias gets a random one instead.
+    async with anyio.create_task_group() as tg:
+        agent = BackgroundAgent([ws_url(server)], upstream.port)
+        agent.agent.alias = LOOKALIKE
+        agent.agent.resume_secret = "z" * 32
+        tg.start_soon(agent.run)
+        welcome = await agent.reporter.wait_welcomes(1)
+        assert RANDOM_ALIAS.fullmatch(welcome["alias"])
+        await agent.stop()
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+async def test_logged_in_user_claims_a_punycode_alias_only_when_allowed(
+        tmp_path: Path, upstream: Upstream, allowed: bool) -> None:
+    plugin = auth(refresh_seconds=3600)
+    async with start_server(tmp_path / "data", plugins=[("auth_token", plugin)],
+                            allow_punycode_aliases=allowed) as server:
+        token = await create_user(plugin.engine, "ana")
+        if not allowed:
+            error = await refused(server, upstream.port, subdomain=LOOKALIKE, token=token)
+            assert "punycode" in str(error)
+            assert LOOKALIKE not in plugin.aliases  # nothing claimed
+            return
+        async with start_agent(server, upstream.port, subdomain=LOOKALIKE, token=token) as running:
+            assert running.alias == LOOKALIKE
+            assert plugin.aliases[LOOKALIKE].user_id == plugin.users_by_hash[hash_token(token)].id
+
+
+async def test_punycode_alias_owned_from_before_is_not_granted(tmp_path: Path, upstream: Upstream) -> None:
+    # Claimed while the server allowed it (or before the rule): the plugin grants it for this
+    # port, and the core refuses it all the same, so turning the setting off takes effect at once.
+    plugin = auth(refresh_seconds=3600)
+    async with start_server(tmp_path / "data", plugins=[("auth_token", plugin)]) as server:
+        token = await create_user(plugin.engine, "ana")
+        await plugin.refresh(server)
+        await claim_alias(plugin.engine, plugin.users_by_hash[hash_token(token)].id, LOOKALIKE, upstream.port)
+        await plugin.refresh(server)
+        assert LOOKALIKE in plugin.aliases
+        error = await refused(server, upstream.port, token=token)
+        assert "punycode" in str(error)
+        assert server.tunnel(LOOKALIKE) is None

@@ -13,7 +13,7 @@ import anyio.abc
 from comzy import __version__
 from comzy.core import protocol as p
 from comzy.core.agent_api import AgentApi
-from comzy.core.aliases import check_alias, random_alias
+from comzy.core.aliases import check_alias, is_idna_reserved, random_alias
 from comzy.core.logs import RateLimitedLog
 from comzy.core.registry import Entry, hash_secret
 from comzy.core.session import Heartbeats, Session
@@ -228,6 +228,7 @@ class AgentListener:
         """The alias to grant (registering it may replace the caller's live session). Raises Reject."""
         registry = self.server.registry
         reserved = self.settings.reserved
+        allow_punycode = self.settings.allow_punycode_aliases
         user = registration.user
 
         def held_by_caller(name: str) -> bool:
@@ -240,6 +241,10 @@ class AgentListener:
 
         if registration.alias:  # granted by a plugin (e.g. an owned alias)
             name = registration.alias
+            # Any name a plugin grants, but no look-alike the operator has not allowed (an xn-- alias
+            # a user owned before that rule, say).
+            if not allow_punycode and is_idna_reserved(name):
+                raise Reject(str(check_alias(name, frozenset())))
             # The plugin's word stands, except on an alias kept for its owner: no plugin hands that out.
             if self.server.hooks.alias_reserved(name, self.server) is not None:
                 problem = self._not_for(name, user)
@@ -250,7 +255,7 @@ class AgentListener:
             return name
         if registration.requested_alias:
             name = registration.requested_alias
-            problem = check_alias(name, reserved) or self._not_for(name, user)
+            problem = check_alias(name, reserved, allow_punycode=allow_punycode) or self._not_for(name, user)
             if problem:
                 raise Reject(problem)
             if not held_by_caller(name):
@@ -259,7 +264,8 @@ class AgentListener:
         if resume and isinstance(resume.get("alias"), str):
             # The secret proves the caller held the alias; it never proves it may have it now.
             name = resume["alias"]
-            if check_alias(name, reserved) is None and held_by_caller(name) and self._not_for(name, user) is None:
+            if (check_alias(name, reserved, allow_punycode=allow_punycode) is None and held_by_caller(name)
+                    and self._not_for(name, user) is None):
                 return name
         while True:
             name = random_alias()
@@ -290,7 +296,9 @@ class AgentListener:
         """
         name = registration.requested_alias
         # The hooks are promised valid aliases; an invalid one is refused later, with its reason.
-        if name and check_alias(name, frozenset()) is None and self.server.hooks.alias_owner(name, self.server) is None:
+        allow_punycode = self.settings.allow_punycode_aliases
+        if (name and check_alias(name, frozenset(), allow_punycode=allow_punycode) is None
+                and self.server.hooks.alias_owner(name, self.server) is None):
             problem = self._not_for(name, None)  # nobody owns it: only a reservation refuses it
             if problem:
                 raise Reject(problem)
