@@ -15,7 +15,9 @@ from comzy.agent.forward import LocalForwarder
 from comzy.core import aliases
 from comzy.core.server import ServerContext
 from comzy.plugins.auth_token.store import claim_alias, create_user, hash_token
-from tests.conftest import RecordingReporter, start_agent, start_server, visitor
+from comzy.plugins.custom_domains import domains
+from comzy.plugins.custom_domains.cli import run_domains_command
+from tests.conftest import RecordingReporter, make_settings, start_agent, start_server, visitor
 from tests.test_plugin_auth_token import auth
 from tests.upstream import Upstream, serve_upstream
 
@@ -370,3 +372,17 @@ async def test_punycode_alias_owned_from_before_is_not_granted(tmp_path: Path, u
         error = await refused(server, upstream.port, token=token)
         assert "punycode" in str(error)
         assert server.tunnel(LOOKALIKE) is None
+
+
+def test_custom_domains_refuse_punycode_aliases_unless_allowed(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    entry = f"shop.example.com:{LOOKALIKE}"
+    for refused_here in (lambda: domains.check_alias(LOOKALIKE), lambda: domains.parse_mappings(entry, "localhost")):
+        with pytest.raises(domains.MappingError, match="punycode"):
+            refused_here()
+    assert domains.check_alias(LOOKALIKE, allow_punycode=True) == LOOKALIKE
+    assert domains.parse_mappings(entry, "localhost", allow_punycode=True) == {"shop.example.com": LOOKALIKE}
+    # `comzy-server domains add` says why before it touches the database.
+    assert run_domains_command(make_settings(tmp_path / "data"), "add", "shop.example.com", LOOKALIKE) == 2
+    assert "punycode" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()

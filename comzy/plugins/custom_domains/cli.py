@@ -93,7 +93,7 @@ async def _domains(settings: ServerSettings, action: str, host: str | None, alia
         if host is not None:
             host = check_host(host, base)
         if alias is not None:
-            alias = check_alias(alias)
+            alias = check_alias(alias, allow_punycode=settings.allow_punycode_aliases)
     except MappingError as exc:
         return _fail(str(exc))
     engine = await prepare_database(settings)  # the embedded SQLite default upgrades itself
@@ -127,7 +127,8 @@ async def _domains(settings: ServerSettings, action: str, host: str | None, alia
         elif action == "list":
             stored = await load_mappings(engine)
             try:
-                from_env = parse_mappings(CustomDomainsSettings().mappings, base)
+                from_env = parse_mappings(CustomDomainsSettings().mappings, base,
+                                          allow_punycode=settings.allow_punycode_aliases)
             except MappingError as exc:
                 print(f"comzy-server: invalid CUSTOM_DOMAINS in the environment: {exc}", file=sys.stderr)
                 from_env = {}

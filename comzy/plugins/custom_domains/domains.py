@@ -7,7 +7,7 @@ import re
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from comzy.core.aliases import ALIAS_RE
+from comzy.core.aliases import ALIAS_RE, is_idna_reserved
 from comzy.core.models import CustomDomain
 
 # One DNS label: letters, digits and '-', 1-63 characters, no '-' at either end (after lowercasing).
@@ -43,16 +43,21 @@ def check_host(host: str, base_domain: str) -> str:
     return name
 
 
-def check_alias(alias: str) -> str:
-    """``alias`` normalised (lowercase); :class:`MappingError` when it is not a valid alias."""
+def check_alias(alias: str, *, allow_punycode: bool = False) -> str:
+    """``alias`` normalised (lowercase); :class:`MappingError` when it is not a valid alias, or is an
+    xn-- (punycode) name that COMZY_ALLOW_PUNYCODE_ALIASES does not allow (no agent could take it)."""
     name = alias.strip().lower()
     if not ALIAS_RE.fullmatch(name):
         raise MappingError(f"'{alias}' is not a valid alias: use 1-63 lowercase letters, digits and '-', "
                            "not starting or ending with '-'")
+    if not allow_punycode and is_idna_reserved(name):
+        raise MappingError(f"'{name}' is a punycode name (it has '--' in the third and fourth places), which this "
+                           "server refuses as an alias unless COMZY_ALLOW_PUNYCODE_ALIASES=true: no tunnel could "
+                           "serve it")
     return name
 
 
-def parse_mappings(text: str, base_domain: str) -> dict[str, str]:
+def parse_mappings(text: str, base_domain: str, *, allow_punycode: bool = False) -> dict[str, str]:
     """``shop.example.com:ana-shop,docs.example.net:bob-docs`` as ``{host: alias}``.
 
     :class:`MappingError` names the first bad entry; empty entries are skipped.
@@ -67,7 +72,7 @@ def parse_mappings(text: str, base_domain: str) -> dict[str, str]:
             raise MappingError(f"entry '{entry}' is not HOST:ALIAS (e.g. shop.example.com:ana-shop)")
         try:
             name = check_host(host, base_domain)
-            mappings[name] = check_alias(alias)
+            mappings[name] = check_alias(alias, allow_punycode=allow_punycode)
         except MappingError as exc:
             raise MappingError(f"entry '{entry}': {exc}") from None
     return mappings

@@ -88,7 +88,8 @@ class CustomDomains:
         from comzy.core.db import prepare_database  # SQLAlchemy loads only with the plugin
 
         try:
-            self._from_env = parse_mappings(self.settings.mappings, server.settings.base_domain)
+            self._from_env = parse_mappings(self.settings.mappings, server.settings.base_domain,
+                                            allow_punycode=server.settings.allow_punycode_aliases)
         except MappingError as exc:
             raise PluginError(f"custom_domains: invalid {' (or '.join(reversed(MAPPINGS_VARIABLES))}): {exc}") from None
         self._engine = await prepare_database(server.settings)
@@ -138,9 +139,10 @@ class CustomDomains:
             log.info("custom domains: the database is readable again")
             self._failing = False
         hosts: dict[str, str] = {}
+        allow_punycode = self._server is not None and self._server.settings.allow_punycode_aliases
         for host, alias in stored.items():
             try:
-                hosts[check_host(host, base_domain)] = check_alias(alias)
+                hosts[check_host(host, base_domain)] = check_alias(alias, allow_punycode=allow_punycode)
             except MappingError as exc:  # e.g. written before COMZY_BASE_DOMAIN changed
                 if host not in self._skipped:
                     self._skipped.add(host)
