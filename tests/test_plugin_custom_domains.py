@@ -268,6 +268,21 @@ async def test_a_mapped_alias_serves_its_domain_only_through_its_owner(
             assert len(unreachable_warnings(caplog)) == 1  # refreshes do not repeat it
 
 
+async def test_a_random_alias_for_a_user_is_never_a_mapped_one(
+        tmp_path: Path, upstream: Upstream, monkeypatch: pytest.MonkeyPatch) -> None:
+    """auth_token picks a random alias for a logged-in user's new port: a name a custom domain maps
+    to (unowned) must be skipped, however unlikely the draw."""
+    from comzy.plugins.auth_token import plugin as auth_plugin
+
+    draws = iter([UNOWNED, "client-second00001"])
+    monkeypatch.setattr(auth_plugin, "random_alias", lambda: next(draws))
+    token = await owned_aliases(tmp_path / "data", "bob")
+    async with start_server(tmp_path / "data", plugins=with_owners(plugin(f"orphan.example.com:{UNOWNED}"))) \
+            as server, start_agent(server, upstream.port, token=token) as agent:
+        assert agent.alias == "client-second00001"
+        assert await status_of(server, "orphan.example.com", "/x") == 404
+
+
 async def test_a_domain_never_reaches_a_tunnel_its_alias_owner_does_not_hold(
         tmp_path: Path, upstream: Upstream, caplog: pytest.LogCaptureFixture) -> None:
     """An anonymous agent holds an alias when a stored mapping to it appears (a row the CLI did not

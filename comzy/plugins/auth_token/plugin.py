@@ -358,7 +358,9 @@ class AuthToken:
     def _fresh_alias(self, server: ServerContext) -> str:
         while True:
             name = random_alias()
-            if name not in self.aliases and server.tunnel(name) is None:
+            # A name some plugin keeps for its owner (a custom domain's alias) is never handed out.
+            if (name not in self.aliases and server.tunnel(name) is None
+                    and server.hooks.alias_reserved(name, server) is None):
                 return name
 
     async def release(self, user: UserRecord, alias: str) -> bool:
