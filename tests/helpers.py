@@ -52,9 +52,8 @@ async def receive_until_closed(ws: WebSocket) -> tuple[Closed, list[p.Frame]]:
             frames.extend(p.decode_message(message))
 
 
-async def wait_until(condition: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0,
-                     interval: float = 0.01) -> None:
-    """Poll ``condition`` (sync or async) until it is true; fail after ``timeout`` seconds.
+async def wait_until(condition: Callable[[], object], timeout: float = 20.0, interval: float = 0.01) -> None:
+    """Poll ``condition`` (sync or async) until it is truthy; fail after ``timeout`` seconds.
 
     For state another task or process changes with no event to wait on (a map swapped by a
     refresher, a queue's size, a row in a database).

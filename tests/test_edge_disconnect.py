@@ -7,13 +7,13 @@ before the response is complete, that task resets the stream, which ends the exc
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 
 import anyio
 import pytest
 
 from comzy.core.stream import Stream
 from tests.conftest import RunningAgent
+from tests.helpers import wait_until
 from tests.upstream import Upstream
 
 pytestmark = pytest.mark.anyio
@@ -24,13 +24,6 @@ def server_streams(tunnel: RunningAgent) -> dict[int, Stream]:
     entry = tunnel.server.registry.get(tunnel.alias)
     assert entry is not None
     return entry.session.streams
-
-
-async def wait_until(condition: Callable[[], object], timeout: float = 5.0) -> None:
-    """Poll ``condition`` until it is true; fail after ``timeout`` seconds."""
-    with anyio.fail_after(timeout):
-        while not condition():  # noqa: ASYNC110 (state changed by other tasks, no event to wait on)
-            await anyio.sleep(0.01)
 
 
 async def test_visitor_gone_before_the_head(tunnel: RunningAgent, upstream: Upstream) -> None:

@@ -35,10 +35,9 @@ from comzy.plugins.auth_token import AuthToken, AuthTokenSettings
 from comzy.plugins.auth_token.store import create_user, hash_token, revoke_user, rotate_token
 from comzy.plugins.auth_token.throttle import FailureThrottle, Throttled, UnknownTokens
 from tests.conftest import PYTHON, ROOT, RecordingReporter, cli_env, start_agent, start_server
-from tests.helpers import scratch_database, serve_tcp
+from tests.helpers import scratch_database, serve_tcp, wait_until
 from tests.private_mariadb import PrivateMariaDB
 from tests.test_hooks import _register_and_expect_reject
-from tests.test_plugin_mysql_logging import wait_until
 from tests.upstream import Upstream
 
 pytestmark = pytest.mark.anyio

@@ -30,7 +30,7 @@ from comzy.plugins.custom_domains.domains import (
     parse_mappings,
 )
 from tests.conftest import PYTHON, ROOT, cli_env, make_settings, start_agent, start_server
-from tests.helpers import scratch_database
+from tests.helpers import scratch_database, wait_until
 from tests.test_hooks import _register_and_expect_reject
 from tests.upstream import Upstream, serve_upstream
 
@@ -98,13 +98,6 @@ async def status_of(server: ServerContext, host: str, path: str = "/") -> int:
 
 def header_values(info: dict[str, Any], name: str) -> list[str]:
     return [v for n, v in info["headers"] if n.lower() == name]
-
-
-async def wait_until(condition: Any, timeout: float = 10.0) -> None:
-    """Poll ``condition()`` until it is true (the refresher runs every 50 ms in these tests)."""
-    with anyio.fail_after(timeout):
-        while not condition():  # noqa: ASYNC110 (the map is swapped by another task, no event to wait on)
-            await anyio.sleep(0.02)
 
 
 async def assert_reaches(server: ServerContext, host: str, alias: str) -> None:

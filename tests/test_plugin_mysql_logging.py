@@ -7,7 +7,7 @@ import inspect
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from comzy.core.models import ApiRequest
 from comzy.plugins.mysql_logging import MysqlLogging, MysqlLoggingSettings
 from comzy.plugins.mysql_logging.plugin import QueuedRequest, logged_path, to_row
 from tests.conftest import ROOT, make_settings, start_agent, start_server
-from tests.helpers import scratch_database
+from tests.helpers import scratch_database, wait_until
 from tests.private_mariadb import PrivateMariaDB
 from tests.upstream import Upstream
 
@@ -50,18 +50,6 @@ def plugin(**settings: Any) -> MysqlLogging:
     values: dict[str, Any] = {"flush_seconds": 0.05, "retry_seconds": 0.05, "retry_max_seconds": 0.2}
     values.update(settings)
     return MysqlLogging(MysqlLoggingSettings(_env_file=None, **values))
-
-
-async def wait_until(condition: Callable[[], bool | Awaitable[bool]], timeout: float = 20.0) -> None:
-    """Poll ``condition`` (sync or async) until it is true; fail after ``timeout`` seconds."""
-    with anyio.fail_after(timeout):
-        while True:
-            result = condition()
-            if inspect.isawaitable(result):
-                result = await result
-            if result:
-                return
-            await anyio.sleep(0.05)
 
 
 class Table:
