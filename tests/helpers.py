@@ -68,11 +68,12 @@ async def wait_until(condition: Callable[[], object], timeout: float = 20.0, int
             await anyio.sleep(interval)
 
 
-async def upgrade_status_line(port: int, host: str, target: str = "/ws") -> bytes:
-    """The status line a WebSocket upgrade for ``host`` gets from the listener on ``port``."""
+async def upgrade_status_line(port: int, host: str, target: str = "/ws", extra: str = "") -> bytes:
+    """The status line a WebSocket upgrade for ``host`` (with ``extra`` header lines, each ending
+    in CRLF) gets from the listener on ``port``."""
     stream = await anyio.connect_tcp("127.0.0.1", port)
     async with stream:
-        await stream.send(f"GET {target} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+        await stream.send(f"GET {target} HTTP/1.1\r\nHost: {host}\r\n{extra}Upgrade: websocket\r\n"
                           "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
                           "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode())
         head = b""

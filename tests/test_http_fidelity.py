@@ -473,6 +473,10 @@ async def test_request_head_too_large_431(tmp_path: Path, upstream: Upstream) ->
             start_agent(server, upstream.port) as running, running.visitor() as client:
         big = await client.get("/big", headers={"x-big": "a" * 6000})
         small = await client.get("/small", headers={"x-big": "b" * 2000})
+        # A WebSocket upgrade takes the same path through the limits.
+        upgrade = await upgrade_status_line(server.ports.http, client.headers["host"], "/ws/mirror",
+                                            f"X-Big: {'c' * 6000}\r\n")
+    assert upgrade.startswith(b"HTTP/1.1 431 ")
     assert big.status_code == 431
     assert "4096" in big.text
     assert header_values(echo(small), "x-big") == ["b" * 2000]

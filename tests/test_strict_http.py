@@ -14,6 +14,7 @@ import pytest
 
 from comzy.core.server import ServerContext
 from tests.conftest import RunningAgent, start_agent, start_server
+from tests.helpers import wait_until
 from tests.test_http_fidelity import echo, header_values
 from tests.upstream import Upstream
 
@@ -134,6 +135,43 @@ async def test_http2_get_has_no_body(h2_tunnel: RunningAgent) -> None:
     assert response.http_version == "HTTP/2"
     assert info["body_size"] == 0
     assert header_values(info, "content-length") == [] and header_values(info, "transfer-encoding") == []
+
+
+async def test_http2_bodies_held_back_cannot_overrun_the_stream_limit(tmp_path: Path, upstream: Upstream) -> None:
+    """An HTTP/2 request whose first DATA comes late used to pass the limits before its body came,
+    and open its stream after: a thousand of them made a thousand streams (limit 256)."""
+    if HTTP_SERVER != "hypercorn":
+        pytest.skip("HTTP/2 is served by hypercorn only (uvicorn speaks HTTP/1.1)")
+    release_body = anyio.Event()
+    results: dict[str, httpx.Response] = {}
+
+    async def late_body() -> AsyncIterator[bytes]:
+        await release_body.wait()
+        yield b"late"
+
+    async with start_server(tmp_path / "data", max_streams_per_tunnel=2) as server, \
+            start_agent(server, upstream.port) as running, h2_client(running) as h2, running.visitor() as h1:
+
+        async def hold(name: str) -> None:
+            results[name] = await h1.get(f"/hold/{name}")
+
+        async def late_post() -> None:
+            results["late"] = await h2.post("/late", content=late_body())
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(hold, "a")
+                await upstream.gate("a-arrived").wait()
+                tg.start_soon(late_post)  # one stream open: it would pass the limit now...
+                await anyio.sleep(0.2)  # (an observation window: its HEADERS reach the edge)
+                tg.start_soon(hold, "b")
+                await upstream.gate("b-arrived").wait()
+                release_body.set()  # ... but its body comes once the tunnel is full
+                await wait_until(lambda: "late" in results)
+                upstream.gate("a").set()
+                upstream.gate("b").set()
+    assert results["late"].status_code == 503, results["late"].text
+    assert [r["path"] for r in upstream.requests if r["type"] == "http"] == ["/hold/a", "/hold/b"]
 
 
 SPOOFED = {"x-forwarded-for": "203.0.113.7", "x-real-ip": "203.0.113.8", "forwarded": "for=203.0.113.9"}

@@ -39,6 +39,9 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 #: Body bytes already buffered are handed to the server in one piece up to this size.
 COALESCE_BODY = 512 * 1024
+#: How long an HTTP/2 request without Content-Length may keep its first body message before its
+#: head goes to the agent anyway (its body then follows chunked).
+FIRST_MESSAGE_WAIT = 1.0
 
 
 class EdgeApp:
@@ -97,10 +100,9 @@ class EdgeApp:
         if entry is None:
             await _simple(send, 404, _not_active(host, scope), "text/html; charset=utf-8")
             return
-        head_size = len(request.target) + sum(len(n) + len(v) + 4 for n, v in scope["headers"])
-        if head_size > self.settings.max_request_head:
-            await _simple(send, 431, f"Request head of {head_size} bytes exceeds the limit of "
-                          f"{self.settings.max_request_head}.\n")
+        too_large = self._head_too_large(scope, request)
+        if too_large is not None:
+            await _simple(send, 431, too_large)
             return
         tunnel, session = entry.tunnel, entry.session
         try:
@@ -112,10 +114,6 @@ class EdgeApp:
             log.exception("before_forward failed for %s; answering 500", tunnel.alias)
             await _simple(send, 500, "A server plugin failed while handling this request.\n")
             return
-        busy = self._busy(session, tunnel)
-        if busy is not None:
-            await _simple(send, 503, busy, headers=[(b"retry-after", b"1")])
-            return
         http_version = scope.get("http_version", "1.1")
         has_body = announces_body(scope["headers"])
         first: dict[str, Any] | None = None
@@ -125,14 +123,25 @@ class EdgeApp:
             else:
                 # HTTP/2 and 3 need not announce a body: whether one follows comes from the ASGI
                 # messages. The first one is read before the head goes out, so a body that came
-                # whole gets its Content-Length, and one still streaming is forwarded chunked.
-                first = await receive()
-                if first["type"] != "http.request":
-                    return  # the visitor left before sending anything
-                body = first.get("body", b"")
-                has_body = bool(body) or first.get("more_body", False)
-                if body and not first.get("more_body", False):
-                    request.headers.append((b"content-length", str(len(body)).encode()))
+                # whole gets its Content-Length; one still streaming (or not started within a
+                # moment) is forwarded chunked.
+                try:
+                    first = await asyncio.wait_for(receive(), FIRST_MESSAGE_WAIT)
+                except TimeoutError:
+                    has_body = True
+                else:
+                    if first["type"] != "http.request":
+                        return  # the visitor left before sending anything
+                    body = first.get("body", b"")
+                    has_body = bool(body) or first.get("more_body", False)
+                    if body and not first.get("more_body", False):
+                        request.headers.append((b"content-length", str(len(body)).encode()))
+        # From the limits to the REQUEST frame nothing awaits: no other request can slip in
+        # between and overrun them.
+        busy = self._busy(session, tunnel)
+        if busy is not None:
+            await _simple(send, 503, busy, headers=[(b"retry-after", b"1")])
+            return
         try:
             stream = session.open_stream()
         except SessionClosed:
@@ -151,6 +160,13 @@ class EdgeApp:
             await self._proxy_http(stream, receive, send, state, first)
         finally:
             await self._finish(stream, request, tunnel, state, started)
+
+    def _head_too_large(self, scope: Scope, request: ForwardRequest) -> str | None:
+        """Why a request head is refused with 431 (None: it fits COMZY_MAX_REQUEST_HEAD)."""
+        head_size = len(request.target) + sum(len(n) + len(v) + 4 for n, v in scope["headers"])
+        if head_size > self.settings.max_request_head:
+            return f"Request head of {head_size} bytes exceeds the limit of {self.settings.max_request_head}.\n"
+        return None
 
     def _busy(self, session: Session, tunnel: Tunnel) -> str | None:
         """Why a new stream on ``session`` is refused with 503 (None: it may open).
@@ -276,6 +292,10 @@ class EdgeApp:
         request, entry, host = self._forward_request(scope, websocket=True)
         if entry is None:
             await _deny(scope, send, 404, _not_active(host, scope))
+            return
+        too_large = self._head_too_large(scope, request)
+        if too_large is not None:
+            await _deny(scope, send, 431, too_large)
             return
         tunnel, session = entry.tunnel, entry.session
         try:
