@@ -17,6 +17,7 @@ from comzy.core.headers import (
     is_trusted,
     origin_form,
     parse_networks,
+    real_client,
     strip_hop_by_hop,
 )
 
@@ -59,6 +60,10 @@ def test_a_trusted_proxy_chain_is_extended(headers: list[tuple[bytes, bytes]]) -
     prior = [v for n, v in headers if n == b"x-forwarded-for"]
     assert [v for n, v in out if n == b"x-forwarded-for"] == [b", ".join([*prior, b"10.0.0.2"])]
     assert [v for n, v in out if n == b"x-real-ip"] == [v for n, v in headers if n == b"x-real-ip"]
+    # The proxy's view of scheme and host (it terminated TLS) wins over the edge's.
+    for name, ours in ((b"x-forwarded-proto", b"http"), (b"x-forwarded-host", b"h")):
+        theirs = [v for n, v in headers if n == name]
+        assert [v for n, v in out if n == name] == (theirs or [ours])
 
 
 @given(headers=headers)
@@ -95,3 +100,25 @@ def test_trust_follows_the_networks() -> None:
     assert not is_trusted("127.0.0.2", networks) and not is_trusted("203.0.113.1", networks)
     assert not is_trusted("not-an-ip", networks) and not is_trusted("", networks)
     assert not is_trusted("127.0.0.1", ())  # none by default
+
+
+def test_the_real_client_is_the_nearest_untrusted_hop() -> None:
+    proxies = parse_networks("127.0.0.1/32, 10.0.0.0/8")
+    xff = [(b"x-forwarded-for", b"6.6.6.6, 203.0.113.7"), (b"x-forwarded-for", b"10.1.1.1")]
+    assert real_client(xff, "127.0.0.1", proxies) == "203.0.113.7"  # 10.1.1.1 is another proxy
+    assert real_client(xff, "198.51.100.1", proxies) == "198.51.100.1"  # an untrusted peer: itself
+    assert real_client([(b"x-real-ip", b"203.0.113.8")], "127.0.0.1", proxies) == "203.0.113.8"
+    assert real_client([], "127.0.0.1", proxies) == "127.0.0.1"
+    # A value that is no address ends the walk at the last hop that was one.
+    assert real_client([(b"x-forwarded-for", b"evil\n, 10.2.2.2")], "127.0.0.1", proxies) == "10.2.2.2"
+
+
+@given(chain=st.lists(st.sampled_from(["10.0.0.1", "10.9.9.9", "203.0.113.1", "198.51.100.2", "bogus"]),
+                      max_size=5))
+def test_the_real_client_is_never_a_forged_left_hop(chain: list[str]) -> None:
+    proxies = parse_networks("10.0.0.0/8")
+    got = real_client([(b"x-forwarded-for", ", ".join(chain).encode())] if chain else [], "10.0.0.5", proxies)
+    hops = ["10.0.0.5", *reversed(chain)]
+    # The answer is a hop reached by walking left through trusted proxies only.
+    index = hops.index(got)
+    assert all(hop.startswith("10.") for hop in hops[:index])

@@ -27,9 +27,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from comzy.agent.client import Agent, AgentConfig
 from comzy.agent.forward import LocalForwarder
 from comzy.core import db
+from comzy.core import protocol as p
 from comzy.core.hooks import builtin_names, load_plugins
 from comzy.core.models import User, utc_now
 from comzy.core.server import ServerContext
+from comzy.core.websocket import connect
 from comzy.plugins.anonymous_timeout import AnonymousTimeout, AnonymousTimeoutSettings
 from comzy.plugins.auth_token import AuthToken, AuthTokenSettings
 from comzy.plugins.auth_token.store import create_user, hash_token, revoke_user, rotate_token
@@ -289,6 +291,38 @@ def account_api(server: ServerContext, token: str, source: str = "127.0.0.1") ->
                              transport=httpx.AsyncHTTPTransport(local_address=source))
 
 
+async def throttled_hello(server: ServerContext, token: str) -> dict[str, Any]:
+    """The REJECT a HELLO with ``token`` gets; it must be the retryable "throttled" kind."""
+    ws = await connect(f"ws://127.0.0.1:{server.ports.ws}/", 4 * 1024 * 1024)
+    try:
+        await ws.send(p.encode(p.FrameType.HELLO, 0, {"v": p.PROTOCOL_VERSION, "agent": "t/1", "port": 1,
+                                                      "token": token}))
+        message = await ws.receive()
+    finally:
+        await ws.aclose()
+    assert isinstance(message, bytes)
+    [frame] = p.decode_message(message)
+    assert frame.type == p.FrameType.REJECT and frame.payload["code"] == "throttled", frame
+    return dict(frame.payload)
+
+
+async def agent_waits_when_throttled(server: ServerContext, token: str) -> None:
+    """A stock agent refused as throttled reports it and waits to retry, without exiting."""
+    reporter = RecordingReporter()
+    forwarder = LocalForwarder("127.0.0.1", 9)
+    agent = Agent(AgentConfig(servers=[f"ws://127.0.0.1:{server.ports.ws}"], port=9, token=token), forwarder,
+                  reporter)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(agent.run)  # raising Rejected here would fail the test
+            await wait_until(lambda: reporter.reconnects, 10)
+            tg.cancel_scope.cancel()
+    finally:
+        await forwarder.aclose()
+    assert "too many failed token checks" in reporter.reconnects[0]
+    assert reporter.welcomes == []
+
+
 async def test_token_guessing_is_throttled_per_address_and_logged_once(
         tmp_path: Path, upstream: Upstream, caplog: pytest.LogCaptureFixture) -> None:
     plugin = auth(refresh_seconds=3600)  # the default: 5 failures a minute
@@ -309,9 +343,13 @@ async def test_token_guessing_is_throttled_per_address_and_logged_once(
                 assert 1 <= int(refused.headers["retry-after"]) <= 60
                 assert "too many failed token checks" in refused.json()["error"]
             assert len(lookups) == 5
-            # The agent link shares the allowance: the HELLO is refused with when to retry.
-            hello = await _register_and_expect_reject(server, token=token)
-            assert "too many failed token checks" in str(hello) and "try again in" in str(hello)
+            # The agent link shares the allowance: the HELLO is refused with when to retry...
+            refusal = await throttled_hello(server, token)
+            assert "too many failed token checks" in refusal["reason"] and "try again in" in refusal["reason"]
+            assert 1 <= refusal["retry_after"] <= 60
+            # ... and the stock agent waits that long and tries again, rather than giving up for
+            # good (behind a proxy or NAT the address may be throttled for someone else's guesses).
+            await agent_waits_when_throttled(server, token)
             # Another address is not held back by this one.
             async with account_api(server, token, source="127.0.0.2") as api:
                 assert (await api.get("/api/v1/me")).json()["user"] == "ana"
@@ -321,14 +359,48 @@ async def test_token_guessing_is_throttled_per_address_and_logged_once(
     assert not any(secret in caplog.text for secret in [token, *guesses])
 
 
+async def test_behind_a_trusted_proxy_guessing_throttles_the_guesser_not_everyone(tmp_path: Path) -> None:
+    """Behind nginx every agent comes from 127.0.0.1: the throttle must key on the address the
+    proxy reports, or one guesser would lock every agent out."""
+    plugin = auth(refresh_seconds=3600, max_failures_per_minute=2)
+    async with auth_server(tmp_path, plugin, {"trusted_proxies": "127.0.0.1/32"}) as server:
+        token = await create_user(plugin.engine, "ana")
+
+        async def me(credential: str, via: str) -> httpx.Response:
+            async with account_api(server, credential) as api:
+                return await api.get("/api/v1/me", headers={"x-forwarded-for": via})
+
+        for n in range(2):
+            assert (await me(f"czy_guess-{n}", "198.51.100.1")).status_code == 401
+        assert (await me("czy_guess-2", "198.51.100.1")).status_code == 429
+        # Ana, behind the same proxy, is not held back; the guesser's own address is.
+        assert (await me(token, "198.51.100.2")).json()["user"] == "ana"
+        assert (await me(token, "198.51.100.1")).status_code == 429
+        # The same on the agent link: the upgrade's X-Forwarded-For names the agent.
+        ws = await connect(f"ws://127.0.0.1:{server.ports.ws}/", 4 * 1024 * 1024,
+                           headers=[(b"x-forwarded-for", b"203.0.113.9, 198.51.100.2")])
+        try:
+            await ws.send(p.encode(p.FrameType.HELLO, 0, {"v": p.PROTOCOL_VERSION, "agent": "t/1", "port": 9,
+                                                          "token": token}))
+            message = await ws.receive()
+            assert isinstance(message, bytes)
+            [welcome] = p.decode_message(message)
+            assert welcome.type == p.FrameType.WELCOME, welcome
+            tunnel = server.tunnel(welcome.payload["alias"])
+            # The nearest untrusted hop: what a client wrote further left is not believed.
+            assert tunnel is not None and tunnel.client_address == "198.51.100.2"
+        finally:
+            await ws.aclose()
+
+
 async def test_a_guess_on_the_agent_link_counts_and_many_at_once_gain_nothing(tmp_path: Path) -> None:
     plugin = auth(refresh_seconds=3600, max_failures_per_minute=3)
     async with auth_server(tmp_path, plugin, {}) as server:
         for n in range(3):
             refused = await _register_and_expect_reject(server, token=f"czy_hello-guess-{n}")
             assert "not accepted" in str(refused)
-        throttled = await _register_and_expect_reject(server, token="czy_hello-guess-3")
-        assert "too many failed token checks" in str(throttled)
+        throttled = await throttled_hello(server, "czy_hello-guess-3")
+        assert "too many failed token checks" in throttled["reason"]
     # Checks started together (each waiting for the database) are counted before they finish.
     plugin = auth(refresh_seconds=3600, max_failures_per_minute=3)
     async with auth_server(tmp_path, plugin, {}) as server:

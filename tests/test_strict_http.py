@@ -12,6 +12,7 @@ import anyio
 import httpx
 import pytest
 
+from comzy import ForwardRequest, hookimpl
 from comzy.core.server import ServerContext
 from tests.conftest import RunningAgent, start_agent, start_server
 from tests.helpers import wait_until
@@ -174,24 +175,44 @@ async def test_http2_bodies_held_back_cannot_overrun_the_stream_limit(tmp_path: 
     assert [r["path"] for r in upstream.requests if r["type"] == "http"] == ["/hold/a", "/hold/b"]
 
 
-SPOOFED = {"x-forwarded-for": "203.0.113.7", "x-real-ip": "203.0.113.8", "forwarded": "for=203.0.113.9"}
+SPOOFED = {"x-forwarded-for": "203.0.113.7", "x-real-ip": "203.0.113.8", "forwarded": "for=203.0.113.9",
+           "x-forwarded-proto": "https", "x-forwarded-host": "proxy.example", "x-forwarded-port": "443",
+           "x-forwarded-prefix": "/app", "x-forwarded-ssl": "on"}
 
 
 async def test_forwarding_headers_from_a_visitor_are_dropped(tunnel: RunningAgent) -> None:
     async with tunnel.visitor() as client:
         info = echo(await client.get("/spoof", headers=SPOOFED))
     assert header_values(info, "x-forwarded-for") == ["127.0.0.1"]
-    assert header_values(info, "x-real-ip") == []
-    assert header_values(info, "forwarded") == []
+    assert header_values(info, "x-forwarded-proto") == ["http"]
+    assert header_values(info, "x-forwarded-host") == [host_of(tunnel)]
+    for name in ("x-real-ip", "forwarded", "x-forwarded-port", "x-forwarded-prefix", "x-forwarded-ssl"):
+        assert header_values(info, name) == [], name
+
+
+class ClientSeen:
+    """A plugin recording the client address plugins are given for each request."""
+
+    def __init__(self) -> None:
+        self.clients: list[str] = []
+
+    @hookimpl
+    def before_forward(self, request: ForwardRequest) -> None:
+        self.clients.append(request.client)
 
 
 async def test_forwarding_headers_from_a_trusted_proxy_are_kept(tmp_path: Path, upstream: Upstream) -> None:
-    async with start_server(tmp_path / "data", trusted_proxies="10.0.0.0/8, 127.0.0.1/32") as server, \
-            start_agent(server, upstream.port) as running, running.visitor() as client:
+    seen = ClientSeen()
+    async with start_server(tmp_path / "data", [("seen", seen)], trusted_proxies="10.0.0.0/8, 127.0.0.1/32") \
+            as server, start_agent(server, upstream.port) as running, running.visitor() as client:
         info = echo(await client.get("/proxied", headers=SPOOFED))
+    # Plugins (request logs, throttles, the dashboard) see the client the proxy names.
+    assert seen.clients == ["203.0.113.7"]
     assert header_values(info, "x-forwarded-for") == ["203.0.113.7, 127.0.0.1"]
-    assert header_values(info, "x-real-ip") == ["203.0.113.8"]
-    assert header_values(info, "forwarded") == ["for=203.0.113.9"]
+    # A TLS-terminating proxy said https: the app must not be told http.
+    for name, sent in SPOOFED.items():
+        if name != "x-forwarded-for":
+            assert header_values(info, name) == [sent], name
 
 
 def test_trusted_proxies_setting_names_a_bad_entry(tmp_path: Path) -> None:

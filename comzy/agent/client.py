@@ -23,6 +23,8 @@ log = logging.getLogger("comzy.agent")
 MAX_LINK_MESSAGE = 2 * 1024 * 1024
 BACKOFF_START = 0.5
 BACKOFF_MAX = 30.0
+#: The longest a throttled agent waits before it tries again, whatever the server says.
+THROTTLED_MAX = 300.0
 
 
 class AgentError(Exception):
@@ -30,11 +32,12 @@ class AgentError(Exception):
 
 
 class Rejected(AgentError):
-    """The server refused the registration."""
+    """The server refused the registration (``retry_after``: seconds after which it may accept)."""
 
-    def __init__(self, code: str, reason: str) -> None:
+    def __init__(self, code: str, reason: str, retry_after: float | None = None) -> None:
         super().__init__(reason)
         self.code = code
+        self.retry_after = retry_after
 
 
 class Unreachable(AgentError):
@@ -115,7 +118,9 @@ class Agent:
         frames = list(p.decode_message(message))
         frame = frames[0]
         if frame.type == p.FrameType.REJECT:
-            raise Rejected(str(frame.payload.get("code", "rejected")), str(frame.payload.get("reason", "refused")))
+            retry_after = frame.payload.get("retry_after")
+            raise Rejected(str(frame.payload.get("code", "rejected")), str(frame.payload.get("reason", "refused")),
+                           float(retry_after) if isinstance(retry_after, (int, float)) else None)
         if frame.type != p.FrameType.WELCOME:
             raise AgentError(f"unexpected {frame.type.name} from the server during the handshake")
         return dict(frame.payload)
@@ -139,8 +144,15 @@ class Agent:
                 if first:
                     raise
                 reason = str(exc)
-            except Rejected:
-                raise
+            except Rejected as exc:
+                if exc.code != "throttled":
+                    raise
+                # The server throttles our address (a proxy or NAT may share it with someone who
+                # guesses tokens): not a verdict on us, so wait as long as it says and try again.
+                wait = min(max(exc.retry_after or BACKOFF_MAX, BACKOFF_START), THROTTLED_MAX) + random.uniform(0, 1)
+                self.reporter.reconnecting(str(exc), wait)
+                await anyio.sleep(wait)
+                continue
             except (WebSocketError, p.ProtocolError, TimeoutError, OSError) as exc:
                 if first:
                     raise Unreachable(f"the server did not complete the handshake: {exc}") from exc

@@ -9,11 +9,13 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
+import h11
 
 from comzy import __version__
 from comzy.core import protocol as p
 from comzy.core.agent_api import AgentApi
 from comzy.core.aliases import check_alias, is_idna_reserved, random_alias
+from comzy.core.headers import is_trusted, real_client
 from comzy.core.logs import RateLimitedLog
 from comzy.core.registry import Entry, hash_secret
 from comzy.core.session import Heartbeats, Session
@@ -79,6 +81,9 @@ class AgentListener:
         try:
             with anyio.fail_after(self.settings.handshake_timeout):
                 head, rest = await read_head(stream)
+                if is_trusted(client, self.settings.trusted_networks):
+                    # Behind a trusted proxy: throttles and logs must see the agent, not the proxy.
+                    client = real_client(_head_headers(head), client, self.settings.trusted_networks)
                 plain = not asks_for_upgrade(head)
                 if not plain:
                     ws, _ = await accept(stream, head, rest, MAX_LINK_MESSAGE)
@@ -123,12 +128,15 @@ class AgentListener:
             return None
         return hello
 
-    async def _reject(self, ws: WebSocket, code: str, reason: str) -> None:
+    async def _reject(self, ws: WebSocket, code: str, reason: str, retry_after: int | None = None) -> None:
         # By code too (protocol, version, rejected by a plugin, internal): the metrics plugin's labels.
         self.server.count("registrations_refused")
         self.server.count(f"registrations_refused:{code}")
+        refusal: dict[str, Any] = {"code": code, "reason": reason}
+        if retry_after is not None:
+            refusal["retry_after"] = retry_after
         try:
-            await ws.send(p.encode(p.FrameType.REJECT, 0, {"code": code, "reason": reason}))
+            await ws.send(p.encode(p.FrameType.REJECT, 0, refusal))
             await ws.close(1008, "registration refused")
         except WebSocketError:
             await ws.aclose()
@@ -161,7 +169,11 @@ class AgentListener:
             # attempt would let the client flood the log.
             if exc.status != 429:
                 log.info("agent %s refused: %s", client, exc.reason)
-            await self._reject(ws, "rejected", exc.reason)
+                await self._reject(ws, "rejected", exc.reason)
+            else:
+                # "throttled": the agent waits and tries again instead of giving up for good
+                # (behind a proxy or NAT, its address may be throttled for someone else's guesses).
+                await self._reject(ws, "throttled", exc.reason, _retry_after(exc.headers))
             return None
         except Exception:
             log.exception("agent %s: registration failed in a plugin", client)
@@ -316,3 +328,22 @@ class AgentListener:
             reason = "replaced by a new session"
         await server.hooks.on_disconnect(tunnel, reason, server)
         log.info("tunnel %s closed after %.0fs: %s", tunnel.alias, time.monotonic() - started, reason)
+
+
+def _retry_after(headers: list[tuple[bytes, bytes]]) -> int:
+    """Seconds from a Retry-After header among ``headers`` (60 when absent or not a number)."""
+    for name, value in headers:
+        if name.lower() == b"retry-after" and value.strip().isdigit():
+            return int(value)
+    return 60
+
+
+def _head_headers(head: bytes) -> list[tuple[bytes, bytes]]:
+    """The headers of a request head (without its blank line), parsed by h11; none if malformed."""
+    conn = h11.Connection(h11.SERVER)
+    try:
+        conn.receive_data(head + b"\r\n\r\n")
+        event = conn.next_event()
+    except h11.RemoteProtocolError:
+        return []
+    return list(event.headers) if isinstance(event, h11.Request) else []

@@ -21,6 +21,7 @@ from comzy.core.headers import (
     host_of,
     is_trusted,
     origin_form,
+    real_client,
     strip_hop_by_hop,
 )
 from comzy.core.registry import Entry
@@ -76,6 +77,8 @@ class EdgeApp:
         forwarded = strip_hop_by_hop(headers, WS_HANDSHAKE if websocket else frozenset())
         trusted = is_trusted(client_ip, self.settings.trusted_networks)
         forwarded = add_forwarded(forwarded, client_ip, scheme, host_header(headers), trusted)
+        if trusted:  # behind a trusted proxy: plugins, logs and the agent see the real client
+            client_ip = real_client(headers, client_ip, self.settings.trusted_networks)
         request = ForwardRequest(
             alias=alias or "",
             method=scope.get("method", "GET"),

@@ -27,8 +27,12 @@ WS_HANDSHAKE = frozenset(
 #: (``Connection: host`` would otherwise reach the local app without a Host, and
 #: ``Connection: content-length`` would unframe a body).
 PROTECTED = frozenset({b"host", b"content-length"})
-#: What a visitor may claim about the client or the original request; kept only from a trusted proxy.
-FORWARDING = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip", b"forwarded"})
+#: What a visitor may claim about the client or the original request (frameworks such as
+#: Werkzeug's ProxyFix or Rails honour each); kept only from a trusted proxy.
+FORWARDING = frozenset({
+    b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port", b"x-forwarded-prefix",
+    b"x-forwarded-ssl", b"x-forwarded-scheme", b"x-forwarded-server", b"x-real-ip", b"forwarded",
+})
 
 
 def strip_hop_by_hop(headers: Headers, extra: frozenset[bytes] = frozenset()) -> Headers:
@@ -125,21 +129,54 @@ def is_trusted(client_ip: str, networks: Sequence[Network]) -> bool:
     return any(address in network for network in networks)
 
 
+def real_client(headers: Headers, peer_ip: str, networks: Sequence[Network]) -> str:
+    """The client's address: the TCP peer, unless the peer is a trusted proxy, in which case the
+    nearest address in its X-Forwarded-For chain (read from the right) that is not itself a trusted
+    proxy, or its X-Real-IP when it sent no chain.
+
+    What a client wrote at the left of the chain counts only where a trusted hop vouches for it;
+    a value that is not an IP address ends the walk at the last hop that was one.
+    """
+    if not is_trusted(peer_ip, networks):
+        return peer_ip
+    chain = [part.strip() for name, value in headers if name.lower() == b"x-forwarded-for"
+             for part in value.decode("latin-1").split(",")]
+    if not chain:
+        chain = [value.decode("latin-1").strip() for name, value in headers if name.lower() == b"x-real-ip"][-1:]
+    nearest = peer_ip
+    for entry in reversed(chain):
+        try:
+            address = ipaddress.ip_address(entry)
+        except ValueError:
+            return nearest
+        nearest = str(address)
+        if not any(address in network for network in networks):
+            return nearest
+    return nearest
+
+
 def add_forwarded(headers: Headers, client_ip: str, scheme: str, host: bytes, trusted: bool) -> Headers:
     """``headers`` with the edge's X-Forwarded-For/-Proto/-Host.
 
-    A visitor's own X-Forwarded-*, X-Real-IP and Forwarded are dropped: anyone can write them, and
-    an app that trusts the tunnel would take them as the client's address. From a trusted proxy
-    (COMZY_TRUSTED_PROXIES) its X-Forwarded-For chain is extended, and its X-Real-IP and Forwarded
-    are kept.
+    A visitor's own forwarding headers (``FORWARDING``) are dropped: anyone can write them, and an
+    app that trusts the tunnel would take them as the client's address or the original scheme.
+    From a trusted proxy (COMZY_TRUSTED_PROXIES) they are kept: its X-Forwarded-For chain is
+    extended with its own address, and its X-Forwarded-Proto/-Host (https, when it terminates TLS)
+    win over the edge's view of the connection.
     """
-    prior = [v for n, v in headers if n.lower() == b"x-forwarded-for"] if trusted else []
-    drop = (FORWARDING - {b"x-real-ip", b"forwarded"}) if trusted else FORWARDING
-    out = [(n, v) for n, v in headers if n.lower() not in drop]
+    if trusted:
+        prior = [v for n, v in headers if n.lower() == b"x-forwarded-for"]
+        out = [(n, v) for n, v in headers if n.lower() != b"x-forwarded-for"]
+        present = {n.lower() for n, _ in out}
+    else:
+        prior = []
+        out = [(n, v) for n, v in headers if n.lower() not in FORWARDING]
+        present = set()
     chain = b", ".join([*prior, client_ip.encode()]) if client_ip else b", ".join(prior)
     if chain:
         out.append((b"x-forwarded-for", chain))
-    out.append((b"x-forwarded-proto", scheme.encode()))
-    if host:
+    if b"x-forwarded-proto" not in present:
+        out.append((b"x-forwarded-proto", scheme.encode()))
+    if host and b"x-forwarded-host" not in present:
         out.append((b"x-forwarded-host", host))
     return out
