@@ -213,3 +213,33 @@ async def test_reader_stops_reading_while_the_peer_leaves_the_send_budget_unread
             assert session.closed is None
             assert not session.reading_paused
             await session.close()
+
+
+async def test_a_peer_that_answers_every_ping_late_but_in_time_is_kept() -> None:
+    """PONGs arriving several intervals late (a slow link) still prove the peer reads: every PING
+    the timeout spans is remembered, and a late answer settles the ones before it."""
+    interval, timeout, delay = 0.05, 1.0, 0.3  # each answer comes 6 intervals after its PING
+    async with ws_pair() as (near, far):
+        session = Session(near, heartbeat_interval=interval, heartbeat_timeout=timeout)
+        answered = 0
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(session.run)
+
+            async def answer_late(payload: bytes) -> None:
+                nonlocal answered
+                await anyio.sleep(delay)
+                await far.send(p.encode(FT.PONG, 0, payload))
+                answered += 1
+
+            async def peer() -> None:
+                while isinstance(message := await far.receive(), bytes):
+                    for frame in p.decode_message(message):
+                        if frame.type == FT.PING:
+                            tg.start_soon(answer_late, frame.payload)
+
+            tg.start_soon(peer)
+            await anyio.sleep(timeout * 2.5)  # the run under test: it must outlive the timeout
+            assert session.closed is None, session.closed
+            assert answered >= 20
+            await session.close()
+            tg.cancel_scope.cancel()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 
 import anyio
@@ -121,7 +122,13 @@ class Session:
         # Our PINGs not yet answered, and since when: a PONG proves the peer reads what we send,
         # where any message only proves it writes (a peer that floods and never reads).
         # The payloads are random, so a PONG sent blindly cannot fake the proof.
-        self._pings: list[bytes] = []
+        # Each (payload, sent at); enough for every PING the timeout spans, so none is forgotten
+        # while it can still be answered in time.
+        self._pings: deque[tuple[bytes, float]] = deque(
+            maxlen=min(64, int(heartbeat_timeout / heartbeat_interval) + 2))
+        # Our next PING, sent ahead of whatever is queued: its round trip must measure the peer,
+        # not how much we had queued for it.
+        self._ping: bytes | None = None
         #: True while the reader waits for the writer (the peer is not reading what we send).
         self.reading_paused = False
         self._unanswered_since: float | None = None
@@ -188,10 +195,14 @@ class Session:
 
     async def _writer(self) -> None:
         while True:
-            if not self._out and self._pong is None:
+            if not self._out and self._pong is None and self._ping is None:
                 self._out_event = anyio.Event()
                 await self._out_event.wait()
                 continue
+            if self._ping is not None:
+                self._out.insert(0, p.encode(p.FrameType.PING, 0, self._ping))
+                self._out_bytes += p.HEADER_SIZE + len(self._ping)
+                self._ping = None
             if self._pong is not None:
                 # The owed PONG goes first: it answers a PING that arrived before what is queued.
                 self._out.insert(0, p.encode(p.FrameType.PONG, 0, self._pong))
@@ -290,9 +301,7 @@ class Session:
                 self._pong = frame.payload
                 self._out_event.set()
         elif kind == p.FrameType.PONG:
-            if frame.payload in self._pings:
-                self._pings.clear()
-                self._unanswered_since = None
+            self._on_pong(frame.payload)
         elif self.on_control is not None:
             await self.on_control(frame)
         elif kind == p.FrameType.GOAWAY:
@@ -316,12 +325,22 @@ class Session:
         elif now >= self._next_ping:
             self._next_ping = now + self.heartbeat_interval
             payload = os.urandom(p.MAX_PING_PAYLOAD)
-            if len(self._pings) >= 4:  # the oldest can go: an answer to a later one proves as much
-                del self._pings[0]
-            self._pings.append(payload)
+            self._pings.append((payload, now))
             if self._unanswered_since is None:
                 self._unanswered_since = now
-            self.send_nowait(p.encode(p.FrameType.PING, 0, payload))
+            if self.closed is None:
+                self._ping = payload
+                self._out_event.set()
+
+    def _on_pong(self, payload: bytes) -> None:
+        """The peer answered one of our PINGs: it, and every one before it, is settled."""
+        for index, (sent, _) in enumerate(self._pings):
+            if sent == payload:
+                for _ in range(index + 1):
+                    self._pings.popleft()
+                # The deaf-peer clock now runs from the oldest PING still unanswered.
+                self._unanswered_since = self._pings[0][1] if self._pings else None
+                return
 
     async def run(self) -> str:
         """Serve the session until it ends; returns why it ended. Never raises."""
