@@ -267,10 +267,14 @@ async def test_malformed_framing_is_refused_and_the_connection_closed(answer: by
                                      b"Content-Length: 5 ,5\r\nContent-Length: 5"])
 async def test_identical_content_lengths_are_one_length(lengths: bytes) -> None:
     """RFC 9110 8.6: a recipient may take repeated identical values as one."""
-    async with scripted(always(b"HTTP/1.1 200 OK\r\n%b\r\n\r\nhello" % lengths)) as (client, server):
+    async with scripted(always(b"HTTP/1.1 200 OK\r\nX-A: 1\r\n%b\r\nX-B: 2\r\n\r\nhello" % lengths)) \
+            as (client, server):
         for _ in range(2):
-            _, data = await fetch(client)
+            response, data = await fetch(client)
             assert data == b"hello"
+            # Passed on as one plain value, in its place: the next hop may not take a list.
+            assert [n.lower() for n, _ in response.headers] == [b"x-a", b"content-length", b"x-b"]
+            assert dict(response.headers)[b"Content-Length"] == b"5"
         assert server.connections == 1
 
 

@@ -109,10 +109,12 @@ class LocalForwarder:
             except LocalError as exc:
                 return await self._fail(stream, served, f"{self.address} failed: {exc}")
         served.status = response.status
-        stream.session.send_nowait(p.encode(
-            p.FrameType.RESPONSE, stream.id, p.ResponseHead(response.status, response.headers).to_payload()))
         clean = False
         try:
+            # Heads wait like DATA while the link is backed up: the agent's queue never grows past
+            # the high-water mark, so it never reaches the send budget and pauses its reader.
+            await stream.session.send(p.encode(
+                p.FrameType.RESPONSE, stream.id, p.ResponseHead(response.status, response.headers).to_payload()))
             async for chunk in response.body():
                 await stream.send_data(chunk)
             clean = True
@@ -146,7 +148,7 @@ class LocalForwarder:
         served.status = 502
         served.error = message
         body = f"Comzy agent: {message}\n".encode()
-        stream.session.send_nowait(p.encode(p.FrameType.RESPONSE, stream.id, p.ResponseHead(
+        await stream.session.send(p.encode(p.FrameType.RESPONSE, stream.id, p.ResponseHead(
             502, [(b"content-type", b"text/plain; charset=utf-8"),
                   (b"content-length", str(len(body)).encode())]).to_payload()))
         await stream.send_data(body)
@@ -173,8 +175,8 @@ class LocalForwarder:
         except HandshakeRejected as exc:
             await tcp.aclose()
             served.status = exc.status
-            stream.session.send_nowait(p.encode(p.FrameType.RESPONSE, stream.id,
-                                                p.ResponseHead(exc.status, exc.headers).to_payload()))
+            await stream.session.send(p.encode(p.FrameType.RESPONSE, stream.id,
+                                               p.ResponseHead(exc.status, exc.headers).to_payload()))
             if exc.body:
                 await stream.send_data(exc.body)
             stream.send_end()
@@ -183,9 +185,9 @@ class LocalForwarder:
             await tcp.aclose()
             return await self._fail(stream, served, f"WebSocket handshake with {self.address} failed: {exc}")
         served.status = 101
-        stream.session.send_nowait(p.encode(p.FrameType.RESPONSE, stream.id, p.ResponseHead(
-            101, list(accept.extra_headers), accept.subprotocol).to_payload()))
         try:
+            await stream.session.send(p.encode(p.FrameType.RESPONSE, stream.id, p.ResponseHead(
+                101, list(accept.extra_headers), accept.subprotocol).to_payload()))
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._ws_to_local, stream, ws, tg.cancel_scope)
                 await self._ws_to_edge(stream, ws)

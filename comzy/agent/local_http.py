@@ -269,6 +269,7 @@ class _Connection(asyncio.Protocol):
         keep_alive = request_keep_alive and version >= (1, 1)
         chunked = False
         length: bytes | None = None
+        unusual = False  # Content-Length repeated, or as a list ("5, 5"): passed on as one value
         for name, value in headers:
             lower = name.lower()
             if lower == b"transfer-encoding":
@@ -277,11 +278,13 @@ class _Connection(asyncio.Protocol):
                     raise MalformedResponse(f"unsupported Transfer-Encoding {value[:100]!r}")
                 chunked = True
             elif lower == b"content-length":
+                sent = value
                 value = value.strip()
                 if not value.isdigit() or len(value) > 18:
                     value = _list_content_length(value)
                 if length is not None and value != length:
                     raise MalformedResponse(f"conflicting Content-Length values {length.decode()} and {value.decode()}")
+                unusual = unusual or length is not None or value != sent
                 length = value
             elif lower == b"connection" and b"close" in value.lower() and any(
                     token.strip() == b"close" for token in value.lower().split(b",")):
@@ -290,6 +293,11 @@ class _Connection(asyncio.Protocol):
             # RFC 9112 6.1: a sender MUST NOT send both; a proxy that picks one while the next
             # hop picks the other is how responses get split, so neither is trusted.
             raise MalformedResponse(f"both Content-Length ({length.decode()}) and Transfer-Encoding: chunked")
+        if unusual and length is not None:
+            # One plain value for the next hop: some (uvicorn) fail on a list, others take the first.
+            at, spelt = next((i, name) for i, (name, _) in enumerate(headers) if name.lower() == b"content-length")
+            headers[:] = [h for h in headers if h[0].lower() != b"content-length"]
+            headers.insert(at, (spelt, length))
         if method == "HEAD" or status in _NO_BODY_STATUS:
             self._length = 0
         elif chunked:

@@ -233,8 +233,10 @@ class AuthToken:
         failed = False
         try:
             return await self._check(token)
-        except Reject as exc:
-            failed = exc.status == 401  # a database outage (503) is not the client's failure
+        except Reject:
+            # A database outage (503) counts too: while it lasts, guesses could still be matched
+            # against the users held in memory, and only the throttle would slow them down.
+            failed = True
             raise
         finally:
             if not failed:
