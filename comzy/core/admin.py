@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+from comzy.core.asgi import HTML, JSON, TEXT, respond
+
 if TYPE_CHECKING:
     from comzy.core.server import ServerContext
     from comzy.core.settings import ServerSettings
@@ -166,13 +168,13 @@ class AdminApp:
         elif scope["type"] != "http":
             await send({"type": "websocket.close", "code": 1008})
         else:
-            await _respond(send, 404, b"Not found on the admin listener.\n", b"text/plain")
+            await respond(send, 404, b"Not found on the admin listener.\n", TEXT)
 
     async def _builtin(self, path: str, send: Any) -> None:
         if path == "/healthz":
             body = json.dumps({"status": "ok", "tunnels": len(self.server.registry),
                                "draining": self.server.draining}).encode()
-            await _respond(send, 200, body, b"application/json")
+            await respond(send, 200, body, JSON)
         else:  # /logout
             await send({"type": "http.response.start", "status": 303, "headers": [
                 (b"location", b"/login"),
@@ -232,35 +234,26 @@ class AdminApp:
             return
         accept = dict(scope.get("headers", [])).get(b"accept", b"")
         if scope["method"] == "GET" and b"text/html" in accept:
-            await _respond(send, 401, _login_page(scope.get("path", "/")), b"text/html; charset=utf-8")
+            await respond(send, 401, _login_page(scope.get("path", "/")), HTML)
             return
         await self._deny(scope, send, 401, "the admin token is missing or wrong: send 'Authorization: Bearer "
                          "<token>' (the token is COMZY_ADMIN_TOKEN, or the file the server named at start-up)")
 
     async def _deny(self, scope: dict[str, Any], send: Any, status: int, message: str) -> None:
         body = json.dumps({"error": message}).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                   (b"www-authenticate", b'Bearer realm="comzy admin"')]
-        if scope["type"] == "http":
-            await send({"type": "http.response.start", "status": status, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
-        elif "websocket.http.response" in scope.get("extensions", {}):
-            # A WebSocket handshake answered with a plain HTTP response (ASGI's extension).
-            await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
-            await send({"type": "websocket.http.response.body", "body": body})
-        else:
-            await send({"type": "websocket.close", "code": 1008})  # servers answer this with 403
+        await respond(send, status, body, JSON, headers=[(b"www-authenticate", b'Bearer realm="comzy admin"')],
+                      scope=scope)
 
     async def _login(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["method"] != "POST":
-            await _respond(send, 200, _login_page("/"), b"text/html; charset=utf-8")
+            await respond(send, 200, _login_page("/"), HTML)
             return
         body = b""
         while True:
             message = await receive()
             body += message.get("body", b"")
             if len(body) > MAX_FORM:
-                await _respond(send, 413, b"Login form too large.\n", b"text/plain")
+                await respond(send, 413, b"Login form too large.\n", TEXT)
                 return
             if not message.get("more_body"):
                 break
@@ -270,7 +263,7 @@ class AdminApp:
             target = "/"  # never redirect off this listener
         if not self._check(form.get("token", "").strip()):
             log.info("admin login refused from %s", (scope.get("client") or ("?",))[0])
-            await _respond(send, 401, _login_page(target, failed=True), b"text/html; charset=utf-8")
+            await respond(send, 401, _login_page(target, failed=True), HTML)
             return
         await send({"type": "http.response.start", "status": 303,
                     "headers": [(b"location", target.encode()), self._cookie_header()]})
@@ -301,9 +294,3 @@ color:#0f172a;font-weight:600}}.error{{color:#f87171}}small{{color:#94a3b8}}</st
 <button type="submit">Log in</button><br><br>
 <small>The token is COMZY_ADMIN_TOKEN, or the file the server named at start-up.</small></form></body></html>
 """.encode()
-
-
-async def _respond(send: Any, status: int, body: bytes, content_type: bytes) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})

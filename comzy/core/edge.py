@@ -6,12 +6,12 @@ import asyncio
 import html
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from comzy.core import protocol as p
+from comzy.core.asgi import HTML, Receive, Scope, Send, lifespan, respond
 from comzy.core.headers import (
     WS_HANDSHAKE,
     add_forwarded,
@@ -34,9 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("comzy.edge")
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 #: Body bytes already buffered are handed to the server in one piece up to this size.
 COALESCE_BODY = 512 * 1024
@@ -60,7 +57,7 @@ class EdgeApp:
         elif kind == "websocket":
             await self.websocket(scope, receive, send)
         elif kind == "lifespan":
-            await _lifespan(receive, send)
+            await lifespan(receive, send)
 
     # -- routing shared by HTTP and WebSocket --------------------------------------
     def _forward_request(self, scope: Scope, websocket: bool) -> tuple[ForwardRequest, Entry | None, str]:
@@ -97,25 +94,25 @@ class EdgeApp:
         started = time.time()
         problem = framing_problem(scope["headers"])
         if problem is not None:
-            await _simple(send, 400, problem, headers=[(b"connection", b"close")])
+            await respond(send, 400, problem, headers=[(b"connection", b"close")])
             return
         request, entry, host = self._forward_request(scope, websocket=False)
         if entry is None:
-            await _simple(send, 404, _not_active(host, scope), "text/html; charset=utf-8")
+            await respond(send, 404, _not_active(host), HTML)
             return
         too_large = self._head_too_large(scope, request)
         if too_large is not None:
-            await _simple(send, 431, too_large)
+            await respond(send, 431, too_large)
             return
         tunnel, session = entry.tunnel, entry.session
         try:
             await self.hooks.before_forward(request, tunnel, self.server)
         except Reject as exc:
-            await _simple(send, exc.status, exc.body, headers=exc.headers)
+            await respond(send, exc.status, exc.body, headers=exc.headers)
             return
         except Exception:
             log.exception("before_forward failed for %s; answering 500", tunnel.alias)
-            await _simple(send, 500, "A server plugin failed while handling this request.\n")
+            await respond(send, 500, "A server plugin failed while handling this request.\n")
             return
         http_version = scope.get("http_version", "1.1")
         has_body = announces_body(scope["headers"])
@@ -143,12 +140,12 @@ class EdgeApp:
         # between and overrun them.
         busy = self._busy(session, tunnel)
         if busy is not None:
-            await _simple(send, 503, busy, headers=[(b"retry-after", b"1")])
+            await respond(send, 503, busy, headers=[(b"retry-after", b"1")])
             return
         try:
             stream = session.open_stream()
         except SessionClosed:
-            await _simple(send, 502, f"The agent for {tunnel.alias} has disconnected.\n")
+            await respond(send, 502, f"The agent for {tunnel.alias} has disconnected.\n")
             return
         head = p.RequestHead(request.method, request.target, request.headers, request.client,
                              request.scheme, http_version, has_body=has_body)
@@ -216,7 +213,7 @@ class EdgeApp:
                 # Aborting the connection is the only honest end: a clean finish would
                 # tell the visitor a truncated body was complete.
                 raise
-            await _simple(send, 502, f"The tunnel failed before a response: {exc.message}\n")
+            await respond(send, 502, f"The tunnel failed before a response: {exc.message}\n")
             state.status = 502
         finally:
             try:
@@ -260,7 +257,7 @@ class EdgeApp:
             stream.reset(p.ResetCode.CANCEL, "response timeout")
             state.status = 504
             state.error = "response timeout"
-            await _simple(send, 504, f"The local service did not answer within "
+            await respond(send, 504, f"The local service did not answer within "
                           f"{self.settings.response_timeout:g} s.\n")
             return
         assert isinstance(head, p.ResponseHead)
@@ -294,26 +291,26 @@ class EdgeApp:
             return
         request, entry, host = self._forward_request(scope, websocket=True)
         if entry is None:
-            await _deny(scope, send, 404, _not_active(host, scope))
+            await respond(send, 404, _not_active(host), HTML, scope=scope)
             return
         too_large = self._head_too_large(scope, request)
         if too_large is not None:
-            await _deny(scope, send, 431, too_large)
+            await respond(send, 431, too_large, scope=scope)
             return
         tunnel, session = entry.tunnel, entry.session
         try:
             await self.hooks.before_forward(request, tunnel, self.server)
         except Reject as exc:
-            await _deny(scope, send, exc.status, exc.body)
+            await respond(send, exc.status, exc.body, headers=exc.headers, scope=scope)
             return
         busy = self._busy(session, tunnel)
         if busy is not None:
-            await _deny(scope, send, 503, busy, [(b"retry-after", b"1")])
+            await respond(send, 503, busy, headers=[(b"retry-after", b"1")], scope=scope)
             return
         try:
             stream = session.open_stream()
         except SessionClosed:
-            await _deny(scope, send, 502, f"The agent for {tunnel.alias} has disconnected.\n")
+            await respond(send, 502, f"The agent for {tunnel.alias} has disconnected.\n", scope=scope)
             return
         stream.websocket = True
         head = p.RequestHead(request.method, request.target, request.headers, request.client,
@@ -332,11 +329,12 @@ class EdgeApp:
             head = await stream.wait_head(self.settings.response_timeout)
         except StreamReset as exc:
             state.status = 502
-            await _deny(scope, send, 502, f"The tunnel failed before a response: {exc.message}\n")
+            await respond(send, 502, f"The tunnel failed before a response: {exc.message}\n", scope=scope)
             return
         if head is None:
             state.status = 504
-            await _deny(scope, send, 504, "The local service did not answer the WebSocket upgrade in time.\n")
+            await respond(send, 504, "The local service did not answer the WebSocket upgrade in time.\n",
+                          scope=scope)
             return
         assert isinstance(head, p.ResponseHead)
         state.status = head.status
@@ -347,7 +345,7 @@ class EdgeApp:
                     body += chunk[0]
             except StreamReset:
                 pass
-            await _deny(scope, send, head.status, bytes(body), strip_hop_by_hop(head.headers))
+            await respond(send, head.status, bytes(body), headers=strip_hop_by_hop(head.headers), scope=scope)
             return
         accept_headers = strip_hop_by_hop(head.headers, WS_HANDSHAKE)
         await send({"type": "websocket.accept", "subprotocol": head.subprotocol, "headers": accept_headers})
@@ -418,44 +416,10 @@ def _report_pump_failure(task: asyncio.Task[None]) -> None:
         log.error("request body pump failed: %r", error, exc_info=error)
 
 
-def _not_active(host: str, scope: Scope) -> str:
+def _not_active(host: str) -> str:
     safe = html.escape(host or "(no Host header)")
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>Tunnel Not Active</title></head>"
         f"<body><h1>Tunnel Not Active</h1><p>No tunnel is connected for <b>{safe}</b>.</p>"
         "<p>If this is your tunnel, start the agent again: <code>comzy PORT</code>.</p></body></html>\n"
     )
-
-
-async def _simple(send: Send, status: int, body: bytes | str, content_type: str = "text/plain; charset=utf-8",
-                  headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    data = body.encode() if isinstance(body, str) else body
-    response_headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(data)).encode())]
-    response_headers += headers or []
-    await send({"type": "http.response.start", "status": status, "headers": response_headers})
-    await send({"type": "http.response.body", "body": data, "more_body": False})
-
-
-async def _deny(scope: Scope, send: Send, status: int, body: bytes | str,
-                headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    """Refuse a WebSocket upgrade with an HTTP response when the server supports it."""
-    if "websocket.http.response" in scope.get("extensions", {}):
-        data = body.encode() if isinstance(body, str) else body
-        response_headers = [(n, v) for n, v in (headers or []) if n.lower() != b"content-length"]
-        if not any(n.lower() == b"content-type" for n, _ in response_headers):
-            response_headers.append((b"content-type", b"text/html; charset=utf-8"))
-        response_headers.append((b"content-length", str(len(data)).encode()))
-        await send({"type": "websocket.http.response.start", "status": status, "headers": response_headers})
-        await send({"type": "websocket.http.response.body", "body": data, "more_body": False})
-    else:
-        await send({"type": "websocket.close", "code": 1008})
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return

@@ -25,6 +25,8 @@ import anyio
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config
 
+from comzy.core.asgi import Scope, Send, respond
+
 ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[dict[str, Any]]],
                     Callable[[dict[str, Any]], Awaitable[None]]], Awaitable[None]]
 
@@ -170,16 +172,7 @@ class OneHostOnly:
         await self.app(scope, receive, send)
 
 
-async def _bad_request(scope: dict[str, Any], send: Callable[[dict[str, Any]], Awaitable[None]], why: str) -> None:
-    body = f"Bad Request: {why} (RFC 9112 3.2).\n".encode()
+async def _bad_request(scope: Scope, send: Send, why: str) -> None:
     # Close the connection: after an ambiguous request, nothing on it is worth trusting.
-    headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode()),
-               (b"connection", b"close")]
-    if scope["type"] == "http":
-        await send({"type": "http.response.start", "status": 400, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-    elif "websocket.http.response" in scope.get("extensions", {}):
-        await send({"type": "websocket.http.response.start", "status": 400, "headers": headers})
-        await send({"type": "websocket.http.response.body", "body": body})
-    else:
-        await send({"type": "websocket.close", "code": 1002})
+    await respond(send, 400, f"Bad Request: {why} (RFC 9112 3.2).\n", headers=[(b"connection", b"close")],
+                  scope=scope, close_code=1002)

@@ -119,19 +119,18 @@ class Session:
         # The PONG owed to the peer's latest PING: one at most, however many PINGs arrive
         # before the writer runs (a peer that pings and never reads must not grow the queue).
         self._pong: bytes | None = None
-        # Our PINGs not yet answered, and since when: a PONG proves the peer reads what we send,
-        # where any message only proves it writes (a peer that floods and never reads).
-        # The payloads are random, so a PONG sent blindly cannot fake the proof.
-        # Each (payload, sent at); enough for every PING the timeout spans, so none is forgotten
-        # while it can still be answered in time.
+        # Our PINGs not yet answered, as (payload, sent at), and since when the oldest waits: a
+        # PONG proves the peer reads what we send, where any message only proves it writes (a
+        # peer that floods and never reads). The payloads are random, so a PONG sent blindly
+        # cannot fake the proof; every PING the timeout spans is kept, so a late answer counts.
         self._pings: deque[tuple[bytes, float]] = deque(
             maxlen=min(64, int(heartbeat_timeout / heartbeat_interval) + 2))
+        self._unanswered_since: float | None = None
         # Our next PING, sent ahead of whatever is queued: its round trip must measure the peer,
         # not how much we had queued for it.
         self._ping: bytes | None = None
         #: True while the reader waits for the writer (the peer is not reading what we send).
         self.reading_paused = False
-        self._unanswered_since: float | None = None
 
     # -- streams ---------------------------------------------------------------
     def open_stream(self) -> Stream:
@@ -243,7 +242,7 @@ class Session:
 
         What the peer sends next then waits in the kernel's buffers and, once they are full,
         on the peer's side (TCP backpressure): a peer that does not read cannot make this side
-        hold more. If the writer makes no progress, _beat ends the session.
+        hold more. A peer that stays like this answers no PING, and _beat ends the session.
         """
         self.reading_paused = True
         try:
