@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from comzy.core.asgi import HTML, JSON, TEXT, respond
+from comzy.core.asgi import HTML, JSON, TEXT, lifespan, respond
 
 if TYPE_CHECKING:
     from comzy.core.server import ServerContext
@@ -124,13 +124,8 @@ class AdminApp:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await lifespan(receive, send)
+            return
         path = scope.get("path", "/")
         if scope["type"] == "http" and path == "/login":
             await self._login(scope, receive, send)
