@@ -478,6 +478,7 @@ async def test_request_head_too_large_431(tmp_path: Path, upstream: Upstream) ->
                                             f"X-Big: {'c' * 6000}\r\n")
     assert upgrade.startswith(b"HTTP/1.1 431 ")
     assert big.status_code == 431
+    assert big.headers["connection"] == "close"
     assert "4096" in big.text
     assert header_values(echo(small), "x-big") == ["b" * 2000]
     assert [s["path"] for s in upstream.requests if s["type"] == "http"] == ["/small"]
@@ -499,6 +500,8 @@ async def test_max_streams_per_tunnel_503_then_recovers(tmp_path: Path, upstream
                 busy = await client.get("/status/200")
                 assert busy.status_code == 503
                 assert busy.headers["retry-after"] == "1"
+                # A refused visitor's connection is closed: kept alive, it would keep its head's buffer.
+                assert busy.headers["connection"] == "close"
                 # A WebSocket visitor takes the same path through the limits.
                 status = await upgrade_status_line(server.ports.http, client.headers["host"], "/ws/mirror")
                 assert status.startswith(b"HTTP/1.1 503 ")

@@ -37,6 +37,9 @@ log = logging.getLogger("comzy.edge")
 
 #: Body bytes already buffered are handed to the server in one piece up to this size.
 COALESCE_BODY = 512 * 1024
+#: On refusals of a big head or of a busy tunnel: the HTTP server then drops the connection and the
+#: buffer that held the head (kept alive, 2,000 refused visitors held 160 MB of heads).
+CLOSE = [(b"connection", b"close")]
 #: How long an HTTP/2 request without Content-Length may keep its first body message before its
 #: head goes to the agent anyway (its body then follows chunked).
 FIRST_MESSAGE_WAIT = 1.0
@@ -102,7 +105,7 @@ class EdgeApp:
             return
         too_large = self._head_too_large(scope, request)
         if too_large is not None:
-            await respond(send, 431, too_large)
+            await respond(send, 431, too_large, headers=CLOSE)
             return
         tunnel, session = entry.tunnel, entry.session
         try:
@@ -140,7 +143,7 @@ class EdgeApp:
         # between and overrun them.
         busy = self._busy(session, tunnel)
         if busy is not None:
-            await respond(send, 503, busy, headers=[(b"retry-after", b"1")])
+            await respond(send, 503, busy, headers=[(b"retry-after", b"1"), *CLOSE])
             return
         try:
             stream = session.open_stream()
