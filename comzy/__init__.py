@@ -9,10 +9,15 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from typing import TYPE_CHECKING, Any
+
 from comzy.core.admin import AdminRoute
 from comzy.core.hooks import PluginError
 from comzy.core.hookspecs import hookimpl
 from comzy.core.types import Exchange, ForwardRequest, Registration, Reject, Tunnel
+
+if TYPE_CHECKING:
+    from comzy.core.server import ServerContext
 
 __all__ = [
     "AdminRoute",
@@ -21,7 +26,18 @@ __all__ = [
     "PluginError",
     "Registration",
     "Reject",
+    "ServerContext",
     "Tunnel",
     "__version__",
     "hookimpl",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # ServerContext, the type every hook's ``server`` is, is loaded on first use: importing the
+    # server (hypercorn and all) would slow every `comzy` agent command that never needs it.
+    if name == "ServerContext":
+        from comzy.core.server import ServerContext
+
+        return ServerContext
+    raise AttributeError(f"module 'comzy' has no attribute {name!r}")

@@ -37,6 +37,7 @@ PUBLIC_API = [
     "PluginError",
     "Registration",
     "Reject",
+    "ServerContext",
     "Tunnel",
     "__version__",
     "hookimpl",
@@ -141,3 +142,14 @@ def test_the_documented_example_refuses_a_bad_setting(monkeypatch: pytest.Monkey
         plugin.on_startup(server=None)
     plugin.queue_in.close()
     plugin.queue_out.close()
+
+
+def test_server_context_is_public_but_loaded_only_when_asked() -> None:
+    import subprocess
+    import sys
+
+    # The agent imports comzy: it must not pay for the server (hypercorn and all) until asked.
+    code = ("import sys, comzy; assert 'comzy.core.server' not in sys.modules; "
+            "from comzy import ServerContext; from comzy.core.server import ServerContext as real; "
+            "assert ServerContext is real")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
@@ -15,6 +16,7 @@ from comzy.core.aliases import subdomain_of
 from comzy.core.types import Reject
 
 log = logging.getLogger("comzy.plugins")
+trace_log = logging.getLogger("comzy.trace")
 
 ENTRY_POINT_GROUP = "comzy"
 #: Hooks pluggy calls itself (first non-None answer wins): plain functions only, wrappers allowed.
@@ -42,14 +44,21 @@ class HookRunner:
 
     Async implementations are awaited one at a time in pluggy's call order (LIFO by
     registration, tryfirst/trylast respected); an implementation receives only the
-    arguments it names.
+    arguments it names. With ``trace`` (COMZY_TRACE_HOOKS) every implementation called is
+    logged with its plugin and duration; without it, tracing costs nothing.
     """
 
-    def __init__(self, pm: pluggy.PluginManager) -> None:
+    def __init__(self, pm: pluggy.PluginManager, trace: bool = False) -> None:
         self.pm = pm
-        self._resolve_host = pm.hook.resolve_host
-        self._alias_owner = pm.hook.alias_owner
-        self._alias_reserved = pm.hook.alias_reserved
+        self.trace = trace
+        if trace:
+            self._resolve_host = self._traced_firstresult("resolve_host")
+            self._alias_owner = self._traced_firstresult("alias_owner")
+            self._alias_reserved = self._traced_firstresult("alias_reserved")
+        else:
+            self._resolve_host = pm.hook.resolve_host
+            self._alias_owner = pm.hook.alias_owner
+            self._alias_reserved = pm.hook.alias_reserved
         #: Whether any plugin listens to after_response: the edge skips building exchanges
         #: otherwise. Plugins are fixed once the server runs, so this is read once.
         self.has_after_response = bool(pm.hook.after_response.get_hookimpls())
@@ -70,14 +79,38 @@ class HookRunner:
         """The names of the plugins that implement hook ``name``, in calling order."""
         return [impl.plugin_name for impl in reversed(getattr(self.pm.hook, name).get_hookimpls())]
 
+    def _traced_firstresult(self, name: str) -> Callable[..., Any]:
+        """A synchronous firstresult hook that logs each implementation it asks (and stops at the
+        first answer, as pluggy does)."""
+        caller = getattr(self.pm.hook, name)
+
+        def call(**kwargs: Any) -> Any:
+            for impl in reversed(caller.get_hookimpls()):
+                started = time.perf_counter()
+                result = impl.function(*[kwargs[arg] for arg in impl.argnames])
+                _trace(name, impl.plugin_name, started, result)
+                if result is not None:
+                    return result
+            return None
+
+        return call
+
     async def _call_in_order(self, name: str, kwargs: dict[str, Any]) -> list[Any]:
         results = []
         caller = getattr(self.pm.hook, name)
         for impl in reversed(caller.get_hookimpls()):
             args = [kwargs[arg] for arg in impl.argnames]
-            result = impl.function(*args)
-            if inspect.isawaitable(result):
-                result = await result
+            started = time.perf_counter() if self.trace else 0.0
+            try:
+                result = impl.function(*args)
+                if inspect.isawaitable(result):
+                    result = await result
+            except BaseException as exc:
+                if self.trace:
+                    _trace(name, impl.plugin_name, started, exc)
+                raise
+            if self.trace:
+                _trace(name, impl.plugin_name, started, result)
             if result is not None:
                 results.append(result)
         return results
@@ -85,12 +118,17 @@ class HookRunner:
     async def _call_logged(self, name: str, kwargs: dict[str, Any]) -> None:
         caller = getattr(self.pm.hook, name)
         for impl in reversed(caller.get_hookimpls()):
+            started = time.perf_counter() if self.trace else 0.0
+            result: Any = None
             try:
                 result = impl.function(*[kwargs[arg] for arg in impl.argnames])
                 if inspect.isawaitable(result):
-                    await result
-            except Exception:
+                    result = await result
+            except Exception as exc:
+                result = exc
                 log.exception("plugin %s failed in %s (traffic unaffected)", impl.plugin_name, name)
+            if self.trace:
+                _trace(name, impl.plugin_name, started, result)
 
     async def on_startup(self, server: Any) -> None:
         """Run every on_startup impl; an error stops start-up."""
@@ -134,6 +172,16 @@ class HookRunner:
             routes.extend(result)
         return routes
 
+
+
+def _trace(hook: str, plugin: str, started: float, outcome: object) -> None:
+    """One line per implementation called (COMZY_TRACE_HOOKS): hook, plugin, duration, outcome."""
+    took = (time.perf_counter() - started) * 1000
+    if isinstance(outcome, BaseException):
+        shown = f"raised {type(outcome).__name__}: {outcome}"
+    else:
+        shown = "returned None" if outcome is None else f"returned {type(outcome).__name__}"
+    trace_log.info("hook %s plugin %s took %.3f ms, %s", hook, plugin, took, shown)
 
 
 def available_plugins() -> dict[str, EntryPoint]:

@@ -138,7 +138,7 @@ async def run_server(
     plugins = list(plugins)
     install_hypercorn_fixes()
     pm = build_manager(settings.base_domain, plugins)
-    server = ServerContext(settings, HookRunner(pm), [name for name, _ in plugins])
+    server = ServerContext(settings, HookRunner(pm, trace=settings.trace_hooks), [name for name, _ in plugins])
     if settings.ssl_cert_path and not settings.ssl_key_path:
         raise ValueError("SSL_CERT_PATH is set but SSL_KEY_PATH is not; set both for TLS")
     # Before any plugin writes there: the directory holds token hashes and client addresses.

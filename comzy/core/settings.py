@@ -101,6 +101,9 @@ class ServerSettings(BaseSettings):
                                           "the server makes one and keeps it in COMZY_DATA_DIR/admin_token.")
     log_level: str = Field("INFO", validation_alias=_env("COMZY_LOG_LEVEL"),
                            description="Logging level (DEBUG, INFO, WARNING).")
+    trace_hooks: bool = Field(False, validation_alias=_env("COMZY_TRACE_HOOKS"),
+                              description="Log every plugin hook call: hook, plugin, duration and outcome "
+                              "(logger comzy.trace). For finding a slow or misbehaving plugin; off in production.")
     database_url: SecretStr | None = Field(
         None, validation_alias=_env("COMZY_DATABASE_URL"),
         description="SQLAlchemy URL of the database, e.g. postgresql+asyncpg://user:pw@host/comzy; unset: "
