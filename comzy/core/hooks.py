@@ -10,9 +10,11 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 import pluggy
+from pydantic import ValidationError
 
 from comzy.core import hookspecs
 from comzy.core.aliases import subdomain_of
+from comzy.core.settings import explain_validation_error, settings_class
 from comzy.core.types import Reject
 
 log = logging.getLogger("comzy.plugins")
@@ -216,6 +218,10 @@ def load_plugins(names: Iterable[str]) -> list[tuple[str, object]]:
         try:
             target = ep.load()
             plugin = target() if inspect.isclass(target) else target
+        except ValidationError as exc:  # its settings: named by their variables, as the core's are
+            model = settings_class(exc)
+            detail = explain_validation_error(model, exc) if model is not None else str(exc)
+            raise PluginError(f"plugin {name!r} failed to load: {detail}") from None
         except Exception as exc:
             raise PluginError(f"plugin {name!r} failed to load: {exc}") from exc
         loaded.append((name, plugin))

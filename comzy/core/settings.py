@@ -176,9 +176,21 @@ class ServerSettings(BaseSettings):
         return f"{scheme}://{alias}.{self.base_domain}{port}"
 
 
+def settings_class(error: ValidationError) -> type[BaseSettings] | None:
+    """The settings class a ValidationError is about (by its title), among those defined so far."""
+    pending: list[type[BaseSettings]] = [BaseSettings]
+    while pending:
+        cls = pending.pop()
+        if cls.__name__ == error.title and cls is not BaseSettings:
+            return cls
+        pending.extend(cls.__subclasses__())
+    return None
+
+
 def explain_validation_error(model: type[BaseSettings], error: ValidationError) -> str:
     """A message naming the environment variable behind each bad value."""
     lines = []
+    prefix = str(model.model_config.get("env_prefix") or "")
     for item in error.errors():
         field_name = str(item["loc"][0]) if item["loc"] else "?"
         info = model.model_fields.get(field_name)
@@ -187,6 +199,8 @@ def explain_validation_error(model: type[BaseSettings], error: ValidationError) 
             names = "/".join(str(c) for c in info.validation_alias.choices)
         elif info is not None and isinstance(info.validation_alias, str):
             names = info.validation_alias
+        elif info is not None:  # read from env_prefix + the field's name (a plugin's settings)
+            names = (prefix + field_name).upper()
         value = item.get("input")
         lines.append(f"{names}={value!r}: {item['msg']}")
     return "invalid setting: " + "; ".join(lines)
