@@ -188,7 +188,7 @@ async def test_a_token_file_others_can_read_is_made_private_with_a_warning(
         async with start_server(tmp_path / "data") as server:
             assert server.admin_token is not None and server.admin_token.value == "restored-from-a-backup"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert "was readable by other users (mode 644)" in caplog.text
+    assert f"admin token file {path} was open to other users (mode 644); made it 600" in caplog.text
     assert "restored-from-a-backup" not in caplog.text
 
 

@@ -22,9 +22,7 @@ import hmac
 import html
 import json
 import logging
-import os
 import secrets
-import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http.cookies import SimpleCookie
@@ -33,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from comzy.core.asgi import HTML, JSON, TEXT, lifespan, respond
+from comzy.core.datadir import FILE_MODE, create_private_file, make_private
 
 if TYPE_CHECKING:
     from comzy.core.server import ServerContext
@@ -82,34 +81,20 @@ def load_admin_token(settings: ServerSettings) -> AdminToken:
     path = settings.data_dir / TOKEN_FILE
     try:
         token = path.read_text().strip()
-        if token:
-            _make_private(path)
-            return AdminToken(token, path)
     except FileNotFoundError:
-        pass
+        token = ""
+    if token:
+        # Copied, restored from a backup or made by hand: others may have read it already.
+        make_private(path, FILE_MODE, "admin token file",
+                     then="to replace the token, delete the file and restart the server")
+        return AdminToken(token, path)
     token = secrets.token_urlsafe(32)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Created 0600: the token is never readable by other users, not even for a moment.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as file:
-        os.fchmod(file.fileno(), 0o600)
-        file.write(token + "\n")
+    # Created 0600 before the token is written: it is never readable by others, not even for a moment.
+    create_private_file(path)
+    make_private(path, FILE_MODE, "admin token file")  # an empty one left behind, loose
+    path.write_text(token + "\n")
     return AdminToken(token, path)
-
-
-def _make_private(path: Path) -> None:
-    """Take group and other access away from an existing token file (copied, restored from a
-    backup, or made by hand), and say so: others may have read the token already."""
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        try:
-            path.chmod(0o600)
-        except OSError as exc:
-            log.warning("admin token file %s is readable by other users (mode %03o) and cannot be made private "
-                        "(%s); fix its mode with `chmod 600 %s`", path, mode, exc.strerror, path)
-            return
-        log.warning("admin token file %s was readable by other users (mode %03o); made it 0600. To replace the "
-                    "token, delete the file and restart the server", path, mode)
 
 
 class AdminApp:

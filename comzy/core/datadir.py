@@ -28,11 +28,11 @@ def prepare_data_dir(path: Path) -> None:
     make_private(path, DIR_MODE, "data directory")
 
 
-def make_private(path: Path, mode: int, what: str) -> bool:
+def make_private(path: Path, mode: int, what: str, then: str = "") -> bool:
     """Give ``path`` ``mode`` if group or others have any access to it; whether it is private now.
 
-    Warns (naming ``what`` and the command to run) when it was loose: whatever it held may have
-    been read already. A missing file counts as private.
+    Warns (naming ``what`` and the command to run, and ``then``, what else to do) when it was
+    loose: whatever it held may have been read already. A missing file counts as private.
     """
     if os.name != "posix":  # Windows has no group/other bits; its ACLs are the operator's
         return True
@@ -56,7 +56,8 @@ def make_private(path: Path, mode: int, what: str) -> bool:
         log.warning("%s %s is open to other users (mode %03o) and cannot be made private (%s); fix it with `%s`",
                     what, path, loose, exc.strerror, command)
         return False
-    log.warning("%s %s was open to other users (mode %03o); made it %03o", what, path, loose, mode)
+    log.warning("%s %s was open to other users (mode %03o); made it %03o%s", what, path, loose, mode,
+                f"; {then}" if then else "")
     return True
 
 
