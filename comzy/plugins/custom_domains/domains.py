@@ -7,7 +7,8 @@ import re
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from comzy.core.aliases import ALIAS_RE, is_idna_reserved
+from comzy.core.aliases import ALIAS_RE
+from comzy.core.aliases import check_alias as core_check_alias
 from comzy.core.models import CustomDomain
 
 # One DNS label: letters, digits and '-', 1-63 characters, no '-' at either end (after lowercasing).
@@ -50,10 +51,10 @@ def check_alias(alias: str, *, allow_punycode: bool = False) -> str:
     if not ALIAS_RE.fullmatch(name):
         raise MappingError(f"'{alias}' is not a valid alias: use 1-63 lowercase letters, digits and '-', "
                            "not starting or ending with '-'")
-    if not allow_punycode and is_idna_reserved(name):
-        raise MappingError(f"'{name}' is a punycode name (it has '--' in the third and fourth places), which this "
-                           "server refuses as an alias unless COMZY_ALLOW_PUNYCODE_ALIASES=true: no tunnel could "
-                           "serve it")
+    # The core's rule and wording for look-alike names: no tunnel could take such an alias.
+    problem = core_check_alias(name, frozenset(), allow_punycode=allow_punycode)
+    if problem:
+        raise MappingError(problem)
     return name
 
 
