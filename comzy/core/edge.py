@@ -14,9 +14,9 @@ from comzy.core import protocol as p
 from comzy.core.asgi import HTML, Receive, Scope, Send, lifespan, respond
 from comzy.core.headers import (
     WS_HANDSHAKE,
+    FramingError,
     add_forwarded,
     announces_body,
-    framing_problem,
     host_header,
     host_of,
     is_trusted,
@@ -95,9 +95,10 @@ class EdgeApp:
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Serve one visitor HTTP request."""
         started = time.time()
-        problem = framing_problem(scope["headers"])
-        if problem is not None:
-            await respond(send, 400, problem, headers=[(b"connection", b"close")])
+        try:
+            has_body = announces_body(scope["headers"])  # one pass: refusal and framing both
+        except FramingError as exc:
+            await respond(send, 400, str(exc), headers=CLOSE)
             return
         request, entry, host = self._forward_request(scope, websocket=False)
         if entry is None:
@@ -118,7 +119,6 @@ class EdgeApp:
             await respond(send, 500, "A server plugin failed while handling this request.\n")
             return
         http_version = scope.get("http_version", "1.1")
-        has_body = announces_body(scope["headers"])
         first: dict[str, Any] | None = None
         if has_body is None:
             if http_version in ("1.1", "1.0"):

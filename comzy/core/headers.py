@@ -62,33 +62,30 @@ def host_header(headers: Headers) -> bytes:
     return b""
 
 
-def framing_problem(headers: Headers) -> str | None:
-    """Why a request head's body framing is refused (400), or None.
-
-    Content-Length together with Transfer-Encoding is how request smuggling starts: the two ends
-    of a connection may each believe a different one (RFC 9112 6.3 allows a server to refuse it,
-    and a proxy must never forward both).
-    """
-    length = chunked = False
-    for name, _ in headers:
-        if name == b"content-length":
-            length = True
-        elif name == b"transfer-encoding":
-            chunked = True
-    if length and chunked:
-        return "Content-Length and Transfer-Encoding together are refused (RFC 9112 6.3).\n"
-    return None
+class FramingError(ValueError):
+    """A request head whose body framing is refused (400); the message says why, for the visitor."""
 
 
 def announces_body(headers: Headers) -> bool | None:
-    """From an HTTP/1.x head: whether a body follows; None when the head does not say (no
-    Content-Length, no Transfer-Encoding: HTTP/2 and HTTP/3 need not announce a body)."""
+    """From a request head: whether a body follows; None when the head does not say (no
+    Content-Length, no Transfer-Encoding: HTTP/2 and HTTP/3 need not announce a body).
+
+    Raises FramingError for Content-Length together with Transfer-Encoding: that is how request
+    smuggling starts, the two ends of a connection each believing a different one (RFC 9112 6.3
+    allows a server to refuse it, and a proxy must never forward both).
+    """
+    chunked = False
+    length: bytes | None = None
     for name, value in headers:
-        if name == b"transfer-encoding":
-            return True
         if name == b"content-length":
-            return value.strip() not in (b"0", b"")
-    return None
+            length = value
+        elif name == b"transfer-encoding":
+            chunked = True
+    if chunked and length is not None:
+        raise FramingError("Content-Length and Transfer-Encoding together are refused (RFC 9112 6.3).\n")
+    if chunked:
+        return True
+    return None if length is None else length.strip() not in (b"0", b"")
 
 
 def origin_form(target: bytes) -> bytes:
