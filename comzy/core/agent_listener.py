@@ -295,10 +295,7 @@ class AgentListener:
         if owner is not None:
             return None if owner == user else f"'{name}' belongs to another user; choose another --subdomain"
         why = self.server.hooks.alias_reserved(name, self.server)
-        if why is not None:
-            return (f"'{name}' is kept for the user who owns it ({why}), and no user owns it: no agent may "
-                    "take it; choose another --subdomain")
-        return None
+        return None if why is None else _kept_for_nobody(name, why)
 
     def _refuse_ownerless(self, registration: Registration) -> None:
         """Reject a requested alias that is kept for its owner while nobody owns it.
@@ -309,11 +306,12 @@ class AgentListener:
         name = registration.requested_alias
         # The hooks are promised valid aliases; an invalid one is refused later, with its reason.
         allow_punycode = self.settings.allow_punycode_aliases
+        # An owned name is refused to non-owners later, once the plugins said who is asking.
         if (name and check_alias(name, frozenset(), allow_punycode=allow_punycode) is None
                 and self.server.hooks.alias_owner(name, self.server) is None):
-            problem = self._not_for(name, None)  # nobody owns it: only a reservation refuses it
-            if problem:
-                raise Reject(problem)
+            why = self.server.hooks.alias_reserved(name, self.server)
+            if why is not None:
+                raise Reject(_kept_for_nobody(name, why))
 
     async def _serve(self, entry: Entry) -> None:
         server = self.server
@@ -328,6 +326,12 @@ class AgentListener:
             reason = "replaced by a new session"
         await server.hooks.on_disconnect(tunnel, reason, server)
         log.info("tunnel %s closed after %.0fs: %s", tunnel.alias, time.monotonic() - started, reason)
+
+
+def _kept_for_nobody(name: str, why: str) -> str:
+    """The refusal of an alias a plugin keeps for its owner (``why``) while nobody owns it."""
+    return (f"'{name}' is kept for the user who owns it ({why}), and no user owns it: no agent may take it; "
+            "choose another --subdomain")
 
 
 def _retry_after(headers: list[tuple[bytes, bytes]]) -> int:

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from comzy import __version__
 from comzy.core import logs
+from comzy.core.datadir import prepare_data_dir
 from comzy.core.hooks import PluginError, load_plugins, select_plugins
 from comzy.core.memory import tune_malloc
 from comzy.core.server import describe, run_server
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     # took ~30% of the server's CPU while 10,000 agents registered (bench/idle_agents.py).
     gc.set_threshold(10_000, 10, 100)
     try:
-        settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # private; see core/datadir.py
+        prepare_data_dir(settings.data_dir)  # 0700: it holds token hashes and client addresses
     except OSError as exc:
         print(f"comzy-server: cannot create COMZY_DATA_DIR {settings.data_dir}: {exc.strerror}", file=sys.stderr)
         raise SystemExit(2) from None

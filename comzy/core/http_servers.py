@@ -18,17 +18,13 @@ from __future__ import annotations
 import importlib.util
 import logging
 import socket
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config
 
-from comzy.core.asgi import Scope, Send, respond
-
-ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[dict[str, Any]]],
-                    Callable[[dict[str, Any]], Awaitable[None]]], Awaitable[None]]
+from comzy.core.asgi import App, Receive, Scope, Send, respond
 
 HTTP_SERVERS = ("hypercorn", "uvicorn")
 
@@ -154,11 +150,10 @@ class OneHostOnly:
     over the header list per request.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: App) -> None:
         self.app = app
 
-    async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]],
-                       send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Refuse an ambiguous request, pass everything else to the app untouched."""
         if scope["type"] != "lifespan":
             hosts = 0

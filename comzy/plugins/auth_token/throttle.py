@@ -72,7 +72,7 @@ class Attempt:
         self._window = window
 
     def forgive(self) -> None:
-        """The check succeeded (or could not be made): it does not count against the address."""
+        """The check succeeded: it does not count against the address."""
         self._throttle._forgive(self._window)
 
 
