@@ -192,10 +192,10 @@ def available_plugins() -> dict[str, EntryPoint]:
 
 
 def builtin_names() -> list[str]:
-    """Plugins shipped with Comzy itself (enabled when COMZY_PLUGINS is unset)."""
-    return sorted(
-        name for name, ep in available_plugins().items() if ep.value.startswith("comzy.plugins.")
-    )
+    """Plugins shipped with Comzy itself (enabled when COMZY_PLUGINS is unset): the entry points
+    of the ``comzy`` distribution, whatever modules they name."""
+    return sorted(name for name, ep in available_plugins().items()
+                  if ep.dist is not None and (ep.dist.name or "").lower() == "comzy")
 
 
 def select_plugins(setting: str | None) -> list[str]:
