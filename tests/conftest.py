@@ -15,6 +15,7 @@ import pytest
 
 from comzy.agent.client import Agent, AgentConfig
 from comzy.agent.forward import LocalForwarder, Served
+from comzy.core.control import Welcome
 from comzy.core.server import ServerContext, run_server
 from comzy.core.settings import ServerSettings
 from tests.private_mariadb import private_mariadb  # noqa: F401 (a fixture: a MariaDB a test may stop)
@@ -56,8 +57,9 @@ class RecordingReporter:
         self.served: list[Served] = []
         self._connected = anyio.Event()
 
-    def connected(self, welcome: dict[str, Any], first: bool) -> None:
-        self.welcomes.append(welcome)
+    def connected(self, welcome: Welcome, first: bool) -> None:
+        # Kept as the wire map: tests read the documented WELCOME keys (docs/protocol.md).
+        self.welcomes.append(welcome.to_payload())
         self._connected.set()
 
     def reconnecting(self, reason: str, delay: float) -> None:

@@ -14,6 +14,7 @@ import anyio.abc
 from comzy import __version__
 from comzy.agent.forward import LocalForwarder
 from comzy.core import protocol as p
+from comzy.core.control import GoAway, Hello, Notice, Refusal, Welcome, check_plugin_data, control_message
 from comzy.core.session import Session
 from comzy.core.stream import Stream
 from comzy.core.websocket import Closed, WebSocket, WebSocketError, connect
@@ -47,14 +48,21 @@ class Unreachable(AgentError):
 class Reporter(Protocol):
     """Where the agent reports what happens (the CLI prints it)."""
 
-    def connected(self, welcome: dict[str, Any], first: bool) -> None: ...
+    def connected(self, welcome: Welcome, first: bool) -> None: ...
     def reconnecting(self, reason: str, delay: float) -> None: ...
     def notice(self, level: str, message: str) -> None: ...
 
 
 @dataclass
 class AgentConfig:
-    """What the agent needs to run."""
+    """What the agent needs to run.
+
+    ``plugin_data`` goes to the server's plugins in HELLO ``plugins``, keyed by plugin name (a
+    plugin reads its own as ``registration.agent_data.get(name)`` in ``on_register``): JSON-like
+    values, at most 16 KiB encoded (``comzy.core.control.check_plugin_data``; a ValueError here
+    says what is wrong). ``extra_hello`` holds raw keys laid over the HELLO map as sent, for
+    trying what another agent version might send.
+    """
 
     servers: list[str]
     port: int
@@ -63,7 +71,15 @@ class AgentConfig:
     token: str | None = None
     rewrite_host: bool = False
     window: int = p.DEFAULT_WINDOW
+    plugin_data: dict[str, dict[str, Any]] = field(default_factory=dict)
     extra_hello: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Refused here, where the caller can fix it, not by the server after a round trip.
+        try:
+            check_plugin_data(self.plugin_data)
+        except ValueError as exc:
+            raise ValueError(f"plugin_data: {exc}") from None
 
 
 class Agent:
@@ -78,19 +94,18 @@ class Agent:
         self.session: Session | None = None
         self._server_index = 0
 
-    def _hello(self) -> dict[str, Any]:
-        hello: dict[str, Any] = {
-            "v": p.PROTOCOL_VERSION,
-            "agent": f"comzy/{__version__}",
-            "port": self.config.port,
-            "subdomain": self.config.subdomain,
-            "token": self.config.token,
-            "window": self.config.window,
-            **self.config.extra_hello,
-        }
-        if self.alias and self.resume_secret:
-            hello["resume"] = {"alias": self.alias, "secret": self.resume_secret}
-        return hello
+    def _hello(self) -> Hello:
+        resuming = bool(self.alias and self.resume_secret)
+        return Hello(
+            agent=f"comzy/{__version__}",
+            port=self.config.port,
+            subdomain=self.config.subdomain,
+            token=self.config.token,
+            window=self.config.window,
+            resume_alias=self.alias if resuming else None,
+            resume_secret=self.resume_secret if resuming else None,
+            plugins=self.config.plugin_data,
+        )
 
     async def _connect_any(self) -> tuple[WebSocket, str]:
         """Try each server in turn, starting with the last one that worked."""
@@ -107,8 +122,8 @@ class Agent:
             return ws, url
         raise Unreachable("cannot reach the Comzy server at " + ", ".join(errors))
 
-    async def _handshake(self, ws: WebSocket) -> dict[str, Any]:
-        await ws.send(p.encode(p.FrameType.HELLO, 0, self._hello()))
+    async def _handshake(self, ws: WebSocket) -> Welcome:
+        await ws.send(p.encode(p.FrameType.HELLO, 0, {**self._hello().to_payload(), **self.config.extra_hello}))
         with anyio.fail_after(30):
             message = await ws.receive()
         if isinstance(message, Closed):
@@ -117,13 +132,13 @@ class Agent:
             raise AgentError("the server answered with text; is this URL a Comzy agent listener?")
         frames = list(p.decode_message(message))
         frame = frames[0]
-        if frame.type == p.FrameType.REJECT:
-            retry_after = frame.payload.get("retry_after")
-            raise Rejected(str(frame.payload.get("code", "rejected")), str(frame.payload.get("reason", "refused")),
-                           float(retry_after) if isinstance(retry_after, (int, float)) else None)
-        if frame.type != p.FrameType.WELCOME:
+        if frame.type not in (p.FrameType.WELCOME, p.FrameType.REJECT):
             raise AgentError(f"unexpected {frame.type.name} from the server during the handshake")
-        return dict(frame.payload)
+        answer = control_message(frame)
+        if isinstance(answer, Refusal):
+            raise Rejected(answer.code, answer.reason, answer.retry_after)
+        assert isinstance(answer, Welcome)
+        return answer
 
     async def run(self) -> str:
         """Serve until the server ends the tunnel for good; returns the server's reason.
@@ -158,8 +173,8 @@ class Agent:
                     raise Unreachable(f"the server did not complete the handshake: {exc}") from exc
                 reason = str(exc)
             else:
-                self.alias = welcome["alias"]
-                self.resume_secret = welcome.get("resume_secret")
+                self.alias = welcome.alias
+                self.resume_secret = welcome.resume_secret
                 self.reporter.connected(welcome, first)
                 first = False
                 delay = BACKOFF_START
@@ -172,25 +187,25 @@ class Agent:
             await anyio.sleep(wait)
             delay = min(delay * 2, BACKOFF_MAX)
 
-    async def _serve(self, ws: WebSocket, welcome: dict[str, Any]) -> tuple[str | None, str]:
+    async def _serve(self, ws: WebSocket, welcome: Welcome) -> tuple[str | None, str]:
         """Run one session. Returns (final reason or None to reconnect, reason)."""
-        heartbeat = float(welcome.get("heartbeat", 10.0))
-        session = Session(ws, window=self.config.window, peer_window=int(welcome.get("window", p.DEFAULT_WINDOW)),
+        heartbeat = welcome.heartbeat
+        session = Session(ws, window=self.config.window, peer_window=welcome.window,
                           heartbeat_interval=heartbeat, heartbeat_timeout=heartbeat * 3, name="agent")
         self.session = session
         final: list[str] = []
 
         async def on_control(frame: p.Frame) -> None:
-            if frame.type == p.FrameType.NOTICE:
-                self.reporter.notice(str(frame.payload.get("level", "info")), str(frame.payload.get("message", "")))
-            elif frame.type == p.FrameType.GOAWAY:
-                reason = str(frame.payload.get("reason", "server going away"))
-                if frame.payload.get("reconnect", True):
-                    self.reporter.notice("warning", f"server says: {reason}; will reconnect")
-                else:
-                    final.append(reason)
-            else:
+            if frame.type not in (p.FrameType.NOTICE, p.FrameType.GOAWAY):
                 raise p.ProtocolError(f"unexpected {frame.type.name} frame")
+            message = control_message(frame)
+            if isinstance(message, Notice):
+                self.reporter.notice(message.level, message.message)
+            elif isinstance(message, GoAway):
+                if message.reconnect:
+                    self.reporter.notice("warning", f"server says: {message.reason}; will reconnect")
+                else:
+                    final.append(message.reason)
 
         # One plain asyncio task per request: anyio's TaskGroup.start_soon cost about a tenth of
         # the agent's CPU per request (py-spy), and serve() never raises, so a group's error

@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Any, TextIO
+from typing import TextIO
 
 from comzy.agent.forward import Served
+from comzy.core.control import Welcome
 from comzy.core.logs import printable
 
 _RESET = "\033[0m"
@@ -51,16 +52,16 @@ class Printer:
         print(f"{prefix} {text}", file=sys.stderr, flush=True)
 
     # -- Reporter ------------------------------------------------------------------
-    def connected(self, welcome: dict[str, Any], first: bool) -> None:
+    def connected(self, welcome: Welcome, first: bool) -> None:
         """The tunnel is up: show the public URL prominently."""
         self._down = False
-        url = printable(str(welcome.get("url", "?")))
+        url = printable(welcome.url)
         if first:
             self.line(self._c(_DIM, f"comzy: forwarding {url} -> http://{self.target}"))
             self.line(self._c(_BOLD + _GREEN, f"Public URL: {url}"))
-            user = printable(str(welcome["user"])) if welcome.get("user") else None
+            user = printable(welcome.user) if welcome.user else None
             self.line(self._c(_DIM, f"Logged in as {user}" if user else "Anonymous tunnel"))
-            expires = welcome.get("expires_at")
+            expires = welcome.expires_at
             if expires:
                 left = max(0, int(float(expires) - time.time()))
                 at = time.strftime("%H:%M", time.localtime(expires))
@@ -68,8 +69,8 @@ class Printer:
             self.line(self._c(_DIM, "Press Ctrl-C to stop."))
         else:
             self.line(self._c(_GREEN, f"Reconnected: {url}"))
-        for notice in welcome.get("notices") or []:
-            self.notice("info", str(notice))
+        for notice in welcome.notices:
+            self.notice("info", notice)
 
     def reconnecting(self, reason: str, delay: float) -> None:
         """The link dropped; say why and when we retry."""

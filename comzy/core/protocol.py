@@ -6,8 +6,10 @@ Every WebSocket binary message carries one or more whole frames. A frame is a fi
     length:u32  type:u8  flags:u8  stream:u32  payload[length]
 
 Bodies travel as raw bytes in DATA frames (never base64). Structured payloads (HELLO,
-WELCOME, REQUEST, RESPONSE, ...) are msgpack maps. Nothing here touches a socket: the
-session module feeds bytes in and sends the bytes this module returns. See docs/protocol.md.
+WELCOME, REQUEST, RESPONSE, ...) are msgpack maps: the stream heads are read and written by
+``RequestHead`` and ``ResponseHead`` here, the control messages by the dataclasses in
+comzy/core/control.py. Nothing here touches a socket: the session module feeds bytes in and
+sends the bytes this module returns. See docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ MAX_FRAME_PAYLOAD = 1024 * 1024
 MAX_PING_PAYLOAD = 8
 #: Initial per-stream receive window (bytes of DATA a sender may have in flight).
 DEFAULT_WINDOW = 256 * 1024
+#: The per-stream windows a HELLO or WELCOME may announce.
+MIN_WINDOW = 64 * 1024
+MAX_WINDOW = 16 * 1024 * 1024
 #: Extra window a receiver may grant, over all streams of a session, to streams whose reader
 #: keeps up (a receiver's own choice: the sender only ever sees WINDOW credit).
 SESSION_WINDOW_BUDGET = 16 * 1024 * 1024
