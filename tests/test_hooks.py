@@ -839,7 +839,8 @@ async def test_an_agent_route_that_never_answers_gets_a_503_past_the_handshake_t
     async with start_server(tmp_path, plugins=[("stuck", Stuck())], handshake_timeout=0.3) as server, \
             httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.ports.ws}", timeout=WAIT) as api:
         got = await api.get("/api/v1/stuck")
-        assert got.status_code == 503 and "try again" in got.json()["error"]
+        assert got.status_code == 503 and got.json()["error"]["code"] == "unavailable"
+        assert "try again" in got.json()["error"]["message"]
         assert (await api.get("/api/v1/status")).status_code == 200
 
 

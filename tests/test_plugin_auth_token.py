@@ -341,7 +341,8 @@ async def test_token_guessing_is_throttled_per_address_and_logged_once(
                     refused = await api.get("/api/v1/me")
                 assert refused.status_code == 429, refused.text
                 assert 1 <= int(refused.headers["retry-after"]) <= 60
-                assert "too many failed token checks" in refused.json()["error"]
+                assert refused.json()["error"]["code"] == "throttled"
+                assert "too many failed token checks" in refused.json()["error"]["message"]
             assert len(lookups) == 5
             # The agent link shares the allowance: the HELLO is refused with when to retry...
             refusal = await throttled_hello(server, token)
@@ -534,7 +535,10 @@ async def test_login_status_aliases_and_logout(tmp_path: Path, upstream: Upstrea
         token = await create_user(plugin.engine, "ana")
         saved = tmp_path / "home" / ".comzy" / ".user"
         bad = await comzy(tmp_path, "login", "--server", url, "--token", "czy_wrong")
-        assert bad.returncode == 1 and b"refused the token" in bad.stderr and not saved.exists()
+        assert bad.returncode == 1 and not saved.exists()
+        assert bad.stderr.decode() == f"comzy: login failed: {url} says: the token was not accepted (unknown, " \
+                                      "mistyped, or replaced by a newer one); run `comzy login` with a token from " \
+                                      "the server's operator\n"
         not_logged = await comzy(tmp_path, "status", "--server", url)
         assert not_logged.returncode == 0 and b"not logged in" in not_logged.stdout
         login = await comzy(tmp_path, "login", "--server", url, stdin=token.encode() + b"\n")  # piped token

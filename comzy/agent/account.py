@@ -1,7 +1,9 @@
 """The agent's login: the saved token (``~/.comzy/.user``) and calls to the server's account API.
 
 The account API is plain HTTP on the same port as the agent's WebSocket (``ws://host:8191``
-becomes ``http://host:8191``), so the one server URL the agent knows is enough.
+becomes ``http://host:8191``), so the one server URL the agent knows is enough. What is called
+here is the documented API (docs/agent_api.md, comzy/core/account_api.py), whichever plugin
+serves it: answers are read by their documented shape, failures by status and error code.
 """
 
 from __future__ import annotations
@@ -12,9 +14,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpx
+
+from comzy.core.account_api import ALIASES_PATH, ME_PATH, STATUS_PATH, ErrorCode, read_error
+from comzy.core.logs import printable
 
 #: The seed's location of the saved login.
 CREDENTIALS = Path("~/.comzy/.user")
@@ -102,42 +107,136 @@ def api_base(server: str) -> str:
     return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
 
 
-@dataclass(frozen=True, slots=True)
-class Answer:
-    """A JSON answer of the account API."""
+class ApiError(AccountError):
+    """The server answered with an error: its HTTP ``status``, error ``code`` and ``message``.
 
-    status: int
-    document: dict[str, Any]
+    ``code`` is one of comzy.core.account_api.ErrorCode's values ("" from a server of an earlier
+    Comzy, whose errors had no code). The text shows the server's message as it is, after the
+    server's URL: ``<server> says: <message>``.
+    """
+
+    def __init__(self, server: str, status: int, code: str, message: str) -> None:
+        # Escaped: the server's words must not drive the terminal they are printed on.
+        super().__init__(f"{server} says: {printable(message) if message else f'HTTP {status}'}")
+        self.server = server
+        self.status = status
+        self.code = code
+        self.message = message
 
     @property
-    def error(self) -> str:
-        """The server's explanation of a failure."""
-        return str(self.document.get("error", f"HTTP {self.status}"))
+    def no_accounts(self) -> bool:
+        """Whether the server has no account API at all (no plugin serves it)."""
+        return self.code == ErrorCode.NO_API
 
 
-async def call(server: str, method: str, path: str, token: str | None = None, timeout: float = 10.0) -> Answer:
-    """One account API call; AccountError when the server cannot be reached or is not Comzy."""
-    headers = {"authorization": f"Bearer {token}"} if token else {}
-    url = api_base(server) + path
-    try:
-        async with httpx.AsyncClient(timeout=timeout, trust_env=False) as client:
-            response = await client.request(method, url, headers=headers)
-    except httpx.HTTPError as exc:
-        reason = str(exc) or type(exc).__name__
-        raise AccountError(f"cannot reach the Comzy server at {server} ({reason}). Is comzy-server running "
-                           "there? Set --server or COMZY_WS_SERVER.") from None
-    document: dict[str, Any] = {}
-    with contextlib.suppress(ValueError):
-        parsed = response.json()
-        if isinstance(parsed, dict):
-            document = parsed
-    if not document and response.status_code != 204:
-        raise AccountError(f"{server} answered HTTP {response.status_code} without JSON; is it a Comzy agent "
-                           "listener (comzy-server's COMZY_WS_PORT, 8191 by default)?")
-    return Answer(response.status_code, document)
+@dataclass(frozen=True, slots=True)
+class ServerStatus:
+    """``GET /api/v1/status``: what the server is."""
+
+    server: str
+    protocol: int
+    base_domain: str
+    draining: bool
+
+
+@dataclass(frozen=True, slots=True)
+class OwnedAlias:
+    """One alias a user owns, as the account API lists it."""
+
+    alias: str
+    port: int
+    url: str
+    online: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """``GET /api/v1/me``: who the token belongs to and what they own (``max_aliases``: None = no limit)."""
+
+    user: str
+    aliases: list[OwnedAlias]
+    max_aliases: int | None
+
+
+class AccountClient:
+    """Calls the account API of ``server`` (an agent listener URL), with ``token`` when given."""
+
+    def __init__(self, server: str, token: str | None = None, timeout: float = 10.0) -> None:
+        self.server = server
+        self.token = token
+        self.timeout = timeout
+
+    async def status(self) -> ServerStatus:
+        """What the server is (the core answers this; no token needed)."""
+        document = await self._call("GET", STATUS_PATH)
+        server = self.server
+        return ServerStatus(_field(server, document, "server", str), _field(server, document, "protocol", int),
+                            _field(server, document, "base_domain", str), bool(document.get("draining")))
+
+    async def me(self) -> Account:
+        """The token's user and the aliases they own; ApiError when refused."""
+        try:
+            document = await self._call("GET", ME_PATH)
+        except ApiError as exc:
+            if exc.status == 404 and not exc.code:
+                # An earlier Comzy's 404 had no code; on this path it could only mean "no such API".
+                raise ApiError(exc.server, exc.status, ErrorCode.NO_API, exc.message) from None
+            raise
+        limit = document.get("max_aliases")
+        return Account(_field(self.server, document, "user", str), self._aliases(document),
+                       limit if isinstance(limit, int) else None)
+
+    async def release(self, alias: str) -> bool:
+        """Give up ``alias``; whether its tunnel is still online (it runs until it stops)."""
+        document = await self._call("DELETE", f"{ALIASES_PATH}/{quote(alias, safe='')}")
+        return bool(document.get("online"))
+
+    def _aliases(self, document: dict[str, Any]) -> list[OwnedAlias]:
+        listing = []
+        for item in _field(self.server, document, "aliases", list):
+            if not isinstance(item, dict):
+                raise _unexpected(self.server, "aliases", "a list of objects")
+            listing.append(OwnedAlias(_field(self.server, item, "alias", str), _field(self.server, item, "port", int),
+                                      _field(self.server, item, "url", str), bool(item.get("online"))))
+        return listing
+
+    async def _call(self, method: str, path: str) -> dict[str, Any]:
+        headers = {"authorization": f"Bearer {self.token}"} if self.token else {}
+        url = api_base(self.server) + path
+        try:
+            async with httpx.AsyncClient(timeout=self.timeout, trust_env=False) as client:
+                response = await client.request(method, url, headers=headers)
+        except httpx.HTTPError as exc:
+            reason = str(exc) or type(exc).__name__
+            raise AccountError(f"cannot reach the Comzy server at {self.server} ({reason}). Is comzy-server "
+                               "running there? Set --server or COMZY_WS_SERVER.") from None
+        document: Any = None
+        with contextlib.suppress(ValueError):
+            document = response.json()
+        if not isinstance(document, dict):
+            raise AccountError(f"{self.server} answered HTTP {response.status_code} without a JSON object; is it "
+                               "a Comzy agent listener (comzy-server's COMZY_WS_PORT, 8191 by default)?")
+        error = read_error(document)
+        if response.status_code >= 400 or error is not None:
+            code, message = error if error is not None else ("", "")
+            raise ApiError(self.server, response.status_code, code, message)
+        return document
+
+
+def _field(server: str, document: dict[str, Any], key: str, kind: type) -> Any:
+    """``document[key]`` if it is a ``kind``; else the answer is not the documented API."""
+    value = document.get(key)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise _unexpected(server, key, f"a {kind.__name__}")
+    return value
+
+
+def _unexpected(server: str, key: str, expected: str) -> AccountError:
+    return AccountError(f"{server} answered with '{key}' not {expected} (not the documented account API, "
+                        "docs/agent_api.md); is it a Comzy agent listener of a matching version?")
 
 
 def no_accounts(server: str) -> str:
-    """The message for a server without the account API."""
-    return (f"{server} has no user accounts (its auth_token plugin is off); anonymous tunnels work there "
-            "without logging in")
+    """The line for a server where no plugin serves the account API."""
+    return (f"{server} has no user accounts (no plugin there serves the account API; its operator enables one, "
+            "such as auth_token, in COMZY_PLUGINS); anonymous tunnels work there without logging in")

@@ -6,13 +6,14 @@ import argparse
 import getpass
 import os
 import sys
-from typing import Any
 
 import anyio
 
 from comzy import __version__
 from comzy.agent import account
-from comzy.agent.account import AccountError, Credentials
+from comzy.agent.account import AccountClient, AccountError, ApiError, Credentials, OwnedAlias
+from comzy.core.account_api import ErrorCode
+from comzy.core.logs import printable
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,17 +85,15 @@ async def _login(token: str | None, server_option: str | None) -> int:
     token = (token or os.environ.get("COMZY_TOKEN") or _read_token()).strip()
     if not token:
         return _fail("no token given; pass --token TOKEN or type it at the prompt")
-    answer = await account.call(server, "GET", "/api/v1/me", token)
-    if answer.status == 404:
-        return _fail(account.no_accounts(server))
-    if answer.status != 200:
-        return _fail(f"{server} refused the token: {answer.error}")
-    user = str(answer.document.get("user"))
-    path = account.save_credentials(Credentials(token, user, ",".join(servers)))
+    try:
+        me = await AccountClient(server, token).me()
+    except ApiError as exc:
+        return _fail(account.no_accounts(server) if exc.no_accounts else f"login failed: {exc}")
+    user = printable(me.user)
+    path = account.save_credentials(Credentials(token, me.user, ",".join(servers)))
     print(f"Logged in to {server} as {user}. Token saved in {path} (readable by you only).")
-    owned = answer.document.get("aliases") or []
-    if owned:
-        print("Your aliases: " + ", ".join(f"{a['alias']} (port {a['port']})" for a in owned))
+    if me.aliases:
+        print("Your aliases: " + ", ".join(f"{printable(a.alias)} (port {a.port})" for a in me.aliases))
     print("Run `comzy PORT`: each local port keeps its alias from now on.")
     return 0
 
@@ -108,25 +107,24 @@ def _logout() -> int:
     return 0
 
 
-def _alias_lines(owned: list[dict[str, Any]]) -> list[str]:
-    width = max((len(a["alias"]) for a in owned), default=0)
-    return [f"  {a['alias']:<{width}}  port {a['port']:<5}  {'online ' if a.get('online') else 'offline'}  {a['url']}"
-            for a in owned]
+def _alias_lines(owned: list[OwnedAlias]) -> list[str]:
+    width = max((len(a.alias) for a in owned), default=0)
+    return [f"  {printable(a.alias):<{width}}  port {a.port:<5}  {'online ' if a.online else 'offline'}  "
+            f"{printable(a.url)}" for a in owned]
 
 
 async def _status(server_option: str | None) -> int:
     saved = account.load_credentials()
     server = _server(server_option, saved)
     try:
-        answer = await account.call(server, "GET", "/api/v1/status")
+        info = await AccountClient(server).status()
+    except ApiError as exc:
+        return _fail(f"{server} has no status API ({exc}); is it a Comzy agent listener?")
     except AccountError as exc:
         print(f"Server:  {server}: unreachable")
         return _fail(str(exc))
-    if answer.status != 200:
-        return _fail(f"{server} answered HTTP {answer.status} to /api/v1/status; is it a Comzy agent listener?")
-    info = answer.document
-    draining = " (shutting down)" if info.get("draining") else ""
-    print(f"Server:  {server}: reachable, {info.get('server', '?')}, tunnels at *.{info.get('base_domain', '?')}"
+    draining = " (shutting down)" if info.draining else ""
+    print(f"Server:  {server}: reachable, {printable(info.server)}, tunnels at *.{printable(info.base_domain)}"
           f"{draining}")
     token, held_back = account.token_for([server], saved)
     if token is None:
@@ -134,18 +132,20 @@ async def _status(server_option: str | None) -> int:
               f"--server {server}` to log in there." if held_back else
               "Login:   not logged in (tunnels are anonymous). Run `comzy login` for lasting aliases.")
         return 0
-    me = await account.call(server, "GET", "/api/v1/me", token)
-    if me.status == 404:
-        print(f"Login:   saved for {saved.user if saved else '?'}, but {account.no_accounts(server)}")
-        return 0
-    if me.status != 200:
-        print(f"Login:   your token is not accepted: {me.error}")
+    try:
+        me = await AccountClient(server, token).me()
+    except ApiError as exc:
+        if exc.no_accounts:
+            print(f"Login:   saved for {saved.user if saved else '?'}, but {account.no_accounts(server)}")
+            return 0
+        problem = "your token is not accepted" if exc.code == ErrorCode.UNAUTHORIZED else "cannot check your token"
+        print(f"Login:   {problem}: {exc}")
         return 1
-    owned = me.document.get("aliases") or []
     source = "COMZY_TOKEN" if os.environ.get("COMZY_TOKEN") else str(account.credentials_path())
-    print(f"Login:   {me.document.get('user')} (token from {source})")
-    print(f"Aliases: {len(owned)} of {me.document.get('max_aliases', '?')}")
-    for line in _alias_lines(owned):
+    print(f"Login:   {printable(me.user)} (token from {source})")
+    print(f"Aliases: {len(me.aliases)} of {me.max_aliases}" if me.max_aliases is not None else
+          f"Aliases: {len(me.aliases)} (no limit)")
+    for line in _alias_lines(me.aliases):
         print(line)
     return 0
 
@@ -158,28 +158,28 @@ async def _aliases(server_option: str | None, action: str | None, name: str | No
         if held_back:
             return _fail(f"{held_back}; aliases belong to users: run `comzy login --server {server}` first")
         return _fail("not logged in; aliases belong to users: run `comzy login` first")
-    if action == "release":
-        assert name is not None
-        answer = await account.call(server, "DELETE", f"/api/v1/aliases/{name.lower()}", token)
-        if answer.status == 404 and "no alias" not in answer.error:
+    client = AccountClient(server, token)
+    try:
+        if action == "release":
+            assert name is not None
+            online = await client.release(name.lower())
+            note = " Its tunnel keeps running until it stops." if online else ""
+            print(f"Released {printable(name.lower())}: anyone may take it now.{note}")
+            return 0
+        me = await client.me()
+    except ApiError as exc:
+        if exc.no_accounts:
             return _fail(account.no_accounts(server))
-        if answer.status != 200:
-            return _fail(answer.error)
-        note = " Its tunnel keeps running until it stops." if answer.document.get("online") else ""
-        print(f"Released {answer.document.get('released')}: anyone may take it now.{note}")
+        if exc.code == ErrorCode.UNAUTHORIZED:
+            return _fail(f"your token is not accepted: {exc}")
+        return _fail(str(exc))
+    user = printable(me.user)
+    if not me.aliases:
+        print(f"{user} owns no aliases yet; `comzy PORT` claims one.")
         return 0
-    answer = await account.call(server, "GET", "/api/v1/me", token)
-    if answer.status == 404:
-        return _fail(account.no_accounts(server))
-    if answer.status != 200:
-        return _fail(f"your token is not accepted: {answer.error}")
-    owned = answer.document.get("aliases") or []
-    limit = answer.document.get("max_aliases", "?")
-    if not owned:
-        print(f"{answer.document.get('user')} owns no aliases yet (up to {limit}); `comzy PORT` claims one.")
-        return 0
-    print(f"{answer.document.get('user')} owns {len(owned)} of {limit} aliases:")
-    for line in _alias_lines(owned):
+    print(f"{user} owns {len(me.aliases)} of {me.max_aliases} aliases:" if me.max_aliases is not None else
+          f"{user} owns {len(me.aliases)} aliases:")
+    for line in _alias_lines(me.aliases):
         print(line)
     print("Release one with `comzy aliases release NAME`.")
     return 0

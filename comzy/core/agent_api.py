@@ -3,9 +3,10 @@
 The agent listener speaks WebSocket to agents. A request that does not ask for an upgrade is
 answered here instead, one request per connection: ``GET /api/v1/status`` (built in: is this a
 Comzy server, which version), plus the routes plugins contribute with the ``agent_routes`` hook
-(the auth_token plugin's ``/api/v1/me`` and ``/api/v1/aliases/...`` behind ``comzy login``,
-``comzy status`` and ``comzy aliases``). Only the agent's own URL is needed to reach it, so a
-server behind one port forward or one TLS terminator needs nothing more.
+(the account API behind ``comzy login``, ``comzy status`` and ``comzy aliases``, documented in
+docs/agent_api.md, when a plugin keeps accounts). Only the agent's own URL is needed to reach it,
+so a server behind one port forward or one TLS terminator needs nothing more. Every error this
+module answers has the account API's one shape (comzy/core/account_api.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import h11
 
 from comzy import __version__
 from comzy.core import protocol as p
+from comzy.core.account_api import STATUS_PATH, ErrorCode, error_document
 from comzy.core.admin import AdminRoute
 
 if TYPE_CHECKING:
@@ -40,6 +42,11 @@ ANSWER_TIMEOUT = 8.0
 def json_response(status: int, document: Any) -> tuple[int, bytes]:
     """``(status, body)`` of a JSON answer."""
     return status, json.dumps(document).encode() + b"\n"
+
+
+def error_response(code: ErrorCode, message: str) -> tuple[int, bytes]:
+    """``(status, body)`` of an error answer in the account API's shape."""
+    return json_response(code.status, error_document(code, message))
 
 
 class AgentApi:
@@ -62,8 +69,8 @@ class AgentApi:
         except (TimeoutError, anyio.BrokenResourceError, anyio.EndOfStream, OSError):
             return  # the client is slow or gone: nobody to answer
         except (h11.RemoteProtocolError, _BodyTooLarge) as exc:
-            status = 413 if isinstance(exc, _BodyTooLarge) else 400
-            await _write_simple(stream, status, {"error": f"bad request: {exc}"})
+            code = ErrorCode.TOO_LARGE if isinstance(exc, _BodyTooLarge) else ErrorCode.BAD_REQUEST
+            await _write_simple(stream, code, f"bad request: {exc}")
             return
         await self._dispatch(stream, conn, request, body, client)
 
@@ -105,13 +112,13 @@ class AgentApi:
                 if deadline.cancelled_caught:
                     log.warning("agent API: %s %s got no answer from its plugin within %g s",
                                 scope["method"], path, ANSWER_TIMEOUT)
-                    own = json_response(503, {"error": "the server is too busy to answer right now; "
-                                                       "try again in a minute"})
+                    own = error_response(ErrorCode.UNAVAILABLE, "the server is too busy to answer right now; "
+                                                                "try again in a minute")
         except Exception:
             log.exception("agent API: %s %s failed in a plugin", scope["method"], path)
-            own = json_response(500, {"error": "the server failed to answer; see its log"})
+            own = error_response(ErrorCode.INTERNAL, "the server failed to answer; see its log")
         if own is None and "status" not in response:
-            own = json_response(500, {"error": "the server sent no answer"})
+            own = error_response(ErrorCode.INTERNAL, "the server sent no answer")
         if own is not None:
             response = {"status": own[0], "headers": [(b"content-type", b"application/json")]}
             chunks = [own[1]]
@@ -136,7 +143,7 @@ class AgentApi:
     def _builtin(self, scope: dict[str, Any]) -> tuple[int, bytes]:
         path = scope["path"]
         settings = self.server.settings
-        if path == "/api/v1/status":
+        if path == STATUS_PATH:
             return json_response(200, {
                 "server": f"comzy/{__version__}", "protocol": p.PROTOCOL_VERSION,
                 "base_domain": settings.base_domain, "draining": self.server.draining,
@@ -144,7 +151,8 @@ class AgentApi:
         if path == "/":
             return json_response(200, {"message": "This is the agent listener of a Comzy server. Connect an agent: "
                                        f"comzy 3000 --server ws://<this host>:{self.server.ports.ws}"})
-        return json_response(404, {"error": f"no API at {path} on this server (comzy/{__version__})"})
+        # The agent reads this code on an account path as "this server keeps no accounts".
+        return error_response(ErrorCode.NO_API, f"nothing on this server (comzy/{__version__}) serves {path}")
 
 
 class _BodyTooLarge(Exception):
@@ -172,8 +180,8 @@ async def _read_body(stream: anyio.abc.ByteStream, conn: h11.Connection) -> byte
             raise h11.RemoteProtocolError("connection closed before the request body ended")
 
 
-async def _write_simple(stream: anyio.abc.ByteStream, status: int, document: Any) -> None:
-    body = json.dumps(document).encode() + b"\n"
+async def _write_simple(stream: anyio.abc.ByteStream, code: ErrorCode, message: str) -> None:
+    status, body = error_response(code, message)
     reason = {400: b"Bad Request", 413: b"Content Too Large"}.get(status, b"Error")
     head = (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
             % (status, reason, len(body)))
