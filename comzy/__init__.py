@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from comzy.core.admin import AdminRoute
 from comzy.core.hooks import PluginError
 from comzy.core.hookspecs import hookimpl
-from comzy.core.types import Exchange, ForwardRequest, Registration, Reject, Tunnel
+from comzy.core.types import Exchange, ForwardRequest, LoggedRequest, Registration, Reject, Tunnel
 
 if TYPE_CHECKING:
     from comzy.core.server import ServerContext
@@ -23,6 +23,7 @@ __all__ = [
     "AdminRoute",
     "Exchange",
     "ForwardRequest",
+    "LoggedRequest",
     "PluginError",
     "Registration",
     "Reject",

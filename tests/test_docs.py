@@ -34,6 +34,7 @@ PUBLIC_API = [
     "AdminRoute",
     "Exchange",
     "ForwardRequest",
+    "LoggedRequest",
     "PluginError",
     "Registration",
     "Reject",
@@ -58,7 +59,7 @@ def test_the_hooks_are_the_designed_ones() -> None:
     assert set(hook_specs()) == {"on_startup", "on_shutdown", "on_register", "on_connect", "on_disconnect",
                                  "resolve_host",
                                  "alias_owner", "alias_reserved", "before_forward", "after_response", "admin_routes",
-                                 "agent_routes"}
+                                 "agent_routes", "on_registration_refused", "recent_requests"}
 
 
 @pytest.mark.parametrize("hook", sorted(hook_specs()))

@@ -17,11 +17,13 @@ import anyio
 import httpx
 import pytest
 
-from comzy import AdminRoute, Exchange, ForwardRequest, Registration, Reject, Tunnel, hookimpl
+from comzy import AdminRoute, Exchange, ForwardRequest, LoggedRequest, Registration, Reject, Tunnel, hookimpl
 from comzy.agent.client import Agent, AgentConfig, Rejected
 from comzy.agent.forward import LocalForwarder
+from comzy.core import protocol as p
 from comzy.core.hooks import PluginError
 from comzy.core.server import ServerContext
+from comzy.core.websocket import connect
 from tests.conftest import PYTHON, RecordingReporter, admin_client, cli_env, start_agent, start_server, visitor
 from tests.upstream import Upstream
 
@@ -165,7 +167,6 @@ async def test_hook_on_register(tmp_path: Path) -> None:
         assert str(rejected) == "no tunnels for you"
         assert rejected.code == "rejected"
         assert server.tunnels() == []
-        assert server.counters["registrations_refused"] == 1
     # What the hook saw: the agent's HELLO.
     (registration,) = plugin.seen
     assert registration.port == 9
@@ -177,16 +178,92 @@ async def test_hook_on_register(tmp_path: Path) -> None:
 
 async def test_hook_on_register_reject_cli_agent(tmp_path: Path) -> None:
     """The stock CLI prints the plugin's reason and exits non-zero."""
-    async with start_server(tmp_path, plugins=[("reject", RejectAll())]) as server:
+    refusals = Refusals()
+    async with start_server(tmp_path, plugins=[("refusals", refusals), ("reject", RejectAll())]) as server:
         command = [PYTHON, "-m", "comzy.agent.cli", "3999", "--server", f"ws://127.0.0.1:{server.ports.ws}"]
         # run_process kills the agent if the deadline passes.
         with anyio.fail_after(15):
             result = await anyio.run_process(command, env=cli_env(), check=False)
-        assert server.counters["registrations_refused"] == 1
+        assert [code for code, _, _ in refusals.calls] == ["rejected"]  # refused once; no retries
     out, err = result.stdout.decode(), result.stderr.decode()
     assert result.returncode != 0
     assert "no tunnels for you" in err, (out, err)
     assert "Public URL" not in out
+
+
+# -- on_registration_refused --------------------------------------------------------------
+class Refusals:
+    """Records every on_registration_refused call; the first one fails (it must only be logged)."""
+
+    def __init__(self, fail_first: bool = False) -> None:
+        self.calls: list[tuple[str, str, str]] = []
+        self.fail_first = fail_first
+
+    @hookimpl
+    async def on_registration_refused(self, code: str, reason: str, client_address: str,
+                                      server: ServerContext) -> None:
+        assert isinstance(server, ServerContext)
+        await anyio.lowlevel.checkpoint()  # really async: the runner must await it
+        self.calls.append((code, reason, client_address))
+        if self.fail_first and len(self.calls) == 1:
+            raise RuntimeError("refusal log down")
+
+
+class RefusesByToken:
+    """Refuses by the agent's token: ``throttle`` with a 429, ``crash`` by a bug, ``refuse`` plainly."""
+
+    @hookimpl
+    def on_register(self, registration: Registration) -> None:
+        if registration.token == "throttle":
+            raise Reject("too many failed logins", status=429, headers=[(b"retry-after", b"7")])
+        if registration.token == "crash":
+            raise KeyError("bug in plugin")
+        if registration.token == "refuse":
+            raise Reject("no tunnels for you")
+
+
+async def _raw_reject(server: ServerContext, message: bytes | str) -> dict[str, Any]:
+    """Send ``message`` as an agent's first WebSocket message; the REJECT payload it got."""
+    ws = await connect(f"ws://127.0.0.1:{server.ports.ws}", 1 << 20)
+    try:
+        await ws.send(message)
+        with anyio.fail_after(WAIT):
+            answer = await ws.receive()
+    finally:
+        await ws.aclose()
+    assert isinstance(answer, bytes), answer
+    frame = next(p.decode_message(answer))
+    assert frame.type == p.FrameType.REJECT
+    payload: dict[str, Any] = frame.payload
+    return payload
+
+
+def _hello(**fields: Any) -> bytes:
+    return p.encode(p.FrameType.HELLO, 0, {"v": p.PROTOCOL_VERSION, "agent": "test/1", "port": 9, **fields})
+
+
+async def test_hook_on_registration_refused(tmp_path: Path, upstream: Upstream,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    """Every refusal is reported once, with the code and reason the agent got; accepted agents never are."""
+    refusals = Refusals(fail_first=True)
+    with caplog.at_level(logging.ERROR):
+        async with start_server(tmp_path, plugins=[("refusals", refusals), ("gate", RefusesByToken())]) as server:
+            rejected = await _register_and_expect_reject(server, token="refuse")
+            assert (rejected.code, str(rejected)) == ("rejected", "no tunnels for you")  # the failing impl: logged
+            answers = [await _raw_reject(server, "hello?"),
+                       await _raw_reject(server, p.encode(p.FrameType.HELLO, 0, {"v": 99, "agent": "x", "port": 9})),
+                       await _raw_reject(server, _hello(token="throttle")),
+                       await _raw_reject(server, _hello(token="crash"))]
+            async with start_agent(server, upstream.port):
+                pass
+            refused = await _register_and_expect_reject(server, subdomain="www")  # the core's own rule
+    assert [code for code, _, _ in refusals.calls] == ["rejected", "protocol", "version", "throttled", "internal",
+                                                     "rejected"]
+    assert [(a["code"], a["reason"]) for a in answers] == [(c, r) for c, r, _ in refusals.calls[1:5]]
+    assert answers[2]["retry_after"] == 7
+    assert refusals.calls[0][1] == "no tunnels for you" and refusals.calls[5][1] == str(refused)
+    assert {client for _, _, client in refusals.calls} == {"127.0.0.1"}
+    assert "plugin refusals failed in on_registration_refused" in caplog.text
 
 
 class Shape:
@@ -203,7 +280,7 @@ class Shape:
         registration.expires_at = self.expires_at
         registration.notices.append("welcome, alice")
         registration.notices.append("this tunnel expires in an hour")
-        registration.metadata["plan"] = "free"
+        registration.plugin_state("shape")["plan"] = "free"
 
 
 async def test_hook_on_register_shapes_the_tunnel(tmp_path: Path, upstream: Upstream) -> None:
@@ -218,7 +295,8 @@ async def test_hook_on_register_shapes_the_tunnel(tmp_path: Path, upstream: Upst
         assert welcome["url"].startswith(f"http://granted-{upstream.port}.localhost:")
         tunnel = server.tunnel(f"granted-{upstream.port}")
         assert tunnel is not None
-        assert (tunnel.user, tunnel.metadata) == ("alice", {"plan": "free"})
+        assert (tunnel.user, tunnel.metadata) == ("alice", {"shape": {"plan": "free"}})
+        assert tunnel.plugin_state("shape") == {"plan": "free"}
         async with agent.visitor() as client:
             assert (await client.get("/granted")).status_code == 200
 
@@ -250,9 +328,9 @@ class Ordered:
 
     @hookimpl
     async def on_register(self, registration: Registration, server: ServerContext) -> None:
-        self.log.append(f"{self.name} start (saw {registration.metadata.get('stamps', [])})")
+        self.log.append(f"{self.name} start (saw {registration.notices})")
         await anyio.sleep(0.01)
-        registration.metadata.setdefault("stamps", []).append(self.name)
+        registration.notices.append(self.name)
         self.log.append(f"{self.name} end")
 
 
@@ -265,7 +343,7 @@ class SubsetOfArgs:
     @hookimpl(tryfirst=True)
     def on_register(self, registration: Registration) -> None:
         self.log.append("subset")
-        registration.metadata["stamps"] = ["subset"]
+        registration.notices.append("subset")
 
 
 async def test_hook_on_register_order(tmp_path: Path, upstream: Upstream) -> None:
@@ -273,9 +351,7 @@ async def test_hook_on_register_order(tmp_path: Path, upstream: Upstream) -> Non
     log: list[str] = []
     plugins = [("first", Ordered("first", log)), ("second", Ordered("second", log)), ("subset", SubsetOfArgs(log))]
     async with start_server(tmp_path, plugins=plugins) as server, start_agent(server, upstream.port) as agent:
-        tunnel = server.tunnel(agent.alias)
-        assert tunnel is not None
-        assert tunnel.metadata["stamps"] == ["subset", "second", "first"]
+        assert agent.reporter.welcomes[0]["notices"] == ["subset", "second", "first"]
     assert log == [
         "subset",
         "second start (saw ['subset'])",
@@ -864,3 +940,62 @@ async def test_hook_agent_routes(tmp_path: Path, upstream: Upstream) -> None:
         # Not on the admin listener.
         async with admin_client(server) as admin:
             assert (await admin.get("/api/v1/motd")).status_code == 404
+
+
+# -- recent_requests ------------------------------------------------------------------------------
+class History:
+    """A request log answering ``recent_requests`` from a list (or not at all, or failing)."""
+
+    def __init__(self, name: str, asked: list[str], kept: list[LoggedRequest] | None,
+                 fails: bool = False) -> None:
+        self.name, self.asked, self.kept, self.fails = name, asked, kept, fails
+
+    @hookimpl
+    async def recent_requests(self, alias: str | None, limit: int) -> list[LoggedRequest] | None:
+        await anyio.lowlevel.checkpoint()  # really async: the runner must await it
+        self.asked.append(self.name)
+        if self.fails:
+            raise ConnectionError("the log's database is down")
+        if self.kept is None:
+            return None  # this log is off: the next plugin answers
+        return [r for r in self.kept if alias is None or r.alias == alias][:limit]
+
+
+def _logged(alias: str, path: str, started_at: float) -> LoggedRequest:
+    return LoggedRequest(alias=alias, method="GET", path=path, status=200, bytes_in=0, bytes_out=3,
+                         started_at=started_at, duration=0.0125, client="192.0.2.7", port=3000)
+
+
+async def test_hook_recent_requests(tmp_path: Path) -> None:
+    """The first non-None answer wins, async answers awaited; the dashboard shows it, and says when it fails."""
+    from comzy.plugins.dashboard import Dashboard
+
+    asked: list[str] = []
+    kept = [_logged("a", "/3", 30.0), _logged("b", "/2", 20.0), _logged("a", "/1", 10.0)]
+    plugins = [("dashboard", Dashboard()), ("full", History("full", asked, kept)),
+               ("off", History("off", asked, None))]
+    async with start_server(tmp_path, plugins=plugins) as server:
+        assert await server.hooks.recent_requests("a", 1, server) == [kept[0]]
+        assert asked == ["off", "full"]  # registered last, asked first; None passes the question on
+        async with admin_client(server) as admin:
+            got = (await admin.get("/api/requests", params={"alias": "a", "limit": 5})).json()
+        assert got["source"] == "log"
+        assert got["requests"] == [
+            {"time": 30.0, "alias": "a", "port": 3000, "method": "GET", "path": "/3", "status": 200, "bytes_in": 0,
+             "bytes_out": 3, "duration_ms": 12.5, "client": "192.0.2.7"},
+            {"time": 10.0, "alias": "a", "port": 3000, "method": "GET", "path": "/1", "status": 200, "bytes_in": 0,
+             "bytes_out": 3, "duration_ms": 12.5, "client": "192.0.2.7"}]
+    # A log that cannot be read: the error reaches the caller, and the dashboard answers 503.
+    failing = [("dashboard", Dashboard()), ("down", History("down", asked, kept, fails=True))]
+    async with start_server(tmp_path, plugins=failing) as server:
+        with pytest.raises(ConnectionError):
+            await server.hooks.recent_requests(None, 10, server)
+        async with admin_client(server) as admin:
+            down = await admin.get("/api/requests")
+        assert down.status_code == 503
+        assert down.json() == {"error": "the request log cannot be read right now (ConnectionError); try again"}
+    # No plugin keeps a log: no answer, and the dashboard answers from its memory.
+    async with start_server(tmp_path, plugins=[("dashboard", Dashboard())]) as server:
+        assert await server.hooks.recent_requests(None, 10, server) is None
+        async with admin_client(server) as admin:
+            assert (await admin.get("/api/requests")).json() == {"source": "memory", "requests": []}

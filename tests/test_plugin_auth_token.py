@@ -203,7 +203,6 @@ async def test_require_token_refuses_anonymous_agents_with_a_hint(tmp_path: Path
     async with auth_server(tmp_path, auth(require_token=True), {}) as server:
         refused = await _register_and_expect_reject(server)
         assert "comzy login" in str(refused) and "logged-in agents only" in str(refused)
-        assert server.counters["registrations_refused"] == 1
 
 
 async def test_a_bad_token_is_refused_even_when_anonymous_agents_are_allowed(tmp_path: Path) -> None:

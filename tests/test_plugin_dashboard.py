@@ -186,7 +186,7 @@ async def test_requests_come_from_the_request_log_when_it_is_on(tmp_path: Path, 
                     if len(logged["requests"]) >= 3:
                         break
                     await anyio.sleep(0.05)
-            assert logged["source"] == "database"
+            assert logged["source"] == "log"
             assert [(r["path"], r["status"]) for r in logged["requests"]] == [
                 ("/status/500", 500), ("/status/404", 404), ("/status/200", 200)]
             assert (await admin.get("/api/requests", params={"alias": "nobody"})).json()["requests"] == []

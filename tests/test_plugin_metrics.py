@@ -47,7 +47,7 @@ async def test_metrics_after_known_traffic(tmp_path: Path, upstream: Upstream) -
                 live = samples(scrape.text)
                 assert live[("comzy_tunnels_active", ())] == 1
                 assert live[("comzy_websocket_streams_open", ())] == 1
-                assert live[("comzy_streams_open", ())] >= 1
+                assert live[("comzy_streams_open", ())] == 1  # the WebSocket (the scrape is no stream)
             # Let the edge finish the WebSocket exchange (after_response) before the next scrape.
             with anyio.fail_after(10):
                 while samples((await admin.get("/metrics")).text)[  # noqa: ASYNC110 (polling a scrape)
@@ -66,6 +66,9 @@ async def test_metrics_after_known_traffic(tmp_path: Path, upstream: Upstream) -
     assert values[("comzy_bytes_out_total", ())] >= len("status 200\n") * 3
     assert values[("comzy_registrations_total", (("reason", ""), ("result", "accepted")))] == 1
     assert values[("comzy_registrations_total", (("reason", "rejected"), ("result", "refused")))] == 1
+    # Every refusal code the core uses is there from the start (counted from on_registration_refused).
+    for code in ("protocol", "version", "throttled", "internal"):
+        assert values[("comzy_registrations_total", (("reason", code), ("result", "refused")))] == 0
     assert values[("comzy_tunnels_active", ())] == 1
     assert values[("comzy_websocket_streams_open", ())] == 0
     assert ("comzy_build_info", (("version", __version__),)) in values

@@ -87,7 +87,7 @@ class AgentListener:
                 plain = not asks_for_upgrade(head)
                 if not plain:
                     ws, _ = await accept(stream, head, rest, MAX_LINK_MESSAGE)
-                    hello = await self._read_hello(ws)
+                    hello = await self._read_hello(ws, client)
         except TimeoutError:
             self._bad_handshake("agent %s: handshake timed out after %ss", client, self.settings.handshake_timeout)
             await stream.aclose()
@@ -105,22 +105,23 @@ class AgentListener:
             return None
         return await self._register(ws, hello, client)
 
-    async def _read_hello(self, ws: WebSocket) -> dict[str, Any] | None:
+    async def _read_hello(self, ws: WebSocket, client: str) -> dict[str, Any] | None:
         message = await ws.receive()
         if isinstance(message, Closed):
             return None
         if isinstance(message, str):
-            await self._reject(ws, "protocol", "expected a binary HELLO frame; is this a Comzy agent?")
+            await self._reject(ws, client, "protocol", "expected a binary HELLO frame; is this a Comzy agent?")
             return None
         frames = list(p.decode_message(message))
         if len(frames) != 1 or frames[0].type != p.FrameType.HELLO:
-            await self._reject(ws, "protocol", "the first frame must be HELLO")
+            await self._reject(ws, client, "protocol", "the first frame must be HELLO")
             return None
         hello: dict[str, Any] = frames[0].payload
         version = hello.get("v")
         if version != p.PROTOCOL_VERSION:
             await self._reject(
                 ws,
+                client,
                 "version",
                 f"this server speaks protocol v{p.PROTOCOL_VERSION} but the agent speaks v{version}; "
                 "install a matching comzy agent (pip install --upgrade comzy)",
@@ -128,10 +129,8 @@ class AgentListener:
             return None
         return hello
 
-    async def _reject(self, ws: WebSocket, code: str, reason: str, retry_after: int | None = None) -> None:
-        # By code too (protocol, version, rejected by a plugin, internal): the metrics plugin's labels.
-        self.server.count("registrations_refused")
-        self.server.count(f"registrations_refused:{code}")
+    async def _reject(self, ws: WebSocket, client: str, code: str, reason: str,
+                      retry_after: int | None = None) -> None:
         refusal: dict[str, Any] = {"code": code, "reason": reason}
         if retry_after is not None:
             refusal["retry_after"] = retry_after
@@ -140,6 +139,8 @@ class AgentListener:
             await ws.close(1008, "registration refused")
         except WebSocketError:
             await ws.aclose()
+        # After the agent has its answer: plugins count and log refusals (metrics, by code) here.
+        await self.server.hooks.on_registration_refused(code, reason, client, self.server)
 
     async def _register(self, ws: WebSocket, hello: dict[str, Any], client: str) -> Entry | None:
         server = self.server
@@ -169,15 +170,15 @@ class AgentListener:
             # attempt would let the client flood the log.
             if exc.status != 429:
                 log.info("agent %s refused: %s", client, exc.reason)
-                await self._reject(ws, "rejected", exc.reason)
+                await self._reject(ws, client, "rejected", exc.reason)
             else:
                 # "throttled": the agent waits and tries again instead of giving up for good
                 # (behind a proxy or NAT, its address may be throttled for someone else's guesses).
-                await self._reject(ws, "throttled", exc.reason, _retry_after(exc.headers))
+                await self._reject(ws, client, "throttled", exc.reason, _retry_after(exc.headers))
             return None
         except Exception:
             log.exception("agent %s: registration failed in a plugin", client)
-            await self._reject(ws, "internal", "the server failed to register the tunnel; try again later")
+            await self._reject(ws, client, "internal", "the server failed to register the tunnel; try again later")
             return None
         secret = resume_secret or secrets.token_urlsafe(24)
         tunnel = Tunnel(
@@ -229,7 +230,6 @@ class AgentListener:
             replaced = "replaced by a new session that presented this tunnel's resume secret"
             previous.session.send_nowait(p.encode(p.FrameType.GOAWAY, 0, {"reason": replaced, "reconnect": False}))
             server.task_group.start_soon(previous.session.flush_and_close, 4000, "replaced by a new session")
-        server.count("registrations_accepted")
         log.info(
             "tunnel %s registered: port=%s client=%s user=%s agent=%s",
             alias, port, client, registration.user or "-", registration.agent_version,

@@ -159,6 +159,7 @@ class EdgeApp:
             # the agent instead of two.
             stream.send_end()
             state.request_done = True
+        tunnel.streams_open += 1  # back down in _finish, which the finally below always reaches
         try:
             await self._proxy_http(stream, receive, send, state, first)
         finally:
@@ -189,6 +190,9 @@ class EdgeApp:
                       started: float) -> None:
         """Release the stream, count the exchange on its tunnel and tell after_response."""
         stream.close()
+        tunnel.streams_open -= 1
+        if stream.websocket:
+            tunnel.websockets_open -= 1
         tunnel.requests += 1
         tunnel.bytes_in += state.bytes_in
         tunnel.bytes_out += state.bytes_out
@@ -321,6 +325,8 @@ class EdgeApp:
                              subprotocols=list(scope.get("subprotocols", [])))
         session.send_nowait(p.encode(p.FrameType.REQUEST, stream.id, head.to_payload()))
         state = _Exchange()
+        tunnel.streams_open += 1  # both back down in _finish, which the finally below always reaches
+        tunnel.websockets_open += 1
         try:
             await self._proxy_websocket(scope, stream, receive, send, state)
         finally:

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from comzy.core import hookspecs
 from comzy.core.aliases import subdomain_of
 from comzy.core.settings import explain_validation_error, settings_class
-from comzy.core.types import Reject
+from comzy.core.types import LoggedRequest, Reject
 
 log = logging.getLogger("comzy.plugins")
 trace_log = logging.getLogger("comzy.trace")
@@ -117,6 +117,25 @@ class HookRunner:
                 results.append(result)
         return results
 
+    async def _first_answer(self, name: str, kwargs: dict[str, Any]) -> Any:
+        """The first non-None result, asking implementations in order (async ones awaited): pluggy's
+        firstresult cannot await, and would take a coroutine for an answer."""
+        for impl in reversed(getattr(self.pm.hook, name).get_hookimpls()):
+            started = time.perf_counter() if self.trace else 0.0
+            try:
+                result = impl.function(*[kwargs[arg] for arg in impl.argnames])
+                if inspect.isawaitable(result):
+                    result = await result
+            except BaseException as exc:
+                if self.trace:
+                    _trace(name, impl.plugin_name, started, exc)
+                raise
+            if self.trace:
+                _trace(name, impl.plugin_name, started, result)
+            if result is not None:
+                return result
+        return None
+
     async def _call_logged(self, name: str, kwargs: dict[str, Any]) -> None:
         caller = getattr(self.pm.hook, name)
         for impl in reversed(caller.get_hookimpls()):
@@ -159,6 +178,16 @@ class HookRunner:
     async def on_disconnect(self, tunnel: Any, reason: str, server: Any) -> None:
         """Run every on_disconnect impl; errors are logged, never raised."""
         await self._call_logged("on_disconnect", {"tunnel": tunnel, "reason": reason, "server": server})
+
+    async def on_registration_refused(self, code: str, reason: str, client_address: str, server: Any) -> None:
+        """Run every on_registration_refused impl; errors are logged, never raised."""
+        await self._call_logged("on_registration_refused", {"code": code, "reason": reason,
+                                                            "client_address": client_address, "server": server})
+
+    async def recent_requests(self, alias: str | None, limit: int, server: Any) -> list[LoggedRequest] | None:
+        """The newest requests from the first plugin that keeps a request log (None: no plugin
+        answered). An implementation's exception propagates: the caller says the log cannot be read."""
+        return await self._first_answer("recent_requests", {"alias": alias, "limit": limit, "server": server})
 
     async def admin_routes(self, server: Any) -> list[Any]:
         """Every route contributed by plugins, flattened."""

@@ -14,7 +14,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from comzy.core.server import ServerContext
-    from comzy.core.types import Exchange, ForwardRequest, Registration, Tunnel
+    from comzy.core.types import Exchange, ForwardRequest, LoggedRequest, Registration, Tunnel
 
 PROJECT = "comzy"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -76,6 +76,14 @@ def on_disconnect(tunnel: Tunnel, reason: str, server: ServerContext) -> Any:
     Called once per tunnel; errors are logged."""
 
 
+@hookspec
+def on_registration_refused(code: str, reason: str, client_address: str, server: ServerContext) -> Any:
+    """An agent was refused a tunnel (it got REJECT). ``code`` says why, as the agent gets it:
+    ``protocol`` (not a Comzy HELLO), ``version`` (another protocol version), ``rejected`` (by a
+    plugin or the core's alias rules), ``throttled`` (a plugin's 429), ``internal`` (a plugin
+    failed); ``reason`` is the sentence the agent shows. Must not block; errors are logged."""
+
+
 # -- visitors --------------------------------------------------------------------
 @hookspec(firstresult=True)
 def resolve_host(host: str, server: ServerContext) -> str | None:
@@ -101,3 +109,11 @@ def after_response(exchange: Exchange, server: ServerContext) -> Any:
 def admin_routes(server: ServerContext) -> Any:
     """Return a list of ``AdminRoute`` (path prefix + ASGI app) to serve on the admin
     listener (dashboards, feeds, metrics)."""
+
+
+# -- services plugins offer each other -----------------------------------------------
+@hookspec
+def recent_requests(alias: str | None, limit: int, server: ServerContext) -> list[LoggedRequest] | None:
+    """The newest requests a request log kept, newest first: at most ``limit``, of ``alias`` only
+    unless it is None. May be ``async``. The first non-None answer wins (implementations asked
+    in order); return None when this plugin keeps no log now. An exception goes to the caller."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections import Counter
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -50,7 +49,6 @@ class ServerContext:
         self.hooks = hooks
         self.plugin_names = plugin_names
         self.registry = Registry()
-        self.counters: Counter[str] = Counter()
         self.task_group: anyio.abc.TaskGroup = None  # type: ignore[assignment]  # set by run_server
         self.ports = Ports(0, 0, 0)
         self.draining = False
@@ -85,10 +83,6 @@ class ServerContext:
             return False
         entry.session.send_nowait(p.encode(p.FrameType.NOTICE, 0, {"level": level, "message": message}))
         return True
-
-    def count(self, name: str, amount: int = 1) -> None:
-        """Bump a named counter (registrations, refusals...)."""
-        self.counters[name] += amount
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -29,7 +29,9 @@ class Registration:
     """An agent's request for a tunnel, as ``on_register`` hooks see it.
 
     Hooks may set ``alias`` (to grant a name), ``user`` (who the agent is),
-    ``expires_at`` (unix time the tunnel ends) and append to ``notices``.
+    ``expires_at`` (unix time the tunnel ends) and append to ``notices``. ``metadata`` holds one
+    dict per plugin, keyed by the plugin's name (see :meth:`plugin_state`); it becomes
+    ``Tunnel.metadata``.
     """
 
     port: int
@@ -42,7 +44,12 @@ class Registration:
     user: str | None = None
     expires_at: float | None = None
     notices: list[str] = field(default_factory=list)
-    metadata: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def plugin_state(self, plugin: str) -> dict[str, Any]:
+        """The dict that plugin ``plugin`` (its ``COMZY_PLUGINS`` name) keeps on this tunnel, made
+        on first use. A plugin writes only its own; it reads another's only as that plugin documents."""
+        return self.metadata.setdefault(plugin, {})
 
 
 @dataclass(slots=True)
@@ -51,6 +58,11 @@ class Tunnel:
 
     ``session`` is unique within the server process: when an agent reconnects or its owner takes
     the alias over, the new tunnel has the same alias and a new session.
+
+    The core keeps the numbers up to date; plugins only read them: ``requests``, ``bytes_in`` and
+    ``bytes_out`` count finished exchanges, ``streams_open`` the visitor requests and WebSockets in
+    flight now, and ``websockets_open`` the WebSockets among them. ``metadata`` holds one dict per
+    plugin, keyed by the plugin's name (see :meth:`plugin_state`).
     """
 
     alias: str
@@ -63,8 +75,15 @@ class Tunnel:
     requests: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
-    metadata: dict[str, Any] = field(default_factory=dict)
+    streams_open: int = 0
+    websockets_open: int = 0
+    metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
     session: int = field(default_factory=lambda: next(_sessions))
+
+    def plugin_state(self, plugin: str) -> dict[str, Any]:
+        """The dict that plugin ``plugin`` keeps on this tunnel (what it put on the registration's
+        ``plugin_state(plugin)``), made on first use."""
+        return self.metadata.setdefault(plugin, {})
 
 
 @dataclass(slots=True)
@@ -106,3 +125,23 @@ class Exchange:
     started_at: float
     duration: float
     error: str | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class LoggedRequest:
+    """One request as a request log kept it: what ``recent_requests`` answers with.
+
+    ``path`` is the target without its query string; ``client`` is the visitor's address (None
+    when the log does not keep it); ``port`` is the agent's local port (None when not kept).
+    """
+
+    alias: str
+    method: str
+    path: str
+    status: int
+    bytes_in: int
+    bytes_out: int
+    started_at: float
+    duration: float
+    client: str | None = None
+    port: int | None = None

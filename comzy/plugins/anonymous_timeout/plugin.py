@@ -11,6 +11,9 @@ from comzy import Registration, hookimpl
 
 from .settings import AnonymousTimeoutSettings
 
+#: This plugin's name: the key of what it keeps on a registration and its tunnel (``plugin_state``).
+NAME = "anonymous_timeout"
+
 if TYPE_CHECKING:
     from comzy.core.server import ServerContext
 
@@ -56,7 +59,7 @@ class AnonymousTimeout:
         if registration.user is not None:
             return
         registration.expires_at = time.time() + self.lifetime
-        registration.metadata["anonymous"] = True
+        registration.plugin_state(NAME)["anonymous"] = True
         registration.notices.append(f"Anonymous tunnel: it closes after {span(self.lifetime)}. "
                                     "Run `comzy login` for a lasting one.")
 
@@ -74,7 +77,7 @@ class AnonymousTimeout:
     async def check(self, server: ServerContext, now: float) -> None:
         """Warn and close what is due at ``now``; forget deadlines long past."""
         for tunnel in server.tunnels():
-            if not tunnel.metadata.get("anonymous") or tunnel.expires_at is None:
+            if not tunnel.metadata.get(NAME, {}).get("anonymous") or tunnel.expires_at is None:
                 continue
             deadline = self._deadlines.setdefault(tunnel.alias, tunnel.expires_at)
             if deadline < tunnel.expires_at:  # a reconnect: keep the first deadline

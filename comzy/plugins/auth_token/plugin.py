@@ -38,6 +38,8 @@ log = logging.getLogger("comzy.plugins.auth_token")
 
 T = TypeVar("T")
 
+#: This plugin's name: the key of what it keeps on a registration and its tunnel (``plugin_state``).
+NAME = "auth_token"
 LOGIN_HINT = "run `comzy login` with a token from the server's operator"
 UNAVAILABLE = "the server cannot check tokens right now (its database is unavailable); try again in a minute"
 NO_RECORD = "the server cannot record your alias right now (its database is unavailable); try again in a minute"
@@ -190,7 +192,8 @@ class AuthToken:
         live = server.tunnels()
         self._closing &= {t.session for t in live}
         for tunnel in live:
-            user_id = tunnel.metadata.get("user_id")
+            state = tunnel.metadata.get(NAME, {})
+            user_id = state.get("user_id")
             if user_id is None or tunnel.session in self._closing:
                 continue
             user = self.users_by_id.get(user_id)
@@ -198,7 +201,7 @@ class AuthToken:
                 reason = f"the user {tunnel.user} no longer exists on this server"
             elif user.revoked:
                 reason = f"your token was revoked by the server's operator; {LOGIN_HINT}"
-            elif fingerprint(user.token_hash) != tunnel.metadata.get("token"):
+            elif fingerprint(user.token_hash) != state.get("token"):
                 reason = "your token was replaced (`comzy-server users rotate`); run `comzy login` with the new one"
             else:
                 continue
@@ -288,8 +291,9 @@ class AuthToken:
             return
         user = await self.authenticate(registration.token, registration.client_address)
         registration.user = user.name
-        registration.metadata["user_id"] = user.id
-        registration.metadata["token"] = fingerprint(user.token_hash)
+        state = registration.plugin_state(NAME)
+        state["user_id"] = user.id
+        state["token"] = fingerprint(user.token_hash)
         registration.alias = await self._alias_for(user, registration, server)
 
     async def _alias_for(self, user: UserRecord, registration: Registration, server: ServerContext) -> str:

@@ -8,21 +8,18 @@ from __future__ import annotations
 import json
 import logging
 import time
-from datetime import UTC, datetime
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 import anyio
-from sqlalchemy import select
-from sqlalchemy.exc import SQLAlchemyError
 
 from comzy import __version__
-from comzy.core.models import ApiRequest
 
 from .feed import tunnel_view
 
 if TYPE_CHECKING:
+    from comzy import LoggedRequest
     from comzy.core.server import ServerContext
 
     from .plugin import Dashboard
@@ -150,29 +147,24 @@ class DashboardApp:
         return 404, {"error": f"no API at {path}"}
 
     async def requests(self, alias: str | None, limit: int) -> tuple[int, Any]:
-        """The newest requests: from the request log when it is on, else from memory."""
-        engine = self.plugin.engine
-        if engine is None:
+        """The newest requests: from a request-logging plugin (``recent_requests``) when one answers,
+        else from the requests this plugin keeps in memory."""
+        try:
+            logged = await self.server.hooks.recent_requests(alias, limit, self.server)
+        except Exception as exc:  # the log's store is down: say so, and keep serving the page
+            log.warning("the request history cannot be read: %s: %s", type(exc).__name__, exc)
+            return 503, {"error": f"the request log cannot be read right now ({type(exc).__name__}); try again"}
+        if logged is None:
             rows = [r for r in self.plugin.hub.recent if alias is None or r["alias"] == alias]
             return 200, {"source": "memory", "requests": list(reversed(rows))[:limit]}
-        query = select(ApiRequest).order_by(ApiRequest.id.desc()).limit(limit)
-        if alias is not None:
-            query = query.where(ApiRequest.alias == alias)
-        try:
-            async with engine.connect() as conn:
-                rows = (await conn.execute(query)).mappings().all()
-        except (SQLAlchemyError, OSError) as exc:
-            return 503, {"error": f"the request log cannot be read right now ({type(exc).__name__}); try again"}
-        return 200, {"source": "database", "requests": [_row(r) for r in rows]}
+        return 200, {"source": "log", "requests": [_logged_view(r) for r in logged[:limit]]}
 
 
-def _row(row: Any) -> dict[str, Any]:
-    created: datetime = row["created_at"]
-    if created.tzinfo is None:  # MySQL and SQLite give UTC back without a zone
-        created = created.replace(tzinfo=UTC)
-    return {"time": created.timestamp(), "alias": row["alias"], "port": row["port"], "method": row["method"],
-            "path": row["path"], "status": row["status_code"], "bytes_in": row["bytes_in"],
-            "bytes_out": row["bytes_out"], "duration_ms": row["duration_ms"], "client": row["client_address"]}
+def _logged_view(request: LoggedRequest) -> dict[str, Any]:
+    return {"time": request.started_at, "alias": request.alias, "port": request.port, "method": request.method,
+            "path": request.path, "status": request.status, "bytes_in": request.bytes_in,
+            "bytes_out": request.bytes_out, "duration_ms": round(request.duration * 1000, 3),
+            "client": request.client}
 
 
 async def _send(send: Any, status: int, body: bytes, content_type: str,

@@ -1,9 +1,10 @@
 """Prometheus metrics (text format, via prometheus-client) at ``/metrics`` on the admin listener.
 
-Per-request numbers are counted in ``after_response`` (a few dict updates, no I/O); gauges of
-live state (tunnels, streams) and the core's registration counters are read when Prometheus
-scrapes, so they cost nothing between scrapes. Each plugin instance has its own registry, so
-several servers in one process (tests) never mix their numbers.
+Per-request numbers are counted in ``after_response`` (a few dict updates, no I/O), registrations
+from the ``on_connect`` and ``on_registration_refused`` events; gauges of live state (tunnels and
+their ``streams_open``/``websockets_open``) are read when Prometheus scrapes, so they cost nothing
+between scrapes. Each plugin instance has its own registry, so several servers in one process
+(tests) never mix their numbers.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from comzy import AdminRoute, Exchange, __version__, hookimpl
@@ -23,6 +24,9 @@ if TYPE_CHECKING:
 #: Request durations (seconds): from a fast local app (~1 ms) to a long download or SSE stream.
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+#: The codes the core refuses registrations with (docs/plugin_hooks.md, on_registration_refused):
+#: shown at 0 from the start, so a rate over them works before the first refusal.
+REFUSAL_CODES = ("protocol", "version", "rejected", "throttled", "internal")
 
 
 class _LiveState(Collector):
@@ -32,20 +36,12 @@ class _LiveState(Collector):
         self.server = server
 
     def collect(self) -> Iterator[Metric]:
-        entries = self.server.registry.entries()
-        yield GaugeMetricFamily("comzy_tunnels_active", "Tunnels connected to this server now.", len(entries))
-        streams = [stream for entry in entries for stream in list(entry.session.streams.values())]
-        yield GaugeMetricFamily("comzy_streams_open", "Visitor requests and WebSockets in flight now.", len(streams))
+        tunnels = self.server.tunnels()
+        yield GaugeMetricFamily("comzy_tunnels_active", "Tunnels connected to this server now.", len(tunnels))
+        yield GaugeMetricFamily("comzy_streams_open", "Visitor requests and WebSockets in flight now.",
+                                sum(t.streams_open for t in tunnels))
         yield GaugeMetricFamily("comzy_websocket_streams_open", "Visitor WebSockets open now.",
-                                sum(1 for s in streams if s.websocket))
-        registrations = CounterMetricFamily("comzy_registrations", "Agent registrations, by result and, for "
-                                            "refusals, by reason.", labels=["result", "reason"])
-        counters = self.server.counters
-        registrations.add_metric(["accepted", ""], counters["registrations_accepted"])
-        for name, value in sorted(counters.items()):
-            if name.startswith("registrations_refused:"):
-                registrations.add_metric(["refused", name.partition(":")[2]], value)
-        yield registrations
+                                sum(t.websockets_open for t in tunnels))
         info = GaugeMetricFamily("comzy_build_info", "Always 1; the labels say which Comzy this is.",
                                  labels=["version"])
         info.add_metric([__version__], 1)
@@ -66,11 +62,26 @@ class Metrics:
         # Label children made once: .labels() per request would hash and lock each time.
         self._by_class = {name: self.requests.labels(name) for name in STATUS_CLASSES}
         self._other = self.requests.labels("other")
+        self.registrations = Counter("comzy_registrations", "Agent registrations, by result and, for "
+                                     "refusals, by reason.", ["result", "reason"], registry=self.registry)
+        self._accepted = self.registrations.labels("accepted", "")
+        for code in REFUSAL_CODES:
+            self.registrations.labels("refused", code)
 
     @hookimpl
     def on_startup(self, server: ServerContext) -> None:
         """Register the scrape-time collector for this server."""
         self.registry.register(_LiveState(server))
+
+    @hookimpl
+    def on_connect(self) -> None:
+        """Count an accepted registration (each tunnel session connects once)."""
+        self._accepted.inc()
+
+    @hookimpl
+    def on_registration_refused(self, code: str) -> None:
+        """Count a refused registration by its code."""
+        self.registrations.labels("refused", code).inc()
 
     @hookimpl
     def after_response(self, exchange: Exchange) -> None:

@@ -19,7 +19,7 @@ import anyio
 from sqlalchemy import String, delete, insert, select
 from sqlalchemy.exc import DataError, IntegrityError
 
-from comzy import Exchange, hookimpl
+from comzy import Exchange, LoggedRequest, hookimpl
 from comzy.core.db import describe_error, masked_url, prepare_database
 from comzy.core.models import ApiRequest
 
@@ -75,6 +75,16 @@ def to_row(item: QueuedRequest) -> dict[str, Any]:
     }
 
 
+def logged_request(row: Any) -> LoggedRequest:
+    """An ``api_requests`` row as the ``recent_requests`` hook answers it."""
+    created: datetime = row["created_at"]
+    if created.tzinfo is None:  # MySQL and SQLite give UTC back without a zone
+        created = created.replace(tzinfo=UTC)
+    return LoggedRequest(alias=row["alias"], method=row["method"], path=row["path"], status=row["status_code"],
+                         bytes_in=row["bytes_in"], bytes_out=row["bytes_out"], started_at=created.timestamp(),
+                         duration=row["duration_ms"] / 1000.0, client=row["client_address"], port=row["port"])
+
+
 class MysqlLogging:
     """Writes one ``api_requests`` row per proxied request to the server's database.
 
@@ -126,6 +136,21 @@ class MysqlLogging:
         wake = self._wake
         if wake is not None and len(self._queue) >= self.settings.batch_size and not wake.is_set():
             wake.set()  # a full batch is written now rather than at the next flush tick
+
+    # -- The request history other plugins read (the dashboard's /api/requests) -----------------
+    @hookimpl
+    async def recent_requests(self, alias: str | None, limit: int) -> list[LoggedRequest] | None:
+        """The newest rows of ``api_requests``, newest first (``limit`` at most, of ``alias`` only
+        unless None); None while the plugin is not running. A database error goes to the caller."""
+        engine = self._engine
+        if engine is None:
+            return None
+        query = select(ApiRequest).order_by(ApiRequest.id.desc()).limit(limit)
+        if alias is not None:
+            query = query.where(ApiRequest.alias == alias)
+        async with engine.connect() as connection:
+            rows = (await connection.execute(query)).mappings().all()
+        return [logged_request(row) for row in rows]
 
     # -- Lifecycle ------------------------------------------------------------------------------
     @hookimpl
