@@ -251,3 +251,11 @@ async def test_an_open_feed_ends_at_shutdown_without_holding_it(tmp_path: Path) 
         assert isinstance(closed, Closed) and closed.code == 1001
     finally:
         await feed.aclose()
+
+
+def test_the_dashboard_names_no_other_plugin_and_reaches_no_internals() -> None:
+    """The request history comes through the recent_requests hook: no plugin's name, table, model or
+    database layer; and only the public API (``comzy``), never ``comzy.core``."""
+    source = "\n".join(path.read_text() for path in (ROOT / "comzy" / "plugins" / "dashboard").glob("*.py"))
+    for word in ("mysql_logging", "api_requests", "ApiRequest", "sqlalchemy", "comzy.core", "registry", "counters"):
+        assert word not in source, word

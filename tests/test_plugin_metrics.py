@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from comzy import __version__
 from comzy.plugins.metrics import Metrics
-from tests.conftest import admin_client, start_agent, start_server
+from tests.conftest import ROOT, admin_client, start_agent, start_server
 from tests.test_hooks import _register_and_expect_reject
 from tests.test_websocket import open_ws
 from tests.upstream import Upstream
@@ -88,3 +88,11 @@ async def test_two_servers_in_one_process_keep_their_own_numbers(tmp_path: Path,
             other = samples((await admin_b.get("/metrics")).text)
     assert other[("comzy_requests_total", (("status_class", "2xx"),))] == 0
     assert other[("comzy_tunnels_active", ())] == 0
+
+
+def test_metrics_read_only_documented_numbers() -> None:
+    """Events and ``Tunnel``'s counts: no registry, no sessions, no counters named by string."""
+    source = (ROOT / "comzy" / "plugins" / "metrics" / "plugin.py").read_text()
+    for internal in ("comzy.core", "server.registry", ".session", "streams.values", "server.count",
+                     "registrations_refused:"):
+        assert internal not in source, internal

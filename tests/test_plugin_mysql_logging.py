@@ -147,6 +147,34 @@ async def test_each_request_becomes_one_row(tmp_path: Path, upstream: Upstream, 
     assert all("secret-token" not in str(value) for row in rows for value in row.values())
 
 
+async def test_recent_requests_answers_from_the_table(tmp_path: Path, upstream: Upstream,
+                                                     database: dict[str, Any]) -> None:
+    """The request history other plugins ask for (the dashboard's /api/requests): newest first, by
+    alias, bounded, with the times the database kept (naive UTC on SQLite and MariaDB)."""
+    logging_plugin = plugin()
+    started = time.time()
+    async with start_server(tmp_path / "data", plugins=[("mysql_logging", logging_plugin)], **database) as server, \
+            start_agent(server, upstream.port) as running:
+        async with running.visitor() as client:
+            for path in ("/status/200?token=secret", "/status/404", "/echo"):
+                await client.post(path, content=b"12345")
+        await wait_until(lambda: logging_plugin.written == 3)
+        newest = await server.hooks.recent_requests(running.alias, 2, server)
+        assert newest is not None
+        everything = await server.hooks.recent_requests(None, 10, server)
+        assert await server.hooks.recent_requests("nobody", 10, server) == []
+    finished = time.time()
+    assert [(r.path, r.status) for r in newest] == [("/echo", 200), ("/status/404", 404)]
+    assert everything is not None and [r.path for r in everything] == ["/echo", "/status/404", "/status/200"]
+    for logged in everything:
+        assert (logged.alias, logged.method, logged.port, logged.client) == (running.alias, "POST", upstream.port,
+                                                                            "127.0.0.1")
+        assert logged.bytes_in == 5 and logged.bytes_out > 0 and 0 < logged.duration < 30
+        assert started - 1 <= logged.started_at <= finished + 1  # MySQL's DATETIME keeps whole seconds
+    # Stopped, it answers nothing (another plugin's log may answer instead).
+    assert await logging_plugin.recent_requests(None, 10) is None
+
+
 async def test_queued_rows_are_written_at_shutdown(tmp_path: Path, upstream: Upstream,
                                                    database: dict[str, Any]) -> None:
     # The writer would wait an hour: only the shutdown flush can write these rows.

@@ -15,7 +15,7 @@ from .settings import AnonymousTimeoutSettings
 NAME = "anonymous_timeout"
 
 if TYPE_CHECKING:
-    from comzy.core.server import ServerContext
+    from comzy import ServerContext
 
 
 def span(seconds: float) -> str:

@@ -19,8 +19,7 @@ from comzy import __version__
 from .feed import tunnel_view
 
 if TYPE_CHECKING:
-    from comzy import LoggedRequest
-    from comzy.core.server import ServerContext
+    from comzy import LoggedRequest, ServerContext
 
     from .plugin import Dashboard
 

@@ -12,7 +12,7 @@ from .feed import FeedHub, tunnel_view
 from .settings import DashboardSettings
 
 if TYPE_CHECKING:
-    from comzy.core.server import ServerContext
+    from comzy import ServerContext
 
 
 class Dashboard:

@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector
 from comzy import AdminRoute, Exchange, __version__, hookimpl
 
 if TYPE_CHECKING:
-    from comzy.core.server import ServerContext
+    from comzy import ServerContext
 
 #: Request durations (seconds): from a fast local app (~1 ms) to a long download or SSE stream.
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
