@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 from typing import TYPE_CHECKING, Any
 
 from comzy.core.admin import AdminRoute
+from comzy.core.commands import CommandContext, Commands
 from comzy.core.hooks import PluginError
 from comzy.core.hookspecs import hookimpl
 from comzy.core.types import Exchange, ForwardRequest, LoggedRequest, Registration, Reject, Tunnel
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AdminRoute",
+    "CommandContext",
+    "Commands",
     "Exchange",
     "ForwardRequest",
     "LoggedRequest",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 import re
 from pathlib import Path
@@ -10,13 +11,14 @@ from typing import Any
 import anyio
 import pytest
 
+from comzy import CommandContext
 from comzy.agent.client import Agent, AgentConfig, Rejected
 from comzy.agent.forward import LocalForwarder
 from comzy.core import aliases
 from comzy.core.server import ServerContext
 from comzy.plugins.auth_token.store import claim_alias, create_user, hash_token
 from comzy.plugins.custom_domains import domains
-from comzy.plugins.custom_domains.cli import run_domains_command
+from comzy.plugins.custom_domains.cli import run_domains
 from tests.conftest import RecordingReporter, make_settings, start_agent, start_server, visitor
 from tests.test_plugin_auth_token import auth
 from tests.upstream import Upstream, serve_upstream
@@ -383,6 +385,7 @@ def test_custom_domains_refuse_punycode_aliases_unless_allowed(tmp_path: Path,
     assert domains.check_alias(LOOKALIKE, allow_punycode=True) == LOOKALIKE
     assert domains.parse_mappings(entry, "localhost", allow_punycode=True) == {"shop.example.com": LOOKALIKE}
     # `comzy-server domains add` says why before it touches the database.
-    assert run_domains_command(make_settings(tmp_path / "data"), "add", "shop.example.com", LOOKALIKE) == 2
+    args = argparse.Namespace(action="add", host="shop.example.com", alias=LOOKALIKE)
+    assert anyio.run(run_domains, args, CommandContext(make_settings(tmp_path / "data"), [], "custom_domains")) == 2
     assert "punycode" in capsys.readouterr().err
     assert not (tmp_path / "data").exists()

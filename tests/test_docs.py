@@ -32,6 +32,8 @@ HEADING = re.compile(r"^## (\w+)\(([^)]*)\)\s*$", re.M)
 
 PUBLIC_API = [
     "AdminRoute",
+    "CommandContext",
+    "Commands",
     "Exchange",
     "ForwardRequest",
     "LoggedRequest",
@@ -59,7 +61,8 @@ def test_the_hooks_are_the_designed_ones() -> None:
     assert set(hook_specs()) == {"on_startup", "on_shutdown", "on_register", "on_connect", "on_disconnect",
                                  "resolve_host",
                                  "alias_owner", "alias_reserved", "before_forward", "after_response", "admin_routes",
-                                 "agent_routes", "on_registration_refused", "recent_requests"}
+                                 "agent_routes", "on_registration_refused", "recent_requests",
+                                 "register_commands"}
 
 
 @pytest.mark.parametrize("hook", sorted(hook_specs()))

@@ -999,3 +999,18 @@ async def test_hook_recent_requests(tmp_path: Path) -> None:
         assert await server.hooks.recent_requests(None, 10, server) is None
         async with admin_client(server) as admin:
             assert (await admin.get("/api/requests")).json() == {"source": "memory", "requests": []}
+
+
+# -- the command line -----------------------------------------------------------------------
+def test_hook_register_commands(tmp_path: Path) -> None:
+    """A third-party package's command, through the real ``comzy-server``: listed while its plugin
+    is off, run with its own settings while it is on."""
+    from tests.test_plugin_commands import comzy_server, greeter_site
+
+    site = greeter_site(tmp_path)
+    assert "greet someone (plugin greeter)" in comzy_server(tmp_path, site, "--help", COMZY_PLUGINS="none").stdout
+    off = comzy_server(tmp_path, site, "greet", "ana", COMZY_PLUGINS="none")
+    assert off.returncode == 2 and "`greet` belongs to the plugin greeter, which is not enabled" in off.stderr
+    on = comzy_server(tmp_path, site, "greet", "ana", COMZY_PLUGINS="greeter", COMZY_GREETER_GREETING="hi")
+    assert (on.returncode, on.stdout) == (0, "hi ana\n"), on.stderr
+    assert comzy_server(tmp_path, site, "greet", "nobody", COMZY_PLUGINS="greeter").returncode == 3

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from comzy import __version__
 from comzy.core import logs
+from comzy.core.commands import Catalog
 from comzy.core.datadir import prepare_data_dir
 from comzy.core.hooks import PluginError, load_plugins, select_plugins
 from comzy.core.memory import tune_malloc
@@ -20,6 +21,23 @@ from comzy.core.server import describe, run_server
 from comzy.core.settings import ServerSettings, explain_validation_error
 
 log = logging.getLogger("comzy.server")
+
+#: Where the parsed arguments keep the command's name (taken out before a plugin's command sees them).
+COMMAND = "comzy_server_command"
+
+
+def _command_word(argv: list[str]) -> str | None:
+    """The command ``argv`` names, if any (comzy-server's own options take no value)."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
+def _needs_plugins(argv: list[str]) -> bool:
+    """Whether the installed plugins must be built to parse ``argv``: for help, and for any command
+    but ``db``. Never to run the server, so a disabled plugin's code does not run with it."""
+    word = _command_word(argv)
+    if word is None:
+        return "-h" in argv or "--help" in argv
+    return word != "db"
 
 
 def load_settings() -> ServerSettings:
@@ -47,54 +65,52 @@ async def serve(settings: ServerSettings) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``comzy-server``."""
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="comzy-server", description="Run the Comzy tunnel server. "
                                      "Configure it with COMZY_* environment variables (see docs/configuration.md).")
     parser.add_argument("--version", action="version", version=f"comzy-server {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND",
-                                     help="without one: run the server")
+    commands = parser.add_subparsers(dest=COMMAND, metavar="COMMAND", help="without one: run the server")
     db = commands.add_parser("db", help="the database schema (Alembic migrations)",
                              description="Manage the database schema of COMZY_DATABASE_URL (or DB_*, "
                              "or comzy.db in COMZY_DATA_DIR).")
     db_actions = db.add_subparsers(dest="action", metavar="ACTION", required=True)
     db_actions.add_parser("upgrade", help="apply every pending migration")
     db_actions.add_parser("current", help="print the schema revision and whether it is current")
-    domains = commands.add_parser("domains", help="custom domains served by an alias (plugin custom_domains)",
-                                  description="Manage the custom domain mappings kept in the database "
-                                  "(COMZY_DATABASE_URL, or DB_*, or comzy.db in COMZY_DATA_DIR).")
-    domain_actions = domains.add_subparsers(dest="action", metavar="ACTION", required=True)
-    domain_add = domain_actions.add_parser("add", help="serve HOST with ALIAS's tunnel (updates an existing HOST)")
-    domain_add.add_argument("host", metavar="HOST", help="a host outside the base domain, e.g. app.example.com")
-    domain_add.add_argument("alias", metavar="ALIAS", help="the alias whose tunnel serves it")
-    domain_actions.add_parser("list", help="print every mapping")
-    domain_remove = domain_actions.add_parser("remove", help="stop serving HOST")
-    domain_remove.add_argument("host", metavar="HOST")
-    users = commands.add_parser("users", help="users and their tokens (plugin auth_token)",
-                                description="Manage the users kept in the database (COMZY_DATABASE_URL, or DB_*, "
-                                "or comzy.db in COMZY_DATA_DIR). Tokens are stored hashed: create and rotate "
-                                "print a token once, as the last line of their output.")
-    user_actions = users.add_subparsers(dest="action", metavar="ACTION", required=True)
-    user_actions.add_parser("create", help="add a user and print their token").add_argument("name", metavar="NAME")
-    user_actions.add_parser("list", help="print every user, active or revoked")
-    user_actions.add_parser("revoke", help="stop NAME's token working (their live tunnels close)").add_argument(
-        "name", metavar="NAME")
-    user_actions.add_parser("rotate", help="give NAME a new token (the old one stops working)").add_argument(
-        "name", metavar="NAME")
+    listing = commands.add_parser("plugins", help="the installed plugins: enabled or not, distribution, version, "
+                                  "hooks and commands", description="List the installed plugins: whether "
+                                  "COMZY_PLUGINS enables each, its distribution and version, the hooks it implements "
+                                  "and the commands it adds. Exits 1 when an enabled plugin is missing or cannot run.")
+    listing.add_argument("--json", action="store_true", help="print a JSON list, for scripts")
+    catalog = Catalog.discover() if _needs_plugins(argv) else Catalog()
+    catalog.add_parsers(commands)
+    word = _command_word(argv)
+    if word is not None and word not in commands.choices:
+        # Perhaps the command of an enabled plugin that cannot be built: say why, not "invalid choice".
+        try:
+            catalog.enabled(select_plugins(load_settings().plugins))
+        except PluginError as exc:
+            print(f"comzy-server: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
     args = parser.parse_args(argv)
+    command = vars(args).pop(COMMAND)
     settings = load_settings()
     logs.configure(settings.log_level)
-    if args.command == "db":
+    if command == "db":
         from comzy.core.db import run_db_command  # SQLAlchemy and Alembic load only when needed
 
         raise SystemExit(run_db_command(settings, args.action))
-    if args.command == "domains":
-        from comzy.plugins.custom_domains.cli import run_domains_command
-
-        raise SystemExit(run_domains_command(settings, args.action, getattr(args, "host", None),
-                                             getattr(args, "alias", None)))
-    if args.command == "users":
-        from comzy.plugins.auth_token.cli import run_users_command
-
-        raise SystemExit(run_users_command(settings, args.action, getattr(args, "name", None)))
+    if command == "plugins":
+        text, problems, status = catalog.report(settings, as_json=args.json)
+        print(text)
+        for problem in problems:
+            print(f"comzy-server: {problem}", file=sys.stderr)
+        raise SystemExit(status)
+    if command is not None:
+        try:
+            raise SystemExit(catalog.run(command, args, settings))
+        except PluginError as exc:
+            print(f"comzy-server: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
     # Every tunnel keeps long-lived objects; with the default thresholds full collections
     # took ~30% of the server's CPU while 10,000 agents registered (bench/idle_agents.py).
     gc.set_threshold(10_000, 10, 100)

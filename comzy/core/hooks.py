@@ -81,6 +81,24 @@ class HookRunner:
         """The names of the plugins that implement hook ``name``, in calling order."""
         return [impl.plugin_name for impl in reversed(getattr(self.pm.hook, name).get_hookimpls())]
 
+    def hooks_of(self, plugin_name: str) -> list[str]:
+        """The hooks the plugin registered as ``plugin_name`` implements, sorted."""
+        plugin = self.pm.get_plugin(plugin_name)
+        return sorted(caller.name for caller in self.pm.get_hookcallers(plugin) or ()) if plugin else []
+
+    def register_commands(self, commands_for: Callable[[str], Any]) -> None:
+        """Ask every register_commands impl for its commands; each gets ``commands_for(its plugin's
+        name)``, so that every command is known by the plugin that added it. Errors propagate."""
+        for impl in reversed(self.pm.hook.register_commands.get_hookimpls()):
+            if inspect.iscoroutinefunction(impl.function) or inspect.isasyncgenfunction(impl.function):
+                raise PluginError(f"plugin {impl.plugin_name!r}: register_commands must be a plain function "
+                                  "(it only describes commands; their run functions may be async)")
+            kwargs = {"commands": commands_for(impl.plugin_name)}
+            started = time.perf_counter() if self.trace else 0.0
+            result = impl.function(*[kwargs[arg] for arg in impl.argnames])
+            if self.trace:
+                _trace("register_commands", impl.plugin_name, started, result)
+
     def _traced_firstresult(self, name: str) -> Callable[..., Any]:
         """A synchronous firstresult hook that logs each implementation it asks (and stops at the
         first answer, as pluggy does)."""
@@ -235,6 +253,26 @@ def select_plugins(setting: str | None) -> list[str]:
     return [] if names == ["none"] else names
 
 
+def unknown_plugin(name: str) -> PluginError:
+    """The error for a COMZY_PLUGINS name that no installed package provides: it lists those that are."""
+    known = ", ".join(sorted(available_plugins())) or "none installed"
+    return PluginError(f"unknown plugin {name!r} in COMZY_PLUGINS; available: {known}")
+
+
+def load_plugin(name: str, entry_point: EntryPoint) -> object:
+    """Build the plugin an entry point names (a class is called with no arguments); PluginError
+    says in one line why it could not be (a bad setting by its environment variable)."""
+    try:
+        target = entry_point.load()
+        return target() if inspect.isclass(target) else target
+    except ValidationError as exc:  # its settings: named by their variables, as the core's are
+        model = settings_class(exc)
+        detail = explain_validation_error(model, exc) if model is not None else str(exc)
+        raise PluginError(f"plugin {name!r} failed to load: {detail}") from None
+    except Exception as exc:
+        raise PluginError(f"plugin {name!r} failed to load: {exc}") from exc
+
+
 def load_plugins(names: Iterable[str]) -> list[tuple[str, object]]:
     """Instantiate the named entry-point plugins; an unknown name fails with the list."""
     available = available_plugins()
@@ -242,26 +280,21 @@ def load_plugins(names: Iterable[str]) -> list[tuple[str, object]]:
     for name in names:
         ep = available.get(name)
         if ep is None:
-            known = ", ".join(sorted(available)) or "none installed"
-            raise PluginError(f"unknown plugin {name!r} in COMZY_PLUGINS; available: {known}")
-        try:
-            target = ep.load()
-            plugin = target() if inspect.isclass(target) else target
-        except ValidationError as exc:  # its settings: named by their variables, as the core's are
-            model = settings_class(exc)
-            detail = explain_validation_error(model, exc) if model is not None else str(exc)
-            raise PluginError(f"plugin {name!r} failed to load: {detail}") from None
-        except Exception as exc:
-            raise PluginError(f"plugin {name!r} failed to load: {exc}") from exc
-        loaded.append((name, plugin))
+            raise unknown_plugin(name)
+        loaded.append((name, load_plugin(name, ep)))
     return loaded
 
 
 def build_manager(base_domain: str, plugins: Iterable[tuple[str, object]]) -> pluggy.PluginManager:
     """A fresh plugin manager with the core routing and the given plugins."""
+    return plugin_manager([("core-routing", CoreRouting(base_domain)), *plugins])
+
+
+def plugin_manager(plugins: Iterable[tuple[str, object]]) -> pluggy.PluginManager:
+    """A fresh plugin manager with exactly the given plugins, checked as the server checks them
+    (PluginError for an unknown hook, a wrong argument name, a name registered twice...)."""
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
-    pm.register(CoreRouting(base_domain), name="core-routing")
     try:
         for name, plugin in plugins:
             pm.register(plugin, name=name)
@@ -289,4 +322,5 @@ def _check_calling_rules(pm: pluggy.PluginManager) -> None:
                                   "Comzy awaits each implementation in turn")
 
 
-__all__ = ["HookRunner", "PluginError", "Reject", "build_manager", "load_plugins", "select_plugins"]
+__all__ = ["HookRunner", "PluginError", "Reject", "build_manager", "load_plugin", "load_plugins", "plugin_manager",
+           "select_plugins", "unknown_plugin"]

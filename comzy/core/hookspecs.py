@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from comzy.core.commands import Commands
     from comzy.core.server import ServerContext
     from comzy.core.types import Exchange, ForwardRequest, LoggedRequest, Registration, Tunnel
 
@@ -117,3 +118,12 @@ def recent_requests(alias: str | None, limit: int, server: ServerContext) -> lis
     """The newest requests a request log kept, newest first: at most ``limit``, of ``alias`` only
     unless it is None. May be ``async``. The first non-None answer wins (implementations asked
     in order); return None when this plugin keeps no log now. An exception goes to the caller."""
+
+
+# -- the command line ----------------------------------------------------------------
+@hookspec
+def register_commands(commands: Commands) -> None:
+    """Add ``comzy-server`` subcommands: ``commands.add(name, run, help=...)`` returns the
+    command's ``argparse.ArgumentParser``; ``run(args, context)`` runs it and returns the exit
+    status. Asked of every installed plugin, enabled or not, so that ``--help`` lists all commands;
+    a command runs only while its plugin is enabled. Synchronous only; must not do I/O."""

@@ -1,8 +1,13 @@
-"""``comzy-server users create|list|revoke|rotate``: the users kept in the database."""
+"""``comzy-server users create|list|revoke|rotate``: the users kept in the database.
+
+The plugin adds the command through the ``register_commands`` hook (:func:`add_commands`).
+"""
 
 from __future__ import annotations
 
+import argparse
 import sys
+from typing import TYPE_CHECKING
 
 import anyio
 from sqlalchemy.exc import SQLAlchemyError
@@ -11,6 +16,29 @@ from comzy.core.db import DatabaseError, describe_error, masked_url, prepare_dat
 from comzy.core.settings import ServerSettings
 
 from .store import UserError, check_name, create_user, list_users, revoke_user, rotate_token
+
+if TYPE_CHECKING:
+    from comzy import CommandContext, Commands
+
+
+def add_commands(commands: Commands) -> None:
+    """``comzy-server users`` and its actions."""
+    users = commands.add("users", run_users, help="users and their tokens",
+                         description="Manage the users kept in the database (COMZY_DATABASE_URL, or DB_*, "
+                         "or comzy.db in COMZY_DATA_DIR). Tokens are stored hashed: create and rotate "
+                         "print a token once, as the last line of their output.")
+    actions = users.add_subparsers(dest="action", metavar="ACTION", required=True)
+    actions.add_parser("create", help="add a user and print their token").add_argument("name", metavar="NAME")
+    actions.add_parser("list", help="print every user, active or revoked")
+    actions.add_parser("revoke", help="stop NAME's token working (their live tunnels close)").add_argument(
+        "name", metavar="NAME")
+    actions.add_parser("rotate", help="give NAME a new token (the old one stops working)").add_argument(
+        "name", metavar="NAME")
+
+
+def run_users(args: argparse.Namespace, context: CommandContext) -> int:
+    """Run ``comzy-server users ACTION``; the exit status."""
+    return run_users_command(context.settings, args.action, getattr(args, "name", None))
 
 
 def _fail(message: str, status: int = 2) -> int:

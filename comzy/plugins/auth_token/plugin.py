@@ -32,6 +32,7 @@ from .throttle import FailureThrottle, Throttled, UnknownTokens
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
+    from comzy import Commands
     from comzy.core.server import ServerContext
 
 log = logging.getLogger("comzy.plugins.auth_token")
@@ -114,6 +115,13 @@ class AuthToken:
         return outcome[0]
 
     # -- lifecycle ---------------------------------------------------------------------
+    @hookimpl
+    def register_commands(self, commands: Commands) -> None:
+        """``comzy-server users`` (cli.py)."""
+        from .cli import add_commands  # its modules load only for comzy-server's commands
+
+        add_commands(commands)
+
     @hookimpl
     async def on_startup(self, server: ServerContext) -> None:
         """Open the database, load users and aliases, start the refresher."""

@@ -2,24 +2,21 @@
 
 A domain is served only by the tunnel of the user who owns its alias, so ``add`` refuses an alias
 nobody owns and ``list`` marks such mappings. Who owns an alias is known only to the enabled
-plugins that answer the ``alias_owner`` hook: this command starts exactly those (their
-``on_startup``, with a server context whose listeners never run), asks them as the server would,
-and shuts them down. It names no plugin and reads no other plugin's table.
+plugins that answer the ``alias_owner`` hook: this command starts exactly those
+(``CommandContext.start_plugins``, with a server context whose listeners never run), asks them as
+the server would, and shuts them down. It names no plugin and reads no other plugin's table.
 """
 
 from __future__ import annotations
 
-import logging
+import argparse
 import sys
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-import anyio
 from sqlalchemy.exc import SQLAlchemyError
 
 from comzy.core.db import DatabaseError, describe_error, masked_url, prepare_database
-from comzy.core.hooks import HookRunner, PluginError, build_manager, load_plugins, select_plugins
-from comzy.core.server import ServerContext
-from comzy.core.settings import ServerSettings
 
 from .domains import (
     WHY_OWNED,
@@ -34,8 +31,32 @@ from .domains import (
 )
 from .settings import CustomDomainsSettings
 
+if TYPE_CHECKING:
+    from comzy import CommandContext, Commands
+
 #: How ``list`` marks a mapping whose alias nobody owns.
 UNREACHABLE = "(no owner: unreachable)"
+
+
+def add_commands(commands: Commands) -> None:
+    """``comzy-server domains`` and its actions."""
+    domains = commands.add("domains", run_domains, help="custom domains served by an alias",
+                           description="Manage the custom domain mappings kept in the database "
+                           "(COMZY_DATABASE_URL, or DB_*, or comzy.db in COMZY_DATA_DIR).")
+    actions = domains.add_subparsers(dest="action", metavar="ACTION", required=True)
+    add = actions.add_parser("add", help="serve HOST with ALIAS's tunnel (updates an existing HOST)")
+    add.add_argument("host", metavar="HOST", help="a host outside the base domain, e.g. app.example.com")
+    add.add_argument("alias", metavar="ALIAS", help="the alias whose tunnel serves it")
+    actions.add_parser("list", help="print every mapping")
+    actions.add_parser("remove", help="stop serving HOST").add_argument("host", metavar="HOST")
+
+
+async def run_domains(args: argparse.Namespace, context: CommandContext) -> int:
+    """``comzy-server domains add HOST ALIAS | list | remove HOST``: prints the outcome; the exit status."""
+    try:
+        return await _domains(context, args.action, getattr(args, "host", None), getattr(args, "alias", None))
+    except DatabaseError as exc:
+        return _fail(str(exc))
 
 
 def _fail(message: str, status: int = 2) -> int:
@@ -43,51 +64,32 @@ def _fail(message: str, status: int = 2) -> int:
     return status
 
 
-def _no_owners(settings: ServerSettings) -> str:
-    return (f"no enabled plugin knows who owns an alias (COMZY_PLUGINS={settings.plugins or 'unset'}), so no "
-            f"user can own one. {WHY_OWNED} Enable a plugin that answers the alias_owner hook, such as the "
-            "built-in auth_token (on when COMZY_PLUGINS is unset).")
+def _no_owners(context: CommandContext) -> str:
+    return (f"no enabled plugin knows who owns an alias (COMZY_PLUGINS={context.settings.plugins or 'unset'}), "
+            f"so no user can own one. {WHY_OWNED} Enable a plugin that answers the alias_owner hook "
+            "(`comzy-server plugins` lists the installed plugins and the hooks of each).")
 
 
-async def ask_owners(settings: ServerSettings, aliases: Iterable[str]) -> dict[str, str | None] | None:
+def _users_hint(context: CommandContext) -> str:
+    owners = ", ".join(context.implementers("alias_owner"))
+    return (f"Users come from the plugin that knows who owns an alias ({owners}): `comzy-server --help` lists "
+            "its commands.")
+
+
+async def ask_owners(context: CommandContext, aliases: Iterable[str]) -> dict[str, str | None] | None:
     """Who owns each alias (None: nobody), as the server's plugins would answer; None when no
     enabled plugin answers ``alias_owner`` (then nobody can own an alias).
 
     Raises PluginError or DatabaseError when those plugins cannot start.
     """
-    plugins = load_plugins(select_plugins(settings.plugins))
-    answering = set(HookRunner(build_manager(settings.base_domain, plugins)).implementers("alias_owner"))
-    if not answering:
+    if not context.implementers("alias_owner"):
         return None
-    owners = [(name, plugin) for name, plugin in plugins if name in answering]
-    hooks = HookRunner(build_manager(settings.base_domain, owners))
-    server = ServerContext(settings, hooks, [name for name, _ in owners])
-    answers: dict[str, str | None] = {}
-    failure: Exception | None = None
-    # Their start-up lines describe a server, which this command is not; warnings still show.
-    chatter = logging.getLogger("comzy.plugins")
-    level = chatter.level
-    chatter.setLevel(max(logging.WARNING, chatter.getEffectiveLevel()))
-    try:
-        async with anyio.create_task_group() as tg:
-            server.task_group = tg
-            try:
-                await hooks.on_startup(server)
-                answers = {alias: hooks.alias_owner(alias, server) for alias in aliases}
-            except Exception as exc:  # raised below: out of the task group, which would wrap it in a group
-                failure = exc
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await hooks.on_shutdown(server)
-                tg.cancel_scope.cancel()
-    finally:
-        chatter.setLevel(level)
-    if failure is not None:
-        raise failure
-    return answers
+    async with context.start_plugins("alias_owner") as server:
+        return {alias: server.hooks.alias_owner(alias, server) for alias in aliases}
 
 
-async def _domains(settings: ServerSettings, action: str, host: str | None, alias: str | None) -> int:
+async def _domains(context: CommandContext, action: str, host: str | None, alias: str | None) -> int:
+    settings = context.settings
     base = settings.base_domain
     try:
         if host is not None:
@@ -100,13 +102,13 @@ async def _domains(settings: ServerSettings, action: str, host: str | None, alia
     try:
         if action == "add":
             assert host is not None and alias is not None
-            owners = await ask_owners(settings, [alias])
+            owners = await ask_owners(context, [alias])
             if owners is None:
-                return _fail(f"{host} was not mapped: {_no_owners(settings)}")
+                return _fail(f"{host} was not mapped: {_no_owners(context)}")
             owner = owners[alias]
             if owner is None:
                 return _fail(f"{host} was not mapped: no user owns the alias '{alias}'. {WHY_OWNED} "
-                             f"{claim_hint(alias)} Then run this command again.", 1)
+                             f"{claim_hint(alias)} {_users_hint(context)} Then run this command again.", 1)
             previous = await add_mapping(engine, host, alias)
             if previous is None:
                 print(f"added {host} -> {alias} (owned by {owner})")
@@ -137,7 +139,7 @@ async def _domains(settings: ServerSettings, action: str, host: str | None, alia
             if not rows:
                 print("no custom domains (add one with `comzy-server domains add HOST ALIAS`)")
                 return 0
-            owners = await ask_owners(settings, {a for _, a, _ in rows})
+            owners = await ask_owners(context, {a for _, a, _ in rows})
             widths = [max(len(row[i]) for row in rows) for i in range(3)]
             unreachable = 0
             for h, a, source in sorted(rows):
@@ -146,7 +148,7 @@ async def _domains(settings: ServerSettings, action: str, host: str | None, alia
                 state = f"owned by {owner}" if owner is not None else UNREACHABLE
                 print(f"{h:<{widths[0]}}  {a:<{widths[1]}}  {source:<{widths[2]}}  {state}")
             if owners is None:
-                print(f"comzy-server: every custom domain is unreachable: {_no_owners(settings)}", file=sys.stderr)
+                print(f"comzy-server: every custom domain is unreachable: {_no_owners(context)}", file=sys.stderr)
             elif unreachable:
                 # Rows stay listed (and in the database): an operator sees them and mends them.
                 print(f"comzy-server: {unreachable} custom domain(s) unreachable: no user owns their alias. "
@@ -162,12 +164,3 @@ async def _domains(settings: ServerSettings, action: str, host: str | None, alia
         return 1
     finally:
         await engine.dispose()
-
-
-def run_domains_command(settings: ServerSettings, action: str, host: str | None = None,
-                        alias: str | None = None) -> int:
-    """``comzy-server domains add HOST ALIAS | list | remove HOST``: prints the outcome; the exit status."""
-    try:
-        return anyio.run(_domains, settings, action, host, alias)
-    except (DatabaseError, PluginError) as exc:
-        return _fail(str(exc))

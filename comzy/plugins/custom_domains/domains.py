@@ -86,10 +86,10 @@ WHY_OWNED = ("A custom domain is served only by the tunnel of the user who owns 
 
 
 def claim_hint(alias: str) -> str:
-    """How a user comes to own ``alias``, as a sentence naming the commands that exist (auth_token's)."""
-    return (f"To claim {alias}: create the user with `comzy-server users create NAME` (the built-in auth_token "
-            f"plugin); they run `comzy login`, then `comzy PORT --subdomain {alias}` once (`comzy aliases` "
-            "lists the aliases they own).")
+    """How a user comes to own ``alias``, with the agent's commands (which plugin keeps users is not
+    this plugin's business: any that answers ``alias_owner`` will do)."""
+    return (f"To claim {alias}: its user, logged in with `comzy login`, runs `comzy PORT --subdomain {alias}` "
+            "once (`comzy aliases` lists the aliases they own).")
 
 
 def reservation(host: str) -> str:

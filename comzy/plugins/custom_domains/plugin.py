@@ -24,6 +24,7 @@ from .settings import MAPPINGS_VARIABLES, CustomDomainsSettings
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
+    from comzy import Commands
     from comzy.core.server import ServerContext
 
 log = logging.getLogger("comzy.plugins.custom_domains")
@@ -79,6 +80,13 @@ class CustomDomains:
         """Why a mapped alias is kept for its owner ("it serves the custom domain HOST"), or None."""
         host = self.reserved.get(alias)
         return reservation(host) if host is not None else None
+
+    @hookimpl
+    def register_commands(self, commands: Commands) -> None:
+        """``comzy-server domains`` (cli.py)."""
+        from .cli import add_commands  # its modules load only for comzy-server's commands
+
+        add_commands(commands)
 
     # Last: the plugins that know who owns each alias (alias_owner) have loaded it by then.
     @hookimpl(trylast=True)
@@ -166,7 +174,7 @@ class CustomDomains:
                      if server.hooks.alias_owner(alias, server) is None}
         if ownerless - self.ownerless and not server.hooks.implementers("alias_owner"):
             log.warning("custom domains: no enabled plugin knows who owns an alias (COMZY_PLUGINS=%s), so every "
-                        "custom domain is unreachable; enable one, e.g. the built-in auth_token",
+                        "custom domain is unreachable; enable one (`comzy-server plugins` lists each plugin's hooks)",
                         ",".join(server.plugin_names) or "none")
         for host, alias in sorted(ownerless - self.ownerless):
             log.warning("custom domains: %s -> %s is unreachable (404): no user owns the alias %s, and an alias "
