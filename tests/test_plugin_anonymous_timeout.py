@@ -148,3 +148,30 @@ async def test_server_with_builtin_plugins_enables_it(tmp_path: Path, upstream: 
         assert running.reporter.welcomes[0]["expires_at"] is not None
         async with visitor(server, running.alias) as client:
             assert (await client.get("/x")).status_code == 200
+
+
+class OtherPluginState:
+    """Another plugin that happens to keep a key named "anonymous" in its own state."""
+
+    @hookimpl
+    def on_register(self, registration: Registration) -> None:
+        registration.plugin_state("other")["anonymous"] = True
+
+
+async def test_its_mark_lives_in_its_own_metadata(tmp_path: Path, upstream: Upstream) -> None:
+    """What the plugin keeps on a tunnel is under its name; another plugin's keys are not its own."""
+    expiry = plugin(seconds=0.6, warn=0.2)
+    plugins = [("anonymous_timeout", expiry), ("other", OtherPluginState())]
+    async with start_server(tmp_path / "data", plugins=plugins) as server, \
+            start_agent(server, upstream.port) as anonymous:
+        tunnel = server.tunnel(anonymous.alias)
+        assert tunnel is not None
+        assert tunnel.metadata == {"other": {"anonymous": True}, "anonymous_timeout": {"anonymous": True}}
+    expiry = plugin(seconds=0.6, warn=0.2)
+    plugins = [("anonymous_timeout", expiry), ("other", OtherPluginState()), ("login", LoginEveryone())]
+    async with start_server(tmp_path / "data2", plugins=plugins) as server, \
+            start_agent(server, upstream.port) as logged_in:
+        tunnel = server.tunnel(logged_in.alias)
+        assert tunnel is not None and tunnel.metadata == {"other": {"anonymous": True}}
+        await expiry.check(server, time.time() + 3600)  # far past any anonymous deadline
+        assert server.tunnel(logged_in.alias) is tunnel  # "other"'s key did not make it anonymous
