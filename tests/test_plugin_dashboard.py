@@ -70,7 +70,7 @@ async def test_the_feed_shows_tunnels_and_requests_live(tmp_path: Path, upstream
                 assert second["alias"] == agent.alias and second["duration_ms"] > 0 and second["bytes_out"] > 0
                 async with admin_client(server) as admin:
                     listed = (await admin.get("/api/tunnels")).json()["tunnels"]
-                    assert [(t["alias"], t["requests"]) for t in listed] == [(agent.alias, 2)]
+                    assert [(t["alias"], t["requests"], t["streams_open"]) for t in listed] == [(agent.alias, 2, 0)]
                     recent = (await admin.get("/api/requests", params={"alias": agent.alias, "limit": 1})).json()
                     assert recent["source"] == "memory" and [r["path"] for r in recent["requests"]] == ["/echo/x"]
                     assert (await admin.get("/api/requests?limit=x")).status_code == 400
@@ -91,6 +91,16 @@ async def test_the_feed_shows_tunnels_and_requests_live(tmp_path: Path, upstream
                     assert (await admin.delete(f"/api/tunnels/{agent.alias}")).status_code == 404
         finally:
             await feed.aclose()
+
+
+async def test_the_api_shows_what_is_in_flight(tmp_path: Path, upstream: Upstream) -> None:
+    async with start_server(tmp_path, plugins=[("dashboard", Dashboard())]) as server, \
+            start_agent(server, upstream.port) as agent, admin_client(server) as admin, \
+            open_ws(server, agent.alias) as (ws, _):
+        await ws.send("hi")
+        assert await ws.receive() == "echo:hi"
+        [live] = (await admin.get("/api/tunnels")).json()["tunnels"]
+        assert (live["streams_open"], live["websockets_open"], live["requests"]) == (1, 1, 0)
 
 
 async def test_the_page_and_api_need_the_admin_token(tmp_path: Path) -> None:

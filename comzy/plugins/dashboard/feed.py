@@ -25,6 +25,7 @@ def tunnel_view(tunnel: Tunnel) -> dict[str, Any]:
         "port": tunnel.port,
         "client": tunnel.client_address, "since": tunnel.created_at, "expires_at": tunnel.expires_at,
         "requests": tunnel.requests, "bytes_in": tunnel.bytes_in, "bytes_out": tunnel.bytes_out,
+        "streams_open": tunnel.streams_open, "websockets_open": tunnel.websockets_open,
     }
 
 
