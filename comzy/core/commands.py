@@ -278,15 +278,15 @@ class Catalog:
             return json.dumps(rows, indent=2), problems, status
         if not rows:
             return "no plugins installed", problems, status
-        table = [("NAME", "ENABLED", "DISTRIBUTION", "VERSION", "COMMANDS", "HOOKS")]
-        table += [(str(row["name"]), "yes" if row["enabled"] else "no", str(row["distribution"] or "-"),
-                   str(row["version"] or "-"), ", ".join(info.commands) or "-",
-                   ", ".join(info.hooks) if info.error is None else f"(cannot run: {info.error})")
-                  for row, info in zip(rows, self.plugins.values(), strict=True)]
-        widths = [max(len(line[i]) for line in table) for i in range(5)]
-        return "\n".join("  ".join([*(cell.ljust(width) for cell, width in zip(line, widths, strict=False)),
-                                    line[5]]) for line in table), problems, status
-
+        table = [["NAME", "ENABLED", "DISTRIBUTION", "VERSION", "COMMANDS", "HOOKS"]]
+        for info in self.plugins.values():
+            hooks = ", ".join(info.hooks) if info.error is None else f"(cannot run: {info.error})"
+            table.append([info.name, "yes" if info.name in enabled else "no", info.distribution or "-",
+                          info.version or "-", ", ".join(info.commands) or "-", hooks])
+        widths = [max(len(line[i]) for line in table) for i in range(5)]  # the last column is not padded
+        lines = ["  ".join([*(cell.ljust(width) for cell, width in zip(line, widths, strict=False)), line[5]])
+                 for line in table]
+        return "\n".join(lines), problems, status
 
 __all__ = ["CORE_COMMANDS", "Catalog", "CommandContext", "Commands", "InstalledPlugin", "PluginCommand",
            "RunCommand"]
