@@ -15,6 +15,7 @@ from comzy.core.admin import AdminRoute
 from comzy.core.commands import CommandContext, Commands
 from comzy.core.hooks import PluginError
 from comzy.core.hookspecs import hookimpl
+from comzy.core.schema import Schema
 from comzy.core.types import Exchange, ForwardRequest, LoggedRequest, Registration, Reject, Tunnel
 
 if TYPE_CHECKING:
@@ -30,6 +31,7 @@ __all__ = [
     "PluginError",
     "Registration",
     "Reject",
+    "Schema",
     "ServerContext",
     "Tunnel",
     "__version__",

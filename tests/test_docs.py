@@ -40,6 +40,7 @@ PUBLIC_API = [
     "PluginError",
     "Registration",
     "Reject",
+    "Schema",
     "ServerContext",
     "Tunnel",
     "__version__",
@@ -61,7 +62,7 @@ def test_the_hooks_are_the_designed_ones() -> None:
     assert set(hook_specs()) == {"on_startup", "on_shutdown", "on_register", "on_connect", "on_disconnect",
                                  "resolve_host",
                                  "alias_owner", "alias_reserved", "before_forward", "after_response", "admin_routes",
-                                 "agent_routes", "on_registration_refused", "recent_requests",
+                                 "agent_routes", "database_schema", "on_registration_refused", "recent_requests",
                                  "register_commands"}
 
 

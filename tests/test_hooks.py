@@ -17,14 +17,33 @@ import anyio
 import httpx
 import pytest
 
-from comzy import AdminRoute, Exchange, ForwardRequest, LoggedRequest, Registration, Reject, Tunnel, hookimpl
+from comzy import (
+    AdminRoute,
+    Exchange,
+    ForwardRequest,
+    LoggedRequest,
+    Registration,
+    Reject,
+    Schema,
+    Tunnel,
+    hookimpl,
+)
 from comzy.agent.client import Agent, AgentConfig, Rejected
 from comzy.agent.forward import LocalForwarder
 from comzy.core import protocol as p
 from comzy.core.hooks import PluginError
 from comzy.core.server import ServerContext
 from comzy.core.websocket import connect
-from tests.conftest import PYTHON, RecordingReporter, admin_client, cli_env, start_agent, start_server, visitor
+from tests.conftest import (
+    PYTHON,
+    RecordingReporter,
+    admin_client,
+    cli_env,
+    make_settings,
+    start_agent,
+    start_server,
+    visitor,
+)
 from tests.upstream import Upstream
 
 pytestmark = pytest.mark.anyio
@@ -1014,3 +1033,95 @@ def test_hook_register_commands(tmp_path: Path) -> None:
     on = comzy_server(tmp_path, site, "greet", "ana", COMZY_PLUGINS="greeter", COMZY_GREETER_GREETING="hi")
     assert (on.returncode, on.stdout) == (0, "hi ana\n"), on.stderr
     assert comzy_server(tmp_path, site, "greet", "nobody", COMZY_PLUGINS="greeter").returncode == 3
+
+
+# -- database_schema ------------------------------------------------------------------------------
+NOTES_REVISION = '''"""notes: the table.
+
+Revision ID: 0001
+Revises:
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0001"
+down_revision = None
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table("notes", sa.Column("id", sa.Integer(), primary_key=True),
+                    sa.Column("text", sa.String(200), nullable=False))
+
+
+def downgrade() -> None:
+    op.drop_table("notes")
+'''
+
+
+class Notes:
+    """A third-party plugin with a table: it ships only its model and one revision file."""
+
+    def __init__(self, migrations: Path, name: str = "notes") -> None:
+        from sqlalchemy import Column, Integer, String, Table
+
+        from comzy.core.models import plugin_metadata
+
+        metadata = plugin_metadata()
+        self.table = Table("notes", metadata, Column("id", Integer, primary_key=True),
+                           Column("text", String(200), nullable=False))
+        self.schema = Schema(name, metadata, migrations)
+        self.rows: list[str] = []
+
+    @hookimpl
+    def database_schema(self) -> Schema:
+        return self.schema
+
+    @hookimpl
+    async def on_startup(self, server: ServerContext) -> None:
+        from sqlalchemy import insert, select
+
+        from comzy.core.db import prepare_database
+
+        engine = await prepare_database(server.settings, self.schema)
+        try:
+            async with engine.begin() as connection:
+                await connection.execute(insert(self.table).values(text="kept"))
+                self.rows = [row.text for row in await connection.execute(select(self.table))]
+        finally:
+            await engine.dispose()
+
+
+async def test_hook_database_schema(tmp_path: Path) -> None:
+    from comzy.core import db
+
+    migrations = tmp_path / "notes_migrations"
+    migrations.mkdir()
+    (migrations / "0001_notes.py").write_text(NOTES_REVISION)
+    plugin = Notes(migrations)
+    # What `comzy-server db upgrade` asks: the enabled plugins' schemas, without a server.
+    assert await db.collect_schemas([("notes", plugin)], "localhost") == [plugin.schema]
+    assert plugin.schema.version_table == "alembic_version_notes"
+    # The embedded SQLite database: on_startup's prepare_database makes the plugin's table itself.
+    async with start_server(tmp_path, plugins=[("notes", plugin)]):
+        assert plugin.rows == ["kept"]
+    engine = db.create_engine(db.database_url(make_settings(tmp_path)))
+    try:
+        assert await db.current_revision(engine, plugin.schema) == "0001"
+    finally:
+        await engine.dispose()
+
+    with pytest.raises(PluginError, match="plugin 'memo': its Schema is named 'notes'; name it 'memo'"):
+        await db.collect_schemas([("memo", plugin)], "localhost")
+
+    class Wrong:
+        @hookimpl
+        def database_schema(self) -> str:
+            return "notes"
+
+    with pytest.raises(PluginError, match=r"plugin 'wrong': database_schema must return a comzy\.Schema, not str"):
+        await db.collect_schemas([("wrong", Wrong())], "localhost")
+    with pytest.raises(ValueError, match="must be a lowercase identifier"):
+        Schema("Notes!", plugin.schema.metadata, migrations)

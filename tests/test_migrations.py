@@ -16,22 +16,34 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import URL, Connection, inspect, make_url, select
+from sqlalchemy import URL, Column, Connection, Integer, String, Table, column, insert, inspect, make_url, select, table
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from comzy.core import db
-from comzy.core.models import ApiRequest, Base, CustomDomain, User, UserAlias
+from comzy.core.models import plugin_metadata
+from comzy.core.schema import Schema
 from comzy.core.settings import ServerSettings
+from comzy.migrations.__main__ import write_revision
+from comzy.plugins.auth_token.models import SCHEMA as AUTH_SCHEMA
+from comzy.plugins.auth_token.models import User, UserAlias
+from comzy.plugins.custom_domains.models import SCHEMA as DOMAINS_SCHEMA
+from comzy.plugins.custom_domains.models import CustomDomain
+from comzy.plugins.mysql_logging.models import SCHEMA as LOG_SCHEMA
+from comzy.plugins.mysql_logging.models import ApiRequest
 from tests.conftest import PYTHON, ROOT, cli_env, start_server
 from tests.helpers import scratch_database as _scratch
+from tests.legacy_schema import make_legacy_database
 
 pytestmark = pytest.mark.anyio
 
+PLUGIN_SCHEMAS = [AUTH_SCHEMA, DOMAINS_SCHEMA, LOG_SCHEMA]
 TABLES = {"users", "user_aliases", "api_requests", "custom_domains"}
+VERSION_TABLES = {"alembic_version", *(schema.version_table for schema in PLUGIN_SCHEMAS)}
 
 
 @pytest.fixture(params=["sqlite", "mariadb", "postgres"])
@@ -46,12 +58,10 @@ async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
 
 @pytest.fixture
 async def engine(database: URL) -> AsyncIterator[AsyncEngine]:
-    """An engine on ``database``; whatever a test leaves migrated is downgraded to base."""
+    """An engine on ``database`` (dropped afterwards with its database, or its directory)."""
     engine = db.create_engine(database)
     try:
         yield engine
-        if await db.current_revision(engine) is not None:
-            await db.downgrade(engine, "base")
     finally:
         await engine.dispose()
 
@@ -60,9 +70,17 @@ def _tables(connection: Connection) -> set[str]:
     return set(inspect(connection).get_table_names())
 
 
-def _model_diff(connection: Connection) -> list[Any]:
-    context = MigrationContext.configure(connection, opts={"compare_type": True})
-    return list(compare_metadata(context, Base.metadata))
+async def _table_names(engine: AsyncEngine) -> set[str]:
+    async with engine.connect() as connection:
+        return await connection.run_sync(_tables)
+
+
+def _model_diff(connection: Connection, schema: Schema) -> list[Any]:
+    """What autogenerate would write for ``schema`` (its own tables only, as env.py compares)."""
+    context = MigrationContext.configure(connection, opts={
+        "compare_type": True,
+        "include_name": lambda name, kind, _parent: kind != "table" or name in schema.metadata.tables})
+    return list(compare_metadata(context, schema.metadata))
 
 
 def _settings(tmp_path: Path, **values: Any) -> ServerSettings:
@@ -71,37 +89,39 @@ def _settings(tmp_path: Path, **values: Any) -> ServerSettings:
 
 @pytest.fixture(autouse=True)
 def _no_seed_database(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("COMZY_DATABASE_URL", "DB_HOST", "DB_PORT", "DB_USER", "DB_PASSWORD", "DB_NAME"):
+    for name in ("COMZY_DATABASE_URL", "DB_HOST", "DB_PORT", "DB_USER", "DB_PASSWORD", "DB_NAME", "COMZY_PLUGINS"):
         monkeypatch.delenv(name, raising=False)
 
 
-# -- Migrations on every database ---------------------------------------------------------
-async def test_migrations_up_and_down(engine: AsyncEngine) -> None:
-    assert await db.current_revision(engine) is None
-    await db.upgrade(engine)
-    assert await db.current_revision(engine) == db.head_revision()
-    async with engine.connect() as connection:
-        assert await connection.run_sync(_tables) == TABLES | {"alembic_version"}
-
-    await db.downgrade(engine, "base")
-    assert await db.current_revision(engine) is None
-    async with engine.connect() as connection:
-        assert await connection.run_sync(_tables) <= {"alembic_version"}
-
-    await db.upgrade(engine)  # and up again, from base
-    assert await db.current_revision(engine) == db.head_revision()
+# -- Each tree on every database ------------------------------------------------------------
+async def test_each_plugin_tree_up_and_down_alone(engine: AsyncEngine) -> None:
+    await db.upgrade(engine, db.CORE_SCHEMA)
+    assert await _table_names(engine) <= {"alembic_version"}  # the core has no tables
+    version_tables = {"alembic_version"}  # Alembic keeps a version table, empty, once down at base
+    for schema in PLUGIN_SCHEMAS:
+        assert await db.current_revision(engine, schema) is None
+        await db.upgrade(engine, schema)
+        version_tables.add(schema.version_table)
+        assert await db.current_revision(engine, schema) == db.head_revision(schema)
+        assert await _table_names(engine) == version_tables | set(schema.metadata.tables)
+        await db.downgrade(engine, schema)
+        assert await db.current_revision(engine, schema) is None
+        assert await _table_names(engine) <= version_tables
+    await db.upgrade_to_head(engine, PLUGIN_SCHEMAS)  # and every tree up again, from base
+    assert await _table_names(engine) == TABLES | VERSION_TABLES
 
 
 async def test_models_and_migrations_agree(engine: AsyncEngine) -> None:
-    await db.upgrade(engine)
-    async with engine.connect() as connection:
-        diff = await connection.run_sync(_model_diff)
-    assert diff == [], "comzy/core/models.py and comzy/migrations disagree; add a migration:\n" + "\n".join(
-        map(str, diff))
+    await db.upgrade_to_head(engine, PLUGIN_SCHEMAS)
+    for schema in [db.CORE_SCHEMA, *PLUGIN_SCHEMAS]:
+        async with engine.connect() as connection:
+            diff = await connection.run_sync(_model_diff, schema)
+        assert diff == [], (f"{schema.name}'s models and its migrations ({schema.migrations}) disagree; add a "
+                            "migration (docs/plugin_hooks.md, Tables and migrations):\n" + "\n".join(map(str, diff)))
 
 
 async def test_schema_holds_data_and_constraints(engine: AsyncEngine) -> None:
-    await db.upgrade(engine)
+    await db.upgrade_to_head(engine, PLUGIN_SCHEMAS)
     sessions = async_sessionmaker(engine, expire_on_commit=False)
     async with sessions() as session:
         user = User(name="alice", token_hash="ab" * 32)
@@ -130,16 +150,120 @@ async def test_schema_holds_data_and_constraints(engine: AsyncEngine) -> None:
             await session.commit()
 
 
-# -- Start-up readiness -----------------------------------------------------------------------
-async def test_embedded_sqlite_upgrades_itself(tmp_path: Path) -> None:
-    engine = await db.prepare_database(_settings(tmp_path / "data"))
+# -- Databases made by Comzy 0.1's single tree ----------------------------------------------------
+LEGACY_ROWS = {
+    "users": {"id": 7, "name": "ana", "token_hash": "cd" * 32},
+    "user_aliases": {"id": 3, "user_id": 7, "alias": "ana-app", "port": 3000},
+    "custom_domains": {"id": 5, "host": "shop.example.com", "alias": "ana-app"},
+    "api_requests": {"id": 11, "alias": "ana-app", "port": 3000, "method": "GET", "path": "/old",
+                     "status_code": 200, "bytes_in": 1, "bytes_out": 2, "duration_ms": 3.5},
+}
+
+
+def _fill_legacy(connection: Connection) -> None:
+    make_legacy_database(connection)
+    for name, row in LEGACY_ROWS.items():
+        connection.execute(insert(table(name, *(column(key) for key in row))).values(**row))
+
+
+def _rows(connection: Connection) -> dict[str, list[dict[str, Any]]]:
+    return {name: [dict(row._mapping) for row in connection.execute(
+                select(*(column(key) for key in LEGACY_ROWS[name])).select_from(table(name)))]
+            for name in LEGACY_ROWS}
+
+
+async def test_a_single_tree_database_upgrades_in_place(database: URL, tmp_path: Path) -> None:
+    """Comzy 0.1's database (every table, alembic_version at 0001) with rows: `db upgrade` adopts the
+    enabled plugins' tables, keeps every row, and adopts a plugin's tables when it is enabled later."""
+    engine = db.create_engine(database)
     try:
-        assert (tmp_path / "data" / "comzy.db").is_file()
-        assert await db.current_revision(engine) == db.head_revision()
+        async with engine.begin() as connection:
+            await connection.run_sync(_fill_legacy)
+        url = database.render_as_string(hide_password=False)
+
+        first = _db_cli(tmp_path, "upgrade", COMZY_DATABASE_URL=url, COMZY_PLUGINS="auth_token,custom_domains")
+        assert first.returncode == 0, first.stderr
+        assert first.stdout.splitlines()[1:] == ["core: already at 0001 (head)",
+                                                 "auth_token: upgraded from empty to 0001 (head)",
+                                                 "custom_domains: upgraded from empty to 0001 (head)"]
+        assert "adopted the existing table users" in first.stderr
+        assert await _table_names(engine) == TABLES | VERSION_TABLES - {LOG_SCHEMA.version_table}
+        current = _db_cli(tmp_path, "current", COMZY_DATABASE_URL=url, COMZY_PLUGINS="auth_token,custom_domains")
+        assert current.stdout.splitlines()[1:] == ["core: revision 0001 (head)", "auth_token: revision 0001 (head)",
+                                                   "custom_domains: revision 0001 (head)"]
+
+        later = _db_cli(tmp_path, "upgrade", COMZY_DATABASE_URL=url, COMZY_PLUGINS="mysql_logging")
+        assert later.returncode == 0, later.stderr
+        assert "mysql_logging: upgraded from empty to 0001 (head)" in later.stdout
+        current = _db_cli(tmp_path, "current", COMZY_DATABASE_URL=url, COMZY_PLUGINS="mysql_logging")
+        assert current.stdout.splitlines()[1:] == [
+            "core: revision 0001 (head)", "mysql_logging: revision 0001 (head)",
+            "auth_token: revision 0001 (plugin not enabled: its tables are left as they are)",
+            "custom_domains: revision 0001 (plugin not enabled: its tables are left as they are)"]
+
+        async with engine.connect() as connection:
+            rows = await connection.run_sync(_rows)
+            for name, row in LEGACY_ROWS.items():
+                assert rows[name] == [row], name
+            for schema in PLUGIN_SCHEMAS:
+                assert await connection.run_sync(_model_diff, schema) == [], schema.name
+        for schema in PLUGIN_SCHEMAS:
+            await db.downgrade(engine, schema)  # the adopted tables are the plugins' own now
+        assert await _table_names(engine) <= VERSION_TABLES
     finally:
         await engine.dispose()
-    engine = await db.prepare_database(_settings(tmp_path / "data"))  # already current: nothing to do
+
+
+async def test_a_foreign_table_is_not_adopted(tmp_path: Path) -> None:
+    engine = db.create_engine(db.database_url(_settings(tmp_path / "data")))
+    try:
+        async with engine.begin() as connection:
+            await connection.exec_driver_sql("CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT)")
+    finally:
+        await engine.dispose()
+    result = _db_cli(tmp_path, "upgrade", COMZY_PLUGINS="auth_token")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "comzy-server: the table 'users' exists but is not the one alembic_version_auth_token expects (its columns: "
+        "email, id; expected: created_at, id, name, revoked_at, token_hash): rename or drop it, or give Comzy a "
+        "database of its own")
+    assert "Traceback" not in result.stderr
+
+
+# -- Start-up readiness -----------------------------------------------------------------------
+async def test_embedded_sqlite_upgrades_itself_one_plugin_at_a_time(tmp_path: Path) -> None:
+    engine = await db.prepare_database(_settings(tmp_path / "data"), DOMAINS_SCHEMA)
+    try:
+        assert (tmp_path / "data" / "comzy.db").is_file()
+        assert await db.current_revision(engine, DOMAINS_SCHEMA) == db.head_revision(DOMAINS_SCHEMA)
+        assert await db.current_revision(engine, db.CORE_SCHEMA) == db.head_revision()
+        assert await _table_names(engine) == {"alembic_version", DOMAINS_SCHEMA.version_table, "custom_domains"}
+    finally:
+        await engine.dispose()
+    engine = await db.prepare_database(_settings(tmp_path / "data"), DOMAINS_SCHEMA)  # current: nothing to do
     await engine.dispose()
+
+
+async def test_plugins_upgrading_one_sqlite_file_at_once_do_not_race(tmp_path: Path) -> None:
+    """Several engines (a server's plugins, `comzy-server users` in another process) upgrading one new
+    file together: each upgrade holds SQLite's write lock from reading the versions to committing."""
+    engines: list[AsyncEngine] = []
+
+    async def prepare(schema: Schema) -> None:
+        engines.append(await db.prepare_database(_settings(tmp_path / "data"), schema))
+
+    try:
+        async with anyio.create_task_group() as group:
+            for schema in [AUTH_SCHEMA, AUTH_SCHEMA, DOMAINS_SCHEMA, AUTH_SCHEMA, LOG_SCHEMA, DOMAINS_SCHEMA]:
+                group.start_soon(prepare, schema)
+        assert await _table_names(engines[0]) == TABLES | VERSION_TABLES
+        async with engines[0].connect() as connection:
+            for version_table in VERSION_TABLES:
+                rows = (await connection.execute(select(column("version_num")).select_from(table(version_table))))
+                assert [row[0] for row in rows] == ["0001"], version_table
+    finally:
+        for engine in engines:
+            await engine.dispose()
 
 
 @pytest.mark.parametrize("service", ["postgres", "mariadb"])
@@ -147,25 +271,43 @@ async def test_unmigrated_server_database_refuses_start(service: str, tmp_path: 
     async for url in _scratch(service):
         secret_url = url.set(password="s3cret-pw") if service == "postgres" else url  # trust auth ignores it
         settings = _settings(tmp_path, database_url=secret_url.render_as_string(hide_password=False))
-        with pytest.raises(db.DatabaseError, match=r"run `comzy-server db upgrade`") as info:
-            await db.prepare_database(settings)
-        assert "has no Comzy schema yet" in str(info.value)
-        assert "s3cret-pw" not in str(info.value)
         engine = db.create_engine(url)
         try:
-            assert await db.current_revision(engine) is None  # refused without touching it
-            await db.upgrade(engine, "head")
-            ready = await db.prepare_database(settings)
+            await db.upgrade(engine, db.CORE_SCHEMA)
+            with pytest.raises(db.DatabaseError, match=r"run `comzy-server db upgrade`") as info:
+                await db.prepare_database(settings, AUTH_SCHEMA)
+            assert "the plugin auth_token's schema in the database" in str(info.value)
+            assert "has no tables yet" in str(info.value)
+            assert "s3cret-pw" not in str(info.value)
+            assert await db.current_revision(engine, AUTH_SCHEMA) is None  # refused without touching it
+            await db.upgrade_to_head(engine, [AUTH_SCHEMA])
+            ready = await db.prepare_database(settings, AUTH_SCHEMA)
             await ready.dispose()
-            await db.downgrade(engine, "base")
+            with pytest.raises(db.DatabaseError, match=r"plugin mysql_logging's schema .* has no tables yet"):
+                await db.prepare_database(settings, LOG_SCHEMA)  # another plugin's tree is its own
         finally:
             await engine.dispose()
+
+
+async def test_a_revision_from_a_newer_comzy_is_refused(tmp_path: Path) -> None:
+    engine = await db.prepare_database(_settings(tmp_path / "data"), LOG_SCHEMA)
+    try:
+        async with engine.begin() as connection:
+            await connection.exec_driver_sql("UPDATE alembic_version_mysql_logging SET version_num = '0042'")
+    finally:
+        await engine.dispose()
+    with pytest.raises(db.DatabaseError, match=r"plugin mysql_logging's schema .* is at revision 0042, which this "
+                       r"version of Comzy does not know \(a newer version migrated it\): upgrade Comzy"):
+        await db.prepare_database(_settings(tmp_path / "data"), LOG_SCHEMA)
+    result = _db_cli(tmp_path, "current", COMZY_PLUGINS="mysql_logging")
+    assert result.stdout.splitlines()[-1] == ("mysql_logging: revision 0042, which this version of Comzy does not "
+                                             "know (a newer version migrated it): upgrade Comzy")
 
 
 async def test_unreachable_database_is_a_clear_error(tmp_path: Path) -> None:
     settings = _settings(tmp_path, database_url="postgresql://comzy:s3cret-pw@127.0.0.1:1/comzy")
     with pytest.raises(db.DatabaseError, match=r"cannot use the database postgresql\+asyncpg://comzy:\*\*\*@") as info:
-        await db.prepare_database(settings)
+        await db.prepare_database(settings, AUTH_SCHEMA)
     assert "s3cret-pw" not in str(info.value)
 
 
@@ -173,6 +315,29 @@ async def test_plain_server_touches_no_database(tmp_path: Path) -> None:
     async with start_server(tmp_path):
         pass
     assert not (tmp_path / "comzy.db").exists()
+
+
+# -- A plugin author's revision ---------------------------------------------------------------------
+async def test_a_new_plugin_gets_its_first_revision_by_autogenerate(tmp_path: Path) -> None:
+    metadata = plugin_metadata()
+    Table("notes", metadata, Column("id", Integer, primary_key=True), Column("text", String(200), nullable=False))
+    schema = Schema("notes", metadata, tmp_path / "notes_migrations")
+    settings = _settings(tmp_path / "data")
+    engine = db.create_engine(db.database_url(settings))
+    try:
+        await db.upgrade(engine, db.CORE_SCHEMA)
+        written = await write_revision(settings, schema, "notes table", autogenerate=True)
+        assert written == schema.migrations / "0001_notes_table.py"
+        assert 'op.create_table(\'notes\'' in written.read_text() or 'op.create_table("notes"' in written.read_text()
+        assert "alembic_version" not in written.read_text()  # the other trees' tables are not "removed"
+        await db.upgrade(engine, schema)
+        assert await _table_names(engine) == {"alembic_version", "alembic_version_notes", "notes"}
+        async with engine.connect() as connection:
+            assert await connection.run_sync(_model_diff, schema) == []
+        second = await write_revision(settings, schema, "nothing yet", autogenerate=False)
+        assert second.name == "0002_nothing_yet.py" and "down_revision: str | None = '0001'" in second.read_text()
+    finally:
+        await engine.dispose()
 
 
 # -- URL resolution ---------------------------------------------------------------------------
@@ -228,22 +393,58 @@ def _db_cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProce
 
 
 def test_db_upgrade_and_current_commands(tmp_path: Path) -> None:
-    head = db.head_revision()
     before = _db_cli(tmp_path, "current")
     assert before.returncode == 0, before.stderr
-    assert "revision: none (empty database): run `comzy-server db upgrade`" in before.stdout
-    assert f"database: sqlite+aiosqlite:///{tmp_path / 'data' / 'comzy.db'}" in before.stdout
+    assert before.stdout.splitlines() == [
+        f"database: sqlite+aiosqlite:///{tmp_path / 'data' / 'comzy.db'}",
+        "core: revision none (no tables yet): run `comzy-server db upgrade`",
+        "auth_token: revision none (no tables yet): run `comzy-server db upgrade`",
+        "custom_domains: revision none (no tables yet): run `comzy-server db upgrade`",
+        "mysql_logging: revision none (no tables yet): run `comzy-server db upgrade`"]
 
     upgraded = _db_cli(tmp_path, "upgrade")
     assert upgraded.returncode == 0, upgraded.stderr
-    assert f"upgraded from empty to {head} (head)" in upgraded.stdout
+    assert upgraded.stdout.splitlines()[1:] == [f"{name}: upgraded from empty to 0001 (head)" for name in
+                                                ("core", "auth_token", "custom_domains", "mysql_logging")]
     assert upgraded.stderr == ""  # no Alembic chatter at the default log level
 
     after = _db_cli(tmp_path, "current")
     assert after.returncode == 0, after.stderr
-    assert f"revision: {head} (head)" in after.stdout
+    assert after.stdout.splitlines()[1:] == [f"{name}: revision 0001 (head)" for name in
+                                             ("core", "auth_token", "custom_domains", "mysql_logging")]
     again = _db_cli(tmp_path, "upgrade")
-    assert f"already at {head} (head)" in again.stdout
+    assert again.stdout.splitlines()[1:] == [f"{name}: already at 0001 (head)" for name in
+                                             ("core", "auth_token", "custom_domains", "mysql_logging")]
+
+
+async def test_db_upgrade_makes_only_the_enabled_plugins_tables(tmp_path: Path) -> None:
+    none = _db_cli(tmp_path, "upgrade", COMZY_PLUGINS="none")
+    assert none.returncode == 0, none.stderr
+    assert none.stdout.splitlines()[1:] == ["core: upgraded from empty to 0001 (head)"]
+    engine = db.create_engine(db.database_url(_settings(tmp_path / "data")))
+    try:
+        assert await _table_names(engine) == {"alembic_version"}
+        assert _db_cli(tmp_path, "current", COMZY_PLUGINS="none").stdout.splitlines()[1:] == [
+            "core: revision 0001 (head)"]
+
+        domains = _db_cli(tmp_path, "upgrade", COMZY_PLUGINS="custom_domains")
+        assert domains.stdout.splitlines()[1:] == ["core: already at 0001 (head)",
+                                                   "custom_domains: upgraded from empty to 0001 (head)"]
+        assert await _table_names(engine) == {"alembic_version", "alembic_version_custom_domains", "custom_domains"}
+        assert _db_cli(tmp_path, "current", COMZY_PLUGINS="custom_domains").stdout.splitlines()[1:] == [
+            "core: revision 0001 (head)", "custom_domains: revision 0001 (head)"]
+        assert _db_cli(tmp_path, "current", COMZY_PLUGINS="none").stdout.splitlines()[1:] == [
+            "core: revision 0001 (head)",
+            "custom_domains: revision 0001 (plugin not enabled: its tables are left as they are)"]
+    finally:
+        await engine.dispose()
+
+
+def test_db_command_with_a_bad_plugin_setting_says_which(tmp_path: Path) -> None:
+    result = _db_cli(tmp_path, "upgrade", COMZY_PLUGINS="auth_token", COMZY_AUTH_REFRESH_SECONDS="soon")
+    assert result.returncode == 2
+    assert "COMZY_AUTH_REFRESH_SECONDS" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "data" / "comzy.db").exists()
 
 
 def test_db_command_on_an_unreachable_database_masks_the_password(tmp_path: Path) -> None:
@@ -259,15 +460,19 @@ def test_db_command_needs_an_action(tmp_path: Path) -> None:
     assert "ACTION" in result.stderr
 
 
-def test_migrations_ship_in_the_wheel() -> None:
-    """Every file under comzy/migrations/ is a module or matches the package-data globs, so a
-    non-editable install has them (a wheel built from this tree lists them all)."""
+@pytest.mark.parametrize("schema", [db.CORE_SCHEMA, *PLUGIN_SCHEMAS], ids=lambda schema: schema.name)
+def test_migrations_ship_in_the_wheel(schema: Schema) -> None:
+    """Every file of the shared environment (comzy/migrations/) and of each tree's revisions is a
+    module of a package or matches the package-data globs, so a non-editable install has them."""
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    globs = config["tool"]["setuptools"]["package-data"]["comzy.migrations"]
-    for path in db.MIGRATIONS_DIR.rglob("*"):
-        if path.is_dir() or "__pycache__" in path.parts:
-            continue
-        relative = path.relative_to(db.MIGRATIONS_DIR)
-        shipped = any(relative.match(pattern) for pattern in globs) or (
-            path.suffix == ".py" and (path.parent / "__init__.py").exists())
-        assert shipped, f"comzy/migrations/{relative} is not in [tool.setuptools.package-data]"
+    package_data = config["tool"]["setuptools"]["package-data"]
+    for directory in (db.MIGRATIONS_DIR, schema.migrations):
+        for path in directory.rglob("*"):
+            if path.is_dir() or "__pycache__" in path.parts:
+                continue
+            package = next(parent for parent in path.parents if (parent / "__init__.py").exists())
+            globs = package_data.get(".".join(package.relative_to(ROOT).parts), [])
+            shipped = any(path.relative_to(package).match(pattern) for pattern in globs) or (
+                path.suffix == ".py" and path.parent == package)
+            assert shipped, f"{path.relative_to(ROOT)} is not in [tool.setuptools.package-data]"
+    assert sorted(path.name for path in schema.migrations.glob("*.py") if path.name != "__init__.py")

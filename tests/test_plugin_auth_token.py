@@ -29,11 +29,13 @@ from comzy.agent.forward import LocalForwarder
 from comzy.core import db
 from comzy.core import protocol as p
 from comzy.core.hooks import builtin_names, load_plugins
-from comzy.core.models import User, utc_now
+from comzy.core.models import utc_now
 from comzy.core.server import ServerContext
 from comzy.core.websocket import connect
 from comzy.plugins.anonymous_timeout import AnonymousTimeout, AnonymousTimeoutSettings
 from comzy.plugins.auth_token import AuthToken, AuthTokenSettings
+from comzy.plugins.auth_token.models import SCHEMA as AUTH_SCHEMA
+from comzy.plugins.auth_token.models import User
 from comzy.plugins.auth_token.store import create_user, hash_token, revoke_user, rotate_token
 from comzy.plugins.auth_token.throttle import FailureThrottle, Throttled, UnknownTokens
 from tests.conftest import PYTHON, ROOT, RecordingReporter, cli_env, start_agent, start_server
@@ -66,7 +68,7 @@ async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
     async for url in scratch_database("mariadb"):
         engine = db.create_engine(url)
         try:
-            await db.upgrade(engine)
+            await db.upgrade_to_head(engine, [AUTH_SCHEMA])
         finally:
             await engine.dispose()
         yield {"database_url": url.render_as_string(hide_password=False)}
@@ -665,7 +667,7 @@ async def test_known_users_keep_connecting_while_the_database_is_down(
     url = private_mariadb.url("pw", "comzy_auth")
     engine = db.create_engine(url)
     try:
-        await db.upgrade(engine)
+        await db.upgrade_to_head(engine, [AUTH_SCHEMA])
     finally:
         await engine.dispose()
     plugin = auth()

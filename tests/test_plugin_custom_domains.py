@@ -19,6 +19,7 @@ from sqlalchemy import URL
 from comzy.core import db
 from comzy.core.server import ServerContext
 from comzy.plugins.auth_token import AuthToken, AuthTokenSettings
+from comzy.plugins.auth_token.models import SCHEMA as AUTH_SCHEMA
 from comzy.plugins.auth_token.store import claim_alias, create_user, find_user, hash_token
 from comzy.plugins.custom_domains import CustomDomains, CustomDomainsSettings
 from comzy.plugins.custom_domains.domains import (
@@ -29,6 +30,7 @@ from comzy.plugins.custom_domains.domains import (
     load_mappings,
     parse_mappings,
 )
+from comzy.plugins.custom_domains.models import SCHEMA as DOMAINS_SCHEMA
 from tests.conftest import PYTHON, ROOT, cli_env, make_settings, start_agent, start_server
 from tests.helpers import scratch_database, wait_until
 from tests.test_hooks import _register_and_expect_reject
@@ -61,7 +63,7 @@ def auth() -> AuthToken:
 async def owned_aliases(data_dir: Path, user: str, *aliases: str, **overrides: Any) -> str:
     """Create ``user`` owning ``aliases`` in the database a server on ``data_dir`` uses, before it
     starts (so CUSTOM_DOMAINS can name them); the user's token."""
-    engine = await db.prepare_database(make_settings(data_dir, **overrides))
+    engine = await db.prepare_database(make_settings(data_dir, **overrides), DOMAINS_SCHEMA)
     try:
         token = await create_user(engine, user)
         record = await find_user(engine, hash_token(token))
@@ -347,7 +349,7 @@ async def test_domains_add_refuses_an_unowned_alias_and_writes_nothing(tmp_path:
 
 
 async def stored_mappings(tmp_path: Path) -> dict[str, str]:
-    engine = await db.prepare_database(make_settings(tmp_path / "data"))
+    engine = await db.prepare_database(make_settings(tmp_path / "data"), DOMAINS_SCHEMA)
     try:
         return await load_mappings(engine)
     finally:
@@ -449,7 +451,7 @@ async def test_database_round_trip_on_mariadb(tmp_path: Path, upstream: Upstream
         assert refused.returncode == 2 and "run `comzy-server db upgrade`" in refused.stderr
         engine = db.create_engine(url)
         try:
-            await db.upgrade(engine)
+            await db.upgrade_to_head(engine, [AUTH_SCHEMA, DOMAINS_SCHEMA])
         finally:
             await engine.dispose()
         await _mariadb_round_trip(tmp_path, upstream, secret)

@@ -21,8 +21,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from comzy import Exchange, ForwardRequest, Tunnel
 from comzy.core import db
-from comzy.core.models import ApiRequest
 from comzy.plugins.mysql_logging import MysqlLogging, MysqlLoggingSettings
+from comzy.plugins.mysql_logging.models import SCHEMA as LOG_SCHEMA
+from comzy.plugins.mysql_logging.models import ApiRequest
 from comzy.plugins.mysql_logging.plugin import QueuedRequest, logged_path, to_row
 from tests.conftest import ROOT, make_settings, start_agent, start_server
 from tests.helpers import scratch_database, wait_until
@@ -84,7 +85,7 @@ async def database(request: pytest.FixtureRequest) -> AsyncIterator[dict[str, An
     async for url in scratch_database("mariadb"):
         engine = db.create_engine(url)
         try:
-            await db.upgrade(engine)
+            await db.upgrade_to_head(engine, [LOG_SCHEMA])
         finally:
             await engine.dispose()
         yield {"database_url": url.render_as_string(hide_password=False)}
@@ -200,7 +201,7 @@ async def test_old_rows_are_deleted(tmp_path: Path, database: dict[str, Any], ca
     now = datetime.now(UTC)
     ages = {"old-a": 400, "old-b": 45, "old-c": 31, "old-d": 30.5, "old-e": 31, "old-f": 60, "old-g": 90,
             "recent-a": 29, "recent-b": 1, "recent-c": 0}
-    engine = await db.prepare_database(make_settings(tmp_path / "data", **database))  # SQLite: creates it
+    engine = await db.prepare_database(make_settings(tmp_path / "data", **database), LOG_SCHEMA)  # SQLite: creates it
     try:
         async with engine.begin() as connection:
             await connection.execute(insert(ApiRequest), [
@@ -223,7 +224,7 @@ async def test_old_rows_are_deleted(tmp_path: Path, database: dict[str, Any], ca
 
 
 async def test_retention_zero_keeps_everything(tmp_path: Path) -> None:
-    engine = await db.prepare_database(make_settings(tmp_path / "data"))
+    engine = await db.prepare_database(make_settings(tmp_path / "data"), LOG_SCHEMA)
     try:
         async with engine.begin() as connection:
             await connection.execute(insert(ApiRequest).values(
@@ -266,7 +267,7 @@ async def test_database_down_traffic_flows_rows_queue_then_drop_and_logging_resu
     url = private_mariadb.url(password, "comzy_log")
     engine = db.create_engine(url)
     try:
-        await db.upgrade(engine)
+        await db.upgrade_to_head(engine, [LOG_SCHEMA])
     finally:
         await engine.dispose()
     logging_plugin = plugin(queue_size=20, batch_size=5, drop_log_seconds=3600, shutdown_seconds=1)

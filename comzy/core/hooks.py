@@ -207,6 +207,20 @@ class HookRunner:
         answered). An implementation's exception propagates: the caller says the log cannot be read."""
         return await self._first_answer("recent_requests", {"alias": alias, "limit": limit, "server": server})
 
+    async def database_schemas(self) -> list[tuple[str, Any]]:
+        """Every ``(plugin name, Schema)`` answered by ``database_schema``, in calling order."""
+        schemas = []
+        for impl in reversed(self.pm.hook.database_schema.get_hookimpls()):
+            started = time.perf_counter() if self.trace else 0.0
+            result = impl.function()
+            if inspect.isawaitable(result):
+                result = await result
+            if self.trace:
+                _trace("database_schema", impl.plugin_name, started, result)
+            if result is not None:
+                schemas.append((impl.plugin_name, result))
+        return schemas
+
     async def admin_routes(self, server: Any) -> list[Any]:
         """Every route contributed by plugins, flattened."""
         routes: list[Any] = []

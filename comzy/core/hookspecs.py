@@ -34,6 +34,14 @@ def on_shutdown(server: ServerContext) -> Any:
     """Called once when the server stops, after the listeners closed. Release resources."""
 
 
+@hookspec
+def database_schema() -> Any:
+    """Return the plugin's tables as a ``comzy.Schema`` (name, SQLAlchemy ``MetaData``,
+    migrations directory), or None. No arguments: ``comzy-server db upgrade`` and ``db current``
+    call it without a running server, for the enabled plugins only. The plugin's ``on_startup``
+    passes the same Schema to ``comzy.core.db.prepare_database``."""
+
+
 # -- agents ----------------------------------------------------------------------
 @hookspec
 def on_register(registration: Registration, server: ServerContext) -> Any:

@@ -1,9 +1,11 @@
-"""Alembic environment for Comzy: async drivers, URL from Comzy's settings.
+"""Alembic environment shared by every schema: the core's tree and each plugin's.
 
-Comzy (comzy/core/db.py) hands over an open connection in ``config.attributes["connection"]``.
-The plain ``alembic`` command (alembic.ini at the repository top) gets its URL from
-``config.attributes["url"]``, ``sqlalchemy.url`` or, usually, the same COMZY_DATABASE_URL /
-DB_* / data-directory resolution the server uses.
+Comzy (comzy/core/db.py) puts the :class:`~comzy.core.schema.Schema` being migrated in
+``config.attributes["schema"]`` (its metadata and version table; its revision directory is the
+config's ``version_locations``) and an open connection in ``config.attributes["connection"]``.
+The plain ``alembic`` command (alembic.ini at the repository top) passes neither: it works on
+the core's tree, with the URL from ``config.attributes["url"]``, ``sqlalchemy.url`` or, usually,
+the same COMZY_DATABASE_URL / DB_* / data-directory resolution the server uses.
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import URL, Connection, make_url, pool
 
-from comzy.core.db import create_engine, database_url
-from comzy.core.models import Base
+from comzy.core.db import CORE_SCHEMA, create_engine, database_url
+from comzy.core.schema import Schema
 from comzy.core.settings import ServerSettings
 
 config = context.config
-target_metadata = Base.metadata
+schema: Schema = config.attributes.get("schema") or CORE_SCHEMA
 
 
 def _url() -> URL:
@@ -31,8 +33,17 @@ def _url() -> URL:
     return database_url(ServerSettings())
 
 
+def _include_name(name: str | None, type_: str, _parent: object) -> bool:
+    # Autogenerate compares this schema's tables only: the core's and the other plugins' tables
+    # (and their version tables) share the database and must not show up as "removed".
+    if type_ == "table":
+        return name in schema.metadata.tables
+    return True
+
+
 def _configure(**options: object) -> None:
-    context.configure(target_metadata=target_metadata, render_as_batch=True, compare_type=True, **options)
+    context.configure(target_metadata=schema.metadata, version_table=schema.version_table,
+                      include_name=_include_name, render_as_batch=True, compare_type=True, **options)
 
 
 def run_with(connection: Connection) -> None:

@@ -15,6 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from comzy.core.db import DatabaseError, describe_error, masked_url, prepare_database
 from comzy.core.settings import ServerSettings
 
+from .models import SCHEMA
 from .store import UserError, check_name, create_user, list_users, revoke_user, rotate_token
 
 if TYPE_CHECKING:
@@ -58,7 +59,7 @@ async def _users(settings: ServerSettings, action: str, name: str | None) -> int
             name = check_name(name)
         except UserError as exc:
             return _fail(str(exc))
-    engine = await prepare_database(settings)  # the embedded SQLite default upgrades itself
+    engine = await prepare_database(settings, SCHEMA)  # the embedded SQLite default upgrades itself
     try:
         if action == "create":
             assert name is not None

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, TypeVar
 import anyio
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from comzy import AdminRoute, Registration, Reject, Tunnel, hookimpl
+from comzy import AdminRoute, Registration, Reject, Schema, Tunnel, hookimpl
 from comzy.core.aliases import check_alias, random_alias
 
 from .api import AccountApi
@@ -123,11 +123,18 @@ class AuthToken:
         add_commands(commands)
 
     @hookimpl
+    def database_schema(self) -> Schema:
+        """``users`` and ``user_aliases`` (models.py), with their migrations."""
+        from .models import SCHEMA  # SQLAlchemy loads only when the database is wanted
+
+        return SCHEMA
+
+    @hookimpl
     async def on_startup(self, server: ServerContext) -> None:
         """Open the database, load users and aliases, start the refresher."""
         from comzy.core.db import prepare_database  # SQLAlchemy loads only with the plugin
 
-        self._engine = await prepare_database(server.settings)
+        self._engine = await prepare_database(server.settings, self.database_schema())
         self._server = server
         await self.refresh(server)
         log.info("auth: %d users, %d owned aliases; anonymous agents %s; at most %d aliases per user",

@@ -12,7 +12,9 @@ from datetime import datetime
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from comzy.core.models import User, UserAlias, utc_now
+from comzy.core.models import utc_now
+
+from .models import User, UserAlias
 
 #: Tokens start with this, so a leaked one is easy to recognise (and to scan for in code).
 TOKEN_PREFIX = "czy_"

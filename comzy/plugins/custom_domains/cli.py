@@ -29,6 +29,7 @@ from .domains import (
     parse_mappings,
     remove_mapping,
 )
+from .models import SCHEMA
 from .settings import CustomDomainsSettings
 
 if TYPE_CHECKING:
@@ -98,7 +99,7 @@ async def _domains(context: CommandContext, action: str, host: str | None, alias
             alias = check_alias(alias, allow_punycode=settings.allow_punycode_aliases)
     except MappingError as exc:
         return _fail(str(exc))
-    engine = await prepare_database(settings)  # the embedded SQLite default upgrades itself
+    engine = await prepare_database(settings, SCHEMA)  # the embedded SQLite default upgrades itself
     try:
         if action == "add":
             assert host is not None and alias is not None

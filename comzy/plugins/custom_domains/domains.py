@@ -9,7 +9,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from comzy.core.aliases import ALIAS_RE
 from comzy.core.aliases import check_alias as core_check_alias
-from comzy.core.models import CustomDomain
+
+from .models import CustomDomain
 
 # One DNS label: letters, digits and '-', 1-63 characters, no '-' at either end (after lowercasing).
 _LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import anyio
 from sqlalchemy.exc import SQLAlchemyError
 
-from comzy import PluginError, hookimpl
+from comzy import PluginError, Schema, hookimpl
 
 from .domains import (
     MappingError,
@@ -88,6 +88,13 @@ class CustomDomains:
 
         add_commands(commands)
 
+    @hookimpl
+    def database_schema(self) -> Schema:
+        """``custom_domains`` (models.py), with its migrations."""
+        from .models import SCHEMA
+
+        return SCHEMA
+
     # Last: the plugins that know who owns each alias (alias_owner) have loaded it by then.
     @hookimpl(trylast=True)
     async def on_startup(self, server: ServerContext) -> None:
@@ -100,7 +107,7 @@ class CustomDomains:
                                             allow_punycode=server.settings.allow_punycode_aliases)
         except MappingError as exc:
             raise PluginError(f"custom_domains: invalid {' (or '.join(reversed(MAPPINGS_VARIABLES))}): {exc}") from None
-        self._engine = await prepare_database(server.settings)
+        self._engine = await prepare_database(server.settings, self.database_schema())
         self._server = server
         await self.refresh(server.settings.base_domain)
         log.info("custom domains: %d mapped (%d from CUSTOM_DOMAINS)", len(self.hosts), len(self._from_env))

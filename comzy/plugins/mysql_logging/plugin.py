@@ -19,10 +19,10 @@ import anyio
 from sqlalchemy import String, delete, insert, select
 from sqlalchemy.exc import DataError, IntegrityError
 
-from comzy import Exchange, LoggedRequest, hookimpl
+from comzy import Exchange, LoggedRequest, Schema, hookimpl
 from comzy.core.db import describe_error, masked_url, prepare_database
-from comzy.core.models import ApiRequest
 
+from .models import SCHEMA, ApiRequest
 from .settings import MysqlLoggingSettings
 
 if TYPE_CHECKING:
@@ -154,9 +154,14 @@ class MysqlLogging:
 
     # -- Lifecycle ------------------------------------------------------------------------------
     @hookimpl
+    def database_schema(self) -> Schema:
+        """``api_requests`` (models.py), with its migrations."""
+        return SCHEMA
+
+    @hookimpl
     async def on_startup(self, server: ServerContext) -> None:
         """Open the database (its schema must be current) and start the writer and retention tasks."""
-        self._engine = await prepare_database(server.settings)
+        self._engine = await prepare_database(server.settings, SCHEMA)
         self._closing = False
         self._wake, self._closing_event = anyio.Event(), anyio.Event()
         self._writer_done, self._purger_done = anyio.Event(), anyio.Event()

@@ -1,0 +1,4 @@
+"""The plugin auth_token's Alembic revisions, run with the core's shared environment (comzy/migrations/env.py).
+
+See docs/plugin_hooks.md, "Tables and migrations".
+"""

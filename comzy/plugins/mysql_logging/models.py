@@ -1,0 +1,45 @@
+"""mysql_logging's table: ``api_requests``, one row per proxied request (the seed's schema).
+
+A change here needs a new migration in ``migrations/`` (``comzy-server db revision --plugin
+mysql_logging --autogenerate -m "..."``); tests/test_migrations.py fails while the two disagree.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+from sqlalchemy import BigInteger, Double, Integer, String
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from comzy.core.models import BigId, created_at_column, plugin_metadata
+from comzy.core.schema import Schema
+
+
+class Base(DeclarativeBase):
+    """Declarative base of mysql_logging's table (its own MetaData: no other plugin's tables)."""
+
+    metadata = plugin_metadata()
+
+
+class ApiRequest(Base):
+    """One proxied request (the plugin writes these in batches)."""
+
+    __tablename__ = "api_requests"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    alias: Mapped[str] = mapped_column(String(255), index=True)
+    port: Mapped[int] = mapped_column(Integer)
+    # The seed has VARCHAR(10); extension methods such as VERSION-CONTROL are longer.
+    method: Mapped[str] = mapped_column(String(16))
+    path: Mapped[str] = mapped_column(String(1024))
+    status_code: Mapped[int] = mapped_column(Integer)
+    bytes_in: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    bytes_out: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    duration_ms: Mapped[float] = mapped_column(Double, default=0.0, server_default="0")
+    # Long enough for any IPv6 address in text form.
+    client_address: Mapped[str | None] = mapped_column(String(45), nullable=True)
+    created_at: Mapped[datetime] = created_at_column(index=True)
+
+
+SCHEMA = Schema("mysql_logging", Base.metadata, Path(__file__).resolve().parent / "migrations")
