@@ -136,7 +136,9 @@ async def _status(server_option: str | None) -> int:
         me = await AccountClient(server, token).me()
     except ApiError as exc:
         if exc.no_accounts:
-            print(f"Login:   saved for {saved.user if saved else '?'}, but {account.no_accounts(server)}")
+            held = "a token in COMZY_TOKEN" if os.environ.get("COMZY_TOKEN") or saved is None else \
+                f"saved for {printable(saved.user)}"
+            print(f"Login:   {held}, but {account.no_accounts(server)}")
             return 0
         problem = "your token is not accepted" if exc.code == ErrorCode.UNAUTHORIZED else "cannot check your token"
         print(f"Login:   {problem}: {exc}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.abc
@@ -15,6 +15,7 @@ from comzy import __version__
 from comzy.core import protocol as p
 from comzy.core.agent_api import AgentApi
 from comzy.core.aliases import check_alias, is_idna_reserved, random_alias
+from comzy.core.control import GoAway, Hello, Refusal, VersionMismatch, Welcome
 from comzy.core.headers import is_trusted, real_client
 from comzy.core.logs import RateLimitedLog
 from comzy.core.registry import Entry, hash_secret
@@ -105,7 +106,7 @@ class AgentListener:
             return None
         return await self._register(ws, hello, client)
 
-    async def _read_hello(self, ws: WebSocket, client: str) -> dict[str, Any] | None:
+    async def _read_hello(self, ws: WebSocket, client: str) -> Hello | None:
         message = await ws.receive()
         if isinstance(message, Closed):
             return None
@@ -116,55 +117,41 @@ class AgentListener:
         if len(frames) != 1 or frames[0].type != p.FrameType.HELLO:
             await self._reject(ws, client, "protocol", "the first frame must be HELLO")
             return None
-        hello: dict[str, Any] = frames[0].payload
-        version = hello.get("v")
-        if version != p.PROTOCOL_VERSION:
-            await self._reject(
-                ws,
-                client,
-                "version",
-                f"this server speaks protocol v{p.PROTOCOL_VERSION} but the agent speaks v{version}; "
-                "install a matching comzy agent (pip install --upgrade comzy)",
-            )
-            return None
-        return hello
+        try:
+            return Hello.from_payload(frames[0].payload)
+        except VersionMismatch as exc:
+            await self._reject(ws, client, "version", str(exc))
+        except p.ProtocolError as exc:
+            # The frame itself was whole: the agent can be told which field to fix.
+            await self._reject(ws, client, "protocol", str(exc))
+        return None
 
     async def _reject(self, ws: WebSocket, client: str, code: str, reason: str,
                       retry_after: int | None = None) -> None:
-        refusal: dict[str, Any] = {"code": code, "reason": reason}
-        if retry_after is not None:
-            refusal["retry_after"] = retry_after
         try:
-            await ws.send(p.encode(p.FrameType.REJECT, 0, refusal))
+            await ws.send(Refusal(code, reason, retry_after).encode())
             await ws.close(1008, "registration refused")
         except WebSocketError:
             await ws.aclose()
         # After the agent has its answer: plugins count and log refusals (metrics, by code) here.
         await self.server.hooks.on_registration_refused(code, reason, client, self.server)
 
-    async def _register(self, ws: WebSocket, hello: dict[str, Any], client: str) -> Entry | None:
+    async def _register(self, ws: WebSocket, hello: Hello, client: str) -> Entry | None:
         server = self.server
-        resume = hello.get("resume") if isinstance(hello.get("resume"), dict) else None
-        resume_secret = str(resume["secret"]) if resume and resume.get("secret") else None
-        if resume_secret is not None and len(resume_secret) < 16:
-            resume_secret = None
-        try:
-            port = int(hello.get("port", 0))
-        except (TypeError, ValueError, OverflowError):  # int(inf) is an OverflowError
-            port = 0
-        requested = hello.get("subdomain")
+        port = hello.port
         registration = Registration(
             port=port,
-            requested_alias=str(requested).lower() if requested else None,
-            token=str(hello["token"]) if hello.get("token") else None,
+            requested_alias=hello.subdomain.lower() if hello.subdomain else None,
+            token=hello.token or None,
             client_address=client,
-            agent_version=str(hello.get("agent", "?")),
-            resume_secret=resume_secret,
+            agent_version=hello.agent,
+            resume_secret=hello.resume_secret,
+            agent_data=hello.plugins,
         )
         try:
             self._refuse_ownerless(registration)
             await server.hooks.on_register(registration, server)
-            alias = self._choose_alias(registration, resume)
+            alias = self._choose_alias(registration, hello.resume_alias)
         except Reject as exc:
             # 429: a plugin throttles this client and logs that once per window; a line per
             # attempt would let the client flood the log.
@@ -180,7 +167,7 @@ class AgentListener:
             log.exception("agent %s: registration failed in a plugin", client)
             await self._reject(ws, client, "internal", "the server failed to register the tunnel; try again later")
             return None
-        secret = resume_secret or secrets.token_urlsafe(24)
+        secret = hello.resume_secret or secrets.token_urlsafe(24)
         tunnel = Tunnel(
             alias=alias,
             public_url=self.settings.url_for(alias),
@@ -190,13 +177,10 @@ class AgentListener:
             expires_at=registration.expires_at,
             metadata=registration.metadata,
         )
-        peer_window = hello.get("window", p.DEFAULT_WINDOW)
-        if not isinstance(peer_window, int) or not 65536 <= peer_window <= 16 * 1024 * 1024:
-            peer_window = p.DEFAULT_WINDOW
         session = Session(
             ws,
             window=self.settings.stream_window,
-            peer_window=peer_window,
+            peer_window=hello.window,
             heartbeat_interval=self.settings.heartbeat_interval,
             heartbeat_timeout=self.settings.heartbeat_timeout,
             name=f"tunnel {alias}",
@@ -204,20 +188,19 @@ class AgentListener:
         )
         entry = Entry(tunnel, session, hash_secret(secret))
         previous = server.registry.add(entry)
-        welcome = {
-            "v": p.PROTOCOL_VERSION,
-            "server": f"comzy/{__version__}",
-            "alias": alias,
-            "url": tunnel.public_url,
-            "resume_secret": secret,
-            "heartbeat": self.settings.heartbeat_interval,
-            "window": self.settings.stream_window,
-            "expires_at": registration.expires_at,
-            "user": registration.user,
-            "notices": list(registration.notices),
-        }
+        welcome = Welcome(
+            alias=alias,
+            url=tunnel.public_url,
+            resume_secret=secret,
+            heartbeat=self.settings.heartbeat_interval,
+            window=self.settings.stream_window,
+            expires_at=registration.expires_at,
+            user=registration.user,
+            notices=list(registration.notices),
+            server=f"comzy/{__version__}",
+        )
         try:
-            await ws.send(p.encode(p.FrameType.WELCOME, 0, welcome))
+            await ws.send(welcome.encode())
         except WebSocketError:
             server.registry.remove(alias, session)
             if previous is not None:
@@ -228,7 +211,7 @@ class AgentListener:
             # If the old session still reaches a live agent, that agent must not reconnect with
             # the same secret: the two would take the alias from each other forever.
             replaced = "replaced by a new session that presented this tunnel's resume secret"
-            previous.session.send_nowait(p.encode(p.FrameType.GOAWAY, 0, {"reason": replaced, "reconnect": False}))
+            previous.session.send_nowait(GoAway(replaced, reconnect=False).encode())
             server.task_group.start_soon(previous.session.flush_and_close, 4000, "replaced by a new session")
         log.info(
             "tunnel %s registered: port=%s client=%s user=%s agent=%s",
@@ -236,7 +219,7 @@ class AgentListener:
         )
         return entry
 
-    def _choose_alias(self, registration: Registration, resume: dict[str, Any] | None) -> str:
+    def _choose_alias(self, registration: Registration, resume_alias: str | None) -> str:
         """The alias to grant (registering it may replace the caller's live session). Raises Reject."""
         registry = self.server.registry
         reserved = self.settings.reserved
@@ -273,9 +256,9 @@ class AgentListener:
             if not held_by_caller(name):
                 raise Reject(f"'{name}' is in use by another agent; choose another --subdomain")
             return name
-        if resume and isinstance(resume.get("alias"), str):
+        if resume_alias:
             # The secret proves the caller held the alias; it never proves it may have it now.
-            name = resume["alias"]
+            name = resume_alias
             if (check_alias(name, reserved, allow_punycode=allow_punycode) is None and held_by_caller(name)
                     and self._not_for(name, user) is None):
                 return name

@@ -168,8 +168,9 @@ class Hello(ControlMessage):
             fields.fail("resume", "a map {alias, secret}", resume)
         resumed = _Fields("HELLO resume", resume or {})
         secret = resumed.text("secret", None, MAX_HELLO_TEXT, optional=True)
+        raw_plugins = payload.get("plugins")
         try:
-            plugins = check_plugin_data(payload.get("plugins") or {})
+            plugins = {} if raw_plugins is None else check_plugin_data(raw_plugins)
         except ValueError as exc:
             raise ProtocolError(f"malformed HELLO 'plugins': {exc}") from None
         return cls(
@@ -210,7 +211,8 @@ def check_plugin_data(value: Any) -> dict[str, dict[str, Any]]:
 
 
 def _check_json(value: Any, where: str, depth: int) -> None:
-    if depth > MAX_PLUGIN_DATA_DEPTH:
+    """Check one value ``depth`` containers deep (a plugin's own map is at depth 1)."""
+    if isinstance(value, (dict, list, tuple)) and depth > MAX_PLUGIN_DATA_DEPTH:
         raise ValueError(f"'{where}' nests deeper than {MAX_PLUGIN_DATA_DEPTH} levels")
     if isinstance(value, dict):
         for key, item in value.items():

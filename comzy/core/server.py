@@ -16,10 +16,10 @@ from hypercorn.config import Config as HypercornConfig
 
 from comzy import __version__
 from comzy.core import http_servers
-from comzy.core import protocol as p
 from comzy.core.admin import AdminApp, AdminToken, load_admin_token
 from comzy.core.agent_api import AgentApi
 from comzy.core.agent_listener import AgentListener
+from comzy.core.control import GoAway, Notice
 from comzy.core.datadir import prepare_data_dir
 from comzy.core.edge import EdgeApp
 from comzy.core.hooks import HookRunner, build_manager
@@ -72,7 +72,7 @@ class ServerContext:
         entry = self.registry.get(alias)
         if entry is None:
             return False
-        entry.session.send_nowait(p.encode(p.FrameType.GOAWAY, 0, {"reason": reason, "reconnect": False}))
+        entry.session.send_nowait(GoAway(reason, reconnect=False).encode())
         await entry.session.flush_and_close(1000, reason)
         return True
 
@@ -81,7 +81,7 @@ class ServerContext:
         entry = self.registry.get(alias)
         if entry is None:
             return False
-        entry.session.send_nowait(p.encode(p.FrameType.NOTICE, 0, {"level": level, "message": message}))
+        entry.session.send_nowait(Notice(message, level).encode())
         return True
 
 
@@ -262,8 +262,7 @@ async def _shutdown(server: ServerContext, agent_listener: anyio.abc.Listener[An
     await agent_listener.aclose()
     entries = server.registry.entries()
     for entry in entries:
-        entry.session.send_nowait(p.encode(p.FrameType.GOAWAY, 0, {"reason": "server shutting down",
-                                                                   "reconnect": True}))
+        entry.session.send_nowait(GoAway("server shutting down", reconnect=True).encode())
     public_stop.set()
     with anyio.move_on_after(server.settings.shutdown_grace):
         for entry in entries:

@@ -28,6 +28,11 @@ class Reject(Exception):
 class Registration:
     """An agent's request for a tunnel, as ``on_register`` hooks see it.
 
+    ``agent_data`` is what the agent sent for plugins (HELLO ``plugins``), one dict per plugin
+    name: a plugin reads its own as ``registration.agent_data.get("<its name>")``. It is
+    untrusted input from whoever connects, checked only to be small JSON data (at most 16 KiB):
+    validate it before use, and never trust it to say who the agent is.
+
     Hooks may set ``alias`` (to grant a name), ``user`` (who the agent is),
     ``expires_at`` (unix time the tunnel ends) and append to ``notices``. ``metadata`` holds one
     dict per plugin, keyed by the plugin's name (see :meth:`plugin_state`); it becomes
@@ -45,6 +50,7 @@ class Registration:
     expires_at: float | None = None
     notices: list[str] = field(default_factory=list)
     metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
+    agent_data: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def plugin_state(self, plugin: str) -> dict[str, Any]:
         """The dict that plugin ``plugin`` (its ``COMZY_PLUGINS`` name) keeps on this tunnel, made
