@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import anyio
 
 from comzy.core import protocol as p
+from comzy.core.control import Hello, Welcome
 from comzy.core.websocket import Closed, WebSocket, connect
 
 #: Body of the canned response to a REQUEST.
@@ -86,8 +87,7 @@ async def register(url: str, index: int, results: Results) -> WebSocket | None:
         results.failure(f"connect: {exc!r}")
         return None
     try:
-        hello = {"v": p.PROTOCOL_VERSION, "agent": "comzy-bench-idle/1", "port": 10000 + index % 50000}
-        await ws.send(p.encode(p.FrameType.HELLO, 0, hello))
+        await ws.send(Hello(agent="comzy-bench-idle/1", port=10000 + index % 50000).encode())
         with anyio.fail_after(30):
             message = await ws.receive()
         if not isinstance(message, bytes):
@@ -95,6 +95,7 @@ async def register(url: str, index: int, results: Results) -> WebSocket | None:
         frames = list(p.decode_message(message))
         if frames[0].type != p.FrameType.WELCOME:
             raise RuntimeError(f"expected WELCOME, got {frames[0].type.name}: {frames[0].payload!r}")
+        welcome = Welcome.from_payload(frames[0].payload)
     except Exception as exc:
         results.failure(f"handshake: {exc!r}")
         await ws.aclose()
@@ -102,7 +103,7 @@ async def register(url: str, index: int, results: Results) -> WebSocket | None:
     results.registered += 1
     results.last_welcome = time.monotonic()
     if results.url is None:
-        results.url = str(frames[0].payload["url"])
+        results.url = welcome.url
     return ws
 
 
