@@ -63,7 +63,7 @@ def auth() -> AuthToken:
 async def owned_aliases(data_dir: Path, user: str, *aliases: str, **overrides: Any) -> str:
     """Create ``user`` owning ``aliases`` in the database a server on ``data_dir`` uses, before it
     starts (so CUSTOM_DOMAINS can name them); the user's token."""
-    engine = await db.prepare_database(make_settings(data_dir, **overrides), DOMAINS_SCHEMA)
+    engine = await db.prepare_database(make_settings(data_dir, **overrides), AUTH_SCHEMA)
     try:
         token = await create_user(engine, user)
         record = await find_user(engine, hash_token(token))

@@ -413,7 +413,9 @@ async def test_a_database_whose_schema_is_behind_stops_start_up(tmp_path: Path) 
             async with start_server(tmp_path / "data", plugins=[("mysql_logging", plugin())],
                                     database_url=url.render_as_string(hide_password=False)):
                 pass
-        assert refused.group_contains(PluginError, match=r"has no Comzy schema yet: run `comzy-server db upgrade`")
+        assert refused.group_contains(
+            PluginError, match=r"the plugin mysql_logging's schema in the database .* has no tables yet: "
+                               r"run `comzy-server db upgrade`")
 
 
 def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -301,7 +301,8 @@ async def prepare_database(settings: ServerSettings, schema: Schema) -> AsyncEng
                              before.current or "empty", before.head)
             return engine
         async with engine.connect() as connection:
-            states = [await connection.run_sync(_state, tree) for tree in trees]
+            # The plugin's tree first: its name is what the operator needs to read.
+            states = [await connection.run_sync(_state, tree) for tree in reversed(trees)]
         for state in states:
             if not state.known:
                 raise DatabaseError(_unknown(url, state))
