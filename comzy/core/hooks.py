@@ -115,7 +115,9 @@ class HookRunner:
 
         return call
 
-    async def _call_in_order(self, name: str, kwargs: dict[str, Any]) -> list[Any]:
+    async def _call_in_order(self, name: str, kwargs: dict[str, Any], first_answer: bool = False) -> list[Any]:
+        """Every non-None result, each implementation awaited in turn; with ``first_answer``, stop at the
+        first one (pluggy's firstresult cannot await, and would take a coroutine for an answer)."""
         results = []
         caller = getattr(self.pm.hook, name)
         for impl in reversed(caller.get_hookimpls()):
@@ -133,26 +135,9 @@ class HookRunner:
                 _trace(name, impl.plugin_name, started, result)
             if result is not None:
                 results.append(result)
+                if first_answer:
+                    break
         return results
-
-    async def _first_answer(self, name: str, kwargs: dict[str, Any]) -> Any:
-        """The first non-None result, asking implementations in order (async ones awaited): pluggy's
-        firstresult cannot await, and would take a coroutine for an answer."""
-        for impl in reversed(getattr(self.pm.hook, name).get_hookimpls()):
-            started = time.perf_counter() if self.trace else 0.0
-            try:
-                result = impl.function(*[kwargs[arg] for arg in impl.argnames])
-                if inspect.isawaitable(result):
-                    result = await result
-            except BaseException as exc:
-                if self.trace:
-                    _trace(name, impl.plugin_name, started, exc)
-                raise
-            if self.trace:
-                _trace(name, impl.plugin_name, started, result)
-            if result is not None:
-                return result
-        return None
 
     async def _call_logged(self, name: str, kwargs: dict[str, Any]) -> None:
         caller = getattr(self.pm.hook, name)
@@ -205,7 +190,9 @@ class HookRunner:
     async def recent_requests(self, alias: str | None, limit: int, server: Any) -> list[LoggedRequest] | None:
         """The newest requests from the first plugin that keeps a request log (None: no plugin
         answered). An implementation's exception propagates: the caller says the log cannot be read."""
-        return await self._first_answer("recent_requests", {"alias": alias, "limit": limit, "server": server})
+        answers = await self._call_in_order("recent_requests", {"alias": alias, "limit": limit, "server": server},
+                                            first_answer=True)
+        return answers[0] if answers else None
 
     async def database_schemas(self) -> list[tuple[str, Any]]:
         """Every ``(plugin name, Schema)`` answered by ``database_schema``, in calling order."""
