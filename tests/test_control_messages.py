@@ -54,7 +54,7 @@ hellos = st.builds(
     window=st.integers(p.MIN_WINDOW, p.MAX_WINDOW), resume_alias=maybe_texts,
     resume_secret=st.none() | st.text(min_size=c.MIN_RESUME_SECRET, max_size=64), plugins=plugin_data,
 )
-numbers = st.floats(0, 1e12, allow_nan=False)
+numbers = st.floats(0, c.LAST_UNIX_TIME, allow_nan=False)
 welcomes = st.builds(
     c.Welcome, alias=texts, url=texts, resume_secret=maybe_texts, heartbeat=st.floats(0.001, 3600),
     window=st.integers(p.MIN_WINDOW, p.MAX_WINDOW), expires_at=st.none() | numbers, user=maybe_texts,
@@ -133,8 +133,13 @@ def test_maps_of_the_previous_version_parse_and_unknown_keys_are_ignored() -> No
     (c.Hello, {"plugins": {"x": {"k": math.nan}}}, "'plugins': 'x.k' holds nan, which JSON cannot carry"),
     (c.Welcome, {"url": "u"}, "'alias' must be a string (got NoneType)"),
     (c.Welcome, {"alias": "a", "url": "u", "window": 1024}, "'window' must be an integer from 65536 to 16777216"),
-    (c.Welcome, {"alias": "a", "url": "u", "heartbeat": 0}, "'heartbeat' must be a positive number (got 0)"),
-    (c.Welcome, {"alias": "a", "url": "u", "expires_at": math.inf}, "'expires_at' must be a number >= 0 (got inf)"),
+    (c.Welcome, {"alias": "a", "url": "u", "heartbeat": 0}, "'heartbeat' must be a positive number up to 3600 (got 0)"),
+    (c.Welcome, {"alias": "a", "url": "u", "expires_at": math.inf},
+     "'expires_at' must be a number >= 0 up to 253402300799 (got inf)"),
+    # Finite but past year 9999: the agent could not print it as a date.
+    (c.Welcome, {"alias": "a", "url": "u", "expires_at": 1e300},
+     "'expires_at' must be a number >= 0 up to 253402300799 (got 1e+300)"),
+    (c.Welcome, {"alias": "a", "url": "u", "heartbeat": 1e12}, "'heartbeat' must be a positive number up to 3600"),
     (c.Welcome, {"alias": "a", "url": "u", "notices": ["ok", 5]}, "'notices' must be a list of strings"),
     (c.Refusal, {"reason": 5}, "'reason' must be a string (got 5)"),
     (c.Refusal, {"retry_after": "soon"}, "'retry_after' must be a number >= 0 (got str)"),

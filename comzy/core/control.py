@@ -38,6 +38,10 @@ MIN_RESUME_SECRET = 16
 MAX_PLUGIN_DATA = 16 * 1024
 MAX_PLUGIN_DATA_DEPTH = 8
 #: A plugin's name as HELLO ``plugins`` keys it (the names COMZY_PLUGINS lists).
+#: A server's heartbeat interval past an hour is a broken server (and a timer past ~1e9 s overflows).
+MAX_HEARTBEAT = 3600.0
+#: The last second of year 9999: an expiry beyond it cannot be shown as a date (the agent prints it).
+LAST_UNIX_TIME = 253402300799.0
 PLUGIN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _MISSING = object()
 
@@ -84,14 +88,16 @@ class _Fields:
             self.fail(key, f"an integer from {low} to {high}", value)
         return value
 
-    def number(self, key: str, default: float | None, optional: bool = False, positive: bool = False) -> Any:
-        """A finite int or float (or None when ``optional``); ``default`` when absent."""
+    def number(self, key: str, default: float | None, optional: bool = False, positive: bool = False,
+               most: float = math.inf) -> Any:
+        """A finite int or float up to ``most`` (or None when ``optional``); ``default`` when absent."""
         value = self.payload.get(key, default)
         if value is None and optional:
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or (positive and value <= 0) or value < 0:
-            self.fail(key, "a positive number" if positive else "a number >= 0", value)
+                or (positive and value <= 0) or value < 0 or value > most:
+            least = "a positive number" if positive else "a number >= 0"
+            self.fail(key, least if most == math.inf else f"{least} up to {most:.0f}", value)
         return float(value)
 
     def flag(self, key: str, default: bool) -> bool:
@@ -257,9 +263,9 @@ class Welcome(ControlMessage):
             alias=fields.text("alias"),
             url=fields.text("url"),
             resume_secret=fields.text("resume_secret", None, optional=True),
-            heartbeat=fields.number("heartbeat", 10.0, positive=True),
+            heartbeat=fields.number("heartbeat", 10.0, positive=True, most=MAX_HEARTBEAT),
             window=fields.integer("window", DEFAULT_WINDOW, MIN_WINDOW, MAX_WINDOW),
-            expires_at=fields.number("expires_at", None, optional=True),
+            expires_at=fields.number("expires_at", None, optional=True, most=LAST_UNIX_TIME),
             user=fields.text("user", None, optional=True),
             notices=fields.texts("notices"),
             server=fields.text("server", "?"),
