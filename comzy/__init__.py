@@ -16,6 +16,7 @@ from comzy.core.commands import CommandContext, Commands
 from comzy.core.hooks import PluginError
 from comzy.core.hookspecs import hookimpl
 from comzy.core.schema import Schema
+from comzy.core.settings import ServerSettings
 from comzy.core.types import Exchange, ForwardRequest, LoggedRequest, Registration, Reject, Tunnel
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ __all__ = [
     "Reject",
     "Schema",
     "ServerContext",
+    "ServerSettings",
     "Tunnel",
     "__version__",
     "hookimpl",

@@ -120,3 +120,41 @@ async def test_tunnel_runs_with_the_plugins_folder_deleted(without_plugins: list
                 assert response.json()["raw_path"] == "/through/the/core"
                 agent.terminate()
             server.terminate()
+
+
+#: What a plugin may import from Comzy: the documented public modules (docs/plugin_hooks.md).
+PUBLIC_MODULES = {"comzy", "comzy.db", "comzy.aliases", "comzy.account_api", "comzy.migrations"}
+
+
+def comzy_imports(path: Path) -> list[tuple[int, str]]:
+    """Every ``comzy...`` module ``path`` imports, with its line."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names if alias.name.split(".")[0] == "comzy"]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module \
+                and node.module.split(".")[0] == "comzy":
+            found.append((node.lineno, node.module))
+    return found
+
+
+@pytest.mark.parametrize("plugin", sorted(p.name for p in (PACKAGE / "plugins").iterdir()
+                                          if (p / "__init__.py").exists()))
+def test_builtin_plugins_use_only_the_public_api(plugin: str) -> None:
+    """A built-in plugin is an ordinary plugin: it imports the public modules and its own package,
+    never the core's internals or another plugin, so a third-party plugin can do all it does."""
+    own = f"comzy.plugins.{plugin}"
+    offenders = [f"{path.relative_to(ROOT)}:{line}: {module}"
+                 for path in sorted((PACKAGE / "plugins" / plugin).rglob("*.py"))
+                 for line, module in comzy_imports(path)
+                 if module not in PUBLIC_MODULES and module != own and not module.startswith(own + ".")]
+    assert offenders == []
+
+
+def test_the_public_modules_exist_and_say_what_they_export() -> None:
+    import importlib
+
+    for name in PUBLIC_MODULES:
+        module = importlib.import_module(name)
+        assert module.__doc__, name
+        assert all(hasattr(module, export) for export in module.__all__), name

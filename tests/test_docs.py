@@ -42,6 +42,7 @@ PUBLIC_API = [
     "Reject",
     "Schema",
     "ServerContext",
+    "ServerSettings",
     "Tunnel",
     "__version__",
     "hookimpl",

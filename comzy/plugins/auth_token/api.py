@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from comzy import Reject
-from comzy.core.account_api import ALIASES_PATH, ME_PATH, ErrorCode, error_document
+from comzy.account_api import ALIASES_PATH, ME_PATH, ErrorCode, error_document
 
 from .store import DatabaseSlow
 
 if TYPE_CHECKING:
-    from comzy.core.server import ServerContext
+    from comzy import ServerContext
 
     from .plugin import AuthToken
     from .store import UserRecord

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 import anyio
 from sqlalchemy.exc import SQLAlchemyError
 
-from comzy.core.db import DatabaseError, describe_error, masked_url, prepare_database
-from comzy.core.settings import ServerSettings
+from comzy import ServerSettings
+from comzy.db import DatabaseError, describe_error, masked_url, prepare_database
 
 from .models import SCHEMA
 from .store import UserError, check_name, create_user, list_users, revoke_user, rotate_token

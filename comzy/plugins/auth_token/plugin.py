@@ -10,7 +10,7 @@ import anyio
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from comzy import AdminRoute, Registration, Reject, Schema, Tunnel, hookimpl
-from comzy.core.aliases import check_alias, random_alias
+from comzy.aliases import check_alias, random_alias
 
 from .api import AccountApi
 from .settings import AuthTokenSettings
@@ -32,8 +32,7 @@ from .throttle import FailureThrottle, Throttled, UnknownTokens
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
-    from comzy import Commands
-    from comzy.core.server import ServerContext
+    from comzy import Commands, ServerContext
 
 log = logging.getLogger("comzy.plugins.auth_token")
 
@@ -132,7 +131,7 @@ class AuthToken:
     @hookimpl
     async def on_startup(self, server: ServerContext) -> None:
         """Open the database, load users and aliases, start the refresher."""
-        from comzy.core.db import prepare_database  # SQLAlchemy loads only with the plugin
+        from comzy.db import prepare_database  # SQLAlchemy loads only with the plugin
 
         self._engine = await prepare_database(server.settings, self.database_schema())
         self._server = server

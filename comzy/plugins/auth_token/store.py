@@ -12,7 +12,7 @@ from datetime import datetime
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from comzy.core.models import utc_now
+from comzy.db import utc_now
 
 from .models import User, UserAlias
 

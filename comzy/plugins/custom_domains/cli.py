@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from comzy.core.db import DatabaseError, describe_error, masked_url, prepare_database
+from comzy.db import DatabaseError, describe_error, masked_url, prepare_database
 
 from .domains import (
     WHY_OWNED,

@@ -7,8 +7,8 @@ import re
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from comzy.core.aliases import ALIAS_RE
-from comzy.core.aliases import check_alias as core_check_alias
+from comzy.aliases import ALIAS_RE
+from comzy.aliases import check_alias as core_check_alias
 
 from .models import CustomDomain
 

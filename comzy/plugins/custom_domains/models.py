@@ -12,8 +12,8 @@ from pathlib import Path
 from sqlalchemy import Integer, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from comzy.core.models import created_at_column, plugin_metadata
-from comzy.core.schema import Schema
+from comzy import Schema
+from comzy.db import created_at_column, plugin_metadata
 
 
 class Base(DeclarativeBase):

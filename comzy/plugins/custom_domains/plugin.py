@@ -24,8 +24,7 @@ from .settings import MAPPINGS_VARIABLES, CustomDomainsSettings
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
-    from comzy import Commands
-    from comzy.core.server import ServerContext
+    from comzy import Commands, ServerContext
 
 log = logging.getLogger("comzy.plugins.custom_domains")
 
@@ -100,7 +99,7 @@ class CustomDomains:
     async def on_startup(self, server: ServerContext) -> None:
         """Check CUSTOM_DOMAINS, open the database, load every mapping, warn about those whose alias
         nobody owns, start the refresher."""
-        from comzy.core.db import prepare_database  # SQLAlchemy loads only with the plugin
+        from comzy.db import prepare_database  # SQLAlchemy loads only with the plugin
 
         try:
             self._from_env = parse_mappings(self.settings.mappings, server.settings.base_domain,

@@ -12,8 +12,8 @@ from pathlib import Path
 from sqlalchemy import BigInteger, Double, Integer, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from comzy.core.models import BigId, created_at_column, plugin_metadata
-from comzy.core.schema import Schema
+from comzy import Schema
+from comzy.db import BigId, created_at_column, plugin_metadata
 
 
 class Base(DeclarativeBase):

@@ -20,7 +20,7 @@ from sqlalchemy import String, delete, insert, select
 from sqlalchemy.exc import DataError, IntegrityError
 
 from comzy import Exchange, LoggedRequest, Schema, hookimpl
-from comzy.core.db import describe_error, masked_url, prepare_database
+from comzy.db import describe_error, masked_url, prepare_database
 
 from .models import SCHEMA, ApiRequest
 from .settings import MysqlLoggingSettings
@@ -28,7 +28,7 @@ from .settings import MysqlLoggingSettings
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
-    from comzy.core.server import ServerContext
+    from comzy import ServerContext
 
 log = logging.getLogger("comzy.plugins.mysql_logging")
 
