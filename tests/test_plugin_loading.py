@@ -42,7 +42,7 @@ def install_metadata(site: Path, dist: str, entry_points: dict[str, str]) -> Non
 def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A directory on sys.path with the example plugin "installed" and a fake built-in."""
     site = tmp_path / "site"
-    install_metadata(site, "comzy-plugin-example", {"example": "comzy_plugin_example:HeaderStamp"})
+    install_metadata(site, "comzy-plugin-example", {"example": "comzy_plugin_example:ExamplePlugin"})
     install_metadata(site, "comzy-fake-builtin", {"fake-builtin": "comzy.plugins.fake:Plugin"})
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.syspath_prepend(str(EXAMPLE_SRC))
@@ -86,10 +86,10 @@ def test_none_loads_nothing_and_the_core_still_routes(site: Path) -> None:
 
 def test_a_real_entry_point_loads_the_example_plugin(site: Path) -> None:
     ((name, plugin),) = load_plugins(["example"])
-    from comzy_plugin_example import HeaderStamp
+    from comzy_plugin_example import ExamplePlugin
 
     assert name == "example"
-    assert isinstance(plugin, HeaderStamp)  # a class is instantiated with no arguments
+    assert isinstance(plugin, ExamplePlugin)  # a class is instantiated with no arguments
     assert plugin.settings.blocked_prefix == "/private"
     pm = build_manager("localhost", [(name, plugin)])
     assert [impl.plugin_name for impl in pm.hook.before_forward.get_hookimpls()] == ["example"]

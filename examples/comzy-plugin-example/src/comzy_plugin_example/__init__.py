@@ -5,7 +5,8 @@ Enable it on a server with ``COMZY_PLUGINS=example`` once this package is instal
 
 from __future__ import annotations
 
-from comzy_plugin_example.plugin import HeaderStamp
+from comzy_plugin_example.plugin import ExamplePlugin
 from comzy_plugin_example.settings import ExampleSettings
+from comzy_plugin_example.store import BlockedRequest
 
-__all__ = ["ExampleSettings", "HeaderStamp"]
+__all__ = ["BlockedRequest", "ExamplePlugin", "ExampleSettings"]
