@@ -14,7 +14,9 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
-from .store import check_alias, check_limit, first_line, newest
+from comzy.db import describe_error
+
+from .store import check_alias, check_limit, newest
 
 if TYPE_CHECKING:
     from .plugin import ExamplePlugin
@@ -73,7 +75,7 @@ class BlockedApi:
         try:
             records = await newest(engine, alias, limit)
         except Exception as exc:  # the database is down: say so, keep the admin listener serving
-            log.warning("example: cannot read example_blocked: %s", first_line(exc))
+            log.warning("example: cannot read example_blocked: %s", describe_error(exc, engine.url))
             return 503, {"error": f"the blocked requests cannot be read right now ({type(exc).__name__}); "
                                   "try again"}
         return 200, {"blocked": [record.to_json() for record in records], "dropped": self.plugin.dropped}

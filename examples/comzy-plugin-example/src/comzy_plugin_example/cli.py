@@ -11,11 +11,11 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from comzy import PluginError
-from comzy.core.db import prepare_database
+from comzy.db import describe_error, prepare_database
 from sqlalchemy.exc import SQLAlchemyError
 
 from .models import SCHEMA
-from .store import MAX_LIMIT, check_alias, check_limit, first_line, newest, purge
+from .store import MAX_LIMIT, check_alias, check_limit, newest, purge
 
 if TYPE_CHECKING:
     from comzy import CommandContext, Commands
@@ -66,6 +66,7 @@ async def run_example(args: argparse.Namespace, context: CommandContext) -> int:
                   + (f" of {alias}" if alias else ""))
         return 0
     except (SQLAlchemyError, OSError) as exc:  # a query failed: one line, not a traceback
-        raise PluginError(f"example {args.action}: cannot use the database: {first_line(exc)}") from None
+        reason = describe_error(exc, engine.url)
+        raise PluginError(f"example {args.action}: cannot use the database: {reason}") from None
     finally:
         await engine.dispose()

@@ -10,7 +10,7 @@ from datetime import datetime
 from pathlib import Path
 
 from comzy import Schema
-from comzy.core.models import BigId, created_at_column, plugin_metadata
+from comzy.db import BigId, created_at_column, plugin_metadata
 from sqlalchemy import Index, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 

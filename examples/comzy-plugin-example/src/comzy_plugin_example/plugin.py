@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from comzy import AdminRoute, Commands, ForwardRequest, Reject, Schema, Tunnel, hookimpl
-from comzy.core.db import prepare_database
+from comzy.db import describe_error, prepare_database
 
 from .admin import PREFIX, BlockedApi
 from .cli import add_commands
 from .models import SCHEMA
 from .settings import ExampleSettings
-from .store import BlockedRequest, delete_older_than, first_line, write_batch
+from .store import BlockedRequest, delete_older_than, write_batch
 
 if TYPE_CHECKING:
     from comzy import ServerContext
@@ -175,7 +175,7 @@ class ExamplePlugin:
             if not self._failing:  # one warning per outage, not one per batch
                 self._failing = True
                 log.warning("example: cannot record blocked requests (%s); dropping them until the database "
-                            "answers again", first_line(exc))
+                            "answers again", describe_error(exc, engine.url))
             return
         self.written += len(batch)
         if self._failing:
@@ -190,7 +190,7 @@ class ExamplePlugin:
             deleted = await delete_older_than(engine, self.settings.keep_days)
         except Exception as exc:  # retried at the next interval
             log.warning("example: cannot delete blocked requests older than %g days (%s)",
-                        self.settings.keep_days, first_line(exc))
+                        self.settings.keep_days, describe_error(exc, engine.url))
             return
         if deleted:
             log.info("example: deleted %d blocked requests older than %g days", deleted, self.settings.keep_days)

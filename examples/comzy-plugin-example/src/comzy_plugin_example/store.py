@@ -1,19 +1,19 @@
 """Reading and writing ``example_blocked``: what the writer task, the admin route and the commands share.
 
-Every function takes an async engine (from ``comzy.core.db.prepare_database``) and runs its own
+Every function takes an async engine (from ``comzy.db.prepare_database``) and runs its own
 short transaction, so the server and a ``comzy-server example`` command can use the table at
 the same time (SQLite in WAL mode included).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
 from comzy import ForwardRequest
+from comzy.aliases import ALIAS_RE
 from sqlalchemy import delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -21,8 +21,6 @@ from .models import ALIAS_LENGTH, CLIENT_LENGTH, METHOD_LENGTH, PATH_LENGTH, Blo
 
 #: The most rows one question returns (the admin route's and the command's ``limit``).
 MAX_LIMIT = 1000
-# An alias is a DNS label: lowercase letters, digits and '-', not at either end.
-_ALIAS = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 # Printable ASCII is kept as sent; anything else is %-escaped, so the column holds ASCII whatever
 # the table's character set (MariaDB's default is not always UTF-8).
 _PATH_SAFE = "".join(chr(c) for c in range(0x21, 0x7F))
@@ -56,7 +54,7 @@ class BlockedRequest:
 def check_alias(value: str) -> str:
     """``value`` as an alias (lowercase); ValueError saying what an alias looks like otherwise."""
     alias = value.strip().lower()
-    if not _ALIAS.fullmatch(alias):
+    if not ALIAS_RE.fullmatch(alias):  # the core's own rule: a DNS label
         raise ValueError(f"{value!r} is not an alias: use 1 to 63 letters, digits and '-' (not first or last)")
     return alias
 
@@ -66,12 +64,6 @@ def check_limit(value: int) -> int:
     if not 1 <= value <= MAX_LIMIT:
         raise ValueError(f"the limit must be between 1 and {MAX_LIMIT}, not {value}")
     return value
-
-
-def first_line(exc: BaseException) -> str:
-    """A one-line reason for ``exc``, for logs and messages (SQLAlchemy's go on with the SQL and a link)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _row(record: BlockedRequest) -> dict[str, Any]:
