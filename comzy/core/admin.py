@@ -152,8 +152,11 @@ class AdminApp:
 
     async def _builtin(self, path: str, send: Any) -> None:
         if path == "/healthz":
-            body = json.dumps({"status": "ok", "tunnels": len(self.server.registry),
-                               "draining": self.server.draining}).encode()
+            health: dict[str, Any] = {"status": "ok", "tunnels": len(self.server.registry),
+                                      "draining": self.server.draining, "role": self.server.role}
+            if self.server.cluster is not None:  # which node, and whether it reaches NATS
+                health.update(self.server.cluster.health())
+            body = json.dumps(health).encode()
             await respond(send, 200, body, JSON)
         else:  # /logout
             await send({"type": "http.response.start", "status": 303, "headers": [

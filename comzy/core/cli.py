@@ -7,18 +7,23 @@ import gc
 import logging
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 import anyio
 from pydantic import ValidationError
 
 from comzy import __version__
 from comzy.core import logs
+from comzy.core.cluster import ClusterError
 from comzy.core.commands import Catalog
 from comzy.core.datadir import prepare_data_dir
 from comzy.core.hooks import PluginError, load_plugins, select_plugins
 from comzy.core.memory import tune_malloc
 from comzy.core.server import describe, run_server
 from comzy.core.settings import ServerSettings, explain_validation_error
+
+if TYPE_CHECKING:
+    from comzy.core.cluster.settings import ClusterSettings
 
 log = logging.getLogger("comzy.server")
 
@@ -49,10 +54,10 @@ def load_settings() -> ServerSettings:
         raise SystemExit(2) from None
 
 
-async def serve(settings: ServerSettings) -> None:
+async def serve(settings: ServerSettings, cluster_settings: ClusterSettings | None = None) -> None:
     """Run until SIGINT/SIGTERM, then shut down gracefully."""
     plugins = load_plugins(select_plugins(settings.plugins))
-    async with run_server(settings, plugins) as server:
+    async with run_server(settings, plugins, cluster_settings) as server:
         for line in describe(server):
             log.info(line)
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -111,6 +116,15 @@ def main(argv: list[str] | None = None) -> None:
         except PluginError as exc:
             print(f"comzy-server: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
+    cluster_settings = None
+    if settings.role != "all":
+        from comzy.core.cluster.settings import ClusterConfigError, load_cluster_settings
+
+        try:
+            cluster_settings = load_cluster_settings(settings.role)
+        except ClusterConfigError as exc:
+            print(f"comzy-server: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
     # Every tunnel keeps long-lived objects; with the default thresholds full collections
     # took ~30% of the server's CPU while 10,000 agents registered (bench/idle_agents.py).
     gc.set_threshold(10_000, 10, 100)
@@ -121,13 +135,14 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     try:
         tune_malloc()  # bulk transfers reuse pages instead of faulting in fresh ones
-        anyio.run(serve, settings)
+        anyio.run(serve, settings, cluster_settings)
     except PluginError as exc:
         print(f"comzy-server: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     except BaseExceptionGroup as group:
-        # A PluginError from on_startup arrives wrapped by the server's task group.
-        failures, others = group.split(PluginError)
+        # A PluginError from on_startup (or a ClusterError from joining the cluster) arrives wrapped
+        # by the server's task group.
+        failures, others = group.split((PluginError, ClusterError))
         if failures is None or others is not None:
             raise
         for failure in _leaves(failures):

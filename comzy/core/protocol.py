@@ -74,6 +74,9 @@ class ResetCode(enum.IntEnum):
     LOCAL_FAILED = 2  #: the local service failed mid-response
     REFUSED = 3  #: too many streams
     FLOW_CONTROL = 4
+    #: Cluster links only, never sent to agents: the tunnel is not (or no longer) on this control
+    #: node; the request never reached an agent, so the edge may look it up again and retry.
+    MOVED = 5
 
 
 # Frames whose payload is a msgpack map.

@@ -8,7 +8,7 @@ import socket
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -29,12 +29,21 @@ from comzy.core.registry import Registry
 from comzy.core.settings import ServerSettings
 from comzy.core.types import Tunnel
 
+if TYPE_CHECKING:
+    from comzy.core.cluster.node import ClusterNode
+    from comzy.core.cluster.settings import ClusterSettings
+
 log = logging.getLogger("comzy.server")
+
+#: Which listeners each COMZY_ROLE binds (the admin listener: every role).
+PUBLIC_ROLES = ("all", "edge")
+AGENT_ROLES = ("all", "control")
 
 
 @dataclass(slots=True)
 class Ports:
-    """The ports the listeners actually bound (useful when configured as 0)."""
+    """The ports the listeners actually bound (useful when configured as 0); 0 for a listener
+    this role does not bind."""
 
     http: int
     ws: int
@@ -57,6 +66,16 @@ class ServerContext:
         self.stopping = anyio.Event()
         #: The admin listener's token (COMZY_ADMIN_TOKEN or the data directory's file); set by run_server.
         self.admin_token: AdminToken | None = None
+        #: COMZY_ROLE: "all" (the single process), "edge" or "control".
+        self.role: str = settings.role
+        #: This node's id in the cluster; "" in role all.
+        self.node = ""
+        #: The cluster node (NATS, links, the roles' components); None in role all.
+        self.cluster: ClusterNode | None = None
+        #: The edge's route cache (docs/design/cluster.md 1.2); None but on an edge once it is built.
+        self.router: Any = None
+        #: Who holds which alias across the cluster (docs/design/cluster.md 2); None until built.
+        self.directory: Any = None
 
     def tunnels(self) -> list[Tunnel]:
         """Every live tunnel on this node."""
@@ -124,12 +143,20 @@ def _hypercorn_config(sock: socket.socket, settings: ServerSettings, tls: bool) 
 async def run_server(
     settings: ServerSettings,
     plugins: Iterable[tuple[str, object]] = (),
+    cluster_settings: ClusterSettings | None = None,
 ) -> AsyncIterator[ServerContext]:
     """Run the server inside the block; on exit shut down gracefully.
 
-    Listeners are bound before the block starts, so ``server.ports`` is valid at once.
+    Listeners are bound before the block starts, so ``server.ports`` is valid at once. In role
+    edge or control the block starts only once NATS answers; ``cluster_settings`` default to the
+    environment's (ClusterConfigError, one line, when they are bad or the nats extra is missing).
     """
     plugins = list(plugins)
+    role = settings.role
+    if role != "all" and cluster_settings is None:
+        from comzy.core.cluster.settings import load_cluster_settings  # only a cluster node reads them
+
+        cluster_settings = load_cluster_settings(role)
     install_hypercorn_fixes()
     pm = build_manager(settings.base_domain, plugins)
     server = ServerContext(settings, HookRunner(pm, trace=settings.trace_hooks), [name for name, _ in plugins])
@@ -137,34 +164,56 @@ async def run_server(
         raise ValueError("SSL_CERT_PATH is set but SSL_KEY_PATH is not; set both for TLS")
     # Before any plugin writes there: the directory holds token hashes and client addresses.
     prepare_data_dir(settings.data_dir)
-    http_sock = _bind(settings.host, settings.http_port)
+    http_sock = _bind(settings.host, settings.http_port) if role in PUBLIC_ROLES else None
     admin_sock = _bind(settings.admin_host, settings.admin_port)
-    ws_sock = _bind(settings.host, settings.ws_port)
-    server.ports = Ports(http_sock.getsockname()[1], ws_sock.getsockname()[1], admin_sock.getsockname()[1])
-    # Port 0 means "any free port": public URLs must name the port actually bound, not ":0".
-    settings = server.settings = settings.model_copy(update={
-        "http_port": server.ports.http, "ws_port": server.ports.ws, "admin_port": server.ports.admin})
-    agent_listener = await anyio.abc.SocketListener.from_socket(ws_sock)
-    http_config = _hypercorn_config(http_sock, settings, tls=bool(settings.ssl_cert_path))
+    ws_sock = _bind(settings.host, settings.ws_port) if role in AGENT_ROLES else None
+    server.ports = Ports(http_sock.getsockname()[1] if http_sock else 0, ws_sock.getsockname()[1] if ws_sock else 0,
+                         admin_sock.getsockname()[1])
+    # Port 0 means "any free port": public URLs must name the port actually bound, not ":0". A
+    # listener this role does not bind keeps its configured port (a control node's public URLs
+    # name the edges' port).
+    bound = {"admin_port": server.ports.admin}
+    if http_sock:
+        bound["http_port"] = server.ports.http
+    if ws_sock:
+        bound["ws_port"] = server.ports.ws
+    settings = server.settings = settings.model_copy(update=bound)
+    agent_listener = await anyio.abc.SocketListener.from_socket(ws_sock) if ws_sock else None
+    http_config = _hypercorn_config(http_sock, settings, tls=bool(settings.ssl_cert_path)) if http_sock else None
     admin_config = _hypercorn_config(admin_sock, settings, tls=False)
     public_stop = anyio.Event()
     admin_stop = anyio.Event()
     agents = AgentListener(server)
+    if cluster_settings is not None:
+        from comzy.core.cluster.node import ClusterNode  # imports nats: only a cluster node pays for it
+
+        server.cluster = ClusterNode(server, cluster_settings)
+        server.node = server.cluster.node_id
     async with anyio.create_task_group() as tg:
         server.task_group = tg
         try:
+            if server.cluster is not None:
+                # Before on_startup: plugins may subscribe to the cluster there.
+                await server.cluster.start(tg)
             await server.hooks.on_startup(server)
             server.admin_token = load_admin_token(settings)
             admin_app = AdminApp(server, await server.hooks.admin_routes(server), server.admin_token)
-            agents.api = AgentApi(server, await server.hooks.agent_routes(server))
+            if agent_listener is not None:
+                agents.api = AgentApi(server, await server.hooks.agent_routes(server))
         except BaseException:
             # Nothing serves yet: give the bound ports back before reporting the failure.
             await _release(agent_listener, http_config, admin_config)
+            if server.cluster is not None:
+                await server.cluster.stop()
             raise
         public_done, admin_done = anyio.Event(), anyio.Event()
-        tg.start_soon(_serve_until, EdgeApp(server), http_config, public_stop, public_done, settings.http_server)
+        if http_config is not None:
+            tg.start_soon(_serve_until, EdgeApp(server), http_config, public_stop, public_done, settings.http_server)
+        else:
+            public_done.set()
         tg.start_soon(_serve_until, admin_app, admin_config, admin_stop, admin_done)
-        tg.start_soon(_accept_agents, agent_listener, agents, tg)
+        if agent_listener is not None:
+            tg.start_soon(_accept_agents, agent_listener, agents, tg)
         loop = asyncio.get_running_loop()
         previous_handler = _quiet_accept_errors(loop)
         try:
@@ -180,15 +229,20 @@ async def run_server(
                     await agents.wait_finished()
                 # Last: plugins release resources only once no listener can use them.
                 await server.hooks.on_shutdown(server)
+                if server.cluster is not None:
+                    # After every session's on_disconnect and the plugins: they may still use NATS.
+                    await server.cluster.stop()
             tg.cancel_scope.cancel()
             loop.set_exception_handler(previous_handler)
 
 
-async def _release(agent_listener: anyio.abc.Listener[Any], *configs: HypercornConfig) -> None:
-    with anyio.CancelScope(shield=True):
-        await agent_listener.aclose()
+async def _release(agent_listener: anyio.abc.Listener[Any] | None, *configs: HypercornConfig | None) -> None:
+    if agent_listener is not None:
+        with anyio.CancelScope(shield=True):
+            await agent_listener.aclose()
     for config in configs:
-        socket.socket(fileno=int(config.bind[0].removeprefix("fd://"))).close()
+        if config is not None:
+            socket.socket(fileno=int(config.bind[0].removeprefix("fd://"))).close()
 
 
 #: How long the agent listener waits before accepting again after accept() failed (EMFILE...).
@@ -254,12 +308,13 @@ async def _serve_until(app: Any, config: HypercornConfig, stop: anyio.Event, don
         done.set()
 
 
-async def _shutdown(server: ServerContext, agent_listener: anyio.abc.Listener[Any],
+async def _shutdown(server: ServerContext, agent_listener: anyio.abc.Listener[Any] | None,
                     public_stop: anyio.Event, admin_stop: anyio.Event) -> None:
     """Stop accepting, GOAWAY to agents, let in-flight requests finish, then close."""
     server.draining = True
     server.stopping.set()
-    await agent_listener.aclose()
+    if agent_listener is not None:
+        await agent_listener.aclose()
     entries = server.registry.entries()
     for entry in entries:
         entry.session.send_nowait(GoAway("server shutting down", reconnect=True).encode())
@@ -279,12 +334,18 @@ def describe(server: ServerContext) -> list[str]:
     scheme = "https" if s.ssl_cert_path else "http"
     plugins = ", ".join(server.plugin_names) or "none"
     token_source = server.admin_token.source if server.admin_token else "not loaded"
-    return [
-        f"comzy-server {__version__} ready",
-        f"  public   {scheme}://{s.host}:{ports.http}  (tunnels at {s.url_for('<alias>')})",
-        f"  agents   ws://{s.host}:{ports.ws}  (agents connect with: comzy PORT --server ws://HOST:{ports.ws})",
+    cluster = server.cluster
+    lines = [f"comzy-server {__version__} ready" + (f" as {server.role} node {server.node}" if cluster else "")]
+    if cluster is not None:
+        lines.append(f"  cluster  {cluster.settings.cluster_name} on NATS {cluster.settings.masked_url}")
+    if s.role in PUBLIC_ROLES:
+        lines.append(f"  public   {scheme}://{s.host}:{ports.http}  (tunnels at {s.url_for('<alias>')})")
+    if s.role in AGENT_ROLES:
+        lines.append(f"  agents   ws://{s.host}:{ports.ws}  (agents connect with: comzy PORT --server ws://HOST:{ports.ws})")
+    lines += [
         f"  admin    http://{s.admin_host}:{ports.admin}  (token: {token_source})",
         f"  domain   {s.base_domain}",
         f"  plugins  {plugins}",
         f"  data     {s.data_dir}",
     ]
+    return lines

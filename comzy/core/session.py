@@ -13,6 +13,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -89,8 +90,12 @@ class Session:
         heartbeat_timeout: float = 30.0,
         name: str = "session",
         heartbeats: Heartbeats | None = None,
+        coalesce_limit: int = COALESCE_LIMIT,
     ) -> None:
         self.ws = ws
+        #: Largest message the writer builds from queued frames (a cluster link's is bounded by
+        #: NATS's max_payload).
+        self.coalesce_limit = coalesce_limit
         self.window = window
         self.peer_window = peer_window
         #: Window growth left for fast streams (see Stream._grow); returned when they end.
@@ -113,6 +118,10 @@ class Session:
         self._closed_event: anyio.Event | None = None
         self.on_request: Callable[[Stream, p.RequestHead], None] | None = None
         self.on_control: ControlHandler | None = None
+        #: Takes over REQUEST frames when set (a control node relays a link's streams to agents):
+        #: returns what goes into the stream table, or None when it answered the stream itself
+        #: (a RESET). Without it, REQUESTs open a Stream and go to ``on_request``.
+        self.accept_stream: Callable[[int, dict[str, Any]], Stream | None] | None = None
         self._heartbeats = heartbeats
         self._task_group: anyio.abc.TaskGroup | None = None
         self._timed_out: str | None = None
@@ -133,13 +142,15 @@ class Session:
         self.reading_paused = False
 
     # -- streams ---------------------------------------------------------------
-    def open_stream(self) -> Stream:
-        """A new locally-opened stream (the server side opens them)."""
+    def open_stream(self, window: int | None = None, credit: int | None = None) -> Stream:
+        """A new locally-opened stream (the server side opens them). ``window`` (what we let the
+        peer send) and ``credit`` (what the peer lets us send) default to the session's; an edge
+        uses the windows of the agent at the far end of a cluster link."""
         if self.closed is not None:
             raise SessionClosed(self.closed)
         stream_id = self._next_id
         self._next_id += 1
-        stream = Stream(self, stream_id, self.window)
+        stream = Stream(self, stream_id, self.window if window is None else window, credit)
         self.streams[stream_id] = stream
         return stream
 
@@ -211,7 +222,7 @@ class Session:
             # masking passes for many small frames.
             take, size = 0, 0
             for frame in self._out:
-                if take and size + len(frame) > COALESCE_LIMIT:
+                if take and size + len(frame) > self.coalesce_limit:
                     break
                 take += 1
                 size += len(frame)
@@ -288,6 +299,11 @@ class Session:
         elif kind == p.FrameType.REQUEST:
             if frame.stream in self.streams:
                 raise p.ProtocolError(f"REQUEST reuses open stream {frame.stream}")
+            if self.accept_stream is not None:
+                accepted = self.accept_stream(frame.stream, frame.payload)
+                if accepted is not None:
+                    self.streams[frame.stream] = accepted
+                return
             if self.on_request is None:
                 raise p.ProtocolError("unexpected REQUEST frame")
             head = p.RequestHead.from_payload(frame.payload)

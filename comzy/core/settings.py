@@ -36,6 +36,11 @@ class ServerSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
 
+    role: Literal["all", "edge", "control"] = Field(
+        "all", validation_alias=_env("COMZY_ROLE"),
+        description="What this process does: all (the single-process server, no NATS), edge (public listener "
+        "only; carries visitors' streams over NATS to the node that holds the tunnel) or control (agent listener "
+        "only; holds agent sessions). edge and control need NATS and the nats extra (docs/design/cluster.md).")
     host: str = Field("0.0.0.0", validation_alias=_env("COMZY_HOST"),
                       description="Address the public and agent listeners bind.")
     http_port: int = Field(8190, ge=0, le=65535, validation_alias=_env("COMZY_HTTP_PORT", "HTTP_PORT"),

@@ -37,7 +37,7 @@ class StreamReset(Exception):
 class Stream:
     """One request/response exchange (or one proxied WebSocket) inside a session."""
 
-    def __init__(self, session: Session, stream_id: int, window: int) -> None:
+    def __init__(self, session: Session, stream_id: int, window: int, credit: int | None = None) -> None:
         self.session = session
         self.id = stream_id
         self._chunks: deque[tuple[bytes, int]] = deque()
@@ -53,7 +53,9 @@ class Stream:
         self._starved = False
         self.grown = 0
         self._empty = 0  # empty messages buffered (see MAX_EMPTY_MESSAGES)
-        self._credit = session.peer_window
+        # What the peer lets us send before its first WINDOW: its announced window, unless the
+        # opener knows better (an edge: the agent's, across a cluster link).
+        self._credit = session.peer_window if credit is None else credit
         self._credit_event: anyio.Event | None = None
         self._local_ended = False
         self.head: object | None = None  # RESPONSE head (server side), set by the reader

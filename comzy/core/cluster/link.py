@@ -1,0 +1,373 @@
+"""Links: a plain comzy ``Session`` between two nodes, carried by NATS instead of a WebSocket.
+
+Each link message is published on ``P.n.<dst>.l.<src>`` with the reply subject
+``P.n.<src>.nr.<dst>.<epoch>`` and carries a 16-byte link header, then whole comzy frames::
+
+    magic "CZ" (2) | version u8 = 1 | kind u8 (0 FRAMES, 1 BYE) | epoch u32 | seq u64
+
+The opener (an edge) picks a random epoch for every link it opens; the acceptor (a control node)
+starts a link when sequence 0 of an epoch it does not know arrives. A sequence gap, a BYE, the 503
+nats-server sends when the peer has no subscription left (it died), a heartbeat timeout or the loss
+of NATS each end the link, and the Session fails its streams with the reason
+(docs/design/cluster.md 1.3, docs/protocol.md "Cluster links").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import secrets
+import struct
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import anyio
+import anyio.abc
+import nats.errors
+from nats.aio.msg import Msg
+
+from comzy.core import protocol as p
+from comzy.core.cluster.connection import BusDown, NatsNode
+from comzy.core.logs import RateLimitedLog
+from comzy.core.session import COALESCE_LIMIT, Heartbeats, Session
+from comzy.core.websocket import WebSocketError
+
+if TYPE_CHECKING:
+    from comzy.core.websocket import Closed
+
+log = logging.getLogger("comzy.cluster")
+
+LINK_HEADER = struct.Struct(">2sBBIQ")
+LINK_MAGIC = b"CZ"
+LINK_VERSION = 1
+#: Bytes a link inbox may hold. Credit bounds what a correct peer sends (each stream's window),
+#: so past this the peer ignores flow control and the link ends.
+INBOX_LIMIT = 64 * 1024 * 1024
+#: Window growth a link session may hand out over all its streams: one link carries the streams
+#: of many tunnels, so it gets more than an agent session's 16 MiB.
+LINK_WINDOW_BUDGET = 64 * 1024 * 1024
+#: nats-py's limits on what the link subscription holds before it drops messages (slow consumer).
+PENDING_MSGS_LIMIT = 100_000
+PENDING_BYTES_LIMIT = 64 * 1024 * 1024
+#: Stray epochs remembered, so each gets one BYE, not one per message.
+STRAY_MEMORY = 1024
+#: Longest BYE reason sent.
+MAX_BYE_REASON = 200
+
+
+class LinkKind(enum.IntEnum):
+    """What a link message carries."""
+
+    FRAMES = 0  #: comzy frames (docs/protocol.md)
+    BYE = 1  #: the sender ended the link; the body is the reason (UTF-8)
+
+
+def encode_header(kind: LinkKind, epoch: int, seq: int) -> bytes:
+    """A link header."""
+    return LINK_HEADER.pack(LINK_MAGIC, LINK_VERSION, kind, epoch, seq)
+
+
+def decode_header(payload: bytes) -> tuple[LinkKind, int, int] | None:
+    """``(kind, epoch, seq)`` of a link message, or None if it is not one of ours."""
+    if len(payload) < LINK_HEADER.size:
+        return None
+    magic, version, kind, epoch, seq = LINK_HEADER.unpack_from(payload)
+    if magic != LINK_MAGIC or version != LINK_VERSION or kind not in (LinkKind.FRAMES, LinkKind.BYE):
+        return None
+    return LinkKind(kind), epoch, seq
+
+
+class LinkTransport:
+    """What a link ``Session`` uses as its ``ws``: ``send``, ``receive``, ``close``, ``aclose``.
+
+    ``receive`` never returns ``Closed``: once the link has failed it raises WebSocketError with
+    the reason, so the session and its streams end with that reason as it is.
+    """
+
+    def __init__(self, links: Links, peer: str, epoch: int, inbox_limit: int = INBOX_LIMIT) -> None:
+        self.links = links
+        self.peer = peer
+        self.epoch = epoch
+        subjects = links.nats.subjects
+        me = links.nats.node_id
+        self.subject = subjects.link(peer, me)
+        self.reply = subjects.no_responders(me, peer, epoch)
+        self.inbox_limit = inbox_limit
+        self._send_seq = 0
+        self._recv_seq = 0
+        self._inbox: deque[bytes] = deque()
+        self._inbox_bytes = 0
+        self._event = anyio.Event()
+        #: Why the link ended (None while it works).
+        self.reason: str | None = None
+
+    # -- the Session's side ---------------------------------------------------------------
+    async def send(self, message: bytes) -> None:
+        """Publish ``message`` (whole frames) as the next link message."""
+        if self.reason is not None:
+            raise WebSocketError(self.reason)
+        header = LINK_HEADER.pack(LINK_MAGIC, LINK_VERSION, LinkKind.FRAMES, self.epoch, self._send_seq)
+        self._send_seq += 1
+        try:
+            # nats-py waits for its flusher past its pending_size: the link's backpressure.
+            await self.links.nats.nc.publish(self.subject, header + message, reply=self.reply)
+        except nats.errors.Error as exc:
+            self.fail(f"cannot send to node {self.peer}: {exc}", tell_peer=False)
+            raise WebSocketError(self.reason or str(exc)) from None
+
+    async def receive(self) -> bytes | str | Closed:
+        """The next link message's frames; raises WebSocketError once the link has ended."""
+        while not self._inbox:
+            if self.reason is not None:
+                raise WebSocketError(self.reason)
+            self._event = anyio.Event()
+            await self._event.wait()
+        body = self._inbox.popleft()
+        self._inbox_bytes -= len(body)
+        return body
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """End the link and tell the peer (a BYE with the reason)."""
+        self.fail(reason or f"closed ({code})", tell_peer=True)
+
+    async def aclose(self) -> None:
+        """End the link (the session has finished); the peer is told unless it ended it."""
+        self.fail("link closed", tell_peer=True)
+
+    # -- the node's side ----------------------------------------------------------------------
+    def deliver(self, seq: int, body: bytes) -> None:
+        """A FRAMES message of this link's epoch arrived (from the subscription callback: no await)."""
+        if self.reason is not None:
+            return
+        if seq != self._recv_seq:
+            if seq > self._recv_seq:
+                self.fail(f"lost {seq - self._recv_seq} link messages from node {self.peer} "
+                          "(slow consumer or NATS reconnect)", tell_peer=True)
+            else:
+                self.fail(f"link message {seq} from node {self.peer} arrived twice or out of order "
+                          f"(expected {self._recv_seq})", tell_peer=True)
+            return
+        self._recv_seq += 1
+        if self._inbox_bytes + len(body) > self.inbox_limit:
+            self.fail(f"node {self.peer} ignored flow control: more than {self.inbox_limit} bytes waiting "
+                      "on the link", tell_peer=True)
+            return
+        self._inbox.append(body)
+        self._inbox_bytes += len(body)
+        self._event.set()
+
+    def fail(self, reason: str, *, tell_peer: bool) -> None:
+        """End the link with ``reason`` (the first reason wins); a BYE tells the peer if asked."""
+        if self.reason is not None:
+            return
+        self.reason = reason
+        self._inbox.clear()
+        self._inbox_bytes = 0
+        self._event.set()
+        if tell_peer:
+            self.links.send_bye(self.peer, self.epoch, reason)
+
+
+class Link:
+    """One link in the table: its transport and session."""
+
+    __slots__ = ("session", "transport")
+
+    def __init__(self, transport: LinkTransport, session: Session) -> None:
+        self.transport = transport
+        self.session = session
+
+
+AcceptHandler = Callable[[Session, str], None]
+ClosedHandler = Callable[[str, str], None]
+
+
+class Links:
+    """A node's links, one per peer node: its subscriptions, heartbeats and table.
+
+    An edge calls ``get(peer)`` (opens on demand); a control node registers ``on_accept`` and
+    gets a callback with each new inbound link session before its first frame is read.
+    """
+
+    def __init__(self, node: NatsNode, *, link_timeout: float, window: int = p.DEFAULT_WINDOW) -> None:
+        self.nats = node
+        self.link_timeout = link_timeout
+        self.window = window
+        self._links: dict[str, Link] = {}
+        self._accept: AcceptHandler | None = None
+        self._closed_handlers: list[ClosedHandler] = []
+        self._heartbeats = Heartbeats(tick=link_timeout / 16)
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._strays: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self._subscriptions: list[object] = []
+        self._noise = RateLimitedLog(log, interval=10.0)
+        node.on_disconnect(self._nats_lost)
+        node.on_slow_consumer(self._slow_consumer)
+
+    def __len__(self) -> int:
+        return len(self._links)
+
+    def on_accept(self, handler: AcceptHandler) -> None:
+        """Accept inbound links: ``handler(session, peer)`` runs before the session reads a frame
+        (set ``accept_stream``/``on_request`` there). Without it inbound links get a BYE."""
+        self._accept = handler
+
+    def on_link_closed(self, handler: ClosedHandler) -> None:
+        """Call ``handler(peer, reason)`` whenever a link ends."""
+        self._closed_handlers.append(handler)
+
+    async def start(self, task_group: anyio.abc.TaskGroup) -> None:
+        """Subscribe to this node's link and no-responders subjects; start the heartbeats."""
+        self._task_group = task_group
+        subjects, me, nc = self.nats.subjects, self.nats.node_id, self.nats.nc
+        self._subscriptions = [
+            await nc.subscribe(subjects.links_to(me), cb=self._on_message,
+                               pending_msgs_limit=PENDING_MSGS_LIMIT, pending_bytes_limit=PENDING_BYTES_LIMIT),
+            await nc.subscribe(subjects.no_responders_to(me), cb=self._on_no_responders),
+        ]
+        task_group.start_soon(self._heartbeats.run)
+
+    def close_all(self, reason: str) -> None:
+        """End every link with ``reason``; peers are told when NATS is still there."""
+        tell = self.nats.connected
+        for link in list(self._links.values()):
+            link.transport.fail(reason, tell_peer=tell)
+
+    def session(self, peer: str) -> Session | None:
+        """The live link session to ``peer``, without opening one."""
+        link = self._links.get(peer)
+        if link is None or link.transport.reason is not None:
+            return None
+        return link.session
+
+    def get(self, peer: str) -> Session:
+        """The link session to ``peer``, opened now if there is none. Raises BusDown while this
+        node is not connected to NATS (a link opened then would only buffer)."""
+        session = self.session(peer)
+        if session is not None:
+            return session
+        if not self.nats.connected or self._task_group is None:
+            raise BusDown()
+        if peer == self.nats.node_id:
+            raise ValueError("a node does not link to itself")
+        epoch = secrets.randbits(32) or 1
+        return self._open(peer, epoch)
+
+    def _open(self, peer: str, epoch: int) -> Session:
+        assert self._task_group is not None
+        transport = LinkTransport(self, peer, epoch)
+        interval = self.link_timeout / 4
+        session = Session(transport, window=self.window, peer_window=self.window,  # type: ignore[arg-type]
+                          heartbeat_interval=interval, heartbeat_timeout=self.link_timeout,
+                          name=f"link {peer}", heartbeats=self._heartbeats, coalesce_limit=self.coalesce_limit)
+        session.window_budget = LINK_WINDOW_BUDGET
+        link = Link(transport, session)
+        self._links[peer] = link
+        self._task_group.start_soon(self._run, peer, link)
+        return session
+
+    @property
+    def coalesce_limit(self) -> int:
+        """Largest link message the session builds: NATS's max_payload minus the link header and slack."""
+        room = self.nats.max_payload - LINK_HEADER.size - 1024
+        return max(p.MAX_DATA_FRAME + p.HEADER_SIZE, min(COALESCE_LIMIT, room))
+
+    async def _run(self, peer: str, link: Link) -> None:
+        result = await link.session.run()
+        reason = link.transport.reason or result
+        if self._links.get(peer) is link:
+            del self._links[peer]
+        log.info("cluster: link with node %s (epoch %08x) ended: %s", peer, link.transport.epoch, reason)
+        for handler in list(self._closed_handlers):
+            try:
+                handler(peer, reason)
+            except Exception:  # one component's bug must not hide the end of the link from the others
+                log.exception("cluster: a link-closed handler failed")
+
+    # -- NATS callbacks (never await anything slow: one callback serves every link) ---------
+    async def _on_message(self, msg: Msg) -> None:
+        peer = msg.subject.rpartition(".")[2]
+        data = msg.data
+        header = decode_header(data)
+        if header is None:
+            self._noise("cluster: dropped a malformed link message from %s", peer)
+            return
+        kind, epoch, seq = header
+        link = self._links.get(peer)
+        if link is not None and link.transport.epoch == epoch:
+            if kind == LinkKind.BYE:
+                reason = data[LINK_HEADER.size:].decode("utf-8", "replace")
+                link.transport.fail(f"node {peer} ended the link: {reason}", tell_peer=False)
+            else:
+                link.transport.deliver(seq, data[LINK_HEADER.size:])
+            return
+        if kind == LinkKind.BYE:
+            return  # the end of a link we no longer have
+        if seq == 0 and self._accept is not None:
+            self._accepted(peer, epoch).transport.deliver(seq, data[LINK_HEADER.size:])
+            return
+        if (peer, epoch) not in self._strays:
+            self._strays[(peer, epoch)] = None
+            if len(self._strays) > STRAY_MEMORY:
+                self._strays.popitem(last=False)
+            why = "this node opens links, it accepts none" if self._accept is None else "unknown link epoch"
+            self.send_bye(peer, epoch, why)
+
+    def _accepted(self, peer: str, epoch: int) -> Link:
+        old = self._links.get(peer)
+        if old is not None:
+            # The peer opened a new link, so it gave up the old one: its streams end here too.
+            old.transport.fail(f"node {peer} opened a new link", tell_peer=False)
+        self._open(peer, epoch)
+        link = self._links[peer]
+        assert self._accept is not None
+        try:
+            self._accept(link.session, peer)
+        except Exception:
+            log.exception("cluster: accepting a link from %s failed", peer)
+            link.transport.fail("the node could not accept the link", tell_peer=True)
+        return link
+
+    async def _on_no_responders(self, msg: Msg) -> None:
+        if not msg.headers or msg.headers.get("Status") != "503":
+            return
+        tokens = msg.subject.split(".")
+        peer, epoch_text = tokens[-2], tokens[-1]
+        link = self._links.get(peer)
+        if link is not None and str(link.transport.epoch) == epoch_text:
+            link.transport.fail(f"node {peer} is gone (no responders on NATS)", tell_peer=False)
+
+    def _nats_lost(self) -> None:
+        # Messages in flight may be lost and buffered ones would arrive late: no link survives this.
+        for link in list(self._links.values()):
+            link.transport.fail("lost the cluster's message bus (NATS)", tell_peer=False)
+
+    def _slow_consumer(self, subject: str) -> None:
+        if ".l." in subject:
+            link = self._links.get(subject.rpartition(".")[2])
+            if link is not None:
+                link.transport.fail("this node fell behind on link messages (NATS slow consumer)",
+                                    tell_peer=True)
+
+    def send_bye(self, peer: str, epoch: int, reason: str) -> None:
+        """Tell ``peer`` that the link of ``epoch`` has ended (best effort, in the background)."""
+        if self._task_group is None or not self.nats.connected:
+            return
+        body = encode_header(LinkKind.BYE, epoch, 0) + reason.encode("utf-8")[:MAX_BYE_REASON]
+        self._task_group.start_soon(self._publish, self.nats.subjects.link(peer, self.nats.node_id), body)
+
+    async def _publish(self, subject: str, body: bytes) -> None:
+        try:
+            await self.nats.nc.publish(subject, body)
+        except nats.errors.Error as exc:  # the peer learns it from its heartbeat instead
+            self._noise("cluster: could not send a BYE: %s", exc)
+
+    async def stop(self, reason: str = "node stopping") -> None:
+        """End every link and the subscriptions."""
+        self.close_all(reason)
+        for subscription in self._subscriptions:
+            with contextlib.suppress(nats.errors.Error):
+                await subscription.unsubscribe()  # type: ignore[attr-defined]
+        self._subscriptions = []
