@@ -562,6 +562,9 @@ async def test_login_status_aliases_and_logout(tmp_path: Path, upstream: Upstrea
         assert plugin.alias_owner("ana-site") is None
         unknown = await comzy(tmp_path, "aliases", "release", "ana-site")
         assert unknown.returncode == 1 and b"you own no alias" in unknown.stderr
+        none_left = await comzy(tmp_path, "aliases")  # the limit is still shown with no alias owned
+        assert (none_left.returncode, none_left.stdout) == (0, b"ana owns no aliases yet (up to 5); `comzy PORT` "
+                                                               b"claims one.\n"), none_left.stderr
         logout = await comzy(tmp_path, "logout")
         assert logout.returncode == 0 and not saved.exists()
         assert b"not logged in" in (await comzy(tmp_path, "status", "--server", url)).stdout

@@ -108,9 +108,11 @@ def _logout() -> int:
 
 
 def _alias_lines(owned: list[OwnedAlias]) -> list[str]:
-    width = max((len(a.alias) for a in owned), default=0)
-    return [f"  {printable(a.alias):<{width}}  port {a.port:<5}  {'online ' if a.online else 'offline'}  "
-            f"{printable(a.url)}" for a in owned]
+    # Padded as printed: an escaped character is wider than the one it stands for.
+    names = [printable(a.alias) for a in owned]
+    width = max(map(len, names), default=0)
+    return [f"  {name:<{width}}  port {a.port:<5}  {'online ' if a.online else 'offline'}  {printable(a.url)}"
+            for name, a in zip(names, owned, strict=True)]
 
 
 async def _status(server_option: str | None) -> int:
@@ -177,7 +179,8 @@ async def _aliases(server_option: str | None, action: str | None, name: str | No
         return _fail(str(exc))
     user = printable(me.user)
     if not me.aliases:
-        print(f"{user} owns no aliases yet; `comzy PORT` claims one.")
+        limit = f" (up to {me.max_aliases})" if me.max_aliases is not None else ""
+        print(f"{user} owns no aliases yet{limit}; `comzy PORT` claims one.")
         return 0
     print(f"{user} owns {len(me.aliases)} of {me.max_aliases} aliases:" if me.max_aliases is not None else
           f"{user} owns {len(me.aliases)} aliases:")
