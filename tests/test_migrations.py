@@ -230,6 +230,31 @@ async def test_a_foreign_table_is_not_adopted(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(("statements", "why"), [
+    # The same column names, but times kept as text: another application's table.
+    (["CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT, token_hash TEXT, created_at TEXT, revoked_at TEXT)"],
+     "its column created_at is TEXT, expected DATETIME"),
+    # A view with exactly the columns: rows cannot be written into it.
+    (["CREATE TABLE people (id INTEGER PRIMARY KEY, name VARCHAR(255), token_hash VARCHAR(128), "
+      "created_at DATETIME, revoked_at DATETIME)",
+      "CREATE VIEW users AS SELECT id, name, token_hash, created_at, revoked_at FROM people"],
+     "it is a view"),
+], ids=["same-names-other-types", "a-view"])
+async def test_a_look_alike_table_is_not_adopted(tmp_path: Path, statements: list[str], why: str) -> None:
+    engine = db.create_engine(db.database_url(_settings(tmp_path / "data")))
+    try:
+        async with engine.begin() as connection:
+            for statement in statements:
+                await connection.exec_driver_sql(statement)
+    finally:
+        await engine.dispose()
+    result = _db_cli(tmp_path, "upgrade", COMZY_PLUGINS="auth_token")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"comzy-server: the table 'users' exists but is not the one alembic_version_auth_token expects ({why}): "
+        "rename or drop it, or give Comzy a database of its own")
+
+
 # -- Start-up readiness -----------------------------------------------------------------------
 async def test_embedded_sqlite_upgrades_itself_one_plugin_at_a_time(tmp_path: Path) -> None:
     engine = await db.prepare_database(_settings(tmp_path / "data"), DOMAINS_SCHEMA)

@@ -22,9 +22,10 @@ def create_or_adopt_table(name: str, *elements: Any, **options: Any) -> bool:
 
     For a baseline revision taking over tables that another tree made (Comzy 0.1 made every
     plugin's tables in one tree, and a plugin enabled later finds its tables there, never
-    versioned). A table of that name with other columns is not ours: the upgrade stops, saying so,
-    rather than take it over. Returns whether the table was created (so the caller creates its
-    indexes only then).
+    versioned). "Exactly" means the same column names, each of the same kind of type (integer,
+    text, time, number...): a table of that name with other columns, or a view, is not ours, and
+    the upgrade stops, saying so, rather than take it over. Returns whether the table was created
+    (so the caller creates its indexes only then).
     """
     if context.is_offline_mode():  # `--sql`: no database to look at
         op.create_table(name, *elements, **options)
@@ -33,18 +34,33 @@ def create_or_adopt_table(name: str, *elements: Any, **options: Any) -> bool:
     if not inspector.has_table(name):
         op.create_table(name, *elements, **options)
         return True
-    expected = {element.name for element in elements if isinstance(element, sa.Column)}
-    found = {column["name"] for column in inspector.get_columns(name)}
-    if found != expected:
+    expected = {element.name: element.type for element in elements if isinstance(element, sa.Column)}
+    found = {column["name"]: column["type"] for column in inspector.get_columns(name)}
+    mismatch = _not_ours(name, inspector, expected, found)
+    if mismatch is not None:
         from comzy.core.db import DatabaseError
 
         version_table = op.get_context().version_table
-        raise DatabaseError(
-            f"the table {name!r} exists but is not the one {version_table} expects (its columns: "
-            f"{', '.join(sorted(found))}; expected: {', '.join(sorted(expected))}): rename or drop it, or give "
-            "Comzy a database of its own")
+        raise DatabaseError(f"the table {name!r} exists but is not the one {version_table} expects ({mismatch}): "
+                            "rename or drop it, or give Comzy a database of its own")
     log.info("adopted the existing table %s (made before this migration: its rows are kept)", name)
     return False
+
+
+def _not_ours(name: str, inspector: Any, expected: dict[str, Any], found: dict[str, Any]) -> str | None:
+    """Why the existing ``name`` cannot be the table these columns describe, or None when it can be."""
+    if name in inspector.get_view_names():
+        return "it is a view"
+    if set(found) != set(expected):
+        return f"its columns: {', '.join(sorted(found))}; expected: {', '.join(sorted(expected))}"
+    # By kind (SQLAlchemy's type affinity, as Alembic compares types), not by exact type: each
+    # database reflects what Comzy 0.1 made in its own words (DOUBLE, DOUBLE PRECISION, FLOAT...).
+    # A type the dialect cannot name (NullType: an untyped SQLite column) is not held against it.
+    for column, wanted in sorted(expected.items()):
+        have = found[column]._type_affinity
+        if have is not sa.types.NullType and have is not wanted._type_affinity:
+            return f"its column {column} is {found[column]}, expected {wanted.compile(op.get_bind().dialect)}"
+    return None
 
 
 __all__ = ["create_or_adopt_table"]
