@@ -38,11 +38,11 @@ MIN_RESUME_SECRET = 16
 MAX_PLUGIN_DATA = 16 * 1024
 MAX_PLUGIN_DATA_DEPTH = 8
 #: A plugin's name as HELLO ``plugins`` keys it (the names COMZY_PLUGINS lists).
+PLUGIN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 #: A server's heartbeat interval past an hour is a broken server (and a timer past ~1e9 s overflows).
 MAX_HEARTBEAT = 3600.0
 #: The last second of year 9999: an expiry beyond it cannot be shown as a date (the agent prints it).
 LAST_UNIX_TIME = 253402300799.0
-PLUGIN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _MISSING = object()
 
 

@@ -39,7 +39,7 @@ def database_schema() -> Any:
     """Return the plugin's tables as a ``comzy.Schema`` (name, SQLAlchemy ``MetaData``,
     migrations directory), or None. No arguments: ``comzy-server db upgrade`` and ``db current``
     call it without a running server, for the enabled plugins only. The plugin's ``on_startup``
-    passes the same Schema to ``comzy.core.db.prepare_database``."""
+    passes the same Schema to ``comzy.db.prepare_database``."""
 
 
 # -- agents ----------------------------------------------------------------------

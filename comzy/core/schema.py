@@ -2,7 +2,7 @@
 
 A plugin that keeps data returns one from its ``database_schema`` hook (so ``comzy-server db
 upgrade`` finds it without a running server) and hands the same object to
-``comzy.core.db.prepare_database`` in ``on_startup``. Each schema is its own Alembic tree with its
+``comzy.db.prepare_database`` in ``on_startup``. Each schema is its own Alembic tree with its
 own version table, so plugins' migrations never meet, and a plugin that is not enabled has no
 tables. This module imports no SQLAlchemy: ``comzy`` re-exports it and the agent imports ``comzy``.
 """
@@ -31,8 +31,8 @@ class Schema:
 
     ``name`` is the plugin's name as written in COMZY_PLUGINS; the tree's Alembic version table
     is ``alembic_version_<name>`` unless ``version_table`` says otherwise. ``metadata`` holds
-    the plugin's tables (and nothing else: ``db revision --autogenerate`` would otherwise try to
-    drop the other plugins' tables). ``migrations`` is the directory of the plugin's Alembic
+    the plugin's tables and nothing else (``python -m comzy.migrations revision --autogenerate``
+    writes whatever it holds into this plugin's tree). ``migrations`` is the directory of the plugin's Alembic
     revision files (shipped inside its package); the core provides ``env.py`` and the script
     template, so a plugin ships only the revision files.
     """

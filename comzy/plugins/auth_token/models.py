@@ -1,6 +1,6 @@
 """auth_token's tables: ``users`` and the aliases they own (``user_aliases``), the seed's schema.
 
-A change here needs a new migration in ``migrations/`` (``comzy-server db revision --plugin
+A change here needs a new migration in ``migrations/`` (``python -m comzy.migrations revision --plugin
 auth_token --autogenerate -m "..."``); tests/test_migrations.py fails while the two disagree.
 """
 

@@ -1,6 +1,6 @@
 """custom_domains' table: ``custom_domains``, the hosts outside the base domain and their aliases.
 
-A change here needs a new migration in ``migrations/`` (``comzy-server db revision --plugin
+A change here needs a new migration in ``migrations/`` (``python -m comzy.migrations revision --plugin
 custom_domains --autogenerate -m "..."``); tests/test_migrations.py fails while the two disagree.
 """
 

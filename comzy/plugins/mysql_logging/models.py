@@ -1,6 +1,6 @@
 """mysql_logging's table: ``api_requests``, one row per proxied request (the seed's schema).
 
-A change here needs a new migration in ``migrations/`` (``comzy-server db revision --plugin
+A change here needs a new migration in ``migrations/`` (``python -m comzy.migrations revision --plugin
 mysql_logging --autogenerate -m "..."``); tests/test_migrations.py fails while the two disagree.
 """
 
