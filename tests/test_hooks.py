@@ -743,6 +743,31 @@ async def test_hook_before_forward_plugin_bug_answers_500(tmp_path: Path, upstre
     assert any(r.exc_info and "bug in gate" in str(r.exc_info[1]) for r in caplog.records)
 
 
+async def test_hook_before_forward_plugin_bug_answers_500_to_websockets_too(
+        tmp_path: Path, upstream: Upstream, caplog: pytest.LogCaptureFixture) -> None:
+    """One error policy for both kinds of request: the edge answers the upgrade itself and logs why
+    (it used to escape to the HTTP server, which logged "Error in ASGI Framework" and sent no body)."""
+    async with start_server(tmp_path, plugins=[("buggy", BuggyGate())]) as server, \
+            start_agent(server, upstream.port) as agent:
+        head = (f"GET /bug HTTP/1.1\r\nHost: {agent.alias}.localhost\r\nUpgrade: websocket\r\n"
+                "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n")
+        with caplog.at_level(logging.ERROR):
+            async with await anyio.connect_tcp("127.0.0.1", server.ports.http) as stream:
+                await stream.send(head.encode())
+                data = b""
+                with anyio.fail_after(WAIT):
+                    while b"plugin failed" not in data:
+                        data += await stream.receive()
+        tunnel = server.tunnel(agent.alias)
+        assert tunnel is not None and (tunnel.streams_open, tunnel.websockets_open) == (0, 0)
+    assert data.startswith(b"HTTP/1.1 500")
+    assert b"bug in gate" not in data
+    assert upstream.requests == []
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == [
+        f"before_forward failed for {agent.alias}; answering 500"]
+
+
 async def test_hook_before_forward_refuses_websocket(tmp_path: Path, upstream: Upstream) -> None:
     """A WebSocket upgrade goes through before_forward too; the Reject becomes an HTTP answer."""
     plugin = Gate()

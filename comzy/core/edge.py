@@ -43,6 +43,9 @@ CLOSE = [(b"connection", b"close")]
 #: How long an HTTP/2 request without Content-Length may keep its first body message before its
 #: head goes to the agent anyway (its body then follows chunked).
 FIRST_MESSAGE_WAIT = 1.0
+#: What a visitor gets (500) when a before_forward implementation fails with anything but Reject:
+#: HTTP and WebSocket alike; the traceback goes to the server's log only.
+PLUGIN_FAILED = "A server plugin failed while handling this request.\n"
 
 
 class EdgeApp:
@@ -116,7 +119,7 @@ class EdgeApp:
             return
         except Exception:
             log.exception("before_forward failed for %s; answering 500", tunnel.alias)
-            await respond(send, 500, "A server plugin failed while handling this request.\n")
+            await respond(send, 500, PLUGIN_FAILED)
             return
         http_version = scope.get("http_version", "1.1")
         first: dict[str, Any] | None = None
@@ -309,6 +312,10 @@ class EdgeApp:
             await self.hooks.before_forward(request, tunnel, self.server)
         except Reject as exc:
             await respond(send, exc.status, exc.body, headers=exc.headers, scope=scope)
+            return
+        except Exception:  # the same policy as for HTTP: the visitor gets 500, the log the traceback
+            log.exception("before_forward failed for %s; answering 500", tunnel.alias)
+            await respond(send, 500, PLUGIN_FAILED, scope=scope)
             return
         busy = self._busy(session, tunnel)
         if busy is not None:
