@@ -115,10 +115,12 @@ class HookRunner:
 
         return call
 
-    async def _call_in_order(self, name: str, kwargs: dict[str, Any], first_answer: bool = False) -> list[Any]:
+    async def _call_in_order(self, name: str, kwargs: dict[str, Any], first_answer: bool = False,
+                             named: bool = False) -> list[Any]:
         """Every non-None result, each implementation awaited in turn; with ``first_answer``, stop at the
-        first one (pluggy's firstresult cannot await, and would take a coroutine for an answer)."""
-        results = []
+        first one (pluggy's firstresult cannot await, and would take a coroutine for an answer); with
+        ``named``, each result as ``(plugin name, result)``."""
+        results: list[Any] = []
         caller = getattr(self.pm.hook, name)
         for impl in reversed(caller.get_hookimpls()):
             args = [kwargs[arg] for arg in impl.argnames]
@@ -134,7 +136,7 @@ class HookRunner:
             if self.trace:
                 _trace(name, impl.plugin_name, started, result)
             if result is not None:
-                results.append(result)
+                results.append((impl.plugin_name, result) if named else result)
                 if first_answer:
                     break
         return results
@@ -196,17 +198,7 @@ class HookRunner:
 
     async def database_schemas(self) -> list[tuple[str, Any]]:
         """Every ``(plugin name, Schema)`` answered by ``database_schema``, in calling order."""
-        schemas = []
-        for impl in reversed(self.pm.hook.database_schema.get_hookimpls()):
-            started = time.perf_counter() if self.trace else 0.0
-            result = impl.function()
-            if inspect.isawaitable(result):
-                result = await result
-            if self.trace:
-                _trace("database_schema", impl.plugin_name, started, result)
-            if result is not None:
-                schemas.append((impl.plugin_name, result))
-        return schemas
+        return await self._call_in_order("database_schema", {}, named=True)
 
     async def admin_routes(self, server: Any) -> list[Any]:
         """Every route contributed by plugins, flattened."""
@@ -221,7 +213,6 @@ class HookRunner:
         for result in await self._call_in_order("agent_routes", {"server": server}):
             routes.extend(result)
         return routes
-
 
 
 def _trace(hook: str, plugin: str, started: float, outcome: object) -> None:
