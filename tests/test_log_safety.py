@@ -16,14 +16,18 @@ import anyio.abc
 import anyio.lowlevel
 import pytest
 
-from comzy.agent.forward import Served
+from comzy.agent import cli
+from comzy.agent.client import Agent, AgentConfig
+from comzy.agent.forward import LocalForwarder, Served
 from comzy.agent.output import Printer
 from comzy.core import logs
 from comzy.core import protocol as p
 from comzy.core import server as server_module
-from comzy.core.websocket import connect
+from comzy.core.agent_listener import MAX_LINK_MESSAGE
+from comzy.core.control import Refusal
+from comzy.core.websocket import connect, server_handshake
 from tests.conftest import start_server
-from tests.helpers import DisconnectWatcher
+from tests.helpers import DisconnectWatcher, serve_tcp
 
 FORGED = "evil/1\n2026-12-06T00:00:00Z INFO comzy.agents tunnel admin registered\x1b[2J\u2028"
 
@@ -94,6 +98,25 @@ def test_the_agent_prints_a_visitors_path_escaped() -> None:
     line = out.getvalue()
     assert line.count("\n") == 1 and "\x1b" not in line and "\x07" not in line
     assert "/x\\x1b[2J\\x0aFAKE 200" in line
+
+
+@pytest.mark.anyio
+async def test_the_agent_prints_a_servers_refusal_escaped(capsys: pytest.CaptureFixture[str]) -> None:
+    """A REJECT reason is the server's text: printed on the agent's terminal, it must not drive it."""
+    async def refusing_server(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            ws, _ = await server_handshake(stream, MAX_LINK_MESSAGE)
+            await ws.receive()
+            await ws.send(Refusal("rejected", "no\x1b]0;owned\x07\x1b[2J\nerror: forged").encode())
+            await ws.close(1008, "registration refused")
+
+    async with serve_tcp(refusing_server) as port:
+        forwarder = LocalForwarder("127.0.0.1", 9)
+        agent = Agent(AgentConfig(servers=[f"ws://127.0.0.1:{port}"], port=9), forwarder, Printer("localhost:9"))
+        with anyio.fail_after(10):
+            assert await cli._run(agent, forwarder, Printer("localhost:9")) == 1
+    err = capsys.readouterr().err
+    assert err == "error: the server refused the tunnel: no\\x1b]0;owned\\x07\\x1b[2J\\x0aerror: forged\n"
 
 
 class _FailingListener(anyio.abc.Listener[Any]):

@@ -47,9 +47,10 @@ class Printer:
         print(text, file=self.out, flush=True)
 
     def error(self, text: str) -> None:
-        """An error line on stderr."""
+        """An error line on stderr, escaped: it often quotes the server (a REJECT or GOAWAY reason),
+        whose words must not drive the terminal."""
         prefix = self._c(_RED + _BOLD, "error:") if use_colour(sys.stderr) else "error:"
-        print(f"{prefix} {text}", file=sys.stderr, flush=True)
+        print(f"{prefix} {printable(text)}", file=sys.stderr, flush=True)
 
     # -- Reporter ------------------------------------------------------------------
     def connected(self, welcome: Welcome, first: bool) -> None:
