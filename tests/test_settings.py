@@ -52,8 +52,21 @@ def test_bad_value_names_the_variable(monkeypatch: pytest.MonkeyPatch, env: str,
     with pytest.raises(ValidationError) as info:
         ServerSettings(_env_file=None)
     message = explain_validation_error(ServerSettings, info.value)
-    assert named in message
-    assert value in message
+    # The variable that was set, not another name of the same setting (HTTP_PORT is not COMZY_HTTP_PORT).
+    assert message.startswith(f"invalid setting: {named}={value!r}: "), message
+
+
+def test_a_plugin_setting_is_named_by_the_variable_that_was_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pydantic names a setting by its first alias whichever one held the value; the message must not."""
+    from comzy.plugins.auth_token import AuthTokenSettings
+
+    for variable in ("MAX_ALIASES_PER_USER", "COMZY_AUTH_MAX_ALIASES_PER_USER"):
+        monkeypatch.setenv(variable, "0")
+        with pytest.raises(ValidationError) as info:
+            AuthTokenSettings(_env_file=None)
+        assert explain_validation_error(AuthTokenSettings, info.value) == (
+            f"invalid setting: {variable}='0': Input should be greater than or equal to 1")
+        monkeypatch.delenv(variable)
 
 
 def test_every_setting_is_documented() -> None:

@@ -193,19 +193,41 @@ def settings_class(error: ValidationError) -> type[BaseSettings] | None:
 
 
 def explain_validation_error(model: type[BaseSettings], error: ValidationError) -> str:
-    """A message naming the environment variable behind each bad value."""
+    """A message naming the environment variable behind each bad value: the one that is set, where a
+    setting has several names (``DB_PORT`` for ``COMZY_DB_PORT``), else all of them."""
     lines = []
-    prefix = str(model.model_config.get("env_prefix") or "")
     for item in error.errors():
-        field_name = str(item["loc"][0]) if item["loc"] else "?"
-        info = model.model_fields.get(field_name)
-        names = field_name
-        if info is not None and isinstance(info.validation_alias, AliasChoices):
-            names = "/".join(str(c) for c in info.validation_alias.choices)
-        elif info is not None and isinstance(info.validation_alias, str):
-            names = info.validation_alias
-        elif info is not None:  # read from env_prefix + the field's name (a plugin's settings)
-            names = (prefix + field_name).upper()
+        key = str(item["loc"][0]) if item["loc"] else "?"
+        names = _variable_set(model, _variables(model, key))
         value = item.get("input")
         lines.append(f"{names}={value!r}: {item['msg']}")
     return "invalid setting: " + "; ".join(lines)
+
+
+def _variables(model: type[BaseSettings], key: str) -> list[str]:
+    """The environment variables of the field an error's ``loc`` names: pydantic gives the field's
+    name, or for a field with AliasChoices its first choice, whichever variable held the value."""
+    prefix = str(model.model_config.get("env_prefix") or "")
+    for name, info in model.model_fields.items():
+        alias = info.validation_alias
+        if isinstance(alias, AliasChoices):
+            variables = [str(choice) for choice in alias.choices]
+        elif isinstance(alias, str):
+            variables = [alias]
+        else:  # read from env_prefix + the field's name (a plugin's settings)
+            variables = [(prefix + name).upper()]
+        if key == name or key in variables:
+            return variables
+    return [key]
+
+
+def _variable_set(model: type[BaseSettings], variables: list[str]) -> str:
+    """The first of ``variables`` set in the environment (the one pydantic read), else all of them
+    (the value came from a ``.env`` file or elsewhere)."""
+    if model.model_config.get("case_sensitive"):
+        set_names = set(os.environ)
+        found = [name for name in variables if name in set_names]
+    else:
+        set_names = {name.upper() for name in os.environ}
+        found = [name for name in variables if name.upper() in set_names]
+    return found[0] if found else "/".join(variables)
