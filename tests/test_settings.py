@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
+from pydantic import Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from comzy.core.settings import ServerSettings, explain_validation_error
 
@@ -80,3 +81,17 @@ def test_punycode_aliases_are_refused_by_default(monkeypatch: pytest.MonkeyPatch
     assert ServerSettings(_env_file=None).allow_punycode_aliases is False
     monkeypatch.setenv("COMZY_ALLOW_PUNYCODE_ALIASES", "true")
     assert ServerSettings(_env_file=None).allow_punycode_aliases is True
+
+
+def test_a_bad_secret_is_named_but_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plugin's secret that fails its own rule: the message reaches stderr, logs and
+    `comzy-server plugins --json`, so it names the variable and hides the value."""
+    class KeySettings(BaseSettings):
+        model_config = SettingsConfigDict(env_prefix="COMZY_KEYED_")
+        api_key: SecretStr | None = Field(None, min_length=16)
+
+    monkeypatch.setenv("COMZY_KEYED_API_KEY", "hunter2")
+    with pytest.raises(ValidationError) as info:
+        KeySettings(_env_file=None)
+    message = explain_validation_error(KeySettings, info.value)
+    assert message.startswith("invalid setting: COMZY_KEYED_API_KEY=***: ") and "hunter2" not in message

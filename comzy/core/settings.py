@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretBytes, SecretStr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from comzy.core.aliases import ALIAS_RE
@@ -198,14 +199,16 @@ def explain_validation_error(model: type[BaseSettings], error: ValidationError) 
     lines = []
     for item in error.errors():
         key = str(item["loc"][0]) if item["loc"] else "?"
-        names = _variable_set(model, _variables(model, key))
-        value = item.get("input")
-        lines.append(f"{names}={value!r}: {item['msg']}")
+        info, variables = _field(model, key)
+        names = _variable_set(model, variables)
+        # A secret's value never goes into a message (it reaches stderr, logs and `comzy-server plugins`).
+        value = "***" if info is not None and _is_secret(info.annotation) else repr(item.get("input"))
+        lines.append(f"{names}={value}: {item['msg']}")
     return "invalid setting: " + "; ".join(lines)
 
 
-def _variables(model: type[BaseSettings], key: str) -> list[str]:
-    """The environment variables of the field an error's ``loc`` names: pydantic gives the field's
+def _field(model: type[BaseSettings], key: str) -> tuple[FieldInfo | None, list[str]]:
+    """The field an error's ``loc`` names and its environment variables: pydantic gives the field's
     name, or for a field with AliasChoices its first choice, whichever variable held the value."""
     prefix = str(model.model_config.get("env_prefix") or "")
     for name, info in model.model_fields.items():
@@ -217,8 +220,14 @@ def _variables(model: type[BaseSettings], key: str) -> list[str]:
         else:  # read from env_prefix + the field's name (a plugin's settings)
             variables = [(prefix + name).upper()]
         if key == name or key in variables:
-            return variables
-    return [key]
+            return info, variables
+    return None, [key]
+
+
+def _is_secret(annotation: Any) -> bool:
+    """Whether a field's type is a pydantic secret (``SecretStr``, ``SecretStr | None``...)."""
+    kinds = get_args(annotation) or (annotation,)
+    return any(isinstance(kind, type) and issubclass(kind, (SecretStr, SecretBytes)) for kind in kinds)
 
 
 def _variable_set(model: type[BaseSettings], variables: list[str]) -> str:
