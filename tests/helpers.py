@@ -7,6 +7,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import anyio
 import anyio.abc
@@ -18,6 +19,16 @@ from comzy import Tunnel, hookimpl
 from comzy.core import db
 from comzy.core import protocol as p
 from comzy.core.websocket import Closed, WebSocket
+
+
+def install_metadata(site: Path, dist: str, entry_points: dict[str, str], version: str = "0.1.0") -> None:
+    """Write ``site/<dist>-<version>.dist-info`` declaring ``entry_points`` in the ``comzy`` group:
+    what pip writes, so a package on a path with ``site`` is an installed plugin."""
+    info = site / f"{dist.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    lines = "".join(f"{name} = {target}\n" for name, target in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[comzy]\n{lines}")
 
 
 class DisconnectWatcher:

@@ -33,11 +33,10 @@ from comzy import hookimpl
 from comzy.core import db
 from comzy.core.hooks import HookRunner, plugin_manager
 from tests.conftest import ROOT, admin_client, start_agent, start_server
-from tests.helpers import scratch_database, wait_until
+from tests.helpers import install_metadata, scratch_database, wait_until
 from tests.test_cli import SERVER, Cli, run_cli, server_env
 from tests.test_core_without_plugins import PUBLIC_MODULES, comzy_imports
 from tests.test_migrations import _model_diff
-from tests.test_plugin_loading import install_metadata
 from tests.upstream import Upstream
 
 pytestmark = pytest.mark.anyio

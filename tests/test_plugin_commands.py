@@ -17,6 +17,7 @@ import pytest
 
 from comzy import __version__
 from tests.conftest import PYTHON, ROOT, cli_env
+from tests.helpers import install_metadata
 from tests.test_cli import SERVER, run_cli, server_env, wait_banner
 
 pytestmark = pytest.mark.anyio
@@ -100,21 +101,13 @@ class AsyncRegister:
 '''
 
 
-def install(site: Path, dist: str, version: str, entry_points: dict[str, str]) -> None:
-    """Write ``site/<dist>-<version>.dist-info`` declaring ``entry_points`` in the ``comzy`` group."""
-    info = site / f"{dist.replace('-', '_')}-{version}.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
-    lines = "".join(f"{name} = {target}\n" for name, target in entry_points.items())
-    (info / "entry_points.txt").write_text(f"[comzy]\n{lines}")
-
-
 def greeter_site(tmp_path: Path) -> Path:
     """A directory with the greeter package (plugins greeter and owners) installed in it."""
     site = tmp_path / "site"
     site.mkdir()
     (site / "comzy_greeter.py").write_text(textwrap.dedent(GREETER))
-    install(site, "comzy-greeter", "1.2.3", {"greeter": "comzy_greeter:Greeter", "owners": "comzy_greeter:Owners"})
+    install_metadata(site, "comzy-greeter", {"greeter": "comzy_greeter:Greeter", "owners": "comzy_greeter:Owners"},
+                     version="1.2.3")
     return site
 
 
@@ -206,7 +199,7 @@ def test_a_disabled_plugin_with_bad_settings_stops_nothing(tmp_path: Path, site:
 
 
 def test_a_command_name_two_plugins_add_runs_neither(tmp_path: Path, site: Path) -> None:
-    install(site, "comzy-clashing", "0.1.0", {"clashing": "comzy_greeter:Clashing"})
+    install_metadata(site, "comzy-clashing", {"clashing": "comzy_greeter:Clashing"})
     for args in (("greet", "ana"), ("greet", "--loud", "x")):
         refused = comzy_server(tmp_path, site, *args, COMZY_PLUGINS="greeter,clashing")
         assert refused.returncode == 2
@@ -221,8 +214,8 @@ def test_a_command_name_two_plugins_add_runs_neither(tmp_path: Path, site: Path)
 
 
 def test_a_plugin_cannot_take_a_core_command_or_register_asynchronously(tmp_path: Path, site: Path) -> None:
-    install(site, "comzy-bad", "0.1.0", {"takes-db": "comzy_greeter:TakesDb", "async-register":
-                                         "comzy_greeter:AsyncRegister"})
+    install_metadata(site, "comzy-bad", {"takes-db": "comzy_greeter:TakesDb",
+                                         "async-register": "comzy_greeter:AsyncRegister"})
     listed = comzy_server(tmp_path, site, "plugins", "--json")
     errors = {row["name"]: row["error"] for row in json.loads(listed.stdout)}
     assert errors["takes-db"] == "plugin 'takes-db': the command 'db' is comzy-server's own; choose another name"
@@ -276,7 +269,7 @@ async def test_running_the_server_builds_no_disabled_plugin(tmp_path: Path, site
     # A disabled plugin's code never runs with the server: only commands and --help collect commands.
     (site / "comzy_noisy.py").write_text("from pathlib import Path\nPath('imported').write_text('yes')\n"
                                          "class Noisy:\n    pass\n")
-    install(site, "comzy-noisy", "0.1.0", {"noisy": "comzy_noisy:Noisy"})
+    install_metadata(site, "comzy-noisy", {"noisy": "comzy_noisy:Noisy"})
     env = server_env(tmp_path / "data", PYTHONPATH=str(site))
     async with run_cli(SERVER, env=env, cwd=tmp_path) as cli:
         await wait_banner(cli)

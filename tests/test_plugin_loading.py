@@ -21,21 +21,13 @@ from comzy.core import hooks
 from comzy.core.hooks import PluginError, available_plugins, build_manager, load_plugins, select_plugins
 from comzy.core.server import Ports
 from tests.conftest import ROOT, start_agent
+from tests.helpers import install_metadata
 from tests.test_cli import SERVER, run_cli, server_env, wait_banner
 from tests.upstream import Upstream
 
 pytestmark = pytest.mark.anyio
 
 EXAMPLE_SRC = ROOT / "examples" / "comzy-plugin-example" / "src"
-
-
-def install_metadata(site: Path, dist: str, entry_points: dict[str, str]) -> None:
-    """Write ``site/<dist>-0.1.0.dist-info`` declaring ``entry_points`` in the ``comzy`` group."""
-    info = site / f"{dist.replace('-', '_')}-0.1.0.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1.0\n")
-    lines = "".join(f"{name} = {target}\n" for name, target in entry_points.items())
-    (info / "entry_points.txt").write_text(f"[comzy]\n{lines}")
 
 
 @pytest.fixture
