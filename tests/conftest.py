@@ -153,9 +153,20 @@ def admin_client(server: ServerContext, **kwargs: Any) -> httpx.AsyncClient:
                              headers={"authorization": f"Bearer {server.admin_token.value}"}, **kwargs)
 
 
+#: Where COMZY_NATS_URL points unless a test gives its own nats-server (tests/cluster/conftest.py):
+#: the discard port, so a test that forgets fails fast and never reaches the machine's 4222 service.
+DEAD_NATS_URL = "nats://127.0.0.1:9"
+
+
+@pytest.fixture(autouse=True)
+def _no_machine_nats(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COMZY_NATS_URL", DEAD_NATS_URL)
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     """Environment for running the console scripts in a subprocess."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("COMZY_", "HTTP_PORT", "WS_PORT"))}
+    env["COMZY_NATS_URL"] = DEAD_NATS_URL  # a cluster node a test starts needs the test's own NATS
     env["PYTHONUNBUFFERED"] = "1"
     env["NO_COLOR"] = "1"
     if os.environ.get("COMZY_TEST_HTTP_SERVER"):

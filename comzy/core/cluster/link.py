@@ -133,8 +133,8 @@ class LinkTransport:
         self.fail(reason or f"closed ({code})", tell_peer=True)
 
     async def aclose(self) -> None:
-        """End the link (the session has finished); the peer is told unless it ended it."""
-        self.fail("link closed", tell_peer=True)
+        """The session has finished: nothing to release (Links ends the link with the session's
+        reason, which this call does not know)."""
 
     # -- the node's side ----------------------------------------------------------------------
     def deliver(self, seq: int, body: bytes) -> None:
@@ -227,6 +227,9 @@ class Links:
                                pending_msgs_limit=PENDING_MSGS_LIMIT, pending_bytes_limit=PENDING_BYTES_LIMIT),
             await nc.subscribe(subjects.no_responders_to(me), cb=self._on_no_responders),
         ]
+        # The server has our subscriptions once it answers a PING after them: before that, a peer's
+        # first link message would get a 503 and end the link it opens to this node.
+        await nc.flush()
         task_group.start_soon(self._heartbeats.run)
 
     def close_all(self, reason: str) -> None:
@@ -276,6 +279,8 @@ class Links:
 
     async def _run(self, peer: str, link: Link) -> None:
         result = await link.session.run()
+        # Tell the peer why, unless the link ended from its side (BYE, 503) or with NATS.
+        link.transport.fail(result, tell_peer=True)
         reason = link.transport.reason or result
         if self._links.get(peer) is link:
             del self._links[peer]

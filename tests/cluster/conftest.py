@@ -1,0 +1,152 @@
+"""Fixtures for cluster tests: a real nats-server of the test's own (port and store), and nodes.
+
+Debian's ``nats-server`` runs on a free port (``-p -1``) with JetStream in the test's temporary
+directory, never the machine's 4222 service. Its port and readiness come from its log lines, so
+nothing sleeps. Without ``/usr/sbin/nats-server`` the tests skip, except under CI=true where
+they fail (``.ci/run`` installs it).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from tests.helpers import unavailable
+
+NATS_SERVER = Path(os.environ.get("COMZY_TEST_NATS_SERVER", "/usr/sbin/nats-server"))
+LISTENING = re.compile(r"Listening for client connections on 127\.0\.0\.1:(\d+)")
+READY = "Server is ready"
+#: How long nats-server may take to start (JetStream recovers its store first).
+START_TIMEOUT = 20.0
+
+
+class NatsServer:
+    """One nats-server process with JetStream; restartable on the same port and store."""
+
+    def __init__(self, store: Path, *extra: str) -> None:
+        self.store = store
+        self.extra = extra
+        self.port = 0
+        self.process: subprocess.Popen[str] | None = None
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+
+    @property
+    def url(self) -> str:
+        """The client URL (valid after start)."""
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        """Start it (on the port it had before, if any) and wait for its "ready" line."""
+        assert self.process is None, "already running"
+        port = str(self.port) if self.port else "-1"
+        self._ready = threading.Event()
+        self.process = subprocess.Popen(
+            [str(NATS_SERVER), "-a", "127.0.0.1", "-p", port, "-js", "-sd", str(self.store), *self.extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        # A thread keeps reading its log, so a chatty server never blocks on a full pipe.
+        self._thread = threading.Thread(target=self._pump, args=(self.process,), daemon=True)
+        self._thread.start()
+        if not self._ready.wait(START_TIMEOUT) or not self.port:
+            self.kill9()
+            raise AssertionError("nats-server did not get ready:\n" + "\n".join(self.lines[-30:]))
+
+    def _pump(self, process: subprocess.Popen[str]) -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            self.lines.append(line.rstrip())
+            match = LISTENING.search(line)
+            if match:
+                self.port = int(match.group(1))
+            if READY in line:
+                self._ready.set()
+        self._ready.set()  # it exited: wake start() so it reports the log
+
+    def kill9(self) -> None:
+        """``kill -9`` it (its own PID only) and reap it."""
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+            self._thread.join(5)  # it reads to the end of the log, which comes with the exit
+            assert self.process.stderr is not None
+            self.process.stderr.close()
+            self.process = None
+
+    def restart(self) -> None:
+        """Start it again on the same port and store (after kill9)."""
+        self.kill9()
+        self.start()
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A running nats-server with JetStream, on a free port, store under the test's tmp_path."""
+    if not NATS_SERVER.is_file():
+        unavailable(f"{NATS_SERVER} is not installed (apt-get install nats-server)")
+    server = NatsServer(tmp_path / "nats")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill9()
+
+
+def cluster_settings(nats: NatsServer, **overrides: Any) -> Any:
+    """ClusterSettings for a node of a test cluster on ``nats`` (short TTLs: tests wait on them)."""
+    from comzy.core.cluster.settings import ClusterSettings
+
+    values: dict[str, Any] = {"nats_url": nats.url, "cluster_name": "test", "node_name": "t",
+                              "cluster_node_ttl": 1.0, "cluster_link_timeout": 2.0}
+    values.update(overrides)
+    return ClusterSettings(_env_file=None, **values)
+
+
+@asynccontextmanager
+async def nats_node(nats: NatsServer, role: str = "control", **overrides: Any) -> AsyncIterator[Any]:
+    """A started NatsNode (no links), stopped on the way out."""
+    from comzy.core.cluster.connection import NatsNode
+
+    node = NatsNode(cluster_settings(nats, **overrides), role, max_request_head=65536)
+    async with anyio.create_task_group() as tg:
+        await node.start(tg)
+        try:
+            yield node
+        finally:
+            await node.stop()
+            tg.cancel_scope.cancel()
+
+
+async def wait_linkable(opener: Any, acceptor: Any, timeout: float = 10.0) -> None:
+    """Wait until ``opener``'s NATS connection sees ``acceptor``'s link subscription.
+
+    nats-server 2.9.10 sometimes routes another connection's publish as if a subscription made a
+    moment ago (its PONG already received) did not exist yet: measured 2-4% of first publishes.
+    A test that links two nodes it has just started waits for this; in a running cluster an edge
+    links to a node only after that node answered a lookup, long after it subscribed. The probe
+    is a BYE for no link, which the acceptor ignores; "no responders" means not yet.
+    """
+    import nats.errors
+
+    from comzy.core.cluster.link import LinkKind, encode_header
+
+    subject = opener.subjects.link(acceptor.node_id, "probe")
+    with anyio.fail_after(timeout):
+        while True:
+            try:
+                await opener.nc.request(subject, encode_header(LinkKind.BYE, 0, 0), timeout=0.2)
+            except nats.errors.NoRespondersError:
+                continue
+            except nats.errors.TimeoutError:
+                return  # delivered, and (as it should) not answered
+            return
