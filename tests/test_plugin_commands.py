@@ -262,6 +262,9 @@ def test_plugins_exits_1_when_the_server_could_not_start(tmp_path: Path, site: P
     assert broken.returncode == 1
     assert "comzy-server: plugin 'greeter' is enabled but cannot run: plugin 'greeter' failed to load: invalid " \
            "setting: COMZY_GREETER_TIMES='x'" in broken.stderr
+    twice = comzy_server(tmp_path, site, "plugins", COMZY_PLUGINS="greeter,owners,greeter")
+    assert twice.returncode == 1  # the server refuses a plugin enabled twice
+    assert twice.stderr.strip() == "comzy-server: COMZY_PLUGINS names 'greeter' more than once: the server refuses that"
 
 
 # -- what the server run does not do ------------------------------------------------------------

@@ -268,6 +268,8 @@ class Catalog:
                     if name not in self.plugins]
         problems += [f"plugin {self.plugins[name].name!r} is enabled but cannot run: {self.plugins[name].error}"
                      for name in enabled if name in self.plugins and self.plugins[name].error]
+        problems += [f"COMZY_PLUGINS names {name!r} more than once: the server refuses that"
+                     for name in sorted({name for name in enabled if enabled.count(name) > 1})]
         status = 1 if problems else 0
         problems += [f"the command {name!r} is added by plugins {', '.join(plugins)}: it cannot run"
                      for name, plugins in sorted(self.clashes.items())]

@@ -289,6 +289,8 @@ def plugin_manager(plugins: Iterable[tuple[str, object]]) -> pluggy.PluginManage
     pm.add_hookspecs(hookspecs)
     try:
         for name, plugin in plugins:
+            if pm.has_plugin(name):  # pluggy's own message is a dump of every registered object
+                raise PluginError(f"plugin {name!r} is enabled twice: name it once in COMZY_PLUGINS")
             pm.register(plugin, name=name)
         pm.check_pending()
     except (pluggy.PluginValidationError, ValueError) as exc:  # ValueError: a name registered twice
