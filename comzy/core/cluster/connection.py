@@ -218,8 +218,12 @@ class NatsNode:
         if isinstance(error, nats.errors.SlowConsumerError):
             for callback in list(self._on_slow_consumer):
                 callback(error.subject)
-        # nats-py reports each failed reconnect attempt here: at most one line per 10 s.
-        self._errors("cluster: NATS: %s", _describe(error))
+        # nats-py reports each failed (re)connect attempt here: at most one line per 10 s.
+        if self.js is None:  # not connected yet: nats-py 2.16 retries the first connect itself
+            self._errors("cluster: cannot connect to NATS at %s: %s; retrying", self.settings.masked_url,
+                         _describe(error))
+        else:
+            self._errors("cluster: NATS: %s", _describe(error))
 
     # -- start and stop -------------------------------------------------------------------
     async def start(self, task_group: anyio.abc.TaskGroup) -> None:
@@ -259,8 +263,10 @@ class NatsNode:
         context = tls_context(s)
         if context is not None:
             options["tls"] = context
+        # nats-py 2.16 with max_reconnect_attempts=-1 keeps trying the first connect itself (and
+        # reports each failure to error_cb); older ones raise at once, so this loop retries them.
         delay = 0.1
-        report = RateLimitedLog(log, interval=10.0, level=logging.WARNING)
+        report = self._errors
         while True:
             client = Client()
             try:
