@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import anyio
 import anyio.abc
@@ -25,8 +26,8 @@ from comzy.core.cluster.connection import BusDown, NatsNode
 from comzy.core.cluster.link import LINK_HEADER, LinkKind, Links, decode_header, encode_header
 from comzy.core.session import Session
 from comzy.core.stream import Stream, StreamReset
-from tests.cluster.conftest import NatsServer, cluster_settings, wait_linkable
-from tests.helpers import wait_until
+from tests.cluster.conftest import NATS_SERVER, NatsServer, cluster_settings, wait_linkable
+from tests.helpers import unavailable, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -311,3 +312,57 @@ async def test_a_node_that_stops_deletes_its_lease(nats_server: NatsServer) -> N
         await b.stop()
         with pytest.raises(nats.js.errors.KeyNotFoundError):
             await kv.get(b.node_id)
+
+
+async def test_accept_stream_takes_over_requests_on_the_accepting_side(nats_server: NatsServer) -> None:
+    async with pair_of_nodes(nats_server) as pair:
+        link = pair.link()
+        assert await roundtrip(link, b"first") == b"first"
+        b_session = pair.accepted[0][0]
+        seen: list[dict[str, object]] = []
+
+        def moved(stream_id: int, payload: dict[str, object]) -> None:
+            seen.append(payload)
+            b_session.send_nowait(p.encode_reset(stream_id, p.ResetCode.MOVED, "not here"))
+
+        b_session.accept_stream = moved  # type: ignore[assignment]
+        stream = link.open_stream()
+        payload = p.RequestHead("GET", b"/x", []).to_payload() | {"al": "demo", "ts": 7}
+        await link.send(p.encode(p.FrameType.REQUEST, stream.id, payload))
+        with pytest.raises(StreamReset) as reset:
+            await stream.wait_head(timeout=10)
+        assert (reset.value.code, reset.value.message) == (p.ResetCode.MOVED, "not here")
+        assert seen[0]["al"] == "demo" and seen[0]["ts"] == 7  # unknown keys reach the hook as sent
+        assert stream.id not in b_session.streams  # None: the hook answered, nothing was opened
+
+
+async def test_link_messages_fit_a_small_nats_max_payload(tmp_path: Path) -> None:
+    if not NATS_SERVER.is_file():
+        unavailable(f"{NATS_SERVER} is not installed (apt-get install nats-server)")
+    conf = tmp_path / "small.conf"
+    conf.write_text("max_payload: 262144\n")
+    small = NatsServer(tmp_path / "nats-small", "-c", str(conf))
+    small.start()
+    try:
+        async with pair_of_nodes(small) as pair:
+            assert pair.a.max_payload == 262144
+            sizes: list[int] = []
+            spy = await nats.connect(small.url)
+            _FORGERS.append(spy)
+
+            async def measure(msg: nats.aio.msg.Msg) -> None:
+                sizes.append(len(msg.data))
+
+            await spy.subscribe(pair.a.subjects.link(pair.b.node_id, pair.a.node_id), cb=measure)
+            await spy.flush()
+            await wait_linkable(pair.a, pair.b)
+            body = os.urandom(2 * 1024 * 1024)
+            # Several streams at once fill the writer's queue with more than a message may carry.
+            async with anyio.create_task_group() as tg:
+                for _ in range(4):
+                    tg.start_soon(roundtrip, pair.link(), body)
+            assert not pair.closed_a, pair.closed_a
+            assert sizes and max(sizes) <= 262144, max(sizes)
+            assert max(sizes) > 128 * 1024  # frames were still coalesced, up to the limit
+    finally:
+        small.kill9()
