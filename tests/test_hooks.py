@@ -6,8 +6,10 @@ here and a heading in docs/plugin_hooks.md.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
+import os
 import socket
 import time
 from pathlib import Path
@@ -44,6 +46,7 @@ from tests.conftest import (
     start_server,
     visitor,
 )
+from tests.helpers import wait_until
 from tests.upstream import Upstream
 
 pytestmark = pytest.mark.anyio
@@ -283,6 +286,23 @@ async def test_hook_on_registration_refused(tmp_path: Path, upstream: Upstream,
     assert refusals.calls[0][1] == "no tunnels for you" and refusals.calls[5][1] == str(refused)
     assert {client for _, _, client in refusals.calls} == {"127.0.0.1"}
     assert "plugin refusals failed in on_registration_refused" in caplog.text
+
+
+async def test_hook_on_registration_refused_counts_a_peer_that_never_reads(tmp_path: Path) -> None:
+    """A malformed HELLO from a peer that then neither reads nor answers the close: the handshake
+    deadline cancels the REJECT's close, and the refusal is reported all the same."""
+    refusals = Refusals()
+    async with start_server(tmp_path, plugins=[("refusals", refusals)], handshake_timeout=0.3) as server, \
+            await anyio.connect_tcp("127.0.0.1", server.ports.ws) as raw:
+        key = base64.b64encode(os.urandom(16)).decode()
+        await raw.send(f"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                       f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+        hello = b"hello?"  # text, where HELLO must be binary: REJECT 'protocol'
+        # One masked text frame (clients must mask): FIN + opcode 1, then the payload.
+        mask = os.urandom(4)
+        await raw.send(bytes([0x81, 0x80 | len(hello)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(hello)))
+        await wait_until(lambda: refusals.calls, timeout=5)  # never reading what the server sends
+    assert [code for code, _, _ in refusals.calls] == ["protocol"]
 
 
 class Shape:
