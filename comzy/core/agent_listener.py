@@ -24,6 +24,7 @@ from comzy.core.types import Registration, Reject, Tunnel
 from comzy.core.websocket import Closed, WebSocket, WebSocketError, accept, asks_for_upgrade, read_head
 
 if TYPE_CHECKING:
+    from comzy.core.cluster.ownership import Holders, Record
     from comzy.core.server import ServerContext
 
 log = logging.getLogger("comzy.agents")
@@ -148,10 +149,16 @@ class AgentListener:
             resume_secret=hello.resume_secret,
             agent_data=hello.plugins,
         )
+        secret = hello.resume_secret or secrets.token_urlsafe(24)
+        remote: Record | None = None
         try:
             self._refuse_ownerless(registration)
             await server.hooks.on_register(registration, server)
-            alias = self._choose_alias(registration, hello.resume_alias)
+            if server.directory is None:
+                entry = self._new_entry(ws, hello, registration, client, secret,
+                                        self._choose_alias(registration, hello.resume_alias))
+            else:
+                entry, remote = await self._claim(ws, hello, registration, client, secret)
         except Reject as exc:
             # 429: a plugin throttles this client and logs that once per window; a line per
             # attempt would let the client flood the log.
@@ -167,27 +174,12 @@ class AgentListener:
             log.exception("agent %s: registration failed in a plugin", client)
             await self._reject(ws, client, "internal", "the server failed to register the tunnel; try again later")
             return None
-        secret = hello.resume_secret or secrets.token_urlsafe(24)
-        tunnel = Tunnel(
-            alias=alias,
-            public_url=self.settings.url_for(alias),
-            port=port,
-            client_address=client,
-            user=registration.user,
-            expires_at=registration.expires_at,
-            metadata=registration.metadata,
-        )
-        session = Session(
-            ws,
-            window=self.settings.stream_window,
-            peer_window=hello.window,
-            heartbeat_interval=self.settings.heartbeat_interval,
-            heartbeat_timeout=self.settings.heartbeat_timeout,
-            name=f"tunnel {alias}",
-            heartbeats=self.heartbeats,
-        )
-        entry = Entry(tunnel, session, hash_secret(secret))
+        tunnel, session, alias = entry.tunnel, entry.session, entry.tunnel.alias
+        directory = server.directory
         previous = server.registry.add(entry)
+        if directory is not None:
+            # Lookups find it from here on; the "up" event fences a holder that missed its eviction.
+            await directory.serve(entry)
         welcome = Welcome(
             alias=alias,
             url=tunnel.public_url,
@@ -203,9 +195,17 @@ class AgentListener:
             await ws.send(welcome.encode())
         except WebSocketError:
             server.registry.remove(alias, session)
-            if previous is not None:
+            if directory is not None:
+                # The record is this session's now: give it up. A replaced local session cannot
+                # get its record back, so it ends as replaced; its agent comes back with the secret.
+                await directory.release(entry)
+                if previous is not None:
+                    server.task_group.start_soon(previous.session.flush_and_close, 4000, "replaced by a new session")
+            elif previous is not None:
                 server.registry.add(previous)
             return None
+        if remote is not None:
+            log.info("tunnel %s taken over from node %s by a new session from %s", alias, remote.node, client)
         if previous is not None:
             log.info("tunnel %s taken over by a new session from %s", alias, client)
             # If the old session still reaches a live agent, that agent must not reconnect with
@@ -219,14 +219,66 @@ class AgentListener:
         )
         return entry
 
-    def _choose_alias(self, registration: Registration, resume_alias: str | None) -> str:
-        """The alias to grant (registering it may replace the caller's live session). Raises Reject."""
+    def _new_entry(self, ws: WebSocket, hello: Hello, registration: Registration, client: str, secret: str,
+                   alias: str) -> Entry:
+        """The tunnel and session for ``alias`` (not registered yet)."""
+        tunnel = Tunnel(
+            alias=alias,
+            public_url=self.settings.url_for(alias),
+            port=registration.port,
+            client_address=client,
+            user=registration.user,
+            expires_at=registration.expires_at,
+            metadata=registration.metadata,
+            node=self.server.node,
+        )
+        session = Session(
+            ws,
+            window=self.settings.stream_window,
+            peer_window=hello.window,
+            heartbeat_interval=self.settings.heartbeat_interval,
+            heartbeat_timeout=self.settings.heartbeat_timeout,
+            name=f"tunnel {alias}",
+            heartbeats=self.heartbeats,
+        )
+        return Entry(tunnel, session, hash_secret(secret))
+
+    async def _claim(self, ws: WebSocket, hello: Hello, registration: Registration, client: str,
+                     secret: str) -> tuple[Entry, Record | None]:
+        """On a control node: choose the alias by the cluster's records and claim it there
+        (docs/design/cluster.md 2.2). Returns the entry and the live holder taken over on another
+        node (evicted), if any. Raises Reject: a lost race twice ("in use"), or the alias registry
+        unreachable (429, so the agent is told "throttled" and retries)."""
+        directory = self.server.directory
+        names = [registration.alias, registration.requested_alias, hello.resume_alias]
+        attempt = 0
+        while True:
+            attempt += 1
+            holders = await directory.holders(names)
+            entry = self._new_entry(ws, hello, registration, client, secret,
+                                    self._choose_alias(registration, hello.resume_alias, holders))
+            try:
+                return entry, await directory.claim(entry, holders)
+            except Reject as exc:
+                # Another node's claim came first: read again and choose again, once.
+                if exc.status != 409 or attempt > 1:
+                    raise
+
+    def _choose_alias(self, registration: Registration, resume_alias: str | None,
+                      holders: Holders | None = None) -> str:
+        """The alias to grant (registering it may replace the caller's live session). Raises Reject.
+
+        ``holders`` (on a control node) are the cluster's records of the names asked for; without
+        them this node's registry decides.
+        """
         registry = self.server.registry
         reserved = self.settings.reserved
         allow_punycode = self.settings.allow_punycode_aliases
         user = registration.user
 
         def held_by_caller(name: str) -> bool:
+            if holders is not None:
+                return holders.held_by_caller(name, registration.resume_secret, user)
             entry = registry.get(name)
             if entry is None:
                 return True
@@ -307,6 +359,8 @@ class AgentListener:
         reason = await session.run()
         if not server.registry.remove(tunnel.alias, session):
             reason = "replaced by a new session"
+        elif server.directory is not None:
+            await server.directory.release(entry)
         await server.hooks.on_disconnect(tunnel, reason, server)
         log.info("tunnel %s closed after %.0fs: %s", tunnel.alias, time.monotonic() - started, reason)
 

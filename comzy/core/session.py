@@ -154,6 +154,13 @@ class Session:
         self.streams[stream_id] = stream
         return stream
 
+    def next_stream_id(self) -> int:
+        """Take a new locally-opened stream id without making a Stream: a control node's relay
+        installs its own end in ``streams`` under it."""
+        stream_id = self._next_id
+        self._next_id += 1
+        return stream_id
+
     def forget(self, stream_id: int) -> None:
         """Drop a finished stream from the table (and return its window growth to the budget)."""
         stream = self.streams.pop(stream_id, None)

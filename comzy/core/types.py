@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import itertools
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 #: Session numbers: each tunnel gets the next one, so a new session on an alias is told apart from the old.
-_sessions = itertools.count(1)
+#: The count starts at a random 52-bit value so that numbers are unique across a cluster's nodes
+#: too (an edge tells a tunnel's new session on another node from the old one by it), and stays
+#: below 2**53, exact in JSON numbers and JavaScript.
+_sessions = itertools.count(secrets.randbits(52) + 1)
 
 
 class Reject(Exception):
@@ -62,8 +66,9 @@ class Registration:
 class Tunnel:
     """A live tunnel: one alias served by one agent session.
 
-    ``session`` is unique within the server process: when an agent reconnects or its owner takes
-    the alias over, the new tunnel has the same alias and a new session.
+    ``session`` is unique within the server process, and across a cluster: when an agent reconnects
+    or its owner takes the alias over, the new tunnel has the same alias and a new session.
+    ``node`` is the id of the control node that serves it ("" in role ``all``).
 
     The core keeps the numbers up to date; plugins only read them: ``requests``, ``bytes_in`` and
     ``bytes_out`` count finished exchanges, ``streams_open`` the visitor requests and WebSockets in
@@ -85,6 +90,7 @@ class Tunnel:
     websockets_open: int = 0
     metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
     session: int = field(default_factory=lambda: next(_sessions))
+    node: str = ""
 
     def plugin_state(self, plugin: str) -> dict[str, Any]:
         """The dict that plugin ``plugin`` keeps on this tunnel (what it put on the registration's

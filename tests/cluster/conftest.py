@@ -150,3 +150,28 @@ async def wait_linkable(opener: Any, acceptor: Any, timeout: float = 10.0) -> No
             except nats.errors.TimeoutError:
                 return  # delivered, and (as it should) not answered
             return
+
+
+@asynccontextmanager
+async def control_node(nats: NatsServer, data_dir: Path, plugins: Any = (), **overrides: Any) -> AsyncIterator[Any]:
+    """An in-process control node (``run_server`` with role control) of a test cluster on ``nats``."""
+    from comzy.core.server import run_server
+    from tests.conftest import make_settings
+
+    settings = make_settings(data_dir, role="control", public_url="http://{alias}.localhost", **overrides)
+    async with run_server(settings, plugins, cluster_settings=cluster_settings(nats)) as server:
+        yield server
+
+
+async def raw_hello(server: Any, **hello: Any) -> tuple[Any, Any]:
+    """A raw agent connection to ``server``: HELLO (``hello`` overrides its keys) and the first frame
+    answered (WELCOME or REJECT), for tests that read exactly what the server sends."""
+    from comzy.core import protocol as p
+    from comzy.core.websocket import connect
+
+    ws = await connect(f"ws://127.0.0.1:{server.ports.ws}/", 4 * 1024 * 1024)
+    await ws.send(p.encode(p.FrameType.HELLO, 0, {"v": p.PROTOCOL_VERSION, "agent": "raw/1", "port": 1, **hello}))
+    message = await ws.receive()
+    assert isinstance(message, bytes), message
+    [frame] = p.decode_message(message)
+    return ws, frame

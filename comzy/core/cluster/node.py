@@ -17,6 +17,7 @@ import anyio
 import anyio.abc
 
 from comzy.core.cluster.connection import NatsNode
+from comzy.core.cluster.control_relay import attach_control
 from comzy.core.cluster.link import Links
 from comzy.core.cluster.settings import ClusterSettings
 
@@ -50,6 +51,8 @@ class ClusterNode:
         self.task_group: anyio.abc.TaskGroup | None = None
         self._components: list[Component] = []
         self._started: list[Component] = []
+        if self.role == "control":  # ownership and the relay (docs/design/cluster.md 2, 1.4-1.6)
+            attach_control(self)
 
     @property
     def node_id(self) -> str:

@@ -1,0 +1,301 @@
+"""The control node's side of the cluster's data plane: per-alias answers and the stream relay.
+
+docs/design/cluster.md 1.2 and 1.4-1.6. For every alias it holds, a control node answers
+requests on ``P.t.<alias>`` (queue group ``own``): ``lookup`` (what an edge needs to open
+streams), ``close`` and ``notify``. Each REQUEST an edge opens on a link is handed to the
+tunnel's agent session through a pair of ``RelayEnd``s, one in each session's stream table,
+which renumber the stream and forward its frames. Credit is end to end (edge <-> agent); the
+relay keeps its own count of it in both directions so that a misbehaving agent only kills its
+own session, and a misbehaving edge only its stream, never a link shared by many tunnels.
+The relay has no task and no buffer of its own per stream.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+import nats.errors
+from nats.aio.msg import Msg
+
+from comzy.core import protocol as p
+from comzy.core.control import GoAway, Notice
+from comzy.core.logs import RateLimitedLog
+from comzy.core.session import Session
+from comzy.core.stream import MAX_EMPTY_MESSAGES, StreamReset
+from comzy.core.types import Tunnel
+
+if TYPE_CHECKING:
+    from comzy.core.cluster.node import ClusterNode
+    from comzy.core.cluster.ownership import ClusterDirectory
+    from comzy.core.registry import Entry
+
+log = logging.getLogger("comzy.cluster")
+
+#: The keys an edge adds to a REQUEST on a link (alias, tunnel session); the agent never sees them.
+LINK_HEAD_KEYS = ("al", "ts")
+
+
+def busy_reason(session: Session, tunnel: Tunnel, max_streams: int) -> str | None:
+    """Why a new stream to ``tunnel``'s agent ``session`` is refused with 503 (None: it may open).
+    The same sentences as the single node's."""
+    if len(session.streams) >= max_streams:
+        return f"Tunnel {tunnel.alias} is busy ({max_streams} requests in flight); retry shortly.\n"
+    if session.congested:
+        return (f"Tunnel {tunnel.alias} is not keeping up: its agent has not read the "
+                f"{session.queued} bytes already sent to it; retry shortly.\n")
+    return None
+
+
+def tunnel_view(tunnel: Tunnel) -> dict[str, Any]:
+    """The tunnel snapshot a lookup answers with (the edge's ``Tunnel`` is built from it)."""
+    return {"alias": tunnel.alias, "url": tunnel.public_url, "port": tunnel.port, "client": tunnel.client_address,
+            "user": tunnel.user, "since": tunnel.created_at, "expires_at": tunnel.expires_at,
+            "metadata": tunnel.metadata}
+
+
+class _Relay:
+    """One relayed stream: its two ends, the credit each way, and the tunnel it counts on."""
+
+    __slots__ = ("agent", "bytes_in", "bytes_out", "edge", "empty", "finished", "head_limit", "to_agent",
+                 "to_edge", "tunnel", "websocket")
+
+    def __init__(self, tunnel: Tunnel, link: Session, link_id: int, agent: Session, agent_id: int,
+                 websocket: bool, head_limit: int) -> None:
+        self.tunnel = tunnel
+        self.websocket = websocket
+        self.head_limit = head_limit
+        self.edge = RelayEnd(self, link, link_id, from_agent=False)
+        self.agent = RelayEnd(self, agent, agent_id, from_agent=True)
+        # What each side may still send: the window the other side announced (the agent's HELLO
+        # window; the control node's stream window, which the edge opened with) plus its WINDOWs.
+        self.to_agent = agent.peer_window
+        self.to_edge = agent.window
+        self.empty = 0  # empty messages relayed since the last non-empty DATA or WINDOW
+        self.finished = False
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    def reset(self, code: p.ResetCode, edge_message: str, agent_code: p.ResetCode | None = None,
+              agent_message: str | None = None) -> None:
+        """Abort the stream on both sides."""
+        for end, end_code, message in ((self.edge, code, edge_message),
+                                       (self.agent, agent_code if agent_code is not None else code,
+                                        agent_message if agent_message is not None else edge_message)):
+            end.session.send_nowait(p.encode_reset(end.id, end_code, message))
+        self.finish()
+
+    def finish(self) -> None:
+        """Drop both ends from their tables and count the exchange (once)."""
+        if self.finished:
+            return
+        self.finished = True
+        self.edge.session.forget(self.edge.id)
+        self.agent.session.forget(self.agent.id)
+        tunnel = self.tunnel
+        tunnel.streams_open -= 1
+        if self.websocket:
+            tunnel.websockets_open -= 1
+        tunnel.requests += 1
+        tunnel.bytes_in += self.bytes_in
+        tunnel.bytes_out += self.bytes_out
+
+
+class RelayEnd:
+    """One end of a relayed stream, in a session's stream table in place of a ``Stream``: what
+    its session's reader hands it goes to the other end's session, renumbered."""
+
+    __slots__ = ("ended", "from_agent", "grown", "id", "relay", "session", "ws_close")
+
+    def __init__(self, relay: _Relay, session: Session, stream_id: int, *, from_agent: bool) -> None:
+        self.relay = relay
+        self.session = session
+        self.id = stream_id
+        self.from_agent = from_agent
+        self.ended = False
+        self.ws_close: tuple[int, str] | None = None
+        self.grown = 0  # a relay never grows a window: the edge's Stream does, end to end
+
+    @property
+    def other(self) -> RelayEnd:
+        """The end in the other session."""
+        relay = self.relay
+        return relay.edge if self.from_agent else relay.agent
+
+    def _on_data(self, data: bytes, flags: int) -> None:
+        relay = self.relay
+        if relay.finished:
+            return
+        if self.ended:
+            if self.from_agent:
+                raise p.ProtocolError(f"DATA after END on stream {self.id}")
+            relay.reset(p.ResetCode.FLOW_CONTROL, "DATA after END", p.ResetCode.CANCEL, "the edge broke the stream")
+            return
+        size = len(data)
+        if not size:
+            if not flags & p.FLAG_FIN:
+                return  # an empty piece of a body or message carries nothing
+            relay.empty += 1
+            if relay.empty > MAX_EMPTY_MESSAGES:
+                relay.reset(p.ResetCode.FLOW_CONTROL, f"more than {MAX_EMPTY_MESSAGES} empty messages waiting")
+                return
+        else:
+            relay.empty = 0
+        if self.from_agent:
+            relay.to_edge -= size
+            if relay.to_edge < 0:
+                # The agent's own session ends (1002), as on a single node; the link is not touched.
+                raise p.ProtocolError(f"peer overran the window of stream {self.id}")
+            relay.bytes_out += size
+        else:
+            relay.to_agent -= size
+            if relay.to_agent < 0:
+                relay.reset(p.ResetCode.FLOW_CONTROL, "the edge overran the agent's window",
+                            p.ResetCode.CANCEL, "the edge broke the stream")
+                return
+            relay.bytes_in += size
+        other = self.other
+        other.session.send_nowait(p.encode_data(other.id, data, flags))
+
+    def _on_credit(self, increment: int) -> None:
+        relay = self.relay
+        if relay.finished:
+            return
+        relay.empty = 0
+        if self.from_agent:
+            relay.to_agent += increment
+        else:
+            relay.to_edge += increment
+        other = self.other
+        other.session.send_nowait(p.encode_window(other.id, increment))
+
+    def _on_end(self) -> None:
+        relay = self.relay
+        if relay.finished or self.ended:
+            return
+        self.ended = True
+        other = self.other
+        if self.ws_close is not None:
+            code, reason = self.ws_close
+            other.session.send_nowait(p.encode(p.FrameType.WS_CLOSE, other.id, {"code": code, "reason": reason}))
+        else:
+            other.session.send_nowait(p.encode(p.FrameType.END, other.id))
+        if other.ended:
+            relay.finish()
+
+    def _on_head(self, head: object) -> None:
+        relay = self.relay
+        if relay.finished or not self.from_agent or not isinstance(head, p.ResponseHead):
+            return  # only an agent answers a stream
+        frame = p.encode(p.FrameType.RESPONSE, relay.edge.id, head.to_payload())
+        if len(frame) > relay.head_limit:
+            relay.reset(p.ResetCode.INTERNAL, "response head too large for the cluster link",
+                        p.ResetCode.CANCEL, "response head too large for the cluster link")
+            return
+        relay.edge.session.send_nowait(frame)
+
+    def _fail(self, error: StreamReset) -> None:
+        # This side's session already dropped this end (a RESET it read, or its end).
+        relay = self.relay
+        if relay.finished:
+            return
+        code = error.code
+        if not self.from_agent and self.session.closed is not None:
+            code = p.ResetCode.CANCEL  # the link ended: for the agent, the visitor went away
+        other = self.other
+        other.session.send_nowait(p.encode_reset(other.id, code, error.message))
+        relay.finish()
+
+
+class ControlRelay:
+    """A control node's answers on ``P.t.<alias>`` and its link streams (a ``ClusterNode`` component)."""
+
+    def __init__(self, cluster: ClusterNode, directory: ClusterDirectory) -> None:
+        self.cluster = cluster
+        self.server = cluster.server
+        self.directory = directory
+        self.node_id = cluster.node_id
+        self._tunnel_prefix = cluster.nats.subjects.tunnel("")
+        self._noise = RateLimitedLog(log, interval=10.0)
+        directory.responder = self.respond
+        cluster.links.on_accept(self._accept_link)
+
+    async def start(self) -> None:
+        """Nothing to open: subscriptions come and go with the directory's claims."""
+
+    async def stop(self) -> None:
+        """Nothing to release: the links and the directory end their own."""
+
+    # -- links ---------------------------------------------------------------------------
+    def _accept_link(self, link: Session, peer: str) -> None:
+        link.accept_stream = lambda stream_id, payload: self.accept(link, stream_id, payload)
+
+    def accept(self, link: Session, stream_id: int, payload: dict[str, Any]) -> RelayEnd | None:
+        """A REQUEST from an edge: relay it to the tunnel's agent, or answer RESET MOVED/REFUSED."""
+        alias, session_number = payload.get("al"), payload.get("ts")
+        entry: Entry | None = self.server.registry.get(alias) if isinstance(alias, str) else None
+        if (entry is None or entry.tunnel.session != session_number or entry.session.closed is not None
+                or self.directory.verifying(entry.tunnel.alias)):
+            # Never reached an agent: the edge may look the alias up again and retry.
+            link.send_nowait(p.encode_reset(stream_id, p.ResetCode.MOVED,
+                                            f"tunnel {alias} (session {session_number}) is not on node {self.node_id}"))
+            return None
+        tunnel, agent = entry.tunnel, entry.session
+        busy = busy_reason(agent, tunnel, self.server.settings.max_streams_per_tunnel)
+        if busy is not None:
+            link.send_nowait(p.encode_reset(stream_id, p.ResetCode.REFUSED, busy))
+            return None
+        head = {key: value for key, value in payload.items() if key not in LINK_HEAD_KEYS}
+        websocket = bool(head.get("w"))
+        agent_id = agent.next_stream_id()
+        relay = _Relay(tunnel, link, stream_id, agent, agent_id, websocket, link.coalesce_limit)
+        agent.streams[agent_id] = relay.agent  # type: ignore[assignment]  # duck-typed like Stream
+        agent.send_nowait(p.encode(p.FrameType.REQUEST, agent_id, head))
+        tunnel.streams_open += 1  # back down in _Relay.finish
+        if websocket:
+            tunnel.websockets_open += 1
+        return relay.edge  # type: ignore[return-value]
+
+    # -- P.t.<alias> ------------------------------------------------------------------------------
+    async def respond(self, msg: Msg) -> None:
+        """Answer a request on ``P.t.<alias>``: lookup, close or notify (docs/design/cluster.md 6)."""
+        alias = msg.subject[len(self._tunnel_prefix):]
+        entry = self.server.registry.get(alias)
+        if entry is None or self.directory.verifying(alias) or not msg.reply:
+            return  # not (or not surely) ours: the asker times out or finds the new holder
+        try:
+            request = msgpack.unpackb(msg.data)
+            op = request["op"]
+        except Exception:
+            self._noise("cluster: dropped a malformed request for tunnel %s", alias)
+            return
+        if op == "lookup":
+            answer: dict[str, Any] = {"node": self.node_id, "session": entry.tunnel.session,
+                                      "tunnel": tunnel_view(entry.tunnel), "aw": entry.session.peer_window,
+                                      "sw": self.server.settings.stream_window}
+        elif op == "close":
+            reason = str(request.get("reason") or "closed by the server")
+            entry.session.send_nowait(GoAway(reason, reconnect=False).encode())
+            self.server.task_group.start_soon(entry.session.flush_and_close, 1000, reason)
+            answer = {"closed": True}
+        elif op == "notify":
+            entry.session.send_nowait(Notice(str(request.get("message", "")),
+                                             str(request.get("level") or "info")).encode())
+            answer = {"ok": True}
+        else:
+            answer = {"error": f"unknown op {op!r}"}
+        try:
+            await msg.respond(msgpack.packb(answer, default=str))
+        except nats.errors.Error as exc:
+            self._noise("cluster: could not answer a request for tunnel %s: %s", alias, exc)
+
+
+def attach_control(cluster: ClusterNode) -> None:
+    """Give a control node its components: alias ownership (``server.directory``) and the relay."""
+    from comzy.core.cluster.ownership import ClusterDirectory
+
+    directory = ClusterDirectory(cluster)
+    cluster.server.directory = directory
+    cluster.register(directory)
+    cluster.register(ControlRelay(cluster, directory))
