@@ -30,6 +30,7 @@ from comzy.core.stream import Stream, StreamReset
 from comzy.core.types import Exchange, ForwardRequest, Reject, Tunnel
 
 if TYPE_CHECKING:
+    from comzy.core.cluster.edge_router import RouteEntry
     from comzy.core.server import ServerContext
 
 log = logging.getLogger("comzy.edge")
@@ -46,6 +47,9 @@ FIRST_MESSAGE_WAIT = 1.0
 #: What a visitor gets (500) when a before_forward implementation fails with anything but Reject:
 #: HTTP and WebSocket alike; the traceback goes to the server's log only.
 PLUGIN_FAILED = "A server plugin failed while handling this request.\n"
+#: Requests an edge may send again to another control node after their link died before a
+#: response head: idempotent and bodyless only, as nginx's proxy_next_upstream does.
+RETRYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 class EdgeApp:
@@ -103,10 +107,18 @@ class EdgeApp:
         except FramingError as exc:
             await respond(send, 400, str(exc), headers=CLOSE)
             return
-        request, entry, host = self._forward_request(scope, websocket=False)
+        request, local, host = self._forward_request(scope, websocket=False)
+        entry: Entry | RouteEntry | None = local
+        route: RouteEntry | None = None
         if entry is None:
-            await respond(send, 404, _not_active(host), HTML)
-            return
+            if self.server.router is None:
+                await respond(send, 404, _not_active(host), HTML)
+                return
+            # An edge of a cluster: a control node holds the tunnel (design/cluster.md 1.4).
+            route = await self._route(request.alias, host, send)
+            if route is None:
+                return  # answered: 404, 502 or 504
+            entry = route
         too_large = self._head_too_large(scope, request)
         if too_large is not None:
             await respond(send, 431, too_large, headers=CLOSE)
@@ -144,18 +156,17 @@ class EdgeApp:
                         request.headers.append((b"content-length", str(len(body)).encode()))
         # From the limits to the REQUEST frame nothing awaits: no other request can slip in
         # between and overrun them.
-        busy = self._busy(session, tunnel)
+        busy = self._busy(session, tunnel) if route is None else _link_busy(route)
         if busy is not None:
             await respond(send, 503, busy, headers=[(b"retry-after", b"1"), *CLOSE])
             return
+        head = p.RequestHead(request.method, request.target, request.headers, request.client,
+                             request.scheme, http_version, has_body=has_body)
         try:
-            stream = session.open_stream()
+            stream = _open(session, route, head)
         except SessionClosed:
             await respond(send, 502, f"The agent for {tunnel.alias} has disconnected.\n")
             return
-        head = p.RequestHead(request.method, request.target, request.headers, request.client,
-                             request.scheme, http_version, has_body=has_body)
-        session.send_nowait(p.encode(p.FrameType.REQUEST, stream.id, head.to_payload()))
         state = _Exchange()
         if not has_body:
             # END goes with REQUEST in one WebSocket message: one write here and one wakeup in
@@ -164,7 +175,10 @@ class EdgeApp:
             state.request_done = True
         tunnel.streams_open += 1  # back down in _finish, which the finally below always reaches
         try:
-            await self._proxy_http(stream, receive, send, state, first)
+            if route is None:
+                await self._proxy_http(stream, receive, send, state, first)
+            else:
+                stream = await self._proxy_routed(stream, route, request, head, receive, send, state, first)
         finally:
             await self._finish(stream, request, tunnel, state, started)
 
@@ -188,6 +202,78 @@ class EdgeApp:
             return (f"Tunnel {tunnel.alias} is not keeping up: its agent has not read the "
                     f"{session.queued} bytes already sent to it; retry shortly.\n")
         return None
+
+    # -- an edge of a cluster ----------------------------------------------------------------
+    async def _route(self, alias: str, host: str, send: Send, scope: Scope | None = None) -> RouteEntry | None:
+        """The route to the control node holding ``alias``, or None after answering the visitor
+        (404 nobody holds it, 502 NATS unreachable or a bad reply, 504 lookup timeout)."""
+        # Imported here: role all never gets this far, and the router's module needs nats.
+        from comzy.core.cluster.edge_router import BusDown, RouteError
+
+        router = self.server.router
+        try:
+            route: RouteEntry | None = (router.cached(alias) or await router.lookup(alias)) if alias else None
+        except RouteError as exc:
+            await respond(send, exc.status, _sentence(str(exc)), scope=scope)
+            return None
+        except BusDown as exc:
+            await respond(send, 502, _sentence(str(exc)), scope=scope)
+            return None
+        if route is None:
+            await respond(send, 404, _not_active(host), HTML, scope=scope)
+        return route
+
+    async def _proxy_routed(self, stream: Stream, route: RouteEntry, request: ForwardRequest, head: p.RequestHead,
+                            receive: Receive, send: Send, state: _Exchange, first: dict[str, Any] | None) -> Stream:
+        """``_proxy_http`` over a cluster link, with the retries allowed before a response head
+        (design/cluster.md 1.4); returns the stream that ended the exchange."""
+        retried = False
+        while True:
+            state.routed = True
+            try:
+                await self._proxy_http(stream, receive, send, state, first)
+                return stream
+            except _BeforeHead as failure:
+                stream.close()
+                answer = self._no_head(failure.reset, stream, route, head, state, retried)
+                if answer is None:
+                    retried = True
+                    route = await self._route(request.alias, request.host, send)  # type: ignore[assignment]
+                    if route is None:
+                        state.status = 404  # or 502/504: answered there; the log has the alias
+                        return stream
+                    try:
+                        stream = _open(route.session, route, head)
+                    except SessionClosed as exc:
+                        answer = (502, f"The tunnel failed before a response: {exc}\n", [])
+                if answer is not None:
+                    status, body, headers = answer
+                    state.status = status
+                    await respond(send, status, body, headers=headers)
+                    return stream
+                # The retried request starts over: its body, if any, comes from the visitor again.
+                state.bytes_in = 0
+                state.error = None
+                state.request_done = not head.has_body
+                if not head.has_body:
+                    stream.send_end()
+
+    def _no_head(self, reset: StreamReset, stream: Stream, route: RouteEntry, head: p.RequestHead,
+                 state: _Exchange, retried: bool) -> tuple[int, str, list[tuple[bytes, bytes]]] | None:
+        """What the visitor gets when a routed stream failed before its response head; None: retry it."""
+        link_lost = stream.session.closed is not None
+        if reset.code == p.ResetCode.REFUSED and not link_lost:
+            # The control node's own limits (max streams per tunnel, an agent not reading): today's 503.
+            return 503, _sentence(reset.message), [(b"retry-after", b"1"), *CLOSE]
+        if reset.code == p.ResetCode.MOVED and not link_lost:
+            # The request provably never reached an agent: look the alias up again, once.
+            self.server.router.invalidate(route.tunnel.alias, route.node, route.tunnel.session)
+            if not retried and state.bytes_in == 0:
+                return None
+            return 502, "The tunnel moved to another node during the request; retry.\n", []
+        if link_lost and not retried and not head.has_body and head.method in RETRYABLE_METHODS:
+            return None  # the route went with the link (Links.on_link_closed): the lookup is fresh
+        return 502, f"The tunnel failed before a response: {reset.message}\n", []
 
     async def _finish(self, stream: Stream, request: ForwardRequest, tunnel: Tunnel, state: _Exchange,
                       started: float) -> None:
@@ -223,6 +309,8 @@ class EdgeApp:
                 # Aborting the connection is the only honest end: a clean finish would
                 # tell the visitor a truncated body was complete.
                 raise
+            if state.routed:
+                raise _BeforeHead(exc) from None  # over a cluster link: 503, a retry or 502
             await respond(send, 502, f"The tunnel failed before a response: {exc.message}\n")
             state.status = 502
         finally:
@@ -299,10 +387,17 @@ class EdgeApp:
         message = await receive()
         if message["type"] != "websocket.connect":
             return
-        request, entry, host = self._forward_request(scope, websocket=True)
+        request, local, host = self._forward_request(scope, websocket=True)
+        entry: Entry | RouteEntry | None = local
+        route: RouteEntry | None = None
         if entry is None:
-            await respond(send, 404, _not_active(host), HTML, scope=scope)
-            return
+            if self.server.router is None:
+                await respond(send, 404, _not_active(host), HTML, scope=scope)
+                return
+            route = await self._route(request.alias, host, send, scope)
+            if route is None:
+                return  # answered: 404, 502 or 504
+            entry = route
         too_large = self._head_too_large(scope, request)
         if too_large is not None:
             await respond(send, 431, too_large, scope=scope)
@@ -317,25 +412,47 @@ class EdgeApp:
             log.exception("before_forward failed for %s; answering 500", tunnel.alias)
             await respond(send, 500, PLUGIN_FAILED, scope=scope)
             return
-        busy = self._busy(session, tunnel)
+        busy = self._busy(session, tunnel) if route is None else _link_busy(route)
         if busy is not None:
             await respond(send, 503, busy, headers=[(b"retry-after", b"1")], scope=scope)
             return
-        try:
-            stream = session.open_stream()
-        except SessionClosed:
-            await respond(send, 502, f"The agent for {tunnel.alias} has disconnected.\n", scope=scope)
-            return
-        stream.websocket = True
         head = p.RequestHead(request.method, request.target, request.headers, request.client,
                              request.scheme, "1.1", websocket=True,
                              subprotocols=list(scope.get("subprotocols", [])))
-        session.send_nowait(p.encode(p.FrameType.REQUEST, stream.id, head.to_payload()))
+        try:
+            stream = _open(session, route, head)
+        except SessionClosed:
+            await respond(send, 502, f"The agent for {tunnel.alias} has disconnected.\n", scope=scope)
+            return
         state = _Exchange()
+        state.routed = route is not None
         tunnel.streams_open += 1  # both back down in _finish, which the finally below always reaches
         tunnel.websockets_open += 1
+        retried = False
         try:
-            await self._proxy_websocket(scope, stream, receive, send, state)
+            while True:
+                try:
+                    await self._proxy_websocket(scope, stream, receive, send, state)
+                    break
+                except _BeforeHead as failure:  # only over a cluster link (state.routed)
+                    assert route is not None
+                    stream.close()
+                    answer = self._no_head(failure.reset, stream, route, head, state, retried)
+                    if answer is None:
+                        route = await self._route(request.alias, host, send, scope)
+                        if route is None:
+                            break  # answered: 404, 502 or 504
+                        try:
+                            retry = _open(route.session, route, head)
+                        except SessionClosed as exc:
+                            answer = (502, f"The tunnel failed before a response: {exc}\n", [])
+                        else:
+                            retried, stream = True, retry
+                            continue
+                    status, body, headers = answer
+                    state.status = status
+                    await respond(send, status, body, headers=headers, scope=scope)
+                    break
         finally:
             await self._finish(stream, request, tunnel, state, started)
 
@@ -344,6 +461,8 @@ class EdgeApp:
         try:
             head = await stream.wait_head(self.settings.response_timeout)
         except StreamReset as exc:
+            if state.routed:
+                raise _BeforeHead(exc) from None  # over a cluster link: 503, a retry or 502
             state.status = 502
             await respond(send, 502, f"The tunnel failed before a response: {exc.message}\n", scope=scope)
             return
@@ -413,7 +532,8 @@ class EdgeApp:
 class _Exchange:
     """Mutable counters for one proxied exchange."""
 
-    __slots__ = ("bytes_in", "bytes_out", "complete", "error", "request_done", "started", "status", "visitor_gone")
+    __slots__ = ("bytes_in", "bytes_out", "complete", "error", "request_done", "routed", "started", "status",
+                 "visitor_gone")
 
     def __init__(self) -> None:
         self.bytes_in = 0
@@ -423,7 +543,49 @@ class _Exchange:
         self.complete = False
         self.request_done = False  # the whole request body went to the agent, END included
         self.visitor_gone = False  # the visitor disconnected before the response was complete
+        self.routed = False  # over a cluster link: a failure before the head is the caller's to answer
         self.error: str | None = None
+
+
+class _BeforeHead(Exception):
+    """A stream over a cluster link failed before its response head (the caller answers or retries)."""
+
+    def __init__(self, reset: StreamReset) -> None:
+        super().__init__(reset.message)
+        self.reset = reset
+
+
+def _open(session: Session, route: RouteEntry | None, head: p.RequestHead) -> Stream:
+    """Open a stream for ``head`` and queue its REQUEST; raises SessionClosed.
+
+    Over a cluster link (``route``) the stream takes the far agent's windows and the REQUEST names
+    the alias and tunnel session, which the control node checks before it relays the stream.
+    """
+    if route is None:
+        stream = session.open_stream()
+        payload = head.to_payload()
+    else:
+        stream = session.open_stream(window=route.stream_window, credit=route.peer_window)
+        payload = head.to_payload()
+        payload.update(route.head_extra)
+    stream.websocket = head.websocket
+    session.send_nowait(p.encode(p.FrameType.REQUEST, stream.id, payload))
+    return stream
+
+
+def _link_busy(route: RouteEntry) -> str | None:
+    """Why a new stream over ``route``'s cluster link is refused with 503 (the per-tunnel limits are
+    the control node's, which answers RESET REFUSED)."""
+    if route.session.congested:
+        return (f"The cluster link to node {route.node} is not keeping up ({route.session.queued} bytes "
+                "waiting); retry shortly.\n")
+    return None
+
+
+def _sentence(text: str) -> str:
+    """``text`` as a visitor's one-line answer: capitalised, ending in a full stop and a newline."""
+    text = text.rstrip().rstrip(".")
+    return f"{text[:1].upper()}{text[1:]}.\n"
 
 
 def _report_pump_failure(task: asyncio.Task[None]) -> None:

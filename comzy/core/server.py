@@ -82,9 +82,16 @@ class ServerContext:
         return [entry.tunnel for entry in self.registry.entries()]
 
     def tunnel(self, alias: str) -> Tunnel | None:
-        """The live tunnel for ``alias``, if any."""
+        """The live tunnel for ``alias``, if any. On an edge, which holds no tunnels, the route
+        cache's snapshot of it (None when no visitor asked for it lately: a synchronous answer
+        cannot ask the cluster)."""
         entry = self.registry.get(alias)
-        return entry.tunnel if entry else None
+        if entry is not None:
+            return entry.tunnel
+        if self.router is not None:
+            route = self.router.cached(alias)
+            return route.tunnel if route is not None else None
+        return None
 
     async def close_tunnel(self, alias: str, reason: str = "closed by the server") -> bool:
         """Close a live tunnel (the agent is told why and does not reconnect to it)."""

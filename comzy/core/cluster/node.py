@@ -18,6 +18,7 @@ import anyio.abc
 
 from comzy.core.cluster.connection import NatsNode
 from comzy.core.cluster.control_relay import attach_control
+from comzy.core.cluster.edge_router import EdgeRouter
 from comzy.core.cluster.link import Links
 from comzy.core.cluster.settings import ClusterSettings
 
@@ -53,6 +54,9 @@ class ClusterNode:
         self._started: list[Component] = []
         if self.role == "control":  # ownership and the relay (docs/design/cluster.md 2, 1.4-1.6)
             attach_control(self)
+        if self.role == "edge":  # the route cache that EdgeApp asks for aliases it does not hold
+            server.router = EdgeRouter(self)
+            self.register(server.router)
 
     @property
     def node_id(self) -> str:
