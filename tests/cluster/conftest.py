@@ -175,3 +175,27 @@ async def raw_hello(server: Any, **hello: Any) -> tuple[Any, Any]:
     assert isinstance(message, bytes), message
     [frame] = p.decode_message(message)
     return ws, frame
+
+
+async def read_record(node: Any, alias: str) -> Any:
+    """The alias record as the test's own NATS client reads it."""
+    import nats.js.errors
+
+    from comzy.core.cluster.ownership import Record
+
+    kv = await node.kv_aliases()
+    try:
+        entry = await kv.get(alias)
+    except nats.js.errors.KeyNotFoundError:
+        return None
+    return Record.decode(alias, entry.value, entry.revision or 0)
+
+
+async def wait_record(node: Any, alias: str, condition: Any, timeout: float = 10.0) -> Any:
+    """Poll the alias record until ``condition(record)`` holds (it changes after an await elsewhere)."""
+    with anyio.fail_after(timeout):
+        while True:
+            record = await read_record(node, alias)
+            if condition(record):
+                return record
+            await anyio.sleep(0.01)

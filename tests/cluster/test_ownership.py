@@ -13,12 +13,10 @@ from typing import Any
 import anyio
 import msgpack
 import nats.errors
-import nats.js.errors
 import pytest
 
 from comzy.core import protocol as p
-from comzy.core.cluster.ownership import Record
-from tests.cluster.conftest import NatsServer, control_node, nats_node, raw_hello
+from tests.cluster.conftest import NatsServer, control_node, nats_node, raw_hello, read_record, wait_record
 from tests.conftest import start_agent
 from tests.helpers import receive_until_closed, wait_until
 from tests.upstream import Upstream
@@ -26,26 +24,6 @@ from tests.upstream import Upstream
 pytestmark = pytest.mark.anyio
 
 FT = p.FrameType
-
-
-async def read_record(node: Any, alias: str) -> Record | None:
-    """The alias record as the test's own NATS client reads it."""
-    kv = await node.kv_aliases()
-    try:
-        entry = await kv.get(alias)
-    except nats.js.errors.KeyNotFoundError:
-        return None
-    return Record.decode(alias, entry.value, entry.revision or 0)
-
-
-async def wait_record(node: Any, alias: str, condition: Any, timeout: float = 10.0) -> Record | None:
-    """Poll the alias record until ``condition(record)`` holds (it changes after an await elsewhere)."""
-    with anyio.fail_after(timeout):
-        while True:
-            record = await read_record(node, alias)
-            if condition(record):
-                return record
-            await anyio.sleep(0.01)
 
 
 async def request(node: Any, alias: str, op: dict[str, Any]) -> dict[str, Any]:
