@@ -204,24 +204,28 @@ class EdgeApp:
         return None
 
     # -- an edge of a cluster ----------------------------------------------------------------
-    async def _route(self, alias: str, host: str, send: Send, scope: Scope | None = None) -> RouteEntry | None:
+    async def _route(self, alias: str, host: str, send: Send, scope: Scope | None = None,
+                     state: _Exchange | None = None) -> RouteEntry | None:
         """The route to the control node holding ``alias``, or None after answering the visitor
-        (404 nobody holds it, 502 NATS unreachable or a bad reply, 504 lookup timeout)."""
+        (404 nobody holds it, 502 NATS unreachable or a bad reply, 504 lookup timeout; the status
+        goes into ``state`` when given)."""
         # Imported here: role all never gets this far, and the router's module needs nats.
         from comzy.core.cluster.edge_router import BusDown, RouteError
 
         router = self.server.router
         try:
             route: RouteEntry | None = (router.cached(alias) or await router.lookup(alias)) if alias else None
-        except RouteError as exc:
-            await respond(send, exc.status, _sentence(str(exc)), scope=scope)
-            return None
-        except BusDown as exc:
-            await respond(send, 502, _sentence(str(exc)), scope=scope)
-            return None
-        if route is None:
+        except (RouteError, BusDown) as exc:
+            status = exc.status if isinstance(exc, RouteError) else 502
+            await respond(send, status, _sentence(str(exc)), scope=scope)
+        else:
+            if route is not None:
+                return route
+            status = 404
             await respond(send, 404, _not_active(host), HTML, scope=scope)
-        return route
+        if state is not None:
+            state.status = status
+        return None
 
     async def _proxy_routed(self, stream: Stream, route: RouteEntry, request: ForwardRequest, head: p.RequestHead,
                             receive: Receive, send: Send, state: _Exchange, first: dict[str, Any] | None) -> Stream:
@@ -238,10 +242,9 @@ class EdgeApp:
                 answer = self._no_head(failure.reset, stream, route, head, state, retried)
                 if answer is None:
                     retried = True
-                    route = await self._route(request.alias, request.host, send)  # type: ignore[assignment]
+                    route = await self._route(request.alias, request.host, send, state=state)  # type: ignore[assignment]
                     if route is None:
-                        state.status = 404  # or 502/504: answered there; the log has the alias
-                        return stream
+                        return stream  # answered there (404, 502 or 504)
                     try:
                         stream = _open(route.session, route, head)
                     except SessionClosed as exc:
@@ -439,7 +442,7 @@ class EdgeApp:
                     stream.close()
                     answer = self._no_head(failure.reset, stream, route, head, state, retried)
                     if answer is None:
-                        route = await self._route(request.alias, host, send, scope)
+                        route = await self._route(request.alias, host, send, scope, state)
                         if route is None:
                             break  # answered: 404, 502 or 504
                         try:

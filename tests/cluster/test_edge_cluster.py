@@ -33,15 +33,20 @@ from comzy.core.cluster.link import Links
 from comzy.core.server import ServerContext, run_server
 from comzy.core.session import Session
 from comzy.core.stream import Stream, StreamReset
-from tests.cluster.conftest import NatsServer, cluster_settings, wait_linkable
-from tests.conftest import make_settings, visitor
+from comzy.core.websocket import Closed, WebSocket, client_handshake
+from tests.cluster.conftest import NatsServer, cluster_settings, control_node, wait_linkable
+from tests.conftest import RunningAgent, make_settings, start_agent, visitor
 from tests.helpers import wait_until
+from tests.upstream import Upstream, pattern_block
 
 pytestmark = pytest.mark.anyio
 
 #: The stand-in's windows: the edge's streams must start with them (credit end to end).
 AGENT_WINDOW = 128 * 1024
 STREAM_WINDOW = 192 * 1024
+MIB = 1024 * 1024
+#: How an aborted visitor connection shows in httpx.
+TRANSPORT_ERRORS = (httpx.RemoteProtocolError, httpx.ReadError)
 
 
 @dataclass
@@ -275,6 +280,7 @@ async def test_a_request_goes_over_the_link_with_the_lookup_windows(tmp_path: Pa
         # server.tunnel on an edge answers from the cache: the control node's snapshot.
         tunnel = edge.tunnel("demo")
         assert tunnel is not None and tunnel.session == 41 and tunnel.user == "ann"
+        assert tunnel.node == control.node.node_id
         assert tunnel.metadata == {"p": {"k": 1}} and tunnel.client_address == "10.0.0.9"
         assert edge.tunnel("other") is None
 
@@ -429,3 +435,141 @@ async def test_concurrent_visitors_of_a_cold_alias_share_one_lookup(tmp_path: Pa
                 tg.start_soon(one)
         assert statuses == [200] * 8
         assert control.lookups == ["demo"]
+
+
+# -- end to end: edge -> NATS -> real control node (relay) -> real agent -> real upstream ----------
+
+@dataclass
+class Stack:
+    """An edge and a control node in this process, an agent on the control node, its upstream."""
+
+    edge: ServerContext
+    control: ServerContext
+    agent: RunningAgent
+    upstream: Upstream
+
+    def visitor(self, **kwargs: Any) -> httpx.AsyncClient:
+        return visitor(self.edge, self.agent.alias, **kwargs)
+
+
+@asynccontextmanager
+async def stack(tmp_path: Path, nats_server: NatsServer, upstream: Upstream) -> AsyncIterator[Stack]:
+    async with (control_node(nats_server, tmp_path / "ctl") as control,
+                edge_node(tmp_path, nats_server) as edge):
+        assert edge.cluster is not None and control.cluster is not None
+        await wait_linkable(edge.cluster.nats, control.cluster.nats)
+        async with start_agent(control, upstream.port) as agent:
+            # The lookup subject exists once the agent has its WELCOME; wait until the edge's
+            # connection reaches it (the nats-server race of conftest.wait_linkable).
+            subject = edge.cluster.nats.subjects.tunnel(agent.alias)
+            with anyio.fail_after(10):
+                while True:
+                    try:
+                        await edge.cluster.nats.nc.request(subject, msgpack.packb({"op": "lookup"}), timeout=1)
+                        break
+                    except nats.errors.NoRespondersError:
+                        continue
+            yield Stack(edge, control, agent, upstream)
+
+
+def digest_of_pattern(total: int) -> str:
+    """sha256 of the first ``total`` bytes of the upstream's download pattern."""
+    block, digest, left = pattern_block(), hashlib.sha256(), total
+    while left:
+        digest.update(block[:min(len(block), left)])
+        left -= min(len(block), left)
+    return digest.hexdigest()
+
+
+async def test_end_to_end_requests_through_an_edge(tmp_path: Path, nats_server: NatsServer,
+                                                   upstream: Upstream) -> None:
+    async with stack(tmp_path, nats_server, upstream) as s, s.visitor() as client:
+        response = await client.get("/some/path?q=1", headers={"x-test": "yes"})
+        assert response.status_code == 200, response.text
+        info = response.json()
+        assert (info["method"], info["raw_path"], info["query_string"]) == ("GET", "/some/path", "q=1")
+        assert ["x-test", "yes"] in info["headers"]
+        posted = (await client.post("/form", content=b"a=1&b=2")).json()
+        assert posted["body_size"] == 7 and posted["body_sha256"] == hashlib.sha256(b"a=1&b=2").hexdigest()
+        # The edge serves it from its route cache; the control node counts the exchanges.
+        assert s.edge.registry.entries() == []
+        snapshot = s.edge.tunnel(s.agent.alias)
+        held = s.control.tunnel(s.agent.alias)
+        assert snapshot is not None and held is not None
+        assert (snapshot.session, snapshot.node) == (held.session, s.control.node)
+        await wait_until(lambda: held.requests == 2 and held.streams_open == 0)
+
+
+async def test_end_to_end_bodies_larger_than_the_window_both_ways(tmp_path: Path, nats_server: NatsServer,
+                                                                  upstream: Upstream) -> None:
+    body = os.urandom(6 * MIB + 3)
+    async with stack(tmp_path, nats_server, upstream) as s, s.visitor() as client:
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for offset in range(0, len(body), 256 * 1024):
+                yield body[offset:offset + 256 * 1024]
+
+        info = (await client.post("/upload", content=chunks())).json()
+        assert info["body_size"] == len(body) and info["body_sha256"] == hashlib.sha256(body).hexdigest()
+        total = 24 * MIB
+        digest, received = hashlib.sha256(), 0
+        async with client.stream("GET", f"/bytes/{total}") as response:
+            assert response.status_code == 200
+            async for chunk in response.aiter_raw():
+                digest.update(chunk)
+                received += len(chunk)
+        assert received == total and digest.hexdigest() == digest_of_pattern(total)
+
+
+async def test_end_to_end_sse_arrives_event_by_event(tmp_path: Path, nats_server: NatsServer,
+                                                     upstream: Upstream) -> None:
+    async with (stack(tmp_path, nats_server, upstream) as s, s.visitor() as client,
+                client.stream("GET", "/sse") as response):
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "text/event-stream"
+        lines = response.aiter_lines()
+        for i in range(3):
+            upstream.gate(f"sse{i}").set()  # the next event exists only after the previous one arrived
+            with anyio.fail_after(10):
+                assert await anext(lines) == f"data: event {i}"
+                assert await anext(lines) == ""
+
+
+async def test_end_to_end_websocket_echo_and_close_code(tmp_path: Path, nats_server: NatsServer,
+                                                        upstream: Upstream) -> None:
+    async with stack(tmp_path, nats_server, upstream) as s:
+        tcp = await anyio.connect_tcp("127.0.0.1", s.edge.ports.http)
+        ws: WebSocket
+        ws, accept = await client_handshake(tcp, f"{s.agent.alias}.{s.edge.settings.base_domain}", "/ws",
+                                            4 * MIB, subprotocols=["chat"])
+        try:
+            assert accept.subprotocol == "chat"
+            big = os.urandom(MIB)
+            with anyio.fail_after(20):
+                for message, answer in (("hello", "echo:hello"), (b"\x00\xff", b"echo:\x00\xff"), ("", "echo:"),
+                                        (big, b"echo:" + big)):
+                    await ws.send(message)
+                    assert await ws.receive() == answer
+                await ws.send("close:4001")
+                closed = await ws.receive()
+            assert isinstance(closed, Closed) and (closed.code, closed.reason) == (4001, "asked")
+        finally:
+            await ws.aclose()
+
+
+async def test_end_to_end_agent_lost_mid_response_aborts_the_visitor(tmp_path: Path, nats_server: NatsServer,
+                                                                      upstream: Upstream) -> None:
+    async with stack(tmp_path, nats_server, upstream) as s, s.visitor() as client:
+        session = s.agent.agent.session
+        assert session is not None
+        received = 0
+        async with client.stream("GET", f"/bytes/{512 * MIB}") as response:
+            assert response.status_code == 200
+            chunks = response.aiter_raw()
+            while received < MIB:
+                received += len(await anext(chunks))
+            await session.ws.aclose()  # the agent's connection drops without a goodbye
+            with pytest.raises(TRANSPORT_ERRORS):  # never a clean, truncated 200
+                async for chunk in chunks:
+                    received += len(chunk)
+        assert received < 512 * MIB
