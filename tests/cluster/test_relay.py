@@ -24,9 +24,9 @@ from comzy.core.cluster.link import Links
 from comzy.core.server import ServerContext
 from comzy.core.session import Session
 from comzy.core.stream import Stream, StreamReset
-from tests.cluster.conftest import NatsServer, control_node, nats_node, wait_linkable
+from tests.cluster.conftest import NatsServer, control_node, nats_node, raw_hello, wait_linkable
 from tests.conftest import start_agent
-from tests.helpers import wait_until
+from tests.helpers import receive_until_closed, wait_until
 from tests.upstream import Upstream, pattern_block
 
 pytestmark = pytest.mark.anyio
@@ -231,3 +231,40 @@ async def test_the_end_of_either_session_resets_the_other_side(
             await stream.wait_head(10)
         assert caught.value.code == p.ResetCode.INTERNAL
         assert caught.value.message.startswith("tunnel session ended")
+
+
+async def test_an_agent_overrunning_its_credit_ends_only_its_own_session(
+        tmp_path: Path, nats_server: NatsServer, upstream: Upstream) -> None:
+    async with (
+        control_node(nats_server, tmp_path / "a", stream_window=65536) as control,
+        start_agent(control, upstream.port, subdomain="good"),
+        raw_edge(nats_server, control) as edge,
+    ):
+        ws, welcome = await raw_hello(control, subdomain="bad")
+        assert welcome.type == p.FrameType.WELCOME and welcome.payload["window"] == 65536
+        stream = await edge.request("bad", "GET", b"/")
+        request = None
+        with anyio.fail_after(10):
+            while request is None:
+                message = await ws.receive()
+                assert isinstance(message, bytes)
+                request = next((f for f in p.decode_message(message) if f.type == p.FrameType.REQUEST), None)
+        # The agent answers and sends one byte more than the window the edge (through the relay) gave.
+        frames = [p.encode(p.FrameType.RESPONSE, request.stream, p.ResponseHead(200, []).to_payload())]
+        frames += [p.encode_data(request.stream, b"x" * 16384) for _ in range(4)]
+        frames.append(p.encode_data(request.stream, b"!"))
+        await ws.send(b"".join(frames))
+        closed, _ = await receive_until_closed(ws)
+        assert closed.code == 1002  # a protocol error, as on a single node
+        with pytest.raises(StreamReset) as caught:
+            with anyio.fail_after(10):
+                head = await stream.wait_head(10)
+                assert isinstance(head, p.ResponseHead) and head.status == 200
+                await read_body(stream)
+        assert "tunnel session ended" in caught.value.message
+        await wait_until(lambda: control.tunnel("bad") is None)
+        # The link, shared with the other tunnel, is untouched.
+        assert edge.link.closed is None
+        other = await edge.request("good", "GET", b"/status/204")
+        head = await other.wait_head(10)
+        assert isinstance(head, p.ResponseHead) and head.status == 204
