@@ -16,6 +16,7 @@ import httpx
 import pytest
 from sqlalchemy import URL
 
+from comzy import ForwardRequest, Reject, Tunnel
 from comzy.core import db
 from comzy.core.server import ServerContext
 from comzy.plugins.auth_token import AuthToken, AuthTokenSettings
@@ -291,7 +292,11 @@ async def test_a_domain_never_reaches_a_tunnel_its_alias_owner_does_not_hold(
             assert domains._engine is not None
             await add_mapping(domains._engine, "late.example.com", alias)
             await wait_until(lambda: domains.hosts.get("late.example.com") == alias)
-            assert await status_of(server, "late.example.com", "/stolen") == 404
+            async with custom_visitor(server, "late.example.com") as client:
+                stolen = await client.get("/stolen")
+            assert stolen.status_code == 404  # the core's page: nothing tells the visitor a tunnel is there
+            assert stolen.headers["content-type"].startswith("text/html")
+            assert "<h1>Tunnel Not Active</h1><p>No tunnel is connected for <b>late.example.com</b>." in stolen.text
             async with squatter.visitor() as client:  # its own subdomain is still its own
                 assert (await client.get("/own")).status_code == 200
             assert [r["path"] for r in upstream.requests] == ["/own"]
@@ -312,6 +317,28 @@ async def test_a_domain_never_reaches_a_tunnel_its_alias_owner_does_not_hold(
             assert server.tunnel(alias) is None
             assert await status_of(server, "late.example.com") == 404
     assert [r["path"] for r in upstream.requests] == ["/own"]
+
+
+async def test_the_owner_check_needs_no_tunnel_when_the_host_is_resolved(tmp_path: Path) -> None:
+    """A cluster edge resolves the host before it knows the tunnel (its route cache may be cold):
+    resolve_host answers from the mappings alone, and before_forward, which always has the tunnel
+    (an edge's snapshot, node set), keeps the domain for the owner (docs/design/cluster.md 2.6)."""
+    await owned_aliases(tmp_path / "data", "ana", "ana-shop")
+    domains = plugin("shop.example.com:ana-shop")
+    async with start_server(tmp_path / "data", plugins=with_owners(domains)) as server:
+        assert server.tunnel("ana-shop") is None
+        assert server.hooks.resolve_host("shop.example.com", server) == "ana-shop"
+        request = ForwardRequest("ana-shop", "GET", b"/", [], "shop.example.com", "192.0.2.1", "https")
+        snapshot = Tunnel("ana-shop", "https://ana-shop.example.com", 3000, "192.0.2.9", user="ana", node="ctl-1")
+        domains.before_forward(request, snapshot, server)  # the owner's: forwarded
+        for user in (None, "bob"):
+            intruder = Tunnel("ana-shop", "https://ana-shop.example.com", 3000, "192.0.2.9", user=user, node="ctl-1")
+            with pytest.raises(Reject) as refused:
+                domains.before_forward(request, intruder, server)
+            assert refused.value.status == 404 and b"Tunnel Not Active" in refused.value.body.encode()
+        # The alias's own subdomain is not the plugin's business.
+        own = ForwardRequest("ana-shop", "GET", b"/", [], "ana-shop.example.com", "192.0.2.1", "https")
+        domains.before_forward(own, intruder, server)
 
 
 @pytest.mark.parametrize("env", [{}, {"COMZY_PLUGINS": "custom_domains"}])

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
+import msgpack
 from hypercorn.config import Config as HypercornConfig
 
 from comzy import __version__
@@ -19,6 +20,7 @@ from comzy.core import http_servers
 from comzy.core.admin import AdminApp, AdminToken, load_admin_token
 from comzy.core.agent_api import AgentApi
 from comzy.core.agent_listener import AgentListener
+from comzy.core.cluster.bus import Bus, LocalBus
 from comzy.core.control import GoAway, Notice
 from comzy.core.datadir import prepare_data_dir
 from comzy.core.edge import EdgeApp
@@ -34,6 +36,9 @@ if TYPE_CHECKING:
     from comzy.core.cluster.settings import ClusterSettings
 
 log = logging.getLogger("comzy.server")
+
+#: The bus topic control nodes answer with their tunnels (``all_tunnels``).
+TUNNELS_TOPIC = "core.tunnels"
 
 #: Which listeners each COMZY_ROLE binds (the admin listener: every role).
 PUBLIC_ROLES = ("all", "edge")
@@ -76,6 +81,9 @@ class ServerContext:
         self.router: Any = None
         #: Who holds which alias across the cluster (docs/design/cluster.md 2); None until built.
         self.directory: Any = None
+        #: Events and scatter/gather between nodes (docs/plugin_hooks.md): a LocalBus in role all,
+        #: a ClusterBus over NATS on a cluster node. Plugins use it the same way in every role.
+        self.bus: Bus = LocalBus()
 
     def tunnels(self) -> list[Tunnel]:
         """Every live tunnel on this node."""
@@ -93,14 +101,49 @@ class ServerContext:
             return route.tunnel if route is not None else None
         return None
 
+    async def all_tunnels(self) -> list[Tunnel]:
+        """Every live tunnel of the cluster: ``tunnels()`` in role all; on a cluster node, gathered
+        from the control nodes (``node`` set on each; a copy whose counters are as of now). Control
+        nodes that do not answer within the bus's gather timeout are left out (and logged)."""
+        if self.cluster is None:
+            return self.tunnels()
+        answers = await self.bus.gather(TUNNELS_TOPIC)
+        missing = sorted({node for node, info in self.cluster.nats.live_nodes().items() if info.role == "control"}
+                         - answers.keys())
+        if missing:
+            log.warning("the tunnel list lacks control node(s) %s: no answer within the bus timeout",
+                        ", ".join(missing))
+        return [tunnel_from_view(node, view) for node, views in sorted(answers.items()) for view in views]
+
     async def close_tunnel(self, alias: str, reason: str = "closed by the server") -> bool:
-        """Close a live tunnel (the agent is told why and does not reconnect to it)."""
+        """Close a live tunnel (the agent is told why and does not reconnect to it). On a cluster
+        node whichever node holds it closes it; False when no node does."""
         entry = self.registry.get(alias)
         if entry is None:
-            return False
+            return await self._close_remote(alias, reason) if self.cluster is not None else False
         entry.session.send_nowait(GoAway(reason, reconnect=False).encode())
         await entry.session.flush_and_close(1000, reason)
         return True
+
+    async def _close_remote(self, alias: str, reason: str) -> bool:
+        """Ask the control node holding ``alias`` to close it (``{"op": "close"}`` on its subject)."""
+        import nats.errors  # a cluster node has it
+
+        from comzy.core.cluster.connection import BusDown
+
+        assert self.cluster is not None
+        nats_node = self.cluster.nats
+        try:
+            reply = await nats_node.nc.request(nats_node.subjects.tunnel(alias),
+                                               msgpack.packb({"op": "close", "reason": reason}), timeout=2.0)
+        except nats.errors.NoRespondersError:
+            return False
+        except nats.errors.Error as exc:  # timeout, or NATS down: the operator must be told, not a 404
+            raise BusDown(f"cannot reach the node holding '{alias}' ({type(exc).__name__}); try again") from exc
+        try:
+            return bool(msgpack.unpackb(reply.data).get("closed"))
+        except (ValueError, TypeError, AttributeError, msgpack.UnpackException):
+            return False
 
     def notify(self, alias: str, message: str, level: str = "info") -> bool:
         """Show ``message`` to the agent of ``alias`` (e.g. an expiry warning)."""
@@ -109,6 +152,31 @@ class ServerContext:
             return False
         entry.session.send_nowait(Notice(message, level).encode())
         return True
+
+
+def tunnel_view(tunnel: Tunnel) -> dict[str, Any]:
+    """A tunnel as it crosses the bus (msgpack): what ``tunnel_from_view`` rebuilds."""
+    return {"alias": tunnel.alias, "url": tunnel.public_url, "port": tunnel.port, "client": tunnel.client_address,
+            "user": tunnel.user, "since": tunnel.created_at, "expires_at": tunnel.expires_at,
+            "metadata": tunnel.metadata, "session": tunnel.session, "requests": tunnel.requests,
+            "bytes_in": tunnel.bytes_in, "bytes_out": tunnel.bytes_out, "streams_open": tunnel.streams_open,
+            "websockets_open": tunnel.websockets_open}
+
+
+def tunnel_from_view(node: str, view: dict[str, Any]) -> Tunnel:
+    """The ``Tunnel`` snapshot of a ``tunnel_view`` from control node ``node``."""
+    return Tunnel(alias=view["alias"], public_url=view["url"], port=view["port"], client_address=view["client"],
+                  user=view.get("user"), expires_at=view.get("expires_at"), created_at=view["since"],
+                  requests=view.get("requests", 0), bytes_in=view.get("bytes_in", 0),
+                  bytes_out=view.get("bytes_out", 0), streams_open=view.get("streams_open", 0),
+                  websockets_open=view.get("websockets_open", 0), metadata=view.get("metadata") or {},
+                  session=view["session"], node=node)
+
+
+def _tunnels_answer(server: ServerContext) -> Any:
+    """This control node's tunnels for ``all_tunnels``. Plugin metadata that msgpack cannot carry
+    (a datetime, say) travels as its str(), rather than costing the whole answer."""
+    return msgpack.unpackb(msgpack.packb([tunnel_view(t) for t in server.tunnels()], default=str))
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -192,10 +260,15 @@ async def run_server(
     admin_stop = anyio.Event()
     agents = AgentListener(server)
     if cluster_settings is not None:
+        from comzy.core.cluster.bus import ClusterBus
         from comzy.core.cluster.node import ClusterNode  # imports nats: only a cluster node pays for it
 
         server.cluster = ClusterNode(server, cluster_settings)
         server.node = server.cluster.node_id
+        server.bus = ClusterBus(server.cluster)
+        server.cluster.register(server.bus)
+        if role == "control":  # where tunnels live: all_tunnels() gathers them from here
+            server.bus.answer(TUNNELS_TOPIC, lambda _request: _tunnels_answer(server))
     async with anyio.create_task_group() as tg:
         server.task_group = tg
         try:

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from comzy import Registration, hookimpl
+from comzy import Registration, Tunnel, hookimpl
 
 from .settings import AnonymousTimeoutSettings
 
 #: This plugin's name: the key of what it keeps on a registration and its tunnel (``plugin_state``).
 NAME = "anonymous_timeout"
+#: The bus topic of deadlines: a reconnect to another node keeps the alias's first one.
+DEADLINES_TOPIC = "anonymous_timeout.deadlines"
 
 if TYPE_CHECKING:
     from comzy import ServerContext
@@ -31,7 +33,9 @@ class AnonymousTimeout:
     """Sets an expiry on tunnels with no user, warns their agents, and closes them on time.
 
     The deadline belongs to the alias: an agent that reconnects (and resumes its alias) keeps
-    the deadline it had, so reconnecting never buys a fresh lifetime.
+    the deadline it had, so reconnecting never buys a fresh lifetime. In a cluster each node
+    publishes the deadlines of its new tunnels on ``server.bus`` (topic
+    ``anonymous_timeout.deadlines``), so a reconnect to another control node keeps it too.
     """
 
     def __init__(self, settings: AnonymousTimeoutSettings | None = None) -> None:
@@ -64,8 +68,23 @@ class AnonymousTimeout:
                                     "Run `comzy login` for a lasting one.")
 
     @hookimpl
+    def on_connect(self, tunnel: Tunnel, server: ServerContext) -> None:
+        """Tell the other nodes an anonymous tunnel's deadline (the earliest this alias had)."""
+        if tunnel.metadata.get(NAME, {}).get("anonymous") and tunnel.expires_at is not None:
+            deadline = min(self._deadlines.get(tunnel.alias, tunnel.expires_at), tunnel.expires_at)
+            server.bus.publish(DEADLINES_TOPIC, {"alias": tunnel.alias, "deadline": deadline})
+
+    @hookimpl
     def on_startup(self, server: ServerContext) -> None:
-        """Start the sweeper that warns and closes anonymous tunnels."""
+        """Start the sweeper that warns and closes anonymous tunnels; learn other nodes' deadlines."""
+        def learn(node: str, event: dict[str, Any]) -> None:
+            alias, deadline = event.get("alias"), event.get("deadline")
+            if node == server.node or not isinstance(alias, str) or not isinstance(deadline, (int, float)):
+                return  # this node's own (known already), or "lagged"
+            known = self._deadlines.get(alias)
+            self._deadlines[alias] = deadline if known is None else min(known, deadline)
+
+        server.bus.subscribe(DEADLINES_TOPIC, learn)
         server.task_group.start_soon(self._sweep, server)
 
     async def _sweep(self, server: ServerContext) -> None:

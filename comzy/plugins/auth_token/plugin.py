@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, TypeVar
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -43,6 +45,9 @@ NAME = "auth_token"
 LOGIN_HINT = "run `comzy login` with a token from the server's operator"
 UNAVAILABLE = "the server cannot check tokens right now (its database is unavailable); try again in a minute"
 NO_RECORD = "the server cannot record your alias right now (its database is unavailable); try again in a minute"
+#: The bus topic of claims and releases: in a cluster, the other nodes learn them at once instead of
+#: at their next refresh (the database's unique key still decides races).
+ALIASES_TOPIC = "auth_token.aliases"
 
 
 class AuthToken:
@@ -135,6 +140,7 @@ class AuthToken:
 
         self._engine = await prepare_database(server.settings, self.database_schema())
         self._server = server
+        server.bus.subscribe(ALIASES_TOPIC, self._on_alias_event)
         await self.refresh(server)
         log.info("auth: %d users, %d owned aliases; anonymous agents %s; at most %d aliases per user",
                  len(self.users_by_id), len(self.aliases),
@@ -348,6 +354,8 @@ class AuthToken:
             except (SQLAlchemyError, OSError, DatabaseSlow):
                 raise Reject(NO_RECORD) from None
             self._remember(record)
+            server.bus.publish(ALIASES_TOPIC, {"op": "claim", "alias": name, "user_id": user.id,
+                                               "port": registration.port, "at": record.created_at.timestamp()})
             log.info("auth: %s now owns %s (port %d)", user.name, name, registration.port)
             return name
 
@@ -394,8 +402,25 @@ class AuthToken:
                 return False
             await self._within_deadline(lambda: release_alias(self.engine, user.id, alias))
             self._forget(alias)
+        if self._server is not None:
+            self._server.bus.publish(ALIASES_TOPIC, {"op": "release", "alias": alias, "user_id": user.id})
         log.info("auth: %s released %s", user.name, alias)
         return True
+
+    def _on_alias_event(self, node: str, event: dict[str, Any]) -> None:
+        """Apply another node's claim or release to the aliases in memory (this node's own are applied)."""
+        if self._server is None or node == self._server.node:
+            return
+        op, alias, user_id = event.get("op"), event.get("alias"), event.get("user_id")
+        if not isinstance(alias, str) or not isinstance(user_id, int):
+            return  # "lagged", or not ours: the next refresh reads the truth from the database
+        if op == "claim":
+            created = datetime.fromtimestamp(float(event.get("at") or time.time()), UTC)
+            self._remember(AliasRecord(alias, user_id, int(event.get("port") or 0), created))
+        elif op == "release":
+            record = self.aliases.get(alias)
+            if record is not None and record.user_id == user_id:
+                self._forget(alias)
 
     @hookimpl
     def agent_routes(self, server: ServerContext) -> list[AdminRoute]:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import html
 import logging
 from typing import TYPE_CHECKING
 
 import anyio
 from sqlalchemy.exc import SQLAlchemyError
 
-from comzy import PluginError, Schema, hookimpl
+from comzy import ForwardRequest, PluginError, Reject, Schema, Tunnel, hookimpl
 
 from .domains import (
     MappingError,
@@ -27,6 +28,16 @@ if TYPE_CHECKING:
     from comzy import Commands, ServerContext
 
 log = logging.getLogger("comzy.plugins.custom_domains")
+
+
+def _not_active(host: str) -> str:
+    """The core's Tunnel Not Active page, in its words: a visitor cannot tell the two apart."""
+    safe = html.escape(host)
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>Tunnel Not Active</title></head>"
+        f"<body><h1>Tunnel Not Active</h1><p>No tunnel is connected for <b>{safe}</b>.</p>"
+        "<p>If this is your tunnel, start the agent again: <code>comzy PORT</code>.</p></body></html>\n"
+    )
 
 
 class CustomDomains:
@@ -58,21 +69,24 @@ class CustomDomains:
         self.refreshes = 0
 
     @hookimpl
-    def resolve_host(self, host: str, server: ServerContext) -> str | None:
-        """The alias mapped to ``host`` (lowercase, without port), or None.
+    def resolve_host(self, host: str) -> str | None:
+        """The alias mapped to ``host`` (lowercase, without port), or None."""
+        return self.hosts.get(host)
 
-        None, too, when the alias's live tunnel here is not its owner's (a visitor then gets 404):
-        whatever path a tunnel took to the alias, the domain reaches only its owner.
+    @hookimpl
+    def before_forward(self, request: ForwardRequest, tunnel: Tunnel, server: ServerContext) -> None:
+        """A custom domain reaches only its alias owner's tunnel: whatever path another tunnel took to
+        the alias, its visitor gets the Tunnel Not Active page (404), as if none were connected.
+
+        Checked here, where the tunnel is always known, not in ``resolve_host``: a cluster edge may
+        not have the tunnel at hand when it resolves the host (docs/design/cluster.md 2.6).
         """
-        alias = self.hosts.get(host)
-        if alias is None:
-            return None
-        tunnel = server.tunnel(alias)
-        if tunnel is not None:
-            owner = server.hooks.alias_owner(alias, server)
-            if owner is None or tunnel.user != owner:
-                return None
-        return alias
+        if self.hosts.get(request.host) != request.alias:
+            return  # not a custom-domain request
+        owner = server.hooks.alias_owner(request.alias, server)
+        if owner is None or tunnel.user != owner:
+            raise Reject(f"{request.host} serves {request.alias} only through its owner's tunnel", 404,
+                         _not_active(request.host), [(b"content-type", b"text/html; charset=utf-8")])
 
     @hookimpl
     def alias_reserved(self, alias: str) -> str | None:

@@ -77,13 +77,18 @@ class DashboardApp:
                      (b"x-frame-options", b"DENY")])
 
     # -- the feed -----------------------------------------------------------------------------
-    def snapshot(self) -> dict[str, Any]:
-        """The first event of every feed connection."""
+    async def snapshot(self) -> dict[str, Any]:
+        """The first event of every feed connection (the cluster's tunnels, on a cluster node)."""
         hub = self.plugin.hub
+        try:
+            tunnels = [tunnel_view(t) for t in await self.server.all_tunnels()]
+        except Exception as exc:  # the cluster's bus is down: the feed still shows what comes next
+            log.warning("the tunnel list cannot be gathered: %s: %s", type(exc).__name__, exc)
+            tunnels = []
         return {"type": "snapshot", "time": time.time(),
                 "server": {"version": __version__, "base_domain": self.server.settings.base_domain,
-                           "plugins": self.server.plugin_names},
-                "tunnels": [tunnel_view(t) for t in self.server.tunnels()],
+                           "plugins": self.server.plugin_names, "node": self.server.node},
+                "tunnels": tunnels,
                 "recent": list(hub.recent)[-SNAPSHOT_REQUESTS:], "series": list(hub.series.view())}
 
     async def feed(self, receive: Any, send: Any) -> None:
@@ -94,7 +99,7 @@ class DashboardApp:
         hub = self.plugin.hub
         subscriber = hub.subscribe()  # before the snapshot: nothing falls between the two
         try:
-            await send({"type": "websocket.send", "text": json.dumps(self.snapshot())})
+            await send({"type": "websocket.send", "text": json.dumps(await self.snapshot())})
             async with anyio.create_task_group() as tg:
                 async def watch_for_close() -> None:
                     while (await receive())["type"] != "websocket.disconnect":
@@ -124,12 +129,19 @@ class DashboardApp:
         if path == "/api/tunnels":
             if method != "GET":
                 return 405, {"error": "use GET to list tunnels, DELETE /api/tunnels/ALIAS to close one"}
-            return 200, {"tunnels": [tunnel_view(t) for t in self.server.tunnels()]}
+            try:
+                return 200, {"tunnels": [tunnel_view(t) for t in await self.server.all_tunnels()]}
+            except Exception as exc:  # a cluster node cut off from NATS: say so rather than "no tunnels"
+                return 503, {"error": f"the cluster's tunnels cannot be listed right now ({exc}); try again"}
         if path.startswith("/api/tunnels/"):
             alias = path.removeprefix("/api/tunnels/").lower()
             if method != "DELETE":
                 return 405, {"error": "use DELETE to close a tunnel"}
-            if not await self.server.close_tunnel(alias, "closed by the server's operator (admin dashboard)"):
+            try:
+                closed = await self.server.close_tunnel(alias, "closed by the server's operator (admin dashboard)")
+            except Exception as exc:  # the node holding it did not answer (cluster): not a 404
+                return 503, {"error": f"'{alias}' cannot be closed right now ({exc})"}
+            if not closed:
                 return 404, {"error": f"no live tunnel '{alias}'"}
             log.info("tunnel %s closed from the admin dashboard", alias)
             return 200, {"closed": alias}

@@ -25,7 +25,7 @@ def tunnel_view(tunnel: Tunnel) -> dict[str, Any]:
         "port": tunnel.port,
         "client": tunnel.client_address, "since": tunnel.created_at, "expires_at": tunnel.expires_at,
         "requests": tunnel.requests, "bytes_in": tunnel.bytes_in, "bytes_out": tunnel.bytes_out,
-        "streams_open": tunnel.streams_open, "websockets_open": tunnel.websockets_open,
+        "streams_open": tunnel.streams_open, "websockets_open": tunnel.websockets_open, "node": tunnel.node,
     }
 
 
@@ -133,9 +133,8 @@ class FeedHub:
         for subscriber in self.subscribers:
             subscriber.push(event)
 
-    def request(self, exchange: Exchange) -> None:
-        """Record and publish a finished request."""
-        event = request_view(exchange)
+    def record(self, event: dict[str, Any]) -> None:
+        """Record and publish a finished request (a ``request_view``, from any node)."""
         self.recent.append(event)
-        self.series.add(exchange.started_at, exchange.bytes_in, exchange.bytes_out)
+        self.series.add(event["time"], event["bytes_in"], event["bytes_out"])
         self.publish(event)

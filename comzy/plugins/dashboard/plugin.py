@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from comzy import AdminRoute, Exchange, Tunnel, hookimpl
 
 from .app import DashboardApp
-from .feed import FeedHub, tunnel_view
+from .feed import FeedHub, request_view, tunnel_view
 from .settings import DashboardSettings
 
 if TYPE_CHECKING:
     from comzy import ServerContext
 
 
+#: The bus topic of the feed's events: every node publishes its own, every node's feed shows all.
+FEED_TOPIC = "dashboard.feed"
+
+
 class Dashboard:
     """Live page at ``/`` of the admin listener, WebSocket feed at ``/feed``, JSON API under ``/api``.
 
+    Tunnel and request events go through ``server.bus`` (topic ``dashboard.feed``), so in a
+    cluster each node's feed shows every node's events; in role all the bus hands them over at once.
     ``/api/requests`` asks the ``recent_requests`` hook, which any request-logging plugin may
     answer; with none enabled it answers from the requests this plugin keeps in memory.
     """
@@ -27,20 +33,34 @@ class Dashboard:
         self.hub = FeedHub(self.settings.feed_queue, self.settings.recent_requests, self.settings.history_seconds)
 
     @hookimpl
-    def on_connect(self, tunnel: Tunnel) -> None:
+    def on_startup(self, server: ServerContext) -> None:
+        """Feed the hub from the bus: this node's events and, in a cluster, every other node's."""
+        server.bus.subscribe(FEED_TOPIC, self._on_event)
+
+    def _on_event(self, node: str, event: dict[str, Any]) -> None:
+        if node:  # a cluster node: say whose event it is ("" in role all, where there is one)
+            event["node"] = node
+        if event.get("type") == "request":
+            self.hub.record(event)
+        else:
+            self.hub.publish(event)
+
+    @hookimpl
+    def on_connect(self, tunnel: Tunnel, server: ServerContext) -> None:
         """Publish ``tunnel_registered``."""
-        self.hub.publish({"type": "tunnel_registered", "time": time.time(), "tunnel": tunnel_view(tunnel)})
+        server.bus.publish(FEED_TOPIC, {"type": "tunnel_registered", "time": time.time(),
+                                        "tunnel": tunnel_view(tunnel)})
 
     @hookimpl
-    def on_disconnect(self, tunnel: Tunnel, reason: str) -> None:
+    def on_disconnect(self, tunnel: Tunnel, reason: str, server: ServerContext) -> None:
         """Publish ``tunnel_closed`` with the reason and the tunnel's final totals."""
-        self.hub.publish({"type": "tunnel_closed", "time": time.time(), "alias": tunnel.alias, "reason": reason,
-                          "tunnel": tunnel_view(tunnel)})
+        server.bus.publish(FEED_TOPIC, {"type": "tunnel_closed", "time": time.time(), "alias": tunnel.alias,
+                                        "reason": reason, "tunnel": tunnel_view(tunnel)})
 
     @hookimpl
-    def after_response(self, exchange: Exchange) -> None:
+    def after_response(self, exchange: Exchange, server: ServerContext) -> None:
         """Publish a ``request`` event (queued per client; never waits)."""
-        self.hub.request(exchange)
+        server.bus.publish(FEED_TOPIC, request_view(exchange))
 
     @hookimpl
     def admin_routes(self, server: ServerContext) -> list[AdminRoute]:

@@ -5,6 +5,12 @@ from the ``on_connect`` and ``on_registration_refused`` events; gauges of live s
 their ``streams_open``/``websockets_open``) are read when Prometheus scrapes, so they cost nothing
 between scrapes. Each plugin instance has its own registry, so several servers in one process
 (tests) never mix their numbers.
+
+In a cluster, ``/metrics`` on any node gathers every node's samples over ``server.bus`` (topic
+``metrics.samples``) and labels each with ``node``: one scrape shows the whole cluster. Nodes that
+do not answer within ``GATHER_TIMEOUT`` are left out of that scrape, and
+``comzy_cluster_nodes_missing`` says how many; ``/metrics?scope=node`` answers with this node's
+samples alone (no gather), for a Prometheus that scrapes every node itself.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from comzy import AdminRoute, Exchange, __version__, hookimpl
@@ -27,6 +34,10 @@ STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 #: The codes the core refuses registrations with (docs/plugin_hooks.md, on_registration_refused):
 #: shown at 0 from the start, so a rate over them works before the first refusal.
 REFUSAL_CODES = ("protocol", "version", "rejected", "throttled", "internal")
+#: The bus topic on which every node answers with its own samples (a cluster's ``/metrics``).
+SAMPLES_TOPIC = "metrics.samples"
+#: How long a cluster scrape waits for the nodes (Prometheus's default scrape timeout is 10 s).
+GATHER_TIMEOUT = 2.0
 
 
 class _LiveState(Collector):
@@ -46,6 +57,35 @@ class _LiveState(Collector):
                                  labels=["version"])
         info.add_metric([__version__], 1)
         yield info
+
+
+async def cluster_scrape(server: ServerContext) -> bytes:
+    """Every node's samples, each labelled with its ``node``, in one text exposition."""
+    answers = await server.bus.gather(SAMPLES_TOPIC, None, timeout=GATHER_TIMEOUT)
+    families: dict[str, Metric] = {}
+    for node, text in sorted(answers.items()):
+        for family in text_string_to_metric_families(bytes(text).decode()):
+            merged = families.get(family.name)
+            if merged is None:
+                merged = families[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+            merged.samples.extend(sample._replace(labels={**sample.labels, "node": node})
+                                  for sample in family.samples)
+    missing = GaugeMetricFamily("comzy_cluster_nodes_missing", "Live nodes whose samples this scrape lacks "
+                                "(no answer within the gather timeout).",
+                                len(set(server.bus.nodes()) - answers.keys()))
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families([*families.values(), missing]))
+    return generate_latest(registry)
+
+
+class _Families(Collector):
+    """Metric families gathered from the nodes, as one collector for ``generate_latest``."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)
 
 
 class Metrics:
@@ -70,8 +110,9 @@ class Metrics:
 
     @hookimpl
     def on_startup(self, server: ServerContext) -> None:
-        """Register the scrape-time collector for this server."""
+        """Register the scrape-time collector for this server; answer other nodes' scrapes."""
         self.registry.register(_LiveState(server))
+        server.bus.answer(SAMPLES_TOPIC, lambda _request: generate_latest(self.registry))
 
     @hookimpl
     def on_connect(self) -> None:
@@ -94,12 +135,15 @@ class Metrics:
         self.duration.observe(exchange.duration)
 
     @hookimpl
-    def admin_routes(self) -> list[AdminRoute]:
+    def admin_routes(self, server: ServerContext) -> list[AdminRoute]:
         """``/metrics`` in the Prometheus text format."""
         async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
             if scope["type"] != "http":
                 return
-            body = generate_latest(self.registry)
+            if not server.node or b"scope=node" in scope.get("query_string", b""):
+                body = generate_latest(self.registry)  # role all: this process is the whole service
+            else:
+                body = await cluster_scrape(server)
             await send({"type": "http.response.start", "status": 200,
                         "headers": [(b"content-type", CONTENT_TYPE_LATEST.encode()),
                                     (b"content-length", str(len(body)).encode())]})

@@ -1,0 +1,160 @@
+"""One operator view across nodes: all_tunnels, the dashboard's feed and API, through server.bus.
+
+Nodes are in-process ``run_server`` contexts in roles control and edge, on the test's own
+nats-server; the agent is a real in-process agent registered on the control node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from comzy import ServerContext
+from comzy.plugins.dashboard import Dashboard
+from tests.cluster.conftest import NatsServer, cluster_settings
+from tests.conftest import admin_client, make_settings, start_agent
+from tests.helpers import wait_until
+from tests.test_plugin_dashboard import next_event, open_feed
+from tests.upstream import Upstream
+
+pytestmark = pytest.mark.anyio
+
+
+@asynccontextmanager
+async def node(data_dir: Path, nats: NatsServer, role: str, name: str,
+               plugins: Any = ()) -> AsyncIterator[ServerContext]:
+    """A cluster node ``name`` in ``role``, in this process, on ``nats``, with its data in ``data_dir``."""
+    from comzy.core.server import run_server
+
+    settings = make_settings(data_dir, role=role, public_url="http://{alias}.localhost:8080")
+    async with run_server(settings, plugins, cluster_settings(nats, node_name=name)) as server:
+        yield server
+
+
+async def test_all_tunnels_and_the_dashboard_show_the_control_nodes_tunnels_on_an_edge(
+        tmp_path: Path, nats_server: NatsServer, upstream: Upstream) -> None:
+    async with node(tmp_path / "ctl", nats_server, "control", "ctl", [("dashboard", Dashboard())]) as ctl, \
+            node(tmp_path / "edge", nats_server, "edge", "edge", [("dashboard", Dashboard())]) as edge:
+        await wait_until(lambda: ctl.node in edge.cluster.nats.live_nodes())  # type: ignore[union-attr]
+        assert await edge.all_tunnels() == []
+        feed = await open_feed(edge)
+        try:
+            snapshot = await next_event(feed, "snapshot")
+            assert snapshot["tunnels"] == [] and snapshot["server"]["node"] == edge.node
+            async with start_agent(ctl, upstream.port) as agent:
+                # The control node's on_connect reaches the edge's feed over the bus.
+                registered = await next_event(feed, "tunnel_registered")
+                assert registered["tunnel"]["alias"] == agent.alias and registered["node"] == ctl.node
+                tunnels = await edge.all_tunnels()
+                assert [(t.alias, t.node, t.session) for t in tunnels] == [
+                    (agent.alias, ctl.node, ctl.tunnels()[0].session)]
+                async with admin_client(edge) as admin:
+                    listed = (await admin.get("/api/tunnels")).json()["tunnels"]
+                    assert [(t["alias"], t["node"]) for t in listed] == [(agent.alias, ctl.node)]
+                    # No node holds this alias: the close request gets no responders.
+                    gone = await admin.delete("/api/tunnels/nobody-here")
+                    assert gone.status_code == 404, gone.text
+                    # The edge holds no tunnel, yet DELETE closes it on the control node that does.
+                    closing = await admin.delete(f"/api/tunnels/{agent.alias}")
+                    assert closing.status_code == 200 and closing.json() == {"closed": agent.alias}, closing.text
+                    closed = await next_event(feed, "tunnel_closed")
+                    assert closed["alias"] == agent.alias and closed["node"] == ctl.node
+                    assert closed["reason"] == "closed by the server's operator (admin dashboard)"
+                    await wait_until(lambda: ctl.tunnel(agent.alias) is None)
+                    assert await edge.all_tunnels() == []
+        finally:
+            await feed.aclose()
+
+
+async def test_role_all_all_tunnels_is_tunnels_and_the_bus_is_local(tmp_path: Path, upstream: Upstream) -> None:
+    from comzy.core.cluster.bus import LocalBus
+    from tests.conftest import start_server
+
+    async with start_server(tmp_path / "data") as server, start_agent(server, upstream.port) as agent:
+        assert isinstance(server.bus, LocalBus) and server.bus.nodes() == [""]
+        assert [t.alias for t in await server.all_tunnels()] == [agent.alias]
+        assert (await server.all_tunnels())[0] is server.tunnels()[0]  # no copy in role all
+
+
+async def test_auth_token_claims_and_releases_reach_the_other_nodes_at_once(
+        tmp_path: Path, nats_server: NatsServer, upstream: Upstream) -> None:
+    """Two control nodes on one database, refreshing it only hourly: a claim made on one is known
+    on the other through the bus (alias_owner, which custom_domains and the registration rules ask)."""
+    from comzy.core import db
+    from comzy.plugins.auth_token import AuthToken, AuthTokenSettings
+    from comzy.plugins.auth_token.models import SCHEMA
+    from comzy.plugins.auth_token.store import create_user, find_user, hash_token
+
+    data = tmp_path / "shared"
+    engine = await db.prepare_database(make_settings(data), SCHEMA)
+    try:
+        token = await create_user(engine, "ana")
+        user = await find_user(engine, hash_token(token))
+    finally:
+        await engine.dispose()
+    assert user is not None
+    one, two = (AuthToken(AuthTokenSettings(_env_file=None, refresh_seconds=3600)) for _ in range(2))
+    async with node(data, nats_server, "control", "ctl1", [("auth_token", one)]) as ctl1, \
+            node(data, nats_server, "control", "ctl2", [("auth_token", two)]):
+        async with start_agent(ctl1, upstream.port, token=token) as agent:
+            alias = agent.alias
+            assert one.alias_owner(alias) == "ana"
+            await wait_until(lambda: two.alias_owner(alias) == "ana")
+        assert await one.release(user, alias)
+        await wait_until(lambda: two.alias_owner(alias) is None)
+        assert one.refreshes == two.refreshes == 1  # the start-up read only: the bus told node two
+
+
+async def test_metrics_on_any_node_show_every_nodes_samples_with_a_node_label(
+        tmp_path: Path, nats_server: NatsServer, upstream: Upstream) -> None:
+    from comzy.plugins.metrics import Metrics
+    from tests.cluster.conftest import nats_node
+    from tests.test_plugin_metrics import samples
+
+    async with node(tmp_path / "ctl", nats_server, "control", "ctl", [("metrics", Metrics())]) as ctl, \
+            node(tmp_path / "edge", nats_server, "edge", "edge", [("metrics", Metrics())]) as edge, \
+            start_agent(ctl, upstream.port), admin_client(edge) as admin:
+        await wait_until(lambda: ctl.node in edge.cluster.nats.live_nodes())  # type: ignore[union-attr]
+        scrape = await admin.get("/metrics")
+        assert scrape.status_code == 200, scrape.text
+        values = samples(scrape.text)
+        assert values[("comzy_tunnels_active", (("node", ctl.node),))] == 1
+        assert values[("comzy_tunnels_active", (("node", edge.node),))] == 0
+        accepted = (("node", ctl.node), ("reason", ""), ("result", "accepted"))
+        assert values[("comzy_registrations_total", accepted)] == 1
+        assert values[("comzy_cluster_nodes_missing", ())] == 0
+        own = samples((await admin.get("/metrics", params={"scope": "node"})).text)
+        assert own[("comzy_tunnels_active", ())] == 0  # this node alone, unlabelled
+        # A live node that does not answer: the scrape says so rather than hiding it.
+        async with nats_node(nats_server) as silent:
+            await wait_until(lambda: silent.node_id in edge.bus.nodes())
+            values = samples((await admin.get("/metrics")).text)
+            assert values[("comzy_cluster_nodes_missing", ())] == 1
+            assert values[("comzy_tunnels_active", (("node", ctl.node),))] == 1
+
+
+async def test_an_anonymous_alias_keeps_its_deadline_on_another_control_node(
+        tmp_path: Path, nats_server: NatsServer, upstream: Upstream) -> None:
+    """Anonymous tunnels last COMZY_ANONYMOUS_TIMEOUT_SECONDS whatever node the agent comes back to."""
+    from comzy.plugins.anonymous_timeout import AnonymousTimeout, AnonymousTimeoutSettings
+
+    one, two = (AnonymousTimeout(AnonymousTimeoutSettings(_env_file=None, seconds=600)) for _ in range(2))
+    async with node(tmp_path / "ctl1", nats_server, "control", "ctl1", [("anonymous_timeout", one)]) as ctl1, \
+            node(tmp_path / "ctl2", nats_server, "control", "ctl2", [("anonymous_timeout", two)]) as ctl2:
+        async with start_agent(ctl1, upstream.port) as first:
+            alias = first.alias
+            first_tunnel = ctl1.tunnel(alias)
+            assert first_tunnel is not None and first_tunnel.expires_at is not None
+            deadline = first_tunnel.expires_at
+            await wait_until(lambda: two._deadlines.get(alias) == deadline)
+        await wait_until(lambda: ctl1.tunnel(alias) is None)
+        # The same alias, later, on the other node: registered with a fresh lifetime, then held to the first.
+        async with start_agent(ctl2, upstream.port, subdomain=alias) as second:
+            assert second.alias == alias and second.reporter.welcomes[-1]["expires_at"] > deadline
+            again = ctl2.tunnel(alias)
+            assert again is not None
+            await wait_until(lambda: again.expires_at == deadline)
