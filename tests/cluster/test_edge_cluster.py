@@ -573,3 +573,44 @@ async def test_end_to_end_agent_lost_mid_response_aborts_the_visitor(tmp_path: P
                 async for chunk in chunks:
                     received += len(chunk)
         assert received < 512 * MIB
+
+
+async def test_end_to_end_the_control_nodes_stream_limit_is_a_503(tmp_path: Path, nats_server: NatsServer,
+                                                                  upstream: Upstream) -> None:
+    async with (control_node(nats_server, tmp_path / "ctl", max_streams_per_tunnel=1) as control,
+                edge_node(tmp_path, nats_server) as edge):
+        assert edge.cluster is not None and control.cluster is not None
+        await wait_linkable(edge.cluster.nats, control.cluster.nats)
+        async with start_agent(control, upstream.port) as agent, visitor(edge, agent.alias) as client:
+            await wait_until(lambda: control.tunnel(agent.alias) is not None)
+            results: list[httpx.Response] = []
+
+            async def held() -> None:
+                results.append(await client.get("/hold/first"))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(held)
+                with anyio.fail_after(20):
+                    await upstream.gate("first-arrived").wait()
+                busy = await client.get("/second")
+                assert busy.status_code == 503
+                assert busy.headers["retry-after"] == "1"
+                assert busy.text == f"Tunnel {agent.alias} is busy (1 requests in flight); retry shortly.\n"
+                upstream.gate("first").set()
+            assert results[0].status_code == 200 and results[0].text == "released first\n"
+
+
+async def test_end_to_end_the_edge_follows_a_tunnel_to_its_new_session(tmp_path: Path, nats_server: NatsServer,
+                                                                       upstream: Upstream) -> None:
+    async with stack(tmp_path, nats_server, upstream) as s, s.visitor() as client:
+        assert (await client.get("/before")).status_code == 200
+        old = s.edge.tunnel(s.agent.alias)
+        assert old is not None
+        session = s.agent.agent.session
+        assert session is not None
+        await session.ws.aclose()  # the agent's connection drops; it comes back with its resume secret
+        await wait_until(lambda: (t := s.control.tunnel(s.agent.alias)) is not None and t.session != old.session)
+        response = await client.get("/after")
+        assert response.status_code == 200, response.text
+        new = s.edge.tunnel(s.agent.alias)
+        assert new is not None and new.session == s.control.tunnel(s.agent.alias).session  # type: ignore[union-attr]
