@@ -80,6 +80,17 @@ def test_every_documented_hook_exists() -> None:
     assert documented == set(hook_specs())
 
 
+def test_the_roles_table_names_every_hook_once() -> None:
+    """docs/plugin_hooks.md says on which COMZY_ROLE each hook runs (a cluster runs each on some)."""
+    table = DOC.read_text().split("### Roles: which hook runs where", 1)[1].split("\n\n", 2)[2].split("\n\n")[0]
+    rows = [line.split("|")[1:5] for line in table.splitlines()[2:]]
+    named = [name for cells in rows for name in re.findall(r"`(\w+)`", cells[0])]
+    assert sorted(named) == sorted(hook_specs()), "each hook belongs in exactly one row of the roles table"
+    for cells in rows:
+        assert cells[1].strip() == "✓", f"role all runs every hook: {cells[0]}"
+        assert "✓" in cells[2] or "✓" in cells[3], f"some cluster role must run {cells[0]}"
+
+
 @pytest.mark.parametrize("hook", sorted(hook_specs()))
 def test_every_hook_has_a_test(hook: str) -> None:
     tree = ast.parse(HOOK_TESTS.read_text())
