@@ -24,7 +24,7 @@ from comzy.core.types import Registration, Reject, Tunnel
 from comzy.core.websocket import Closed, WebSocket, WebSocketError, accept, asks_for_upgrade, read_head
 
 if TYPE_CHECKING:
-    from comzy.core.cluster.ownership import Holders, Record
+    from comzy.core.cluster.records import Holders, Record
     from comzy.core.server import ServerContext
 
 log = logging.getLogger("comzy.agents")

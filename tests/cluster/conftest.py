@@ -181,7 +181,7 @@ async def read_record(node: Any, alias: str) -> Any:
     """The alias record as the test's own NATS client reads it."""
     import nats.js.errors
 
-    from comzy.core.cluster.ownership import Record
+    from comzy.core.cluster.records import Record
 
     kv = await node.kv_aliases()
     try:

@@ -11,6 +11,7 @@ from typing import Any
 import msgpack
 import pytest
 
+from comzy import Registration, hookimpl
 from comzy.core import protocol as p
 from tests.cluster.conftest import NatsServer, control_node, nats_node, raw_hello, read_record, wait_record
 from tests.helpers import receive_until_closed, wait_until
@@ -143,3 +144,33 @@ async def test_a_reconnect_reconciles_claims_with_the_alias_registry(
             assert (await lookup(other, "kept"))["session"] == kept.session
         for ws in (lost_ws, kept_ws):
             await ws.aclose()
+
+
+class TokenIsUser:
+    """A login plugin in miniature: the HELLO token names the user."""
+
+    @hookimpl
+    def on_register(self, registration: Registration) -> None:
+        registration.user = registration.token
+
+
+async def test_the_same_user_takes_an_alias_over_from_another_node(tmp_path: Path, nats_server: NatsServer) -> None:
+    plugins = [("token_is_user", TokenIsUser())]
+    async with (
+        control_node(nats_server, tmp_path / "a", plugins) as one,
+        control_node(nats_server, tmp_path / "b", plugins) as two,
+        nats_node(nats_server, "edge") as probe,
+    ):
+        old_ws, welcome = await raw_hello(one, subdomain="mine", token="alice")
+        assert welcome.type == FT.WELCOME and welcome.payload["user"] == "alice"
+        # Another user may not have it; the same user, without the secret, may (as on one node).
+        ws, refused = await raw_hello(two, subdomain="mine", token="bob")
+        assert refused.type == FT.REJECT and "in use by another agent" in refused.payload["reason"]
+        await ws.aclose()
+        new_ws, again = await raw_hello(two, subdomain="mine", token="alice")
+        assert again.type == FT.WELCOME and again.payload["alias"] == "mine"
+        closed, frames = await receive_until_closed(old_ws)
+        assert closed.code == 4000 and goaway(frames)["reconnect"] is False
+        record = await read_record(probe, "mine")
+        assert record.live and record.node == two.node and record.user == "alice"
+        await new_ws.aclose()

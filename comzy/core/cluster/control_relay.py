@@ -13,7 +13,7 @@ The relay has no task and no buffer of its own per stream.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import msgpack
 import nats.errors
@@ -200,7 +200,8 @@ class RelayEnd:
         relay = self.relay
         if relay.finished:
             return
-        code = error.code
+        # The peer's code is passed on as it came (a newer peer's code is not ours to judge).
+        code = cast(p.ResetCode, error.code)
         if not self.from_agent and self.session.closed is not None:
             code = p.ResetCode.CANCEL  # the link ended: for the agent, the visitor went away
         other = self.other
@@ -229,7 +230,8 @@ class ControlRelay:
 
     # -- links ---------------------------------------------------------------------------
     def _accept_link(self, link: Session, peer: str) -> None:
-        link.accept_stream = lambda stream_id, payload: self.accept(link, stream_id, payload)
+        # A RelayEnd stands in the stream table where a Stream would (duck-typed, see Session.accept_stream).
+        link.accept_stream = lambda stream_id, payload: self.accept(link, stream_id, payload)  # type: ignore[assignment,return-value]
 
     def accept(self, link: Session, stream_id: int, payload: dict[str, Any]) -> RelayEnd | None:
         """A REQUEST from an edge: relay it to the tunnel's agent, or answer RESET MOVED/REFUSED."""
