@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from comzy import ServerContext
@@ -158,3 +159,46 @@ async def test_an_anonymous_alias_keeps_its_deadline_on_another_control_node(
             again = ctl2.tunnel(alias)
             assert again is not None
             await wait_until(lambda: again.expires_at == deadline)
+
+
+async def test_a_request_through_one_edge_shows_on_every_nodes_feed(
+        tmp_path: Path, nats_server: NatsServer, upstream: Upstream) -> None:
+    """Edge one serves a request; edge two's feed, recent list and /api/requests show it (node: edge one)."""
+    import msgpack
+    import nats.errors
+
+    from tests.cluster.conftest import wait_linkable
+    from tests.conftest import visitor
+
+    async with node(tmp_path / "ctl", nats_server, "control", "ctl", [("dashboard", Dashboard())]) as ctl, \
+            node(tmp_path / "e1", nats_server, "edge", "e1", [("dashboard", Dashboard())]) as edge1, \
+            node(tmp_path / "e2", nats_server, "edge", "e2", [("dashboard", Dashboard())]) as edge2, \
+            start_agent(ctl, upstream.port) as agent:
+        assert edge1.cluster is not None and ctl.cluster is not None
+        await wait_linkable(edge1.cluster.nats, ctl.cluster.nats)
+        subject = edge1.cluster.nats.subjects.tunnel(agent.alias)
+        with anyio.fail_after(10):  # until edge one sees the lookup subject (conftest.wait_linkable's race)
+            while True:
+                try:
+                    await edge1.cluster.nats.nc.request(subject, msgpack.packb({"op": "lookup"}), timeout=1)
+                    break
+                except nats.errors.NoRespondersError:
+                    continue
+        feed = await open_feed(edge2)
+        try:
+            await next_event(feed, "snapshot")
+            async with visitor(edge1, agent.alias) as client:
+                assert (await client.get("/status/201")).status_code == 201
+            event = await next_event(feed, "request")
+            assert (event["alias"], event["path"], event["status"], event["node"]) == (
+                agent.alias, "/status/201", 201, edge1.node)
+        finally:
+            await feed.aclose()
+        async with admin_client(edge2) as admin:
+            logged = (await admin.get("/api/requests")).json()
+            assert logged["source"] == "memory"
+            assert [(r["path"], r["node"]) for r in logged["requests"]] == [("/status/201", edge1.node)]
+        # The control node that served it counted it; every node's list shows that count.
+        await wait_until(lambda: ctl.tunnels()[0].requests == 1)
+        [listed] = await edge2.all_tunnels()
+        assert (listed.alias, listed.requests, listed.node) == (agent.alias, 1, ctl.node)
