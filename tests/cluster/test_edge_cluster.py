@@ -82,16 +82,8 @@ class FakeControl:
             self.subscriptions[alias] = await self.node.nc.subscribe(subject, queue="own", cb=self._on_request)
             await self.node.nc.flush()
             if self.prober is not None:
-                # nats-server 2.9 may route another connection's request as if a subscription
-                # made a moment ago did not exist yet (conftest.wait_linkable): wait until the
-                # edge's connection reaches it, as it would long after a real registration.
-                with anyio.fail_after(10):
-                    while True:
-                        try:
-                            await self.prober.request(subject, msgpack.packb({"op": "probe"}), timeout=1)
-                            break
-                        except nats.errors.NoRespondersError:
-                            continue
+                # As a real edge would, long after a registration: it reaches the new subscription.
+                await wait_subscribed(self.prober, subject)
 
     async def announce(self, op: str, alias: str, session: int, node: str | None = None) -> None:
         """Publish a tunnel event, as the control role does."""
@@ -200,6 +192,20 @@ async def edge_node(tmp_path: Path, nats_server: NatsServer, **cluster: Any) -> 
         yield server
 
 
+async def wait_subscribed(nc: Any, subject: str) -> None:
+    """Wait until ``nc`` reaches a subscription on ``subject`` that another connection just made (the
+    nats-server race of conftest.wait_linkable): a probe that is answered or times out got there."""
+    with anyio.fail_after(10):
+        while True:
+            try:
+                await nc.request(subject, msgpack.packb({"op": "probe"}), timeout=0.2)
+            except nats.errors.NoRespondersError:
+                continue
+            except nats.errors.TimeoutError:
+                return
+            return
+
+
 def router(server: ServerContext) -> EdgeRouter:
     assert isinstance(server.router, EdgeRouter)
     return server.router
@@ -254,6 +260,7 @@ async def test_a_lookup_nobody_answers_in_time_504(tmp_path: Path, nats_server: 
             assert edge.cluster is not None
             await silent.subscribe(edge.cluster.nats.subjects.tunnel("slow"), queue="own", cb=ignore)
             await silent.flush()
+            await wait_subscribed(edge.cluster.nats.nc, edge.cluster.nats.subjects.tunnel("slow"))
             async with visitor(edge, "slow") as client:
                 response = await client.get("/")
             assert response.status_code == 504
@@ -261,6 +268,28 @@ async def test_a_lookup_nobody_answers_in_time_504(tmp_path: Path, nats_server: 
             assert router(edge).cached("slow") is None and "slow" not in router(edge)._negative
     finally:
         await silent.close()
+
+
+async def test_a_malformed_lookup_reply_is_a_502_naming_it(tmp_path: Path, nats_server: NatsServer) -> None:
+    odd = await nats.connect(nats_server.url)
+    try:
+        async def answer(msg: Any) -> None:
+            """A holder of another protocol version: its reply lacks the windows."""
+            await msg.respond(msgpack.packb({"node": "ctl-x", "session": 3, "tunnel": {"alias": "odd"}}))
+
+        async with edge_node(tmp_path, nats_server) as edge:
+            assert edge.cluster is not None
+            await odd.subscribe(edge.cluster.nats.subjects.tunnel("odd"), queue="own", cb=answer)
+            await odd.flush()
+            await wait_subscribed(edge.cluster.nats.nc, edge.cluster.nats.subjects.tunnel("odd"))
+            async with visitor(edge, "odd") as client:
+                response = await client.get("/")
+            assert response.status_code == 502
+            assert response.text == ("The control node holding odd answered the lookup with a malformed reply "
+                                     "(KeyError: 'aw').\n")
+            assert router(edge).cached("odd") is None
+    finally:
+        await odd.close()
 
 
 async def test_a_request_goes_over_the_link_with_the_lookup_windows(tmp_path: Path, nats_server: NatsServer) -> None:
@@ -461,14 +490,7 @@ async def stack(tmp_path: Path, nats_server: NatsServer, upstream: Upstream) -> 
         async with start_agent(control, upstream.port) as agent:
             # The lookup subject exists once the agent has its WELCOME; wait until the edge's
             # connection reaches it (the nats-server race of conftest.wait_linkable).
-            subject = edge.cluster.nats.subjects.tunnel(agent.alias)
-            with anyio.fail_after(10):
-                while True:
-                    try:
-                        await edge.cluster.nats.nc.request(subject, msgpack.packb({"op": "lookup"}), timeout=1)
-                        break
-                    except nats.errors.NoRespondersError:
-                        continue
+            await wait_subscribed(edge.cluster.nats.nc, edge.cluster.nats.subjects.tunnel(agent.alias))
             yield Stack(edge, control, agent, upstream)
 
 
