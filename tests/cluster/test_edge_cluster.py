@@ -73,6 +73,8 @@ class FakeControl:
     abort_now: anyio.Event = field(default_factory=anyio.Event)
     #: The edge's NATS connection, to probe that it sees a new subscription (see ``hold``).
     prober: Any = None
+    #: When set, lookups are answered only once it is set too.
+    answer_lookups: anyio.Event | None = None
 
     async def hold(self, alias: str, session: int) -> None:
         """Take ``alias`` under tunnel session ``session`` and answer its lookups."""
@@ -99,6 +101,8 @@ class FakeControl:
             return
         assert request == {"op": "lookup"}
         self.lookups.append(alias)
+        if self.answer_lookups is not None:
+            await self.answer_lookups.wait()
         view = {"alias": alias, "url": f"http://{alias}.localhost", "port": 8000, "client": "10.0.0.9",
                 "user": "ann", "since": 1700000000.0, "expires_at": None, "metadata": {"p": {"k": 1}}}
         await msg.respond(msgpack.packb({"node": self.node.node_id, "session": self.held[alias], "tunnel": view,
@@ -636,3 +640,34 @@ async def test_end_to_end_the_edge_follows_a_tunnel_to_its_new_session(tmp_path:
         assert response.status_code == 200, response.text
         new = s.edge.tunnel(s.agent.alias)
         assert new is not None and new.session == s.control.tunnel(s.agent.alias).session  # type: ignore[union-attr]
+
+
+async def test_a_visitor_who_leaves_does_not_cancel_the_shared_lookup(tmp_path: Path,
+                                                                      nats_server: NatsServer) -> None:
+    async with edge_and_control(tmp_path, nats_server) as (edge, control):
+        await control.hold("demo", 7)
+        control.answer_lookups = anyio.Event()
+        routes = router(edge)
+        results: list[Any] = []
+        leaves = anyio.CancelScope()
+
+        async def starter() -> None:
+            with leaves:
+                await routes.lookup("demo")
+            results.append("left")
+
+        async def stays() -> None:
+            results.append("joined")
+            results.append(await routes.lookup("demo"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(starter)
+            await wait_until(lambda: control.lookups == ["demo"])
+            tg.start_soon(stays)
+            await wait_until(lambda: "joined" in results)
+            leaves.cancel()  # the visitor whose request started the lookup goes away
+            await wait_until(lambda: "left" in results)
+            control.answer_lookups.set()
+        entry = results[-1]
+        assert entry is not None and entry.tunnel.session == 7
+        assert control.lookups == ["demo"] and routes.cached("demo") is entry

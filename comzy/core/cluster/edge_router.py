@@ -123,8 +123,9 @@ class EdgeRouter:
         self._by_node: dict[str, set[str]] = {}
         #: alias -> monotonic time until which it counts as held by nobody.
         self._negative: OrderedDict[str, float] = OrderedDict()
-        #: Lookups in flight: concurrent visitors of a cold alias share one NATS request.
-        self._inflight: dict[str, asyncio.Future[RouteEntry | None]] = {}
+        #: Lookups in flight: concurrent visitors of a cold alias share one NATS request. Each runs
+        #: in a task of its own, so a visitor who leaves does not cancel it for the others.
+        self._inflight: dict[str, asyncio.Task[RouteEntry | None]] = {}
         self._subscription: Any = None
         self._noise = RateLimitedLog(log, interval=10.0)
         self.links.on_link_closed(self._link_closed)
@@ -147,6 +148,8 @@ class EdgeRouter:
             with contextlib.suppress(nats.errors.Error):
                 await self._subscription.unsubscribe()
             self._subscription = None
+        for task in list(self._inflight.values()):
+            task.cancel()
         self.clear()
 
     # -- the edge's questions ------------------------------------------------------------------
@@ -175,25 +178,18 @@ class EdgeRouter:
             if until > time.monotonic():
                 return None
             del self._negative[alias]
-        pending = self._inflight.get(alias)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[RouteEntry | None] = asyncio.get_running_loop().create_future()
-        self._inflight[alias] = future
-        try:
-            result = await self._ask(alias)
-        except BaseException as exc:
-            if isinstance(exc, Exception):
-                future.set_exception(exc)
-                future.exception()  # waiters re-raise it; nobody waiting must not log "never retrieved"
-            else:
-                future.cancel()
-            raise
-        else:
-            future.set_result(result)
-            return result
-        finally:
+        task = self._inflight.get(alias)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._ask(alias))
+            self._inflight[alias] = task
+            task.add_done_callback(lambda done: self._asked(alias, done))
+        return await asyncio.shield(task)
+
+    def _asked(self, alias: str, task: asyncio.Task[RouteEntry | None]) -> None:
+        if self._inflight.get(alias) is task:
             del self._inflight[alias]
+        if not task.cancelled():
+            task.exception()  # its callers re-raise it; when all of them left, it is not "never retrieved"
 
     async def _ask(self, alias: str) -> RouteEntry | None:
         if not self.nats.connected:
