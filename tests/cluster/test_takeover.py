@@ -5,9 +5,11 @@ reconcile after a NATS reconnect.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
+import anyio
 import msgpack
 import pytest
 
@@ -174,3 +176,41 @@ async def test_the_same_user_takes_an_alias_over_from_another_node(tmp_path: Pat
         record = await read_record(probe, "mine")
         assert record.live and record.node == two.node and record.user == "alice"
         await new_ws.aclose()
+
+
+async def test_an_alias_being_taken_over_is_not_free_for_another_agent_meanwhile(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    secret = "the-old-session-secret"
+    async with (
+        control_node(nats_server, tmp_path / "a") as one,
+        nats_node(nats_server, "control") as hung,
+    ):
+        # A live holder on a node that hears its eviction and never answers (hung): the claimant
+        # waits out the eviction's timeout with the record already its own.
+        asked = anyio.Event()
+
+        async def never_answer(msg: Any) -> None:
+            asked.set()
+
+        await hung.nc.subscribe(hung.subjects.rpc(hung.node_id, "evict"), cb=never_answer)
+        await hung.nc.flush()
+        kv = await hung.kv_aliases()
+        await kv.create("slow", msgpack.packb({"v": 1, "st": "live", "n": hung.node_id, "s": 7,
+                                               "h": hashlib.sha256(secret.encode()).digest(), "u": None, "t": {}}))
+        results: dict[str, Any] = {}
+
+        async def resume() -> None:
+            results["resume"] = await raw_hello(one, subdomain="slow", resume={"alias": "slow", "secret": secret})
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(resume)
+            await asked.wait()
+            # The claim is written, the WELCOME not sent yet: another agent must not get the alias.
+            ws, refused = await raw_hello(one, subdomain="slow")
+            assert refused.type == FT.REJECT and "in use by another agent" in refused.payload["reason"]
+            await ws.aclose()
+        resumed_ws, welcome = results["resume"]
+        assert welcome.type == FT.WELCOME and welcome.payload["alias"] == "slow"
+        record = await read_record(hung, "slow")
+        assert record.live and record.node == one.node and record.session == one.tunnel("slow").session
+        await resumed_ws.aclose()

@@ -61,6 +61,8 @@ class ClusterDirectory:
         self.responder: Responder | None = None
         self._kv: KeyValue | None = None
         self._held: dict[str, _Held] = {}
+        #: (alias, session) of claims being written: held already for a racing read on this node.
+        self._claiming: set[tuple[str, int]] = set()
         self._subscriptions: dict[str, Any] = {}
         self._global: list[Any] = []
         self._verifying: set[str] = set()
@@ -125,8 +127,13 @@ class ClusterDirectory:
         if not record.live:
             return False
         if record.node == self.nats.node_id:
+            # Ours: held while its session is registered here, or still between its claim and its
+            # registration (another registration's read may land in between).
             entry = self.server.registry.get(record.alias)
-            return entry is not None and entry.tunnel.session == record.session
+            held = self._held.get(record.alias)
+            return ((entry is not None and entry.tunnel.session == record.session)
+                    or (held is not None and held.entry.tunnel.session == record.session)
+                    or (record.alias, record.session) in self._claiming)
         return await self._node_alive(record.node)
 
     async def holders(self, names: Iterable[str | None]) -> Holders:
@@ -167,6 +174,8 @@ class ClusterDirectory:
         kv = self._bucket()
         value = Record.encode_entry(entry, self.nats.node_id)
         previous = holders.record(alias)
+        claiming = (alias, entry.tunnel.session)
+        self._claiming.add(claiming)
         try:
             with anyio.fail_after(KV_TIMEOUT):
                 if previous is None:
@@ -181,6 +190,8 @@ class ClusterDirectory:
             raise DirectoryDown(exc.description or "") from exc
         except (TimeoutError, nats.errors.Error) as exc:
             raise DirectoryDown(type(exc).__name__) from exc
+        finally:
+            self._claiming.discard(claiming)
         self._held[alias] = _Held(entry, revision)
         holder = holders.holder(alias)
         if holder is not None and holder.node != self.nats.node_id:
