@@ -529,7 +529,9 @@ async def test_tls_on_the_public_listener(tmp_path: Path, upstream: Upstream) ->
     async with run_cli(SERVER, env=env, cwd=tmp_path) as server_cli:
         banner = await wait_banner(server_cli)
         assert re.search(rf"public\s+https://127\.0\.0\.1:{banner.http}\b", "\n".join(banner.lines))
-        async with run_agent(upstream.port, banner.ws, tmp_path) as cli:
+        # The agent listener speaks TLS too: the agent trusts the self-signed certificate.
+        async with run_agent(upstream.port, None, tmp_path, "--server", f"wss://localhost:{banner.ws}",
+                             env=agent_env(SSL_CERT_FILE=str(cert))) as cli:
             scheme, alias, port = (await cli.wait_for(PUBLIC_URL)).groups()
             assert scheme == "https" and int(port) == banner.http
             async with httpx.AsyncClient(verify=False, timeout=10) as client:

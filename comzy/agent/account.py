@@ -20,6 +20,7 @@ import httpx
 
 from comzy.core.account_api import ALIASES_PATH, ME_PATH, STATUS_PATH, ErrorCode, read_error
 from comzy.core.logs import printable
+from comzy.core.tls import client_tls_context, mismatch
 
 #: The seed's location of the saved login.
 CREDENTIALS = Path("~/.comzy/.user")
@@ -161,8 +162,12 @@ class Account:
 class AccountClient:
     """Calls the account API of ``server`` (an agent listener URL), with ``token`` when given."""
 
-    def __init__(self, server: str, token: str | None = None, timeout: float = 10.0) -> None:
+    def __init__(self, server: str, token: str | None = None, timeout: float = 10.0,
+                 cacert: str | None = None) -> None:
         self.server = server
+        #: What a wss:// server's certificate is checked against: the agent's one trust setting
+        #: (SSL_CERT_FILE, else the system's CAs; ``cacert`` instead when given), as for the tunnel.
+        self.cacert = cacert
         self.token = token
         self.timeout = timeout
 
@@ -204,9 +209,17 @@ class AccountClient:
         headers = {"authorization": f"Bearer {self.token}"} if self.token else {}
         url = api_base(self.server) + path
         try:
-            async with httpx.AsyncClient(timeout=self.timeout, trust_env=False) as client:
+            # trust_env stays off (no proxy from the environment); trust comes from the context.
+            verify = client_tls_context(self.cacert) if url.startswith("https:") else True
+        except ValueError as exc:
+            raise AccountError(str(exc)) from None
+        try:
+            async with httpx.AsyncClient(timeout=self.timeout, trust_env=False, verify=verify) as client:
                 response = await client.request(method, url, headers=headers)
         except httpx.HTTPError as exc:
+            line = mismatch(self.server, exc)
+            if line is not None:
+                raise AccountError(line) from None
             reason = str(exc) or type(exc).__name__
             raise AccountError(f"cannot reach the Comzy server at {self.server} ({reason}). Is comzy-server "
                                "running there? Set --server or COMZY_WS_SERVER.") from None
@@ -214,6 +227,9 @@ class AccountClient:
         with contextlib.suppress(ValueError):
             document = response.json()
         if not isinstance(document, dict):
+            line = mismatch(self.server, response.text)
+            if line is not None:
+                raise AccountError(line)
             raise AccountError(f"{self.server} answered HTTP {response.status_code} without a JSON object; is it "
                                "a Comzy agent listener (comzy-server's COMZY_WS_PORT, 8191 by default)?")
         error = read_error(document)

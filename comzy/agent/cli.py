@@ -13,7 +13,7 @@ import anyio
 
 from comzy import __version__
 from comzy.agent import account
-from comzy.agent.client import Agent, AgentConfig, AgentError, Rejected, Unreachable
+from comzy.agent.client import Agent, AgentConfig, AgentError, Rejected, TLSMisconfigured, Unreachable
 from comzy.agent.forward import LocalForwarder
 from comzy.agent.output import Printer
 from comzy.core.memory import tune_malloc
@@ -30,7 +30,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Expose a local web service at a public URL through a Comzy server.",
         epilog="Commands: comzy login | logout | status | aliases (see comzy COMMAND --help). "
         "Environment: COMZY_WS_SERVER (server URL, or a comma list tried in turn); COMZY_TOKEN (a token to "
-        "use instead of the saved login).",
+        "use instead of the saved login); SSL_CERT_FILE (CA certificates trusted for wss://, as --cacert).",
     )
     parser.add_argument("port", nargs="?", type=_port, default=3000, help="local port to expose (default 3000)")
     parser.add_argument("--subdomain", "-s", help="ask for this alias (e.g. myapp -> myapp.<domain>)")
@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "that check Host); default passes the visitor's Host through")
     parser.add_argument("--local-host", default="localhost", help="host of the local service (default localhost)")
     parser.add_argument("--server", help=f"agent listener URL(s), comma-separated (default {DEFAULT_SERVER})")
+    parser.add_argument("--cacert", metavar="FILE", help="trust the CA certificates in FILE (PEM) for a wss:// "
+                        "server instead of the system's; SSL_CERT_FILE=FILE does the same for every command")
     parser.add_argument("--quiet", "-q", action="store_true", help="do not print a line per request")
     parser.add_argument("--version", action="version", version=f"comzy {__version__}")
     return parser.parse_args(argv)
@@ -83,6 +85,9 @@ async def _run(agent: Agent, forwarder: LocalForwarder, printer: Printer) -> int
         except Rejected as exc:
             printer.error(f"the server refused the tunnel: {exc}")
             code = 1
+        except TLSMisconfigured as exc:
+            printer.error(str(exc))
+            code = 1
         except Unreachable as exc:
             printer.error(f"{exc}. Is comzy-server running there? Set --server or COMZY_WS_SERVER.")
             code = 1
@@ -123,8 +128,13 @@ def main(argv: list[str] | None = None) -> None:
     forwarder = LocalForwarder(args.local_host, args.port, rewrite_host=args.host_header == "rewrite",
                                on_served=printer.served)
     config = AgentConfig(servers=servers, port=args.port, local_host=args.local_host,
-                         subdomain=args.subdomain.lower() if args.subdomain else None, token=token)
-    agent = Agent(config, forwarder, printer)
+                         subdomain=args.subdomain.lower() if args.subdomain else None, token=token,
+                         cacert=args.cacert)
+    try:
+        agent = Agent(config, forwarder, printer)
+    except ValueError as exc:  # --cacert cannot be read
+        printer.error(str(exc))
+        sys.exit(2)
     if not local_service_answers(args.local_host, args.port):
         printer.notice("warning", f"Nothing is listening on {target} yet; visitors get a 502 until it starts.")
     try:

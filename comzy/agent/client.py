@@ -17,7 +17,8 @@ from comzy.core import protocol as p
 from comzy.core.control import GoAway, Hello, Notice, Refusal, Welcome, check_plugin_data, control_message
 from comzy.core.session import Session
 from comzy.core.stream import Stream
-from comzy.core.websocket import Closed, WebSocket, WebSocketError, connect
+from comzy.core.tls import client_tls_context
+from comzy.core.websocket import Closed, TLSMismatch, WebSocket, WebSocketError, connect
 
 log = logging.getLogger("comzy.agent")
 
@@ -43,6 +44,11 @@ class Rejected(AgentError):
 
 class Unreachable(AgentError):
     """No server in the list could be reached."""
+
+
+class TLSMisconfigured(Unreachable):
+    """Every server answered, but not as its URL says: TLS on a ws:// port, none on a wss:// port, or
+    a certificate the agent does not trust. The message says what to change, one line per server."""
 
 
 class Reporter(Protocol):
@@ -73,6 +79,9 @@ class AgentConfig:
     window: int = p.DEFAULT_WINDOW
     plugin_data: dict[str, dict[str, Any]] = field(default_factory=dict)
     extra_hello: dict[str, Any] = field(default_factory=dict)
+    #: CA certificates (PEM) trusted for wss:// servers instead of the system's (``--cacert``);
+    #: None: the system's, or SSL_CERT_FILE's.
+    cacert: str | None = None
 
     def __post_init__(self) -> None:
         # Refused here, where the caller can fix it, not by the server after a round trip.
@@ -93,6 +102,9 @@ class Agent:
         self.resume_secret: str | None = None
         self.session: Session | None = None
         self._server_index = 0
+        # Built once (a ValueError here when --cacert cannot be read), used for every reconnect.
+        self._tls = client_tls_context(config.cacert) if any(url.startswith("wss:") for url in config.servers) \
+            else None
 
     def _hello(self) -> Hello:
         resuming = bool(self.alias and self.resume_secret)
@@ -110,16 +122,23 @@ class Agent:
     async def _connect_any(self) -> tuple[WebSocket, str]:
         """Try each server in turn, starting with the last one that worked."""
         errors = []
+        mismatches = 0
         servers = self.config.servers
         for i in range(len(servers)):
             url = servers[(self._server_index + i) % len(servers)]
             try:
-                ws = await connect(url, MAX_LINK_MESSAGE)
+                ws = await connect(url, MAX_LINK_MESSAGE, ssl_context=self._tls)
+            except TLSMismatch as exc:
+                errors.append(str(exc))  # one line that already names the URL and what to use
+                mismatches += 1
+                continue
             except (OSError, TimeoutError, WebSocketError) as exc:
                 errors.append(f"{url} ({_reason(exc)})")
                 continue
             self._server_index = (self._server_index + i) % len(servers)
             return ws, url
+        if mismatches == len(errors):
+            raise TLSMisconfigured("; ".join(errors))
         raise Unreachable("cannot reach the Comzy server at " + ", ".join(errors))
 
     async def _handshake(self, ws: WebSocket) -> Welcome:

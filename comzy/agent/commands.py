@@ -15,6 +15,10 @@ from comzy.agent.account import AccountClient, AccountError, ApiError, Credentia
 from comzy.core.account_api import ErrorCode
 from comzy.core.logs import printable
 
+#: The agent's one trust option, the same on every command (comzy.agent.cli has it too).
+CACERT_HELP = ("trust the CA certificates in FILE (PEM) for a wss:// server instead of the system's; "
+               "SSL_CERT_FILE=FILE does the same for every command")
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="comzy", description="Manage your Comzy login and aliases.")
@@ -27,13 +31,16 @@ def _parser() -> argparse.ArgumentParser:
                                 "`comzy PORT` uses it. Without --token, asks for it (or reads it from stdin).")
     login.add_argument("--token", help="the token (from `comzy-server users create NAME`)")
     login.add_argument("--server", help=server_help)
+    login.add_argument("--cacert", metavar="FILE", help=CACERT_HELP)
     commands.add_parser("logout", help="forget the saved token")
     status = commands.add_parser("status", help="is the server reachable, who am I, which aliases are mine")
     status.add_argument("--server", help=server_help)
+    status.add_argument("--cacert", metavar="FILE", help=CACERT_HELP)
     aliases = commands.add_parser("aliases", help="list your aliases, or release one",
                                   description="Without an action: list the aliases you own. "
                                   "`comzy aliases release NAME` gives one up (it becomes free for anyone).")
     aliases.add_argument("--server", help=server_help)
+    aliases.add_argument("--cacert", metavar="FILE", help=CACERT_HELP)
     actions = aliases.add_subparsers(dest="action", metavar="ACTION")
     actions.add_parser("release", help="give up an alias you own").add_argument("name", metavar="NAME")
     return parser
@@ -55,12 +62,12 @@ def run_command(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "login":
-            return anyio.run(_login, args.token, args.server)
+            return anyio.run(_login, args.token, args.server, args.cacert)
         if args.command == "logout":
             return _logout()
         if args.command == "status":
-            return anyio.run(_status, args.server)
-        return anyio.run(_aliases, args.server, args.action, getattr(args, "name", None))
+            return anyio.run(_status, args.server, args.cacert)
+        return anyio.run(_aliases, args.server, args.action, getattr(args, "name", None), args.cacert)
     except AccountError as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:
@@ -77,7 +84,7 @@ def _read_token() -> str:
     return sys.stdin.readline()  # piped: `echo $TOKEN | comzy login`
 
 
-async def _login(token: str | None, server_option: str | None) -> int:
+async def _login(token: str | None, server_option: str | None, cacert: str | None = None) -> int:
     from comzy.agent.cli import server_list
 
     servers = server_list(server_option, None)
@@ -86,7 +93,7 @@ async def _login(token: str | None, server_option: str | None) -> int:
     if not token:
         return _fail("no token given; pass --token TOKEN or type it at the prompt")
     try:
-        me = await AccountClient(server, token).me()
+        me = await AccountClient(server, token, cacert=cacert).me()
     except ApiError as exc:
         return _fail(account.no_accounts(server) if exc.no_accounts else f"login failed: {exc}")
     user = printable(me.user)
@@ -115,11 +122,11 @@ def _alias_lines(owned: list[OwnedAlias]) -> list[str]:
             for name, a in zip(names, owned, strict=True)]
 
 
-async def _status(server_option: str | None) -> int:
+async def _status(server_option: str | None, cacert: str | None = None) -> int:
     saved = account.load_credentials()
     server = _server(server_option, saved)
     try:
-        info = await AccountClient(server).status()
+        info = await AccountClient(server, cacert=cacert).status()
     except ApiError as exc:
         return _fail(f"{server} has no status API ({exc}); is it a Comzy agent listener?")
     except AccountError as exc:
@@ -135,7 +142,7 @@ async def _status(server_option: str | None) -> int:
               "Login:   not logged in (tunnels are anonymous). Run `comzy login` for lasting aliases.")
         return 0
     try:
-        me = await AccountClient(server, token).me()
+        me = await AccountClient(server, token, cacert=cacert).me()
     except ApiError as exc:
         if exc.no_accounts:
             held = "a token in COMZY_TOKEN" if os.environ.get("COMZY_TOKEN") or saved is None else \
@@ -154,7 +161,8 @@ async def _status(server_option: str | None) -> int:
     return 0
 
 
-async def _aliases(server_option: str | None, action: str | None, name: str | None) -> int:
+async def _aliases(server_option: str | None, action: str | None, name: str | None,
+                   cacert: str | None = None) -> int:
     saved = account.load_credentials()
     server = _server(server_option, saved)
     token, held_back = account.token_for([server], saved)
@@ -162,7 +170,7 @@ async def _aliases(server_option: str | None, action: str | None, name: str | No
         if held_back:
             return _fail(f"{held_back}; aliases belong to users: run `comzy login --server {server}` first")
         return _fail("not logged in; aliases belong to users: run `comzy login` first")
-    client = AccountClient(server, token)
+    client = AccountClient(server, token, cacert=cacert)
     try:
         if action == "release":
             assert name is not None

@@ -21,6 +21,7 @@ from comzy.core.hooks import PluginError, load_plugins, select_plugins
 from comzy.core.memory import tune_malloc
 from comzy.core.server import describe, run_server
 from comzy.core.settings import ServerSettings, explain_validation_error
+from comzy.core.tls import TLSConfigError
 
 if TYPE_CHECKING:
     from comzy.core.cluster.settings import ClusterSettings
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         tune_malloc()  # bulk transfers reuse pages instead of faulting in fresh ones
         anyio.run(serve, settings, cluster_settings)
-    except PluginError as exc:
+    except (PluginError, TLSConfigError) as exc:
         print(f"comzy-server: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     except BaseExceptionGroup as group:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
+import ssl
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -13,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.abc
 import msgpack
+from anyio.streams.tls import TLSStream
 from hypercorn.config import Config as HypercornConfig
 
 from comzy import __version__
@@ -29,6 +32,13 @@ from comzy.core.hypercorn_compat import install as install_hypercorn_fixes
 from comzy.core.logs import RateLimitedLog
 from comzy.core.registry import Registry
 from comzy.core.settings import ServerSettings
+from comzy.core.tls import (
+    TLS_HANDSHAKE_RECORD,
+    PrefixedStream,
+    looks_like_http,
+    plain_http_on_tls_port,
+    server_tls_context,
+)
 from comzy.core.types import Tunnel
 
 if TYPE_CHECKING:
@@ -235,8 +245,9 @@ async def run_server(
     install_hypercorn_fixes()
     pm = build_manager(settings.base_domain, plugins)
     server = ServerContext(settings, HookRunner(pm, trace=settings.trace_hooks), [name for name, _ in plugins])
-    if settings.ssl_cert_path and not settings.ssl_key_path:
-        raise ValueError("SSL_CERT_PATH is set but SSL_KEY_PATH is not; set both for TLS")
+    # Checked and loaded before anything binds: a bad file is one line (TLSConfigError), not a
+    # failure at the first handshake after "ready".
+    tls = server_tls_context(settings)
     # Before any plugin writes there: the directory holds token hashes and client addresses.
     prepare_data_dir(settings.data_dir)
     http_sock = _bind(settings.host, settings.http_port) if role in PUBLIC_ROLES else None
@@ -293,7 +304,7 @@ async def run_server(
             public_done.set()
         tg.start_soon(_serve_until, admin_app, admin_config, admin_stop, admin_done)
         if agent_listener is not None:
-            tg.start_soon(_accept_agents, agent_listener, agents, tg)
+            tg.start_soon(_accept_agents, agent_listener, agents, tg, tls)
         loop = asyncio.get_running_loop()
         previous_handler = _quiet_accept_errors(loop)
         try:
@@ -330,7 +341,7 @@ ACCEPT_RETRY_DELAY = 0.1
 
 
 async def _accept_agents(listener: anyio.abc.Listener[Any], agents: AgentListener,
-                         tg: anyio.abc.TaskGroup) -> None:
+                         tg: anyio.abc.TaskGroup, tls: ssl.SSLContext | None = None) -> None:
     # Sessions live in the server's task group, so closing the listener at shutdown stops
     # new agents without cutting the ones that are draining.
     report = RateLimitedLog(log, interval=10.0, level=logging.ERROR)
@@ -346,7 +357,7 @@ async def _accept_agents(listener: anyio.abc.Listener[Any], agents: AgentListene
                    "limit, `ulimit -n`, if this persists)", exc.strerror or exc)
             await anyio.sleep(ACCEPT_RETRY_DELAY)
             continue
-        tg.start_soon(_serve_agent, agents, stream)
+        tg.start_soon(_serve_agent, agents, stream, tls)
 
 
 def _quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> Any:
@@ -371,13 +382,93 @@ def _quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> Any:
     return default
 
 
-async def _serve_agent(agents: AgentListener, stream: anyio.abc.SocketStream) -> None:
+#: Rate-limits the agent port's reports of failed TLS handshakes (scanners, wrong clients).
+_tls_refusals = RateLimitedLog(log, interval=10.0, level=logging.INFO)
+
+
+async def _serve_agent(agents: AgentListener, stream: anyio.abc.SocketStream,
+                       tls: ssl.SSLContext | None = None) -> None:
     # A bug while serving one agent must end that connection only, never the server.
     try:
-        await agents.handle(stream)
+        if tls is not None:
+            secured = await _tls_handshake(agents, stream, tls)
+            if secured is None:
+                return
+            # TLSStream passes the socket's extra attributes (the peer's address) through.
+            await agents.handle(secured)  # type: ignore[arg-type]
+        else:
+            plain = await _plain_agent_stream(agents, stream)
+            if plain is None:
+                return
+            await agents.handle(plain)  # type: ignore[arg-type]  # a ByteStream with the socket's attributes
     except Exception:
         log.exception("unexpected error while serving an agent connection; closing it")
         await stream.aclose()
+
+
+async def _tls_handshake(agents: AgentListener, stream: anyio.abc.SocketStream,
+                         tls: ssl.SSLContext) -> TLSStream | None:
+    """The agent connection over TLS, or None (closed) when the client does not speak TLS or the
+    handshake fails. A plain HTTP request (``ws://`` to this port) gets a 400 saying to use wss://,
+    as nginx answers HTTP on an HTTPS port, so the agent can tell its user what is wrong."""
+    peer = _peer(stream)
+    try:
+        with anyio.fail_after(agents.settings.handshake_timeout):
+            first = await stream.receive()
+            if looks_like_http(first):
+                host = stream.extra(anyio.abc.SocketAttribute.local_address)[0]
+                await stream.send(plain_http_on_tls_port(str(host), agents.server.ports.ws))
+                _tls_refusals("agent %s: plain HTTP on the TLS agent port; told it to use wss://", peer)
+                await stream.aclose()
+                return None
+            return await TLSStream.wrap(PrefixedStream(stream, first), server_side=True, ssl_context=tls,
+                                        standard_compatible=False)
+    except (TimeoutError, OSError, ssl.SSLError, anyio.BrokenResourceError, anyio.EndOfStream) as exc:
+        _tls_refusals("agent %s: TLS handshake failed: %s", peer, _tls_reason(exc))
+        with anyio.CancelScope(shield=True):
+            await stream.aclose()
+        return None
+
+
+async def _plain_agent_stream(agents: AgentListener,
+                              stream: anyio.abc.SocketStream) -> anyio.abc.ByteStream | None:
+    """The connection to serve on this plain port, its first bytes put back; None (closed) when it
+    began a TLS handshake (``wss://`` to a server without SSL_*): it then gets a plain 400, which
+    the agent's TLS reads as "not TLS" at once, rather than waiting out the handshake timeout for a
+    request head that never comes."""
+    try:
+        with anyio.fail_after(agents.settings.handshake_timeout):
+            first = await stream.receive()
+    except (TimeoutError, OSError, anyio.BrokenResourceError, anyio.EndOfStream) as exc:
+        # Closed here: waiting again in the listener's handshake would double the timeout.
+        _tls_refusals("agent %s: handshake failed before its first byte: %s", _peer(stream), _tls_reason(exc))
+        with anyio.CancelScope(shield=True):
+            await stream.aclose()
+        return None
+    if first[:1] != bytes([TLS_HANDSHAKE_RECORD]):
+        return PrefixedStream(stream, first)
+    _tls_refusals("agent %s: TLS on the plain agent port; told it this port does not speak TLS", _peer(stream))
+    with anyio.CancelScope(shield=True):
+        with contextlib.suppress(OSError, anyio.BrokenResourceError):
+            await stream.send(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        await stream.aclose()
+    return None
+
+
+def _peer(stream: anyio.abc.SocketStream) -> str:
+    try:
+        return str(stream.extra(anyio.abc.SocketAttribute.remote_address)[0])
+    except (anyio.TypedAttributeLookupError, OSError, IndexError):
+        return "?"
+
+
+def _tls_reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    cause = exc.__cause__ if isinstance(exc, anyio.BrokenResourceError) and exc.__cause__ else exc
+    if isinstance(cause, ssl.SSLError):
+        return cause.reason or str(cause)
+    return str(cause) or type(cause).__name__
 
 
 async def _serve_until(app: Any, config: HypercornConfig, stop: anyio.Event, done: anyio.Event,
@@ -421,7 +512,9 @@ def describe(server: ServerContext) -> list[str]:
     if s.role in PUBLIC_ROLES:
         lines.append(f"  public   {scheme}://{s.host}:{ports.http}  (tunnels at {s.url_for('<alias>')})")
     if s.role in AGENT_ROLES:
-        lines.append(f"  agents   ws://{s.host}:{ports.ws}  (agents connect with: comzy PORT --server ws://HOST:{ports.ws})")
+        agent_scheme = "wss" if s.ssl_cert_path else "ws"
+        lines.append(f"  agents   {agent_scheme}://{s.host}:{ports.ws}  (agents connect with: comzy PORT --server "
+                     f"{agent_scheme}://HOST:{ports.ws})")
     lines += [
         f"  admin    http://{s.admin_host}:{ports.admin}  (token: {token_source})",
         f"  domain   {s.base_domain}",

@@ -64,9 +64,11 @@ class ServerSettings(BaseSettings):
                                    description="Public URL template with {alias}, e.g. "
                                    "https://{alias}.example.com behind a TLS proxy.")
     ssl_cert_path: Path | None = Field(None, validation_alias=_env("COMZY_SSL_CERT_PATH", "SSL_CERT_PATH"),
-                                       description="TLS certificate for the public listener.")
+                                       description="TLS certificate (PEM, chain first) for the public and agent "
+                                       "listeners; checked at start-up. Empty: no TLS.")
     ssl_key_path: Path | None = Field(None, validation_alias=_env("COMZY_SSL_KEY_PATH", "SSL_KEY_PATH"),
-                                      description="TLS private key for the public listener.")
+                                      description="TLS private key (PEM, unencrypted) for the public and agent "
+                                      "listeners. Empty: no TLS.")
     http_server: Literal["hypercorn", "uvicorn"] = Field(
         "hypercorn", validation_alias=_env("COMZY_HTTP_SERVER"),
         description="ASGI server of the public listener: hypercorn or uvicorn (faster; pip extra "
@@ -132,6 +134,12 @@ class ServerSettings(BaseSettings):
         if not value or " " in value:
             raise ValueError("must be a domain name such as example.com")
         return value
+
+    @field_validator("ssl_cert_path", "ssl_key_path", mode="before")
+    @classmethod
+    def _empty_path_is_unset(cls, value: Any) -> Any:
+        # The seed's .env has `SSL_CERT_PATH=` for "no TLS"; as a Path, "" would be the current directory.
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("public_url")
     @classmethod
@@ -205,6 +213,12 @@ def explain_validation_error(model: type[BaseSettings], error: ValidationError) 
         value = "***" if info is not None and _is_secret(info.annotation) else repr(item.get("input"))
         lines.append(f"{names}={value}: {item['msg']}")
     return "invalid setting: " + "; ".join(lines)
+
+
+def variable_name(model: type[BaseSettings], field: str) -> str:
+    """The environment variable behind ``field`` of ``model`` as the user wrote it: the one that is
+    set (``SSL_CERT_PATH`` or ``COMZY_SSL_CERT_PATH``), else all its names joined with '/'."""
+    return _variable_set(model, _field(model, field)[1])
 
 
 def _field(model: type[BaseSettings], key: str) -> tuple[FieldInfo | None, list[str]]:

@@ -22,6 +22,7 @@ from wsproto.events import AcceptConnection, Event, RejectConnection, RejectData
 from wsproto.utilities import RemoteProtocolError, generate_accept_token
 
 from comzy.core import wsframe
+from comzy.core.tls import client_tls_context, mismatch
 
 READ_SIZE = 256 * 1024
 
@@ -306,25 +307,49 @@ async def connect(
     max_message: int,
     headers: list[tuple[bytes, bytes]] | None = None,
     connect_timeout: float = 10.0,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> WebSocket:
-    """Open a WebSocket to a ``ws://`` or ``wss://`` URL."""
+    """Open a WebSocket to a ``ws://`` or ``wss://`` URL (``wss://`` trusting ``ssl_context``, by
+    default the system's CAs or SSL_CERT_FILE's).
+
+    Raises TLSMismatch, one line saying which scheme to use, when the port speaks TLS to a
+    ``ws://`` URL or does not to a ``wss://`` one, or when the server's certificate is not trusted.
+    """
     parts = urlsplit(url)
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
         raise WebSocketError(f"not a ws:// or wss:// URL: {url!r}")
     secure = parts.scheme == "wss"
     port = parts.port or (443 if secure else 80)
     with anyio.fail_after(connect_timeout):
+        stream: anyio.abc.ByteStream
         if secure:
-            stream: anyio.abc.ByteStream = await anyio.connect_tcp(
-                parts.hostname, port, tls=True, ssl_context=ssl.create_default_context()
-            )
+            try:
+                # Not standard_compatible: closing then sends close_notify without waiting for the
+                # peer's (a read racing the link's reader task); the WebSocket close frames already
+                # tell truncation from a clean end.
+                stream = await anyio.connect_tcp(parts.hostname, port, tls=True,
+                                                 ssl_context=ssl_context or client_tls_context(),
+                                                 tls_standard_compatible=False)
+            except (ssl.SSLError, anyio.BrokenResourceError, anyio.EndOfStream) as exc:
+                raise TLSMismatch(mismatch(url, exc) or f"{url}: TLS handshake failed ({exc!r})") from None
         else:
             stream = await anyio.connect_tcp(parts.hostname, port)
         netloc = parts.netloc.rsplit("@", 1)[-1]
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         try:
             ws, _ = await client_handshake(stream, netloc, target, max_message, headers)
+        except HandshakeRejected as exc:
+            await stream.aclose()
+            line = mismatch(url, exc)
+            if line is not None:
+                raise TLSMismatch(line) from None
+            raise
         except BaseException:
             await stream.aclose()
             raise
     return ws
+
+
+class TLSMismatch(WebSocketError):
+    """The agent and the server disagree about TLS on the agent port (or the server's certificate is
+    not trusted); the message is one line saying what to use."""
