@@ -157,3 +157,20 @@ async def test_an_unreachable_alias_registry_refuses_as_throttled(tmp_path: Path
         ws, frame = await raw_hello(control, subdomain="later")
         assert frame.type == FT.WELCOME  # and the agent's retry then succeeds
         await ws.aclose()
+
+
+async def test_a_release_during_a_nats_outage_is_made_once_nats_is_back(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    async with control_node(nats_server, tmp_path / "a") as control:
+        ws, welcome = await raw_hello(control, subdomain="outage")
+        assert welcome.type == FT.WELCOME
+        nats_server.kill9()
+        await wait_until(lambda: not control.cluster.nats.connected)
+        await ws.close(1000, "bye")  # its release cannot reach KV now
+        await wait_until(lambda: control.tunnel("outage") is None)
+        nats_server.start()
+        async with nats_node(nats_server, "edge") as probe:
+            # Without the retry the record would stay live while this node's lease lives on, and
+            # every other node would refuse the alias to anyone without its secret.
+            record = await wait_record(probe, "outage", lambda r: r is not None and not r.live)
+            assert record.node == control.node

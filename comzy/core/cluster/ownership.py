@@ -61,6 +61,8 @@ class ClusterDirectory:
         self.responder: Responder | None = None
         self._kv: KeyValue | None = None
         self._held: dict[str, _Held] = {}
+        #: Releases NATS did not take (it was away): retried by the next reconcile.
+        self._unreleased: dict[str, _Held] = {}
         #: (alias, session) of claims being written: held already for a racing read on this node.
         self._claiming: set[tuple[str, int]] = set()
         self._subscriptions: dict[str, Any] = {}
@@ -193,6 +195,7 @@ class ClusterDirectory:
         finally:
             self._claiming.discard(claiming)
         self._held[alias] = _Held(entry, revision)
+        self._unreleased.pop(alias, None)  # this claim wrote over that release
         holder = holders.holder(alias)
         if holder is not None and holder.node != self.nats.node_id:
             await self._evict_remote(holder)
@@ -228,14 +231,23 @@ class ClusterDirectory:
             return  # replaced (here or by another node): the record is its successor's
         del self._held[alias]
         await self._unsubscribe(alias)
+        await self._mark_released(held)
+
+    async def _mark_released(self, held: _Held) -> None:
+        entry = held.entry
+        alias = entry.tunnel.alias
         value = Record.encode_entry(entry, self.nats.node_id, live=False)
         try:
             with anyio.fail_after(KV_TIMEOUT):
                 await self._bucket().update(alias, value, last=held.revision)
         except nats.js.errors.KeyWrongLastSequenceError:
             return  # taken over meanwhile: the record is the new holder's
-        except Exception as exc:  # NATS away: the record stays live until its node's lease ends
-            self._errors("cluster: could not release alias %s: %s", alias, exc)
+        except Exception as exc:
+            # NATS away: other nodes would see the alias live (this node's lease lives on), so
+            # the release is retried when NATS is back (reconcile).
+            self._errors("cluster: could not release alias %s: %s; retrying once NATS is back", alias,
+                         getattr(exc, "detail", None) or exc)
+            self._unreleased[alias] = held
             return
         await self._publish_event("down", alias, entry.tunnel.session)
 
@@ -305,6 +317,10 @@ class ClusterDirectory:
         drop the sessions whose alias another node holds now, recreate missing records."""
         self._reconciling = True
         try:
+            for alias, held in list(self._unreleased.items()):
+                del self._unreleased[alias]
+                if alias not in self._held:  # not claimed here again since
+                    await self._mark_released(held)
             self._verifying.update(self._held)
             for alias in list(self._verifying):
                 held = self._held.get(alias)
