@@ -46,6 +46,8 @@ if TYPE_CHECKING:
     from comzy.core.cluster.settings import ClusterSettings
 
 log = logging.getLogger("comzy.server")
+#: A dashboard polls all_tunnels(): a silent control node is reported once a minute, not per call.
+_missing_nodes = RateLimitedLog(log, interval=60.0, level=logging.WARNING)
 
 #: The bus topic control nodes answer with their tunnels (``all_tunnels``).
 TUNNELS_TOPIC = "core.tunnels"
@@ -121,8 +123,8 @@ class ServerContext:
         missing = sorted({node for node, info in self.cluster.nats.live_nodes().items() if info.role == "control"}
                          - answers.keys())
         if missing:
-            log.warning("the tunnel list lacks control node(s) %s: no answer within the bus timeout",
-                        ", ".join(missing))
+            _missing_nodes("the tunnel list lacks control node(s) %s: no answer within the bus timeout",
+                           ", ".join(missing))
         return [tunnel_from_view(node, view) for node, views in sorted(answers.items()) for view in views]
 
     async def close_tunnel(self, alias: str, reason: str = "closed by the server") -> bool:
@@ -514,7 +516,7 @@ def describe(server: ServerContext) -> list[str]:
     if s.role in AGENT_ROLES:
         agent_scheme = "wss" if s.ssl_cert_path else "ws"
         lines.append(f"  agents   {agent_scheme}://{s.host}:{ports.ws}  (agents connect with: comzy PORT --server "
-                     f"{agent_scheme}://HOST:{ports.ws})")
+                     f"{s.agent_url()})")
     lines += [
         f"  admin    http://{s.admin_host}:{ports.admin}  (token: {token_source})",
         f"  domain   {s.base_domain}",

@@ -50,9 +50,15 @@ async def test_local_bus_refuses_what_a_cluster_would_refuse() -> None:
     bus.answer("t", lambda request: 1)
     with pytest.raises(ValueError, match="already has an answerer"):
         bus.answer("t", lambda request: 2)
-    bus.answer("odd", lambda request: object())  # an answer msgpack cannot carry fails here too
-    with pytest.raises(TypeError):
-        await bus.gather("odd")
+    with pytest.raises(TypeError):  # a request a cluster could not send
+        await bus.gather("t", object())
+
+
+async def test_local_bus_leaves_out_a_failing_answer_as_a_cluster_does(caplog: pytest.LogCaptureFixture) -> None:
+    bus = LocalBus()
+    bus.answer("odd", lambda request: object())  # an answer msgpack cannot carry
+    assert await bus.gather("odd") == {}
+    assert "the answerer of odd failed; this node's answer is left out" in caplog.text
 
 
 async def test_local_bus_subscriber_failure_spares_the_publisher_and_the_others() -> None:

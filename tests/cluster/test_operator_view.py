@@ -202,3 +202,15 @@ async def test_a_request_through_one_edge_shows_on_every_nodes_feed(
         await wait_until(lambda: ctl.tunnels()[0].requests == 1)
         [listed] = await edge2.all_tunnels()
         assert (listed.alias, listed.requests, listed.node) == (agent.alias, 1, ctl.node)
+
+
+async def test_all_tunnels_names_a_control_node_that_did_not_answer(
+        tmp_path: Path, nats_server: NatsServer, upstream: Upstream, caplog: pytest.LogCaptureFixture) -> None:
+    from tests.cluster.conftest import nats_node
+
+    async with node(tmp_path / "ctl", nats_server, "control", "ctl") as ctl, \
+            node(tmp_path / "edge", nats_server, "edge", "edge") as edge, start_agent(ctl, upstream.port) as agent, \
+            nats_node(nats_server, role="control") as silent:  # a lease, and no bus: it never answers
+        await wait_until(lambda: silent.node_id in edge.bus.nodes())
+        assert [t.alias for t in await edge.all_tunnels()] == [agent.alias]  # the answers that came, at the timeout
+        assert f"the tunnel list lacks control node(s) {silent.node_id}" in caplog.text
