@@ -75,7 +75,8 @@ def remove_credentials() -> bool:
     return True
 
 
-def _same_place(url: str) -> str:
+def same_place(url: str) -> str:
+    """``url`` as compared with another server URL (case and a trailing slash do not matter)."""
     return url.strip().rstrip("/").lower()
 
 
@@ -90,8 +91,8 @@ def token_for(servers: list[str], saved: Credentials | None) -> tuple[str | None
         return os.environ["COMZY_TOKEN"], None
     if saved is None:
         return None, None
-    logged_in = {_same_place(s) for s in saved.server.split(",") if s.strip()}
-    if logged_in and all(_same_place(s) in logged_in for s in servers):
+    logged_in = {same_place(s) for s in saved.server.split(",") if s.strip()}
+    if logged_in and all(same_place(s) in logged_in for s in servers):
         return saved.token, None
     return None, f"your saved login ({saved.user}) is for {saved.server}, not {', '.join(servers)}"
 
@@ -138,6 +139,8 @@ class ServerStatus:
     protocol: int
     base_domain: str
     draining: bool
+    #: The server's COMZY_PUBLIC_AGENT_URL: where its agents connect (None: unset, or an older server).
+    agent_url: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +179,8 @@ class AccountClient:
         document = await self._call("GET", STATUS_PATH)
         server = self.server
         return ServerStatus(_field(server, document, "server", str), _field(server, document, "protocol", int),
-                            _field(server, document, "base_domain", str), bool(document.get("draining")))
+                            _field(server, document, "base_domain", str), bool(document.get("draining")),
+                            _optional_str(document.get("agent_url")))
 
     async def me(self) -> Account:
         """The token's user and the aliases they own; ApiError when refused."""
@@ -237,6 +241,10 @@ class AccountClient:
             code, message = error if error is not None else ("", "")
             raise ApiError(self.server, response.status_code, code, message)
         return document
+
+
+def _optional_str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def _field(server: str, document: dict[str, Any], key: str, kind: type) -> Any:

@@ -135,6 +135,10 @@ async def _status(server_option: str | None, cacert: str | None = None) -> int:
     draining = " (shutting down)" if info.draining else ""
     print(f"Server:  {server}: reachable, {printable(info.server)}, tunnels at *.{printable(info.base_domain)}"
           f"{draining}")
+    if info.agent_url and account.same_place(info.agent_url) != account.same_place(server):
+        # Reached by an internal address: say where the server's agents are meant to connect.
+        print(f"Agents:  this server's public agent URL is {printable(info.agent_url)} "
+              f"(comzy PORT --server {printable(info.agent_url)})")
     token, held_back = account.token_for([server], saved)
     if token is None:
         print(f"Login:   {held_back}, so it is not sent there (tunnels are anonymous). Run `comzy login "

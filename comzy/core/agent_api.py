@@ -147,10 +147,11 @@ class AgentApi:
             return json_response(200, {
                 "server": f"comzy/{__version__}", "protocol": p.PROTOCOL_VERSION,
                 "base_domain": settings.base_domain, "draining": self.server.draining,
+                "agent_url": settings.public_agent_url,
             })
         if path == "/":
             return json_response(200, {"message": "This is the agent listener of a Comzy server. Connect an agent: "
-                                       f"comzy 3000 --server ws://<this host>:{self.server.ports.ws}"})
+                                       f"comzy 3000 --server {settings.agent_url('<this host>')}"})
         # The agent reads this code on an account path as "this server keeps no accounts".
         return error_response(ErrorCode.NO_API, f"nothing on this server (comzy/{__version__}) serves {path}")
 

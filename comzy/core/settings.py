@@ -63,6 +63,10 @@ class ServerSettings(BaseSettings):
     public_url: str | None = Field(None, validation_alias=_env("COMZY_PUBLIC_URL"),
                                    description="Public URL template with {alias}, e.g. "
                                    "https://{alias}.example.com behind a TLS proxy.")
+    public_agent_url: str | None = Field(
+        None, validation_alias=_env("COMZY_PUBLIC_AGENT_URL"),
+        description="The agent listener's URL as agents reach it, e.g. wss://tunnel.example.com behind a TLS proxy; "
+        "shown in the start-up hint and by `comzy status`. Unset: ws(s)://HOST:COMZY_WS_PORT.")
     ssl_cert_path: Path | None = Field(None, validation_alias=_env("COMZY_SSL_CERT_PATH", "SSL_CERT_PATH"),
                                        description="TLS certificate (PEM, chain first) for the public and agent "
                                        "listeners; checked at start-up. Empty: no TLS.")
@@ -148,6 +152,17 @@ class ServerSettings(BaseSettings):
             raise ValueError("must contain {alias}, e.g. https://{alias}.example.com")
         return value
 
+    @field_validator("public_agent_url")
+    @classmethod
+    def _public_agent_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip().rstrip("/")
+        scheme, _, rest = value.partition("://")
+        if scheme not in ("ws", "wss") or not rest or rest.startswith("/"):
+            raise ValueError("must be a ws:// or wss:// URL, e.g. wss://tunnel.example.com")
+        return value
+
     @field_validator("http_server")
     @classmethod
     def _http_server_installed(cls, value: str) -> str:
@@ -179,6 +194,12 @@ class ServerSettings(BaseSettings):
     def reserved(self) -> frozenset[str]:
         """The reserved names as a set."""
         return frozenset(filter(None, (n.strip().lower() for n in self.reserved_aliases.split(","))))
+
+    def agent_url(self, host: str = "HOST") -> str:
+        """The URL agents connect to: COMZY_PUBLIC_AGENT_URL, else ws(s)://``host``:COMZY_WS_PORT."""
+        if self.public_agent_url:
+            return self.public_agent_url
+        return f"{'wss' if self.ssl_cert_path else 'ws'}://{host}:{self.ws_port}"
 
     def url_for(self, alias: str) -> str:
         """The public URL of an alias."""
