@@ -173,3 +173,19 @@ async def test_an_event_larger_than_a_bus_message_is_dropped_and_counted(nats_se
         await wait_until(lambda: len(got) == 2)
         assert got == [{"type": "lagged", "dropped": 1}, {"small": 1}]
         assert a.dropped == 1
+
+
+async def test_events_published_while_nats_is_away_are_sent_after_the_reconnect(nats_server: NatsServer) -> None:
+    async with bus_node(nats_server) as a, bus_node(nats_server) as b:
+        got: list[dict[str, Any]] = []
+        b.subscribe("demo.later", lambda node, event: got.append(event))
+        nats_server.kill9()
+        await wait_until(lambda: not a.nats.connected and not b.nats.connected)
+        a.publish("demo.later", {"n": 1})  # never blocks, even now
+        from comzy.core.cluster.connection import BusDown
+
+        with pytest.raises(BusDown, match="cannot reach the cluster's message bus"):
+            await a.gather("demo.anything")
+        nats_server.start()
+        await wait_until(lambda: got == [{"n": 1}])
+        assert a.dropped == 0

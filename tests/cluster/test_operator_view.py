@@ -214,3 +214,19 @@ async def test_all_tunnels_names_a_control_node_that_did_not_answer(
         await wait_until(lambda: silent.node_id in edge.bus.nodes())
         assert [t.alias for t in await edge.all_tunnels()] == [agent.alias]  # the answers that came, at the timeout
         assert f"the tunnel list lacks control node(s) {silent.node_id}" in caplog.text
+
+
+async def test_a_node_cut_off_from_nats_says_so_instead_of_listing_nothing(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    async with node(tmp_path / "edge", nats_server, "edge", "edge", [("dashboard", Dashboard())]) as edge, \
+            admin_client(edge) as admin:
+        assert (await admin.get("/api/tunnels")).json() == {"tunnels": []}
+        nats_server.kill9()
+        await wait_until(lambda: not edge.cluster.nats.connected)  # type: ignore[union-attr]
+        listed = await admin.get("/api/tunnels")
+        assert listed.status_code == 503
+        assert "cannot reach the cluster's message bus" in listed.json()["error"]
+        closing = await admin.delete("/api/tunnels/some-alias")
+        assert closing.status_code == 503 and "'some-alias' cannot be closed right now" in closing.json()["error"]
+        nats_server.start()  # so that the node stops cleanly
+        await wait_until(lambda: edge.cluster.nats.connected)  # type: ignore[union-attr]
