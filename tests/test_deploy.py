@@ -5,14 +5,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 from pydantic import ValidationError
 
-from comzy.core.server import describe
+from comzy import PluginError, hookimpl
+from comzy.core.server import ServerContext, describe
 from comzy.core.settings import ServerSettings, explain_validation_error
-from tests.conftest import make_settings, start_server
+from tests.conftest import PYTHON, make_settings, start_server
+from tests.helpers import scratch_database
 from tests.test_account_api import comzy
+from tests.test_cli import SERVER, run_cli, server_env
 
 pytestmark = pytest.mark.anyio
 
@@ -56,3 +60,60 @@ def test_a_bad_public_agent_url_names_the_variable(tmp_path: Path, monkeypatch: 
 
 def test_an_empty_public_agent_url_is_unset(tmp_path: Path) -> None:
     assert make_settings(tmp_path, public_agent_url=" ").public_agent_url is None
+
+
+# -- item 5: a plugin that cannot start leaves nothing behind --------------------------------------
+
+class Opener:
+    """Opens something at start-up and releases it at shutdown."""
+
+    def __init__(self, events: list[str], name: str) -> None:
+        self.events, self.name = events, name
+
+    @hookimpl
+    async def on_startup(self, server: ServerContext) -> None:
+        self.events.append(f"{self.name} started")
+
+    @hookimpl
+    async def on_shutdown(self, server: ServerContext) -> None:
+        self.events.append(f"{self.name} shut down")
+
+
+class Refuser(Opener):
+    """Refuses to start, as a plugin with a bad setting does."""
+
+    @hookimpl
+    async def on_startup(self, server: ServerContext) -> None:
+        raise PluginError(f"{self.name}: invalid setting")
+
+
+async def test_plugins_that_started_are_shut_down_when_a_later_one_fails(tmp_path: Path) -> None:
+    events: list[str] = []
+    plugins = [("first", Opener(events, "first")), ("bad", Refuser(events, "bad")), ("last", Opener(events, "last"))]
+    with pytest.raises(BaseException) as caught:  # the server's task group may wrap it
+        async with start_server(tmp_path / "data", plugins=plugins):
+            pass
+    assert "bad: invalid setting" in repr(caught.value)
+    # The one started before the refusal (start-up runs them in the manager's order) is shut down;
+    # the refusing plugin and the one after it never started, and are not shut down.
+    started = [event.split()[0] for event in events if event.endswith(" started")]
+    assert len(started) == 1 and started[0] in ("first", "last")
+    assert events == [f"{started[0]} started", f"{started[0]} shut down"]
+
+
+async def test_a_bad_plugin_setting_on_mariadb_is_one_line_without_a_traceback(tmp_path: Path) -> None:
+    """The seed's CUSTOM_DOMAINS mistake on MySQL: the pools the plugins before it had opened (the
+    users' store's) used to be collected after the event loop closed ("Exception ignored in
+    Connection.__del__", a traceback after the one-line error)."""
+    async for url in scratch_database("mariadb"):
+        env = server_env(tmp_path / "data", COMZY_PLUGINS="mysql_logging,auth_token,custom_domains",
+                         COMZY_DATABASE_URL=url.render_as_string(hide_password=False))
+        await anyio.run_process([PYTHON, "-m", SERVER, "db", "upgrade"], env=env, cwd=tmp_path)
+        env["CUSTOM_DOMAINS"] = "shop.example.com"
+        async with run_cli(SERVER, env=env, cwd=tmp_path) as cli:
+            code = await cli.wait_exit(within=30)
+        assert code == 2, cli.describe()
+        problems = [line for line in cli.lines["stderr"] if " INFO " not in line]
+        assert problems == ["comzy-server: custom_domains: invalid CUSTOM_DOMAINS (or COMZY_CUSTOM_DOMAINS_MAPPINGS): "
+                            "entry 'shop.example.com' is not HOST:ALIAS (e.g. shop.example.com:ana-shop)"], \
+            cli.describe()
