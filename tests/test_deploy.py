@@ -13,10 +13,13 @@ from pydantic import ValidationError
 from comzy import PluginError, hookimpl
 from comzy.core.server import ServerContext, describe
 from comzy.core.settings import ServerSettings, explain_validation_error
-from tests.conftest import PYTHON, make_settings, start_server
+from comzy.plugins.anonymous_timeout import AnonymousTimeout
+from comzy.plugins.anonymous_timeout.settings import AnonymousTimeoutSettings
+from tests.conftest import PYTHON, make_settings, start_agent, start_server
 from tests.helpers import scratch_database
 from tests.test_account_api import comzy
-from tests.test_cli import SERVER, run_cli, server_env
+from tests.test_cli import SERVER, agent_env, run_agent, run_cli, server_env
+from tests.upstream import Upstream
 
 pytestmark = pytest.mark.anyio
 
@@ -117,3 +120,39 @@ async def test_a_bad_plugin_setting_on_mariadb_is_one_line_without_a_traceback(t
         assert problems == ["comzy-server: custom_domains: invalid CUSTOM_DOMAINS (or COMZY_CUSTOM_DOMAINS_MAPPINGS): "
                             "entry 'shop.example.com' is not HOST:ALIAS (e.g. shop.example.com:ana-shop)"], \
             cli.describe()
+
+
+# -- item 6: the seed's COMZY_ANONYMOUS_TIMEOUT (milliseconds) -----------------------------------
+
+def test_the_seed_anonymous_timeout_is_milliseconds_unless_the_plugin_setting_is_set(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("COMZY_ANONYMOUS_TIMEOUT_SECONDS", raising=False)
+    monkeypatch.setenv("COMZY_ANONYMOUS_TIMEOUT", "90000")
+    assert AnonymousTimeoutSettings(_env_file=None).seconds == 90
+    monkeypatch.setenv("COMZY_ANONYMOUS_TIMEOUT_SECONDS", "600")
+    assert AnonymousTimeoutSettings(_env_file=None).seconds == 600
+    monkeypatch.setenv("COMZY_ANONYMOUS_TIMEOUT", "soon")
+    with pytest.raises(ValidationError) as caught:
+        AnonymousTimeoutSettings(_env_file=None)
+    assert explain_validation_error(AnonymousTimeoutSettings, caught.value).startswith(
+        "invalid setting: COMZY_ANONYMOUS_TIMEOUT='soon': ")
+
+
+async def test_the_seed_anonymous_timeout_sets_the_tunnels_lifetime(tmp_path: Path, upstream: Upstream,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("COMZY_ANONYMOUS_TIMEOUT_SECONDS", raising=False)
+    monkeypatch.setenv("COMZY_ANONYMOUS_TIMEOUT", "120000")
+    expiry = AnonymousTimeout(AnonymousTimeoutSettings(_env_file=None))
+    async with start_server(tmp_path / "data", plugins=[("anonymous_timeout", expiry)]) as server, \
+            start_agent(server, upstream.port):
+        tunnel = server.tunnels()[0]
+        assert tunnel.expires_at is not None
+        assert 119 <= tunnel.expires_at - tunnel.created_at <= 121
+
+
+async def test_the_agent_says_the_seed_anonymous_timeout_is_the_servers(tmp_path: Path, upstream: Upstream) -> None:
+    async with start_server(tmp_path / "data") as server, \
+            run_agent(upstream.port, server.ports.ws, tmp_path, env=agent_env(COMZY_ANONYMOUS_TIMEOUT="60000")) as cli:
+        await cli.wait_for(r"^Public URL: ")
+        assert any("COMZY_ANONYMOUS_TIMEOUT has no effect on the agent: the server's setting decides" in line
+                   for line in cli.lines["stdout"] + cli.lines["stderr"]), cli.describe()

@@ -118,8 +118,10 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_readme_documents_every_setting() -> None:
     readme = (ROOT / "comzy" / "plugins" / "anonymous_timeout" / "README.md").read_text()
-    for name in AnonymousTimeoutSettings.model_fields:
-        assert f"`COMZY_ANONYMOUS_TIMEOUT_{name.upper()}`" in readme
+    for name, field in AnonymousTimeoutSettings.model_fields.items():
+        variable = field.validation_alias if isinstance(field.validation_alias, str) else \
+            f"COMZY_ANONYMOUS_TIMEOUT_{name.upper()}"
+        assert f"`{variable}`" in readme, variable
 
 
 async def test_cli_agent_shows_expiry_and_exits_with_the_reason(tmp_path: Path, upstream: Upstream) -> None:

@@ -122,6 +122,10 @@ def main(argv: list[str] | None = None) -> None:
     token, held_back = account.token_for(servers, saved)
     target = f"{args.local_host}:{args.port}"
     printer = Printer(target, quiet=args.quiet)
+    if os.environ.get("COMZY_ANONYMOUS_TIMEOUT"):
+        # The seed's agents read it; here the server decides, and its expiry is shown on connect.
+        printer.notice("warning", "COMZY_ANONYMOUS_TIMEOUT has no effect on the agent: the server's setting decides "
+                                  "when anonymous tunnels expire (shown once connected).")
     if held_back:
         printer.notice("warning", f"{held_back[0].upper()}{held_back[1:]}; connecting anonymously. "
                                   f"Run `comzy login --server {servers[0]}` to log in there.")
