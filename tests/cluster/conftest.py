@@ -199,3 +199,21 @@ async def wait_record(node: Any, alias: str, condition: Any, timeout: float = 10
             if condition(record):
                 return record
             await anyio.sleep(0.01)
+
+
+async def tunnel_request(node: Any, alias: str, op: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+    """An op on ``P.t.<alias>`` from ``node``'s client; its msgpack answer. "No responders" is
+    retried until ``timeout``: right after a WELCOME another connection may not see the holder's
+    subscription yet (the nats-server race of ``wait_linkable``)."""
+    import msgpack
+    import nats.errors
+
+    with anyio.fail_after(timeout):
+        while True:
+            try:
+                reply = await node.nc.request(node.subjects.tunnel(alias), msgpack.packb(op), timeout=5)
+            except nats.errors.NoRespondersError:
+                await anyio.sleep(0.01)
+                continue
+            answer: dict[str, Any] = msgpack.unpackb(reply.data)
+            return answer

@@ -16,7 +16,15 @@ import nats.errors
 import pytest
 
 from comzy.core import protocol as p
-from tests.cluster.conftest import NatsServer, control_node, nats_node, raw_hello, read_record, wait_record
+from tests.cluster.conftest import (
+    NatsServer,
+    control_node,
+    nats_node,
+    raw_hello,
+    read_record,
+    tunnel_request,
+    wait_record,
+)
 from tests.conftest import start_agent
 from tests.helpers import receive_until_closed, wait_until
 from tests.upstream import Upstream
@@ -28,9 +36,7 @@ FT = p.FrameType
 
 async def request(node: Any, alias: str, op: dict[str, Any]) -> dict[str, Any]:
     """An op on ``P.t.<alias>`` from the test's own client; its msgpack answer."""
-    reply = await node.nc.request(node.subjects.tunnel(alias), msgpack.packb(op), timeout=5)
-    answer: dict[str, Any] = msgpack.unpackb(reply.data)
-    return answer
+    return await tunnel_request(node, alias, op)
 
 
 async def test_agents_racing_for_one_subdomain_get_it_exactly_once(

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import msgpack
 import pytest
 
 from comzy.core import protocol as p
@@ -24,7 +23,7 @@ from comzy.core.cluster.link import Links
 from comzy.core.server import ServerContext
 from comzy.core.session import Session
 from comzy.core.stream import Stream, StreamReset
-from tests.cluster.conftest import NatsServer, control_node, nats_node, raw_hello, wait_linkable
+from tests.cluster.conftest import NatsServer, control_node, nats_node, raw_hello, tunnel_request, wait_linkable
 from tests.conftest import start_agent
 from tests.helpers import receive_until_closed, wait_until
 from tests.upstream import Upstream, pattern_block
@@ -42,10 +41,7 @@ class Edge:
         self.link = link
 
     async def lookup(self, alias: str) -> dict[str, Any]:
-        reply = await self.node.nc.request(self.node.subjects.tunnel(alias), msgpack.packb({"op": "lookup"}),
-                                           timeout=5)
-        answer: dict[str, Any] = msgpack.unpackb(reply.data)
-        return answer
+        return await tunnel_request(self.node, alias, {"op": "lookup"})
 
     async def request(self, alias: str, method: str, target: bytes, body: bytes = b"",
                       session: int | None = None, websocket: bool = False) -> Stream:

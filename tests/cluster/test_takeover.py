@@ -15,7 +15,15 @@ import pytest
 
 from comzy import Registration, hookimpl
 from comzy.core import protocol as p
-from tests.cluster.conftest import NatsServer, control_node, nats_node, raw_hello, read_record, wait_record
+from tests.cluster.conftest import (
+    NatsServer,
+    control_node,
+    nats_node,
+    raw_hello,
+    read_record,
+    tunnel_request,
+    wait_record,
+)
 from tests.helpers import receive_until_closed, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -24,9 +32,7 @@ FT = p.FrameType
 
 
 async def lookup(node: Any, alias: str) -> dict[str, Any]:
-    reply = await node.nc.request(node.subjects.tunnel(alias), msgpack.packb({"op": "lookup"}), timeout=5)
-    answer: dict[str, Any] = msgpack.unpackb(reply.data)
-    return answer
+    return await tunnel_request(node, alias, {"op": "lookup"})
 
 
 def goaway(frames: list[p.Frame]) -> dict[str, Any]:

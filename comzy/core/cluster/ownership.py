@@ -220,6 +220,12 @@ class ClusterDirectory:
         if alias not in self._subscriptions and self.responder is not None:
             self._subscriptions[alias] = await self.nats.nc.subscribe(
                 self.nats.subjects.tunnel(alias), queue="own", cb=self.responder)
+            # Before the WELCOME and the "up" event: once the agent is told its URL, a lookup must
+            # find the subscription at nats-server, not sit in this client's write buffer.
+            try:
+                await self.nats.nc.flush(timeout=KV_TIMEOUT)
+            except (nats.errors.Error, TimeoutError) as exc:  # NATS away: it has the SUB on reconnect
+                self._errors("cluster: could not confirm the subscription for %s: %s", alias, exc)
         await self._publish_event("up", alias, entry.tunnel.session)
 
     async def release(self, entry: Entry) -> None:
