@@ -156,3 +156,12 @@ async def test_the_agent_says_the_seed_anonymous_timeout_is_the_servers(tmp_path
         await cli.wait_for(r"^Public URL: ")
         assert any("COMZY_ANONYMOUS_TIMEOUT has no effect on the agent: the server's setting decides" in line
                    for line in cli.lines["stdout"] + cli.lines["stderr"]), cli.describe()
+
+
+def test_cacert_is_accepted_before_and_after_the_aliases_action() -> None:
+    from comzy.agent.commands import _parser
+
+    after = _parser().parse_args(["aliases", "release", "old", "--cacert", "ca.pem"])
+    before = _parser().parse_args(["aliases", "--cacert", "ca.pem", "release", "old"])
+    assert after.cacert == before.cacert == "ca.pem" and after.name == before.name == "old"
+    assert _parser().parse_args(["aliases"]).cacert is None

@@ -42,7 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     aliases.add_argument("--server", help=server_help)
     aliases.add_argument("--cacert", metavar="FILE", help=CACERT_HELP)
     actions = aliases.add_subparsers(dest="action", metavar="ACTION")
-    actions.add_parser("release", help="give up an alias you own").add_argument("name", metavar="NAME")
+    release = actions.add_parser("release", help="give up an alias you own")
+    release.add_argument("name", metavar="NAME")
+    # Also after the action (`comzy aliases release NAME --cacert F`); SUPPRESS keeps one given
+    # before it from being reset to None by this parser's default.
+    release.add_argument("--cacert", metavar="FILE", default=argparse.SUPPRESS, help=CACERT_HELP)
     return parser
 
 
