@@ -366,3 +366,34 @@ async def test_link_messages_fit_a_small_nats_max_payload(tmp_path: Path) -> Non
             assert max(sizes) > 128 * 1024  # frames were still coalesced, up to the limit
     finally:
         small.kill9()
+
+
+async def test_frames_sent_just_before_a_bye_are_still_read(nats_server: NatsServer) -> None:
+    """A peer that sends its last frames and ends the link at once (a BYE right behind them): the
+    frames already on the link reach the session before the end does, as on a WebSocket whose
+    close follows its last message."""
+    async with pair_of_nodes(nats_server) as pair:
+        link = pair.link()
+        assert await roundtrip(link, b"first") == b"first"
+        b_session = pair.accepted[0][0]
+        seen: list[dict[str, object]] = []
+
+        def take(stream_id: int, payload: dict[str, object]) -> None:
+            seen.append(payload)
+            b_session.send_nowait(p.encode_reset(stream_id, p.ResetCode.CANCEL, "seen"))
+
+        b_session.accept_stream = take  # type: ignore[assignment]
+        transport = pair.a_links._links[pair.b.node_id].transport
+        subject = pair.a.subjects.link(pair.b.node_id, pair.a.node_id)
+        last = p.encode(p.FrameType.REQUEST, 99, p.RequestHead("GET", b"/last", []).to_payload())
+        # One client publishes both, so NATS delivers them in this order and in one burst.
+        client = await nats.connect(nats_server.url)
+        try:
+            await client.publish(subject, encode_header(LinkKind.FRAMES, transport.epoch, transport._send_seq) + last)
+            await client.publish(subject, encode_header(LinkKind.BYE, transport.epoch, 0) + b"done")
+            await client.flush()
+            await wait_until(lambda: pair.closed_b, timeout=10)
+        finally:
+            await client.close()
+        await wait_until(lambda: seen, timeout=10)
+        assert seen[0]["t"] == b"/last"

@@ -158,13 +158,18 @@ class LinkTransport:
         self._inbox_bytes += len(body)
         self._event.set()
 
-    def fail(self, reason: str, *, tell_peer: bool) -> None:
-        """End the link with ``reason`` (the first reason wins); a BYE tells the peer if asked."""
+    def fail(self, reason: str, *, tell_peer: bool, keep_queued: bool = False) -> None:
+        """End the link with ``reason`` (the first reason wins); a BYE tells the peer if asked.
+
+        With ``keep_queued`` (the peer said BYE) the session still reads the messages that arrived
+        before the end, in order, as it reads a WebSocket's last messages before its close; any
+        other end drops them (after a gap or an overflow they cannot be trusted to be whole)."""
         if self.reason is not None:
             return
         self.reason = reason
-        self._inbox.clear()
-        self._inbox_bytes = 0
+        if not keep_queued:
+            self._inbox.clear()
+            self._inbox_bytes = 0
         self._event.set()
         if tell_peer:
             self.links.send_bye(self.peer, self.epoch, reason)
@@ -304,7 +309,7 @@ class Links:
         if link is not None and link.transport.epoch == epoch:
             if kind == LinkKind.BYE:
                 reason = data[LINK_HEADER.size:].decode("utf-8", "replace")
-                link.transport.fail(f"node {peer} ended the link: {reason}", tell_peer=False)
+                link.transport.fail(f"node {peer} ended the link: {reason}", tell_peer=False, keep_queued=True)
             else:
                 link.transport.deliver(seq, data[LINK_HEADER.size:])
             return
