@@ -125,7 +125,7 @@ class ServerContext:
         if missing:
             _missing_nodes("the tunnel list lacks control node(s) %s: no answer within the bus timeout",
                            ", ".join(missing))
-        return [tunnel_from_view(node, view) for node, views in sorted(answers.items()) for view in views]
+        return [Tunnel.from_view(view, node) for node, views in sorted(answers.items()) for view in views]
 
     async def close_tunnel(self, alias: str, reason: str = "closed by the server") -> bool:
         """Close a live tunnel (the agent is told why and does not reconnect to it). On a cluster
@@ -166,29 +166,10 @@ class ServerContext:
         return True
 
 
-def tunnel_view(tunnel: Tunnel) -> dict[str, Any]:
-    """A tunnel as it crosses the bus (msgpack): what ``tunnel_from_view`` rebuilds."""
-    return {"alias": tunnel.alias, "url": tunnel.public_url, "port": tunnel.port, "client": tunnel.client_address,
-            "user": tunnel.user, "since": tunnel.created_at, "expires_at": tunnel.expires_at,
-            "metadata": tunnel.metadata, "session": tunnel.session, "requests": tunnel.requests,
-            "bytes_in": tunnel.bytes_in, "bytes_out": tunnel.bytes_out, "streams_open": tunnel.streams_open,
-            "websockets_open": tunnel.websockets_open}
-
-
-def tunnel_from_view(node: str, view: dict[str, Any]) -> Tunnel:
-    """The ``Tunnel`` snapshot of a ``tunnel_view`` from control node ``node``."""
-    return Tunnel(alias=view["alias"], public_url=view["url"], port=view["port"], client_address=view["client"],
-                  user=view.get("user"), expires_at=view.get("expires_at"), created_at=view["since"],
-                  requests=view.get("requests", 0), bytes_in=view.get("bytes_in", 0),
-                  bytes_out=view.get("bytes_out", 0), streams_open=view.get("streams_open", 0),
-                  websockets_open=view.get("websockets_open", 0), metadata=view.get("metadata") or {},
-                  session=view["session"], node=node)
-
-
 def _tunnels_answer(server: ServerContext) -> Any:
     """This control node's tunnels for ``all_tunnels``. Plugin metadata that msgpack cannot carry
     (a datetime, say) travels as its str(), rather than costing the whole answer."""
-    return msgpack.unpackb(msgpack.packb([tunnel_view(t) for t in server.tunnels()], default=str))
+    return msgpack.unpackb(msgpack.packb([t.to_view() for t in server.tunnels()], default=str))
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -97,6 +97,36 @@ class Tunnel:
         ``plugin_state(plugin)``), made on first use."""
         return self.metadata.setdefault(plugin, {})
 
+    def to_view(self) -> dict[str, Any]:
+        """This tunnel as it crosses the cluster (a lookup's answer, a control node's part of
+        ``all_tunnels``): a msgpack-ready map that :meth:`from_view` turns back into a ``Tunnel``."""
+        return {"alias": self.alias, "url": self.public_url, "port": self.port, "client": self.client_address,
+                "user": self.user, "since": self.created_at, "expires_at": self.expires_at,
+                "metadata": self.metadata, "session": self.session, "requests": self.requests,
+                "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "streams_open": self.streams_open,
+                "websockets_open": self.websockets_open}
+
+    @classmethod
+    def from_view(cls, view: dict[str, Any], node: str) -> Tunnel:
+        """The snapshot of a tunnel that control node ``node`` described with :meth:`to_view`.
+        Another node's message is checked, not trusted: raises ValueError, TypeError or KeyError."""
+        alias = view["alias"]
+        if not isinstance(alias, str):
+            raise TypeError("alias is not a string")
+        metadata = view.get("metadata") or {}
+        if not isinstance(metadata, dict):
+            raise TypeError("metadata is not a map")
+        expires = view.get("expires_at")
+        user = view.get("user")
+        return cls(alias=alias, public_url=str(view.get("url") or ""), port=int(view.get("port") or 0),
+                   client_address=str(view.get("client") or ""), user=str(user) if user is not None else None,
+                   expires_at=float(expires) if expires is not None else None,
+                   created_at=float(view.get("since") or time.time()), requests=int(view.get("requests") or 0),
+                   bytes_in=int(view.get("bytes_in") or 0), bytes_out=int(view.get("bytes_out") or 0),
+                   streams_open=int(view.get("streams_open") or 0),
+                   websockets_open=int(view.get("websockets_open") or 0), metadata=metadata,
+                   session=int(view["session"]), node=node)
+
 
 @dataclass(slots=True)
 class ForwardRequest:

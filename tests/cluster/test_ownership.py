@@ -15,6 +15,7 @@ import msgpack
 import nats.errors
 import pytest
 
+from comzy import Tunnel
 from comzy.core import protocol as p
 from tests.cluster.conftest import (
     NatsServer,
@@ -88,7 +89,10 @@ async def test_lookup_answers_what_an_edge_needs(tmp_path: Path, nats_server: Na
         assert answer["aw"] == 96 * 1024  # the agent's HELLO window: the edge's credit
         assert answer["sw"] == 128 * 1024  # the control node's window, as the agent was told
         view = answer["tunnel"]
-        assert set(view) == {"alias", "url", "port", "client", "user", "since", "expires_at", "metadata"}
+        assert set(view) == {"alias", "url", "port", "client", "user", "since", "expires_at", "metadata", "session",
+                             "requests", "bytes_in", "bytes_out", "streams_open", "websockets_open"}
+        # What the edge rebuilds is the control node's tunnel, field for field.
+        assert Tunnel.from_view(view, control.node) == tunnel
         assert view["alias"] == "shape" and view["url"] == "http://shape.localhost"
         assert view["port"] == upstream.port and view["client"] == "127.0.0.1"
         assert view["since"] == tunnel.created_at

@@ -48,13 +48,6 @@ def busy_reason(session: Session, tunnel: Tunnel, max_streams: int) -> str | Non
     return None
 
 
-def tunnel_view(tunnel: Tunnel) -> dict[str, Any]:
-    """The tunnel snapshot a lookup answers with (the edge's ``Tunnel`` is built from it)."""
-    return {"alias": tunnel.alias, "url": tunnel.public_url, "port": tunnel.port, "client": tunnel.client_address,
-            "user": tunnel.user, "since": tunnel.created_at, "expires_at": tunnel.expires_at,
-            "metadata": tunnel.metadata}
-
-
 class _Relay:
     """One relayed stream: its two ends, the credit each way, and the tunnel it counts on."""
 
@@ -274,7 +267,7 @@ class ControlRelay:
             return
         if op == "lookup":
             answer: dict[str, Any] = {"node": self.node_id, "session": entry.tunnel.session,
-                                      "tunnel": tunnel_view(entry.tunnel), "aw": entry.session.peer_window,
+                                      "tunnel": entry.tunnel.to_view(), "aw": entry.session.peer_window,
                                       "sw": self.server.settings.stream_window}
         elif op == "close":
             reason = str(request.get("reason") or "closed by the server")

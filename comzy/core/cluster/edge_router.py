@@ -87,22 +87,6 @@ class RouteEntry:
     head_extra: dict[str, Any]
 
 
-def _tunnel_from_view(view: dict[str, Any], session: int, node: str) -> Tunnel:
-    """The ``Tunnel`` snapshot of a lookup reply's ``tunnel`` map; raises ValueError/TypeError/KeyError."""
-    alias = view["alias"]
-    if not isinstance(alias, str):
-        raise TypeError("alias is not a string")
-    expires = view.get("expires_at")
-    metadata = view.get("metadata") or {}
-    if not isinstance(metadata, dict):
-        raise TypeError("metadata is not a map")
-    return Tunnel(alias=alias, public_url=str(view.get("url") or ""), port=int(view.get("port") or 0),
-                  client_address=str(view.get("client") or ""), user=view.get("user"),
-                  expires_at=float(expires) if expires is not None else None,
-                  created_at=float(view.get("since") or time.time()), metadata=metadata, session=session,
-                  node=node)
-
-
 class EdgeRouter:
     """An edge's route cache (``server.router``): ``cached`` (sync) and ``lookup`` (one NATS request).
 
@@ -213,7 +197,7 @@ class EdgeRouter:
             node, session = reply["node"], reply["session"]
             if not isinstance(node, str) or not node or not isinstance(session, int):
                 raise TypeError("node or session of the wrong type")
-            tunnel = _tunnel_from_view(reply["tunnel"], session, node)
+            tunnel = Tunnel.from_view({**reply["tunnel"], "session": session}, node)
             peer_window, stream_window = int(reply["aw"]), int(reply["sw"])
             if peer_window <= 0 or stream_window <= 0:
                 raise ValueError("windows must be positive")
