@@ -152,7 +152,14 @@ async def test_an_anonymous_alias_keeps_its_deadline_on_another_control_node(
             assert first_tunnel is not None and first_tunnel.expires_at is not None
             deadline = first_tunnel.expires_at
             await wait_until(lambda: two._deadlines.get(alias) == deadline)
-        await wait_until(lambda: ctl1.tunnel(alias) is None)
+
+        async def released_for_ctl2() -> bool:
+            return (await ctl2.directory.holders([alias])).holder(alias) is None
+
+        # ctl1 drops the session from its registry before it marks the KV record released: until
+        # then the record is live on a live node, and ctl2 rightly refuses the alias to an agent
+        # without its resume secret. Wait for what ctl2's registration reads, not ctl1's registry.
+        await wait_until(released_for_ctl2)
         # The same alias, later, on the other node: registered with a fresh lifetime, then held to the first.
         async with start_agent(ctl2, upstream.port, subdomain=alias) as second:
             assert second.alias == alias and second.reporter.welcomes[-1]["expires_at"] > deadline
