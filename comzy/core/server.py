@@ -46,8 +46,6 @@ if TYPE_CHECKING:
     from comzy.core.cluster.settings import ClusterSettings
 
 log = logging.getLogger("comzy.server")
-#: A dashboard polls all_tunnels(): a silent control node is reported once a minute, not per call.
-_missing_nodes = RateLimitedLog(log, interval=60.0, level=logging.WARNING)
 
 #: The bus topic control nodes answer with their tunnels (``all_tunnels``).
 TUNNELS_TOPIC = "core.tunnels"
@@ -75,6 +73,9 @@ class ServerContext:
         self.hooks = hooks
         self.plugin_names = plugin_names
         self.registry = Registry()
+        # A dashboard polls all_tunnels(): a silent control node is reported once a minute, not per
+        # call; per server, so one server's report never silences another's (tests run several).
+        self._missing_nodes = RateLimitedLog(log, interval=60.0, level=logging.WARNING)
         self.task_group: anyio.abc.TaskGroup = None  # type: ignore[assignment]  # set by run_server
         self.ports = Ports(0, 0, 0)
         self.draining = False
@@ -123,7 +124,7 @@ class ServerContext:
         missing = sorted({node for node, info in self.cluster.nats.live_nodes().items() if info.role == "control"}
                          - answers.keys())
         if missing:
-            _missing_nodes("the tunnel list lacks control node(s) %s: no answer within the bus timeout",
+            self._missing_nodes("the tunnel list lacks control node(s) %s: no answer within the bus timeout",
                            ", ".join(missing))
         return [Tunnel.from_view(view, node) for node, views in sorted(answers.items()) for view in views]
 
