@@ -173,7 +173,7 @@ class EdgeApp:
             # the agent instead of two.
             stream.send_end()
             state.request_done = True
-        tunnel.streams_open += 1  # back down in _finish, which the finally below always reaches
+        tunnel.stream_opened(False)  # back down in _finish, which the finally below always reaches
         try:
             if route is None:
                 await self._proxy_http(stream, receive, send, state, first)
@@ -282,12 +282,7 @@ class EdgeApp:
                       started: float) -> None:
         """Release the stream, count the exchange on its tunnel and tell after_response."""
         stream.close()
-        tunnel.streams_open -= 1
-        if stream.websocket:
-            tunnel.websockets_open -= 1
-        tunnel.requests += 1
-        tunnel.bytes_in += state.bytes_in
-        tunnel.bytes_out += state.bytes_out
+        tunnel.stream_finished(stream.websocket, state.bytes_in, state.bytes_out)
         if self.hooks.has_after_response:
             exchange = Exchange(request, tunnel, state.status, state.bytes_in, state.bytes_out,
                                 started, time.time() - started, state.error)
@@ -429,8 +424,7 @@ class EdgeApp:
             return
         state = _Exchange()
         state.routed = route is not None
-        tunnel.streams_open += 1  # both back down in _finish, which the finally below always reaches
-        tunnel.websockets_open += 1
+        tunnel.stream_opened(True)  # back down in _finish, which the finally below always reaches
         retried = False
         try:
             while True:

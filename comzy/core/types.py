@@ -97,6 +97,21 @@ class Tunnel:
         ``plugin_state(plugin)``), made on first use."""
         return self.metadata.setdefault(plugin, {})
 
+    def stream_opened(self, websocket: bool) -> None:
+        """The core's bookkeeping (the edge, or a control node's relay): a stream to this tunnel began."""
+        self.streams_open += 1
+        if websocket:
+            self.websockets_open += 1
+
+    def stream_finished(self, websocket: bool, bytes_in: int, bytes_out: int) -> None:
+        """The core's bookkeeping: a stream :meth:`stream_opened` counted ended, with its bytes."""
+        self.streams_open -= 1
+        if websocket:
+            self.websockets_open -= 1
+        self.requests += 1
+        self.bytes_in += bytes_in
+        self.bytes_out += bytes_out
+
     def to_view(self) -> dict[str, Any]:
         """This tunnel as it crosses the cluster (a lookup's answer, a control node's part of
         ``all_tunnels``): a msgpack-ready map that :meth:`from_view` turns back into a ``Tunnel``."""

@@ -86,13 +86,7 @@ class _Relay:
         self.finished = True
         self.edge.session.forget(self.edge.id)
         self.agent.session.forget(self.agent.id)
-        tunnel = self.tunnel
-        tunnel.streams_open -= 1
-        if self.websocket:
-            tunnel.websockets_open -= 1
-        tunnel.requests += 1
-        tunnel.bytes_in += self.bytes_in
-        tunnel.bytes_out += self.bytes_out
+        self.tunnel.stream_finished(self.websocket, self.bytes_in, self.bytes_out)
 
 
 class RelayEnd:
@@ -247,9 +241,7 @@ class ControlRelay:
         relay = _Relay(tunnel, link, stream_id, agent, agent_id, websocket, link.coalesce_limit)
         agent.streams[agent_id] = relay.agent  # type: ignore[assignment]  # duck-typed like Stream
         agent.send_nowait(p.encode(p.FrameType.REQUEST, agent_id, head))
-        tunnel.streams_open += 1  # back down in _Relay.finish
-        if websocket:
-            tunnel.websockets_open += 1
+        tunnel.stream_opened(websocket)  # back down in _Relay.finish
         return relay.edge  # type: ignore[return-value]
 
     # -- P.t.<alias> ------------------------------------------------------------------------------
