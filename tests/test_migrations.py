@@ -10,6 +10,7 @@ its own, created for it and dropped afterwards, so concurrent runs never meet.
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import tomllib
 from collections.abc import AsyncIterator
@@ -24,7 +25,7 @@ from sqlalchemy import URL, Column, Connection, Integer, String, Table, column, 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
-from comzy.core import db
+from comzy.core import db, sqlite_file
 from comzy.core.models import plugin_metadata
 from comzy.core.schema import Schema
 from comzy.core.settings import ServerSettings
@@ -273,14 +274,21 @@ async def test_plugins_upgrading_one_sqlite_file_at_once_do_not_race(tmp_path: P
     """Several engines (a server's plugins, `comzy-server users` in another process) upgrading one new
     file together: each upgrade holds SQLite's write lock from reading the versions to committing."""
     engines: list[AsyncEngine] = []
+    errors: list[str] = []
 
     async def prepare(schema: Schema) -> None:
-        engines.append(await db.prepare_database(_settings(tmp_path / "data"), schema))
+        # Each failure is kept, not raised: a failing task would cancel the others mid-call, and a
+        # cancelled aiosqlite call can leave a close that never ends (the test would hang, not fail).
+        try:
+            engines.append(await db.prepare_database(_settings(tmp_path / "data"), schema))
+        except db.DatabaseError as exc:
+            errors.append(str(exc))
 
     try:
         async with anyio.create_task_group() as group:
             for schema in [AUTH_SCHEMA, AUTH_SCHEMA, DOMAINS_SCHEMA, AUTH_SCHEMA, LOG_SCHEMA, DOMAINS_SCHEMA]:
                 group.start_soon(prepare, schema)
+        assert errors == []
         assert await _table_names(engines[0]) == TABLES | VERSION_TABLES
         async with engines[0].connect() as connection:
             for version_table in VERSION_TABLES:
@@ -289,6 +297,22 @@ async def test_plugins_upgrading_one_sqlite_file_at_once_do_not_race(tmp_path: P
     finally:
         for engine in engines:
             await engine.dispose()
+
+
+def test_a_new_sqlite_file_switches_to_wal_once_its_lock_is_free(tmp_path: Path) -> None:
+    """SQLite refuses a switch to WAL at once ("database is locked", no busy wait) while another
+    connection holds the new file: the switch waits for it, and says so when it waits too long."""
+    path = tmp_path / "comzy.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(sqlite3.OperationalError, match=r"stayed locked by another connection for 0.2 s"):
+            sqlite_file.use_wal(path, timeout=0.2)
+        holder.execute("COMMIT")
+        sqlite_file.use_wal(path, timeout=0.2)
+        assert holder.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        holder.close()
 
 
 @pytest.mark.parametrize("service", ["postgres", "mariadb"])

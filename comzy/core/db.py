@@ -13,6 +13,7 @@ core server never touches a database.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -109,6 +110,10 @@ def create_engine(url: URL, **options: Any) -> AsyncEngine:
         if url.database and url.database != ":memory:" and not url.database.startswith("file:"):
             sqlite_path = Path(url.database)
             sqlite_file.prepare(sqlite_path)  # 0600 before SQLite opens it: it holds token hashes
+            try:
+                sqlite_file.use_wal(sqlite_path)
+            except sqlite3.Error as exc:
+                raise DatabaseError(f"cannot use the database {masked_url(url)}: {exc}") from None
         options.setdefault("connect_args", {"timeout": 30})
     else:
         options.setdefault("pool_pre_ping", True)

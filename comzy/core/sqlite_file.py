@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,38 @@ def prepare(path: Path) -> None:
     """
     path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     create_private_file(path)  # an existing file is tightened on the first connection (FileWatch)
+
+
+def use_wal(path: Path, timeout: float = 30.0) -> None:
+    """Put the database file ``path`` in WAL mode (SQLite keeps it in the file), waiting up to
+    ``timeout`` seconds for other connections; raises :class:`sqlite3.OperationalError` after that.
+
+    Switching a new file to WAL takes an exclusive lock, and SQLite answers "database is locked"
+    at once, without its busy timeout, to a connection that asks while another is switching or
+    writing. Engines (one per plugin, and `comzy-server users ...` in another process) that
+    opened one new file together then failed at random. Done once here, before the engine's
+    first connection, and retried; a file already in WAL mode costs one read.
+    """
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    connection = sqlite3.connect(path, timeout=timeout)
+    try:
+        while True:
+            try:
+                if str(connection.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                    # Whatever mode SQLite agrees to is kept (an in-memory or odd file system may refuse WAL).
+                    connection.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+            if time.monotonic() + delay > deadline:
+                raise sqlite3.OperationalError(f"the file stayed locked by another connection for {timeout:g} s "
+                                               "while it was being switched to WAL mode")
+            time.sleep(delay)  # milliseconds, and only while another connection switches a new file
+            delay = min(delay * 2, 0.05)
+    finally:
+        connection.close()
 
 
 def make_files_private(path: Path) -> None:
