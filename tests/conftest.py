@@ -80,7 +80,10 @@ class RunningAgent:
     def __init__(self, agent: Agent, reporter: RecordingReporter, server: ServerContext) -> None:
         self.agent = agent
         self.reporter = reporter
+        #: The server the agent connected to (a control node, in a cluster).
         self.server = server
+        #: Where visitors reach the tunnel: ``server`` itself, or an edge (tests/stack.py).
+        self.public = server
 
     @property
     def alias(self) -> str:
@@ -93,7 +96,7 @@ class RunningAgent:
 
     def visitor(self, **kwargs: Any) -> httpx.AsyncClient:
         """An HTTP client that reaches this tunnel through the public listener."""
-        return visitor(self.server, self.alias, **kwargs)
+        return visitor(self.public, self.alias, **kwargs)
 
 
 def visitor(server: ServerContext, alias: str, **kwargs: Any) -> httpx.AsyncClient:
