@@ -1,5 +1,9 @@
 """The benchmark cases. Each measures its variants (direct, tunnel, ...) alternately, round by round.
 
+With a cluster in the stack, small GETs and the download add a ``cluster`` variant: the same
+nginx through the edge, whose agent sits on the control node. It alternates with the others, so
+the single node (``tunnel``, role ``all``) and the cluster are compared within one run.
+
 A case returns ``{"title", "params", "runs": {variant: [one dict per round]}}``; the report
 takes medians over rounds. Every run dict has an ``errors`` count that must be 0.
 """
@@ -127,8 +131,9 @@ def with_cpu(procs: dict[str, Proc], measure: Callable[[], Run], work: Callable[
 
 
 def warm_up(stack: Stack, plan: Plan) -> None:
-    """Short wrk runs both ways, so first-use costs (imports, pools, caches) stay out of round one."""
-    for endpoint in (stack.nginx_direct, stack.nginx_tunnel):
+    """Short wrk runs every way, so first-use costs (imports, pools, caches, links) stay out of round one."""
+    endpoints = [stack.nginx_direct, stack.nginx_tunnel] + ([stack.cluster.nginx] if stack.cluster else [])
+    for endpoint in endpoints:
         run_wrk(stack.tools["wrk"], stack.wrk_script, endpoint.url(f"/{SMALL_FILE}"), endpoint.host,
                 plan.connections, plan.warmup_seconds)
 
@@ -141,12 +146,16 @@ def small_get(stack: Stack, plan: Plan, connections: int) -> Case:
         return lambda: run_wrk(stack.tools["wrk"], stack.wrk_script, endpoint.url(f"/{SMALL_FILE}"), endpoint.host,
                                connections, seconds)
 
-    tunnel = with_cpu({"server": stack.server, "agent": stack.nginx_agent}, measure(stack.nginx_tunnel),
-                      lambda run: run["requests"] / 1e6, "us_per_request")
+    variants = {"direct": measure(stack.nginx_direct),
+                "tunnel": with_cpu({"server": stack.server, "agent": stack.nginx_agent}, measure(stack.nginx_tunnel),
+                                   _millions_of_requests, "us_per_request")}
+    if stack.cluster is not None:
+        variants["cluster"] = with_cpu(stack.cluster.procs(), measure(stack.cluster.nginx),
+                                       _millions_of_requests, "us_per_request")
     return {"title": f"small GET (1 KiB), {connections} connection{'s' if connections > 1 else ''}",
             "params": {"connections": connections, "threads": min(connections, 2), "seconds": seconds,
                        "tool": "wrk"},
-            "runs": alternate(plan.rounds, {"direct": measure(stack.nginx_direct), "tunnel": tunnel})}
+            "runs": alternate(plan.rounds, variants)}
 
 
 def download(stack: Stack, plan: Plan, memory: MemoryWatch) -> Case:
@@ -163,10 +172,19 @@ def download(stack: Stack, plan: Plan, memory: MemoryWatch) -> Case:
                                 stack.nginx_tunnel.host, size, max_time)
         return run | {"server_peak_rss_mib": peaks["server"] / MIB, "agent_peak_rss_mib": peaks["nginx_agent"] / MIB}
 
-    measured = with_cpu({"server": stack.server, "agent": stack.nginx_agent}, tunnel,
-                        lambda run: run["bytes"] / (1024 * MIB), "s_per_gib")
+    variants = {"direct": direct,
+                "tunnel": with_cpu({"server": stack.server, "agent": stack.nginx_agent}, tunnel, _gib, "s_per_gib")}
+    cluster = stack.cluster
+    if cluster is not None:
+        def through_edge() -> Run:
+            with memory.window() as peaks:
+                run = curl_download(stack.tools["curl"], cluster.nginx.url(f"/{LARGE_FILE}"), cluster.nginx.host,
+                                    size, max_time)
+            return run | {f"{role}_peak_rss_mib": peaks[f"cluster_{role}"] / MIB for role in cluster.procs()}
+
+        variants["cluster"] = with_cpu(cluster.procs(), through_edge, _gib, "s_per_gib")
     return {"title": f"download {_size(size)}", "params": {"bytes": size, "tool": "curl"},
-            "runs": alternate(plan.rounds, {"direct": direct, "tunnel": measured})}
+            "runs": alternate(plan.rounds, variants)}
 
 
 def upload(stack: Stack, plan: Plan, memory: MemoryWatch) -> Case:
@@ -250,6 +268,14 @@ def fairness(stack: Stack, plan: Plan) -> Case:
             "runs": alternate(plan.rounds, {
                 "direct_alone": measure(stack.nginx_direct, False), "direct": measure(stack.nginx_direct, True),
                 "tunnel_alone": measure(stack.nginx_tunnel, False), "tunnel": measure(stack.nginx_tunnel, True)})}
+
+
+def _millions_of_requests(run: Run) -> float:
+    return float(run["requests"]) / 1e6
+
+
+def _gib(run: Run) -> float:
+    return float(run["bytes"]) / (1024 * MIB)
 
 
 def _size(size: int) -> str:

@@ -18,6 +18,9 @@ GET_50C_MAX_P99_FACTOR = 10.0
 GET_1C_MAX_ADDED_P50_MS = 0.5
 TRANSFER_MIN_SHARE = 0.15
 RSS_MAX_MIB = 150.0
+# Issue 12: the edge -> NATS -> control node hop, against the single node (role all) in the same run.
+CLUSTER_MAX_ADDED_P50_MS = 0.5
+CLUSTER_MIN_SHARE_OF_ALL = 0.5
 IDLE_MAX_KIB_PER_TUNNEL = 40.0
 IDLE_MIN_REGISTRATIONS_PER_S = 500.0
 FAIR_MIN_RPS_SHARE = 0.8
@@ -109,6 +112,88 @@ def table_rows(results: dict[str, Any]) -> list[Row]:
     if isinstance(idle, dict) and "error" not in idle:
         rows.extend(idle_rows(idle))
     return rows
+
+
+@dataclass
+class ClusterRow:
+    """One line of the cluster table: direct nginx, the single node (role ``all``) and the cluster side by side."""
+
+    figure: str
+    direct: str
+    single: str
+    cluster: str
+    vs_direct: str
+    vs_single: str
+    target: str
+    met: bool | None
+    values: dict[str, Number | None]
+
+    def as_dict(self) -> dict[str, Any]:
+        """The row for results.json."""
+        return {"figure": self.figure, "direct": self.direct, "all": self.single, "cluster": self.cluster,
+                "vs_direct": self.vs_direct, "vs_all": self.vs_single, "target": self.target, "met": self.met,
+                "values": self.values}
+
+
+#: The cluster's processes as the cases name them (``<role>_peak_rss_mib``), with the table's label.
+CLUSTER_PROCESSES = (("edge", "edge"), ("control", "control node"), ("agent", "agent"), ("nats", "nats-server"))
+
+
+def cluster_rows(results: dict[str, Any]) -> list[ClusterRow]:
+    """The cluster table: c1 p50, c50 req/s, download MiB/s and peak RSS per process, for cases with a cluster
+    variant (none when the cluster was not measured)."""
+    cases = results["cases"]
+    rows: list[ClusterRow] = []
+    one = cases.get("small_get_1c")
+    if one is not None and "cluster" in one["median"]:
+        d, a, c = (one["median"][v]["p50_ms"] for v in ("direct", "tunnel", "cluster"))
+        rows.append(ClusterRow(
+            "small GET 1 KiB, 1c: p50", f"{d:.3f} ms", f"{a:.3f} ms", f"{c:.3f} ms", f"{c - d:+.3f} ms",
+            f"{c - a:+.3f} ms", f"hop adds ≤ {CLUSTER_MAX_ADDED_P50_MS} ms vs all", c - a <= CLUSTER_MAX_ADDED_P50_MS,
+            {"direct": d, "all": a, "cluster": c, "added_vs_direct": c - d, "added_vs_all": c - a}))
+    fifty = cases.get("small_get_50c")
+    if fifty is not None and "cluster" in fifty["median"]:
+        d, a, c = (fifty["median"][v]["requests_per_s"] for v in ("direct", "tunnel", "cluster"))
+        rows.append(_cluster_share("small GET 1 KiB, 50c: req/s", d, a, c, "req/s", CLUSTER_MIN_SHARE_OF_ALL))
+        d, a, c = (fifty["median"][v]["p99_ms"] for v in ("direct", "tunnel", "cluster"))
+        rows.append(ClusterRow("small GET 1 KiB, 50c: p99", f"{d:.3f} ms", f"{a:.3f} ms", f"{c:.3f} ms",
+                               f"{c / d if d else math.inf:.1f}x", f"{c / a if a else math.inf:.1f}x", "-", None,
+                               {"direct": d, "all": a, "cluster": c}))
+    download = cases.get("download")
+    if download is not None and "cluster" in download["median"]:
+        d, a, c = (download["median"][v]["mib_per_s"] for v in ("direct", "tunnel", "cluster"))
+        rows.append(_cluster_share(f"{download['title']}: MiB/s", d, a, c, "MiB/s", None))
+        single, cluster = download["max"]["tunnel"], download["max"]["cluster"]
+        for role, label in CLUSTER_PROCESSES:
+            value = cluster[f"{role}_peak_rss_mib"]
+            # The single node's counterpart: its one server for edge and control, its agent for the agent.
+            twin = single.get("agent_peak_rss_mib") if role == "agent" else \
+                single.get("server_peak_rss_mib") if role in ("edge", "control") else None
+            comzy = role != "nats"
+            rows.append(ClusterRow(
+                f"{download['title']}: peak RSS {label}", "-", "-" if twin is None else f"{twin:.0f} MiB",
+                f"{value:.0f} MiB", "-", "-", f"< {RSS_MAX_MIB:.0f} MiB" if comzy else "-",
+                value < RSS_MAX_MIB if comzy else None, {"all": twin, "cluster": value}))
+    for key in ("small_get_1c", "small_get_50c", "download"):
+        case = cases.get(key)
+        if case is not None and "cluster" in case["runs"]:
+            d, c = case["median"]["direct"]["errors"], case["median"]["cluster"]["errors"]
+            a = case["median"]["tunnel"]["errors"]
+            rows.append(ClusterRow(f"{case['title']}: errors", f"{d:.0f}", f"{a:.0f}", f"{c:.0f}", "-", "-", "0",
+                                   d == a == c == 0, {"direct": d, "all": a, "cluster": c}))
+    return rows
+
+
+def _cluster_share(figure: str, direct: float, single: float, cluster: float, unit: str,
+                   minimum: float | None) -> ClusterRow:
+    of_direct = cluster / direct if direct else 0.0
+    of_single = cluster / single if single else 0.0
+    return ClusterRow(figure, f"{direct:,.0f} {unit}", f"{single:,.0f} {unit}", f"{cluster:,.0f} {unit}",
+                      f"{of_direct:.1%}", f"{of_single:.1%}",
+                      f"≥ {minimum:.0%} of all" if minimum is not None else "-",
+                      None if minimum is None else of_single >= minimum,
+                      {"direct": direct, "all": single, "cluster": cluster, "share_of_direct": of_direct,
+                       "share_of_all": of_single})
 
 
 def idle_rows(idle: dict[str, Any]) -> list[Row]:
@@ -246,7 +331,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def markdown(results: dict[str, Any], rows: list[Row]) -> str:
+def markdown(results: dict[str, Any], rows: list[Row], cluster_table: list[ClusterRow] | None = None) -> str:
     """results.md: how the run was made, then the table."""
     meta = results["meta"]
     lines = [
@@ -269,6 +354,25 @@ def markdown(results: dict[str, Any], rows: list[Row]) -> str:
         lines += ["", "CPU time through the tunnel (user + system, median over rounds; the figure other load on "
                   "the machine disturbs least):", "", "| case | server | agent |", "|---|---:|---:|",
                   *(f"| {case} | {server} | {agent} |" for case, server, agent in cpu)]
+    if cluster_table:
+        lines += ["", "## Cluster", "",
+                  "The same nginx through an edge whose agent is on a control node (nats-server, a control node and "
+                  "an edge started by the harness, each its own process), alternating round by round with direct "
+                  "and the single node (role `all`). **vs direct**: share of direct throughput or ms added; "
+                  "**vs all**: the same against the single node, i.e. what the NATS hop costs.", "",
+                  "| figure | direct | all | cluster | vs direct | vs all | target | met? |",
+                  "|---|---:|---:|---:|---:|---:|---|:---:|"]
+        for crow in cluster_table:
+            met = "-" if crow.met is None else ("yes" if crow.met else "**no**")
+            lines.append(f"| {crow.figure} | {crow.direct} | {crow.single} | {crow.cluster} | {crow.vs_direct} | "
+                         f"{crow.vs_single} | {crow.target} | {met} |")
+        ccpu = cluster_cpu_rows(results)
+        if ccpu:
+            lines += ["", "CPU time through the cluster (user + system, median over rounds):", "",
+                      "| case | edge | control node | nats-server | agent |", "|---|---:|---:|---:|---:|",
+                      *(f"| {' | '.join(cells)} |" for cells in ccpu)]
+    elif results["meta"].get("cluster", "").startswith("skipped"):
+        lines += ["", f"Cluster: {results['meta']['cluster']}."]
     if results.get("problems"):
         lines += ["", "Problems:", *(f"- {p}" for p in results["problems"])]
     idle = results.get("idle_agents")
@@ -296,13 +400,28 @@ def cpu_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     return rows
 
 
-def write_results(out: Path, results: dict[str, Any], rows: list[Row], charts: bool = True) -> list[Path]:
+def cluster_cpu_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """(case, edge, control, nats, agent) CPU per unit of work for every case with a cluster variant."""
+    rows = []
+    for case in results["cases"].values():
+        cluster = case["median"].get("cluster", {})
+        for unit, label, fmt in (("us_per_request", "per request", "{:,.0f} µs"), ("s_per_gib", "per GiB", "{:.2f} s")):
+            values = [cluster.get(f"{role}_cpu_{unit}") for role, _ in CLUSTER_PROCESSES]
+            if all(value is not None for value in values):
+                edge, control, agent, nats = (fmt.format(value) for value in values)
+                rows.append((f"{case['title']}, {label}", edge, control, nats, agent))
+    return rows
+
+
+def write_results(out: Path, results: dict[str, Any], rows: list[Row], charts: bool = True,
+                  cluster_table: list[ClusterRow] | None = None) -> list[Path]:
     """Write results.json, results.md and (with matplotlib) the PNG charts; returns the paths written."""
     out.mkdir(parents=True, exist_ok=True)
     results["table"] = [row.as_dict() for row in rows]
+    results["cluster_table"] = [row.as_dict() for row in cluster_table or []]
     written = [out / "results.json", out / "results.md"]
     written[0].write_text(json.dumps(results, indent=2, default=str) + "\n")
-    written[1].write_text(markdown(results, rows))
+    written[1].write_text(markdown(results, rows, cluster_table))
     if charts:
         from bench.charts import draw_charts
 

@@ -16,8 +16,8 @@ from typing import Any
 from bench import cases as bench_cases
 from bench.cases import Case, MemoryWatch, Plan
 from bench.procs import MIB
-from bench.report import Row, problems, summarise, table_rows, write_results
-from bench.stack import Stack, running_stack
+from bench.report import ClusterRow, Row, cluster_rows, problems, summarise, table_rows, write_results
+from bench.stack import Stack, cluster_unavailable, running_stack
 from bench.tools import require_tools, tool_version
 
 CASES = ["small_get_1c", "small_get_50c", "download", "upload", "sse", "websocket", "fairness"]
@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="rounds per case, medians reported (default: full 3, quick 1)")
     parser.add_argument("--cases", help=f"comma-separated subset of: {','.join(CASES)},idle_agents")
     parser.add_argument("--no-charts", action="store_true", help="skip the PNG charts (no matplotlib needed)")
+    parser.add_argument("--no-cluster", action="store_true",
+                        help="skip the cluster variant (nats-server, a control node and an edge beside the single "
+                             "node)")
     parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
                         help="extra setting for comzy-server, e.g. COMZY_HTTP_SERVER=uvicorn (repeatable)")
     args = parser.parse_args(argv)
@@ -65,11 +68,20 @@ def main(argv: list[str] | None = None) -> int:
     results["meta"]["server_env"] = args.server_env
 
     wanted = [name for name in CASES if name in args.selected]
+    cluster = bool({"small_get_1c", "small_get_50c", "download"} & set(wanted)) and not args.no_cluster
+    why_not = cluster_unavailable() if cluster else "--no-cluster" if args.no_cluster else "no cluster case selected"
+    if cluster and why_not:
+        log(f"cluster variant skipped: {why_not}")
+        cluster = False
+    results["meta"]["cluster"] = "measured" if cluster else f"skipped: {why_not}"
+    out.mkdir(parents=True, exist_ok=True)
     if wanted:
-        log(f"starting nginx, the local app, comzy-server and two agents ({'quick' if plan.quick else 'full'} mode, "
-            f"{plan.rounds} round{'s' if plan.rounds > 1 else ''})")
+        log(f"starting nginx, the local app, comzy-server and two agents"
+            f"{', nats-server, a control node, an edge and an agent' if cluster else ''} "
+            f"({'quick' if plan.quick else 'full'} mode, {plan.rounds} round{'s' if plan.rounds > 1 else ''})")
         try:
-            with running_stack(tools, plan.download_size, plan.upload_size, args.server_env) as stack:
+            with running_stack(tools, plan.download_size, plan.upload_size, args.server_env, cluster=cluster,
+                               nats_store=out / "nats-store") as stack:
                 run_cases(stack, plan, wanted, results)
         except Exception as exc:  # a process died: keep and write what was measured
             results["failures"]["processes"] = f"{type(exc).__name__}: {exc}"
@@ -85,11 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     results["problems"] = issues
     try:
         rows = table_rows(results)
+        cluster_table = cluster_rows(results)
     except (KeyError, ZeroDivisionError) as exc:
         issues.append(f"table: {type(exc).__name__}: {exc}")
-        rows = []
-    written = write_results(out, results, rows, charts=not args.no_charts and charts_available())
+        rows, cluster_table = [], []
+    written = write_results(out, results, rows, charts=not args.no_charts and charts_available(),
+                            cluster_table=cluster_table)
     print(print_table(rows))
+    if cluster_table:
+        print("\ncluster (edge + control node on NATS) against direct nginx and the single node (role all):")
+        print(print_cluster_table(cluster_table))
     log(f"results: {', '.join(str(path) for path in written)}")
     if issues:
         log("problems (results were written anyway):\n  " + "\n  ".join(issues))
@@ -99,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_cases(stack: Stack, plan: Plan, wanted: list[str], results: dict[str, Any]) -> None:
     """Run the wanted cases in order, each inside a memory window; a failing case is recorded, not fatal."""
-    memory = MemoryWatch({"server": stack.server, "nginx_agent": stack.nginx_agent, "app_agent": stack.app_agent})
+    watched = {"server": stack.server, "nginx_agent": stack.nginx_agent, "app_agent": stack.app_agent}
+    if stack.cluster is not None:
+        watched |= {f"cluster_{role}": proc for role, proc in stack.cluster.procs().items()}
+    memory = MemoryWatch(watched)
     results["meta"]["peak_rss_resettable"] = memory.resettable
     runners: dict[str, Callable[[], Case]] = {
         "small_get_1c": lambda: bench_cases.small_get(stack, plan, 1),
@@ -126,7 +146,7 @@ def run_cases(stack: Stack, plan: Plan, wanted: list[str], results: dict[str, An
         except Exception as exc:  # one broken case must not lose the others' numbers
             results["failures"][name] = "".join(traceback.format_exception_only(exc)).strip()
             log(f"  FAILED: {traceback.format_exc()}")
-        for proc in (stack.server, stack.nginx_agent, stack.app_agent):
+        for proc in watched.values():
             if not proc.alive():
                 raise RuntimeError(f"{proc.name} exited during case {name}:\n{proc.output()}")
     results["peak_rss_mib_whole_run"] = {who: peak / MIB for who, peak in memory.peaks().items()}
@@ -157,8 +177,10 @@ def brief(case: Case) -> str:
     for metric, unit in (("requests_per_s", "req/s"), ("mib_per_s", "MiB/s"), ("first_event_p50_ms", "ms"),
                          ("round_trips_per_s", "round trips/s")):
         if metric in median.get("tunnel", {}):
+            extra = median.get("cluster", {})
+            cluster = f", cluster {extra[metric]:,.2f} {unit}" if metric in extra else ""
             return (f"{metric}: direct {median['direct'][metric]:,.2f} {unit}, "
-                    f"tunnel {median['tunnel'][metric]:,.2f} {unit}")
+                    f"tunnel {median['tunnel'][metric]:,.2f} {unit}{cluster}")
     return ""
 
 
@@ -166,6 +188,15 @@ def print_table(rows: list[Row]) -> str:
     """The table as plain text for the terminal."""
     header = ("case", "direct", "tunnel", "ratio", "target", "met?")
     cells = [header, *[(r.case, r.direct, r.tunnel, r.ratio, r.target,
+                        "-" if r.met is None else "yes" if r.met else "NO") for r in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in cells)
+
+
+def print_cluster_table(rows: list[ClusterRow]) -> str:
+    """The cluster table as plain text for the terminal."""
+    header = ("figure", "direct", "all", "cluster", "vs direct", "vs all", "target", "met?")
+    cells = [header, *[(r.figure, r.direct, r.single, r.cluster, r.vs_direct, r.vs_single, r.target,
                         "-" if r.met is None else "yes" if r.met else "NO") for r in rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in cells)
