@@ -2,6 +2,8 @@
 
 Each test drives real HTTP over loopback through the public listener, the agent WebSocket
 and the agent's forwarder to an upstream on port 0, and checks what arrives on the far side.
+Every test runs twice (tests/stack.py): on role ``all``, and through an edge of a cluster, where
+the visitor's stream also crosses NATS and the control node's relay.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -23,8 +24,9 @@ import httpx
 import pytest
 
 from comzy.core.server import ServerContext
-from tests.conftest import RunningAgent, start_agent, start_server, visitor
+from tests.conftest import RunningAgent, visitor
 from tests.helpers import serve_tcp, upgrade_status_line
+from tests.stack import Stack, Stacks, stack_fixture, stacks_fixture, tunnel_fixture  # noqa: F401 (both kinds)
 from tests.upstream import Upstream, pattern_block
 
 pytestmark = pytest.mark.anyio
@@ -127,7 +129,7 @@ async def test_raw_target_preserved_byte_for_byte(tunnel: RunningAgent, target: 
 async def test_raw_path_url_form(tunnel: RunningAgent) -> None:
     """The same, built with httpx.URL(raw_path=...) as a client library would."""
     raw = b"/a%2Fb/%7E/x?q=%20a&b=1+2"
-    url = httpx.URL(f"http://127.0.0.1:{tunnel.server.ports.http}", raw_path=raw)
+    url = httpx.URL(f"http://127.0.0.1:{tunnel.public.ports.http}", raw_path=raw)
     async with tunnel.visitor() as client:
         info = echo(await client.request("GET", url))
     assert info["raw_path"] == "/a%2Fb/%7E/x"
@@ -159,8 +161,8 @@ async def test_response_duplicate_headers_arrive_separately(tunnel: RunningAgent
 # -- HEAD, bodiless statuses, status codes -------------------------------------------------
 
 async def test_head_204_304_carry_no_body(tunnel: RunningAgent) -> None:
-    host = f"{tunnel.alias}.{tunnel.server.settings.base_domain}"
-    results = await raw_exchanges(tunnel.server, host, [
+    host = f"{tunnel.alias}.{tunnel.public.settings.base_domain}"
+    results = await raw_exchanges(tunnel.public, host, [
         ("HEAD", "/bytes/5000"), ("GET", "/status/204"), ("GET", "/status/304"), ("HEAD", "/status/200"),
         ("GET", "/status/201"),
     ])
@@ -298,7 +300,7 @@ async def test_hop_by_hop_request_headers_stripped_and_forwarded_set(tunnel: Run
     assert header_values(info, "x-real-ip") == []
     assert header_values(info, "forwarded") == []
     assert header_values(info, "x-forwarded-proto") == ["http"]
-    host = f"{tunnel.alias}.{tunnel.server.settings.base_domain}"
+    host = f"{tunnel.alias}.{tunnel.public.settings.base_domain}"
     assert header_values(info, "x-forwarded-host") == [host]
     assert header_values(info, "host") == [host]
 
@@ -320,36 +322,36 @@ async def test_hop_by_hop_response_headers_stripped(tunnel: RunningAgent) -> Non
     assert "x-resp-hop" not in response.headers.get("connection", "").lower()
 
 
-async def test_host_rewritten_when_asked(server: ServerContext, upstream: Upstream) -> None:
-    async with start_agent(server, upstream.port, rewrite_host=True) as running, running.visitor() as client:
+async def test_host_rewritten_when_asked(stack: Stack, upstream: Upstream) -> None:
+    async with stack.agent(upstream.port, rewrite_host=True) as running, running.visitor() as client:
         info = echo(await client.get("/host"))
     assert header_values(info, "host") == [f"127.0.0.1:{upstream.port}"]
     # The original host is still available to the app.
-    assert header_values(info, "x-forwarded-host") == [f"{running.alias}.{server.settings.base_domain}"]
+    assert header_values(info, "x-forwarded-host") == [f"{running.alias}.{stack.public.settings.base_domain}"]
 
 
 # -- errors ------------------------------------------------------------------------------------
 
 async def test_unknown_host_404_names_host(tunnel: RunningAgent) -> None:
-    async with visitor(tunnel.server, "nobody-here") as client:
+    async with visitor(tunnel.public, "nobody-here") as client:
         response = await client.get("/x")
     assert response.status_code == 404
     assert "Tunnel Not Active" in response.text
-    assert f"nobody-here.{tunnel.server.settings.base_domain}" in response.text
+    assert f"nobody-here.{tunnel.public.settings.base_domain}" in response.text
 
 
-async def test_local_app_refuses_502_names_address(server: ServerContext) -> None:
+async def test_local_app_refuses_502_names_address(stack: Stack) -> None:
     port = free_port()
-    async with start_agent(server, port) as running, running.visitor() as client:
+    async with stack.agent(port) as running, running.visitor() as client:
         response = await client.get("/anything")
     assert response.status_code == 502
     assert f"127.0.0.1:{port}" in response.text
     assert "refused" in response.text
 
 
-async def test_no_response_head_in_time_504(tmp_path: Path, upstream: Upstream) -> None:
-    async with start_server(tmp_path / "data", response_timeout=0.5) as server, \
-            start_agent(server, upstream.port) as running, running.visitor() as client:
+async def test_no_response_head_in_time_504(stacks: Stacks, upstream: Upstream) -> None:
+    async with stacks.start(response_timeout=0.5) as stack, \
+            stack.agent(upstream.port) as running, running.visitor() as client:
         started = time.monotonic()
         response = await client.get("/hang")
         elapsed = time.monotonic() - started
@@ -441,9 +443,9 @@ async def serve_app(app: IdleClosingApp) -> AsyncIterator[IdleClosingApp]:
         yield app
 
 
-async def test_requests_after_local_app_drops_idle_connections(server: ServerContext) -> None:
+async def test_requests_after_local_app_drops_idle_connections(stack: Stack) -> None:
     async with serve_app(IdleClosingApp(idle=0.3)) as app, \
-            start_agent(server, app.port) as running, running.visitor() as client:
+            stack.agent(app.port) as running, running.visitor() as client:
         for round_ in range(4):
             for i in range(2):  # the second one may reuse the connection the first one opened
                 response = await client.get(f"/round/{round_}/{i}")
@@ -454,9 +456,9 @@ async def test_requests_after_local_app_drops_idle_connections(server: ServerCon
     assert all(served.status == 200 for served in running.reporter.served)
 
 
-async def test_request_on_connection_closed_under_it_is_retried(server: ServerContext) -> None:
+async def test_request_on_connection_closed_under_it_is_retried(stack: Stack) -> None:
     async with serve_app(IdleClosingApp(idle=5, answers_per_connection=1)) as app, \
-            start_agent(server, app.port) as running, running.visitor() as client:
+            stack.agent(app.port) as running, running.visitor() as client:
         for i in range(5):
             response = await client.get(f"/again/{i}")
             assert response.status_code == 200, response.text
@@ -468,13 +470,13 @@ async def test_request_on_connection_closed_under_it_is_retried(server: ServerCo
 
 # -- limits and concurrency --------------------------------------------------------------------------
 
-async def test_request_head_too_large_431(tmp_path: Path, upstream: Upstream) -> None:
-    async with start_server(tmp_path / "data", max_request_head=4096) as server, \
-            start_agent(server, upstream.port) as running, running.visitor() as client:
+async def test_request_head_too_large_431(stacks: Stacks, upstream: Upstream) -> None:
+    async with stacks.start(max_request_head=4096) as stack, \
+            stack.agent(upstream.port) as running, running.visitor() as client:
         big = await client.get("/big", headers={"x-big": "a" * 6000})
         small = await client.get("/small", headers={"x-big": "b" * 2000})
         # A WebSocket upgrade takes the same path through the limits.
-        upgrade = await upgrade_status_line(server.ports.http, client.headers["host"], "/ws/mirror",
+        upgrade = await upgrade_status_line(stack.public.ports.http, client.headers["host"], "/ws/mirror",
                                             f"X-Big: {'c' * 6000}\r\n")
     assert upgrade.startswith(b"HTTP/1.1 431 ")
     assert big.status_code == 431
@@ -484,9 +486,9 @@ async def test_request_head_too_large_431(tmp_path: Path, upstream: Upstream) ->
     assert [s["path"] for s in upstream.requests if s["type"] == "http"] == ["/small"]
 
 
-async def test_max_streams_per_tunnel_503_then_recovers(tmp_path: Path, upstream: Upstream) -> None:
-    async with start_server(tmp_path / "data", max_streams_per_tunnel=2) as server, \
-            start_agent(server, upstream.port) as running, running.visitor() as client:
+async def test_max_streams_per_tunnel_503_then_recovers(stacks: Stacks, upstream: Upstream) -> None:
+    async with stacks.start(max_streams_per_tunnel=2) as stack, \
+            stack.agent(upstream.port) as running, running.visitor() as client:
         held: dict[str, httpx.Response] = {}
 
         async def hold(name: str) -> None:
@@ -503,7 +505,7 @@ async def test_max_streams_per_tunnel_503_then_recovers(tmp_path: Path, upstream
                 # A refused visitor's connection is closed: kept alive, it would keep its head's buffer.
                 assert busy.headers["connection"] == "close"
                 # A WebSocket visitor takes the same path through the limits.
-                status = await upgrade_status_line(server.ports.http, client.headers["host"], "/ws/mirror")
+                status = await upgrade_status_line(stack.public.ports.http, client.headers["host"], "/ws/mirror")
                 assert status.startswith(b"HTTP/1.1 503 ")
                 upstream.gate("a").set()
                 upstream.gate("b").set()
