@@ -1,4 +1,6 @@
-"""WebSocket passthrough: a real wsproto visitor, through server and agent, to the upstream's /ws routes."""
+"""WebSocket passthrough: a real wsproto visitor, through server and agent, to the upstream's /ws routes.
+
+Every test runs on role ``all`` and through an edge of a cluster (tests/stack.py)."""
 
 from __future__ import annotations
 
@@ -15,8 +17,9 @@ from wsproto.events import AcceptConnection
 
 from comzy.core.server import ServerContext
 from comzy.core.websocket import Closed, HandshakeRejected, WebSocket, client_handshake, server_handshake
-from tests.conftest import RunningAgent, start_agent
+from tests.conftest import RunningAgent
 from tests.helpers import serve_tcp
+from tests.stack import Stack, stack_fixture, stacks_fixture, tunnel_fixture  # noqa: F401 (both kinds)
 from tests.upstream import Upstream
 
 pytestmark = pytest.mark.anyio
@@ -50,7 +53,7 @@ async def exchange(ws: WebSocket, message: bytes | str) -> bytes | str | Closed:
 
 
 async def test_text_and_binary_messages_both_ways(tunnel: RunningAgent) -> None:
-    async with open_ws(tunnel.server, tunnel.alias) as (ws, _):
+    async with open_ws(tunnel.public, tunnel.alias) as (ws, _):
         assert await exchange(ws, "hello") == "echo:hello"
         assert await exchange(ws, "héllo ✓ 雪") == "echo:héllo ✓ 雪"
         assert await exchange(ws, b"\x00\x01\xfe\xff") == b"echo:\x00\x01\xfe\xff"
@@ -67,7 +70,7 @@ async def test_text_and_binary_messages_both_ways(tunnel: RunningAgent) -> None:
 
 async def test_large_and_empty_messages_unchanged(tunnel: RunningAgent) -> None:
     big = os.urandom(MIB)
-    async with open_ws(tunnel.server, tunnel.alias, "/ws/mirror") as (ws, _):
+    async with open_ws(tunnel.public, tunnel.alias, "/ws/mirror") as (ws, _):
         # 1 MiB spans many DATA frames and windows both ways; it must arrive as one message.
         received = await exchange(ws, big)
         assert isinstance(received, bytes)
@@ -84,13 +87,13 @@ async def test_large_and_empty_messages_unchanged(tunnel: RunningAgent) -> None:
 
 
 async def test_upstream_close_code_and_reason_reach_visitor(tunnel: RunningAgent) -> None:
-    async with open_ws(tunnel.server, tunnel.alias) as (ws, _):
+    async with open_ws(tunnel.public, tunnel.alias) as (ws, _):
         assert await exchange(ws, "before close") == "echo:before close"
         closed = await exchange(ws, "close:4001")
     assert isinstance(closed, Closed)
     assert (closed.code, closed.reason) == (4001, "asked")
 
-    async with open_ws(tunnel.server, tunnel.alias, "/ws/close/4003") as (ws, _):
+    async with open_ws(tunnel.public, tunnel.alias, "/ws/close/4003") as (ws, _):
         with anyio.fail_after(10):
             closed = await ws.receive()
     assert isinstance(closed, Closed)
@@ -129,9 +132,9 @@ async def serve_recording_upstream() -> AsyncIterator[RecordingWsUpstream]:
         yield app
 
 
-async def test_visitor_close_code_and_reason_reach_upstream(server: ServerContext) -> None:
-    async with serve_recording_upstream() as recorder, start_agent(server, recorder.port) as running:
-        async with open_ws(server, running.alias) as (ws, _):
+async def test_visitor_close_code_and_reason_reach_upstream(stack: Stack) -> None:
+    async with serve_recording_upstream() as recorder, stack.agent(recorder.port) as running:
+        async with open_ws(stack.public, running.alias) as (ws, _):
             assert await exchange(ws, "hi") == "hi"
             await ws.close(4002, "visitor leaves")
         with anyio.fail_after(10):
@@ -141,7 +144,7 @@ async def test_visitor_close_code_and_reason_reach_upstream(server: ServerContex
 
 async def test_upstream_refusing_upgrade_answers_visitor(tunnel: RunningAgent) -> None:
     with pytest.raises(HandshakeRejected) as caught:
-        async with open_ws(tunnel.server, tunnel.alias, "/ws/deny"):
+        async with open_ws(tunnel.public, tunnel.alias, "/ws/deny"):
             pass
     assert caught.value.status == 403
     assert caught.value.body == b"denied by upstream"
@@ -149,13 +152,13 @@ async def test_upstream_refusing_upgrade_answers_visitor(tunnel: RunningAgent) -
 
 
 async def test_subprotocol_negotiation_passes_through(tunnel: RunningAgent, upstream: Upstream) -> None:
-    async with open_ws(tunnel.server, tunnel.alias, subprotocols=["chat", "superchat"]) as (ws, accept):
+    async with open_ws(tunnel.public, tunnel.alias, subprotocols=["chat", "superchat"]) as (ws, accept):
         assert accept.subprotocol == "chat"
         assert await exchange(ws, "x") == "echo:x"
     ws_scopes = [s for s in upstream.requests if s["type"] == "websocket"]
     assert ws_scopes[-1]["subprotocols"] == ["chat", "superchat"]
 
-    async with open_ws(tunnel.server, tunnel.alias) as (ws, accept):
+    async with open_ws(tunnel.public, tunnel.alias) as (ws, accept):
         assert accept.subprotocol is None
     ws_scopes = [s for s in upstream.requests if s["type"] == "websocket"]
     assert ws_scopes[-1]["subprotocols"] == []
@@ -169,7 +172,7 @@ async def test_many_websockets_at_once(tunnel: RunningAgent, upstream: Upstream)
 
     async def client(i: int) -> None:
         nonlocal opened
-        async with open_ws(tunnel.server, tunnel.alias) as (ws, _):
+        async with open_ws(tunnel.public, tunnel.alias) as (ws, _):
             opened += 1
             if opened == count:
                 all_open.set()
@@ -195,7 +198,7 @@ async def test_open_websockets_do_not_starve_plain_requests(tunnel: RunningAgent
 
     async def websocket(i: int) -> None:
         nonlocal opened
-        async with open_ws(tunnel.server, tunnel.alias) as (ws, _):
+        async with open_ws(tunnel.public, tunnel.alias) as (ws, _):
             opened += 1
             if opened == count:
                 all_open.set()
@@ -235,7 +238,7 @@ async def test_open_websockets_do_not_starve_plain_requests(tunnel: RunningAgent
 
 async def test_unknown_host_refuses_upgrade_with_404(tunnel: RunningAgent) -> None:
     with pytest.raises(HandshakeRejected) as caught:
-        async with open_ws(tunnel.server, "nobody-here"):
+        async with open_ws(tunnel.public, "nobody-here"):
             pass
     assert caught.value.status == 404
     assert b"Tunnel Not Active" in caught.value.body
