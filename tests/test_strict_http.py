@@ -14,6 +14,7 @@ import pytest
 
 from comzy import ForwardRequest, hookimpl
 from comzy.core.server import ServerContext
+from comzy.core.settings import ServerSettings
 from tests.conftest import RunningAgent, start_agent, start_server
 from tests.helpers import wait_until
 from tests.test_http_fidelity import echo, header_values
@@ -21,7 +22,7 @@ from tests.upstream import Upstream
 
 pytestmark = pytest.mark.anyio
 
-HTTP_SERVER = os.environ.get("COMZY_TEST_HTTP_SERVER", "hypercorn")
+HTTP_SERVER = os.environ.get("COMZY_TEST_HTTP_SERVER") or ServerSettings.model_fields["http_server"].default
 
 
 def host_of(tunnel: RunningAgent) -> str:
@@ -211,8 +212,10 @@ async def test_forwarding_headers_from_a_trusted_proxy_are_kept(tmp_path: Path, 
     assert header_values(info, "x-forwarded-for") == ["203.0.113.7, 127.0.0.1"]
     # A TLS-terminating proxy said https: the app must not be told http.
     for name, sent in SPOOFED.items():
-        if name != "x-forwarded-for":
+        if name not in ("x-forwarded-for", "forwarded"):
             assert header_values(info, name) == [sent], name
+    # Its Forwarded gets an element for the hop the edge saw.
+    assert header_values(info, "forwarded") == [f"for=203.0.113.9, for=127.0.0.1;proto=http;host={host_of(running)}"]
 
 
 def test_trusted_proxies_setting_names_a_bad_entry(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from comzy.core.headers import (
     host_of,
     is_trusted,
     origin_form,
-    real_client,
+    request_origin,
     strip_hop_by_hop,
 )
 from comzy.core.registry import Entry
@@ -82,10 +82,14 @@ class EdgeApp:
         client_ip = client[0] if client else ""
         scheme = "https" if scope.get("scheme") in ("https", "wss") else "http"
         forwarded = strip_hop_by_hop(headers, WS_HANDSHAKE if websocket else frozenset())
-        trusted = is_trusted(client_ip, self.settings.trusted_networks)
-        forwarded = add_forwarded(forwarded, client_ip, scheme, host_header(headers), trusted)
-        if trusted:  # behind a trusted proxy: plugins, logs and the agent see the real client
-            client_ip = real_client(headers, client_ip, self.settings.trusted_networks)
+        networks = self.settings.trusted_networks
+        # Behind a trusted proxy, plugins, logs, the dashboard and the app see the visitor's address
+        # and scheme as the proxy names them (X-Forwarded-* or Forwarded); from anyone else, the
+        # connection's own. The HTTP servers' proxy-header support stays off (http_servers.py).
+        origin = request_origin(headers, client_ip, scheme, host_header(headers), networks)
+        forwarded = add_forwarded(forwarded, client_ip, scheme, host_header(headers),
+                                  is_trusted(client_ip, networks), origin)
+        client_ip, scheme = origin.client, origin.scheme
         request = ForwardRequest(
             alias=alias or "",
             method=scope.get("method", "GET"),

@@ -1,12 +1,17 @@
 """What the edge does to a visitor's request head before it crosses the tunnel (and to a response
 head on its way back): hop-by-hop headers, strict body framing, origin-form targets, and the
-X-Forwarded-* headers with their trust rule. Pure functions on header lists, no I/O.
+X-Forwarded-* and ``Forwarded`` headers with their trust rule (RFC 7239's grammar is in
+forwarded.py). Pure functions on header lists, no I/O.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
+from dataclasses import dataclass
+
+from comzy.core.forwarded import SCHEMES, ForwardedChain, node_address, parse_forwarded
+from comzy.core.forwarded import element as forwarded_element
 
 Headers = list[tuple[bytes, bytes]]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -126,20 +131,67 @@ def is_trusted(client_ip: str, networks: Sequence[Network]) -> bool:
     return any(address in network for network in networks)
 
 
-def real_client(headers: Headers, peer_ip: str, networks: Sequence[Network]) -> str:
-    """The client's address: the TCP peer, unless the peer is a trusted proxy, in which case the
-    nearest address in its X-Forwarded-For chain (read from the right) that is not itself a trusted
-    proxy, or its X-Real-IP when it sent no chain.
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """The visitor's request as the edge may believe it: the client's address, the scheme and the
+    host it asked for. The edge's own view of the connection, unless a trusted proxy says otherwise."""
 
-    What a client wrote at the left of the chain counts only where a trusted hop vouches for it;
-    a value that is not an IP address ends the walk at the last hop that was one.
+    client: str
+    scheme: str
+    host: bytes
+
+
+def _values(headers: Headers, name: bytes) -> list[bytes]:
+    return [value for key, value in headers if key.lower() == name]
+
+
+def request_origin(headers: Headers, peer_ip: str, scheme: str, host: bytes,
+                   networks: Sequence[Network]) -> Origin:
+    """Where the request really came from: the TCP peer and its connection, unless the peer is a
+    trusted proxy, whose headers then count (see :func:`real_client` for the address).
+
+    When a proxy sends both X-Forwarded-* and ``Forwarded``, X-Forwarded-* wins, field by field:
+    the proxies put in front of Comzy (nginx's ``proxy_set_header``, Caddy, Traefik, HAProxy's
+    ``forwardfor``) write X-Forwarded-* themselves, replacing a visitor's, but pass a visitor's
+    ``Forwarded`` through untouched unless told otherwise. With both present, X-Forwarded-* is the
+    one the proxy certainly wrote; ``Forwarded`` counts when it is all the proxy sent.
     """
     if not is_trusted(peer_ip, networks):
-        return peer_ip
-    chain = [part.strip() for name, value in headers if name.lower() == b"x-forwarded-for"
+        return Origin(peer_ip, scheme, host)
+    chain = _forwarded_chain(headers)
+    client = _xff_client(headers, peer_ip, networks)
+    element: dict[str, str] = {}
+    if chain is not None:
+        forwarded_client, element = _forwarded_walk(chain, peer_ip, networks)
+        client = client or forwarded_client
+    if client is None:  # X-Real-IP: a single hop, when the proxy sent no chain of either kind
+        real_ip = [value.decode("latin-1").strip() for value in _values(headers, b"x-real-ip")][-1:]
+        client = _walk(real_ip, peer_ip, networks) if real_ip else peer_ip
+    proto = _last_item(_values(headers, b"x-forwarded-proto")).lower() or element.get("proto", "").lower()
+    forwarded_host = (_last_item(_values(headers, b"x-forwarded-host"))
+                      or element.get("host", "").encode("latin-1"))
+    return Origin(client, proto if proto in SCHEMES else scheme, forwarded_host or host)
+
+
+def _last_item(values: list[bytes]) -> bytes:
+    """The last item of a comma list spread over header lines: the one the nearest hop wrote."""
+    return values[-1].rsplit(b",", 1)[-1].strip() if values else b""
+
+
+def _forwarded_chain(headers: Headers) -> ForwardedChain | None:
+    values = _values(headers, b"forwarded")
+    return parse_forwarded(values) if values else None
+
+
+def _xff_client(headers: Headers, peer_ip: str, networks: Sequence[Network]) -> str | None:
+    chain = [part.strip() for value in _values(headers, b"x-forwarded-for")
              for part in value.decode("latin-1").split(",")]
-    if not chain:
-        chain = [value.decode("latin-1").strip() for name, value in headers if name.lower() == b"x-real-ip"][-1:]
+    return _walk(chain, peer_ip, networks) if chain else None
+
+
+def _walk(chain: list[str], peer_ip: str, networks: Sequence[Network]) -> str:
+    """From the right of ``chain``: the first address that is not a trusted proxy; a value that is
+    not an address ends the walk at the last hop that was one."""
     nearest = peer_ip
     for entry in reversed(chain):
         try:
@@ -152,28 +204,71 @@ def real_client(headers: Headers, peer_ip: str, networks: Sequence[Network]) -> 
     return nearest
 
 
-def add_forwarded(headers: Headers, client_ip: str, scheme: str, host: bytes, trusted: bool) -> Headers:
+def _forwarded_walk(chain: ForwardedChain, peer_ip: str,
+                    networks: Sequence[Network]) -> tuple[str, dict[str, str]]:
+    """As :func:`_walk` over the ``for`` nodes, and the element where the walk stopped: the one
+    the outermost trusted proxy wrote, whose ``proto`` and ``host`` describe the visitor's request."""
+    nearest, element = peer_ip, {}
+    for index in reversed(range(len(chain))):
+        element = chain.element(index)
+        address = node_address(element.get("for", ""))
+        if address is None:  # unknown, obfuscated or missing: the last known hop stands
+            return nearest, element
+        nearest = address
+        if not any(ipaddress.ip_address(address) in network for network in networks):
+            return nearest, element
+    return nearest, element
+
+
+def real_client(headers: Headers, peer_ip: str, networks: Sequence[Network]) -> str:
+    """The client's address: the TCP peer, unless the peer is a trusted proxy, in which case the
+    nearest address in its X-Forwarded-For chain (read from the right) that is not itself a trusted
+    proxy; without that chain the same walk over its ``Forwarded`` elements' ``for`` nodes; without
+    either, its X-Real-IP.
+
+    What a client wrote at the left of the chain counts only where a trusted hop vouches for it;
+    a value that is not an IP address (``unknown``, an obfuscated ``_name``) ends the walk at the
+    last hop that was one.
+    """
+    return request_origin(headers, peer_ip, "http", b"", networks).client
+
+
+def add_forwarded(headers: Headers, client_ip: str, scheme: str, host: bytes, trusted: bool,
+                  origin: Origin | None = None) -> Headers:
     """``headers`` with the edge's X-Forwarded-For/-Proto/-Host.
 
     A visitor's own forwarding headers (``FORWARDING``) are dropped: anyone can write them, and an
     app that trusts the tunnel would take them as the client's address or the original scheme.
     From a trusted proxy (COMZY_TRUSTED_PROXIES) they are kept: its X-Forwarded-For chain is
     extended with its own address, and its X-Forwarded-Proto/-Host (https, when it terminates TLS)
-    win over the edge's view of the connection.
+    win over the edge's view of the connection. Its ``Forwarded`` (RFC 7239) is kept and extended
+    with an element for the hop the edge saw; when it sent ``Forwarded`` without X-Forwarded-*,
+    the X-Forwarded-* the edge adds say what ``Forwarded`` says (``origin``, from
+    :func:`request_origin`), so an app reading either learns the same. A malformed ``Forwarded``
+    is dropped, as if absent.
     """
+    forwarded: list[bytes] = []
     if trusted:
-        prior = [v for n, v in headers if n.lower() == b"x-forwarded-for"]
-        out = [(n, v) for n, v in headers if n.lower() != b"x-forwarded-for"]
+        prior = _values(headers, b"x-forwarded-for")
+        forwarded = _values(headers, b"forwarded")
+        out = [(n, v) for n, v in headers if n.lower() not in (b"x-forwarded-for", b"forwarded")]
         present = {n.lower() for n, _ in out}
     else:
         prior = []
         out = [(n, v) for n, v in headers if n.lower() not in FORWARDING]
         present = set()
-    chain = b", ".join([*prior, client_ip.encode()]) if client_ip else b", ".join(prior)
-    if chain:
-        out.append((b"x-forwarded-for", chain))
+    chain = parse_forwarded(forwarded) if forwarded else None
+    if chain is not None:
+        edge_element = forwarded_element(client_ip, scheme, host.decode("latin-1"))
+        out.append((b"forwarded", b", ".join([*forwarded, edge_element.encode("latin-1")])))
+        if not prior:
+            prior = [", ".join(chain.hops()).encode("latin-1")]
+    hops = b", ".join([*prior, client_ip.encode()]) if client_ip else b", ".join(prior)
+    if hops:
+        out.append((b"x-forwarded-for", hops))
     if b"x-forwarded-proto" not in present:
-        out.append((b"x-forwarded-proto", scheme.encode()))
-    if host and b"x-forwarded-host" not in present:
-        out.append((b"x-forwarded-host", host))
+        out.append((b"x-forwarded-proto", (origin.scheme if origin else scheme).encode()))
+    proxied_host = origin.host if origin else host
+    if proxied_host and b"x-forwarded-host" not in present:
+        out.append((b"x-forwarded-host", proxied_host))
     return out
