@@ -2,18 +2,18 @@
 
 They go up while a visitor's request or WebSocket is in flight and back down however it ends:
 answered, closed by either side, refused by a plugin (never counted), or cut by the agent leaving.
+Both tests run on role ``all`` and through an edge of a cluster (tests/stack.py), where the counts
+are the control node's (its relay opens and ends the streams) and the edge's plugins refuse.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import anyio
 import pytest
 
 from comzy import ForwardRequest, Reject, Tunnel, hookimpl
-from tests.conftest import start_agent, start_server, visitor
 from tests.helpers import wait_until
+from tests.stack import Stacks, stacks_fixture  # noqa: F401 (both kinds)
 from tests.test_websocket import exchange, open_ws
 from tests.upstream import Upstream
 
@@ -35,10 +35,10 @@ class RefusesPrivate:
             raise Reject("private", status=403)
 
 
-async def test_counts_go_up_while_in_flight_and_back_down(tmp_path: Path, upstream: Upstream) -> None:
-    async with start_server(tmp_path, plugins=[("private", RefusesPrivate())]) as server, \
-            start_agent(server, upstream.port) as agent, visitor(server, agent.alias) as client:
-        tunnel = server.tunnel(agent.alias)
+async def test_counts_go_up_while_in_flight_and_back_down(stacks: Stacks, upstream: Upstream) -> None:
+    async with stacks.start(plugins=[("private", RefusesPrivate())]) as stack, \
+            stack.agent(upstream.port) as agent, agent.visitor() as client:
+        tunnel = stack.control.tunnel(agent.alias)
         assert tunnel is not None and counts(tunnel) == (0, 0)
         async with anyio.create_task_group() as tg:
             answers: list[int] = []
@@ -50,7 +50,7 @@ async def test_counts_go_up_while_in_flight_and_back_down(tmp_path: Path, upstre
             with anyio.fail_after(WAIT):
                 await upstream.gate("slow-arrived").wait()
             assert counts(tunnel) == (1, 0)  # a slow request in flight
-            async with open_ws(server, agent.alias) as (ws, _):
+            async with open_ws(stack.public, agent.alias) as (ws, _):
                 assert await exchange(ws, "hi") == "echo:hi"
                 assert counts(tunnel) == (2, 1)  # and a WebSocket open
                 assert (await client.get("/private")).status_code == 403  # refused: never a stream
@@ -60,17 +60,16 @@ async def test_counts_go_up_while_in_flight_and_back_down(tmp_path: Path, upstre
         assert answers == [200]
         assert counts(tunnel) == (0, 0)
         # A WebSocket the local service closes, and a finished request, leave nothing counted.
-        async with open_ws(server, agent.alias, "/ws/close/4001") as (ws, _):
+        async with open_ws(stack.public, agent.alias, "/ws/close/4001") as (ws, _):
             await ws.receive()
         assert (await client.get("/status/204")).status_code == 204
         await wait_until(lambda: counts(tunnel) == (0, 0), WAIT)
         assert tunnel.requests == 4
 
 
-async def test_counts_come_down_when_the_agent_leaves_mid_request(tmp_path: Path, upstream: Upstream) -> None:
-    async with start_server(tmp_path) as server, start_agent(server, upstream.port) as agent, \
-            visitor(server, agent.alias) as client:
-        tunnel = server.tunnel(agent.alias)
+async def test_counts_come_down_when_the_agent_leaves_mid_request(stacks: Stacks, upstream: Upstream) -> None:
+    async with stacks.start() as stack, stack.agent(upstream.port) as agent, agent.visitor() as client:
+        tunnel = stack.control.tunnel(agent.alias)
         assert tunnel is not None
         async with anyio.create_task_group() as tg:
             answers: list[int] = []
@@ -79,11 +78,12 @@ async def test_counts_come_down_when_the_agent_leaves_mid_request(tmp_path: Path
                 answers.append((await client.get("/hold/never")).status_code)
 
             tg.start_soon(hanging_request)
-            async with open_ws(server, agent.alias) as (ws, _):
+            async with open_ws(stack.public, agent.alias) as (ws, _):
                 assert await exchange(ws, "hi") == "echo:hi"
                 with anyio.fail_after(WAIT):
                     await upstream.gate("never-arrived").wait()
                 assert counts(tunnel) == (2, 1)
-                await server.close_tunnel(agent.alias, "test: the agent goes")
+                # From the public side: on a cluster the edge asks the control node holding it.
+                assert await stack.public.close_tunnel(agent.alias, "test: the agent goes")
                 await wait_until(lambda: counts(tunnel) == (0, 0), WAIT)
         assert answers == [502]
