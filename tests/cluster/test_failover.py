@@ -1,0 +1,413 @@
+"""Failover with real processes (issue 12; docs/design/cluster.md 5, scenarios 5-8).
+
+Two control nodes and two edges run as ``comzy-server`` subprocesses on the test's own
+nats-server; two agents run as ``comzy`` subprocesses with ``COMZY_WS_SERVER`` listing both control
+nodes (agent A tries ctl1 first, agent B ctl2), and the local upstream is real. A bounded load loop
+sends visitor requests through both edges while a node (or NATS) is killed, stopped or restarted,
+and every request must end within ``REQUEST_BOUND`` with 200, a 404 Tunnel Not Active, a 502/503/504
+with a reason, or an aborted connection: never a hang. Readiness is always a printed line, a
+``/healthz`` answer, a KV record read with the test's own NATS client, or an HTTP 200.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import httpx
+import pytest
+
+from tests.cluster.conftest import NatsServer, nats_node, read_record, tunnel_request
+from tests.helpers import wait_until
+from tests.test_cli import AGENT, SERVER, Cli, agent_env, run_cli, server_env
+from tests.upstream import Upstream
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+#: The edges' link timeout (PINGs every quarter of it): a hung control node is noticed within it.
+LINK_TIMEOUT = 2.0
+#: Seconds a lookup may take (the default): a hung holder costs a visitor this much, then 504.
+LOOKUP_TIMEOUT = 2.0
+#: The agents' heartbeat (the server's setting; the agent gives up after three missed ones).
+HEARTBEAT = 1.0
+#: The longest any visitor request may take while nodes fail: a link timeout, a lookup timeout,
+#: one retry's lookup, with a wide margin for a loaded 2-core machine. Past it, the request hung.
+REQUEST_BOUND = 20.0
+#: The issue's bounds: traffic back after a control node's kill -9, and after a NATS restart.
+FAILOVER_BOUND = 15.0
+NATS_RESTART_BOUND = 20.0
+#: Pause between two requests of one load loop: a steady load that leaves the 2-core machine
+#: room for the seven processes whose timing is under test.
+PACE = 0.02
+#: At most this many requests per load loop (bounded traffic, even if a stop never comes).
+MAX_REQUESTS = 20_000
+PUBLIC_URL = re.compile(r"^Public URL: http://([a-z0-9-]+)\.localhost$")
+
+
+@dataclass
+class Node:
+    """One ``comzy-server`` process of the test cluster."""
+
+    name: str
+    role: str
+    cli: Cli
+    node_id: str
+    admin: int
+    #: The public listener's port (edge) or the agent listener's (control).
+    port: int
+    data_dir: Path
+
+    @property
+    def url(self) -> str:
+        """The agent listener URL (control nodes)."""
+        return f"ws://127.0.0.1:{self.port}"
+
+    def admin_client(self) -> httpx.AsyncClient:
+        """An admin API client with the node's token."""
+        token = (self.data_dir / "admin_token").read_text().strip()
+        return httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.admin}", timeout=10,
+                                 headers={"authorization": f"Bearer {token}"})
+
+    async def health(self) -> dict[str, Any]:
+        """``/healthz``."""
+        async with self.admin_client() as client:
+            response = await client.get("/healthz")
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
+    async def tunnels(self) -> list[dict[str, Any]]:
+        """``/api/tunnels``: the whole cluster's tunnels, as this node's dashboard lists them."""
+        async with self.admin_client() as client:
+            response = await client.get("/api/tunnels")
+        assert response.status_code == 200, response.text
+        return list(response.json()["tunnels"])
+
+
+@dataclass
+class Agent:
+    """One ``comzy`` process and the alias it was given."""
+
+    name: str
+    cli: Cli
+    alias: str
+
+
+@dataclass
+class Outcome:
+    """One visitor request of a load loop."""
+
+    started: float
+    ended: float
+    edge: str
+    alias: str
+    status: int | None  # None: the connection failed or was aborted
+    detail: str
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200
+
+    def problem(self) -> str | None:
+        """Why this outcome breaks the rules (None: an allowed one)."""
+        if self.ended - self.started > REQUEST_BOUND:
+            return f"took {self.ended - self.started:.1f} s"
+        if self.status is None:
+            return None if self.detail != "hang" else "hung"
+        if self.status == 200:
+            return None
+        if self.status == 404 and "Tunnel" in self.detail and "Not Active" in self.detail:
+            return None
+        if self.status in (502, 503, 504) and self.detail.strip():
+            return None  # with its reason
+        return f"answered {self.status} {self.detail!r}"
+
+
+@dataclass
+class Load:
+    """Bounded load loops through the edges; every outcome is kept."""
+
+    outcomes: list[Outcome] = field(default_factory=list)
+    stops: dict[str, anyio.Event] = field(default_factory=dict)
+
+    async def loop(self, edge: Node, alias: str) -> None:
+        stop = self.stops.setdefault(edge.name, anyio.Event())
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{edge.port}", timeout=REQUEST_BOUND + 5,
+                                     headers={"host": f"{alias}.localhost"}) as client:
+            for _ in range(MAX_REQUESTS):
+                if stop.is_set():
+                    return
+                started = time.monotonic()
+                try:
+                    with anyio.fail_after(REQUEST_BOUND + 10):
+                        response = await client.get("/status/200")
+                    status, detail = response.status_code, response.text
+                except TimeoutError:
+                    status, detail = None, "hang"
+                except httpx.TimeoutException:
+                    status, detail = None, "hang"
+                except httpx.TransportError as exc:
+                    status, detail = None, f"{type(exc).__name__}: {exc}"
+                self.outcomes.append(Outcome(started, time.monotonic(), edge.name, alias, status, detail))
+                await anyio.sleep(PACE)
+
+    def stop(self, edge: str) -> None:
+        self.stops.setdefault(edge, anyio.Event()).set()
+
+    def problems(self) -> list[str]:
+        return [f"{o.edge}/{o.alias} at {o.started:.2f}: {why}" for o in self.outcomes
+                if (why := o.problem()) is not None]
+
+    def first_ok_after(self, when: float, edge: str, alias: str) -> float | None:
+        """When the first request through ``edge`` for ``alias`` that started after ``when`` got a 200."""
+        times = [o.ended for o in self.outcomes if o.edge == edge and o.alias == alias and o.started >= when and o.ok]
+        return min(times) if times else None
+
+    def summary(self, since: float) -> str:
+        counts: dict[str, int] = {}
+        for o in self.outcomes:
+            if o.started >= since:
+                key = f"{o.edge} {o.status if o.status is not None else 'abort'}"
+                counts[key] = counts.get(key, 0) + 1
+        return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+
+
+class Cluster:
+    """The processes of one test: nodes, agents, load; all killed when the block ends."""
+
+    def __init__(self, tmp_path: Path, nats: NatsServer, stack: AsyncExitStack, tg: anyio.abc.TaskGroup) -> None:
+        self.tmp_path = tmp_path
+        self.nats = nats
+        self.stack = stack
+        self.tg = tg
+        self.nodes: dict[str, Node] = {}
+        self.agents: dict[str, Agent] = {}
+        self.load = Load()
+
+    async def spawn(self, role: str, name: str) -> Cli:
+        """Start node ``name`` in ``role`` (its start-up lines are read by ``ready``)."""
+        env = server_env(self.tmp_path / f"data-{name}", COMZY_ROLE=role, COMZY_CLUSTER_NAME="failover",
+                         COMZY_NODE_NAME=name, COMZY_NATS_URL=self.nats.url, COMZY_CLUSTER_NODE_TTL="1",
+                         COMZY_CLUSTER_LINK_TIMEOUT=str(LINK_TIMEOUT), COMZY_CLUSTER_LOOKUP_TIMEOUT=str(LOOKUP_TIMEOUT),
+                         COMZY_HEARTBEAT_INTERVAL=str(HEARTBEAT), COMZY_HEARTBEAT_TIMEOUT=str(3 * HEARTBEAT),
+                         COMZY_PLUGINS="dashboard", COMZY_PUBLIC_URL="http://{alias}.localhost")
+        return await self.stack.enter_async_context(run_cli(SERVER, env=env, cwd=self.tmp_path))
+
+    async def ready(self, cli: Cli, role: str, name: str) -> Node:
+        """Node ``name`` once it printed its start-up lines (its id and ports are read from them)."""
+        match = await cli.wait_for(rf"comzy-server \S+ ready as {role} node ({name}-[0-9a-f]{{8}})$",
+                                   stream="stderr", within=60)
+        listener = "public" if role == "edge" else "agents"
+        port = await cli.wait_for(rf"\b{listener}\s+\S+://127\.0\.0\.1:(\d+)", stream="stderr")
+        admin = await cli.wait_for(r"\badmin\s+http://127\.0\.0\.1:(\d+)", stream="stderr")
+        await cli.wait_for(r"\bdata\s+\S", stream="stderr")
+        node = Node(name, role, cli, match.group(1), int(admin.group(1)), int(port.group(1)),
+                    self.tmp_path / f"data-{name}")
+        self.nodes[name] = node
+        return node
+
+    async def start_nodes(self, *nodes: tuple[str, str]) -> None:
+        """Start ``(role, name)`` nodes side by side (Python's start-up is most of their start)."""
+        clis = [await self.spawn(role, name) for role, name in nodes]
+        async with anyio.create_task_group() as tg:
+            for cli, (role, name) in zip(clis, nodes, strict=True):
+                tg.start_soon(self.ready, cli, role, name)
+
+    async def agent(self, name: str, upstream: Upstream, *servers: Node) -> Agent:
+        env = agent_env(COMZY_WS_SERVER=",".join(s.url for s in servers))
+        cli = await self.stack.enter_async_context(
+            run_cli(AGENT, str(upstream.port), "--local-host", "127.0.0.1", env=env, cwd=self.tmp_path))
+        alias = (await cli.wait_for(PUBLIC_URL, within=30)).group(1)
+        agent = Agent(name, cli, alias)
+        self.agents[name] = agent
+        return agent
+
+    def start_load(self, *edges: Node, loops_per_alias: int = 1) -> None:
+        for edge in edges:
+            for agent in self.agents.values():
+                for _ in range(loops_per_alias):
+                    self.tg.start_soon(self.load.loop, edge, agent.alias)
+
+    async def serving(self, edge: Node, alias: str, within: float = 30.0) -> None:
+        """Wait until a request through ``edge`` for ``alias`` gets a 200."""
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{edge.port}", timeout=10,
+                                     headers={"host": f"{alias}.localhost"}) as client:
+            async def ok() -> bool:
+                try:
+                    return (await client.get("/status/200")).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            await wait_until(ok, timeout=within, interval=0.05)
+
+    def describe(self) -> str:
+        parts = []
+        for node in self.nodes.values():
+            parts.append(f"=== {node.name} ({node.node_id}) ===\n" + node.cli.describe()[-6000:])
+        for agent in self.agents.values():
+            parts.append(f"=== agent {agent.name} ({agent.alias}) ===\n" + agent.cli.describe()[-3000:])
+        return "\n".join(parts)
+
+
+@asynccontextmanager
+async def cluster(tmp_path: Path, nats: NatsServer, upstream: Upstream) -> AsyncIterator[Cluster]:
+    """ctl1, ctl2, edge1, edge2 and agents A (ctl1 first) and B (ctl2 first), every route warm."""
+    async with anyio.create_task_group() as tg, AsyncExitStack() as stack:
+        c = Cluster(tmp_path, nats, stack, tg)
+        try:
+            await c.start_nodes(("control", "ctl1"), ("control", "ctl2"), ("edge", "edge1"), ("edge", "edge2"))
+            ctl1, ctl2, edge1, edge2 = (c.nodes[name] for name in ("ctl1", "ctl2", "edge1", "edge2"))
+            await c.agent("A", upstream, ctl1, ctl2)
+            await c.agent("B", upstream, ctl2, ctl1)
+            for edge in (edge1, edge2):
+                for agent in c.agents.values():
+                    await c.serving(edge, agent.alias)
+            yield c
+        except BaseException:
+            print(c.describe())
+            raise
+        finally:
+            for stop in ("edge1", "edge2"):
+                c.load.stop(stop)
+            tg.cancel_scope.cancel()
+
+
+def kv_reader(nats: NatsServer) -> Any:
+    """The test's own NATS client on the cluster (an edge-role lease, no components): reads KV, asks lookups."""
+    return nats_node(nats, "edge", cluster_name="failover", node_name="reader")
+
+
+async def owner(reader: Any, alias: str) -> tuple[str, bool] | None:
+    """(node, live) of ``alias``'s KV record, read with the test's own NATS client."""
+    record = await read_record(reader, alias)
+    return None if record is None else (record.node, record.live)
+
+
+async def answering_nodes(reader: Any, alias: str, asks: int = 12) -> set[str]:
+    """The nodes that answer lookups for ``alias`` (queue group ``own``: a second holder would get
+    about half of ``asks``)."""
+    nodes = set()
+    for _ in range(asks):
+        answer = await tunnel_request(reader, alias, {"op": "lookup"})
+        nodes.add(answer["node"])
+    return nodes
+
+
+def assert_no_hang(c: Cluster) -> None:
+    problems = c.load.problems()
+    assert not problems, "\n".join(problems[:30]) + "\n" + c.describe()
+
+
+# -- 1. kill -9 of a control node -------------------------------------------------------------
+async def test_kill_9_of_a_control_node_under_load_moves_its_agents_with_their_aliases(
+        tmp_path: Path, nats_server: NatsServer, upstream: Upstream) -> None:
+    async with cluster(tmp_path, nats_server, upstream) as c, kv_reader(nats_server) as reader:
+        ctl1, ctl2 = c.nodes["ctl1"], c.nodes["ctl2"]
+        a, b = c.agents["A"], c.agents["B"]
+        assert await owner(reader, a.alias) == (ctl1.node_id, True)
+        assert await owner(reader, b.alias) == (ctl2.node_id, True)
+        c.start_load(c.nodes["edge1"], c.nodes["edge2"], loops_per_alias=2)
+        await wait_until(lambda: sum(o.ok for o in c.load.outcomes) >= 40)
+        mark = len(a.cli.lines["stdout"])
+        killed = time.monotonic()
+        ctl1.cli.signal(signal.SIGKILL)
+        # A comes back on ctl2 under the same alias; B never moved.
+        await a.cli.wait_for(rf"^Reconnected: http://{a.alias}\.localhost$", start=mark, within=FAILOVER_BOUND)
+        await wait_until(lambda: owner(reader, a.alias), timeout=10)
+        assert await owner(reader, a.alias) == (ctl2.node_id, True)
+        assert await owner(reader, b.alias) == (ctl2.node_id, True)
+        assert "Connection lost" not in b.cli.stdout, b.cli.stdout
+        # Traffic for both aliases is back through both edges within the bound.
+        for edge in ("edge1", "edge2"):
+            for agent in (a, b):
+                await wait_until(lambda e=edge, al=agent.alias: c.load.first_ok_after(killed, e, al),
+                                 timeout=FAILOVER_BOUND + 5)
+        back = max(c.load.first_ok_after(killed, e, agent.alias) or 0.0  # type: ignore[operator]
+                   for e in ("edge1", "edge2") for agent in (a, b)) - killed
+        print(f"\ntraffic back through both edges {back:.2f} s after kill -9 of ctl1; "
+              f"outcomes since: {c.load.summary(killed)}")
+        # Let the loops run past the switch-over, then stop them and check every request.
+        settled = len(c.load.outcomes)
+        await wait_until(lambda: len(c.load.outcomes) >= settled + 40)
+        c.load.stop("edge1")
+        c.load.stop("edge2")
+        assert back < FAILOVER_BOUND, f"traffic back after {back:.2f} s"
+        assert_no_hang(c)
+        assert {t["alias"]: t["node"] for t in await c.nodes["edge1"].tunnels()} == {
+            a.alias: ctl2.node_id, b.alias: ctl2.node_id}
+
+
+# -- 2. kill -9 of an edge -------------------------------------------------------------------
+async def test_kill_9_of_an_edge_leaves_the_other_serving_and_its_streams_closed(
+        tmp_path: Path, nats_server: NatsServer, upstream: Upstream) -> None:
+    async with cluster(tmp_path, nats_server, upstream) as c:
+        ctl1, ctl2, edge1 = c.nodes["ctl1"], c.nodes["ctl2"], c.nodes["edge1"]
+        c.start_load(c.nodes["edge2"], loops_per_alias=2)
+        # Requests held open by the upstream, through edge1, on both control nodes.
+        held: list[str] = []
+
+        async def hold(alias: str, name: str) -> None:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{edge1.port}", timeout=REQUEST_BOUND,
+                                         headers={"host": f"{alias}.localhost"}) as client:
+                try:
+                    await client.get(f"/hold/{name}")
+                except httpx.TransportError:
+                    held.append(name)  # edge1 died under it: the only way it ends
+
+        for i, agent in enumerate(c.agents.values()):
+            for j in range(2):
+                name = f"e1-{i}-{j}"
+                c.tg.start_soon(hold, agent.alias, name)
+                await upstream.gate(f"{name}-arrived").wait()
+
+        async def streams_open() -> dict[str, int]:
+            return {t["alias"]: t["streams_open"] for t in await ctl1.tunnels()}
+
+        # Each tunnel counts its two held streams (the load through edge2 may add its own).
+        await wait_until(lambda: _all_at_least(streams_open(), 2), timeout=10)
+        await wait_until(lambda: sum(o.ok for o in c.load.outcomes) >= 40)
+        killed = time.monotonic()
+        edge1.cli.signal(signal.SIGKILL)
+        await edge1.cli.wait_exit(within=10)
+        # The control nodes end edge1's streams (503 on the link's next PING, or its heartbeat)
+        # and tell the agents (RESET CANCEL: the local requests are cancelled).
+        await wait_until(lambda: len(held) == 4, timeout=REQUEST_BOUND)
+        await wait_until(lambda: _all_zero(streams_open()), timeout=3 * LINK_TIMEOUT + 10)
+        closed = time.monotonic() - killed
+        done = len(c.load.outcomes)
+        await wait_until(lambda: len(c.load.outcomes) >= done + 20)
+        c.load.stop("edge2")
+        print(f"\nstreams of the dead edge closed on the control nodes {closed:.2f} s after its kill -9; "
+              f"edge2: {c.load.summary(killed)}")
+        for ctl in (ctl1, ctl2):
+            assert (await ctl.health())["links"] == 1, await ctl.health()  # edge2's only
+        # edge2 served every request throughout: no error at all, before or after the kill.
+        through_edge2 = [o for o in c.load.outcomes if o.edge == "edge2"]
+        assert any(o.started > killed for o in through_edge2)
+        failed = [o for o in through_edge2 if not o.ok]
+        assert not failed, failed[:10]
+        assert_no_hang(c)
+        # The agents' local requests end once the upstream answers (the agent does not cancel a
+        # local request whose stream was reset; it reports it when the app answers).
+        for i in range(2):
+            for j in range(2):
+                upstream.gate(f"e1-{i}-{j}").set()
+        for agent in c.agents.values():
+            await agent.cli.wait_for(r"^GET\s+/hold/e1-\d-1 ", within=10)
+
+
+async def _all_at_least(counts: Any, least: int) -> bool:
+    values = await counts
+    return len(values) == 2 and all(v >= least for v in values.values())
+
+
+async def _all_zero(counts: Any) -> bool:
+    values = await counts
+    return len(values) == 2 and not any(values.values())
