@@ -1,5 +1,6 @@
 """Strict HTTP at the edge (issue 10): framing a visitor cannot make ambiguous, targets and headers
-the local app can trust. Each test replays the attack through a real server, agent and app."""
+the local app can trust. Each test replays the attack through a real server, agent and app, on role
+``all`` and through an edge of a cluster (tests/stack.py)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ import pytest
 from comzy import ForwardRequest, hookimpl
 from comzy.core.server import ServerContext
 from comzy.core.settings import ServerSettings
-from tests.conftest import RunningAgent, start_agent, start_server
+from tests.conftest import RunningAgent
 from tests.helpers import wait_until
+from tests.stack import Stacks, stack_fixture, stacks_fixture, tunnel_fixture  # noqa: F401 (both kinds)
 from tests.test_http_fidelity import echo, header_values
 from tests.upstream import Upstream
 
@@ -26,7 +28,7 @@ HTTP_SERVER = os.environ.get("COMZY_TEST_HTTP_SERVER") or ServerSettings.model_f
 
 
 def host_of(tunnel: RunningAgent) -> str:
-    return f"{tunnel.alias}.{tunnel.server.settings.base_domain}"
+    return f"{tunnel.alias}.{tunnel.public.settings.base_domain}"
 
 
 async def raw_request(server: ServerContext, request: bytes) -> bytes:
@@ -52,7 +54,7 @@ async def test_content_length_with_transfer_encoding_is_400_and_never_forwarded(
         tunnel: RunningAgent, upstream: Upstream) -> None:
     smuggle = (f"POST /smuggle HTTP/1.1\r\nHost: {host_of(tunnel)}\r\nContent-Length: 4\r\n"
                "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n").encode()
-    answer = await raw_request(tunnel.server, smuggle)
+    answer = await raw_request(tunnel.public, smuggle)
     assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
     if HTTP_SERVER == "hypercorn":  # uvicorn's parser refuses it before the edge, with its own words
         assert b"Content-Length and Transfer-Encoding together are refused" in answer
@@ -69,7 +71,7 @@ async def test_content_length_with_transfer_encoding_is_400_and_never_forwarded(
 async def test_absolute_form_target_reaches_the_app_in_origin_form(
         tunnel: RunningAgent, target: bytes, path: str, query: str) -> None:
     request = b"GET " + target + b" HTTP/1.1\r\nHost: " + host_of(tunnel).encode() + b"\r\nConnection: close\r\n\r\n"
-    answer = await raw_request(tunnel.server, request)
+    answer = await raw_request(tunnel.public, request)
     if HTTP_SERVER == "uvicorn" and path == "/" and not target.endswith(b"/"):
         # httptools refuses an absolute-form target without a path: refused is safe too.
         assert answer.startswith(b"HTTP/1.1 400 "), answer[:300]
@@ -91,10 +93,10 @@ async def test_connection_header_never_strips_host_or_content_length(tunnel: Run
 
 
 @pytest.fixture
-async def h2_tunnel(tmp_path: Path, upstream: Upstream) -> AsyncIterator[RunningAgent]:
+async def h2_tunnel(stacks: Stacks, upstream: Upstream) -> AsyncIterator[RunningAgent]:
     if HTTP_SERVER != "hypercorn":
         pytest.skip("HTTP/2 is served by hypercorn only (uvicorn speaks HTTP/1.1)")
-    async with start_server(tmp_path / "data") as server, start_agent(server, upstream.port) as running:
+    async with stacks.start() as stack, stack.agent(upstream.port) as running:
         yield running
 
 
@@ -139,7 +141,7 @@ async def test_http2_get_has_no_body(h2_tunnel: RunningAgent) -> None:
     assert header_values(info, "content-length") == [] and header_values(info, "transfer-encoding") == []
 
 
-async def test_http2_bodies_held_back_cannot_overrun_the_stream_limit(tmp_path: Path, upstream: Upstream) -> None:
+async def test_http2_bodies_held_back_cannot_overrun_the_stream_limit(stacks: Stacks, upstream: Upstream) -> None:
     """An HTTP/2 request whose first DATA comes late used to pass the limits before its body came,
     and open its stream after: a thousand of them made a thousand streams (limit 256)."""
     if HTTP_SERVER != "hypercorn":
@@ -151,8 +153,8 @@ async def test_http2_bodies_held_back_cannot_overrun_the_stream_limit(tmp_path: 
         await release_body.wait()
         yield b"late"
 
-    async with start_server(tmp_path / "data", max_streams_per_tunnel=2) as server, \
-            start_agent(server, upstream.port) as running, h2_client(running) as h2, running.visitor() as h1:
+    async with stacks.start(max_streams_per_tunnel=2) as stack, \
+            stack.agent(upstream.port) as running, h2_client(running) as h2, running.visitor() as h1:
 
         async def hold(name: str) -> None:
             results[name] = await h1.get(f"/hold/{name}")
@@ -202,10 +204,10 @@ class ClientSeen:
         self.clients.append(request.client)
 
 
-async def test_forwarding_headers_from_a_trusted_proxy_are_kept(tmp_path: Path, upstream: Upstream) -> None:
+async def test_forwarding_headers_from_a_trusted_proxy_are_kept(stacks: Stacks, upstream: Upstream) -> None:
     seen = ClientSeen()
-    async with start_server(tmp_path / "data", [("seen", seen)], trusted_proxies="10.0.0.0/8, 127.0.0.1/32") \
-            as server, start_agent(server, upstream.port) as running, running.visitor() as client:
+    async with stacks.start([("seen", seen)], trusted_proxies="10.0.0.0/8, 127.0.0.1/32") as stack, \
+            stack.agent(upstream.port) as running, running.visitor() as client:
         info = echo(await client.get("/proxied", headers=SPOOFED))
     # Plugins (request logs, throttles, the dashboard) see the client the proxy names.
     assert seen.clients == ["203.0.113.7"]
