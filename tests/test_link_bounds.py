@@ -3,6 +3,9 @@
 Each test replays an attack from issue 10 against a real server: a PING flood from an agent that
 never reads (RSS went 103 -> 607 MiB in 2 s), and visitors' request heads queued for a stalled
 agent (140 -> 248 MiB for 2,000 heads of 60 KB).
+
+The server tests run on role ``all`` and through an edge of a cluster (tests/stack.py): there the
+hostile agent is on the control node, and the heads reach it from the edge over a link and the relay.
 """
 
 from __future__ import annotations
@@ -10,7 +13,6 @@ from __future__ import annotations
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import anyio
 import anyio.abc
@@ -21,8 +23,9 @@ from comzy.core import protocol as p
 from comzy.core.server import ServerContext
 from comzy.core.session import SEND_BUDGET, Session
 from comzy.core.websocket import WebSocket, WebSocketError, client_handshake
-from tests.conftest import start_agent, start_server, visitor
+from tests.conftest import visitor
 from tests.helpers import DisconnectWatcher, receive_until_closed, wait_until
+from tests.stack import Stack, Stacks, reachable, stacks_fixture  # noqa: F401 (both kinds)
 from tests.test_protocol import ws_pair
 from tests.upstream import Upstream
 
@@ -68,24 +71,23 @@ class QueueSampler:
             await anyio.sleep(0.002)
 
 
-async def check_tunnel(server: ServerContext, alias: str) -> None:
-    async with visitor(server, alias, timeout=10) as client:
+async def check_tunnel(stack: Stack, alias: str) -> None:
+    async with visitor(stack.public, alias, timeout=10) as client:
         response = await client.get("/still-serving")
     assert response.status_code == 200, response.text
 
 
 async def test_ping_flood_from_an_agent_that_never_reads_stays_bounded_and_is_closed(
-        tmp_path: Path, upstream: Upstream) -> None:
+        stacks: Stacks, upstream: Upstream) -> None:
     watcher = DisconnectWatcher()
     timeout = 1.5
     async with (
-        start_server(tmp_path / "data", [("watcher", watcher)], heartbeat_interval=0.2,
-                     heartbeat_timeout=timeout) as server,
-        start_agent(server, upstream.port) as healthy,
-        hostile_agent(server) as (ws, alias),
+        stacks.start([("watcher", watcher)], heartbeat_interval=0.2, heartbeat_timeout=timeout) as stack,
+        stack.agent(upstream.port) as healthy,
+        hostile_agent(stack.control) as (ws, alias),
         anyio.create_task_group() as tg,
     ):
-        sampler = QueueSampler(server.registry.get(alias).session)  # type: ignore[union-attr]
+        sampler = QueueSampler(stack.control.registry.get(alias).session)  # type: ignore[union-attr]
         tg.start_soon(sampler.run)
         flood = p.encode(FT.PING, 0, b"\xff" * p.MAX_PING_PAYLOAD) * 4096  # 72 KiB of PINGs per message
         sent = 0
@@ -107,15 +109,15 @@ async def test_ping_flood_from_an_agent_that_never_reads_stays_bounded_and_is_cl
         # The flood kept the link busy, yet an agent that answers none of our PINGs is not alive.
         assert "not reading" in reason and "heartbeat timeout" in reason, reason
         assert elapsed < timeout + 5
-        await check_tunnel(server, healthy.alias)
+        await check_tunnel(stack, healthy.alias)
 
 
-async def test_ping_payload_beyond_8_bytes_closes_the_session(tmp_path: Path, upstream: Upstream) -> None:
+async def test_ping_payload_beyond_8_bytes_closes_the_session(stacks: Stacks, upstream: Upstream) -> None:
     watcher = DisconnectWatcher()
     async with (
-        start_server(tmp_path / "data", [("watcher", watcher)]) as server,
-        start_agent(server, upstream.port) as healthy,
-        hostile_agent(server) as (ws, alias),
+        stacks.start([("watcher", watcher)]) as stack,
+        stack.agent(upstream.port) as healthy,
+        hostile_agent(stack.control) as (ws, alias),
     ):
         await ws.send(p.encode(FT.PING, 0, bytes(1024 * 1024)))  # 1 MiB: it would have been echoed
         closed, frames = await receive_until_closed(ws)
@@ -124,11 +126,11 @@ async def test_ping_payload_beyond_8_bytes_closes_the_session(tmp_path: Path, up
         with anyio.fail_after(5):
             (reason,) = await watcher.wait_for(alias)
         assert "PING payload of 1048576 bytes exceeds 8" in reason
-        await check_tunnel(server, healthy.alias)
+        await check_tunnel(stack, healthy.alias)
 
 
 async def test_request_heads_for_a_stalled_agent_are_bounded_then_refused_with_503(
-        tmp_path: Path, upstream: Upstream) -> None:
+        stacks: Stacks, upstream: Upstream) -> None:
     watcher = DisconnectWatcher()
     timeout = 30.0  # long: the checks must finish before the server gives up on the agent
     requests = 200
@@ -138,20 +140,21 @@ async def test_request_heads_for_a_stalled_agent_are_bounded_then_refused_with_5
     head_limit = 256 * 1024
     big = "x" * 200_000
     async with (
-        start_server(tmp_path / "data", [("watcher", watcher)], heartbeat_interval=0.5,
-                     heartbeat_timeout=timeout, max_request_head=head_limit,
-                     max_streams_per_tunnel=requests + 10) as server,
-        start_agent(server, upstream.port) as healthy,
-        hostile_agent(server) as (ws, alias),
+        stacks.start([("watcher", watcher)], heartbeat_interval=0.5, heartbeat_timeout=timeout,
+                     max_request_head=head_limit, max_streams_per_tunnel=requests + 10) as stack,
+        stack.agent(upstream.port) as healthy,
+        hostile_agent(stack.control) as (ws, alias),
         anyio.create_task_group() as tg,
     ):
-        session = server.registry.get(alias).session  # type: ignore[union-attr]
+        session = stack.control.registry.get(alias).session  # type: ignore[union-attr]
+        if stack.public is not stack.control:
+            await reachable(stack.public, alias)
         sampler = QueueSampler(session)
         tg.start_soon(sampler.run)
         statuses: list[int] = []
         refusals: list[str] = []
         limits = httpx.Limits(max_connections=requests)
-        async with visitor(server, alias, timeout=timeout + 10, limits=limits) as client:
+        async with visitor(stack.public, alias, timeout=timeout + 10, limits=limits) as client:
 
             async def one(index: int) -> None:
                 try:
@@ -180,8 +183,11 @@ async def test_request_heads_for_a_stalled_agent_are_bounded_then_refused_with_5
         assert set(statuses) <= {503, 502, 404, 0}, statuses
         with anyio.fail_after(10):
             await watcher.wait_for(alias)
-        await check_tunnel(server, healthy.alias)
+        await check_tunnel(stack, healthy.alias)
 
+
+# The two tests below are Session unit tests (no server): agent links and cluster links are the same
+# Session, so they run once.
 
 async def test_reader_stops_reading_while_the_peer_leaves_the_send_budget_unread() -> None:
     async with ws_pair() as (near, far):
