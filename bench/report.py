@@ -354,8 +354,18 @@ def markdown(results: dict[str, Any], rows: list[Row], cluster_table: list[Clust
         lines += ["", "CPU time through the tunnel (user + system, median over rounds; the figure other load on "
                   "the machine disturbs least):", "", "| case | server | agent |", "|---|---:|---:|",
                   *(f"| {case} | {server} | {agent} |" for case, server, agent in cpu)]
+    if results.get("problems"):
+        lines += ["", "Problems:", *(f"- {p}" for p in results["problems"])]
+    idle = results.get("idle_agents")
+    if isinstance(idle, dict) and "error" in idle:
+        lines += ["", f"Idle agents: {idle['error']}"]
+    elif "idle_agents" in results and idle is None:
+        lines += ["", "Idle agents: not measured (bench/idle_agents.py is not present)."]
+    lines += ["", "Direct: the same local app (nginx, or bench/localapp.py for upload/SSE/WebSocket) without the "
+              "tunnel. Ratio: tunnel ÷ direct (share of direct throughput, latency factor, or added ms). "
+              "Raw numbers for every round are in results.json.", ""]
     if cluster_table:
-        lines += ["", "## Cluster", "",
+        lines += ["## Cluster", "",
                   "The same nginx through an edge whose agent is on a control node (nats-server, a control node and "
                   "an edge started by the harness, each its own process), alternating round by round with direct "
                   "and the single node (role `all`). **vs direct**: share of direct throughput or ms added; "
@@ -371,18 +381,9 @@ def markdown(results: dict[str, Any], rows: list[Row], cluster_table: list[Clust
             lines += ["", "CPU time through the cluster (user + system, median over rounds):", "",
                       "| case | edge | control node | nats-server | agent |", "|---|---:|---:|---:|---:|",
                       *(f"| {' | '.join(cells)} |" for cells in ccpu)]
+        lines.append("")
     elif results["meta"].get("cluster", "").startswith("skipped"):
-        lines += ["", f"Cluster: {results['meta']['cluster']}."]
-    if results.get("problems"):
-        lines += ["", "Problems:", *(f"- {p}" for p in results["problems"])]
-    idle = results.get("idle_agents")
-    if isinstance(idle, dict) and "error" in idle:
-        lines += ["", f"Idle agents: {idle['error']}"]
-    elif "idle_agents" in results and idle is None:
-        lines += ["", "Idle agents: not measured (bench/idle_agents.py is not present)."]
-    lines += ["", "Direct: the same local app (nginx, or bench/localapp.py for upload/SSE/WebSocket) without the "
-              "tunnel. Ratio: tunnel ÷ direct (share of direct throughput, latency factor, or added ms). "
-              "Raw numbers for every round are in results.json.", ""]
+        lines += [f"Cluster: {results['meta']['cluster']}.", ""]
     return "\n".join(lines)
 
 
