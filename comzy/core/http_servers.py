@@ -1,4 +1,4 @@
-"""The public listener's HTTP server: hypercorn (the default) or uvicorn.
+"""The public listener's HTTP server: uvicorn (the default) or hypercorn (HTTP/2 too).
 
 ``COMZY_HTTP_SERVER`` picks one. Whatever the choice, the server is handed the listener's
 pre-bound socket (so port 0 works) and the hypercorn ``Config`` that describes the listener
@@ -28,18 +28,20 @@ from comzy.core.asgi import App, Receive, Scope, Send, respond
 
 HTTP_SERVERS = ("hypercorn", "uvicorn")
 
-#: The modules each alternative needs (hypercorn is a core dependency).
-_REQUIRES = {"uvicorn": ("uvicorn", "httptools")}
+#: The modules each server needs. Both are dependencies of comzy; they are checked anyway, so that
+#: an install that lost one (a hand-pruned image, a broken venv) fails at start-up in one line.
+_REQUIRES = {"uvicorn": ("uvicorn", "httptools"), "hypercorn": ("hypercorn",)}
 
 
 def missing_requirement(kind: str) -> str | None:
-    """Why ``kind`` cannot serve here (a message naming the pip extra to install), or None."""
+    """Why ``kind`` cannot serve here (a message naming what to install), or None."""
     absent = [name for name in _REQUIRES.get(kind, ()) if importlib.util.find_spec(name) is None]
     if not absent:
         return None
     verb = "is" if len(absent) == 1 else "are"
-    return (f"{kind} is selected but {' and '.join(absent)} {verb} not installed; "
-            f"install it with: pip install 'comzy[{kind}]'")
+    return (f"{kind} is selected but {' and '.join(absent)} {verb} not installed (comzy depends on "
+            f"{'it' if len(absent) == 1 else 'them'}: this install is incomplete); install "
+            f"{'it' if len(absent) == 1 else 'them'} with: pip install {' '.join(absent)}")
 
 
 async def serve(kind: str, app: Any, config: Config, stop: anyio.Event) -> None:

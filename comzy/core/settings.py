@@ -74,9 +74,9 @@ class ServerSettings(BaseSettings):
                                       description="TLS private key (PEM, unencrypted) for the public and agent "
                                       "listeners. Empty: no TLS.")
     http_server: Literal["hypercorn", "uvicorn"] = Field(
-        "hypercorn", validation_alias=_env("COMZY_HTTP_SERVER"),
-        description="ASGI server of the public listener: hypercorn or uvicorn (faster; pip extra "
-        "comzy[uvicorn]); see docs/benchmarks.md.")
+        "uvicorn", validation_alias=_env("COMZY_HTTP_SERVER"),
+        description="ASGI server of the public listener: uvicorn (the fastest; HTTP/1.1) or hypercorn (also "
+        "HTTP/2 over TLS, about 2.6 times the CPU per request); see docs/benchmarks.md.")
     reserved_aliases: str = Field(DEFAULT_RESERVED, validation_alias=_env("COMZY_RESERVED_ALIASES"),
                                   description="Comma list of names no agent may take.")
     allow_punycode_aliases: bool = Field(
