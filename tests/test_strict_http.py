@@ -16,7 +16,6 @@ import pytest
 from comzy import ForwardRequest, hookimpl
 from comzy.core.server import ServerContext
 from comzy.core.settings import ServerSettings
-from comzy.core.settings import ServerSettings
 from tests.conftest import RunningAgent
 from tests.helpers import wait_until
 from tests.stack import Stacks, stack_fixture, stacks_fixture, tunnel_fixture  # noqa: F401 (both kinds)
