@@ -77,9 +77,9 @@ async def _serve_uvicorn(app: Any, config: Config, stop: anyio.Event) -> None:
         server_header=False,
         date_header=False,
         # Off on purpose: the edge reads X-Forwarded-* and Forwarded itself, for both servers
-        # alike (hypercorn has no such option), with COMZY_TRUSTED_PROXIES and RFC 7239 (uvicorn
-        # knows neither Forwarded nor a chain of trusted hops), and must see the TCP peer to decide
-        # whether to trust them; uvicorn's would replace scope["client"] with a header's claim.
+        # alike (hypercorn has no such option), with COMZY_TRUSTED_PROXIES (uvicorn's middleware
+        # reads no Forwarded, no X-Forwarded-Host), and must see the TCP peer to decide whether to
+        # trust them: uvicorn's would already have replaced scope["client"] with a header's claim.
         proxy_headers=False,
         timeout_keep_alive=int(config.keep_alive_timeout),
         timeout_graceful_shutdown=grace,  # type: ignore[arg-type]  # a float works as well
