@@ -120,7 +120,8 @@ class Agent:
         )
 
     async def _connect_any(self) -> tuple[WebSocket, str]:
-        """Try each server in turn, starting with the last one that worked."""
+        """Try each server in turn, starting with the last one that worked (the one after it when a
+        session with it was lost)."""
         errors = []
         mismatches = 0
         servers = self.config.servers
@@ -200,6 +201,10 @@ class Agent:
                 final, reason = await self._serve(ws, welcome)
                 if final is not None:
                     return final
+                # The server we were on just failed us (it died, hung, or is draining): try the
+                # others first. A hung one accepts TCP but never answers the upgrade, and would
+                # cost the whole connect timeout on every attempt if it stayed first.
+                self._server_index = (self._server_index + 1) % len(self.config.servers)
             # Full jitter: agents of a restarted server do not all return in the same instant.
             wait = random.uniform(delay / 2, delay)
             self.reporter.reconnecting(reason, wait)
