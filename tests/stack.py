@@ -66,13 +66,15 @@ class Stacks:
     """Starts stacks of one kind for a test (``stacks.start(...)``); the ``stack`` fixture is one
     with the default settings."""
 
-    def __init__(self, kind: str, tmp_path: Path) -> None:
+    def __init__(self, kind: str, tmp_path: Path, nats: NatsServer | None = None) -> None:
         self.kind = kind
         self.tmp_path = tmp_path
-        self._nats: NatsServer | None = None
+        #: A running nats-server the caller gave (and stops), else the test's own, started on first use.
+        self._nats = nats
+        self._own = nats is None
 
     def nats(self) -> NatsServer:
-        """The test's own nats-server (started on first use, killed by the fixture)."""
+        """The nats-server the cluster nodes use."""
         if self._nats is None:
             if not NATS_SERVER.is_file():
                 unavailable(f"{NATS_SERVER} is not installed (apt-get install nats-server)")
@@ -105,7 +107,8 @@ class Stacks:
                 yield Stack("cluster", edge, control)
 
     def close(self) -> None:
-        if self._nats is not None:
+        """Stop the nats-server this factory started."""
+        if self._own and self._nats is not None:
             self._nats.kill9()
 
 
