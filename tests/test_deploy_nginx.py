@@ -158,13 +158,15 @@ async def test_documented_nginx_site_end_to_end(tmp_path: Path, upstream: Upstre
                 transport = httpx.AsyncHTTPTransport(local_address=VISITOR_ADDRESS, verify=tls)
                 async with httpx.AsyncClient(transport=transport, timeout=15) as client:
                     response = await client.get(f"https://127.0.0.1:{port}/behind-nginx?x=1",
-                                                headers={"host": f"{alias}.localhost:{port}"})
+                                                headers={"host": f"{alias}.localhost:{port}",
+                                                         "forwarded": "for=203.0.113.67;proto=http"})
                 assert response.status_code == 200, response.text
                 seen = {name.lower(): value for name, value in response.json()["headers"]}
                 assert seen["x-forwarded-proto"] == "https"
                 assert seen["x-forwarded-for"].split(",")[0].strip() == VISITOR_ADDRESS
                 assert seen["x-real-ip"] == VISITOR_ADDRESS
                 assert seen["host"] == f"{alias}.localhost:{port}"
+                assert "forwarded" not in seen  # the visitor's own: removed by nginx, never trusted
                 assert ("/behind-nginx", VISITOR_ADDRESS) in log.clients
                 # A visitor's WebSocket through nginx's TLS, nginx's upgrade and the tunnel.
                 stream = await anyio.connect_tcp("127.0.0.1", port, local_host=VISITOR_ADDRESS, tls=True,
@@ -189,5 +191,6 @@ def test_the_documented_site_keeps_what_agents_and_visitors_need() -> None:
     for line in ("proxy_set_header Host $http_host;", "proxy_set_header Upgrade $http_upgrade;",
                  "proxy_buffering off;", "proxy_request_buffering off;", "client_max_body_size 0;",
                  "proxy_set_header X-Forwarded-Proto $scheme;", "server_name *.tunnel.example.com;",
+                 'proxy_set_header Forwarded "";',
                  "server_name tunnel.example.com;"):
         assert line in site, line
