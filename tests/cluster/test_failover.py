@@ -170,6 +170,18 @@ class Load:
         times = [o.ended for o in self.outcomes if o.edge == edge and o.alias == alias and o.started >= when and o.ok]
         return min(times) if times else None
 
+    def timeline(self, since: float, alias: str) -> str:
+        """What requests for ``alias`` got since ``since``, change by change (for the test's output)."""
+        lines, last = [], None
+        for o in sorted(self.outcomes, key=lambda o: o.started):
+            if o.started < since or o.alias != alias:
+                continue
+            what = (o.edge, o.status, o.detail.strip()[:100] if not o.ok else "")
+            if what != last:
+                lines.append(f"  +{o.started - since:6.2f} s ({o.ended - o.started:5.2f} s) {what}")
+                last = what
+        return "\n".join(lines)
+
     def summary(self, since: float) -> str:
         counts: dict[str, int] = {}
         for o in self.outcomes:
@@ -290,13 +302,25 @@ async def owner(reader: Any, alias: str) -> tuple[str, bool] | None:
     return None if record is None else (record.node, record.live)
 
 
-async def answering_nodes(reader: Any, alias: str, asks: int = 12) -> set[str]:
-    """The nodes that answer lookups for ``alias`` (queue group ``own``: a second holder would get
-    about half of ``asks``)."""
-    nodes = set()
-    for _ in range(asks):
-        answer = await tunnel_request(reader, alias, {"op": "lookup"})
-        nodes.add(answer["node"])
+async def answering_nodes(reader: Any, alias: str, window: float = 1.0) -> set[str]:
+    """Every node that answers one lookup for ``alias`` within ``window`` s (all replies collected,
+    not only the first: two holders would both show)."""
+    import msgpack
+
+    nc = reader.nc
+    inbox = nc.new_inbox()
+    nodes: set[str] = set()
+
+    async def collect(msg: Any) -> None:
+        nodes.add(str(msgpack.unpackb(msg.data).get("node")))
+
+    subscription = await nc.subscribe(inbox, cb=collect)
+    try:
+        await nc.flush()
+        await nc.publish(reader.subjects.tunnel(alias), msgpack.packb({"op": "lookup"}), reply=inbox)
+        await anyio.sleep(window)  # how long other answers may take to come: the measure itself
+    finally:
+        await subscription.unsubscribe()
     return nodes
 
 
@@ -411,3 +435,86 @@ async def _all_at_least(counts: Any, least: int) -> bool:
 async def _all_zero(counts: Any) -> bool:
     values = await counts
     return len(values) == 2 and not any(values.values())
+
+
+# -- 3. SIGSTOP of a control node ------------------------------------------------------------
+async def test_a_stopped_control_node_fails_its_streams_in_bounded_time_and_serves_nothing_once_continued(
+        tmp_path: Path, nats_server: NatsServer, upstream: Upstream) -> None:
+    async with cluster(tmp_path, nats_server, upstream) as c, kv_reader(nats_server) as reader:
+        ctl1, ctl2 = c.nodes["ctl1"], c.nodes["ctl2"]
+        a, b = c.agents["A"], c.agents["B"]
+        # A visitor stream through each edge to A (on ctl1), its response head already sent.
+        aborted: dict[str, float] = {}
+
+        async def open_stream(edge: Node, started: anyio.Event) -> None:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{edge.port}", timeout=REQUEST_BOUND,
+                                         headers={"host": f"{a.alias}.localhost"}) as client, \
+                    client.stream("GET", "/sse") as response:
+                assert response.status_code == 200
+                started.set()
+                try:
+                    await response.aread()
+                except httpx.TransportError:
+                    aborted[edge.name] = time.monotonic()  # never a clean (truncated) end
+
+        for edge in (c.nodes["edge1"], c.nodes["edge2"]):
+            started = anyio.Event()
+            c.tg.start_soon(open_stream, edge, started)
+            with anyio.fail_after(10):
+                await started.wait()
+        c.start_load(c.nodes["edge1"], c.nodes["edge2"])
+        await wait_until(lambda: sum(o.ok for o in c.load.outcomes) >= 20)
+        stopped = time.monotonic()
+        ctl1.cli.signal(signal.SIGSTOP)
+        try:
+            # The edges end the streams of the hung node after their link timeout.
+            await wait_until(lambda: len(aborted) == 2, timeout=REQUEST_BOUND)
+            failed_after = max(aborted.values()) - stopped
+            print(f"\nstreams of the stopped node aborted after {failed_after:.2f} s")
+            assert failed_after < LINK_TIMEOUT + 5
+            # A's agent misses three heartbeats and moves to ctl2 with its alias.
+            await a.cli.wait_for(rf"^Reconnected: http://{a.alias}\.localhost$", within=6 * HEARTBEAT + 15)
+            await wait_until(lambda: _owned_by(reader, a.alias, ctl2.node_id), timeout=10)
+            # While ctl1 is still stopped (its NATS connection open, its subscriptions with it), every
+            # lookup for A is answered by ctl2: none is left to the hung node to time out.
+            for _ in range(12):
+                answer = await tunnel_request(reader, a.alias, {"op": "lookup"}, timeout=LOOKUP_TIMEOUT + 3)
+                assert answer["node"] == ctl2.node_id, answer
+            for edge in ("edge1", "edge2"):
+                await wait_until(lambda e=edge: c.load.first_ok_after(time.monotonic() - 0.5, e, a.alias),
+                                 timeout=REQUEST_BOUND)
+            print(f"traffic for {a.alias} back through both edges {time.monotonic() - stopped:.2f} s after SIGSTOP")
+            print(c.load.timeline(stopped, a.alias))
+        finally:
+            continued = time.monotonic()
+            ctl1.cli.signal(signal.SIGCONT)
+        # ctl1 finds out it was away (its lease had expired), reconciles, and drops A's stale session.
+        await ctl1.cli.wait_for(r"node lease ctl1-[0-9a-f]+ had expired; recreated it", stream="stderr", within=20)
+        await wait_until(lambda: _health_is(ctl1, tunnels=0), timeout=20)
+        # One owner per alias: the KV record, the nodes answering a lookup, and every node's
+        # operator view agree.
+        assert await owner(reader, a.alias) == (ctl2.node_id, True)
+        assert await owner(reader, b.alias) == (ctl2.node_id, True)
+        assert await answering_nodes(reader, a.alias) == {ctl2.node_id}
+        for node in c.nodes.values():
+            listed = sorted((t["alias"], t["node"]) for t in await node.tunnels())
+            assert listed == sorted([(a.alias, ctl2.node_id), (b.alias, ctl2.node_id)]), (node.name, listed)
+        settled = len(c.load.outcomes)
+        await wait_until(lambda: len(c.load.outcomes) >= settled + 20)
+        c.load.stop("edge1")
+        c.load.stop("edge2")
+        print(f"since SIGCONT: {c.load.summary(continued)}")
+        late = [o for o in c.load.outcomes if o.started > continued + 2 * LINK_TIMEOUT and not o.ok]
+        assert not late, late[:10]
+        assert_no_hang(c)
+        for i in range(3):
+            upstream.gate(f"sse{i}").set()  # the local /sse requests the aborted streams left behind end
+
+
+async def _owned_by(reader: Any, alias: str, node: str) -> bool:
+    return await owner(reader, alias) == (node, True)
+
+
+async def _health_is(node: Node, **expected: Any) -> bool:
+    health = await node.health()
+    return all(health.get(key) == value for key, value in expected.items())

@@ -68,7 +68,7 @@ class Subjects:
         self.nodes_bucket = f"comzy_{cluster}_nodes"
 
     def tunnel(self, alias: str) -> str:
-        """Requests to the node holding ``alias`` (lookup, close, notify): queue group ``own``."""
+        """Requests to the node holding ``alias`` (lookup, close, notify); the first answer counts."""
         return f"{self.prefix}.t.{alias}"
 
     def link(self, dst: str, src: str) -> str:

@@ -218,8 +218,13 @@ class ClusterDirectory:
         """Start answering for ``entry``'s alias (lookups, close, notify) and announce it ``up``."""
         alias = entry.tunnel.alias
         if alias not in self._subscriptions and self.responder is not None:
+            # A plain subscription, not a queue group: while a holder is hung (SIGSTOP, a stalled
+            # process whose NATS connection is still open) and its alias has moved, a queue group
+            # kept handing it a share of the lookups, each a 504 after the lookup timeout, until
+            # nats-server dropped the connection minutes later. Now every holder hears each
+            # request and the first answer wins; a stale holder is fenced by the new owner's "up".
             self._subscriptions[alias] = await self.nats.nc.subscribe(
-                self.nats.subjects.tunnel(alias), queue="own", cb=self.responder)
+                self.nats.subjects.tunnel(alias), cb=self.responder)
             # Before the WELCOME and the "up" event: once the agent is told its URL, a lookup must
             # find the subscription at nats-server, not sit in this client's write buffer.
             try:
