@@ -99,6 +99,9 @@ async def test_the_dashboard_shows_tunnels_and_requests_live(tmp_path: Path, ups
             await expect(page.locator("#server-domain")).to_have_text(server.settings.base_domain)
             await expect(page.locator("#server-plugins .chip")).to_have_text(["dashboard", "watcher"])
             await expect(page.locator("#tunnels-empty")).to_be_visible()
+            agents = f"ws://127.0.0.1:{server.ports.ws}"  # no COMZY_PUBLIC_AGENT_URL: the agent listener
+            await expect(page.locator("#server-agent-url")).to_have_text(agents)
+            await expect(page.locator("#start-command")).to_have_text(f"comzy 3000 --server {agents}")
 
             async with start_agent(server, upstream.port) as running:
                 row = page.locator(f'#tunnel-rows tr[data-alias="{running.alias}"]')

@@ -269,3 +269,30 @@ def test_the_dashboard_names_no_other_plugin_and_reaches_no_internals() -> None:
     source = "\n".join(path.read_text() for path in (ROOT / "comzy" / "plugins" / "dashboard").glob("*.py"))
     for word in ("mysql_logging", "api_requests", "ApiRequest", "sqlalchemy", "comzy.core", "registry", "counters"):
         assert word not in source, word
+
+
+@pytest.mark.parametrize("public_agent_url", [None, "wss://tunnel.example.com"])
+async def test_the_page_tells_how_agents_connect(tmp_path: Path, public_agent_url: str | None) -> None:
+    """Behind a proxy the internal ws://HOST:PORT is no use to agents: the public agent URL is shown."""
+    overrides = {"public_agent_url": public_agent_url} if public_agent_url else {}
+    async with start_server(tmp_path, plugins=[("dashboard", Dashboard())], **overrides) as server:
+        feed = await open_feed(server)
+        try:
+            snapshot = await next_event(feed, "snapshot")
+        finally:
+            await feed.aclose()
+    assert snapshot["server"]["agent_url"] == (public_agent_url or f"ws://127.0.0.1:{server.ports.ws}")
+
+
+def test_the_agent_url_names_a_host_an_agent_can_reach() -> None:
+    from comzy.plugins.dashboard.app import agent_url
+
+    assert agent_url("wss://tunnel.example.com", False, "127.0.0.1", 8191, "admin") == "wss://tunnel.example.com"
+    assert agent_url(None, False, "127.0.0.1", 8191, "admin") == "ws://127.0.0.1:8191"
+    assert agent_url(None, True, "::1", 8191, "admin") == "wss://[::1]:8191"
+    # Listening on every address: the name the operator reached the admin listener by.
+    assert agent_url(None, False, "0.0.0.0", 8191, "tunnel.example.com") == "ws://tunnel.example.com:8191"
+    assert agent_url(None, False, "::", 8191, "[2001:db8::1]") == "ws://[2001:db8::1]:8191"
+    assert agent_url(None, False, "0.0.0.0", 8191, "a b<script>") == "ws://HOST:8191"
+    # A cluster edge has no agent listener.
+    assert agent_url(None, False, "127.0.0.1", 0, "admin") is None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -53,7 +54,7 @@ class DashboardApp:
         path = scope["path"]
         if scope["type"] == "websocket":
             if path == "/feed":
-                await self.feed(receive, send)
+                await self.feed(receive, send, _host_of(scope))
             else:
                 await send({"type": "websocket.close", "code": 1008})
             return
@@ -77,8 +78,12 @@ class DashboardApp:
                      (b"x-frame-options", b"DENY")])
 
     # -- the feed -----------------------------------------------------------------------------
-    async def snapshot(self) -> dict[str, Any]:
-        """The first event of every feed connection (the cluster's tunnels, on a cluster node)."""
+    async def snapshot(self, request_host: str = "") -> dict[str, Any]:
+        """The first event of every feed connection (the cluster's tunnels, on a cluster node).
+
+        ``request_host`` is the host the page reached this admin listener by: the agent URL's host
+        when the agent listener listens on every address.
+        """
         hub = self.plugin.hub
         try:
             tunnels = [tunnel_view(t) for t in await self.server.all_tunnels()]
@@ -87,11 +92,18 @@ class DashboardApp:
             tunnels = []
         return {"type": "snapshot", "time": time.time(),
                 "server": {"version": __version__, "base_domain": self.server.settings.base_domain,
-                           "plugins": self.server.plugin_names, "node": self.server.node},
+                           "plugins": self.server.plugin_names, "node": self.server.node,
+                           "agent_url": self.agent_url(request_host)},
                 "tunnels": tunnels,
                 "recent": list(hub.recent)[-SNAPSHOT_REQUESTS:], "series": list(hub.series.view())}
 
-    async def feed(self, receive: Any, send: Any) -> None:
+    def agent_url(self, request_host: str) -> str | None:
+        """The URL agents connect to, as the page tells the operator (see :func:`agent_url`)."""
+        settings = self.server.settings
+        return agent_url(settings.public_agent_url, bool(settings.ssl_cert_path), settings.host,
+                         self.server.ports.ws, request_host)
+
+    async def feed(self, receive: Any, send: Any, request_host: str = "") -> None:
         """Snapshot, then every event, until the client leaves."""
         if (await receive())["type"] != "websocket.connect":
             return
@@ -99,7 +111,7 @@ class DashboardApp:
         hub = self.plugin.hub
         subscriber = hub.subscribe()  # before the snapshot: nothing falls between the two
         try:
-            await send({"type": "websocket.send", "text": json.dumps(await self.snapshot())})
+            await send({"type": "websocket.send", "text": json.dumps(await self.snapshot(request_host))})
             async with anyio.create_task_group() as tg:
                 async def watch_for_close() -> None:
                     while (await receive())["type"] != "websocket.disconnect":
@@ -169,6 +181,39 @@ class DashboardApp:
             rows = [r for r in self.plugin.hub.recent if alias is None or r["alias"] == alias]
             return 200, {"source": "memory", "requests": list(reversed(rows))[:limit]}
         return 200, {"source": "log", "requests": [_logged_view(r) for r in logged[:limit]]}
+
+
+#: Addresses that mean "every interface": no host an agent could connect to.
+_EVERYWHERE = frozenset({"", "0.0.0.0", "::"})
+#: What a Host header may hold for the page to show it as a host name (else "HOST").
+_HOST_NAME = re.compile(r"[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")
+
+
+def agent_url(public_agent_url: str | None, tls: bool, listen_host: str, ws_port: int,
+              request_host: str) -> str | None:
+    """Where agents connect: COMZY_PUBLIC_AGENT_URL when set (a proxy in front), else this node's
+    agent listener, ``ws(s)://HOST:PORT``, with the port it bound; None on a node without one
+    (a cluster edge). When the listener listens on every address, HOST is the name the operator
+    reached the admin listener by (``request_host``, when it is a plain host name)."""
+    if public_agent_url:
+        return public_agent_url
+    if not ws_port:
+        return None
+    host = listen_host
+    if host in _EVERYWHERE:
+        host = request_host if _HOST_NAME.fullmatch(request_host) else "HOST"
+    elif ":" in host:  # an IPv6 address
+        host = f"[{host}]"
+    return f"{'wss' if tls else 'ws'}://{host}:{ws_port}"
+
+
+def _host_of(scope: dict[str, Any]) -> str:
+    """The Host header's host, without its port ('' when absent)."""
+    for name, value in scope.get("headers", ()):
+        if name == b"host":
+            host = value.decode("latin-1")
+            return host[: host.index("]") + 1] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
+    return ""
 
 
 def _logged_view(request: LoggedRequest) -> dict[str, Any]:

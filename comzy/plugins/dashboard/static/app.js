@@ -20,6 +20,8 @@
   const view = {
     version: byId("server-version"),
     domain: byId("server-domain"),
+    agentUrl: byId("server-agent-url"),
+    startCommand: byId("start-command"),
     plugins: byId("server-plugins"),
     feedState: byId("feed-state"),
     feedStateText: byId("feed-state-text"),
@@ -502,6 +504,9 @@
     const server = snapshot.server || {};
     view.version.textContent = server.version || "?";
     view.domain.textContent = server.base_domain || "?";
+    // The public agent URL (COMZY_PUBLIC_AGENT_URL) when set: behind a proxy, the internal one is no use.
+    view.agentUrl.textContent = server.agent_url || "not on this node";
+    view.startCommand.textContent = server.agent_url ? `comzy 3000 --server ${server.agent_url}` : "comzy 3000";
     view.plugins.replaceChildren();
     const plugins = server.plugins || [];
     if (plugins.length === 0) view.plugins.textContent = "none";
