@@ -518,3 +518,59 @@ async def _owned_by(reader: Any, alias: str, node: str) -> bool:
 async def _health_is(node: Node, **expected: Any) -> bool:
     health = await node.health()
     return all(health.get(key) == value for key, value in expected.items())
+
+
+# -- 4. NATS kill -9 and restart ---------------------------------------------------------------
+async def test_nats_kill_9_and_restart_every_node_reconnects_with_the_same_aliases(
+        tmp_path: Path, nats_server: NatsServer, upstream: Upstream) -> None:
+    async with cluster(tmp_path, nats_server, upstream) as c:
+        a, b = c.agents["A"], c.agents["B"]
+        ctl1, ctl2 = c.nodes["ctl1"], c.nodes["ctl2"]
+        c.start_load(c.nodes["edge1"], c.nodes["edge2"])
+        await wait_until(lambda: sum(o.ok for o in c.load.outcomes) >= 20)
+        killed = time.monotonic()
+        nats_server.kill9()
+        # Without NATS the edges answer at once with the reason (never a hang); the control nodes
+        # keep their agents.
+        await wait_until(lambda: _bus_down_seen(c, killed, "edge1") and _bus_down_seen(c, killed, "edge2"),
+                         timeout=REQUEST_BOUND)
+        for node in c.nodes.values():
+            await wait_until(lambda n=node: _health_is(n, nats="disconnected"), timeout=10)
+        restarted = time.monotonic()
+        nats_server.start()  # the same port and store
+        for node in c.nodes.values():
+            await wait_until(lambda n=node: _health_is(n, nats="connected"), timeout=NATS_RESTART_BOUND)
+        for edge in ("edge1", "edge2"):
+            for agent in (a, b):
+                await wait_until(lambda e=edge, al=agent.alias: c.load.first_ok_after(restarted, e, al),
+                                 timeout=NATS_RESTART_BOUND + 5)
+        back = max(c.load.first_ok_after(restarted, e, agent.alias) or 0.0  # type: ignore[operator]
+                   for e in ("edge1", "edge2") for agent in (a, b)) - restarted
+        print(f"\ntraffic back through both edges {back:.2f} s after NATS restarted "
+              f"({back + restarted - killed:.2f} s after its kill -9); outcomes since: {c.load.summary(killed)}")
+        for agent in (a, b):
+            print(c.load.timeline(restarted, agent.alias))
+        assert back < NATS_RESTART_BOUND, f"traffic back after {back:.2f} s"
+        # The same aliases on the same nodes; the agents never noticed; one owner each.
+        for agent in c.agents.values():
+            assert "Connection lost" not in agent.cli.stdout, agent.cli.stdout
+        async with kv_reader(nats_server) as reader:
+            assert await owner(reader, a.alias) == (ctl1.node_id, True)
+            assert await owner(reader, b.alias) == (ctl2.node_id, True)
+            assert await answering_nodes(reader, a.alias) == {ctl1.node_id}
+            assert await answering_nodes(reader, b.alias) == {ctl2.node_id}
+        for node in c.nodes.values():
+            listed = sorted((t["alias"], t["node"]) for t in await node.tunnels())
+            assert listed == sorted([(a.alias, ctl1.node_id), (b.alias, ctl2.node_id)]), (node.name, listed)
+        settled = len(c.load.outcomes)
+        await wait_until(lambda: len(c.load.outcomes) >= settled + 20)
+        c.load.stop("edge1")
+        c.load.stop("edge2")
+        late = [o for o in c.load.outcomes if o.started > restarted + NATS_RESTART_BOUND and not o.ok]
+        assert not late, late[:10]
+        assert_no_hang(c)
+
+
+def _bus_down_seen(c: Cluster, since: float, edge: str) -> bool:
+    return any(o.edge == edge and o.started >= since and o.status == 502 and "message bus (NATS)" in o.detail
+               for o in c.load.outcomes)
