@@ -4,9 +4,10 @@ framings, or an absolute-form target."""
 
 from __future__ import annotations
 
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
+from comzy.core.forwarded import parse_forwarded
 from comzy.core.headers import (
     FORWARDING,
     HOP_BY_HOP,
@@ -55,9 +56,14 @@ def test_an_untrusted_visitor_cannot_claim_a_client_address(headers: list[tuple[
 
 
 @given(headers=headers)
+@example(headers=[(b"forwarded", b"0=0")])  # a well-formed Forwarded without X-Forwarded-For
+@example(headers=[(b"forwarded", b"for=1.2.3.4"), (b"x-forwarded-for", b"5.6.7.8")])
 def test_a_trusted_proxy_chain_is_extended(headers: list[tuple[bytes, bytes]]) -> None:
     out = add_forwarded(headers, "10.0.0.2", "http", b"h", trusted=True)
     prior = [v for n, v in headers if n == b"x-forwarded-for"]
+    forwarded = parse_forwarded(v for n, v in headers if n == b"forwarded")
+    if not prior and forwarded is not None:  # the proxy's Forwarded, said as X-Forwarded-For
+        prior = [", ".join(forwarded.hops()).encode()]
     assert [v for n, v in out if n == b"x-forwarded-for"] == [b", ".join([*prior, b"10.0.0.2"])]
     assert [v for n, v in out if n == b"x-real-ip"] == [v for n, v in headers if n == b"x-real-ip"]
     # The proxy's view of scheme and host (it terminated TLS) wins over the edge's.
