@@ -7,7 +7,7 @@ the edge cannot tell which part of a broken header a proxy meant. Cost: one pass
 header and records where each element starts (4 bytes per element of at least 4 characters);
 elements are then read on demand, from the right, each at most twice. Only the registered
 parameters are kept (``for``, ``by``, ``proto``, ``host``), so a hostile header of thousands of
-parameters costs linear time and memory within its own size (which COMZY's header limit bounds).
+parameters costs linear time and memory within its own size (which the header size limit bounds).
 """
 
 from __future__ import annotations

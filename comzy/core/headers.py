@@ -262,10 +262,10 @@ def add_forwarded(headers: Headers, client_ip: str, scheme: str, host: bytes, tr
         edge_element = forwarded_element(client_ip, scheme, host.decode("latin-1"))
         out.append((b"forwarded", b", ".join([*forwarded, edge_element.encode("latin-1")])))
         if not prior:  # grown in place: no list of per-element strings (memory within the header's size)
-            hops = bytearray()
+            said = bytearray()
             for hop in chain.hops():
-                hops += b", " + hop.encode("latin-1") if hops else hop.encode("latin-1")
-            prior = [bytes(hops)]
+                said += b", " + hop.encode("latin-1") if said else hop.encode("latin-1")
+            prior = [bytes(said)]
     hops = b", ".join([*prior, client_ip.encode()]) if client_ip else b", ".join(prior)
     if hops:
         out.append((b"x-forwarded-for", hops))
