@@ -1,8 +1,8 @@
 """The control node's side of the cluster's data plane: per-alias answers and the stream relay.
 
 docs/design/cluster.md 1.2 and 1.4-1.6. For every alias it holds, a control node answers
-requests on ``P.t.<alias>`` (queue group ``own``): ``lookup`` (what an edge needs to open
-streams), ``close`` and ``notify``. Each REQUEST an edge opens on a link is handed to the
+requests on ``P.t.<alias>`` (every holder hears them; the first answer counts): ``lookup`` (what
+an edge needs to open streams), ``close`` and ``notify``. Each REQUEST an edge opens on a link is handed to the
 tunnel's agent session through a pair of ``RelayEnd``s, one in each session's stream table,
 which renumber the stream and forward its frames. Credit is end to end (edge <-> agent); the
 relay keeps its own count of it in both directions so that a misbehaving agent only kills its

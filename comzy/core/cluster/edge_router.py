@@ -1,8 +1,8 @@
 """The edge's route cache: which control node holds an alias, and the link session to it.
 
 An edge holds no agent sessions. For an alias its registry does not know, it asks the cluster with
-one NATS request on ``P.t.<alias>`` (the control node holding the alias answers, queue group
-``own``), opens (or reuses) the link to that node and keeps the answer as a ``RouteEntry`` in a
+one NATS request on ``P.t.<alias>`` (the control node holding the alias answers; the first answer
+counts), opens (or reuses) the link to that node and keeps the answer as a ``RouteEntry`` in a
 bounded LRU cache, so the steady state costs no NATS round trip per visitor request. Unknown
 aliases go into a small negative cache, so a flood of requests for hosts nobody serves does not
 cost one NATS request each (docs/design/cluster.md 1.2 and 1.4).
