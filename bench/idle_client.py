@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import resource
 import sys
 import time
@@ -31,6 +32,9 @@ from comzy.core.websocket import Closed, WebSocket, connect
 RESPONSE_BODY = b"idle agent ok\n"
 #: Largest message an idle agent accepts (it only ever gets control frames and small heads).
 MAX_MESSAGE = 1024 * 1024
+#: Tunnel URLs each client process reports, drawn at random from all it registered, so the
+#: harness can send a request through a random tunnel rather than always the first one.
+URL_SAMPLE = 8
 
 
 def raise_fd_limit(needed: int) -> int:
@@ -56,8 +60,22 @@ class Results:
     first_connect: float | None = None
     last_welcome: float | None = None
     url: str | None = None
+    #: A uniform random sample (reservoir) of the registered agents' URLs, at most URL_SAMPLE.
+    urls: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     requests_answered: int = 0
+
+    def registered_url(self, url: str) -> None:
+        """Count a registration and keep its URL in the random sample with the right chance."""
+        self.registered += 1
+        if self.url is None:
+            self.url = url
+        if len(self.urls) < URL_SAMPLE:
+            self.urls.append(url)
+        else:
+            slot = random.randrange(self.registered)
+            if slot < URL_SAMPLE:
+                self.urls[slot] = url
 
     def failure(self, message: str) -> None:
         """Count a failed agent, keeping the first few reasons."""
@@ -100,10 +118,8 @@ async def register(url: str, index: int, results: Results) -> WebSocket | None:
         results.failure(f"handshake: {exc!r}")
         await ws.aclose()
         return None
-    results.registered += 1
+    results.registered_url(welcome.url)
     results.last_welcome = time.monotonic()
-    if results.url is None:
-        results.url = welcome.url
     return ws
 
 
@@ -134,7 +150,12 @@ def _cpu_seconds() -> float:
 
 
 async def run_client(url: str, count: int, concurrency: int, lifetime: float) -> None:
-    """Wait for ``go``, register ``count`` agents, report, then idle until stdin closes."""
+    """Wait for ``go``, register ``count`` agents, report, then idle until stdin closes.
+
+    A ``report`` line on stdin while agents register cuts the run short: agents not yet started
+    are skipped, those in flight finish, and the report says ``cut_off`` (the harness's deadline
+    on a machine too busy to register them all).
+    """
     print("ready", flush=True)
     line = await anyio.to_thread.run_sync(sys.stdin.readline)
     if line.strip() != "go":
@@ -143,33 +164,49 @@ async def run_client(url: str, count: int, concurrency: int, lifetime: float) ->
     cpu_at_go = _cpu_seconds()
     limit = anyio.Semaphore(concurrency)
     registered = anyio.Event()
+    done = anyio.Event()
     remaining = count
+    skipped = 0
+    cut_off = False
 
     async def agent(index: int) -> None:
-        nonlocal remaining
+        nonlocal remaining, skipped
         async with limit:
-            ws = await register(url, index, results)
+            ws = None
+            if cut_off:
+                skipped += 1
+            else:
+                ws = await register(url, index, results)
         remaining -= 1
         if not remaining:
             registered.set()
         if ws is not None:
             await stay_connected(ws, results)
 
+    async def read_commands() -> None:
+        # Until stdin closes (or says "stop"); the thread is abandoned if the lifetime ends first.
+        nonlocal cut_off
+        while True:
+            line = await anyio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)
+            if line.strip() == "report":
+                cut_off = True
+            elif not line or line.strip() == "stop":
+                break
+        done.set()
+
     with anyio.move_on_after(lifetime):
         async with anyio.create_task_group() as tg:
+            tg.start_soon(read_commands)
             for index in range(count):
                 tg.start_soon(agent, index)
             await registered.wait()
             print(json.dumps({
-                "registered": results.registered, "failed": results.failed,
+                "registered": results.registered, "failed": results.failed, "skipped": skipped, "cut_off": cut_off,
                 "first_connect": results.first_connect, "last_welcome": results.last_welcome,
-                "url": results.url, "errors": results.errors, "cpu_seconds": _cpu_seconds() - cpu_at_go,
+                "url": results.url, "urls": results.urls, "errors": results.errors,
+                "cpu_seconds": _cpu_seconds() - cpu_at_go,
             }), flush=True)
-            # Idle until the harness closes stdin (a "stop" line works too).
-            while True:
-                line = await anyio.to_thread.run_sync(sys.stdin.readline)
-                if not line or line.strip() == "stop":
-                    break
+            await done.wait()  # idle until the harness closes stdin
             print(json.dumps({"requests_answered": results.requests_answered}), flush=True)
             tg.cancel_scope.cancel()
 
