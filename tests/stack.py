@@ -25,6 +25,7 @@ import anyio
 import httpx
 import pytest
 
+from comzy.core.cluster.settings import ClusterSettings
 from comzy.core.server import ServerContext, run_server
 from tests.cluster.conftest import NATS_SERVER, NatsServer, cluster_settings, wait_linkable
 from tests.conftest import RunningAgent, make_settings, start_agent, visitor
@@ -32,6 +33,8 @@ from tests.helpers import unavailable
 from tests.upstream import Upstream
 
 KINDS = ["all", "cluster"]
+DEFAULT_NODE_TTL = ClusterSettings.model_fields["cluster_node_ttl"].default
+DEFAULT_LINK_TIMEOUT = ClusterSettings.model_fields["cluster_link_timeout"].default
 _names = itertools.count()
 
 
@@ -94,14 +97,17 @@ class Stacks:
             return
         nats = self.nats()
         # A cluster name per stack: two stacks of one test (or a leftover lease) never share subjects.
-        name = f"fid{number}"
+        # The default lease and link timeouts, not the failover tests' short ones: these tests wait on
+        # no expiry, and on a loaded machine a 1 s lease (refreshed every 0.33 s by a loop that also
+        # runs the agent, the upstream and the visitors) can lapse, which fences the node's tunnels.
+        cluster = {"cluster_name": f"fid{number}", "cluster_node_ttl": DEFAULT_NODE_TTL,
+                   "cluster_link_timeout": DEFAULT_LINK_TIMEOUT}
         edge_settings = make_settings(data / "edge", role="edge", **overrides)
-        async with run_server(edge_settings, plugins, cluster_settings(nats, cluster_name=name, node_name="edge")) \
-                as edge:
+        async with run_server(edge_settings, plugins, cluster_settings(nats, node_name="edge", **cluster)) as edge:
             control_settings = make_settings(data / "ctl", role="control",
                                              public_url=f"http://{{alias}}.localhost:{edge.ports.http}", **overrides)
-            async with run_server(control_settings, plugins,
-                                  cluster_settings(nats, cluster_name=name, node_name="ctl")) as control:
+            async with run_server(control_settings, plugins, cluster_settings(nats, node_name="ctl", **cluster)) \
+                    as control:
                 assert edge.cluster is not None and control.cluster is not None
                 await wait_linkable(edge.cluster.nats, control.cluster.nats)
                 yield Stack("cluster", edge, control)
