@@ -135,8 +135,9 @@ def test_cluster_rows_are_there_and_sane(quick_run: tuple[Path, subprocess.Compl
     for name in CLUSTER_CASES:
         [run] = cases[name]["runs"]["cluster"]  # quick mode: one round
         assert run["errors"] == 0, run
-        for who in CLUSTER_PROCESSES:  # every cluster process did work for it
-            assert math.isfinite(run[f"{who}_cpu_s"]) and run[f"{who}_cpu_s"] >= 0, (name, who, run)
+        for who in ("edge", "control", "agent"):  # each Python process on the path spends well over a 10 ms tick
+            assert math.isfinite(run[f"{who}_cpu_s"]) and run[f"{who}_cpu_s"] > 0, (name, who, run)
+        assert math.isfinite(run["nats_cpu_s"]) and run["nats_cpu_s"] >= 0, (name, run)
     download = cases["download"]["max"]["cluster"]
     assert download["bytes"] == cases["download"]["params"]["bytes"]
     for who in CLUSTER_PROCESSES:
