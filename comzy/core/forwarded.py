@@ -4,8 +4,8 @@
 element per proxy hop, the nearest hop last. Parsing is strict about the grammar (RFC 7239 4):
 anything malformed makes the whole header count as absent, never an error for the visitor, since
 the edge cannot tell which part of a broken header a proxy meant. Cost: one pass checks the whole
-header and records where each element starts (4 bytes per element of at least 4 characters);
-elements are then read on demand, from the right, each at most twice. Only the registered
+header (one regular-expression match per pair) and records where each element starts (4 bytes
+per element of at least 4 characters); elements are then read on demand, each at most twice. Only the registered
 parameters are kept (``for``, ``by``, ``proto``, ``host``), so a hostile header of thousands of
 parameters costs linear time and memory within its own size (which the header size limit bounds).
 """
@@ -18,11 +18,15 @@ from array import array
 from collections.abc import Iterable
 
 #: token (RFC 9110 5.6.2).
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-#: quoted-string (RFC 9110 5.6.4): qdtext or a quoted-pair, nothing else (no control characters).
-_QUOTED = re.compile(r'"((?:[\t\x20\x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t\x20-\x7e\x80-\xff])*)"')
+_TOKEN_CHARS = r"[!#$%&'*+.^_`|~0-9A-Za-z-]++"
+_TOKEN = re.compile(_TOKEN_CHARS)
+#: quoted-string's inside (RFC 9110 5.6.4): qdtext or a quoted-pair, nothing else (no control characters).
+_QUOTED_BODY = r"(?:[\t\x20\x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t\x20-\x7e\x80-\xff])*+"
 _QUOTED_PAIR = re.compile(r"\\(.)", re.S)
-_OWS = re.compile(r"[ \t]*")
+#: One list item: an optional ``name=value`` (token or quoted value), then the ``;`` or ``,`` that
+#: ends it, or the end of the text; whitespace around. One match per pair keeps the scan in C.
+#: Possessive quantifiers: a failing match never retries other splits of the same characters.
+_ITEM = re.compile(rf'[ \t]*+(?:({_TOKEN_CHARS})=(?:({_TOKEN_CHARS})|"({_QUOTED_BODY})"))?[ \t]*+([,;]|\Z)')
 #: What not even a quoted-string can carry.
 _UNQUOTABLE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]|[^\x00-\xff]")
 #: node-port (RFC 7239 6): a port number or an obfuscated one.
@@ -31,6 +35,7 @@ _NODE_PORT = re.compile(r"[0-9]{1,5}|_[A-Za-z0-9._-]+")
 _OBFUSCATED = re.compile(r"_[A-Za-z0-9._-]+")
 #: The registered parameters (RFC 7239 5); each at most once per element.
 PARAMETERS = ("for", "by", "proto", "host")
+_BITS = {name: 1 << index for index, name in enumerate(PARAMETERS)}
 #: What the proxy's ``proto`` may say for the edge to believe it (anything else is ignored).
 SCHEMES = frozenset({"http", "https"})
 
@@ -55,15 +60,14 @@ class ForwardedChain:
         """The registered parameters of element ``index`` (lower-case names, unquoted values)."""
         text, pos, out = self._text, self._starts[index], {}
         while True:
-            pos = _OWS.match(text, pos).end()  # type: ignore[union-attr]  # [ \t]* always matches
-            if pos < len(text) and text[pos] not in ",;":
-                name, value, pos = _pair(text, pos)  # type: ignore[misc]  # checked in parse_forwarded
-                if name in PARAMETERS:
-                    out[name] = value
-                pos = _OWS.match(text, pos).end()  # type: ignore[union-attr]
-            if pos >= len(text) or text[pos] == ",":
+            item = _ITEM.match(text, pos)
+            assert item is not None  # the whole text matched in parse_forwarded
+            name, value, quoted, separator = item.groups()
+            if name is not None and (key := name.lower()) in PARAMETERS:
+                out[key] = value if value is not None else _unquote(quoted)
+            if separator != ";":
                 return out
-            pos += 1
+            pos = item.end()
 
     def hops(self) -> Iterable[str]:
         """Each element's ``for`` node as an X-Forwarded-For entry: its address (without port), an
@@ -73,19 +77,8 @@ class ForwardedChain:
             yield node_address(node) or (node if _OBFUSCATED.fullmatch(node) else "unknown")
 
 
-def _pair(text: str, pos: int) -> tuple[str, str, int] | None:
-    """``token=value`` at ``pos``: (lower-case name, unquoted value, where it ends), or None."""
-    name = _TOKEN.match(text, pos)
-    if name is None or name.end() >= len(text) or text[name.end()] != "=":
-        return None
-    start = name.end() + 1
-    quoted = _QUOTED.match(text, start)
-    if quoted is not None:
-        return name.group().lower(), _QUOTED_PAIR.sub(r"\1", quoted.group(1)), quoted.end()
-    token = _TOKEN.match(text, start)
-    if token is None:
-        return None
-    return name.group().lower(), token.group(), token.end()
+def _unquote(quoted: str) -> str:
+    return _QUOTED_PAIR.sub(r"\1", quoted) if "\\" in quoted else quoted
 
 
 def parse_forwarded(values: Iterable[bytes]) -> ForwardedChain | None:
@@ -100,30 +93,24 @@ def parse_forwarded(values: Iterable[bytes]) -> ForwardedChain | None:
     if not text:
         return None
     starts: array[int] = array("I")
-    pos, element_start, seen = 0, 0, set()
+    pos, element_start, seen = 0, 0, 0
     while True:
-        pos = _OWS.match(text, pos).end()  # type: ignore[union-attr]  # [ \t]* always matches
-        if pos < len(text) and text[pos] not in ",;":
-            pair = _pair(text, pos)
-            if pair is None:
-                return None
-            name, _, pos = pair
-            if name in PARAMETERS:  # only these four are tracked: the set stays tiny
-                if name in seen:
-                    return None  # RFC 7239 4: a parameter MUST NOT occur twice in an element
-                seen.add(name)
-            pos = _OWS.match(text, pos).end()  # type: ignore[union-attr]
+        item = _ITEM.match(text, pos)
+        if item is None:
+            return None
+        name, separator = item.group(1), item.group(4)
+        if name is not None:
+            bit = _BITS.get(name.lower(), 0)  # only the registered four are tracked
+            if seen & bit:
+                return None  # RFC 7239 4: a parameter MUST NOT occur twice in an element
+            seen |= bit
             if not starts or starts[-1] != element_start:
                 starts.append(element_start)  # an element with at least one pair
-        if pos >= len(text):
+        if not separator:  # the end of the text
             return ForwardedChain(text, starts) if starts else None
-        if text[pos] == ",":
-            pos += 1
-            element_start, seen = pos, set()
-        elif text[pos] == ";":
-            pos += 1
-        else:
-            return None
+        pos = item.end()
+        if separator == ",":
+            element_start, seen = pos, 0
 
 
 def node_address(node: str) -> str | None:
