@@ -79,6 +79,9 @@ def test_several_lines_are_one_list() -> None:
     'for="\\"',                     # an escape eats the closing quote
     "for=a\\b",                     # a backslash outside quotes
     "for=192.0.2.1\x00",
+    " " * 100_000 + "x",            # hostile: a long run of spaces, then a bad byte
+    'for="' + "\\a" * 50_000,      # hostile: a long unterminated quoted string of escapes
+    "for=a;" * 20_000 + "for=a",    # hostile: a parameter repeated in one huge element
 ])
 def test_a_malformed_header_counts_as_absent(header: str) -> None:
     assert chain_of(header) is None
