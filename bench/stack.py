@@ -85,6 +85,9 @@ def comzy_env(**extra: str) -> dict[str, str]:
 def cluster_unavailable() -> str | None:
     """Why the cluster case cannot run here (no nats-server, no nats extra), or None when it can."""
     if find_nats_server() is None:
+        override = os.environ.get("COMZY_BENCH_NATS_SERVER")
+        if override:
+            return f"COMZY_BENCH_NATS_SERVER={override} is not an executable file"
         return f"{NATS_SERVER} is not installed (apt-get install nats-server)"
     if importlib.util.find_spec("nats") is None:
         return "the nats extra is not installed (pip install -e '.[nats]')"
