@@ -200,7 +200,7 @@ def test_cpu_script_prints_cpu_per_request_and_per_gib() -> None:
     cluster = ["--cluster"] if missing is None else []
     done = subprocess.run([sys.executable, "-m", "bench.cpu", "--rounds", "1", "--seconds", "1",
                            "--connections", "4", "--download-mib", "16", "--json", *cluster],
-                          cwd=REPO, capture_output=True, text=True, timeout=180, check=False)
+                          cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, f"python -m bench.cpu failed:\n{done.stdout}\n{done.stderr}"
     runs = {}
     for line in done.stdout.splitlines():
