@@ -18,7 +18,7 @@ from sqlalchemy import pool, select
 from comzy import ForwardRequest, hookimpl
 from comzy.core import db
 from comzy.core.forwarded import element, format_node, format_value, node_address, parse_forwarded
-from comzy.core.headers import add_forwarded, parse_networks, real_client, request_origin
+from comzy.core.headers import Origin, add_forwarded, parse_networks, real_client, request_origin
 from comzy.plugins.dashboard import Dashboard
 from comzy.plugins.metrics import Metrics
 from comzy.plugins.mysql_logging import MysqlLogging, MysqlLoggingSettings
@@ -159,6 +159,17 @@ def test_x_forwarded_for_wins_over_forwarded() -> None:
     assert request_origin(both, "127.0.0.1", "http", b"h", PROXIES) == request_origin(
         both[1:], "127.0.0.1", "http", b"h", PROXIES)
     assert request_origin(both, "127.0.0.1", "http", b"h", PROXIES).client == "203.0.113.7"
+    # With X-Forwarded-For there, nothing of Forwarded is believed, not even what X-Forwarded-* left out.
+    partial = [(b"forwarded", b"for=6.6.6.6;proto=https;host=evil.example"), (b"x-forwarded-for", b"203.0.113.7")]
+    assert request_origin(partial, "127.0.0.1", "http", b"h", PROXIES) == Origin("203.0.113.7", "http", b"h")
+
+
+@pytest.mark.parametrize(("sent", "scheme"), [("https", "https"), ("HTTPS", "https"), ("http, https", "https"),
+                                              ("gopher", "http"), ("", "http")])
+def test_the_scheme_a_trusted_proxy_names(sent: str, scheme: str) -> None:
+    headers = [(b"x-forwarded-proto", sent.encode())]
+    assert request_origin(headers, "127.0.0.1", "http", b"h", PROXIES).scheme == scheme
+    assert request_origin(headers, "203.0.113.1", "http", b"h", PROXIES).scheme == "http"  # untrusted
 
 
 def test_scheme_and_host_come_from_the_element_of_the_outermost_trusted_proxy() -> None:
@@ -259,6 +270,8 @@ async def test_forwarded_from_a_trusted_proxy_end_to_end(tmp_path: Path, upstrea
             proxied = echoed(await proxy.get("/by-proxy", headers={
                 "forwarded": 'for="[2001:db8::7]:4711";proto=https;host="app.example:8443"'}))
             broken = echoed(await proxy.get("/broken", headers={"forwarded": "for=[2001:db8::7]"}))
+            echoed(await proxy.get("/x-forwarded", headers={"x-forwarded-for": "203.0.113.5",
+                                                            "x-forwarded-proto": "https"}))
         async with visitor_from(server, running.alias, VISITOR_ADDRESS) as visitor:
             forged = echoed(await visitor.get("/forged", headers=FORGED))
     # The app is told what the proxy said, in both header families, plus the hop the edge saw.
@@ -272,7 +285,7 @@ async def test_forwarded_from_a_trusted_proxy_end_to_end(tmp_path: Path, upstrea
     assert "forwarded" not in forged and "x-real-ip" not in forged
     assert forged["x-forwarded-for"] == [VISITOR_ADDRESS] and forged["x-forwarded-proto"] == ["http"]
     assert seen.requests == [("/by-proxy", "2001:db8::7", "https"), ("/broken", "127.0.0.1", "http"),
-                             ("/forged", VISITOR_ADDRESS, "http")]
+                             ("/x-forwarded", "203.0.113.5", "https"), ("/forged", VISITOR_ADDRESS, "http")]
 
 
 @pytest.mark.anyio

@@ -150,24 +150,25 @@ def request_origin(headers: Headers, peer_ip: str, scheme: str, host: bytes,
     """Where the request really came from: the TCP peer and its connection, unless the peer is a
     trusted proxy, whose headers then count (see :func:`real_client` for the address).
 
-    When a proxy sends both X-Forwarded-* and ``Forwarded``, X-Forwarded-* wins, field by field:
-    the proxies put in front of Comzy (nginx's ``proxy_set_header``, Caddy, Traefik, HAProxy's
-    ``forwardfor``) write X-Forwarded-* themselves, replacing a visitor's, but pass a visitor's
-    ``Forwarded`` through untouched unless told otherwise. With both present, X-Forwarded-* is the
-    one the proxy certainly wrote; ``Forwarded`` counts when it is all the proxy sent.
+    When a proxy sends both, X-Forwarded-* wins: ``Forwarded`` counts only when there is no
+    X-Forwarded-For. The proxies put in front of Comzy (nginx's ``proxy_set_header``, Caddy,
+    Traefik, HAProxy's ``forwardfor``) write X-Forwarded-* themselves, replacing a visitor's, but
+    pass a visitor's ``Forwarded`` through untouched unless told otherwise: with X-Forwarded-For
+    present, ``Forwarded`` may be the visitor's, and none of it (address, ``proto``, ``host``) is
+    believed. A proxy that writes ``Forwarded`` itself sends no X-Forwarded-For.
     """
     if not is_trusted(peer_ip, networks):
         return Origin(peer_ip, scheme, host)
-    chain = _forwarded_chain(headers)
-    client = _xff_client(headers, peer_ip, networks)
     element: dict[str, str] = {}
-    if chain is not None:
-        forwarded_client, element = _forwarded_walk(chain, peer_ip, networks)
-        client = client or forwarded_client
+    client = _xff_client(headers, peer_ip, networks)
+    if client is None:
+        chain = _forwarded_chain(headers)
+        if chain is not None:
+            client, element = _forwarded_walk(chain, peer_ip, networks)
     if client is None:  # X-Real-IP: a single hop, when the proxy sent no chain of either kind
         real_ip = [value.decode("latin-1").strip() for value in _values(headers, b"x-real-ip")][-1:]
         client = _walk(real_ip, peer_ip, networks) if real_ip else peer_ip
-    proto = _last_item(_values(headers, b"x-forwarded-proto")).lower() or element.get("proto", "").lower()
+    proto = (_last_item(_values(headers, b"x-forwarded-proto")).decode("latin-1") or element.get("proto", "")).lower()
     forwarded_host = (_last_item(_values(headers, b"x-forwarded-host"))
                       or element.get("host", "").encode("latin-1"))
     return Origin(client, proto if proto in SCHEMES else scheme, forwarded_host or host)
@@ -242,7 +243,7 @@ def add_forwarded(headers: Headers, client_ip: str, scheme: str, host: bytes, tr
     From a trusted proxy (COMZY_TRUSTED_PROXIES) they are kept: its X-Forwarded-For chain is
     extended with its own address, and its X-Forwarded-Proto/-Host (https, when it terminates TLS)
     win over the edge's view of the connection. Its ``Forwarded`` (RFC 7239) is kept and extended
-    with an element for the hop the edge saw; when it sent ``Forwarded`` without X-Forwarded-*,
+    with an element for the hop the edge saw; when it sent ``Forwarded`` without X-Forwarded-For,
     the X-Forwarded-* the edge adds say what ``Forwarded`` says (``origin``, from
     :func:`request_origin`), so an app reading either learns the same. A malformed ``Forwarded``
     is dropped, as if absent.
