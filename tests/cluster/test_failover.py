@@ -32,12 +32,18 @@ from tests.upstream import Upstream
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
+#: The node lease's TTL: short, so a stopped node's lease lapses while the test watches, yet
+#: three refreshes long, so a loaded machine's stalls do not lapse a live node's lease (a 1 s TTL
+#: did: its reconcile then left lookups unanswered for a moment, 504s on a healthy cluster).
+NODE_TTL = 3.0
 #: The edges' link timeout (PINGs every quarter of it): a hung control node is noticed within it.
-LINK_TIMEOUT = 2.0
+#: The default, for the same reason.
+LINK_TIMEOUT = 4.0
 #: Seconds a lookup may take (the default): a hung holder costs a visitor this much, then 504.
 LOOKUP_TIMEOUT = 2.0
-#: The agents' heartbeat (the server's setting; the agent gives up after three missed ones).
-HEARTBEAT = 1.0
+#: The agents' heartbeat (the server's setting; the agent gives up after three missed ones):
+#: short, so a stopped node's agents move soon, but past a loaded machine's stalls.
+HEARTBEAT = 1.5
 #: The longest any visitor request may take while nodes fail: a link timeout, a lookup timeout,
 #: one retry's lookup, with a wide margin for a loaded 2-core machine. Past it, the request hung.
 REQUEST_BOUND = 20.0
@@ -206,7 +212,7 @@ class Cluster:
     async def spawn(self, role: str, name: str) -> Cli:
         """Start node ``name`` in ``role`` (its start-up lines are read by ``ready``)."""
         env = server_env(self.tmp_path / f"data-{name}", COMZY_ROLE=role, COMZY_CLUSTER_NAME="failover",
-                         COMZY_NODE_NAME=name, COMZY_NATS_URL=self.nats.url, COMZY_CLUSTER_NODE_TTL="1",
+                         COMZY_NODE_NAME=name, COMZY_NATS_URL=self.nats.url, COMZY_CLUSTER_NODE_TTL=str(NODE_TTL),
                          COMZY_CLUSTER_LINK_TIMEOUT=str(LINK_TIMEOUT), COMZY_CLUSTER_LOOKUP_TIMEOUT=str(LOOKUP_TIMEOUT),
                          COMZY_HEARTBEAT_INTERVAL=str(HEARTBEAT), COMZY_HEARTBEAT_TIMEOUT=str(3 * HEARTBEAT),
                          COMZY_PLUGINS="dashboard", COMZY_PUBLIC_URL="http://{alias}.localhost")
@@ -293,7 +299,7 @@ async def cluster(tmp_path: Path, nats: NatsServer, upstream: Upstream) -> Async
 
 def kv_reader(nats: NatsServer) -> Any:
     """The test's own NATS client on the cluster (an edge-role lease, no components): reads KV, asks lookups."""
-    return nats_node(nats, "edge", cluster_name="failover", node_name="reader")
+    return nats_node(nats, "edge", cluster_name="failover", node_name="reader", cluster_node_ttl=NODE_TTL)
 
 
 async def owner(reader: Any, alias: str) -> tuple[str, bool] | None:
@@ -402,9 +408,14 @@ async def test_kill_9_of_an_edge_leaves_the_other_serving_and_its_streams_closed
         await edge1.cli.wait_exit(within=10)
         # The control nodes end edge1's streams (503 on the link's next PING, or its heartbeat)
         # and tell the agents (RESET CANCEL: the local requests are cancelled).
+        for ctl in (ctl1, ctl2):
+            await ctl.cli.wait_for(rf"link with node {edge1.node_id} \(epoch [0-9a-f]+\) ended: ", stream="stderr",
+                                   within=3 * LINK_TIMEOUT + 10)
+        links_ended = time.monotonic() - killed
         await wait_until(lambda: len(held) == 4, timeout=REQUEST_BOUND)
         await wait_until(lambda: _all_zero(streams_open()), timeout=3 * LINK_TIMEOUT + 10)
         closed = time.monotonic() - killed
+        print(f"\nthe control nodes ended their links with the dead edge {links_ended:.2f} s after its kill -9")
         done = len(c.load.outcomes)
         await wait_until(lambda: len(c.load.outcomes) >= done + 20)
         c.load.stop("edge2")
