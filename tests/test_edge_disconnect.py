@@ -1,7 +1,9 @@
 """A visitor who goes away: the edge releases the stream and tells the agent, on both public listeners.
 
 The edge pumps the request body in a task beside the response; when the visitor disconnects
-before the response is complete, that task resets the stream, which ends the exchange.
+before the response is complete, that task resets the stream, which ends the exchange. Each test
+runs on role ``all`` and through an edge of a cluster (tests/stack.py), where the RESET crosses the
+link and the control node's relay (whose stream table ``server_streams`` then reads).
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ import pytest
 from comzy.core.stream import Stream
 from tests.conftest import RunningAgent
 from tests.helpers import wait_until
+from tests.stack import stack_fixture, stacks_fixture, tunnel_fixture  # noqa: F401 (both kinds)
 from tests.upstream import Upstream
 
 pytestmark = pytest.mark.anyio
 
 
 def server_streams(tunnel: RunningAgent) -> dict[int, Stream]:
-    """The server side's open streams of this tunnel."""
+    """The server side's open streams of this tunnel (on a cluster, the control node's relayed ones)."""
     entry = tunnel.server.registry.get(tunnel.alias)
     assert entry is not None
     return entry.session.streams
