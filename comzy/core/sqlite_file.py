@@ -50,11 +50,16 @@ def use_wal(path: Path, timeout: float = 30.0) -> None:
     at once, without its busy timeout, to a connection that asks while another is switching or
     writing. Engines (one per plugin, and `comzy-server users ...` in another process) that
     opened one new file together then failed at random. Done once here, before the engine's
-    first connection, and retried; a file already in WAL mode costs one read.
+    first connection, and retried; a file already in WAL mode costs one read. Any other failure
+    (not a database, no permission) is left for the engine's connections to report, where
+    the plugin that uses them says what it was doing.
     """
     deadline = time.monotonic() + timeout
     delay = 0.001
-    connection = sqlite3.connect(path, timeout=timeout)
+    try:
+        connection = sqlite3.connect(path, timeout=timeout)
+    except sqlite3.Error:
+        return
     try:
         while True:
             try:
@@ -62,9 +67,9 @@ def use_wal(path: Path, timeout: float = 30.0) -> None:
                     # Whatever mode SQLite agrees to is kept (an in-memory or odd file system may refuse WAL).
                     connection.execute("PRAGMA journal_mode=WAL")
                 return
-            except sqlite3.OperationalError as exc:
+            except sqlite3.Error as exc:
                 if "locked" not in str(exc) and "busy" not in str(exc):
-                    raise
+                    return
             if time.monotonic() + delay > deadline:
                 raise sqlite3.OperationalError(f"the file stayed locked by another connection for {timeout:g} s "
                                                "while it was being switched to WAL mode")
