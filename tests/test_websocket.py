@@ -100,6 +100,19 @@ async def test_upstream_close_code_and_reason_reach_visitor(tunnel: RunningAgent
     assert (closed.code, closed.reason) == (4003, "upstream closes")
 
 
+async def test_agent_lost_mid_websocket_closes_the_visitor_with_1011(tunnel: RunningAgent) -> None:
+    session = tunnel.agent.session
+    assert session is not None
+    async with open_ws(tunnel.public, tunnel.alias) as (ws, _):
+        assert await exchange(ws, "before") == "echo:before"
+        await session.ws.aclose()  # the agent's link drops without a goodbye
+        with anyio.fail_after(10):
+            closed = await ws.receive()
+    # Not a normal close: the visitor learns that the tunnel, not the app, ended it.
+    assert isinstance(closed, Closed)
+    assert (closed.code, closed.reason) == (1011, "tunnel lost")
+
+
 class RecordingWsUpstream:
     """A bare wsproto WebSocket service that echoes and records how each client closed.
 
