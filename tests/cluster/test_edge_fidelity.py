@@ -193,3 +193,46 @@ async def test_a_small_nats_max_payload_streams_bodies_whole_and_refuses_a_too_l
         held = stack.control.tunnel(big.alias)
         assert held is not None
         await wait_until(lambda: held.streams_open == 0)
+
+
+async def test_the_link_lost_mid_exchange_aborts_the_visitors_and_releases_the_agents_streams(
+        tmp_path: Path, upstream: Upstream) -> None:
+    stacks = Stacks("cluster", tmp_path)
+    try:
+        async with stacks.start() as stack, stack.agent(upstream.port) as running, running.visitor() as client:
+            assert stack.public.cluster is not None
+            held = stack.control.tunnel(running.alias)
+            assert held is not None
+            link = stack.public.cluster.links.get(stack.control.node)
+            tcp = await anyio.connect_tcp("127.0.0.1", stack.public.ports.http)
+            ws, _ = await client_handshake(tcp, client.headers["host"], "/ws", 4 * MIB)
+            try:
+                await ws.send("before")
+                with anyio.fail_after(10):
+                    assert await ws.receive() == "echo:before"
+                async with client.stream("GET", f"/bytes/{512 * MIB}") as response:
+                    assert response.status_code == 200
+                    chunks = response.aiter_raw()
+                    with anyio.fail_after(10):
+                        await anext(chunks)
+                    assert (held.streams_open, held.websockets_open) == (2, 1)
+                    await link.close(1000, "test: the link goes")
+                    # Never a clean end: the download is aborted, the WebSocket closed as lost.
+                    with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)), anyio.fail_after(20):
+                        async for _ in chunks:
+                            pass
+                with anyio.fail_after(10):
+                    closed = await ws.receive()
+                assert (getattr(closed, "code", None), getattr(closed, "reason", None)) == (1011, "tunnel lost")
+            finally:
+                await ws.aclose()
+            # The control node learnt of it (BYE) and reset both streams towards the agent.
+            await wait_until(lambda: (held.streams_open, held.websockets_open) == (0, 0))
+            agent_session = running.agent.session
+            assert agent_session is not None
+            await wait_until(lambda: not agent_session.streams)
+            # The next visitor gets a new link.
+            assert (await client.get("/status/200")).status_code == 200
+            assert stack.public.cluster.links.get(stack.control.node) is not link
+    finally:
+        stacks.close()
