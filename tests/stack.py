@@ -15,7 +15,7 @@ Without ``/usr/sbin/nats-server`` the cluster variants skip, except under CI=tru
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,7 +148,7 @@ async def reachable(edge: ServerContext, alias: str, timeout: float = 10.0) -> N
 # Named apart from the fixtures they define, so a test module imports them without its tests'
 # parameters shadowing the import: ``from tests.stack import stacks_fixture, stack_fixture, tunnel_fixture``.
 @pytest.fixture(params=KINDS, name="stacks")
-def stacks_fixture(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+def stacks_fixture(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stacks]:
     """A factory of stacks of one kind, ``all`` or ``cluster`` (the parameter)."""
     factory = Stacks(request.param, tmp_path)
     try:
