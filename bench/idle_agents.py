@@ -562,8 +562,13 @@ def measure_cluster(count: int, *, nodes: int | None = None, settle: float = 3.0
         for node in [*controls, edge]:
             node.alive()
         traffic_quiet_start = _traffic(monitor)
+        cpu_quiet_start = {node.name: cpu_seconds(node.proc.pid) for node in controls}
+        nats_cpu_quiet_start = cpu_seconds(nats.pid)
         time.sleep(quiet)
         traffic_quiet_end = _traffic(monitor)
+        # Idle CPU: mostly the heartbeats (a PING to every agent each COMZY_HEARTBEAT_INTERVAL).
+        cpu_quiet = {node.name: cpu_seconds(node.proc.pid) - cpu_quiet_start[node.name] for node in controls}
+        nats_cpu_quiet = cpu_seconds(nats.pid) - nats_cpu_quiet_start
         jetstream = _jetstream(monitor)
         registered = sum(r["registered"] for r in reports)
         per_node = []
@@ -577,6 +582,10 @@ def measure_cluster(count: int, *, nodes: int | None = None, settle: float = 3.0
                 "rss_per_tunnel_kib": round((rss_after - node.rss_before) / report["registered"], 2)
                 if report["registered"] else None,
                 "cpu_ms_per_registration": round(cpu_registering[node.name] * 1000 / report["registered"], 3)
+                if report["registered"] else None,
+                # CPU share of one core while idle, and per tunnel (µs of CPU per tunnel per second).
+                "idle_cpu_share": round(cpu_quiet[node.name] / quiet, 4),
+                "idle_cpu_us_per_tunnel_second": round(cpu_quiet[node.name] * 1e6 / quiet / report["registered"], 3)
                 if report["registered"] else None,
             })
         # A request through a random tunnel of every control node, via the edge.
@@ -603,6 +612,8 @@ def measure_cluster(count: int, *, nodes: int | None = None, settle: float = 3.0
             # Registration stopped before every agent was started (time limit or memory), and why.
             "cut_off": cut_off,
             "skipped": sum(r.get("skipped", 0) for r in reports),
+            # REJECT "throttled" answers (the node's KV was slow): the agent waited and tried again.
+            "throttled": sum(r.get("throttled", 0) for r in reports),
             "errors": [e for r in reports for e in r["errors"]][:5],
             "held": sum(n["held"] for n in per_node),
             "registration_seconds": round(elapsed, 3),
@@ -617,6 +628,7 @@ def measure_cluster(count: int, *, nodes: int | None = None, settle: float = 3.0
                 "cpu_ms_per_registration": round(nats_cpu_registering * 1000 / registered, 3) if registered else None,
                 "per_registration": _delta(traffic_start, traffic_registered, registered),
                 "quiet_seconds": quiet,
+                "idle_cpu_share": round(nats_cpu_quiet / quiet, 4),
                 "quiet_per_second": _delta(traffic_quiet_start, traffic_quiet_end, quiet),
                 "quiet_per_tunnel_per_second": _delta(traffic_quiet_start, traffic_quiet_end, quiet * registered)
                 if registered else None,
@@ -661,24 +673,26 @@ def format_cluster_table(result: dict[str, Any]) -> str:
         reg, quiet = nats["per_registration"], nats["quiet_per_tunnel_per_second"] or {}
         out += [
             f"{r['registered']:,} of {r['agents']:,} agents registered on {r['control_nodes']} control nodes "
-            f"({r['failed']} failed, {r['held']:,} held by the nodes, {nats['alias_records']:,} alias records"
+            f"({r['failed']} failed, {r['throttled']} throttled and retried, {r['held']:,} held by the nodes, "
+            f"{nats['alias_records']:,} alias records"
             f"{'; cut short: ' + r['cut_off'] if r.get('cut_off') else ''}) "
             f"in {r['registration_seconds']} s: {r['registrations_per_second']} registrations/s; "
             f"requests through the edge: {r['requests_ok']}/{r['requests']} ok",
             "",
-            "| node | agents | RSS before | RSS after | per tunnel | CPU/registration |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| node | agents | RSS before | RSS after | per tunnel | CPU/registration | idle CPU |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for n in r["nodes"]:
             out.append(f"| {n['node']} | {n['agents']:,} | {n['rss_before_kib'] / 1024:.1f} MiB "
                        f"| {n['rss_after_kib'] / 1024:.1f} MiB | {n['rss_per_tunnel_kib']} KiB "
-                       f"| {n['cpu_ms_per_registration']} ms |")
+                       f"| {n['cpu_ms_per_registration']} ms | {n['idle_cpu_share']:.1%} |")
         edge = r["edge"]
         out += [
-            f"| all control nodes | {r['registered']:,} | | {r['control_rss_total_kib'] / 1024:.1f} MiB | | |",
-            f"| edge | - | {edge['rss_before_kib'] / 1024:.1f} MiB | {edge['rss_after_kib'] / 1024:.1f} MiB | | |",
+            f"| all control nodes | {r['registered']:,} | | {r['control_rss_total_kib'] / 1024:.1f} MiB | | | |",
+            f"| edge | - | {edge['rss_before_kib'] / 1024:.1f} MiB | {edge['rss_after_kib'] / 1024:.1f} MiB | | | |",
             f"| nats-server | - | {nats['rss_before_kib'] / 1024:.1f} MiB | {nats['rss_after_kib'] / 1024:.1f} MiB "
-            f"| {nats['rss_per_tunnel_kib']} KiB | {nats['cpu_ms_per_registration']} ms |",
+            f"| {nats['rss_per_tunnel_kib']} KiB | {nats['cpu_ms_per_registration']} ms "
+            f"| {nats['idle_cpu_share']:.1%} |",
             "",
             f"NATS per registration: {reg['in_msgs']} msgs / {reg['in_bytes']:.0f} B in, "
             f"{reg['out_msgs']} msgs / {reg['out_bytes']:.0f} B out. "

@@ -25,13 +25,17 @@ from dataclasses import dataclass, field
 import anyio
 
 from comzy.core import protocol as p
-from comzy.core.control import Hello, Welcome
+from comzy.core.control import Hello, Refusal, Welcome
 from comzy.core.websocket import Closed, WebSocket, connect
 
 #: Body of the canned response to a REQUEST.
 RESPONSE_BODY = b"idle agent ok\n"
 #: Largest message an idle agent accepts (it only ever gets control frames and small heads).
 MAX_MESSAGE = 1024 * 1024
+#: Tries per agent when the server answers REJECT ``throttled`` (e.g. its KV was slow to answer),
+#: and the longest wait between them, as the stock agent bounds it (comzy/agent/client.py).
+THROTTLED_TRIES = 10
+THROTTLED_MAX = 30.0
 #: Tunnel URLs each client process reports, drawn at random from all it registered, so the
 #: harness can send a request through a random tunnel rather than always the first one.
 URL_SAMPLE = 8
@@ -64,6 +68,8 @@ class Results:
     urls: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     requests_answered: int = 0
+    #: REJECT ``throttled`` answers, each followed by a wait and another try.
+    throttled: int = 0
 
     def registered_url(self, url: str) -> None:
         """Count a registration and keep its URL in the random sample with the right chance."""
@@ -94,8 +100,17 @@ def _canned_response(stream: int) -> bytes:
     ))
 
 
+class Throttled(Exception):
+    """The server answered REJECT ``throttled``: try again after ``retry_after`` seconds."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"throttled; retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
 async def register(url: str, index: int, results: Results) -> WebSocket | None:
-    """Open one agent's WebSocket and complete HELLO -> WELCOME; None (and a recorded failure) if it fails."""
+    """Open one agent's WebSocket and complete HELLO -> WELCOME; None (and a recorded failure) if it
+    fails; Throttled when the server asks to come back later (nothing recorded)."""
     started = time.monotonic()
     if results.first_connect is None or started < results.first_connect:
         results.first_connect = started
@@ -111,9 +126,16 @@ async def register(url: str, index: int, results: Results) -> WebSocket | None:
         if not isinstance(message, bytes):
             raise RuntimeError(f"no WELCOME: {message!r}")
         frames = list(p.decode_message(message))
+        if frames[0].type == p.FrameType.REJECT:
+            reject = Refusal.from_payload(frames[0].payload)
+            if reject.code == "throttled":  # the stock agent waits as told and tries again: so do we
+                await ws.aclose()
+                raise Throttled(reject.retry_after or THROTTLED_MAX)
         if frames[0].type != p.FrameType.WELCOME:
             raise RuntimeError(f"expected WELCOME, got {frames[0].type.name}: {frames[0].payload!r}")
         welcome = Welcome.from_payload(frames[0].payload)
+    except Throttled:
+        raise
     except Exception as exc:
         results.failure(f"handshake: {exc!r}")
         await ws.aclose()
@@ -171,12 +193,22 @@ async def run_client(url: str, count: int, concurrency: int, lifetime: float) ->
 
     async def agent(index: int) -> None:
         nonlocal remaining, skipped
-        async with limit:
-            ws = None
-            if cut_off:
-                skipped += 1
-            else:
-                ws = await register(url, index, results)
+        ws = None
+        for attempt in range(THROTTLED_TRIES):
+            async with limit:
+                if cut_off:
+                    skipped += 1
+                    break
+                try:
+                    ws = await register(url, index, results)
+                    break
+                except Throttled as exc:
+                    results.throttled += 1
+                    if attempt == THROTTLED_TRIES - 1:
+                        results.failure(f"handshake: still {exc} after {THROTTLED_TRIES} tries")
+                        break
+                    wait = min(exc.retry_after, THROTTLED_MAX) + random.uniform(0, 1)
+            await anyio.sleep(wait)  # outside the handshake limit: other agents go on meanwhile
         remaining -= 1
         if not remaining:
             registered.set()
@@ -202,6 +234,7 @@ async def run_client(url: str, count: int, concurrency: int, lifetime: float) ->
             await registered.wait()
             print(json.dumps({
                 "registered": results.registered, "failed": results.failed, "skipped": skipped, "cut_off": cut_off,
+                "throttled": results.throttled,
                 "first_connect": results.first_connect, "last_welcome": results.last_welcome,
                 "url": results.url, "urls": results.urls, "errors": results.errors,
                 "cpu_seconds": _cpu_seconds() - cpu_at_go,
