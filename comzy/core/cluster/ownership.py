@@ -336,7 +336,7 @@ class ClusterDirectory:
                     await self._mark_released(held)
             self._verifying.update(self._held)
             # A few workers share one iterator: an alias answers no lookup until it is verified, and
-            # one KV read at a time took 0.44 s per 1000 aliases (9 s for a node of 20,000).
+            # one KV read at a time took 1.7 s per 3000 aliases (0.73 s with 32 in flight).
             pending = iter(list(self._verifying))
 
             async def worker() -> None:
