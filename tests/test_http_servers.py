@@ -9,6 +9,7 @@ message limit, and a clear start-up error when the selected server is not instal
 from __future__ import annotations
 
 import importlib.util
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from comzy.core.http_servers import OneHostOnly
+from comzy.core.http_servers import OneHostOnly, QuietAborts, ResponseAborted
 from comzy.core.settings import ServerSettings, explain_validation_error
 from comzy.core.websocket import Closed
 from tests.conftest import start_agent, start_server
@@ -69,6 +70,46 @@ async def test_visitor_websocket_message_past_the_limit_closes_1009(tmp_path: Pa
         closed = await exchange(ws, b"x" * 4097)
     assert isinstance(closed, Closed)
     assert closed.code == 1009
+
+
+@pytest.mark.parametrize("kind", SERVERS)
+async def test_an_abort_mid_response_is_not_logged_as_an_application_error(
+        tmp_path: Path, upstream: Upstream, kind: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The agent lost mid-body: the visitor's connection is aborted on purpose, and neither server
+    logs it as an error of the app with a traceback (one per visitor when an agent drops)."""
+    caplog.set_level(logging.INFO)
+    async with start_server(tmp_path / "data", http_server=kind) as server, \
+            start_agent(server, upstream.port) as running:
+        session = running.agent.session
+        assert session is not None
+        async with running.visitor() as client, client.stream("GET", f"/bytes/{64 * 1024 * 1024}") as response:
+            assert response.status_code == 200
+            chunks = response.aiter_raw()
+            with anyio.fail_after(10):
+                await anext(chunks)
+                await session.ws.aclose()  # the agent's link drops without a goodbye
+                # The servers log an app's exception before they close the visitor's connection,
+                # so once the visitor sees the abort, any such record is already there.
+                with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
+                    async for _ in chunks:
+                        pass
+    errors = [r for r in caplog.records if r.name in ("uvicorn.error", "comzy.http") and r.levelno >= logging.WARNING]
+    assert errors == [], [r.getMessage() for r in errors]
+    assert not [r for r in caplog.records if r.exc_info], "no traceback for a deliberate abort"
+
+
+def test_quiet_aborts_keeps_every_other_error() -> None:
+    quiet = QuietAborts()
+
+    def record(exc: BaseException | None) -> logging.LogRecord:
+        return logging.LogRecord("uvicorn.error", logging.ERROR, __file__, 1, "Exception in ASGI application",
+                                 None, (type(exc), exc, None) if exc else None)
+
+    assert not quiet.filter(record(ResponseAborted("tunnel lost")))
+    assert not quiet.filter(record(BaseExceptionGroup("g", [ResponseAborted("a"), ResponseAborted("b")])))
+    assert quiet.filter(record(BaseExceptionGroup("g", [ResponseAborted("a"), KeyError("bug")])))
+    assert quiet.filter(record(RuntimeError("a real bug")))
+    assert quiet.filter(record(None))
 
 
 async def raw_answer(port: int, request: bytes) -> bytes:

@@ -24,6 +24,7 @@ from comzy.core.headers import (
     request_origin,
     strip_hop_by_hop,
 )
+from comzy.core.http_servers import ResponseAborted
 from comzy.core.registry import Entry
 from comzy.core.session import Session, SessionClosed
 from comzy.core.stream import Stream, StreamReset
@@ -309,8 +310,9 @@ class EdgeApp:
             state.error = exc.message
             if state.started:
                 # Aborting the connection is the only honest end: a clean finish would
-                # tell the visitor a truncated body was complete.
-                raise
+                # tell the visitor a truncated body was complete. The servers abort it on any
+                # exception; this one they do not log as an application error.
+                raise ResponseAborted(exc.message) from exc
             if state.routed:
                 raise _BeforeHead(exc) from None  # over a cluster link: 503, a retry or 502
             await respond(send, 502, f"The tunnel failed before a response: {exc.message}\n")

@@ -33,6 +33,37 @@ HTTP_SERVERS = ("hypercorn", "uvicorn")
 _REQUIRES = {"uvicorn": ("uvicorn", "httptools"), "hypercorn": ("hypercorn",)}
 
 
+class ResponseAborted(Exception):
+    """Raised by the app to abort a visitor's connection mid-response, on purpose: the only honest
+    end of a response whose body cannot be finished (the tunnel was lost). The HTTP servers abort
+    the connection on any exception; :class:`QuietAborts` keeps them from logging this one as
+    an application error with a traceback, once per aborted visitor."""
+
+
+class QuietAborts(logging.Filter):
+    """Drops the HTTP servers' "Exception in ASGI application" records for :class:`ResponseAborted`:
+    a lost tunnel is the agent's news (logged once when its session ends, and in the request log
+    per exchange), not an error of this server with a traceback per visitor."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, BaseExceptionGroup):
+            return exc.split(ResponseAborted)[1] is not None  # kept when it holds anything else
+        return not isinstance(exc, ResponseAborted)
+
+
+#: The loggers the servers report application errors on: uvicorn's, and hypercorn's errorlog.
+_ERROR_LOGGERS = ("uvicorn.error", "comzy.http")
+
+
+def quiet_aborts() -> None:
+    """Attach :class:`QuietAborts` to the servers' error loggers (once per process)."""
+    for name in _ERROR_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, QuietAborts) for f in logger.filters):
+            logger.addFilter(QuietAborts())
+
+
 def missing_requirement(kind: str) -> str | None:
     """Why ``kind`` cannot serve here (a message naming what to install), or None."""
     absent = [name for name in _REQUIRES.get(kind, ()) if importlib.util.find_spec(name) is None]
@@ -46,6 +77,7 @@ def missing_requirement(kind: str) -> str | None:
 
 async def serve(kind: str, app: Any, config: Config, stop: anyio.Event) -> None:
     """Serve ``app`` on the socket ``config.bind`` names (``fd://N``) until ``stop`` is set."""
+    quiet_aborts()
     if kind == "uvicorn":
         await _serve_uvicorn(app, config, stop)
     else:
