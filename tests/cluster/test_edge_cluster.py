@@ -636,6 +636,11 @@ async def test_end_to_end_the_edge_follows_a_tunnel_to_its_new_session(tmp_path:
         assert session is not None
         await session.ws.aclose()  # the agent's connection drops; it comes back with its resume secret
         await wait_until(lambda: (t := s.control.tunnel(s.agent.alias)) is not None and t.session != old.session)
+        # The registry has the new session a moment before the control node's new subscription
+        # is seen by the edge's connection (the nats-server race of conftest.wait_linkable); a
+        # loaded machine widened that moment into a 404 here.
+        assert s.edge.cluster is not None
+        await wait_subscribed(s.edge.cluster.nats.nc, s.edge.cluster.nats.subjects.tunnel(s.agent.alias))
         response = await client.get("/after")
         assert response.status_code == 200, response.text
         new = s.edge.tunnel(s.agent.alias)
