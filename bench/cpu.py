@@ -10,6 +10,12 @@ With ``--cluster`` the same loads also go through a cluster started beside the s
 (nats-server, a control node, an edge, an agent on the control node): the lines ``cluster_*``
 give the CPU per request of the edge, the control node, nats-server and the agent, measured in
 the same rounds as the single node, which is where the NATS hop's time goes.
+
+With ``--plugins each`` more servers run beside the harness's (``COMZY_PLUGINS=none``), each with
+an agent exposing the same nginx: one with the default set (``COMZY_PLUGINS`` unset: every
+built-in) and one per built-in plugin alone. The same loads go through all of them, in an order
+that rotates each round, and a table gives each one's server CPU per request and req/s against
+``none`` in the same round: what each plugin costs on its own.
 """
 
 from __future__ import annotations
@@ -17,13 +23,33 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
+from collections.abc import Callable
 from typing import Any
 
 from bench.procs import MIB, Proc
-from bench.stack import LARGE_FILE, SMALL_FILE, Endpoint, Stack, cluster_unavailable, running_stack
+from bench.stack import (
+    LARGE_FILE,
+    SMALL_FILE,
+    Endpoint,
+    Stack,
+    cluster_unavailable,
+    comzy_env,
+    running_stack,
+    wait_serving,
+)
 from bench.tools import curl_download, require_tools, run_wrk
 
 GIB = 1024 * MIB
+
+#: The built-in plugins (pyproject.toml's ``comzy`` entry points), each measured alone by ``--plugins each``.
+BUILTIN_PLUGINS = ("mysql_logging", "dashboard", "metrics", "auth_token", "custom_domains", "anonymous_timeout")
+#: The label of the server started with ``COMZY_PLUGINS`` unset (every built-in plugin).
+DEFAULT_SET = "default"
+#: A plugin costing more than this fraction of CPU or req/s on its own is flagged (issue 13).
+PLUGIN_BUDGET = 0.10
+
+Target = tuple[Endpoint, dict[str, Proc]]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,6 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cluster", action="store_true",
                         help="also measure through an edge and a control node on NATS (edge, control, nats-server, "
                              "agent CPU)")
+    parser.add_argument("--plugins", choices=["each"],
+                        help="each: also measure servers with the default plugin set and with each built-in plugin "
+                             "alone, against COMZY_PLUGINS=none in the same rounds")
     parser.add_argument("--json", action="store_true", help="print every round as JSON too")
     args = parser.parse_args(argv)
     bad = [item for item in args.server_env if "=" not in item]
@@ -51,18 +80,73 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def single_node(stack: Stack) -> tuple[Endpoint, dict[str, Proc]]:
+def single_node(stack: Stack) -> Target:
     """The single node's endpoint for nginx and its processes (server, agent)."""
     return stack.nginx_tunnel, {"server": stack.server, "agent": stack.nginx_agent}
 
 
-def through_cluster(stack: Stack) -> tuple[Endpoint, dict[str, Proc]]:
+def through_cluster(stack: Stack) -> Target:
     """nginx through the edge, and the cluster's processes (edge, control, nats, agent)."""
     assert stack.cluster is not None
     return stack.cluster.nginx, stack.cluster.procs()
 
 
-def measure_get(stack: Stack, target: tuple[Endpoint, dict[str, Proc]], connections: int,
+def start_plugin_node(stack: Stack, label: str, plugins: str | None, server_env: dict[str, str]) -> Target:
+    """Another comzy-server (``COMZY_PLUGINS=plugins``, or unset when None: every built-in plugin) and an agent on it
+    exposing the stack's nginx; both join ``stack.procs``, so the stack stops them by PID."""
+    plugin_env = {} if plugins is None else {"COMZY_PLUGINS": plugins}
+    server = Proc(f"comzy-server (plugins {label})", [sys.executable, "-m", "comzy.core.cli"], env=comzy_env(
+        COMZY_HOST="127.0.0.1", COMZY_HTTP_PORT="0", COMZY_WS_PORT="0", COMZY_ADMIN_PORT="0",
+        COMZY_DATA_DIR=str(stack.root / f"comzy-plugins-{label}"), COMZY_SHUTDOWN_GRACE="2",
+        **plugin_env, **server_env))
+    stack.procs.append(server)
+    public_port = int(server.wait_for(r"public\s+http://[\d.]+:(\d+)")[1])
+    ws_port = int(server.wait_for(r"agents\s+ws://[\d.]+:(\d+)")[1])
+    server.done_waiting()
+    agent = Proc(f"agent (plugins {label})", [sys.executable, "-m", "comzy.agent.cli", str(stack.nginx_direct.port),
+                                               "--local-host", "127.0.0.1", "--quiet", "--server",
+                                               f"ws://127.0.0.1:{ws_port}"], env=comzy_env())
+    stack.procs.append(agent)
+    alias = agent.wait_for(r"Public URL: https?://([a-z0-9-]+)\.")[1]
+    agent.done_waiting()
+    endpoint = Endpoint(public_port, f"{alias}.localhost")
+    wait_serving(endpoint, f"/{SMALL_FILE}", server)
+    return endpoint, {"server": server, "agent": agent}
+
+
+def plugin_configs() -> dict[str, str | None]:
+    """``--plugins each``: the label of every extra server and its ``COMZY_PLUGINS`` (None: unset)."""
+    return {DEFAULT_SET: None} | {name: name for name in BUILTIN_PLUGINS}
+
+
+def plugin_table(rounds: dict[str, list[dict[str, Any]]], labels: list[str], connection_counts: list[int]) -> list[str]:
+    """The ``--plugins each`` table: per label and connection count, the medians of server and agent µs per request
+    and req/s, and the cost against ``COMZY_PLUGINS=none`` (``get_<n>c``) as the median over rounds of the
+    same round's ratio (so a round the machine was busier cancels out): CPU +x% and req/s -y%. A row costing more
+    than ``PLUGIN_BUDGET`` either way is marked ``<- over 10%`` (``default`` is every plugin at once, never marked).
+    """
+    lines = [f"{'plugins':18} {'conns':>5} {'server µs/req':>13} {'CPU vs none':>11} {'agent µs/req':>12} "
+             f"{'req/s':>8} {'req/s vs none':>13}"]
+    for connections in connection_counts:
+        base = rounds[f"get_{connections}c"]
+        for label in ["none", *labels]:
+            runs = base if label == "none" else rounds[f"plugins_{label}_get_{connections}c"]
+            server_us = statistics.median(run["server_us"] for run in runs)
+            agent_us = statistics.median(run["agent_us"] for run in runs)
+            rps = statistics.median(run["requests_per_s"] for run in runs)
+            if label == "none":
+                lines.append(f"{label:18} {connections:5d} {server_us:13.0f} {'':>11} {agent_us:12.0f} {rps:8.0f}")
+                continue
+            pairs = list(zip(runs, base, strict=True))
+            cpu_cost = statistics.median(run["server_us"] / none["server_us"] - 1 for run, none in pairs)
+            rps_change = statistics.median(run["requests_per_s"] / none["requests_per_s"] - 1 for run, none in pairs)
+            over = label != DEFAULT_SET and max(cpu_cost, -rps_change) > PLUGIN_BUDGET
+            lines.append(f"{label:18} {connections:5d} {server_us:13.0f} {cpu_cost:+11.1%} {agent_us:12.0f} "
+                         f"{rps:8.0f} {rps_change:+13.1%}" + ("  <- over 10%" if over else ""))
+    return lines
+
+
+def measure_get(stack: Stack, target: Target, connections: int,
                 seconds: float) -> dict[str, Any]:
     """One wrk run of small GETs through ``target``, with every process's CPU µs per request (``<name>_us``)."""
     endpoint, procs = target
@@ -75,7 +159,7 @@ def measure_get(stack: Stack, target: tuple[Endpoint, dict[str, Proc]], connecti
             **{f"{name}_us": (proc.cpu_seconds() - before[name]) / requests * 1e6 for name, proc in procs.items()}}
 
 
-def measure_download(stack: Stack, target: tuple[Endpoint, dict[str, Proc]]) -> dict[str, Any]:
+def measure_download(stack: Stack, target: Target) -> dict[str, Any]:
     """One download of the large file through ``target``, with every process's CPU s per GiB and peak RSS."""
     endpoint, procs = target
     before = {name: proc.cpu_seconds() for name, proc in procs.items()}
@@ -95,16 +179,25 @@ def main(argv: list[str] | None = None) -> int:
         if why_not:
             raise SystemExit(f"bench.cpu: --cluster cannot run: {why_not}")
     large = max(args.download_mib, 1) * MIB
-    targets = {"": single_node} | ({"cluster_": through_cluster} if args.cluster else {})
+    targets: dict[str, Callable[[Stack], Target]] = \
+        {"": single_node} | ({"cluster_": through_cluster} if args.cluster else {})
+    labels = list(plugin_configs()) if args.plugins else []
     with running_stack(tools, large, MIB, args.server_env, cluster=args.cluster) as stack:
+        for label, plugins in (plugin_configs() if args.plugins else {}).items():
+            started = start_plugin_node(stack, label, plugins, args.server_env)
+            targets[f"plugins_{label}_"] = lambda _stack, started=started: started
         # Warm-up: imports, pools, caches and cluster links stay out of the first round.
         for pick in targets.values():
             endpoint, _ = pick(stack)
             run_wrk(tools["wrk"], stack.wrk_script, endpoint.url(f"/{SMALL_FILE}"), endpoint.host,
                     max(args.connection_counts), 1)
         rounds: dict[str, list[dict[str, Any]]] = {}
-        for _ in range(args.rounds):
-            for prefix, pick in targets.items():  # the single node and the cluster alternate within a round
+        order = list(targets.items())
+        for number in range(args.rounds):
+            # The targets alternate within a round, in an order rotating each round, so no target always
+            # goes first.
+            shift = number % len(order)
+            for prefix, pick in order[shift:] + order[:shift]:
                 for connections in args.connection_counts:
                     rounds.setdefault(f"{prefix}get_{connections}c", []).append(
                         measure_get(stack, pick(stack), connections, args.seconds))
@@ -116,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         medians = {key: statistics.median(run[key] for run in runs) for key in runs[0] if key != "errors"}
         names = [key.removesuffix("_peak_rss_mib") for key in runs[0] if key.endswith("_peak_rss_mib")] or \
             [key.removesuffix("_us") for key in runs[0] if key.endswith("_us")]
-        if name.endswith("download"):
+        if name.startswith("plugins_"):  # in the table below
+            pass
+        elif name.endswith("download"):
             cpu = "  ".join(f"{who} {medians[f'{who}_s_per_gib']:.2f} s/GiB" for who in names)
             peaks = ", ".join(f"{who} {max(run[f'{who}_peak_rss_mib'] for run in runs):.0f} MiB" for who in names)
             print(f"{name:18} {cpu}  ({medians['mib_per_s']:.0f} MiB/s; peak RSS {peaks})")
@@ -126,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"p99 {medians['p99_ms']:.1f} ms)")
         if args.json:
             print(json.dumps({name: runs}))
+    if labels:
+        print("\n".join(plugin_table(rounds, labels, args.connection_counts)))
     if failed:
         print("some requests failed (non-2xx or socket errors): the figures above are not comparable")
     return 1 if failed else 0

@@ -1,0 +1,64 @@
+"""The ``python -m bench.cpu --plugins each`` table (bench/cpu.py) from known rounds: each plugin's cost is the
+median over rounds of the same round's ratio to ``COMZY_PLUGINS=none``, and a plugin over 10% on its own is
+marked. Fast: no process is started (tests/test_bench.py runs bench.cpu itself)."""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+from typing import Any
+
+from bench.cpu import BUILTIN_PLUGINS, DEFAULT_SET, parse_args, plugin_configs, plugin_table
+
+
+def run(server_us: float, rps: float) -> dict[str, Any]:
+    """One wrk load's figures as ``measure_get`` returns them."""
+    return {"requests_per_s": rps, "p50_ms": 1.0, "p99_ms": 4.0, "errors": 0, "server_us": server_us,
+            "agent_us": 80.0}
+
+
+def rows(lines: list[str]) -> dict[tuple[str, int], list[str]]:
+    """The table's rows by (label, connections), split into columns."""
+    return {(cells[0], int(cells[1])): cells for cells in (line.split() for line in lines[1:])}
+
+
+def test_plugin_costs_are_paired_by_round_and_flagged_over_ten_percent() -> None:
+    # The machine got busier each round: none went 100 -> 200 -> 400 µs, so unpaired medians would be 200 against
+    # 200 for "cheap" (0%); paired, "cheap" costs +5% each round and "dear" +20% CPU, -15% req/s.
+    none = [run(100, 1000), run(200, 500), run(400, 250)]
+    rounds = {
+        "get_50c": none,
+        "plugins_default_get_50c": [run(150, 800), run(300, 400), run(600, 200)],
+        "plugins_cheap_get_50c": [run(105, 1000), run(210, 500), run(420, 250)],
+        "plugins_dear_get_50c": [run(120, 850), run(240, 425), run(480, 212.5)],
+        "plugins_slow_get_50c": [run(100, 880), run(200, 440), run(400, 220)],  # same CPU, 12% fewer req/s
+        "get_1c": [run(300, 100)] * 3,
+        "plugins_default_get_1c": [run(330, 95)] * 3,
+        "plugins_cheap_get_1c": [run(303, 99)] * 3,
+        "plugins_dear_get_1c": [run(306, 98)] * 3,
+        "plugins_slow_get_1c": [run(300, 100)] * 3,
+    }
+    lines = plugin_table(rounds, [DEFAULT_SET, "cheap", "dear", "slow"], [50, 1])
+    assert lines[0].split()[:2] == ["plugins", "conns"]
+    table = rows(lines)
+    assert list(table) == [(label, conns) for conns in (50, 1) for label in ("none", DEFAULT_SET, "cheap", "dear",
+                                                                              "slow")]
+    assert table[("none", 50)] == ["none", "50", "200", "80", "500"]  # no cost column against itself
+    assert table[("cheap", 50)] == ["cheap", "50", "210", "+5.0%", "80", "500", "+0.0%"]
+    assert table[("dear", 50)] == ["dear", "50", "240", "+20.0%", "80", "425", "-15.0%", "<-", "over", "10%"]
+    assert table[("slow", 50)][3:] == ["+0.0%", "80", "440", "-12.0%", "<-", "over", "10%"]
+    # The whole default set costing 50% is the sum of the plugins, not one plugin over budget: not marked.
+    assert table[(DEFAULT_SET, 50)] == [DEFAULT_SET, "50", "300", "+50.0%", "80", "400", "-20.0%"]
+    assert table[("dear", 1)] == ["dear", "1", "306", "+2.0%", "80", "98", "-2.0%"]
+    assert table[(DEFAULT_SET, 1)][3:] == ["+10.0%", "80", "95", "-5.0%"]
+
+
+def test_plugins_each_measures_the_default_set_and_every_builtin_alone() -> None:
+    # Every plugin the comzy distribution ships (pyproject.toml's entry points) is measured alone.
+    shipped = {point.name for point in entry_points(group="comzy") if point.value.startswith("comzy.plugins.")}
+    assert set(BUILTIN_PLUGINS) == shipped
+    configs = plugin_configs()
+    assert configs[DEFAULT_SET] is None  # COMZY_PLUGINS unset: every built-in plugin
+    assert {name: value for name, value in configs.items() if name != DEFAULT_SET} == \
+        {name: name for name in BUILTIN_PLUGINS}
+    assert parse_args(["--plugins", "each"]).plugins == "each"
+    assert parse_args([]).plugins is None
