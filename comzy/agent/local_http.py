@@ -28,6 +28,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import cast
 
 import anyio
 
@@ -120,8 +121,10 @@ class _Connection(asyncio.Protocol):
 
     # -- asyncio.Protocol callbacks --------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # No isinstance check: uvloop's transports have asyncio's methods but do not subclass
+        # its ABCs, so asserting asyncio.Transport failed here on uvloop, the transport was never
+        # kept, and every request became a 502 ("connection lost while sending").
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self._received.append(data)
