@@ -196,6 +196,28 @@ async def test_queued_rows_are_written_at_shutdown(tmp_path: Path, upstream: Ups
     assert logging_plugin.written == 7 and logging_plugin.queued == 0 and logging_plugin.dropped == 0
 
 
+async def test_steady_traffic_is_written_once_per_flush_not_once_per_request(
+        tmp_path: Path, upstream: Upstream, database: dict[str, Any]) -> None:
+    """Rows arriving while a batch is being written wait for the next tick (or a full batch): under steady
+    traffic the writer commits at most one batch per ``flush_seconds``. Going on until the queue was empty
+    wrote a transaction per request or two, which cost the server more CPU than proxying (issue 13)."""
+    flush = 0.2
+    requests = 150
+    logging_plugin = plugin(flush_seconds=flush)  # batch_size 500: no batch is ever full here
+    async with start_server(tmp_path / "data", plugins=[("mysql_logging", logging_plugin)], **database) as server, \
+            start_agent(server, upstream.port) as running:
+        started = time.monotonic()
+        async with running.visitor() as client:
+            for i in range(requests):
+                assert (await client.get(f"/steady/{i}")).status_code == 200
+        await wait_until(lambda: logging_plugin.written == requests)
+        elapsed = time.monotonic() - started
+        batches = logging_plugin.batches
+    assert logging_plugin.dropped == 0
+    # One tick at most per flush_seconds (plus the one under way when traffic started), one batch per tick.
+    assert 1 <= batches <= elapsed / flush + 2, (batches, elapsed)
+
+
 async def test_old_rows_are_deleted(tmp_path: Path, database: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger=LOGGER)
     now = datetime.now(UTC)
