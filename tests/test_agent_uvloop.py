@@ -15,14 +15,13 @@ import asyncio
 import hashlib
 from typing import Any
 
-import anyio
-import anyio.abc
 import pytest
 
 from comzy.agent.local_http import READ_HIGH_WATER, LocalClient
 from comzy.core.server import ServerContext
 from tests.conftest import start_agent, visitor
 from tests.helpers import IN_CI, serve_tcp, wait_until
+from tests.test_local_http import ScriptedServer, always
 from tests.test_websocket import exchange, open_ws
 from tests.upstream import Upstream, pattern_block
 
@@ -55,23 +54,8 @@ def expected_bytes(total: int) -> bytes:
 
 async def test_local_client_keeps_its_connection_and_reuses_it_on_uvloop() -> None:
     assert_on_uvloop()
-    connections = 0
-
-    async def handle(client: anyio.abc.SocketStream) -> None:
-        nonlocal connections
-        connections += 1
-        buffer = b""
-        async with client:
-            while True:
-                while b"\r\n\r\n" not in buffer:
-                    try:
-                        buffer += await client.receive()
-                    except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
-                        return
-                _, _, buffer = buffer.partition(b"\r\n\r\n")
-                await client.send(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
-
-    async with serve_tcp(handle) as port:
+    server = ScriptedServer(always(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"))
+    async with serve_tcp(server.handle) as port:
         client = LocalClient("127.0.0.1", port)
         try:
             for _ in range(3):
@@ -83,7 +67,7 @@ async def test_local_client_keeps_its_connection_and_reuses_it_on_uvloop() -> No
                 await client.release(response.connection)
         finally:
             await client.aclose()
-    assert connections == 1
+    assert server.connections == 1
 
 
 async def test_local_client_pauses_and_resumes_reading_on_uvloop(upstream: Upstream) -> None:
