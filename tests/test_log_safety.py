@@ -116,7 +116,7 @@ async def test_the_agent_prints_a_servers_refusal_escaped(capsys: pytest.Capture
         with anyio.fail_after(10):
             assert await cli._run(agent, forwarder, Printer("localhost:9")) == 1
     err = capsys.readouterr().err
-    assert err == "error: the server refused the tunnel: no\\x1b]0;owned\\x07\\x1b[2J\\x0aerror: forged\n"
+    assert err == "comzy: the server refused the tunnel: no\\x1b]0;owned\\x07\\x1b[2J\\x0aerror: forged\n"
 
 
 class _FailingListener(anyio.abc.Listener[Any]):

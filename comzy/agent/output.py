@@ -19,6 +19,9 @@ _GREEN = "\033[32m"
 _YELLOW = "\033[33m"
 _CYAN = "\033[36m"
 
+#: What starts every error line the agent prints (``comzy-server:`` is the server's).
+ERROR_PREFIX = "comzy:"
+
 
 def use_colour(stream: TextIO) -> bool:
     """Colour on a terminal, plain text when piped or when NO_COLOR is set."""
@@ -48,8 +51,9 @@ class Printer:
 
     def error(self, text: str) -> None:
         """An error line on stderr, escaped: it often quotes the server (a REJECT or GOAWAY reason),
-        whose words must not drive the terminal."""
-        prefix = self._c(_RED + _BOLD, "error:") if use_colour(sys.stderr) else "error:"
+        whose words must not drive the terminal. ``comzy:`` is every agent error's prefix
+        (:data:`ERROR_PREFIX`), the commands' and the usage errors' too."""
+        prefix = self._c(_RED + _BOLD, ERROR_PREFIX) if use_colour(sys.stderr) else ERROR_PREFIX
         print(f"{prefix} {printable(text)}", file=sys.stderr, flush=True)
 
     # -- Reporter ------------------------------------------------------------------
@@ -58,15 +62,18 @@ class Printer:
         self._down = False
         url = printable(welcome.url)
         if first:
-            self.line(self._c(_DIM, f"comzy: forwarding {url} -> http://{self.target}"))
+            self.line(self._c(_DIM, f"Forwarding {url} -> http://{self.target}"))
             self.line(self._c(_BOLD + _GREEN, f"Public URL: {url}"))
             user = printable(welcome.user) if welcome.user else None
-            self.line(self._c(_DIM, f"Logged in as {user}" if user else "Anonymous tunnel"))
+            who = f"Logged in as {user}" if user else "Anonymous tunnel"
             expires = welcome.expires_at
             if expires:
+                # The one place the expiry is said: a plugin's notice gives the advice, not the time again.
                 left = max(0, int(float(expires) - time.time()))
                 at = time.strftime("%H:%M", time.localtime(expires))
-                self.line(self._c(_YELLOW, f"Expires in {_span(left)} (at {at})"))
+                self.line(self._c(_YELLOW, f"{who}: expires in {_span(left)} (at {at})"))
+            else:
+                self.line(self._c(_DIM, who))
             self.line(self._c(_DIM, "Press Ctrl-C to stop."))
         else:
             self.line(self._c(_GREEN, f"Reconnected: {url}"))

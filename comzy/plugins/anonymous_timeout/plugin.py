@@ -64,8 +64,8 @@ class AnonymousTimeout:
             return
         registration.expires_at = time.time() + self.lifetime
         registration.plugin_state(NAME)["anonymous"] = True
-        registration.notices.append(f"Anonymous tunnel: it closes after {span(self.lifetime)}. "
-                                    "Run `comzy login` for a lasting one.")
+        # The time is in WELCOME's expires_at, which the agent shows: the notice gives the advice only.
+        registration.notices.append("Run `comzy login` for a tunnel that lasts.")
 
     @hookimpl
     def on_connect(self, tunnel: Tunnel, server: ServerContext) -> None:
