@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
+import re
 import signal
 import socket
 import sys
+from typing import NoReturn
 
 import anyio
 
@@ -15,7 +18,9 @@ from comzy import __version__
 from comzy.agent import account
 from comzy.agent.client import Agent, AgentConfig, AgentError, Rejected, TLSMisconfigured, Unreachable
 from comzy.agent.forward import LocalForwarder
-from comzy.agent.output import Printer
+from comzy.agent.output import ERROR_PREFIX, Printer
+from comzy.core.aliases import ALIAS_RE
+from comzy.core.logs import printable
 from comzy.core.memory import tune_malloc
 
 DEFAULT_SERVER = "ws://localhost:8191"
@@ -23,14 +28,58 @@ DEFAULT_SERVER = "ws://localhost:8191"
 COMMANDS = ("login", "logout", "status", "aliases")
 
 
+#: Every environment variable the agent reads, as ``comzy --help`` lists them (a test keeps this
+#: list and the code together): a pip user has no docs/ folder to look them up in.
+ENVIRONMENT = (
+    ("COMZY_WS_SERVER", f"agent listener URL, or a comma list tried in turn (as --server; default {DEFAULT_SERVER})"),
+    ("COMZY_TOKEN", "a token to use instead of the saved login in ~/.comzy/.user (CI jobs)"),
+    ("COMZY_LOGIN_URL", "where your server's users get a token; `comzy login` shows it at its prompt"),
+    ("SSL_CERT_FILE", "CA certificates (PEM) trusted for wss:// servers, by every command (as --cacert)"),
+    ("NO_COLOR", "no colour, even on a terminal"),
+    ("FORCE_COLOR", "colour even when piped"),
+    ("COMZY_ANONYMOUS_TIMEOUT", "ignored (the original Comzy's agents read it): the server decides"),
+)
+
+
+def environment_help(names: tuple[str, ...] | None = None) -> str:
+    """The ``environment:`` section of an epilog: ``names`` (default all) from ENVIRONMENT, one a line."""
+    rows = [(name, text) for name, text in ENVIRONMENT if names is None or name in names]
+    width = max(len(name) for name, _ in rows)
+    return "environment:\n" + "\n".join(f"  {name:<{width}}  {text}" for name, text in rows)
+
+
+EPILOG = f"""\
+examples:
+  comzy 3000                        expose localhost:3000 at a new public URL
+  comzy 3000 --subdomain myapp      ask for myapp.<the server's domain>
+  comzy 5173 --host-header rewrite  for dev servers that check Host (Vite, webpack, Rails)
+  comzy 3000 --server wss://tunnel.example.com:8191
+  comzy login                       save your token (from the server's operator) for lasting aliases
+  comzy status                      is the server reachable, who am I, which aliases are mine
+
+commands (comzy COMMAND --help):
+  login, logout, status, aliases
+
+{environment_help()}
+"""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the agent's one error prefix: usage, then ``comzy: <what is wrong>``."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print this (sub)command's usage and the error, then exit 2."""
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{ERROR_PREFIX} {message}\n")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Parse ``comzy [PORT] [options]``."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="comzy",
         description="Expose a local web service at a public URL through a Comzy server.",
-        epilog="Commands: comzy login | logout | status | aliases (see comzy COMMAND --help). "
-        "Environment: COMZY_WS_SERVER (server URL, or a comma list tried in turn); COMZY_TOKEN (a token to "
-        "use instead of the saved login); SSL_CERT_FILE (CA certificates trusted for wss://, as --cacert).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("port", nargs="?", type=_port, default=3000, help="local port to expose (default 3000)")
     parser.add_argument("--subdomain", "-s", help="ask for this alias (e.g. myapp -> myapp.<domain>)")
@@ -43,14 +92,47 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "server instead of the system's; SSL_CERT_FILE=FILE does the same for every command")
     parser.add_argument("--quiet", "-q", action="store_true", help="do not print a line per request")
     parser.add_argument("--version", action="version", version=f"comzy {__version__}")
-    return parser.parse_args(argv)
+    if argv and not argv[0].startswith("-") and not argv[0].isdigit():
+        # A mistyped command would otherwise be read as the port and called "not a port number".
+        guess = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+        if guess:
+            parser.error(f"unknown command '{printable(argv[0])}'; did you mean {guess[0]}?")
+    args = parser.parse_args(argv)
+    if args.subdomain is not None:
+        problem = subdomain_problem(args.subdomain)
+        if problem:
+            parser.error(problem)
+    return args
+
+
+def subdomain_problem(text: str) -> str | None:
+    """Why the server would refuse ``--subdomain text`` whatever its settings, or None.
+
+    The server lowercases the name (DNS ignores case), then needs a DNS label: checked here, so
+    the error quotes what the user typed and suggests a name that works. Reserved and punycode
+    names depend on the server, which says so itself.
+    """
+    name = text.lower()
+    if ALIAS_RE.fullmatch(name):
+        return None
+    bad = sorted({c for c in name if not (c.isascii() and (c.isalnum() or c == "-"))})
+    what = (f"{' '.join(repr(c) for c in bad)} {'is' if len(bad) == 1 else 'are'} not allowed" if bad else
+            "it is empty" if not name else "it has more than 63 characters" if len(name) > 63 else
+            "it starts or ends with '-'")
+    rule = "use a-z, 0-9 and '-' (1-63 of them, not starting or ending with '-'; capitals are lowercased)"
+    message = f"--subdomain '{printable(text)}' cannot be a subdomain: {printable(what)}; {rule}"
+    suggestion = re.sub(r"[^a-z0-9-]+", "-", name.encode("ascii", "ignore").decode())[:63].strip("-")
+    if ALIAS_RE.fullmatch(suggestion):
+        message += f". Try --subdomain {suggestion}"
+    return message
 
 
 def _port(text: str) -> int:
     try:
         port = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a port number (try: comzy 3000)") from None
+        raise argparse.ArgumentTypeError(f"'{text}' is neither a port number nor a command (try: comzy 3000, "
+                                         f"or one of {', '.join(COMMANDS)})") from None
     if not 1 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"port {port} is outside 1-65535")
     return port
@@ -80,8 +162,9 @@ async def _run(agent: Agent, forwarder: LocalForwarder, printer: Printer) -> int
         tg.start_soon(stop_on_signal)
         try:
             reason = await agent.run()
-            printer.error(f"the server ended this tunnel: {reason}")
-            code = 1
+            if reason is not None:  # None: stopped by the signal above, which says so
+                printer.error(f"the server ended this tunnel: {reason}")
+                code = 1
         except Rejected as exc:
             printer.error(f"the server refused the tunnel: {exc}")
             code = 1
@@ -129,10 +212,15 @@ def main(argv: list[str] | None = None) -> None:
     if held_back:
         printer.notice("warning", f"{held_back[0].upper()}{held_back[1:]}; connecting anonymously. "
                                   f"Run `comzy login --server {servers[0]}` to log in there.")
+    subdomain = args.subdomain.lower() if args.subdomain else None
+    if subdomain and subdomain != args.subdomain:
+        # Said, so that what the server answers ('myapp' is in use...) names what the user typed.
+        printer.notice("info", f"Asking for {subdomain} (--subdomain {printable(args.subdomain)}, lowercased: "
+                               "DNS names ignore case).")
     forwarder = LocalForwarder(args.local_host, args.port, rewrite_host=args.host_header == "rewrite",
                                on_served=printer.served)
     config = AgentConfig(servers=servers, port=args.port, local_host=args.local_host,
-                         subdomain=args.subdomain.lower() if args.subdomain else None, token=token,
+                         subdomain=subdomain, token=token,
                          cacert=args.cacert)
     try:
         agent = Agent(config, forwarder, printer)

@@ -102,6 +102,8 @@ class Agent:
         self.resume_secret: str | None = None
         self.session: Session | None = None
         self._server_index = 0
+        #: Set by close(): a session that ends now was ended by us, and is not a lost connection.
+        self._stopping = False
         # Built once (a ValueError here when --cacert cannot be read), used for every reconnect.
         self._tls = client_tls_context(config.cacert) if any(url.startswith("wss:") for url in config.servers) \
             else None
@@ -160,14 +162,15 @@ class Agent:
         assert isinstance(answer, Welcome)
         return answer
 
-    async def run(self) -> str:
-        """Serve until the server ends the tunnel for good; returns the server's reason.
+    async def run(self) -> str | None:
+        """Serve until the server ends the tunnel for good; returns the server's reason, or None
+        when :meth:`close` stopped the agent.
 
         Raises Unreachable if the very first connection fails, Rejected if refused.
         """
         first = True
         delay = BACKOFF_START
-        while True:
+        while not self._stopping:
             try:
                 ws, _url = await self._connect_any()
                 try:
@@ -185,6 +188,8 @@ class Agent:
                 # The server throttles our address (a proxy or NAT may share it with someone who
                 # guesses tokens): not a verdict on us, so wait as long as it says and try again.
                 wait = min(max(exc.retry_after or BACKOFF_MAX, BACKOFF_START), THROTTLED_MAX) + random.uniform(0, 1)
+                if self._stopping:
+                    break
                 self.reporter.reconnecting(str(exc), wait)
                 await anyio.sleep(wait)
                 continue
@@ -193,6 +198,9 @@ class Agent:
                     raise Unreachable(f"the server did not complete the handshake: {exc}") from exc
                 reason = str(exc)
             else:
+                if self._stopping:  # close() came during the handshake: this session is not wanted
+                    await ws.aclose()
+                    break
                 self.alias = welcome.alias
                 self.resume_secret = welcome.resume_secret
                 self.reporter.connected(welcome, first)
@@ -201,15 +209,20 @@ class Agent:
                 final, reason = await self._serve(ws, welcome)
                 if final is not None:
                     return final
+                if self._stopping:
+                    break  # the session ended because we closed it: nothing was lost
                 # The server we were on just failed us (it died, hung, or is draining): try the
                 # others first. A hung one accepts TCP but never answers the upgrade, and would
                 # cost the whole connect timeout on every attempt if it stayed first.
                 self._server_index = (self._server_index + 1) % len(self.config.servers)
+            if self._stopping:
+                break  # stopped while connecting: quitting is not a reason to announce a retry
             # Full jitter: agents of a restarted server do not all return in the same instant.
             wait = random.uniform(delay / 2, delay)
             self.reporter.reconnecting(reason, wait)
             await anyio.sleep(wait)
             delay = min(delay * 2, BACKOFF_MAX)
+        return None
 
     async def _serve(self, ws: WebSocket, welcome: Welcome) -> tuple[str | None, str]:
         """Run one session. Returns (final reason or None to reconnect, reason)."""
@@ -256,7 +269,9 @@ class Agent:
         return (final[0] if final else None), reason
 
     async def close(self) -> None:
-        """Close the current session cleanly (Ctrl-C)."""
+        """Stop: close the current session cleanly (Ctrl-C); :meth:`run` then returns None
+        instead of reconnecting."""
+        self._stopping = True
         if self.session is not None:
             await self.session.close(1000, "agent stopped")
 
