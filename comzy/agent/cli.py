@@ -18,7 +18,7 @@ from comzy import __version__
 from comzy.agent import account
 from comzy.agent.client import Agent, AgentConfig, AgentError, Rejected, TLSMisconfigured, Unreachable
 from comzy.agent.forward import LocalForwarder
-from comzy.agent.output import ERROR_PREFIX, Printer
+from comzy.agent.output import ERROR_PREFIX, Output, make_output
 from comzy.core.aliases import ALIAS_RE
 from comzy.core.logs import printable
 from comzy.core.memory import tune_malloc
@@ -91,6 +91,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cacert", metavar="FILE", help="trust the CA certificates in FILE (PEM) for a wss:// "
                         "server instead of the system's; SSL_CERT_FILE=FILE does the same for every command")
     parser.add_argument("--quiet", "-q", action="store_true", help="do not print a line per request")
+    parser.add_argument("--log", action="store_true", help="print a plain line per request instead of the live "
+                        "status screen (the default when output is not a terminal)")
     parser.add_argument("--version", action="version", version=f"comzy {__version__}")
     if argv and not argv[0].startswith("-") and not argv[0].isdigit():
         # A mistyped command would otherwise be read as the port and called "not a port number".
@@ -148,9 +150,9 @@ def server_list(option: str | None, saved: str | None = None) -> list[str]:
     return servers
 
 
-async def _run(agent: Agent, forwarder: LocalForwarder, printer: Printer) -> int:
+async def _run(agent: Agent, forwarder: LocalForwarder, printer: Output) -> int:
     code = 0
-    async with anyio.create_task_group() as tg:
+    async with printer.showing(lambda: agent.latency), anyio.create_task_group() as tg:
         async def stop_on_signal() -> None:
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for _ in signals:
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     servers = server_list(args.server, saved.server if saved else None)
     token, held_back = account.token_for(servers, saved)
     target = f"{args.local_host}:{args.port}"
-    printer = Printer(target, quiet=args.quiet)
+    printer = make_output(target, log=args.log, quiet=args.quiet)
     if os.environ.get("COMZY_ANONYMOUS_TIMEOUT"):
         # The seed's agents read it; here the server decides, and its expiry is shown on connect.
         printer.notice("warning", "COMZY_ANONYMOUS_TIMEOUT has no effect on the agent: the server's setting decides "

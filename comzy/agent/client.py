@@ -108,6 +108,13 @@ class Agent:
         self._tls = client_tls_context(config.cacert) if any(url.startswith("wss:") for url in config.servers) \
             else None
 
+    @property
+    def latency(self) -> float | None:
+        """Seconds of the latest PING's round trip to the server (at connect, then each heartbeat);
+        None while not connected or before the first answer."""
+        session = self.session
+        return session.round_trip if session is not None else None
+
     def _hello(self) -> Hello:
         resuming = bool(self.alias and self.resume_secret)
         return Hello(
@@ -230,6 +237,7 @@ class Agent:
         session = Session(ws, window=self.config.window, peer_window=welcome.window,
                           heartbeat_interval=heartbeat, heartbeat_timeout=heartbeat * 3, name="agent")
         self.session = session
+        session.ping()  # the latency to the server is known at once, not a heartbeat interval later
         final: list[str] = []
 
         async def on_control(frame: p.Frame) -> None:

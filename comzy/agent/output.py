@@ -1,11 +1,15 @@
-"""What the agent prints: the public URL stands out, then one line per request."""
+"""What the agent prints when piped or with ``--log``: the public URL stands out, then one line per
+request. On a terminal the CLI draws the live screen of comzy/agent/screen.py instead
+(:func:`make_output` chooses); both take the same events (:class:`Output`)."""
 
 from __future__ import annotations
 
 import os
 import sys
 import time
-from typing import TextIO
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Protocol, TextIO
 
 from comzy.agent.forward import Served
 from comzy.core.control import Welcome
@@ -32,6 +36,39 @@ def use_colour(stream: TextIO) -> bool:
     return hasattr(stream, "isatty") and stream.isatty()
 
 
+class Output(Protocol):
+    """What the agent's CLI reports to: :class:`Printer` (plain lines) or the live ``Screen``."""
+
+    def line(self, text: str) -> None: ...
+    def error(self, text: str) -> None: ...
+    def connected(self, welcome: Welcome, first: bool) -> None: ...
+    def reconnecting(self, reason: str, delay: float) -> None: ...
+    def notice(self, level: str, message: str) -> None: ...
+    def served(self, served: Served) -> None: ...
+
+    def showing(self, latency: Callable[[], float | None]) -> AbstractAsyncContextManager[None]:
+        """Show the output for as long as the agent runs; ``latency`` reads the agent's round trip
+        to the server (seconds, None while unknown)."""
+        ...
+
+
+def wants_screen(stream: TextIO) -> bool:
+    """Whether ``stream`` can show the live screen: a terminal that moves its cursor."""
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty()) and os.environ.get("TERM", "") != "dumb"
+
+
+def make_output(target: str, *, log: bool = False, quiet: bool = False, out: TextIO | None = None) -> Output:
+    """The live screen on a terminal; plain lines when piped, with ``--log`` or with ``--quiet``."""
+    out = out or sys.stdout
+    if log or quiet or not wants_screen(out):
+        return Printer(target, quiet=quiet, out=out)
+    # Imported here: rich costs start-up time that a piped or --log agent need not pay.
+    from comzy.agent.screen import Screen
+
+    return Screen(target, out=out)
+
+
 class Printer:
     """Formats agent events for a person (colour) or a pipe (plain)."""
 
@@ -44,6 +81,11 @@ class Printer:
 
     def _c(self, code: str, text: str) -> str:
         return f"{code}{text}{_RESET}" if self.colour else text
+
+    @asynccontextmanager
+    async def showing(self, latency: Callable[[], float | None]) -> AsyncIterator[None]:
+        """Lines need nothing drawn around them (see :class:`Output`)."""
+        yield
 
     def line(self, text: str) -> None:
         """Print one line and flush (a pipe sees it at once)."""
@@ -71,7 +113,7 @@ class Printer:
                 # The one place the expiry is said: a plugin's notice gives the advice, not the time again.
                 left = max(0, int(float(expires) - time.time()))
                 at = time.strftime("%H:%M", time.localtime(expires))
-                self.line(self._c(_YELLOW, f"{who}: expires in {_span(left)} (at {at})"))
+                self.line(self._c(_YELLOW, f"{who}: expires in {span(left)} (at {at})"))
             else:
                 self.line(self._c(_DIM, who))
             self.line(self._c(_DIM, "Press Ctrl-C to stop."))
@@ -95,15 +137,14 @@ class Printer:
         """One line per request: method, path, status, duration."""
         if self.quiet:
             return
-        status = "WS" if served.websocket and served.status == 101 else str(served.status or "---")
+        status = status_label(served)
         if served.status >= 500 or not served.status:
             status_text = self._c(_RED, status)
         elif served.status >= 400:
             status_text = self._c(_YELLOW, status)
         else:
             status_text = self._c(_GREEN, status)
-        ms = served.duration * 1000
-        duration = f"{ms:.0f} ms" if ms >= 10 else f"{ms:.1f} ms"
+        duration = duration_label(served.duration)
         # The method and path are the visitor's: escaped, they cannot drive this terminal.
         line = f"{printable(served.method):<7} {printable(served.target)} {status_text} {duration}"
         if served.error and served.status >= 500:
@@ -111,7 +152,19 @@ class Printer:
         self.line(line)
 
 
-def _span(seconds: int) -> str:
+def status_label(served: Served) -> str:
+    """A request's status as shown: the code, ``WS`` for an accepted WebSocket, ``---`` for none."""
+    return "WS" if served.websocket and served.status == 101 else str(served.status or "---")
+
+
+def duration_label(seconds: float) -> str:
+    """A request's duration as shown: ``12 ms``, or ``1.5 ms`` under ten."""
+    ms = seconds * 1000
+    return f"{ms:.0f} ms" if ms >= 10 else f"{ms:.1f} ms"
+
+
+def span(seconds: int) -> str:
+    """A time left, as a person says it: ``2 h 5 min``, ``12 min``, ``40 s``."""
     if seconds >= 3600:
         return f"{seconds // 3600} h {seconds % 3600 // 60} min"
     if seconds >= 60:

@@ -135,6 +135,9 @@ class Session:
         self._pings: deque[tuple[bytes, float]] = deque(
             maxlen=min(64, int(heartbeat_timeout / heartbeat_interval) + 2))
         self._unanswered_since: float | None = None
+        #: Seconds between our latest answered PING and its PONG (None before the first): the
+        #: agent's status screen shows it as the latency to the server.
+        self.round_trip: float | None = None
         # Our next PING, sent ahead of whatever is queued: its round trip must measure the peer,
         # not how much we had queued for it.
         self._ping: bytes | None = None
@@ -346,18 +349,28 @@ class Session:
                 self._task_group.cancel_scope.cancel()
         elif now >= self._next_ping:
             self._next_ping = now + self.heartbeat_interval
-            payload = os.urandom(p.MAX_PING_PAYLOAD)
-            self._pings.append((payload, now))
-            if self._unanswered_since is None:
-                self._unanswered_since = now
-            if self.closed is None:
-                self._ping = payload
-                self._out_event.set()
+            self.ping(now)
+
+    def ping(self, now: float | None = None) -> None:
+        """Send a PING ahead of anything queued; its PONG proves the peer reads and sets ``round_trip``.
+
+        The heartbeat calls it every interval; the agent also calls it once on connecting, so its
+        latency is known at once rather than an interval later (a peer answers any PING).
+        """
+        now = time.monotonic() if now is None else now
+        payload = os.urandom(p.MAX_PING_PAYLOAD)
+        self._pings.append((payload, now))
+        if self._unanswered_since is None:
+            self._unanswered_since = now
+        if self.closed is None:
+            self._ping = payload
+            self._out_event.set()
 
     def _on_pong(self, payload: bytes) -> None:
         """The peer answered one of our PINGs: it, and every one before it, is settled."""
-        for index, (sent, _) in enumerate(self._pings):
+        for index, (sent, at) in enumerate(self._pings):
             if sent == payload:
+                self.round_trip = time.monotonic() - at
                 for _ in range(index + 1):
                     self._pings.popleft()
                 # The deaf-peer clock now runs from the oldest PING still unanswered.
