@@ -25,7 +25,7 @@ from comzy.core.memory import tune_malloc
 
 DEFAULT_SERVER = "ws://localhost:8191"
 #: Words that are commands, not a port.
-COMMANDS = ("login", "logout", "status", "aliases")
+COMMANDS = ("login", "logout", "status", "aliases", "completion")
 
 
 #: Every environment variable the agent reads, as ``comzy --help`` lists them (a test keeps this
@@ -73,8 +73,8 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{ERROR_PREFIX} {message}\n")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """Parse ``comzy [PORT] [options]``."""
+def build_parser() -> Parser:
+    """The parser of ``comzy [PORT] [options]`` (the commands have theirs, in comzy.agent.commands)."""
     parser = Parser(
         prog="comzy",
         description="Expose a local web service at a public URL through a Comzy server.",
@@ -94,6 +94,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--log", action="store_true", help="print a plain line per request instead of the live "
                         "status screen (the default when output is not a terminal)")
     parser.add_argument("--version", action="version", version=f"comzy {__version__}")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``comzy [PORT] [options]``."""
+    parser = build_parser()
     if argv and not argv[0].startswith("-") and not argv[0].isdigit():
         # A mistyped command would otherwise be read as the port and called "not a port number".
         guess = difflib.get_close_matches(argv[0], COMMANDS, n=1)
@@ -197,6 +203,10 @@ def local_service_answers(host: str, port: int, timeout: float = 0.5) -> bool:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``comzy``."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "completion":
+        from comzy.agent.completion import run
+
+        sys.exit(run(argv[1:]))
     if argv and argv[0] in COMMANDS:
         from comzy.agent.commands import run_command
 
