@@ -8,6 +8,7 @@ message limit, and a clear start-up error when the selected server is not instal
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import logging
 from pathlib import Path
@@ -40,6 +41,43 @@ async def test_no_server_or_date_header_added(tmp_path: Path, kind: str) -> None
     assert response.status_code == 404
     assert "server" not in response.headers
     assert "date" not in response.headers
+
+
+async def test_uvicorn_sends_a_small_response_in_one_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """uvicorn writes a response's head as soon as the app starts it and the body on the next
+    message; the cork (CorkedTransport) makes them one send, so the visitor's client wakes once."""
+    sent: list[bytes] = []
+    write = asyncio.selector_events._SelectorSocketTransport.write  # type: ignore[attr-defined]
+
+    def counting_write(transport: Any, data: bytes) -> None:
+        if transport.get_extra_info("sockname")[1] == port:
+            sent.append(bytes(data))
+        write(transport, data)
+
+    monkeypatch.setattr(asyncio.selector_events._SelectorSocketTransport, "write", counting_write)  # type: ignore[attr-defined]
+    async with start_server(tmp_path / "data", http_server="uvicorn") as server:
+        port = server.ports.http
+        stream = await anyio.connect_tcp("127.0.0.1", port)
+        async with stream:
+            for _ in range(2):  # twice on one connection: the cork is per transport, not per response
+                await stream.send(b"GET / HTTP/1.1\r\nhost: nope.localhost\r\n\r\n")
+                answer = b""
+                with anyio.fail_after(10):
+                    while not _whole_response(answer):
+                        answer += await stream.receive()
+                assert answer.startswith(b"HTTP/1.1 404 ")
+    assert len(sent) == 2, [data[:60] for data in sent]
+    assert all(data.startswith(b"HTTP/1.1 404 ") and b"\r\n\r\n" in data and not data.endswith(b"\r\n\r\n")
+               for data in sent), "head and body in each single write"
+
+
+def _whole_response(data: bytes) -> bool:
+    """Whether ``data`` holds a whole response with a Content-Length body."""
+    head, found, body = data.partition(b"\r\n\r\n")
+    if not found:
+        return False
+    lengths = [line.split(b":", 1)[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")]
+    return len(body) >= int(lengths[0])
 
 
 @pytest.mark.parametrize("kind", SERVERS)

@@ -87,10 +87,14 @@ class EdgeApp:
         # Behind a trusted proxy, plugins, logs, the dashboard and the app see the visitor's address
         # and scheme as the proxy names them (X-Forwarded-* or Forwarded); from anyone else, the
         # connection's own. The HTTP servers' proxy-header support stays off (http_servers.py).
-        origin = request_origin(headers, client_ip, scheme, host_header(headers), networks)
-        forwarded = add_forwarded(forwarded, client_ip, scheme, host_header(headers),
-                                  is_trusted(client_ip, networks), origin)
-        client_ip, scheme = origin.client, origin.scheme
+        # Read once: the Host header's bytes and the trust check (which parses the peer's address).
+        # From an untrusted peer the origin is the connection itself, so none is built.
+        host_value = host_header(headers)
+        trusted = is_trusted(client_ip, networks)
+        origin = request_origin(headers, client_ip, scheme, host_value, networks) if trusted else None
+        forwarded = add_forwarded(forwarded, client_ip, scheme, host_value, trusted, origin)
+        if origin is not None:
+            client_ip, scheme = origin.client, origin.scheme
         request = ForwardRequest(
             alias=alias or "",
             method=scope.get("method", "GET"),
