@@ -20,6 +20,7 @@ from comzy.agent.client import Agent, AgentConfig, AgentError, Rejected, TLSMisc
 from comzy.agent.forward import LocalForwarder
 from comzy.agent.output import ERROR_PREFIX, Output, make_output
 from comzy.core.aliases import ALIAS_RE
+from comzy.core.eventloop import EVENT_LOOPS, backend_options
 from comzy.core.logs import printable
 from comzy.core.memory import tune_malloc
 
@@ -35,6 +36,7 @@ ENVIRONMENT = (
     ("COMZY_TOKEN", "a token to use instead of the saved login in ~/.comzy/.user (CI jobs)"),
     ("COMZY_LOGIN_URL", "where your server's users get a token; `comzy login` shows it at its prompt"),
     ("SSL_CERT_FILE", "CA certificates (PEM) trusted for wss:// servers, by every command (as --cacert)"),
+    ("COMZY_EVENT_LOOP", f"event loop: {', '.join(EVENT_LOOPS)} (default auto: uvloop where installed)"),
     ("NO_COLOR", "no colour, even on a terminal"),
     ("FORCE_COLOR", "colour even when piped"),
     ("COMZY_ANONYMOUS_TIMEOUT", "ignored (the original Comzy's agents read it): the server decides"),
@@ -217,6 +219,11 @@ def main(argv: list[str] | None = None) -> None:
     token, held_back = account.token_for(servers, saved)
     target = f"{args.local_host}:{args.port}"
     printer = make_output(target, log=args.log, quiet=args.quiet)
+    try:
+        loop_options = backend_options(os.environ.get("COMZY_EVENT_LOOP") or "auto")
+    except ValueError as exc:
+        printer.error(f"COMZY_EVENT_LOOP {exc}")
+        sys.exit(2)
     if os.environ.get("COMZY_ANONYMOUS_TIMEOUT"):
         # The seed's agents read it; here the server decides, and its expiry is shown on connect.
         printer.notice("warning", "COMZY_ANONYMOUS_TIMEOUT has no effect on the agent: the server's setting decides "
@@ -243,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
         printer.notice("warning", f"Nothing is listening on {target} yet; visitors get a 502 until it starts.")
     try:
         tune_malloc()  # bulk transfers reuse pages instead of faulting in fresh ones
-        code = anyio.run(_run, agent, forwarder, printer)
+        code = anyio.run(_run, agent, forwarder, printer, backend_options=loop_options)
     except KeyboardInterrupt:
         code = 0
     sys.exit(code)

@@ -17,6 +17,7 @@ from comzy.core import logs
 from comzy.core.cluster import ClusterError
 from comzy.core.commands import Catalog
 from comzy.core.datadir import prepare_data_dir
+from comzy.core.eventloop import backend_options
 from comzy.core.hooks import PluginError, load_plugins, select_plugins
 from comzy.core.memory import tune_malloc
 from comzy.core.server import describe, run_server
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     try:
         tune_malloc()  # bulk transfers reuse pages instead of faulting in fresh ones
-        anyio.run(serve, settings, cluster_settings)
+        anyio.run(serve, settings, cluster_settings, backend_options=backend_options(settings.event_loop))
     except (PluginError, TLSConfigError) as exc:
         print(f"comzy-server: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

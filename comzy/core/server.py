@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import platform
 import socket
 import ssl
 from collections.abc import AsyncIterator, Iterable
@@ -27,6 +28,7 @@ from comzy.core.cluster.bus import Bus, LocalBus
 from comzy.core.control import GoAway, Notice
 from comzy.core.datadir import prepare_data_dir
 from comzy.core.edge import EdgeApp
+from comzy.core.eventloop import running_loop_name
 from comzy.core.hooks import HookRunner, build_manager
 from comzy.core.hypercorn_compat import install as install_hypercorn_fixes
 from comzy.core.logs import RateLimitedLog
@@ -503,6 +505,9 @@ def describe(server: ServerContext) -> list[str]:
         f"  admin    http://{s.admin_host}:{ports.admin}  (token: {token_source})",
         f"  domain   {s.base_domain}",
         f"  plugins  {plugins}",
+        # Which loop and HTTP server actually run: what a performance report needs first.
+        f"  runtime  Python {platform.python_version()}, {running_loop_name()} event loop, {s.http_server} "
+        "public listener",
         f"  data     {s.data_dir}",
     ]
     return lines
