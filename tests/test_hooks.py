@@ -7,6 +7,7 @@ here and a heading in docs/plugin_hooks.md.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import httpx
 import pytest
 
@@ -867,6 +869,49 @@ async def test_hook_after_response(tmp_path: Path, upstream: Upstream) -> None:
             assert tunnel.bytes_in == len(body)
     finally:
         recorder.close()
+
+
+class AwaitsThenRecords:
+    """An async after_response that awaits before it records (a database write, say)."""
+
+    def __init__(self) -> None:
+        self.seen: list[Exchange] = []
+        self.recorded = anyio.Event()
+
+    @hookimpl
+    async def after_response(self, exchange: Exchange) -> None:
+        await anyio.sleep(0.05)
+        self.seen.append(exchange)
+        self.recorded.set()
+
+
+@pytest.mark.parametrize("kind", ["hypercorn", "uvicorn"])
+async def test_an_async_after_response_records_an_exchange_shutdown_cut(
+        tmp_path: Path, upstream: Upstream, kind: str) -> None:
+    """A shutdown past its grace cuts the requests still running; an implementation that awaits
+    before it records still records the cut exchange (on both HTTP servers)."""
+    plugin = AwaitsThenRecords()
+    visitors: list[anyio.abc.SocketStream] = []
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def leave() -> None:
+            for visitor in visitors:
+                await visitor.aclose()
+
+        stack.push_async_callback(leave)  # first in, so last out: the visitor stays until the server stopped
+        server = await stack.enter_async_context(
+            start_server(tmp_path, plugins=[("awaits", plugin)], http_server=kind, shutdown_grace=0.2))
+        agent = await stack.enter_async_context(start_agent(server, upstream.port))
+        stream = await anyio.connect_tcp("127.0.0.1", server.ports.http)
+        visitors.append(stream)
+        await stream.send(f"GET /bytes/{1024 * 1024 * 1024} HTTP/1.1\r\nHost: {agent.alias}.localhost\r\n\r\n"
+                          .encode())
+        with anyio.fail_after(WAIT):
+            assert (await stream.receive()).startswith(b"HTTP/1.1 200")
+        # Not reading on: the response stalls, and the server's stop cuts it after its grace.
+    assert plugin.recorded.is_set(), "the cut exchange was not recorded"
+    [exchange] = plugin.seen
+    assert exchange.status == 200
 
 
 async def test_hook_after_response_errors_never_break_traffic(tmp_path: Path, upstream: Upstream,

@@ -295,8 +295,7 @@ class EdgeApp:
         if self.hooks.has_after_response:
             exchange = Exchange(request, tunnel, state.status, state.bytes_in, state.bytes_out,
                                 started, time.time() - started, state.error)
-            with anyio.CancelScope(shield=True):
-                await self.hooks.after_response(exchange, self.server)
+            await self.hooks.after_response(exchange, self.server)  # shields what it awaits
 
     async def _proxy_http(self, stream: Stream, receive: Receive, send: Send, state: _Exchange,
                           first: dict[str, Any] | None) -> None:

