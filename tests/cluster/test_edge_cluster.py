@@ -75,6 +75,10 @@ class FakeControl:
     prober: Any = None
     #: When set, lookups are answered only once it is set too.
     answer_lookups: anyio.Event | None = None
+    #: alias -> how many of its next lookups are answered "retry" (what a re-checking holder says),
+    #: and the value sent with them.
+    retries: dict[str, int] = field(default_factory=dict)
+    retry_value: Any = 0.05
 
     async def hold(self, alias: str, session: int) -> None:
         """Take ``alias`` under tunnel session ``session`` and answer its lookups."""
@@ -103,6 +107,10 @@ class FakeControl:
         self.lookups.append(alias)
         if self.answer_lookups is not None:
             await self.answer_lookups.wait()
+        if self.retries.get(alias, 0) > 0:
+            self.retries[alias] -= 1
+            await msg.respond(msgpack.packb({"retry": self.retry_value}))
+            return
         view = {"alias": alias, "url": f"http://{alias}.localhost", "port": 8000, "client": "10.0.0.9",
                 "user": "ann", "since": 1700000000.0, "expires_at": None, "metadata": {"p": {"k": 1}}}
         await msg.respond(msgpack.packb({"node": self.node.node_id, "session": self.held[alias], "tunnel": view,
@@ -676,3 +684,37 @@ async def test_a_visitor_who_leaves_does_not_cancel_the_shared_lookup(tmp_path: 
         entry = results[-1]
         assert entry is not None and entry.tunnel.session == 7
         assert control.lookups == ["demo"] and routes.cached("demo") is entry
+
+
+async def test_a_holder_that_says_retry_is_asked_again_within_the_timeout(tmp_path: Path,
+                                                                           nats_server: NatsServer) -> None:
+    """A control node re-checking its claim answers "retry": the edge asks again shortly and serves
+    the visitor, instead of waiting out its lookup timeout as for a silent node (504)."""
+    async with edge_and_control(tmp_path, nats_server) as (edge, control), visitor(edge, "demo") as client:
+        await control.hold("demo", 7)
+        control.retries["demo"] = 3
+        response = await client.get("/")
+        assert response.status_code == 200, response.text
+        assert control.lookups == ["demo"] * 4
+
+
+async def test_a_holder_that_keeps_saying_retry_ends_in_504_at_the_timeout(tmp_path: Path,
+                                                                          nats_server: NatsServer) -> None:
+    async with edge_and_control(tmp_path, nats_server, cluster_lookup_timeout=0.5) as (edge, control), \
+            visitor(edge, "demo") as client:
+        await control.hold("demo", 7)
+        control.retries["demo"] = 1_000
+        response = await client.get("/")
+        assert response.status_code == 504
+        assert "did not answer the lookup within 0.5 s" in response.text
+        assert 2 <= len(control.lookups) <= 60  # asked again, at most every MIN_RETRY
+
+
+@pytest.mark.parametrize("value", ["soon", True, None])
+async def test_a_malformed_retry_is_a_502_naming_it(tmp_path: Path, nats_server: NatsServer, value: Any) -> None:
+    async with edge_and_control(tmp_path, nats_server) as (edge, control), visitor(edge, "demo") as client:
+        await control.hold("demo", 7)
+        control.retries["demo"], control.retry_value = 1, value
+        response = await client.get("/")
+        assert response.status_code == 502
+        assert "malformed reply" in response.text

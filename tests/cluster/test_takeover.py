@@ -15,6 +15,7 @@ import pytest
 
 from comzy import Registration, hookimpl
 from comzy.core import protocol as p
+from comzy.core.cluster.control_relay import RETRY_AFTER
 from tests.cluster.conftest import (
     NatsServer,
     control_node,
@@ -220,3 +221,17 @@ async def test_an_alias_being_taken_over_is_not_free_for_another_agent_meanwhile
         record = await read_record(hung, "slow")
         assert record.live and record.node == one.node and record.session == one.tunnel("slow").session
         await resumed_ws.aclose()
+
+
+async def test_an_alias_being_rechecked_is_answered_retry_not_silence(tmp_path: Path,
+                                                                      nats_server: NatsServer) -> None:
+    """While a reconcile has not yet read an alias's record, its holder says "retry" to lookups (an
+    edge asks again at once) rather than nothing (an edge waited its whole lookup timeout)."""
+    async with control_node(nats_server, tmp_path / "a") as one, nats_node(nats_server, "edge") as edge:
+        ws, _ = await raw_hello(one, subdomain="kept")
+        kept = one.tunnel("kept")
+        one.directory._verifying.add("kept")  # as a reconcile does for every held alias first
+        assert await lookup(edge, "kept") == {"retry": RETRY_AFTER}
+        one.directory._verifying.discard("kept")
+        assert (await lookup(edge, "kept"))["session"] == kept.session
+        await ws.aclose()

@@ -35,6 +35,9 @@ log = logging.getLogger("comzy.cluster")
 
 #: The keys an edge adds to a REQUEST on a link (alias, tunnel session); the agent never sees them.
 LINK_HEAD_KEYS = ("al", "ts")
+#: Seconds an edge is told to wait before it asks again about an alias this node is re-checking
+#: (a reconcile reads 32 records at a time: about 0.25 ms each, design/cluster.md).
+RETRY_AFTER = 0.05
 
 
 def busy_reason(session: Session, tunnel: Tunnel, max_streams: int) -> str | None:
@@ -249,8 +252,14 @@ class ControlRelay:
         """Answer a request on ``P.t.<alias>``: lookup, close or notify (docs/design/cluster.md 6)."""
         alias = msg.subject[len(self._tunnel_prefix):]
         entry = self.server.registry.get(alias)
-        if entry is None or self.directory.verifying(alias) or not msg.reply:
-            return  # not (or not surely) ours: the asker times out or finds the new holder
+        if entry is None or not msg.reply:
+            return  # not ours: the asker finds the holder, or times out
+        if self.directory.verifying(alias):
+            # Held here, but not surely ours until the reconcile has read its record (after a NATS
+            # reconnect or a lost lease): an edge asked to retry looks again at once instead of
+            # waiting out its lookup timeout; a node that holds it surely may answer first.
+            await self._answer(msg, alias, {"retry": RETRY_AFTER})
+            return
         try:
             request = msgpack.unpackb(msg.data)
             op = request["op"]
@@ -272,6 +281,9 @@ class ControlRelay:
             answer = {"ok": True}
         else:
             answer = {"error": f"unknown op {op!r}"}
+        await self._answer(msg, alias, answer)
+
+    async def _answer(self, msg: Msg, alias: str, answer: dict[str, Any]) -> None:
         try:
             await msg.respond(msgpack.packb(answer, default=str))
         except nats.errors.Error as exc:

@@ -43,6 +43,9 @@ NEGATIVE_SIZE = 10_000
 NEGATIVE_TTL = 2.0
 #: The lookup request, the same bytes every time.
 LOOKUP = msgpack.packb({"op": "lookup"})
+#: Bounds on the wait a holder may ask for before the next lookup (``{"retry": seconds}``).
+MIN_RETRY = 0.01
+MAX_RETRY = 0.5
 
 
 class RouteError(Exception):
@@ -176,24 +179,47 @@ class EdgeRouter:
             task.exception()  # its callers re-raise it; when all of them left, it is not "never retrieved"
 
     async def _ask(self, alias: str) -> RouteEntry | None:
-        if not self.nats.connected:
-            raise BusDown("this edge cannot reach the cluster's message bus (NATS)")
-        try:
-            msg = await self.nats.nc.request(self.nats.subjects.tunnel(alias), LOOKUP, timeout=self.timeout)
-        except nats.errors.NoRespondersError:
-            self._remember_nobody(alias)
-            return None
-        except nats.errors.TimeoutError:
-            raise LookupTimeout(alias, self.timeout) from None
-        except nats.errors.Error as exc:  # closed, reconnecting, draining: the bus is not there
-            raise BusDown(f"this edge cannot reach the cluster's message bus (NATS): {exc}") from None
-        entry = self._entry(alias, msg.data)
-        self._store(entry)
-        return entry
+        """One lookup: asked again, within the one timeout, while the holder says to retry."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            if not self.nats.connected:
+                raise BusDown("this edge cannot reach the cluster's message bus (NATS)")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise LookupTimeout(alias, self.timeout)
+            try:
+                msg = await self.nats.nc.request(self.nats.subjects.tunnel(alias), LOOKUP, timeout=left)
+            except nats.errors.NoRespondersError:
+                self._remember_nobody(alias)
+                return None
+            except nats.errors.TimeoutError:
+                raise LookupTimeout(alias, self.timeout) from None
+            except nats.errors.Error as exc:  # closed, reconnecting, draining: the bus is not there
+                raise BusDown(f"this edge cannot reach the cluster's message bus (NATS): {exc}") from None
+            reply = self._reply(alias, msg.data)
+            retry = reply.get("retry")
+            if retry is None:
+                entry = self._entry(alias, reply)
+                self._store(entry)
+                return entry
+            # The holder is re-checking its claim (after a NATS reconnect or a lost lease): ask again
+            # shortly, bounded by the lookup's timeout, rather than wait it out as for a silent node.
+            if not isinstance(retry, (int, float)) or isinstance(retry, bool):
+                raise BadLookupReply(alias, f"'retry' is {type(retry).__name__}, not a number of seconds")
+            await asyncio.sleep(min(max(float(retry), MIN_RETRY), MAX_RETRY, max(deadline - time.monotonic(), 0.0)))
 
-    def _entry(self, alias: str, data: bytes) -> RouteEntry:
+    @staticmethod
+    def _reply(alias: str, data: bytes) -> dict[str, Any]:
         try:
             reply = msgpack.unpackb(data)
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            raise BadLookupReply(alias, f"{type(exc).__name__}: {exc}") from None
+        if not isinstance(reply, dict):
+            raise BadLookupReply(alias, f"a {type(reply).__name__}, not a map")
+        return reply
+
+    def _entry(self, alias: str, reply: dict[str, Any]) -> RouteEntry:
+        try:
             node, session = reply["node"], reply["session"]
             if not isinstance(node, str) or not node or not isinstance(session, int):
                 raise TypeError("node or session of the wrong type")
