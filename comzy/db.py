@@ -9,14 +9,16 @@ Importing this module loads SQLAlchemy and Alembic; ``import comzy`` alone does 
 from __future__ import annotations
 
 from comzy.core.db import DatabaseError, describe_error, masked_url, prepare_database, upgrade_to_head
-from comzy.core.models import BigId, created_at_column, plugin_metadata, utc_now
+from comzy.core.models import BigId, Timestamp, created_at_column, current_timestamp, plugin_metadata, utc_now
 from comzy.core.schema import Schema
 
 __all__ = [
     "BigId",
     "DatabaseError",
     "Schema",
+    "Timestamp",
     "created_at_column",
+    "current_timestamp",
     "describe_error",
     "masked_url",
     "plugin_metadata",

@@ -337,11 +337,11 @@ async def test_the_documented_revision_command_works_for_the_example(tmp_path: P
     env = cli_environment(tmp_path, src, COMZY_PLUGINS="example")
     async with run_cli(SERVER, "db", "upgrade", env=env, cwd=tmp_path) as upgrade:
         assert await upgrade.wait_exit(within=60) == 0, upgrade.describe()
-    assert "example: upgraded from empty to 0001 (head)" in upgrade.lines["stdout"], upgrade.describe()
+    assert "example: upgraded from empty to 0002 (head)" in upgrade.lines["stdout"], upgrade.describe()
     async with run_cli("comzy.migrations", "revision", "--plugin", "example", "--autogenerate", "-m", "no change",
                        env=env, cwd=tmp_path) as revision:
         assert await revision.wait_exit(within=60) == 0, revision.describe()
-    written = src / "comzy_plugin_example" / "migrations" / "0002_no_change.py"
+    written = src / "comzy_plugin_example" / "migrations" / "0003_no_change.py"
     assert f"wrote {written}" in revision.stdout, revision.describe()
     upgrade_body = written.read_text().split("def upgrade()", 1)[1].split("def downgrade()", 1)[0]
     assert "op." not in upgrade_body, upgrade_body

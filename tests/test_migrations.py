@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import tomllib
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,8 @@ pytestmark = pytest.mark.anyio
 PLUGIN_SCHEMAS = [AUTH_SCHEMA, DOMAINS_SCHEMA, LOG_SCHEMA]
 TABLES = {"users", "user_aliases", "api_requests", "custom_domains"}
 VERSION_TABLES = {"alembic_version", *(schema.version_table for schema in PLUGIN_SCHEMAS)}
+#: Each tree's newest revision, as `comzy-server db` prints it.
+HEAD = {"core": "0001", "auth_token": "0002", "custom_domains": "0002", "mysql_logging": "0002"}
 
 
 @pytest.fixture(params=["sqlite", "mariadb", "postgres"])
@@ -151,6 +154,91 @@ async def test_schema_holds_data_and_constraints(engine: AsyncEngine) -> None:
             await session.commit()
 
 
+# -- 0002: times with microseconds, whole paths ------------------------------------------------
+AT_0001 = {
+    "users": {"id": 7, "name": "ana", "token_hash": "cd" * 32, "created_at": datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+              "revoked_at": datetime(2026, 2, 3, 4, 5, 6, tzinfo=UTC)},
+    "user_aliases": {"id": 3, "user_id": 7, "alias": "ana-app", "port": 3000,
+                     "created_at": datetime(2026, 1, 2, 3, 4, 6, tzinfo=UTC)},
+    "custom_domains": {"id": 5, "host": "shop.example.com", "alias": "ana-app",
+                       "created_at": datetime(2026, 1, 2, 3, 4, 7, tzinfo=UTC)},
+    "api_requests": {"id": 11, "alias": "ana-app", "port": 3000, "method": "VERSION-CONTROL", "path": "/" + "p" * 1023,
+                     "status_code": 200, "bytes_in": 1, "bytes_out": 2, "duration_ms": 3.5,
+                     "created_at": datetime(2026, 1, 2, 3, 4, 8, tzinfo=UTC)},
+}
+MODEL_TABLES = {name: model for schema in PLUGIN_SCHEMAS for name, model in schema.metadata.tables.items()}
+
+
+def _columns_of(name: str) -> Any:
+    """``name`` with the columns AT_0001 gives it, typed as the models type them (so times are times
+    on SQLite too), and without the models' defaults (0001 has no ``cut`` column to default)."""
+    return table(name, *(column(key, MODEL_TABLES[name].c[key].type) for key in AT_0001[name]))
+
+
+def _naive_utc(value: Any) -> Any:
+    """MySQL and SQLite give times back naive (meaning UTC), PostgreSQL aware: compared naive."""
+    if isinstance(value, datetime) and value.tzinfo is not None:
+        return value.astimezone(UTC).replace(tzinfo=None)
+    return value
+
+
+def _rows_at_0001(connection: Connection) -> dict[str, list[dict[str, Any]]]:
+    return {name: [{key: _naive_utc(value) for key, value in row._mapping.items()}
+                   for row in connection.execute(select(_columns_of(name)))]
+            for name in AT_0001}
+
+
+async def test_0002_keeps_the_rows_and_then_microseconds_and_long_paths(engine: AsyncEngine) -> None:
+    """Every plugin tree at 0001 (whole seconds on MariaDB, VARCHAR(1024) paths) with rows, then
+    upgraded to head: the rows are kept as they were, and from then on every time column keeps its
+    microseconds and a long path or method is stored whole, on every database; the downgrade keeps
+    the rows too (the long path cut to the old column)."""
+    await db.upgrade(engine, db.CORE_SCHEMA)
+    for schema in PLUGIN_SCHEMAS:
+        await db.upgrade(engine, schema, "0001")
+    async with engine.begin() as connection:
+        for name, row in AT_0001.items():
+            await connection.execute(insert(_columns_of(name)).values(**row))
+    await db.upgrade_to_head(engine, PLUGIN_SCHEMAS)
+    async with engine.connect() as connection:
+        assert await connection.run_sync(_rows_at_0001) == {
+            name: [{key: _naive_utc(value) for key, value in row.items()}] for name, row in AT_0001.items()}
+        assert (await connection.execute(select(ApiRequest.cut))).scalar_one() is False
+
+    moment = datetime(2026, 12, 7, 9, 10, 11, 123456, tzinfo=UTC)
+    sessions = async_sessionmaker(engine, expire_on_commit=False)
+    async with sessions() as session:
+        user = User(name="bo", token_hash="ef" * 32, created_at=moment, revoked_at=moment)
+        session.add(user)
+        await session.flush()
+        session.add_all([
+            UserAlias(user_id=user.id, alias="bo-app", port=3000, created_at=moment),
+            CustomDomain(host="bo.example.com", alias="bo-app", created_at=moment),
+            ApiRequest(alias="bo-app", port=3000, method="M" * 64, path="/" + "q" * 9999, status_code=200,
+                       created_at=moment, cut=True),
+        ])
+        await session.commit()
+    async with sessions() as session:
+        times = [(await session.execute(query)).scalar_one() for query in (
+            select(User.created_at).where(User.name == "bo"), select(User.revoked_at).where(User.name == "bo"),
+            select(UserAlias.created_at).where(UserAlias.alias == "bo-app"),
+            select(CustomDomain.created_at).where(CustomDomain.host == "bo.example.com"),
+            select(ApiRequest.created_at).where(ApiRequest.alias == "bo-app"))]
+        assert [_naive_utc(time) for time in times] == [moment.replace(tzinfo=None)] * 5
+        logged = (await session.execute(select(ApiRequest).where(ApiRequest.alias == "bo-app"))).scalar_one()
+        assert (logged.method, logged.path, logged.cut) == ("M" * 64, "/" + "q" * 9999, True)
+    async with engine.begin() as connection:  # the database's own default, now CURRENT_TIMESTAMP(6) on MySQL
+        await connection.execute(insert(table("custom_domains", column("host"), column("alias"))).values(
+            host="later.example.com", alias="bo-app"))
+
+    await db.downgrade(engine, LOG_SCHEMA, "0001")
+    async with engine.connect() as connection:
+        paths = (await connection.execute(select(column("path")).select_from(table("api_requests")))).scalars()
+        assert sorted(len(path) for path in paths) == [1024, 1024]
+        assert "cut" not in {c["name"] for c in await connection.run_sync(
+            lambda sync: inspect(sync).get_columns("api_requests"))}
+
+
 # -- Databases made by Comzy 0.1's single tree ----------------------------------------------------
 LEGACY_ROWS = {
     "users": {"id": 7, "name": "ana", "token_hash": "cd" * 32},
@@ -185,22 +273,22 @@ async def test_a_single_tree_database_upgrades_in_place(database: URL, tmp_path:
         first = _db_cli(tmp_path, "upgrade", COMZY_DATABASE_URL=url, COMZY_PLUGINS="auth_token,custom_domains")
         assert first.returncode == 0, first.stderr
         assert first.stdout.splitlines()[1:] == ["core: already at 0001 (head)",
-                                                 "auth_token: upgraded from empty to 0001 (head)",
-                                                 "custom_domains: upgraded from empty to 0001 (head)"]
+                                                 "auth_token: upgraded from empty to 0002 (head)",
+                                                 "custom_domains: upgraded from empty to 0002 (head)"]
         assert "adopted the existing table users" in first.stderr
         assert await _table_names(engine) == TABLES | VERSION_TABLES - {LOG_SCHEMA.version_table}
         current = _db_cli(tmp_path, "current", COMZY_DATABASE_URL=url, COMZY_PLUGINS="auth_token,custom_domains")
-        assert current.stdout.splitlines()[1:] == ["core: revision 0001 (head)", "auth_token: revision 0001 (head)",
-                                                   "custom_domains: revision 0001 (head)"]
+        assert current.stdout.splitlines()[1:] == ["core: revision 0001 (head)", "auth_token: revision 0002 (head)",
+                                                   "custom_domains: revision 0002 (head)"]
 
         later = _db_cli(tmp_path, "upgrade", COMZY_DATABASE_URL=url, COMZY_PLUGINS="mysql_logging")
         assert later.returncode == 0, later.stderr
-        assert "mysql_logging: upgraded from empty to 0001 (head)" in later.stdout
+        assert "mysql_logging: upgraded from empty to 0002 (head)" in later.stdout
         current = _db_cli(tmp_path, "current", COMZY_DATABASE_URL=url, COMZY_PLUGINS="mysql_logging")
         assert current.stdout.splitlines()[1:] == [
-            "core: revision 0001 (head)", "mysql_logging: revision 0001 (head)",
-            "auth_token: revision 0001 (plugin not enabled: its tables are left as they are)",
-            "custom_domains: revision 0001 (plugin not enabled: its tables are left as they are)"]
+            "core: revision 0001 (head)", "mysql_logging: revision 0002 (head)",
+            "auth_token: revision 0002 (plugin not enabled: its tables are left as they are)",
+            "custom_domains: revision 0002 (plugin not enabled: its tables are left as they are)"]
 
         async with engine.connect() as connection:
             rows = await connection.run_sync(_rows)
@@ -291,9 +379,10 @@ async def test_plugins_upgrading_one_sqlite_file_at_once_do_not_race(tmp_path: P
         assert errors == []
         assert await _table_names(engines[0]) == TABLES | VERSION_TABLES
         async with engines[0].connect() as connection:
-            for version_table in VERSION_TABLES:
-                rows = (await connection.execute(select(column("version_num")).select_from(table(version_table))))
-                assert [row[0] for row in rows] == ["0001"], version_table
+            for schema in [db.CORE_SCHEMA, *PLUGIN_SCHEMAS]:
+                version = table(schema.version_table, column("version_num"))
+                rows = await connection.execute(select(version.c.version_num))
+                assert [row[0] for row in rows] == [HEAD[schema.name]], schema.version_table
     finally:
         for engine in engines:
             await engine.dispose()
@@ -453,17 +542,15 @@ def test_db_upgrade_and_current_commands(tmp_path: Path) -> None:
 
     upgraded = _db_cli(tmp_path, "upgrade")
     assert upgraded.returncode == 0, upgraded.stderr
-    assert upgraded.stdout.splitlines()[1:] == [f"{name}: upgraded from empty to 0001 (head)" for name in
-                                                ("core", "auth_token", "custom_domains", "mysql_logging")]
+    assert upgraded.stdout.splitlines()[1:] == [f"{name}: upgraded from empty to {head} (head)"
+                                                for name, head in HEAD.items()]
     assert upgraded.stderr == ""  # no Alembic chatter at the default log level
 
     after = _db_cli(tmp_path, "current")
     assert after.returncode == 0, after.stderr
-    assert after.stdout.splitlines()[1:] == [f"{name}: revision 0001 (head)" for name in
-                                             ("core", "auth_token", "custom_domains", "mysql_logging")]
+    assert after.stdout.splitlines()[1:] == [f"{name}: revision {head} (head)" for name, head in HEAD.items()]
     again = _db_cli(tmp_path, "upgrade")
-    assert again.stdout.splitlines()[1:] == [f"{name}: already at 0001 (head)" for name in
-                                             ("core", "auth_token", "custom_domains", "mysql_logging")]
+    assert again.stdout.splitlines()[1:] == [f"{name}: already at {head} (head)" for name, head in HEAD.items()]
 
 
 async def test_db_upgrade_makes_only_the_enabled_plugins_tables(tmp_path: Path) -> None:
@@ -478,13 +565,13 @@ async def test_db_upgrade_makes_only_the_enabled_plugins_tables(tmp_path: Path) 
 
         domains = _db_cli(tmp_path, "upgrade", COMZY_PLUGINS="custom_domains")
         assert domains.stdout.splitlines()[1:] == ["core: already at 0001 (head)",
-                                                   "custom_domains: upgraded from empty to 0001 (head)"]
+                                                   "custom_domains: upgraded from empty to 0002 (head)"]
         assert await _table_names(engine) == {"alembic_version", "alembic_version_custom_domains", "custom_domains"}
         assert _db_cli(tmp_path, "current", COMZY_PLUGINS="custom_domains").stdout.splitlines()[1:] == [
-            "core: revision 0001 (head)", "custom_domains: revision 0001 (head)"]
+            "core: revision 0001 (head)", "custom_domains: revision 0002 (head)"]
         assert _db_cli(tmp_path, "current", COMZY_PLUGINS="none").stdout.splitlines()[1:] == [
             "core: revision 0001 (head)",
-            "custom_domains: revision 0001 (plugin not enabled: its tables are left as they are)"]
+            "custom_domains: revision 0002 (plugin not enabled: its tables are left as they are)"]
     finally:
         await engine.dispose()
 

@@ -24,7 +24,7 @@ from comzy.core import db
 from comzy.plugins.mysql_logging import MysqlLogging, MysqlLoggingSettings
 from comzy.plugins.mysql_logging.models import SCHEMA as LOG_SCHEMA
 from comzy.plugins.mysql_logging.models import ApiRequest
-from comzy.plugins.mysql_logging.plugin import QueuedRequest, logged_path, to_row
+from comzy.plugins.mysql_logging.plugin import CUT_MARK, QueuedRequest, logged_path, to_row
 from tests.conftest import ROOT, make_settings, start_agent, start_server
 from tests.helpers import scratch_database, wait_until
 from tests.private_mariadb import PrivateMariaDB
@@ -98,8 +98,9 @@ def as_utc(moment: datetime) -> datetime:
 
 # -- End to end ---------------------------------------------------------------------------------
 async def test_each_request_becomes_one_row(tmp_path: Path, upstream: Upstream, database: dict[str, Any]) -> None:
-    logging_plugin = plugin()
-    long_path = "/long/" + "p" * 2000
+    logging_plugin = plugin(max_path_length=4096)
+    long_path = "/long/" + "p" * 2000  # kept whole (VARCHAR(1024) cut it silently before)
+    too_long = "/longer/" + "q" * 5000
     calls: list[tuple[str, str, bytes]] = [
         ("GET", "/hello?token=secret-token&x=1", b""),
         ("POST", "/upload", b"x" * 1000),
@@ -110,6 +111,7 @@ async def test_each_request_becomes_one_row(tmp_path: Path, upstream: Upstream, 
         ("OPTIONS", "/with%20space/%E2%82%AC", b""),
         ("PROPPATCH", "/webdav", b"<propertyupdate/>"),
         ("GET", long_path, b""),
+        ("GET", too_long, b""),
     ]
     started = datetime.now(UTC)
     async with start_server(tmp_path / "data", plugins=[("mysql_logging", logging_plugin)], **database) as server, \
@@ -120,7 +122,7 @@ async def test_each_request_becomes_one_row(tmp_path: Path, upstream: Upstream, 
             async with running.visitor() as client:
                 for method, path, body in calls:
                     responses.append(await client.request(method, path, content=body))
-            assert [r.status_code for r in responses] == [200, 200, 201, 404, 500, 200, 200, 200, 200]
+            assert [r.status_code for r in responses] == [200, 200, 201, 404, 500, 200, 200, 200, 200, 200]
             await wait_until(lambda: table.has(len(calls)))
             rows = await table.rows()
         finally:
@@ -138,20 +140,41 @@ async def test_each_request_becomes_one_row(tmp_path: Path, upstream: Upstream, 
         assert row["bytes_out"] == len(response.content)
         assert row["client_address"] == "127.0.0.1"
         assert 0 < row["duration_ms"] < 30_000
-        # MySQL's DATETIME keeps whole seconds.
-        assert started - timedelta(seconds=1) <= as_utc(row["created_at"]) <= finished + timedelta(seconds=1)
+        assert started <= as_utc(row["created_at"]) <= finished  # microseconds on MariaDB too
     paths = [row["path"] for row in rows]
     assert paths[0] == "/hello"  # the query string (a token here) is never logged
     assert paths[6] == "/with%20space/%E2%82%AC"
-    assert paths[8] == long_path[:1024] and len(paths[8]) == 1024
+    assert paths[8] == long_path
+    assert paths[9] == too_long[:4096 - len(CUT_MARK)] + " [cut]" and len(paths[9]) == 4096
+    assert [row["cut"] for row in rows] == [False] * 9 + [True]
     assert rows[1]["bytes_in"] == 1000 and rows[5]["bytes_out"] == 0
     assert all("secret-token" not in str(value) for row in rows for value in row.values())
+
+
+async def test_a_long_method_is_kept_or_cut_visibly(tmp_path: Path, upstream: Upstream) -> None:
+    """hypercorn passes any token as a method (uvicorn's llhttp only the methods it knows, none
+    longer than 11): the registered UPDATEREDIRECTREF (17, longer than the old column) is kept
+    whole, a 70-character one is cut and marked."""
+    logging_plugin = plugin()
+    methods = ["UPDATEREDIRECTREF", "X" * 70]
+    async with start_server(tmp_path / "data", plugins=[("mysql_logging", logging_plugin)],
+                            http_server="hypercorn") as server, start_agent(server, upstream.port) as running:
+        table = Table(db.database_url(server.settings))
+        try:
+            async with running.visitor() as client:
+                for method in methods:
+                    assert (await client.request(method, "/status/200")).status_code == 200
+            await wait_until(lambda: table.has(len(methods)))
+            rows = await table.rows()
+        finally:
+            await table.aclose()
+    assert [(row["method"], row["cut"]) for row in rows] == [("UPDATEREDIRECTREF", False), ("X" * 58 + CUT_MARK, True)]
 
 
 async def test_recent_requests_answers_from_the_table(tmp_path: Path, upstream: Upstream,
                                                      database: dict[str, Any]) -> None:
     """The request history other plugins ask for (the dashboard's /api/requests): newest first, by
-    alias, bounded, with the times the database kept (naive UTC on SQLite and MariaDB)."""
+    alias, bounded, with the times the database kept (naive UTC on SQLite and MariaDB, to the microsecond)."""
     logging_plugin = plugin()
     started = time.time()
     async with start_server(tmp_path / "data", plugins=[("mysql_logging", logging_plugin)], **database) as server, \
@@ -171,7 +194,7 @@ async def test_recent_requests_answers_from_the_table(tmp_path: Path, upstream: 
         assert (logged.alias, logged.method, logged.port, logged.client) == (running.alias, "POST", upstream.port,
                                                                             "127.0.0.1")
         assert logged.bytes_in == 5 and logged.bytes_out > 0 and 0 < logged.duration < 30
-        assert started - 1 <= logged.started_at <= finished + 1  # MySQL's DATETIME keeps whole seconds
+        assert started <= logged.started_at <= finished  # microseconds on MariaDB too (DATETIME(6))
     # Stopped, it answers nothing (another plugin's log may answer instead).
     assert await logging_plugin.recent_requests(None, 10) is None
 
@@ -270,9 +293,9 @@ async def test_a_batch_the_database_refuses_is_dropped_and_logging_goes_on(
     logging_plugin = plugin()
     async with start_server(tmp_path / "data", plugins=[("mysql_logging", logging_plugin)], **database) as server, \
             start_agent(server, upstream.port) as running:
-        bad = to_row(queued_request())
+        bad = to_row(queued_request(), 8192)
         bad["alias"] = None  # NOT NULL: refused for its content on every database
-        assert await logging_plugin._write([bad, to_row(queued_request())]) is True  # done with: not retried
+        assert await logging_plugin._write([bad, to_row(queued_request(), 8192)]) is True  # done with: not retried
         assert logging_plugin.dropped == 2 and logging_plugin.failed_batches == 1
         async with running.visitor() as client:
             assert (await client.get("/after-refusal")).status_code == 200
@@ -379,15 +402,23 @@ def test_row_of_an_exchange() -> None:
     logging_plugin = plugin()
     logging_plugin.after_response(an_exchange(b"/p/\xc3\xa9 x?token=abc"))
     [item] = list(logging_plugin._queue)
-    assert to_row(item) == {
+    assert to_row(item, 8192) == {
         "alias": "app", "port": 3000, "method": "GET", "path": "/p/%C3%A9%20x", "status_code": 200,
         "bytes_in": 5, "bytes_out": 12, "duration_ms": 12.3, "client_address": "203.0.113.9",
-        "created_at": datetime(2023, 11, 14, 22, 13, 20, 250000, tzinfo=UTC)}
-    assert logged_path(b"/a%2Fb?x") == "/a%2Fb"  # existing escapes are kept as sent
-    assert logged_path(b"/" + b"a" * 5000) == "/" + "a" * 1023
-    assert to_row(("a" * 300, 1, "M" * 40, b"/", 0, 0, 0, 0.0, 0.0, ""))["alias"] == "a" * 255
-    assert to_row(("a", 1, "M" * 40, b"/", 0, 0, 0, 0.0, 0.0, ""))["method"] == "M" * 16
-    assert to_row(("a", 1, "GET", b"/", 0, 0, 0, 0.0, 0.0, ""))["client_address"] is None
+        "created_at": datetime(2023, 11, 14, 22, 13, 20, 250000, tzinfo=UTC), "cut": False}
+    assert logged_path(b"/a%2Fb?x", 100) == ("/a%2Fb", False)  # existing escapes are kept as sent
+    assert logged_path(b"/" + b"a" * 99, 100) == ("/" + "a" * 99, False)
+    assert logged_path(b"/" + b"a" * 100, 100) == ("/" + "a" * 93 + " [cut]", True)
+    # The limit applies to the path as logged: an escaped byte takes three characters.
+    assert logged_path(b"/" + b"\xff" * 40, 100) == ("/" + "%FF" * 31 + " [cut]", True)
+    assert logged_path(b"/a" + b"\xff" * 40, 100) == ("/a" + "%FF" * 30 + " [cut]", True)  # no half escape
+    # A visitor cannot forge the marker: the space a whole path would need is escaped.
+    assert logged_path(b"/a [cut]", 100) == ("/a%20[cut]", False)
+    assert to_row(("a" * 300, 1, "M" * 40, b"/", 0, 0, 0, 0.0, 0.0, ""), 100)["alias"] == "a" * 255
+    assert to_row(("a", 1, "UPDATEREDIRECTREF", b"/", 0, 0, 0, 0.0, 0.0, ""), 100)["method"] == "UPDATEREDIRECTREF"
+    long_method = to_row(("a", 1, "M" * 65, b"/", 0, 0, 0, 0.0, 0.0, ""), 100)
+    assert (long_method["method"], long_method["cut"]) == ("M" * 58 + " [cut]", True)
+    assert to_row(("a", 1, "GET", b"/", 0, 0, 0, 0.0, 0.0, ""), 100)["client_address"] is None
 
 
 async def test_drop_warnings_are_rate_limited(caplog: pytest.LogCaptureFixture) -> None:

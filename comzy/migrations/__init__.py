@@ -63,4 +63,27 @@ def _not_ours(name: str, inspector: Any, expected: dict[str, Any], found: dict[s
     return None
 
 
-__all__ = ["create_or_adopt_table"]
+def set_time_precision(table: str, column: str, microseconds: bool, *, nullable: bool = False,
+                       default_now: bool = False) -> None:
+    """Make a time column keep microseconds (``microseconds=True``) or whole seconds, on MySQL and
+    MariaDB; elsewhere nothing is to be done (PostgreSQL's ``timestamptz`` and SQLite's text always
+    kept them).
+
+    For a revision that moves a column from ``DateTime`` to :data:`comzy.db.Timestamp`, and back in
+    its downgrade. The column's rows are kept (going back rounds them to whole seconds).
+    ``nullable`` and ``default_now`` (a ``CURRENT_TIMESTAMP`` default, as
+    :func:`comzy.db.created_at_column` has) must describe the column as it is: MySQL's ``MODIFY``
+    restates the whole column, and what it does not restate is lost.
+    """
+    if op.get_context().dialect.name not in ("mysql", "mariadb"):
+        return
+    from sqlalchemy.dialects import mysql
+
+    new, old = (mysql.DATETIME(fsp=6), mysql.DATETIME()) if microseconds else (mysql.DATETIME(), mysql.DATETIME(fsp=6))
+    # MySQL wants a CURRENT_TIMESTAMP default of the column's own precision.
+    now = sa.text("CURRENT_TIMESTAMP(6)" if microseconds else "CURRENT_TIMESTAMP")
+    op.alter_column(table, column, type_=new, existing_type=old, existing_nullable=nullable,
+                    server_default=now if default_now else False, existing_server_default=None)
+
+
+__all__ = ["create_or_adopt_table", "set_time_precision"]

@@ -9,11 +9,11 @@ from __future__ import annotations
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import DateTime, ForeignKey, Integer, String
+from sqlalchemy import ForeignKey, Integer, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from comzy import Schema
-from comzy.db import created_at_column, plugin_metadata
+from comzy.db import Timestamp, created_at_column, plugin_metadata
 
 
 class Base(DeclarativeBase):
@@ -32,7 +32,7 @@ class User(Base):
     # A hex digest (e.g. SHA-256) of the token; the token itself is never stored.
     token_hash: Mapped[str] = mapped_column(String(128), unique=True)
     created_at: Mapped[datetime] = created_at_column()
-    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
 
 
 class UserAlias(Base):

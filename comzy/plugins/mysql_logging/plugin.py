@@ -39,39 +39,63 @@ def _length(column: str) -> int:
     return kind.length
 
 
-# The columns' lengths: longer values are cut rather than refused by the database.
-ALIAS_LENGTH, METHOD_LENGTH, PATH_LENGTH, CLIENT_LENGTH = (
-    _length("alias"), _length("method"), _length("path"), _length("client_address"))
+# The columns' lengths: an alias is a DNS label and an address fits, so these cuts never happen in
+# practice; a longer method is cut and marked (see :func:`cut_to_fit`).
+ALIAS_LENGTH, METHOD_LENGTH, CLIENT_LENGTH = _length("alias"), _length("method"), _length("client_address")
+
+#: What ends a method or a path that was cut. A whole one never ends so: a method is a token
+#: (no spaces), and a logged path has its spaces %-escaped.
+CUT_MARK = " [cut]"
 
 # Printable ASCII stays as sent (existing %XX escapes included); spaces, control characters
 # and non-ASCII bytes are %-escaped, so the column holds ASCII whatever the table's charset.
 _PATH_SAFE = "".join(chr(c) for c in range(0x21, 0x7F))
 
 #: What ``after_response`` queues: alias, port, method, target, status, bytes in, bytes out,
-#: start (unix time), duration (s), client address. Converted to a row by the writer.
+#: start (unix time), duration (s), client address. Converted to a row by the writer. The target
+#: is the request's own, whose size COMZY_MAX_REQUEST_HEAD bounds.
 QueuedRequest = tuple[str, int, str, bytes, int, int, int, float, float, str]
 
 
-def logged_path(target: bytes) -> str:
-    """The path as logged: the target without its query string (queries can carry tokens and
-    other secrets), non-ASCII and control bytes %-escaped, cut to the column's length."""
-    return quote(target.split(b"?", 1)[0], safe=_PATH_SAFE)[:PATH_LENGTH]
+def cut_to_fit(text: str, limit: int) -> tuple[str, bool]:
+    """``text`` if it has at most ``limit`` characters, else its start and :data:`CUT_MARK` in
+    ``limit`` characters; and whether it was cut."""
+    if len(text) <= limit:
+        return text, False
+    return text[:limit - len(CUT_MARK)] + CUT_MARK, True
 
 
-def to_row(item: QueuedRequest) -> dict[str, Any]:
-    """The ``api_requests`` row of a queued request."""
+def logged_path(target: bytes, limit: int) -> tuple[str, bool]:
+    """The path as logged, and whether it was cut: the target without its query string (queries can
+    carry tokens and other secrets), non-ASCII and control bytes %-escaped, kept whole up to
+    ``limit`` characters; a longer one is cut (at most ``limit`` characters with the mark)."""
+    path = quote(target.split(b"?", 1)[0], safe=_PATH_SAFE)
+    if len(path) <= limit:
+        return path, False
+    head = path[:limit - len(CUT_MARK)]
+    escape = head.rfind("%", len(head) - 2)
+    if escape >= 0:  # never half an escape (the "%F" of "%FF")
+        head = head[:escape]
+    return head + CUT_MARK, True
+
+
+def to_row(item: QueuedRequest, path_limit: int) -> dict[str, Any]:
+    """The ``api_requests`` row of a queued request, its path kept up to ``path_limit`` characters."""
     alias, port, method, target, status, bytes_in, bytes_out, started_at, duration, client = item
+    method, method_cut = cut_to_fit(method, METHOD_LENGTH)
+    path, path_cut = logged_path(target, path_limit)
     return {
         "alias": alias[:ALIAS_LENGTH],
         "port": port,
-        "method": method[:METHOD_LENGTH],
-        "path": logged_path(target),
+        "method": method,
+        "path": path,
         "status_code": status,
         "bytes_in": bytes_in,
         "bytes_out": bytes_out,
         "duration_ms": round(duration * 1000.0, 3),
         "client_address": client[:CLIENT_LENGTH] or None,
         "created_at": datetime.fromtimestamp(started_at, UTC),
+        "cut": method_cut or path_cut,
     }
 
 
@@ -249,7 +273,8 @@ class MysqlLogging:
 
     def _take(self) -> list[dict[str, Any]]:
         queue = self._queue
-        return [to_row(queue.popleft()) for _ in range(min(len(queue), self.settings.batch_size))]
+        limit = self.settings.max_path_length
+        return [to_row(queue.popleft(), limit) for _ in range(min(len(queue), self.settings.batch_size))]
 
     async def _write(self, rows: list[dict[str, Any]]) -> bool:
         """One multi-row INSERT in a transaction. True when the batch is done with (written, or

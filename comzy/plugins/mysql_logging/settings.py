@@ -29,5 +29,8 @@ class MysqlLoggingSettings(BaseSettings):
                                   "them forever.")
     retention_interval_seconds: float = Field(3600.0, gt=0, description="Seconds between deletions of old rows "
                                               "(the first runs at start-up).")
+    max_path_length: int = Field(8192, ge=64, le=65535, description="Longest path kept whole, in characters "
+                                 "as logged (%-escaped, without the query); a longer one is cut to this length, "
+                                 "ends with ` [cut]` and its row has `cut` set. Up to 65535 (the column is TEXT).")
     shutdown_seconds: float = Field(5.0, ge=0, description="At shutdown, seconds to keep trying to write the "
                                     "queued rows; what is left then is dropped with a warning.")
