@@ -1,16 +1,28 @@
-"""Make hypercorn tell the app the close code a WebSocket client sent.
+"""The server's patches of its HTTP libraries, each installed once by ``run_server``.
 
-hypercorn (up to 0.18 at least, pgjones/hypercorn#127) answers a client's close frame and then
-reports ``websocket.disconnect`` with 1006, dropping the client's code and reason. The edge
-must pass a visitor's close code on to the local service, so the code is recorded when the
-close frame arrives and used for the disconnect message. Installed once, by ``run_server``.
+**WebSocket close codes.** hypercorn (up to 0.18 at least, pgjones/hypercorn#127) answers a
+client's close frame and then reports ``websocket.disconnect`` with 1006, dropping the client's
+code and reason. The edge must pass a visitor's close code on to the local service, so the code
+is recorded when the close frame arrives and used for the disconnect message.
+
+**Reason phrases.** ASGI has no field for a response's reason phrase, so each server picks one:
+uvicorn's httptools protocol sends the standard phrase of the code (``200 OK``), but h11, which
+writes hypercorn's responses (the admin listener's always, the public listener's with
+``COMZY_HTTP_SERVER=hypercorn``) and every WebSocket handshake answer (wsproto, in both servers),
+sends none (``HTTP/1.1 200 ``, which urllib shows as ``HTTP Error 404: ``). A server-side
+``h11.Connection.send`` fills in the standard phrase of a response that has none, so visitors see
+the same status line from either server. A code without a standard phrase (599) keeps an empty
+one, as uvicorn does; the local app's own phrase is not carried (ASGI cannot carry it to uvicorn).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
+from http import HTTPStatus
 from typing import Any
 
+import h11
 from hypercorn.protocol.events import StreamClosed
 from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
 from wsproto.events import CloseConnection, Event
@@ -19,7 +31,40 @@ _PEER_CLOSE = "_comzy_peer_close"
 
 
 def install() -> None:
-    """Patch hypercorn's WSStream (idempotent)."""
+    """Install every patch of this module (idempotent)."""
+    _pass_close_codes()
+    _send_reason_phrases()
+
+
+def standard_phrase(status: int) -> bytes:
+    """The standard reason phrase of ``status`` (``b"Not Found"``), or ``b""`` for a code without one."""
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""
+
+
+def _send_reason_phrases() -> None:
+    """Make a server's h11 connections send the standard reason phrase of a response without one."""
+    if getattr(h11.Connection.send, "_comzy_reason_patch", False):
+        return
+    original_send = h11.Connection.send
+
+    @functools.wraps(original_send)
+    def send(self: h11.Connection, event: Any) -> bytes | None:
+        if (type(event) in (h11.Response, h11.InformationalResponse) and not event.reason
+                and self.our_role is h11.SERVER):
+            # h11's public constructor; a Headers object is taken as it is (names' case kept).
+            event = type(event)(status_code=event.status_code, headers=event.headers,
+                                http_version=event.http_version, reason=standard_phrase(event.status_code))
+        return original_send(self, event)
+
+    send._comzy_reason_patch = True  # type: ignore[attr-defined]
+    h11.Connection.send = send  # type: ignore[method-assign]
+
+
+def _pass_close_codes() -> None:
+    """Patch hypercorn's WSStream to report a client's close code."""
     if getattr(WSStream, "_comzy_close_code_patch", False):
         return
     original_handle_events = WSStream._handle_events
