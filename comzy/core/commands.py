@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 RunCommand = Callable[[argparse.Namespace, "CommandContext"], "int | Awaitable[int | None] | None"]
 
 #: comzy-server's own commands: no plugin may take these names.
-CORE_COMMANDS = frozenset({"db", "plugins"})
+CORE_COMMANDS = frozenset({"db", "plugins", "settings", "check", "completion"})
 _COMMAND_NAME = re.compile(r"[a-z][a-z0-9-]{0,31}")
 
 

@@ -385,6 +385,17 @@ async def _db_command(settings: ServerSettings, action: str) -> int:
         await engine.dispose()
 
 
+def schema_states(connection: Connection, schemas: Sequence[Schema]) -> list[TreeState]:
+    """Where each tree of ``schemas`` stands on ``connection``, read only (``comzy-server check``);
+    on an async connection: ``await connection.run_sync(schema_states, schemas)``."""
+    return [_state(connection, schema) for schema in schemas]
+
+
+def describe_state(state: TreeState) -> str:
+    """One line: a tree's revision and, when it is not current, what to do (run ``db upgrade``...)."""
+    return _describe_state(state)
+
+
 def _describe_state(state: TreeState) -> str:
     label = _label(state.schema)
     if state.at_head:

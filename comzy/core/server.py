@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import platform
 import socket
@@ -33,7 +34,7 @@ from comzy.core.hooks import HookRunner, build_manager
 from comzy.core.hypercorn_compat import install as install_hypercorn_fixes
 from comzy.core.logs import RateLimitedLog
 from comzy.core.registry import Registry
-from comzy.core.settings import ServerSettings
+from comzy.core.settings import ServerSettings, variable_name
 from comzy.core.tls import (
     TLS_HANDSHAKE_RECORD,
     PrefixedStream,
@@ -175,16 +176,56 @@ def _tunnels_answer(server: ServerContext) -> Any:
     return msgpack.unpackb(msgpack.packb([t.to_view() for t in server.tunnels()], default=str))
 
 
-def _bind(host: str, port: int) -> socket.socket:
+#: Each listener: its name in messages and the settings of its address and port.
+LISTENERS = {"public": ("host", "http_port"), "agent": ("host", "ws_port"), "admin": ("admin_host", "admin_port")}
+
+
+class ListenError(OSError):
+    """A listener cannot bind; the message names the address, the port and the variable to change."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (not listening yet), as the server binds its listeners;
+    the OSError of ``bind`` when it cannot be."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
-    except OSError as exc:
+    except OSError:
         sock.close()
-        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}; "
-                      "is another comzy-server running? Set another port.") from exc
+        raise
+    return sock
+
+
+def listen_problem(error: OSError, settings: ServerSettings, listener: str) -> str:
+    """Why ``listener`` (a key of LISTENERS) cannot bind, naming the variable to change (the one the
+    user set: ``HTTP_PORT`` or ``COMZY_HTTP_PORT``)."""
+    host_field, port_field = LISTENERS[listener]
+    host, port = getattr(settings, host_field), getattr(settings, port_field)
+    # The name that is set, else the canonical (first) one: the message says what to type.
+    host_var = variable_name(ServerSettings, host_field).split("/")[0]
+    port_var = variable_name(ServerSettings, port_field).split("/")[0]
+    where = f"cannot listen on {host}:{port} ({listener} listener, {port_var}={port})"
+    reason = error.strerror or str(error)
+    if error.errno == errno.EADDRINUSE:
+        return (f"{where}: the port is in use (another comzy-server?); set {port_var} to a free port, "
+                "or stop what holds it")
+    if error.errno == errno.EACCES and 0 < port < 1024:
+        return (f"{where}: permission denied, ports below 1024 need root or CAP_NET_BIND_SERVICE; set {port_var} "
+                "to 1024 or above (with a proxy in front), or grant the capability")
+    return f"{where}: {reason}; set {host_var} to an address of this machine (0.0.0.0: all of them)"
+
+
+def _bind(settings: ServerSettings, listener: str) -> socket.socket:
+    host_field, port_field = LISTENERS[listener]
+    try:
+        sock = bind_socket(getattr(settings, host_field), getattr(settings, port_field))
+    except OSError as exc:
+        raise ListenError(exc.errno, listen_problem(exc, settings, listener)) from exc
     sock.listen(1024)
     sock.setblocking(False)
     return sock
@@ -236,9 +277,14 @@ async def run_server(
     tls = server_tls_context(settings)
     # Before any plugin writes there: the directory holds token hashes and client addresses.
     prepare_data_dir(settings.data_dir)
-    http_sock = _bind(settings.host, settings.http_port) if role in PUBLIC_ROLES else None
-    admin_sock = _bind(settings.admin_host, settings.admin_port)
-    ws_sock = _bind(settings.host, settings.ws_port) if role in AGENT_ROLES else None
+    with contextlib.ExitStack() as unbind:  # one that cannot bind closes those bound before it
+        http_sock = _bind(settings, "public") if role in PUBLIC_ROLES else None
+        if http_sock is not None:
+            unbind.callback(http_sock.close)
+        admin_sock = _bind(settings, "admin")
+        unbind.callback(admin_sock.close)
+        ws_sock = _bind(settings, "agent") if role in AGENT_ROLES else None
+        unbind.pop_all()
     server.ports = Ports(http_sock.getsockname()[1] if http_sock else 0, ws_sock.getsockname()[1] if ws_sock else 0,
                          admin_sock.getsockname()[1])
     # Port 0 means "any free port": public URLs must name the port actually bound, not ":0". A
@@ -508,6 +554,22 @@ def describe(server: ServerContext) -> list[str]:
         # Which loop and HTTP server actually run: what a performance report needs first.
         f"  runtime  Python {platform.python_version()}, {running_loop_name()} event loop, {s.http_server} "
         "public listener",
+        f"  database {_database(server)}",
         f"  data     {s.data_dir}",
     ]
     return lines
+
+
+def _database(server: ServerContext) -> str:
+    """The database the enabled plugins keep their data in, its password masked (the core keeps none)."""
+    keepers = [name for name in server.plugin_names if name in server.hooks.implementers("database_schema")]
+    if not keepers:
+        return "none (no enabled plugin keeps data)"
+    # Loaded only here: those plugins have loaded SQLAlchemy already; a bare core never does.
+    from comzy.core.db import DatabaseError, database_url, masked_url
+
+    try:
+        url = masked_url(database_url(server.settings))
+    except DatabaseError as exc:
+        return f"unusable: {exc}"
+    return f"{url}  (for {', '.join(keepers)})"

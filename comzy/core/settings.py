@@ -42,7 +42,7 @@ class ServerSettings(BaseSettings):
         "all", validation_alias=_env("COMZY_ROLE"),
         description="What this process does: all (the single-process server, no NATS), edge (public listener "
         "only; carries visitors' streams over NATS to the node that holds the tunnel) or control (agent listener "
-        "only; holds agent sessions). edge and control need NATS and the nats extra (docs/design/cluster.md).")
+        "only; holds agent sessions). edge and control need NATS and the nats extra (pip install 'comzy[nats]').")
     host: str = Field("0.0.0.0", validation_alias=_env("COMZY_HOST"),
                       description="Address the public and agent listeners bind.")
     http_port: int = Field(8190, ge=0, le=65535, validation_alias=_env("COMZY_HTTP_PORT", "HTTP_PORT"),
@@ -77,7 +77,7 @@ class ServerSettings(BaseSettings):
     http_server: Literal["hypercorn", "uvicorn"] = Field(
         "uvicorn", validation_alias=_env("COMZY_HTTP_SERVER"),
         description="ASGI server of the public listener: uvicorn (the fastest; HTTP/1.1) or hypercorn (also "
-        "HTTP/2 over TLS, about 2.6 times the CPU per request); see docs/benchmarks.md.")
+        "HTTP/2 over TLS, about 2.6 times the CPU per request).")
     event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
         "auto", validation_alias=_env("COMZY_EVENT_LOOP"),
         description="Event loop: auto (uvloop where installed, a dependency on Linux and macOS: less CPU per "
@@ -114,7 +114,7 @@ class ServerSettings(BaseSettings):
                                        validation_alias=_env("COMZY_MAX_WEBSOCKET_MESSAGE"),
                                        description="Largest proxied WebSocket message (bytes).")
     admin_token: SecretStr | None = Field(None, validation_alias=_env("COMZY_ADMIN_TOKEN"),
-                                          description="Token every admin route needs (docs/admin.md); unset: "
+                                          description="Token every admin route needs (dashboard, API, metrics); unset: "
                                           "the server makes one and keeps it in COMZY_DATA_DIR/admin_token.")
     log_level: str = Field("INFO", validation_alias=_env("COMZY_LOG_LEVEL"),
                            description="Logging level (DEBUG, INFO, WARNING).")
