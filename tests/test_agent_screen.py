@@ -11,6 +11,7 @@ import io
 import os
 import re
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -18,12 +19,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import pytest
 from rich.console import Console
 
 from comzy.agent.forward import Served
 from comzy.agent.output import Printer, make_output
-from comzy.agent.screen import RequestRate, Screen
+from comzy.agent.screen import REDRAW_INTERVAL, RequestRate, Screen
 from comzy.core.control import Welcome
 from tests.conftest import PYTHON, cli_env, start_server, visitor
 from tests.helpers import unavailable
@@ -238,3 +240,53 @@ def test_every_frame_fits_its_window(width: int, height: int) -> None:
     assert all(len(line) <= width for line in lines), text
     if height >= 30:
         assert re.search(r"(/b)+/?…", text), text  # the long path is cut, not wrapped
+
+
+@pytest.mark.anyio
+async def test_a_busy_tunnel_redraws_at_a_bounded_rate_and_the_terminal_is_given_back() -> None:
+    """Thousands of requests a second cost a few frames, not a frame each (the agent's CPU per
+    request is benchmarked); leaving restores the main screen and the cursor."""
+    leader, follower = os.openpty()
+    written: list[bytes] = []
+
+    def drain() -> None:  # a terminal reads what it is sent: else the writes would block
+        while True:
+            try:
+                data = os.read(leader, 65536)
+            except OSError:  # the other end closed
+                return
+            if not data:
+                return
+            written.append(data)
+
+    with os.fdopen(follower, "w") as tty:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(anyio.to_thread.run_sync, drain)
+            screen = Screen("localhost:3000", out=tty)
+            served = 0
+            async with screen.showing(lambda: 0.004):
+                screen.connected(Welcome(alias="a", url="http://client-abc.localhost:8190"), True)
+                started = time.monotonic()
+                while time.monotonic() - started < 1.0:
+                    screen.served(Served("GET", f"/{served}", 200, 0.001))
+                    served += 1
+                    await anyio.lowlevel.checkpoint()  # the redraw task gets its turns
+            tty.flush()
+            tty.close()  # the drain ends
+    os.close(leader)
+    output = b"".join(written)
+    frames = output.count(b"\x1b[H") - 1  # entering the alternate screen homes the cursor once too
+    assert served > 1000
+    assert 1 <= frames <= 1 + 1.0 / REDRAW_INTERVAL + 1, frames  # the first frame, then one per interval
+    assert output.index(b"\x1b[?1049h") < output.rindex(b"\x1b[?1049l")  # alternate screen in, then out
+    assert output.rindex(b"\x1b[?25h") > output.rindex(b"\x1b[?25l")  # the cursor is shown again
+    assert f"Stopped forwarding http://client-abc.localhost:8190 -> http://localhost:3000 ({served} requests " \
+           "served)." in output.decode(errors="replace")
+
+
+def test_a_piped_agent_does_not_import_rich() -> None:
+    """rich's import is paid only when the screen is drawn: piped and --log agents start as before."""
+    code = ("import io, sys\nfrom comzy.agent import cli\nfrom comzy.agent.output import make_output\n"
+            "make_output('localhost:3000', out=io.StringIO())\nprint('rich' in sys.modules)")
+    result = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.strip() == "False", result.stderr

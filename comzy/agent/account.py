@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
-import httpx
-
 from comzy.core.account_api import ALIASES_PATH, ME_PATH, STATUS_PATH, ErrorCode, read_error
 from comzy.core.logs import printable
 from comzy.core.tls import client_tls_context, mismatch
@@ -217,6 +215,10 @@ class AccountClient:
             verify = client_tls_context(self.cacert) if url.startswith("https:") else True
         except ValueError as exc:
             raise AccountError(str(exc)) from None
+        # Imported here: `comzy 3000` never calls the API, and httpx's __init__ also imports its
+        # command-line client (click, rich, pygments) whenever they are installed, as rich now is.
+        import httpx
+
         try:
             async with httpx.AsyncClient(timeout=self.timeout, trust_env=False, verify=verify) as client:
                 response = await client.request(method, url, headers=headers)
