@@ -29,6 +29,7 @@ from comzy.agent.screen import REDRAW_INTERVAL, RequestRate, Screen
 from comzy.core.control import Welcome
 from tests.conftest import PYTHON, cli_env, start_server, visitor
 from tests.helpers import unavailable
+from tests.test_cli import dead_port
 from tests.upstream import Upstream
 
 TMUX = shutil.which("tmux")
@@ -170,6 +171,20 @@ async def test_a_small_window_cuts_long_lines_and_a_resize_redraws(tmp_path: Pat
         lines = screen.splitlines()
         assert len(lines) <= 14 and all(len(line) <= 44 for line in lines), screen
         assert lines[0].startswith("comzy "), screen  # nothing scrolled the top away
+
+
+@pytest.mark.anyio
+async def test_an_unreachable_server_leaves_one_error_line_on_the_terminal(tmp_path: Path) -> None:
+    """The screen is gone before the error is printed, so the error stays readable after the exit."""
+    with dead_port() as port:
+        async with terminal() as term:
+            await term.start(agent_command(3000, port), agent_env(tmp_path))
+            await term.wait_for(r"^exit=1$", history=True)
+            assert await term.value("alternate_on") == "0"
+            after = await term.screen(history=True)
+    errors = [line for line in after.splitlines() if line.startswith("comzy:")]
+    assert len(errors) == 1 and f"ws://127.0.0.1:{port}" in errors[0] and "Is comzy-server running" in errors[0], after
+    assert "Stopped forwarding" not in after  # it never forwarded anything
 
 
 @pytest.mark.anyio
