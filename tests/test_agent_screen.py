@@ -144,13 +144,20 @@ async def test_the_screen_shows_the_tunnel_its_requests_and_a_lost_server(tmp_pa
         await term.wait_for(r"^Session\s+reconnecting")
         await term.wait_for(r"^Latency\s+-\s*$")
 
-        await term.tmux("send-keys", "-t", "t", "C-c")
-        await term.wait_for(r"^exit=0$", history=True)
+        # A server on the same agent port again: the agent is back by itself (a new public port).
+        async with start_server(tmp_path / "data", ws_port=server.ports.ws) as again:
+            url = (await term.wait_for(rf"^Public URL\s+(http://client-[a-z0-9]+\.localhost:{again.ports.http})\s*$",
+                                       within=30)).group(1)
+            await term.wait_for(r"^Session\s+online")
+            await term.wait_for(r"^Requests\s+\d in the last minute, 2 in all")  # the count outlives the link
+
+            await term.tmux("send-keys", "-t", "t", "C-c")
+            await term.wait_for(r"^exit=0$", history=True)
         # The terminal is given back as it was: main screen, keys echoed again.
         assert await term.value("alternate_on") == "0"
         after = await term.screen(history=True)
         assert re.search(r"^echo$", after, re.MULTILINE), after
-        assert f"Stopped forwarding http://{alias}.localhost:{port}" in after
+        assert f"Stopped forwarding {url} -> http://127.0.0.1:{upstream.port} (2 requests served)." in after
 
 
 @pytest.mark.anyio
