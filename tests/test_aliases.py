@@ -239,7 +239,8 @@ async def test_resume_secret_takes_over_a_live_alias_at_once(server: ServerConte
         assert welcome["alias"] == alias
         assert server.registry.get(alias).session is not old_session  # type: ignore[union-attr]
         assert len(first.outcome) == 1 and isinstance(first.outcome[0], str)
-        assert "replaced" in first.outcome[0]
+        assert first.outcome[0] == (f"another agent (from 127.0.0.1, with this tunnel's resume secret) took over "
+                                    f"{alias}; only one agent serves an alias at a time")
         assert not first.reporter.reconnects
         await get_ok(server, alias, "/to-second")
         assert "/to-second" in paths_seen(other)

@@ -210,7 +210,7 @@ class AgentListener:
             log.info("tunnel %s taken over by a new session from %s", alias, client)
             # If the old session still reaches a live agent, that agent must not reconnect with
             # the same secret: the two would take the alias from each other forever.
-            replaced = "replaced by a new session that presented this tunnel's resume secret"
+            replaced = _taken_over(alias, registration, previous)
             previous.session.send_nowait(GoAway(replaced, reconnect=False).encode())
             server.task_group.start_soon(previous.session.flush_and_close, 4000, "replaced by a new session")
         log.info(
@@ -363,6 +363,17 @@ class AgentListener:
             await server.directory.release(entry)
         await server.hooks.on_disconnect(tunnel, reason, server)
         log.info("tunnel %s closed after %.0fs: %s", tunnel.alias, time.monotonic() - started, reason)
+
+
+def _taken_over(alias: str, registration: Registration, previous: Entry) -> str:
+    """What the replaced agent is told: its user started another agent, or an agent presented the
+    tunnel's resume secret (the same agent on a new connection, or a copy of it)."""
+    where = f"from {registration.client_address}"
+    if registration.user is not None and registration.user == previous.tunnel.user:
+        who = f"another agent logged in as {registration.user} ({where})"
+    else:
+        who = f"another agent ({where}, with this tunnel's resume secret)"
+    return f"{who} took over {alias}; only one agent serves an alias at a time"
 
 
 def _kept_for_nobody(name: str, why: str) -> str:
