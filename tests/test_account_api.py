@@ -152,7 +152,7 @@ async def test_the_agent_speaks_the_documented_api_to_any_plugin(tmp_path: Path)
         assert "Login:   zoe (token from" in out and "Aliases: 1 (no limit)" in out
         assert "zoe-site  port 8080   online   https://zoe-site.example" in out
         code, out, err = await comzy(tmp_path, "aliases")
-        assert code == 0 and "zoe owns 1 aliases:" in out, err
+        assert code == 0 and "zoe owns 1 alias:" in out, err
         # The plugin's words are shown as they are; what the agent does follows the code.
         code, out, err = await comzy(tmp_path, "aliases", "release", "other")
         assert (code, err) == (1, f"comzy: {url} says: no such thing as other in Zoe's books\n")
@@ -161,8 +161,13 @@ async def test_the_agent_speaks_the_documented_api_to_any_plugin(tmp_path: Path)
         code, out, err = await comzy(tmp_path, "aliases", "release", "zoe-site")
         assert code == 0 and out == "Released zoe-site: anyone may take it now.\n", err
         assert accounts.released == ["zoe-site"]
+        # A refused token: one sentence, the server's reason once, and what to do.
+        refused = (f"{url} refused the token in COMZY_TOKEN: Zoe's server does not know you; run "
+                   f"`comzy login --server {url}` with a token from the server's operator")
         code, out, err = await comzy(tmp_path, "status", COMZY_TOKEN="stale")
-        assert code == 1 and f"Login:   your token is not accepted: {url} says: Zoe's server does not know you" in out
+        assert code == 1 and f"\nLogin:   {refused}\n" in out, out
+        code, out, err = await comzy(tmp_path, "aliases", COMZY_TOKEN="stale")
+        assert (code, out, err) == (1, "", f"comzy: {refused}\n")
 
 
 async def test_a_server_without_accounts_says_so_for_every_command(tmp_path: Path) -> None:

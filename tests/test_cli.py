@@ -327,14 +327,17 @@ async def test_agent_exits_on_a_version_reject(tmp_path: Path) -> None:
     assert "Public URL" not in cli.stdout
 
 
-async def test_ctrl_c_closes_the_tunnel_cleanly(tmp_path: Path, upstream: Upstream) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+async def test_ctrl_c_closes_the_tunnel_cleanly(tmp_path: Path, upstream: Upstream, signum: int) -> None:
     async with start_server(tmp_path / "data") as server, run_agent(upstream.port, server.ports.ws, tmp_path) as cli:
         alias = (await cli.wait_for(PUBLIC_URL)).group(2)
         assert server.tunnel(alias) is not None
-        cli.signal(signal.SIGINT)
+        cli.signal(signum)
         assert await cli.wait_exit(within=5) == 0, cli.describe()
-        assert "Stopping." in cli.lines["stdout"]
-        assert "Traceback" not in cli.stderr
+        # Quitting is said once, and nothing after it announces a reconnect that will never happen.
+        assert cli.lines["stdout"][-1] == "Stopping.", cli.describe()
+        assert "Connection lost" not in cli.stdout and "reconnecting" not in cli.stdout, cli.describe()
+        assert cli.stderr == "", cli.describe()
         await eventually(lambda: not server.registry.entries(), what="the server to drop the tunnel")
 
 

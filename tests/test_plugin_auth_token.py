@@ -194,10 +194,32 @@ async def test_the_owner_replaces_a_stale_session_of_theirs_at_once(
                 assert fresh.alias == alias
                 with anyio.fail_after(WAIT):
                     await stale.ended.wait()
-                assert isinstance(stale.result, str) and "replaced" in stale.result
+                # Said in plain words: who took it over (the plugin set the user), from where.
+                assert stale.result == (f"another agent logged in as ana (from 127.0.0.1) took over {alias}; "
+                                        "only one agent serves an alias at a time")
                 async with fresh.visitor() as client:
                     assert (await client.get("/fresh")).status_code == 200
         await stale.forwarder.aclose()
+
+
+async def test_the_replaced_agent_says_in_plain_words_who_took_its_alias(
+        tmp_path: Path, upstream: Upstream) -> None:
+    from tests.test_cli import agent_env, run_agent
+
+    plugin = auth()
+    async with auth_server(tmp_path, plugin, {}) as server:
+        token = await create_user(plugin.engine, "ana")
+        env = agent_env(COMZY_TOKEN=token, HOME=str(tmp_path / "home"))
+        async with run_agent(upstream.port, server.ports.ws, tmp_path, env=env) as first:
+            alias = (await first.wait_for(r"^Public URL: \S*?//([a-z0-9-]+)\.")).group(1)
+            # ana starts a second agent for the same port: it takes the alias over at once.
+            async with start_agent(server, upstream.port, token=token) as second:
+                assert second.alias == alias
+                assert await first.wait_exit(within=WAIT) == 1, first.describe()
+        assert first.lines["stderr"] == [
+            f"comzy: the server ended this tunnel: another agent logged in as ana (from 127.0.0.1) took over "
+            f"{alias}; only one agent serves an alias at a time"], first.describe()
+        assert "reconnecting" not in first.stdout, first.describe()
 
 
 # -- tokens ---------------------------------------------------------------------------------------
@@ -506,6 +528,7 @@ def test_users_cli_creates_lists_revokes_and_rotates(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "not a valid user name" in bad.stderr
     listed = users_cli(tmp_path, "list")
     assert listed.returncode == 0 and "ana" in listed.stdout and "active" in listed.stdout
+    assert "  0 aliases  " in listed.stdout, listed.stdout
     assert token not in listed.stdout + listed.stderr
     revoked = users_cli(tmp_path, "revoke", "ana")
     assert revoked.returncode == 0 and "revoked ana's token" in revoked.stdout
@@ -565,6 +588,14 @@ async def test_login_status_aliases_and_logout(tmp_path: Path, upstream: Upstrea
         none_left = await comzy(tmp_path, "aliases")  # the limit is still shown with no alias owned
         assert (none_left.returncode, none_left.stdout) == (0, b"ana owns no aliases yet (up to 5); `comzy PORT` "
                                                                b"claims one.\n"), none_left.stderr
+        # A saved token the server no longer accepts (rotated, say): said once, with what to do.
+        saved.write_text(json.dumps({"token": "czy_stale", "user": "ana", "server": url}))
+        stale = await comzy(tmp_path, "status")
+        refused = (f"{url} refused the token saved for ana: the token was not accepted (unknown, mistyped, or "
+                   "replaced by a newer one); run `comzy login` with a token from the server's operator")
+        assert stale.returncode == 1 and f"\nLogin:   {refused}\n" in stale.stdout.decode(), stale.stdout
+        stale = await comzy(tmp_path, "aliases")
+        assert (stale.returncode, stale.stderr.decode()) == (1, f"comzy: {refused}\n")
         logout = await comzy(tmp_path, "logout")
         assert logout.returncode == 0 and not saved.exists()
         assert b"not logged in" in (await comzy(tmp_path, "status", "--server", url)).stdout

@@ -306,7 +306,7 @@ async def test_a_domain_never_reaches_a_tunnel_its_alias_owner_does_not_hold(
             listed = await anyio.to_thread.run_sync(domains_cli, tmp_path, "list")
             assert listed.returncode == 0, listed.stderr
             assert listed.stdout.splitlines() == [f"late.example.com  {alias}  (database)  (no owner: unreachable)"]
-            assert "1 custom domain(s) unreachable: no user owns their alias" in listed.stderr
+            assert "1 custom domain is unreachable: no user owns its alias" in listed.stderr
 
             # Its connection drops; it reconnects asking for the alias back with its valid resume secret.
             entry = server.registry.get(alias)

@@ -258,8 +258,9 @@ def _field(server: str, document: dict[str, Any], key: str, kind: type) -> Any:
 
 
 def _unexpected(server: str, key: str, expected: str) -> AccountError:
-    return AccountError(f"{server} answered with '{key}' not {expected} (not the documented account API, "
-                        "docs/agent_api.md); is it a Comzy agent listener of a matching version?")
+    # No docs/ path here: a pip user has none; the API's shape is for the server's operator to check.
+    return AccountError(f"{server} answered with '{key}' not {expected}, which is not the account API this agent "
+                        "speaks; is it a Comzy agent listener of a matching version (pip install --upgrade comzy)?")
 
 
 def no_accounts(server: str) -> str:

@@ -39,6 +39,7 @@ ENVIRONMENT = (
     ("COMZY_EVENT_LOOP", f"event loop: {', '.join(EVENT_LOOPS)} (default auto: uvloop where installed)"),
     ("NO_COLOR", "no colour, even on a terminal"),
     ("FORCE_COLOR", "colour even when piped"),
+    ("TERM", "dumb: plain lines instead of the live status screen"),
     ("COMZY_ANONYMOUS_TIMEOUT", "ignored (the original Comzy's agents read it): the server decides"),
 )
 
@@ -60,7 +61,7 @@ examples:
   comzy status                      is the server reachable, who am I, which aliases are mine
 
 commands (comzy COMMAND --help):
-  login, logout, status, aliases
+  {", ".join(COMMANDS)}
 
 {environment_help()}
 """

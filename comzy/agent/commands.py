@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import getpass
 import os
+import re
 import sys
 
 import anyio
@@ -12,6 +14,7 @@ import anyio
 from comzy import __version__
 from comzy.agent import account
 from comzy.agent.account import AccountClient, AccountError, ApiError, Credentials, OwnedAlias
+from comzy.agent.output import ERROR_PREFIX
 from comzy.core.account_api import ErrorCode
 from comzy.core.logs import printable
 
@@ -21,18 +24,27 @@ CACERT_HELP = ("trust the CA certificates in FILE (PEM) for a wss:// server inst
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="comzy", description="Manage your Comzy login and aliases.")
+    from comzy.agent.cli import Parser, environment_help
+
+    parser = Parser(prog="comzy", description="Manage your Comzy login and aliases.")
     parser.add_argument("--version", action="version", version=f"comzy {__version__}")
+    # Subparsers are Parsers too (argparse makes them of the parent's class): one error format.
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     server_help = "agent listener URL, e.g. wss://tunnel.example.com:8191 (default: COMZY_WS_SERVER, " \
                   "else the server you logged in to, else ws://localhost:8191)"
+    login_epilog = ("examples:\n"
+                    "  comzy login                                         type the token at the prompt\n"
+                    "  comzy login --server wss://tunnel.example.com:8191  log in to that server\n"
+                    "  echo \"$TOKEN\" | comzy login                         read it from stdin (scripts)\n\n"
+                    + environment_help(("COMZY_WS_SERVER", "COMZY_TOKEN", "COMZY_LOGIN_URL", "SSL_CERT_FILE")))
     login = commands.add_parser("login", help="check a token with the server and save it in ~/.comzy/.user",
                                 description="Check a token with the server, then save it (mode 0600) so "
-                                "`comzy PORT` uses it. Without --token, asks for it (or reads it from stdin).")
+                                "`comzy PORT` uses it.\nWithout --token, asks for it (or reads it from stdin).",
+                                epilog=login_epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     login.add_argument("--token", help="the token (from `comzy-server users create NAME`)")
     login.add_argument("--server", help=server_help)
     login.add_argument("--cacert", metavar="FILE", help=CACERT_HELP)
-    commands.add_parser("logout", help="forget the saved token")
+    logout = commands.add_parser("logout", help="forget the saved token")
     status = commands.add_parser("status", help="is the server reachable, who am I, which aliases are mine")
     status.add_argument("--server", help=server_help)
     status.add_argument("--cacert", metavar="FILE", help=CACERT_HELP)
@@ -47,11 +59,28 @@ def _parser() -> argparse.ArgumentParser:
     # Also after the action (`comzy aliases release NAME --cacert F`); SUPPRESS keeps one given
     # before it from being reset to None by this parser's default.
     release.add_argument("--cacert", metavar="FILE", default=argparse.SUPPRESS, help=CACERT_HELP)
+    # Which (sub)command's usage an unknown option is reported with (the innermost one's
+    # default wins); argparse would show the top-level usage instead.
+    for command in (login, logout, status, aliases, release):
+        command.set_defaults(usage_of=command)
     return parser
 
 
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """``argv`` parsed; an unknown option is reported by the command it was given to, with a guess."""
+    parser = _parser()
+    args, unknown = parser.parse_known_args(argv)
+    command: argparse.ArgumentParser = vars(args).pop("usage_of", parser)
+    if unknown:
+        options = sorted(set(re.findall(r"--[a-z][a-z-]*", command.format_usage())))
+        guess = difflib.get_close_matches(unknown[0].split("=", 1)[0], options, n=1)
+        hint = f" (did you mean {guess[0]}?)" if unknown[0].startswith("-") and guess else ""
+        command.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+    return args
+
+
 def _fail(message: str) -> int:
-    print(f"comzy: {message}", file=sys.stderr)
+    print(f"{ERROR_PREFIX} {message}", file=sys.stderr)
     return 1
 
 
@@ -63,7 +92,7 @@ def _server(option: str | None, saved: Credentials | None) -> str:
 
 def run_command(argv: list[str]) -> int:
     """Run one account command; the exit status."""
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     try:
         if args.command == "login":
             return anyio.run(_login, args.token, args.server, args.cacert)
@@ -157,8 +186,10 @@ async def _status(server_option: str | None, cacert: str | None = None) -> int:
                 f"saved for {printable(saved.user)}"
             print(f"Login:   {held}, but {account.no_accounts(server)}")
             return 0
-        problem = "your token is not accepted" if exc.code == ErrorCode.UNAUTHORIZED else "cannot check your token"
-        print(f"Login:   {problem}: {exc}")
+        if exc.code == ErrorCode.UNAUTHORIZED:
+            print(f"Login:   {_refused(server, exc, saved)}")
+        else:
+            print(f"Login:   cannot check your token: {exc}")
         return 1
     source = "COMZY_TOKEN" if os.environ.get("COMZY_TOKEN") else str(account.credentials_path())
     print(f"Login:   {printable(me.user)} (token from {source})")
@@ -167,6 +198,20 @@ async def _status(server_option: str | None, cacert: str | None = None) -> int:
     for line in _alias_lines(me.aliases):
         print(line)
     return 0
+
+
+def _refused(server: str, exc: ApiError, saved: Credentials | None) -> str:
+    """One sentence for a token the server refuses: whose token, the server's reason, what to do.
+
+    The server's reason already says it was refused ("the token was not accepted..."), and may
+    say what to do: neither is said twice.
+    """
+    whose = "the token in COMZY_TOKEN" if os.environ.get("COMZY_TOKEN") or saved is None else \
+        f"the token saved for {printable(saved.user)}"
+    reason = printable(exc.message) if exc.message else f"HTTP {exc.status}"
+    advice = "" if "comzy login" in exc.message else \
+        f"; run `comzy login --server {server}` with a token from the server's operator"
+    return f"{server} refused {whose}: {reason}{advice}"
 
 
 async def _aliases(server_option: str | None, action: str | None, name: str | None,
@@ -191,15 +236,16 @@ async def _aliases(server_option: str | None, action: str | None, name: str | No
         if exc.no_accounts:
             return _fail(account.no_accounts(server))
         if exc.code == ErrorCode.UNAUTHORIZED:
-            return _fail(f"your token is not accepted: {exc}")
+            return _fail(_refused(server, exc, saved))
         return _fail(str(exc))
     user = printable(me.user)
     if not me.aliases:
         limit = f" (up to {me.max_aliases})" if me.max_aliases is not None else ""
         print(f"{user} owns no aliases yet{limit}; `comzy PORT` claims one.")
         return 0
-    print(f"{user} owns {len(me.aliases)} of {me.max_aliases} aliases:" if me.max_aliases is not None else
-          f"{user} owns {len(me.aliases)} aliases:")
+    count = len(me.aliases)
+    print(f"{user} owns {count} of {me.max_aliases} aliases:" if me.max_aliases is not None else
+          f"{user} owns {count} {'alias' if count == 1 else 'aliases'}:")
     for line in _alias_lines(me.aliases):
         print(line)
     print("Release one with `comzy aliases release NAME`.")

@@ -83,7 +83,8 @@ async def _users(settings: ServerSettings, action: str, name: str | None) -> int
             width = max((len(u.name) for u in users), default=0)
             for u in users:
                 state = f"revoked {u.revoked_at:%Y-%m-%d %H:%M}" if u.revoked_at else "active"
-                print(f"{u.name:<{width}}  {state:<24}  {u.aliases} aliases  created {u.created_at:%Y-%m-%d %H:%M}")
+                owned = f"{u.aliases} {'alias' if u.aliases == 1 else 'aliases'}"
+                print(f"{u.name:<{width}}  {state:<24}  {owned:<11}  created {u.created_at:%Y-%m-%d %H:%M}")
         else:
             raise ValueError(f"unknown users action {action!r}")
         return 0

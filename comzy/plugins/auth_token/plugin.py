@@ -142,10 +142,11 @@ class AuthToken:
         self._server = server
         server.bus.subscribe(ALIASES_TOPIC, self._on_alias_event)
         await self.refresh(server)
-        log.info("auth: %d users, %d owned aliases; anonymous agents %s; at most %d aliases per user",
-                 len(self.users_by_id), len(self.aliases),
+        users, owned, limit = len(self.users_by_id), len(self.aliases), self.settings.max_aliases_per_user
+        log.info("auth: %d %s, %d owned %s; anonymous agents %s; at most %d %s per user",
+                 users, "user" if users == 1 else "users", owned, "alias" if owned == 1 else "aliases",
                  "refused (COMZY_REQUIRE_TOKEN)" if self.settings.require_token else "allowed",
-                 self.settings.max_aliases_per_user)
+                 limit, "alias" if limit == 1 else "aliases")
         self._stop, self._stopped = anyio.CancelScope(), anyio.Event()
         server.task_group.start_soon(self._refresh_forever, server)
 
@@ -342,7 +343,8 @@ class AuthToken:
             limit = self.settings.max_aliases_per_user
             if len(mine) >= limit:
                 names = ", ".join(a.alias for a in mine)
-                raise Reject(f"you own {len(mine)} aliases, the most this server allows (MAX_ALIASES_PER_USER="
+                owned = f"{len(mine)} {'alias' if len(mine) == 1 else 'aliases'}"
+                raise Reject(f"you own {owned}, the most this server allows (MAX_ALIASES_PER_USER="
                              f"{limit}): {names}. Free one with `comzy aliases release NAME`, or reuse one "
                              "with --subdomain NAME")
             name = wanted

@@ -152,7 +152,9 @@ async def _domains(context: CommandContext, action: str, host: str | None, alias
                 print(f"comzy-server: every custom domain is unreachable: {_no_owners(context)}", file=sys.stderr)
             elif unreachable:
                 # Rows stay listed (and in the database): an operator sees them and mends them.
-                print(f"comzy-server: {unreachable} custom domain(s) unreachable: no user owns their alias. "
+                problem = "1 custom domain is unreachable: no user owns its alias" if unreachable == 1 else \
+                    f"{unreachable} custom domains are unreachable: no user owns their alias"
+                print(f"comzy-server: {problem}. "
                       f"{WHY_OWNED} Map each to an alias a user owns, or remove it, have the user claim the "
                       "alias and map it again.", file=sys.stderr)
         else:
