@@ -331,12 +331,16 @@ def _has_module(name: str) -> bool:
 
 
 # -- --help --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("command", [[], ["db"], ["plugins"], ["settings"], ["check"], ["completion"]])
+@pytest.mark.parametrize("command", [[], ["db"], ["plugins"], ["settings"], ["check"], ["completion"],
+                                     ["users"], ["domains"]])  # the last two: plugins' epilogs (Commands.add)
 def test_help_has_examples_and_no_file_a_pip_user_lacks(tmp_path: Path, command: list[str]) -> None:
-    result = comzy_server(tmp_path, *command, "--help", env=cli_env())
+    result = comzy_server(tmp_path, *command, "--help", env=cli_env(COLUMNS="100"))
     assert result.returncode == 0, result.stderr
     assert "docs/" not in result.stdout, result.stdout
     assert "\nexamples:\n" in result.stdout, result.stdout
+    # Prose (the lines that start at the margin) is wrapped to the terminal; examples are kept as
+    # written. COLUMNS is argparse's width.
+    assert max(len(line) for line in result.stdout.splitlines() if not line.startswith(" ")) <= 100, result.stdout
     if not command:
         for variable in ("COMZY_BASE_DOMAIN", "COMZY_HTTP_PORT", "COMZY_WS_PORT", "COMZY_ADMIN_PORT",
                          "COMZY_DATA_DIR", "COMZY_PLUGINS", "COMZY_DATABASE_URL"):

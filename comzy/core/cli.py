@@ -20,7 +20,7 @@ from comzy import __version__
 from comzy.completion import SHELLS, Node, script
 from comzy.core import logs
 from comzy.core.cluster import ClusterError
-from comzy.core.commands import Catalog
+from comzy.core.commands import Catalog, HelpFormatter
 from comzy.core.datadir import prepare_data_dir
 from comzy.core.eventloop import backend_options
 from comzy.core.hooks import PluginError, load_plugins, select_plugins
@@ -153,7 +153,7 @@ def _examples(*lines: str) -> str:
 def build_parser(catalog: Catalog) -> tuple[argparse.ArgumentParser,
                                             argparse._SubParsersAction[argparse.ArgumentParser]]:
     """comzy-server's parser and its subcommands: the core's and those of ``catalog``'s plugins."""
-    raw = argparse.RawDescriptionHelpFormatter
+    raw = HelpFormatter  # examples as written, prose wrapped
     parser = argparse.ArgumentParser(prog="comzy-server", formatter_class=raw, epilog=_epilog(),
                                      description="Run the Comzy tunnel server (without a COMMAND), or manage it.")
     parser.add_argument("--version", action="version", version=f"comzy-server {__version__}")

@@ -44,6 +44,16 @@ CORE_COMMANDS = frozenset({"db", "plugins", "settings", "check", "completion"})
 _COMMAND_NAME = re.compile(r"[a-z][a-z0-9-]{0,31}")
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, except that a text of several lines (an epilog of examples) is kept as
+    written; one-line texts (descriptions) are wrapped to the terminal as usual."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
 @dataclass(frozen=True, slots=True)
 class PluginCommand:
     """One ``comzy-server`` subcommand and the plugin that added it."""
@@ -54,6 +64,7 @@ class PluginCommand:
     description: str
     parser: argparse.ArgumentParser
     run: RunCommand
+    epilog: str | None = None
 
 
 class Commands:
@@ -68,10 +79,11 @@ class Commands:
         self.plugin = plugin
         self.added: list[PluginCommand] = []
 
-    def add(self, name: str, run: RunCommand, *, help: str,
-            description: str | None = None) -> argparse.ArgumentParser:
+    def add(self, name: str, run: RunCommand, *, help: str, description: str | None = None,
+            epilog: str | None = None) -> argparse.ArgumentParser:
         """Add ``comzy-server NAME``; ``help`` is its line in ``comzy-server --help``, ``description``
-        the text of ``comzy-server NAME --help`` (``help`` when omitted).
+        the text of ``comzy-server NAME --help`` (``help`` when omitted), ``epilog`` what follows the
+        options there, printed as written (``"examples:\\n  comzy-server NAME ...  what it does"``).
 
         ``run(args, context)`` runs it: ``args`` is the parsed ``argparse.Namespace``, ``context`` a
         :class:`CommandContext`; it returns the exit status (None means 0) and may be ``async def``.
@@ -91,7 +103,7 @@ class Commands:
         # Built apart and attached once every plugin has spoken, so a name two plugins add
         # is known to neither (no plugin's arguments end up parsed for another's command).
         parser = argparse.ArgumentParser(prog=f"comzy-server {name}", add_help=False)
-        self.added.append(PluginCommand(name, self.plugin, help, description or help, parser, run))
+        self.added.append(PluginCommand(name, self.plugin, help, description or help, parser, run, epilog))
         return parser
 
 
@@ -217,7 +229,8 @@ class Catalog:
             command = self.commands.get(name)
             if command is not None:
                 subparsers.add_parser(name, parents=[command.parser], help=f"{command.help} (plugin {command.plugin})",
-                                      description=command.description)
+                                      description=command.description, epilog=command.epilog,
+                                      formatter_class=HelpFormatter)
             else:
                 # Any arguments at all (prefix_chars no option can start with): running it says
                 # which plugins clash, whatever was typed after it.
@@ -290,5 +303,5 @@ class Catalog:
                  for line in table]
         return "\n".join(lines), problems, status
 
-__all__ = ["CORE_COMMANDS", "Catalog", "CommandContext", "Commands", "InstalledPlugin", "PluginCommand",
-           "RunCommand"]
+__all__ = ["CORE_COMMANDS", "Catalog", "CommandContext", "Commands", "HelpFormatter", "InstalledPlugin",
+           "PluginCommand", "RunCommand"]

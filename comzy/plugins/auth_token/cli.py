@@ -27,7 +27,14 @@ def add_commands(commands: Commands) -> None:
     users = commands.add("users", run_users, help="users and their tokens",
                          description="Manage the users kept in the database (COMZY_DATABASE_URL, or DB_*, "
                          "or comzy.db in COMZY_DATA_DIR). Tokens are stored hashed: create and rotate "
-                         "print a token once, as the last line of their output.")
+                         "print a token once, as the last line of their output.",
+                         epilog="examples:\n"
+                         "  comzy-server users create ana    add ana; her token is the last line (shown once)\n"
+                         "  comzy-server users list          every user, active or revoked, with her aliases\n"
+                         "  comzy-server users rotate ana    a new token for ana; the old one stops working\n"
+                         "  comzy-server users revoke ana    her token stops working, her live tunnels close\n\n"
+                         "Run it with the server's environment (the same COMZY_PLUGINS and database); ana then\n"
+                         "runs `comzy login` with her token.")
     actions = users.add_subparsers(dest="action", metavar="ACTION", required=True)
     actions.add_parser("create", help="add a user and print their token").add_argument("name", metavar="NAME")
     actions.add_parser("list", help="print every user, active or revoked")

@@ -43,7 +43,14 @@ def add_commands(commands: Commands) -> None:
     """``comzy-server domains`` and its actions."""
     domains = commands.add("domains", run_domains, help="custom domains served by an alias",
                            description="Manage the custom domain mappings kept in the database "
-                           "(COMZY_DATABASE_URL, or DB_*, or comzy.db in COMZY_DATA_DIR).")
+                           "(COMZY_DATABASE_URL, or DB_*, or comzy.db in COMZY_DATA_DIR).",
+                           epilog="examples:\n"
+                           "  comzy-server domains add shop.example.com ana-shop   serve it with ana-shop's tunnel\n"
+                           "  comzy-server domains list                             every mapping\n"
+                           "  comzy-server domains remove shop.example.com\n\n"
+                           "The alias must be owned by a user (comzy-server users create, then her `comzy login`\n"
+                           "and `comzy PORT --subdomain ana-shop`); a running server picks changes up within\n"
+                           "COMZY_CUSTOM_DOMAINS_REFRESH_SECONDS. Point the host's DNS at the server.")
     actions = domains.add_subparsers(dest="action", metavar="ACTION", required=True)
     add = actions.add_parser("add", help="serve HOST with ALIAS's tunnel (updates an existing HOST)")
     add.add_argument("host", metavar="HOST", help="a host outside the base domain, e.g. app.example.com")
