@@ -3,8 +3,9 @@
 Settings (the same messages as at start-up), plugins (installed and buildable, as
 ``comzy-server plugins`` sees them), TLS files, the data directory and the admin token, the
 listeners' ports (bound for a moment, never listened on) and the database (reachable, every
-enabled tree at head). One line per check, ``ok`` or ``FAILED`` with what to do; nothing is
-written anywhere (an SQLite file is opened read-only, and a missing one is left to start-up).
+enabled tree at head). One line per check, ``ok`` or ``FAILED`` with what to do. No data is
+changed: the data directory and a missing SQLite file are left to start-up, an existing one is
+opened read-only (SQLite may still add its -wal and -shm files beside it).
 """
 
 from __future__ import annotations
