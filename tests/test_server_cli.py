@@ -203,6 +203,30 @@ def test_settings_as_json_say_where_each_value_came_from(tmp_path: Path) -> None
     assert rows["COMZY_NATS_URL"]["section"] == "cluster"
 
 
+def test_the_settings_listing_is_a_dotenv_file_that_reads_back(tmp_path: Path) -> None:
+    data = tmp_path / "a dir with spaces" / "data"
+    env = server_env(data, COMZY_PLUGINS="custom_domains", COMZY_PUBLIC_URL="https://{alias}.example.com",
+                     COMZY_CUSTOM_DOMAINS_MAPPINGS="shop.example.com:ana-shop", COMZY_TRUSTED_PROXIES="10.0.0.0/8")
+    first = comzy_server(tmp_path, "settings", "--json", env=env)
+    listing = comzy_server(tmp_path, "settings", env=env)
+    assert first.returncode == 0 and listing.returncode == 0, first.stderr + listing.stderr
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / ".env").write_text(listing.stdout)
+    # Nothing in the environment this time (COMZY_NATS_URL aside, which the test harness sets).
+    again = comzy_server(elsewhere, "settings", "--json", env=cli_env(COMZY_PLUGINS="custom_domains"))
+    assert again.returncode == 0, again.stderr
+    before = {row["variable"]: row["value"] for row in json.loads(first.stdout)}
+    after = {row["variable"]: row for row in json.loads(again.stdout)}
+    assert before["COMZY_DATA_DIR"] == str(data)
+    for variable, value in before.items():
+        if variable in ("COMZY_NATS_URL", "COMZY_PLUGINS"):
+            continue
+        assert after[variable]["value"] == value, variable
+        if value is not None and value != after[variable]["default"]:
+            assert after[variable]["source"] == ".env", variable
+
+
 def test_settings_with_a_bad_value_still_list_and_name_it(tmp_path: Path) -> None:
     env = server_env(tmp_path / "data", COMZY_HTTP_PORT="abc", COMZY_PLUGINS="nope")
     result = comzy_server(tmp_path, "settings", env=env)
