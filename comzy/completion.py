@@ -172,7 +172,7 @@ def _zsh(program: str, tree: Node) -> str:
         f"{name}() {{",
         # Not `words`: zsh keeps the command line in that array.
         "    local cmdpath='' option='' word i",
-        "    local -a described",
+        "    local -a described plain",
         "    for ((i = 2; i < CURRENT; i++)); do",
         "        word=${words[i]}",
         "        if [[ -n $option ]]; then option=''; continue; fi",
@@ -199,14 +199,21 @@ def _zsh(program: str, tree: Node) -> str:
         "        case \"$cmdpath\" in",
     ]
     for path, node in tree.walk():
-        entries_list = [_quote(f"{command}:{_short(text)}") for command, (text, _child) in node.commands.items()]
-        entries_list += [_quote(f"{choice}:") for choice in node.choices]
-        if entries_list:
-            lines.append(f"            {_quote(' '.join(path))}) described=({' '.join(entries_list)}) ;;")
+        # Commands with their help; a positional's fixed choices (completion's bash, zsh) bare.
+        assigned = []
+        if node.commands:
+            entries = " ".join(_quote(f"{command}:{_short(text)}") for command, (text, _child) in node.commands.items())
+            assigned.append(f"described=({entries})")
+        if node.choices:
+            assigned.append(f"plain=({' '.join(map(_quote, node.choices))})")
+        if assigned:
+            lines.append(f"            {_quote(' '.join(path))}) {'; '.join(assigned)} ;;")
     lines += [
         "        esac",
         "    fi",
-        f"    _describe -t commands {_quote(program)} described",
+        f"    (( ${{#described}} )) && _describe -t commands {_quote(program)} described",
+        "    (( ${#plain} )) && compadd -- \"${plain[@]}\"",
+        "    return 0",
         "}",
         'if [[ ${zsh_eval_context[-1]} == loadautofunc ]]; then',
         f'    {name} "$@"',

@@ -1,5 +1,6 @@
 """Shell completion of ``comzy`` and ``comzy-server``: the scripts their ``completion`` commands
-print, run by a real bash (and zsh, when installed; required under CI=true) to see what they offer.
+print, run by a real bash (and zsh, when installed; required under CI=true) to see what they offer,
+and typed into zsh with compsys on a tmux pane (tests/test_agent_screen.py's terminal).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import pytest
 
 from tests.conftest import PYTHON, cli_env
 from tests.helpers import IN_CI
+from tests.test_agent_screen import terminal
 from tests.test_cli import AGENT, SERVER
 
 
@@ -90,12 +92,18 @@ echo "replies: ${{#COMPREPLY[@]}}"
     assert result.stdout.splitlines() == ["compopt -o default", "replies: 0"], result
 
 
-def test_zsh_completion_of_comzy_server(tmp_path: Path) -> None:
+def zsh_path() -> str:
+    """Debian's zsh: skipped without it, failed under CI=true (.ci/run installs it)."""
     zsh = shutil.which("zsh")
     if zsh is None:
         if IN_CI:
             pytest.fail("zsh is needed for the zsh completion test (required when CI=true; .ci/run installs it)")
         pytest.skip("zsh is not installed")
+    return zsh
+
+
+def test_zsh_completion_of_comzy_server(tmp_path: Path) -> None:
+    zsh = zsh_path()
     text = completion(SERVER, "zsh", tmp_path)
     assert text.startswith("#compdef comzy-server\n")
     script = tmp_path / "_comzy-server"
@@ -117,5 +125,29 @@ words=(comzy-server settings --); CURRENT=3; PREFIX=--; _comzy_server
     assert lines[0] == "compdef _comzy_server comzy-server"
     assert "upgrade:apply every pending migration" in lines
     assert "current:print the schema revision and whether it is current" in lines
-    assert "bash:" in lines and "zsh:" in lines
+    assert "bash" in lines and "zsh" in lines
     assert "--json:print a JSON list, for scripts" in lines
+
+
+@pytest.mark.anyio
+async def test_zsh_completes_comzy_server_on_a_real_terminal(tmp_path: Path) -> None:
+    """compsys itself (compinit) completes with the script, typed into zsh in a tmux pane."""
+    zsh = zsh_path()
+    script = tmp_path / "_comzy-server"
+    script.write_text(completion(SERVER, "zsh", tmp_path))
+    async with terminal() as term:
+        await term.start([zsh, "-f"], cli_env(HOME=str(tmp_path)), width=150, height=30)
+
+        async def keys(*typed: str) -> None:
+            await term.tmux("send-keys", "-t", "t", *typed)
+
+        await keys(f"autoload -U compinit && compinit -u && source {script} && PS1='ready> '", "Enter")
+        await term.wait_for(r"^ready> ?$")
+        await keys("comzy-server db up", "Tab")
+        await term.wait_for(r"^ready> comzy-server db upgrade ?$")
+        await keys("C-u", "comzy-server settings --", "Tab")
+        await term.wait_for(r"^--json\s+-- print a JSON list, for scripts$")
+        await keys("C-u", "comzy-server completion ", "Tab")
+        await term.wait_for(r"^bash\s+zsh$")
+        await keys("C-u", "comzy-server ", "Tab")
+        await term.wait_for(r"^users\s+-- users and their tokens \(plugin auth_token\)$")
