@@ -151,3 +151,22 @@ async def test_zsh_completes_comzy_server_on_a_real_terminal(tmp_path: Path) -> 
         await term.wait_for(r"^bash\s+zsh$")
         await keys("C-u", "comzy-server ", "Tab")
         await term.wait_for(r"^users\s+-- users and their tokens \(plugin auth_token\)$")
+
+
+@pytest.mark.anyio
+async def test_bash_completes_comzy_on_a_real_terminal(tmp_path: Path) -> None:
+    """readline itself completes with the script, typed into an interactive bash in a tmux pane."""
+    script = tmp_path / "comzy.bash"
+    script.write_text(completion(AGENT, "bash", tmp_path))
+    async with terminal() as term:
+        await term.start(["bash", "--norc", "--noprofile", "-i"], cli_env(HOME=str(tmp_path)), width=150, height=30)
+
+        async def keys(*typed: str) -> None:
+            await term.tmux("send-keys", "-t", "t", *typed)
+
+        await keys(f"source {script} && PS1='ready> '", "Enter")
+        await term.wait_for(r"^ready> ?$")
+        await keys("comzy sta", "Tab")
+        await term.wait_for(r"^ready> comzy status ?$")
+        await keys("C-u", "comzy 3000 --host-header r", "Tab")
+        await term.wait_for(r"^ready> comzy 3000 --host-header rewrite ?$")
