@@ -6,17 +6,26 @@ while idle (Node closes idle keep-alive connections after 5 s). A general-purpos
 scans every pooled connection with several syscalls on every request, which profiling
 showed was most of the agent's CPU under load.
 
-The HTTP/1.1 client itself is small and written for this one job: build a request head,
-read a response head, then the body by its framing (Content-Length, chunked, or until
-close; none for HEAD, 1xx, 204 and 304). h11 did this before and was correct, but cost
-about 50 µs per request here (a third of the agent's CPU under load); this costs a few.
-It is as strict as h11 where strictness protects someone, and stricter where a proxy must be:
-header names and values are checked before sending (no CR/LF smuggling into the local app)
-and on receipt; Content-Length values must agree (``5, 5`` is one length, ``5, 6`` is an
-error), Content-Length with Transfer-Encoding (h11 lets chunked win) and a 1xx that declares
-a body (h11 reads that body as the next response) are refused; every MalformedResponse
-closes the connection, and a connection is reused only after a complete, well-framed
-exchange with nothing left over.
+The client builds request heads itself (names and values checked before sending, so no CR/LF
+can smuggle a second request into the local app) and parses responses with llhttp, through
+httptools (uvicorn's parser, a base dependency): the status line and headers, then the body by
+its framing (Content-Length, chunked with extensions and trailers, or until close; none for
+HEAD, 1xx, 204 and 304). The reader drives the parser: bytes are fed as the body is asked for,
+so a slow tunnel pauses reading (READ_HIGH_WATER) and no body is ever held whole. llhttp replaced
+a hand-written parser (itself h11's successor) in issue 13: agent CPU per proxied request -7 to
+-10% at 50 connections (docs/benchmarks.md); tests/test_local_http_differential.py lists odd
+responses and every case where the two differ.
+
+Strictness where it protects someone: llhttp refuses bad header bytes, conflicting lengths and
+Content-Length with Transfer-Encoding; on top of it this client refuses what llhttp would take: a
+transfer coding other than one "chunked", a 1xx that declares a body (llhttp skips it: another
+reader would take different bytes for the real response), a 101 to a plain request, control
+characters in the reason phrase, heads past MAX_HEAD, and endless chunk framing; and it never
+keeps an HTTP/1.0 connection. Where llhttp refuses what RFC 9110/9112 let a recipient accept and
+this client always did (identical repeated Content-Lengths, ``5, 5``; obsolete line folding), the
+head is put right by _normal_head and parsed again. Every MalformedResponse closes the
+connection, and a connection is reused only after a complete, well-framed exchange with nothing
+left over.
 """
 
 from __future__ import annotations
@@ -31,25 +40,17 @@ from dataclasses import dataclass
 from typing import cast
 
 import anyio
+import httptools
 
 #: Bytes read from the local app and not yet passed on, past which reading pauses.
 READ_HIGH_WATER = 256 * 1024
 #: Largest response head accepted (status line and headers).
 MAX_HEAD = 256 * 1024
-#: Largest chunk-size line or trailer section line accepted in a chunked body.
-MAX_CHUNK_LINE = 4096
 
 _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
 # Field values: no control characters but tab (so no CR/LF/NUL), as RFC 9110 5.5 allows.
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _BAD_TARGET = re.compile(rb"[\x00-\x20\x7f]")
-_STATUS_LINE = re.compile(rb"HTTP/([0-9])\.([0-9]) ([0-9]{3})(?: [^\x00-\x08\x0a-\x1f\x7f]*)?")
-_HEADER_LINE = re.compile(rb"([-!#$%&'*+.^_`|~0-9a-zA-Z]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*")
-# Every header line of a head in the usual form (each ending in CRLF, none folded), in one match.
-_FAST_HEADERS = re.compile(rb"(?:[-!#$%&'*+.^_`|~0-9a-zA-Z]+:[^\x00-\x08\x0a-\x1f\x7f]*\r\n)*")
-_HEAD_END_LF = re.compile(rb"\n\r?\n")  # tolerated like h11 does: a head whose lines end in a bare LF
-_LINE_END = re.compile(rb"\r?\n")
-_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _NO_BODY_STATUS = (204, 304)
 
 
@@ -106,10 +107,22 @@ class _Connection(asyncio.Protocol):
         self.received_any = False
         # True once an exchange finished cleanly and the connection may carry another.
         self.reusable = False
-        self._buffer = b""
+        self._parser = _new_parser(self)
+        self._replace_parser = False  # after a response without a body whose framing llhttp would read
+        # The exchange under way: set by read_head, filled in by the parser's callbacks.
+        self._no_body = False  # the request was HEAD
+        self._request_keep_alive = False
+        self._status = 0
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._informational = 0  # the last 1xx status skipped, for the error message
+        self._informational_count = 0  # 1xx responses skipped before the final one
+        self._head_done = False  # the final head was read
+        self._complete = False  # the whole response was read
+        self._leftover = False  # bytes came after the response
+        self._until_close = False  # the body ends when the connection does
         self._keep_alive = False
-        # Body framing of the response being read: -1 chunked, -2 until close, else a byte count.
-        self._length = 0
+        self._pieces: list[bytes] = []  # body bytes parsed, not yet passed on
+        self._body_error: MalformedResponse | None = None
         self._received: deque[bytes] = deque()  # read by the loop, not yet taken by _receive
         self._received_size = 0
         self._reading_paused = False
@@ -209,184 +222,177 @@ class _Connection(asyncio.Protocol):
             raise LocalError("the local service closed the connection before the end of the response body")
         return data
 
-    # -- the response head ---------------------------------------------------------------
-    async def read_head(self, method: str, request_keep_alive: bool) -> tuple[int, list[tuple[bytes, bytes]]]:
-        """Read a final response head (1xx are skipped) and set up the body framing."""
-        informational = 0  # the last 1xx status skipped, for the error message
-        while True:
-            buffer = self._buffer
-            while True:
-                end = buffer.find(b"\r\n\r\n")
-                if end >= 0:
-                    head, buffer = buffer[:end], buffer[end + 4 :]
-                    break
-                if b"\n" in buffer and (match := _HEAD_END_LF.search(buffer)):
-                    head, buffer = buffer[: match.start()], buffer[match.end() :]
-                    break
-                if len(buffer) > MAX_HEAD:
-                    raise MalformedResponse(f"response head larger than {MAX_HEAD} bytes")
-                data = await self._receive()
-                if not data:
-                    if buffer:
-                        raise LocalError("the local service closed the connection in the middle of a response head")
-                    raise LocalError("the local service closed the connection without answering")
-                buffer += data
-            self._buffer = buffer
-            first_end = head.find(b"\r\n")
-            block = head[first_end + 2 :] + b"\r\n" if first_end >= 0 else b""
-            if first_end >= 0 and _FAST_HEADERS.fullmatch(block):
-                # The usual head: CRLF lines, no folding. One regex checks every header line,
-                # so each is only split here (a regex per line cost more than the rest).
-                status_line = _STATUS_LINE.fullmatch(head, 0, first_end)
-                headers = []
-                for line in block.split(b"\r\n")[:-1]:
-                    name, _, value = line.partition(b":")
-                    headers.append((name, value.strip(b" \t")))
-            else:
-                lines = _LINE_END.split(head) if b"\n" in head else [head]
-                status_line = _STATUS_LINE.fullmatch(lines[0])
-                headers = _parse_header_lines(lines)
-            if status_line is None:
-                first_line = _LINE_END.split(head, maxsplit=1)[0][:100]
-                if informational:
-                    # A 1xx has no body (RFC 9110 15.2): whatever follows it must be a status line.
-                    raise MalformedResponse(f"bytes that are not a status line after a {informational} "
-                                            f"response (a 1xx response has no body): {first_line!r}")
-                raise MalformedResponse(f"bad status line {first_line!r}")
-            status = int(status_line[3])
-            if status >= 200:
-                break
+    # -- the response, parsed by llhttp ---------------------------------------------------------
+    # httptools calls these while feed_data runs; they only collect what the readers below need.
+    def on_message_begin(self) -> None:
+        if self._complete:
+            # A response that starts after the one asked for: a reused connection would serve it
+            # (a smuggled response) to the next visitor, so this connection is never reused.
+            self._leftover = True
+
+    def on_status(self, reason: bytes) -> None:
+        # On top of llhttp, which takes any byte but CR and LF in a reason phrase: no control
+        # characters but tab, as in field values (the phrase is not passed on: the visitor gets
+        # the standard one, but a head carrying them is not trusted).
+        if _BAD_VALUE.search(reason):
+            raise MalformedResponse(f"bad status line: control characters in the reason phrase {reason[:100]!r}")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._head_done:  # afterwards: trailer fields, dropped as before
+            # llhttp drops the whitespace before a value but keeps the whitespace after it.
+            self._headers.append((name, value.rstrip(b" \t")))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        status = parser.get_status_code()
+        headers = self._headers
+        if status < 200:
             if status == 101:
                 raise MalformedResponse("101 Switching Protocols to a plain HTTP request")
             # 1xx informational responses (100 Continue, 103 Early Hints) are skipped. One that
             # declares a body is refused: a reader that honours the declaration and one that
-            # ignores it (as RFC 9110 says to) would take different bytes for the real response.
+            # ignores it (as RFC 9110 says to, and llhttp does) would take different bytes for the
+            # real response.
             _check_no_body_declared(status, headers)
-            informational = status
-        self._frame(method, status, headers, (int(status_line[1]), int(status_line[2])), request_keep_alive)
-        return status, headers
-
-    def _frame(self, method: str, status: int, headers: list[tuple[bytes, bytes]], version: tuple[int, int],
-               request_keep_alive: bool) -> None:
-        """Work out the body's framing (RFC 9112 6.3) and whether the connection stays open."""
-        keep_alive = request_keep_alive and version >= (1, 1)
-        chunked = False
-        length: bytes | None = None
-        unusual = False  # Content-Length repeated, or as a list ("5, 5"): passed on as one value
+            self._informational = status
+            self._informational_count += 1
+            self._headers = []
+            return
+        self._status = status
+        self._head_done = True
+        # On top of llhttp, which reads a body until close for any other coding and takes
+        # "chunked, chunked" or a repeated Transfer-Encoding as chunked: "chunked" is the only
+        # transfer coding a response may use here, once (as h11 and our client always did).
+        chunked = length = False
         for name, value in headers:
             lower = name.lower()
             if lower == b"transfer-encoding":
-                # Like h11: "chunked" is the only transfer coding a response may use here.
-                if chunked or value.strip().lower() != b"chunked":
+                if chunked or value.lower() != b"chunked":
                     raise MalformedResponse(f"unsupported Transfer-Encoding {value[:100]!r}")
                 chunked = True
             elif lower == b"content-length":
-                sent = value
-                value = value.strip()
-                if not value.isdigit() or len(value) > 18:
-                    value = _list_content_length(value)
-                if length is not None and value != length:
-                    raise MalformedResponse(f"conflicting Content-Length values {length.decode()} and {value.decode()}")
-                unusual = unusual or length is not None or value != sent
-                length = value
-            elif lower == b"connection" and b"close" in value.lower() and any(
-                    token.strip() == b"close" for token in value.lower().split(b",")):
-                keep_alive = False
-        if chunked and length is not None:
-            # RFC 9112 6.1: a sender MUST NOT send both; a proxy that picks one while the next
-            # hop picks the other is how responses get split, so neither is trusted.
-            raise MalformedResponse(f"both Content-Length ({length.decode()}) and Transfer-Encoding: chunked")
-        if unusual and length is not None:
-            # One plain value for the next hop: some (uvicorn) fail on a list, others take the first.
-            at, spelt = next((i, name) for i, (name, _) in enumerate(headers) if name.lower() == b"content-length")
-            headers[:] = [h for h in headers if h[0].lower() != b"content-length"]
-            headers.insert(at, (spelt, length))
-        if method == "HEAD" or status in _NO_BODY_STATUS:
-            self._length = 0
-        elif chunked:
-            self._length = -1
-        elif length is not None:
-            self._length = int(length)
-        else:
-            self._length = -2
+                length = True
+        # llhttp keeps an HTTP/1.0 connection open when it says keep-alive; this client never did.
+        keep_alive = self._request_keep_alive and parser.should_keep_alive() and parser.get_http_version() >= "1.1"
+        if self._no_body or status in _NO_BODY_STATUS:
+            # llhttp cannot be told a response answers HEAD (httptools offers no way): it would
+            # read the declared body. The response ends with its head, and the parser is replaced
+            # before the connection's next exchange; what it reads after the head here counts as
+            # bytes nobody asked for.
+            self._complete = True
+            self._replace_parser = True
+        elif not chunked and not length:
+            self._until_close = True
             keep_alive = False
         self._keep_alive = keep_alive
+
+    def on_body(self, data: bytes) -> None:
+        if self._complete:
+            self._leftover = True  # after a response to HEAD, a 204 or a 304
+        else:
+            self._pieces.append(data)
+
+    def on_message_complete(self) -> None:
+        if self._head_done:
+            self._complete = True
+
+    def _feed(self, data: bytes, rescue: bool = False) -> None:
+        """Parse ``data``; a malformed response raises MalformedResponse (after the head: the
+        error waits in ``_body_error`` until the body read so far is passed on), a head that
+        _normal_head may put right raises _Rescue when ``rescue``."""
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            # A check of ours refused the response from inside a callback.
+            if isinstance(exc.__context__, LocalError):
+                raise exc.__context__ from None
+            raise MalformedResponse(str(exc)) from None
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            if self._complete:
+                self._leftover = True  # garbage after the response: only the pool is concerned
+                return
+            if self._head_done:
+                self._body_error = MalformedResponse(f"{exc} in the body")
+                return
+            if rescue and str(exc) in _RESCUED:
+                raise _Rescue from None
+            if self._informational and not self._headers:
+                # A 1xx has no body (RFC 9110 15.2): whatever follows it must be a status line.
+                raise MalformedResponse(f"bytes that are not a status line after a {self._informational} "
+                                        f"response (a 1xx response has no body): {exc}") from None
+            raise MalformedResponse(str(exc)) from None
+
+    # -- the response head ---------------------------------------------------------------
+    async def read_head(self, method: str, request_keep_alive: bool) -> tuple[int, list[tuple[bytes, bytes]]]:
+        """Read a final response head (1xx are skipped) and set up the body framing."""
+        if self._replace_parser:
+            self._parser = _new_parser(self)
+            self._replace_parser = False
+        self._no_body = method == "HEAD"
+        self._request_keep_alive = request_keep_alive
+        self._headers = []
+        self._pieces = []
+        self._head_done = self._complete = self._leftover = self._until_close = False
+        self._informational = self._informational_count = 0
+        self._body_error = None
+        fed = 0
+        read: list[bytes] = []  # kept for _normal_head while the final head is not read
+        rescuing = False
+        while not self._head_done:
+            data = await self._receive()
+            if not data:
+                if fed:
+                    raise LocalError("the local service closed the connection in the middle of a response head")
+                raise LocalError("the local service closed the connection without answering")
+            fed += len(data)
+            read.append(data)
+            if not rescuing:
+                try:
+                    self._feed(data, rescue=True)
+                except _Rescue:
+                    rescuing = True
+            if rescuing:
+                # The head llhttp refused, whole (with the 1xx heads before it, which have no body).
+                read = [b"".join(read)]
+                if (head := _head_at(read[0], self._informational_count)) is not None:
+                    start, end = head
+                    self._parser = _new_parser(self)
+                    self._headers = []
+                    self._feed(_normal_head(read[0][start:end]) + read[0][end:])
+                    rescuing = False
+            if fed > MAX_HEAD and not self._head_done:
+                # llhttp has no bound of its own, and httptools joins a header's pieces in memory.
+                raise MalformedResponse(f"response head larger than {MAX_HEAD} bytes")
+        return self._status, self._headers
 
     # -- the response body ---------------------------------------------------------------
     async def body(self) -> AsyncIterator[bytes]:
         """The body of the response whose head was read last; marks the connection reusable at its end."""
-        if self._length == -1:
-            async for piece in self._chunked_body():
-                yield piece
-        elif self._length == -2:
-            if self._buffer:
-                data, self._buffer = self._buffer, b""
-                yield data
-            while data := await self._receive():
-                yield data
-        else:
-            left = self._length
-            buffer, self._buffer = self._buffer, b""
-            while left:
-                if not buffer:
-                    buffer = await self._more()
-                if len(buffer) <= left:
-                    left -= len(buffer)
-                    piece, buffer = buffer, b""
-                else:
-                    piece, buffer = buffer[:left], buffer[left:]
-                    left = 0
-                yield piece
-            self._buffer = buffer  # more than the body: see the leftover check below
+        # Bytes fed without a byte of body coming out: only chunk framing and trailers do that.
+        stalled = 0
+        while True:
+            pieces = self._pieces
+            if pieces:
+                self._pieces = []
+                stalled = 0
+                # All a read held in one piece: each piece passed on costs a DATA frame.
+                yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            if self._body_error is not None:
+                raise self._body_error
+            if self._complete:
+                break
+            data = await self._receive()
+            if not data:
+                if self._until_close:
+                    break
+                raise LocalError("the local service closed the connection before the end of the response body")
+            self._feed(data)
+            stalled += len(data)
+            if stalled > MAX_HEAD and not self._pieces and not self._complete:
+                raise MalformedResponse(f"more than {MAX_HEAD} bytes of chunk framing or trailers without data")
         # Bytes after the body that nobody asked for (a premature next response) make the
         # connection unsafe to reuse: the next exchange would read them as its answer.
-        self.reusable = self._keep_alive and not self._buffer
-
-    async def _chunked_body(self) -> AsyncIterator[bytes]:
-        """Chunked transfer coding (RFC 9112 7.1): data yielded as it arrives, trailers dropped."""
-        buffer = self._buffer
-        pos = 0
-        while True:
-            # chunk-size [; extensions] CRLF
-            while (eol := buffer.find(b"\n", pos)) < 0:
-                if len(buffer) - pos > MAX_CHUNK_LINE:
-                    raise MalformedResponse("chunk-size line too long")
-                buffer = buffer[pos:] + await self._more()
-                pos = 0
-            line = buffer[pos:eol]
-            pos = eol + 1
-            size_field = line.split(b";", 1)[0].strip(b" \t\r")
-            if not line.endswith(b"\r") or not _CHUNK_SIZE.fullmatch(size_field):
-                raise MalformedResponse(f"bad chunk-size line {line[:100]!r}")
-            size = int(size_field, 16)
-            if size == 0:
-                break
-            while size:
-                if pos == len(buffer):
-                    buffer, pos = await self._more(), 0
-                # When the whole read is chunk data it is passed on as it is: no copy.
-                piece = buffer if pos == 0 and len(buffer) <= size else buffer[pos : pos + size]
-                pos += len(piece)
-                size -= len(piece)
-                yield piece
-            while len(buffer) - pos < 2:
-                buffer = buffer[pos:] + await self._more()
-                pos = 0
-            if buffer[pos : pos + 2] != b"\r\n":
-                raise MalformedResponse("chunk data not followed by CRLF")
-            pos += 2
-        # Trailer section: header lines up to an empty line.
-        while True:
-            while (eol := buffer.find(b"\n", pos)) < 0:
-                if len(buffer) - pos > MAX_CHUNK_LINE:
-                    raise MalformedResponse("trailer line too long")
-                buffer = buffer[pos:] + await self._more()
-                pos = 0
-            line = buffer[pos:eol]
-            pos = eol + 1
-            if line in (b"", b"\r"):
-                break
-        self._buffer = buffer[pos:]
+        self.reusable = self._keep_alive and not self._leftover and not self._received
 
     def closed_while_idle(self) -> bool:
         """True if the peer closed (or sent bytes nobody asked for, e.g. a 408) while idle."""
@@ -398,15 +404,87 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
 
-def _list_content_length(value: bytes) -> bytes:
-    """The one length of a Content-Length list like ``5, 5`` (RFC 9110 8.6 allows identical
-    repeats); anything else is a MalformedResponse."""
-    values = {part.strip(b" \t") for part in value.split(b",")}
-    if not all(part.isdigit() and len(part) <= 18 for part in values):
-        raise MalformedResponse(f"bad Content-Length {value[:100]!r}")
-    if len(values) > 1:
-        raise MalformedResponse(f"conflicting Content-Length values in {value[:100]!r}")
-    return values.pop()
+class _Rescue(Exception):
+    """llhttp refused a head that the old rules of this client decide (see _RESCUED)."""
+
+
+#: llhttp's refusals of a head, with no leniency to turn them off, that this client decided
+#: otherwise before llhttp (and h11 before it): identical Content-Lengths are one length (RFC
+#: 9110 8.6 allows it), obsolete line folding is unfolded (RFC 9112 5.2 allows it), and the
+#: refusals of conflicting lengths and of Content-Length with Transfer-Encoding say which values.
+_RESCUED = frozenset({
+    "Duplicate Content-Length", "Invalid character in Content-Length", "Unexpected whitespace after header value",
+    "Unexpected space after start line",
+    "Transfer-Encoding can't be present with Content-Length", "Content-Length can't be present with Transfer-Encoding",
+})
+_HEAD_END = re.compile(rb"\n\r?\n")
+_LINE_END = re.compile(rb"\r?\n")
+
+
+def _head_at(data: bytes, skipped: int) -> tuple[int, int] | None:
+    """Where the head after ``skipped`` 1xx heads starts and ends in ``data`` (None: not all read).
+    A 1xx response has no body, so each of those heads ends at the next blank line."""
+    start = 0
+    for _ in range(skipped + 1):
+        match = _HEAD_END.search(data, start)
+        if match is None:
+            return None
+        begin, start = start, match.end()
+    return begin, start
+
+
+def _normal_head(head: bytes) -> bytes:
+    """A head llhttp refused, as this client reads it: folded lines joined by a space, repeated
+    or listed identical Content-Lengths made one plain value in the first one's place; anything
+    else the old rules refuse is a MalformedResponse saying what, and what is left llhttp parses
+    again (its own checks all still apply)."""
+    lines = _LINE_END.split(head.lstrip(b"\r\n").rstrip(b"\r\n"))
+    unfolded = lines[:1]
+    for line in lines[1:]:
+        if line[:1] in (b" ", b"\t"):
+            if len(unfolded) == 1:
+                raise MalformedResponse(f"bad header continuation line {line[:100]!r}")
+            unfolded[-1] = unfolded[-1].rstrip(b" \t") + b" " + line.strip(b" \t")
+        else:
+            unfolded.append(line)
+    kept = unfolded[:1]
+    length: bytes | None = None
+    chunked = False
+    for line in unfolded[1:]:
+        name, _, value = line.partition(b":")
+        lower = name.lower()
+        if lower == b"transfer-encoding":
+            if chunked or value.strip(b" \t").lower() != b"chunked":
+                raise MalformedResponse(f"unsupported Transfer-Encoding {value.strip(b' ')[:100]!r}")
+            chunked = True
+        elif lower == b"content-length":
+            value = value.strip(b" \t")
+            values = {part.strip(b" \t") for part in value.split(b",")}
+            if not all(part.isdigit() and len(part) <= 18 for part in values):
+                raise MalformedResponse(f"bad Content-Length {value[:100]!r}")
+            if len(values) > 1:
+                raise MalformedResponse(f"conflicting Content-Length values in {value[:100]!r}")
+            one = values.pop()
+            if length is not None:
+                if one != length:
+                    raise MalformedResponse(f"conflicting Content-Length values {length.decode()} and {one.decode()}")
+                continue  # a repeat: the first one stands for both
+            length, line = one, name + b": " + one
+        kept.append(line)
+    if chunked and length is not None:
+        # RFC 9112 6.1: a sender MUST NOT send both; a proxy that picks one while the next
+        # hop picks the other is how responses get split, so neither is trusted.
+        raise MalformedResponse(f"both Content-Length ({length.decode()}) and Transfer-Encoding: chunked")
+    return b"\r\n".join(kept) + b"\r\n\r\n"
+
+
+def _new_parser(conn: _Connection) -> httptools.HttpResponseParser:
+    """An llhttp response parser calling back ``conn``, lenient only where the old client was."""
+    parser = httptools.HttpResponseParser(conn)
+    # Heads whose lines end in a bare LF, as h11 and our own parser took them (a chunk-size line
+    # still needs its CR); and spaces after a chunk size, which we took too.
+    parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True, lenient_spaces_after_chunk_size=True)
+    return parser
 
 
 def _check_no_body_declared(status: int, headers: list[tuple[bytes, bytes]]) -> None:
@@ -416,25 +494,6 @@ def _check_no_body_declared(status: int, headers: list[tuple[bytes, bytes]]) -> 
         if lower == b"transfer-encoding" or (lower == b"content-length" and value.strip() != b"0"):
             raise MalformedResponse(f"a {status} response with a body ({name.decode('latin-1')}: "
                                     f"{value[:100].decode('latin-1')}); a 1xx response has none")
-
-
-def _parse_header_lines(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
-    """Header lines after the status line, in order, duplicates kept; obsolete folding unfolded."""
-    headers: list[tuple[bytes, bytes]] = []
-    for index in range(1, len(lines)):
-        line = lines[index]
-        if line[:1] in (b" ", b"\t"):
-            # obs-fold (RFC 9112 5.2): a continuation of the previous value, joined by a space.
-            if not headers or _BAD_VALUE.search(line):
-                raise MalformedResponse(f"bad header continuation line {line[:100]!r}")
-            name, value = headers[-1]
-            headers[-1] = (name, (value + b" " + line.strip(b" \t")).strip(b" \t"))
-            continue
-        match = _HEADER_LINE.fullmatch(line)
-        if match is None:
-            raise MalformedResponse(f"malformed header line {line[:100]!r}")
-        headers.append((match[1], match[2]))
-    return headers
 
 
 def _request_head(method: str, target: bytes, headers: list[tuple[bytes, bytes]]) -> tuple[bytes, int, bool]:
