@@ -316,11 +316,19 @@ class _Connection(asyncio.Protocol):
                 return
             if rescue and str(exc) in _RESCUED:
                 raise _Rescue from None
-            if self._informational and not self._headers:
-                # A 1xx has no body (RFC 9110 15.2): whatever follows it must be a status line.
-                raise MalformedResponse(f"bytes that are not a status line after a {self._informational} "
-                                        f"response (a 1xx response has no body): {exc}") from None
-            raise MalformedResponse(str(exc)) from None
+            raise _Refused(str(exc)) from None
+
+    def _refused(self, exc: _Refused, read: bytes) -> MalformedResponse:
+        """llhttp's refusal of a head, saying which line (llhttp's messages do not)."""
+        found = _refused_line(read)
+        if found is None:
+            return MalformedResponse(exc.what)
+        line, status_line = found
+        if self._informational and status_line:
+            # A 1xx has no body (RFC 9110 15.2): whatever follows it must be a status line.
+            return MalformedResponse(f"bytes that are not a status line after a {self._informational} "
+                                     f"response (a 1xx response has no body): {line[:100]!r}")
+        return MalformedResponse(f"{exc.what} in {line[:100]!r}")
 
     # -- the response head ---------------------------------------------------------------
     async def read_head(self, method: str, request_keep_alive: bool) -> tuple[int, list[tuple[bytes, bytes]]]:
@@ -346,20 +354,25 @@ class _Connection(asyncio.Protocol):
                 raise LocalError("the local service closed the connection without answering")
             fed += len(data)
             read.append(data)
-            if not rescuing:
-                try:
-                    self._feed(data, rescue=True)
-                except _Rescue:
-                    rescuing = True
-            if rescuing:
-                # The head llhttp refused, whole (with the 1xx heads before it, which have no body).
-                read = [b"".join(read)]
-                if (head := _head_at(read[0], self._informational_count)) is not None:
-                    start, end = head
-                    self._parser = _new_parser(self)
-                    self._headers = []
-                    self._feed(_normal_head(read[0][start:end]) + read[0][end:])
-                    rescuing = False
+            try:
+                if not rescuing:
+                    try:
+                        self._feed(data, rescue=True)
+                    except _Rescue:
+                        rescuing = True
+                if rescuing:
+                    # The head llhttp refused, whole (with the 1xx heads before it, which have no body).
+                    read = [b"".join(read)]
+                    if (head := _head_at(read[0], self._informational_count)) is not None:
+                        start, end = head
+                        # What llhttp reads from here on (a refusal of it is quoted from it).
+                        read = [read[0][:start] + _normal_head(read[0][start:end]) + read[0][end:]]
+                        self._parser = _new_parser(self)
+                        self._headers = []
+                        self._feed(read[0][start:])
+                        rescuing = False
+            except _Refused as exc:
+                raise self._refused(exc, b"".join(read)) from None
             if fed > MAX_HEAD and not self._head_done:
                 # llhttp has no bound of its own, and httptools joins a header's pieces in memory.
                 raise MalformedResponse(f"response head larger than {MAX_HEAD} bytes")
@@ -402,6 +415,26 @@ class _Connection(asyncio.Protocol):
         self.reusable = False
         if self.transport is not None:
             self.transport.close()
+
+
+class _Refused(MalformedResponse):
+    """llhttp refused a head (the message is its own)."""
+
+
+def _refused_line(read: bytes) -> tuple[bytes, bool] | None:
+    """The line of ``read`` (a response's bytes so far) that llhttp refuses, found by feeding it
+    line by line to a parser with no callbacks, and whether it is where a status line belongs
+    (first, or after an empty line); None if it refuses none."""
+    parser = _new_parser(None)
+    lines = read.split(b"\n")
+    first = True
+    for index, line in enumerate(lines):
+        try:
+            parser.feed_data(line if index == len(lines) - 1 else line + b"\n")
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            return line.rstrip(b"\r"), first
+        first = line in (b"", b"\r")
+    return None
 
 
 class _Rescue(Exception):
@@ -478,8 +511,9 @@ def _normal_head(head: bytes) -> bytes:
     return b"\r\n".join(kept) + b"\r\n\r\n"
 
 
-def _new_parser(conn: _Connection) -> httptools.HttpResponseParser:
-    """An llhttp response parser calling back ``conn``, lenient only where the old client was."""
+def _new_parser(conn: _Connection | None) -> httptools.HttpResponseParser:
+    """An llhttp response parser calling back ``conn`` (None: nothing), lenient only where the old
+    client was."""
     parser = httptools.HttpResponseParser(conn)
     # Heads whose lines end in a bare LF, as h11 and our own parser took them (a chunk-size line
     # still needs its CR); and spaces after a chunk size, which we took too.
