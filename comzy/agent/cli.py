@@ -15,11 +15,12 @@ from typing import NoReturn
 import anyio
 
 from comzy import __version__
-from comzy.agent import account
+from comzy.agent import account, inspector
 from comzy.agent.client import Agent, AgentConfig, AgentError, Rejected, TLSMisconfigured, Unreachable
 from comzy.agent.forward import LocalForwarder
 from comzy.agent.output import ERROR_PREFIX, Output, make_output
 from comzy.core.aliases import ALIAS_RE
+from comzy.core.control import Welcome
 from comzy.core.eventloop import EVENT_LOOPS, backend_options
 from comzy.core.logs import printable
 from comzy.core.memory import tune_malloc
@@ -96,8 +97,31 @@ def build_parser() -> Parser:
     parser.add_argument("--quiet", "-q", action="store_true", help="do not print a line per request")
     parser.add_argument("--log", action="store_true", help="print a plain line per request instead of the live "
                         "status screen (the default when output is not a terminal)")
+    parser.add_argument("--inspect", metavar="ADDR", help="serve the inspector's local API (ngrok's: "
+                        "/api/tunnels, /api/requests/http) on HOST:PORT, or 'off' (default "
+                        f"{inspector.DEFAULT_HOST}:{inspector.DEFAULT_PORTS[0]}, the next free port up to "
+                        f"{inspector.DEFAULT_PORTS[-1]})")
+    parser.add_argument("--inspect-max-requests", metavar="N", type=_positive, default=inspector.DEFAULT_MAX_REQUESTS,
+                        help=f"requests the inspector keeps, the oldest dropped first (default "
+                        f"{inspector.DEFAULT_MAX_REQUESTS})")
+    parser.add_argument("--inspect-max-body", metavar="SIZE", type=_size, default=inspector.DEFAULT_MAX_BODY,
+                        help="bytes of each request and response body the inspector keeps; longer ones are "
+                        "kept cut and marked (default 1MiB; K, M suffixes or KiB, MiB)")
     parser.add_argument("--version", action="version", version=f"comzy {__version__}")
     return parser
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number of at least 1")
+    return int(text)
+
+
+def _size(text: str) -> int:
+    match = re.fullmatch(r"\s*(\d+)\s*(|[kKmMgG])(?:i?B)?\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a size: give bytes, or e.g. 64K, 1MiB")
+    return int(match[1]) * 1024 ** " KMG".index(match[2].upper() or " ")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -159,9 +183,64 @@ def server_list(option: str | None, saved: str | None = None) -> list[str]:
     return servers
 
 
-async def _run(agent: Agent, forwarder: LocalForwarder, printer: Output) -> int:
+class _Reporter:
+    """The agent's events go to the output, and the public URL to the inspector's API."""
+
+    def __init__(self, printer: Output, tunnel: inspector.TunnelInfo) -> None:
+        self.printer = printer
+        self.tunnel = tunnel
+
+    def connected(self, welcome: Welcome, first: bool) -> None:
+        """The tunnel is up: ``GET /api/tunnels`` lists it from now on."""
+        self.tunnel.public_url = welcome.url
+        self.printer.connected(welcome, first)
+
+    def reconnecting(self, reason: str, delay: float) -> None:
+        """As the output's."""
+        self.printer.reconnecting(reason, delay)
+
+    def notice(self, level: str, message: str) -> None:
+        """As the output's."""
+        self.printer.notice(level, message)
+
+
+def open_inspector(args: argparse.Namespace, printer: Output) -> socket.socket | None:
+    """The inspector's listening socket for ``--inspect`` (None when off); exits 2 when an
+    address given explicitly cannot be used."""
+    if args.inspect is not None and args.inspect.strip().lower() == "off":
+        return None
+    if args.inspect is None:
+        try:
+            return inspector.bind(inspector.DEFAULT_HOST, inspector.DEFAULT_PORTS)
+        except OSError:
+            # Not worth failing the tunnel for: it still works, only without the inspector.
+            ports = inspector.DEFAULT_PORTS
+            printer.notice("warning", f"Ports {ports[0]}-{ports[-1]} on {inspector.DEFAULT_HOST} are all in use, so "
+                                      "the inspector is off; pick a free port with --inspect 127.0.0.1:PORT.")
+            return None
+    try:
+        host, port = inspector.parse_address(args.inspect.strip())
+    except ValueError as exc:
+        build_parser().error(str(exc))
+    try:
+        sock = inspector.bind(host, [port])
+    except OSError as exc:
+        printer.error(f"the inspector cannot listen on {printable(args.inspect)} ({exc.strerror or exc}); "
+                      "give another address with --inspect HOST:PORT, or --inspect off")
+        sys.exit(2)
+    if not inspector.is_loopback(host):
+        printer.notice("warning", f"The inspector listens on {printable(host)}, which is not a loopback address: "
+                                  "anyone who can reach it sees every request through this tunnel (headers and "
+                                  "bodies) and can replay them. It has no password.")
+    return sock
+
+
+async def _run(agent: Agent, forwarder: LocalForwarder, printer: Output,
+               api: tuple[inspector.InspectorAPI, socket.socket] | None = None) -> int:
     code = 0
     async with printer.showing(lambda: agent.latency), anyio.create_task_group() as tg:
+        if api is not None:
+            tg.start_soon(api[0].serve, api[1])
         async def stop_on_signal() -> None:
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for _ in signals:
@@ -237,13 +316,21 @@ def main(argv: list[str] | None = None) -> None:
         # Said, so that what the server answers ('myapp' is in use...) names what the user typed.
         printer.notice("info", f"Asking for {subdomain} (--subdomain {printable(args.subdomain)}, lowercased: "
                                "DNS names ignore case).")
+    sock = open_inspector(args, printer)
+    capture = inspector.Capture(args.inspect_max_requests, args.inspect_max_body) if sock is not None else None
     forwarder = LocalForwarder(args.local_host, args.port, rewrite_host=args.host_header == "rewrite",
-                               on_served=printer.served)
+                               on_served=printer.served, capture=capture)
+    tunnel = inspector.TunnelInfo(target)
+    api = None
+    if sock is not None and capture is not None:
+        api = (inspector.InspectorAPI(capture, tunnel, lambda: forwarder.local,
+                                      check_host=inspector.is_loopback(sock.getsockname()[0])), sock)
+        printer.inspector = inspector.url_of(sock)
     config = AgentConfig(servers=servers, port=args.port, local_host=args.local_host,
                          subdomain=subdomain, token=token,
                          cacert=args.cacert)
     try:
-        agent = Agent(config, forwarder, printer)
+        agent = Agent(config, forwarder, _Reporter(printer, tunnel))
     except ValueError as exc:  # --cacert cannot be read
         printer.error(str(exc))
         sys.exit(2)
@@ -251,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
         printer.notice("warning", f"Nothing is listening on {target} yet; visitors get a 502 until it starts.")
     try:
         tune_malloc()  # bulk transfers reuse pages instead of faulting in fresh ones
-        code = anyio.run(_run, agent, forwarder, printer, backend_options=loop_options)
+        code = anyio.run(_run, agent, forwarder, printer, api, backend_options=loop_options)
     except KeyboardInterrupt:
         code = 0
     sys.exit(code)

@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -15,6 +16,9 @@ from comzy.core.logs import RateLimitedLog
 from comzy.core.session import SessionClosed
 from comzy.core.stream import Stream, StreamReset
 from comzy.core.websocket import Closed, HandshakeRejected, WebSocket, WebSocketError, client_handshake
+
+if TYPE_CHECKING:
+    from comzy.agent.inspector import Capture, Exchange
 
 log = logging.getLogger("comzy.agent")
 
@@ -36,13 +40,16 @@ class LocalForwarder:
 
     def __init__(self, host: str, port: int, rewrite_host: bool = False,
                  max_ws_message: int = 16 * 1024 * 1024,
-                 on_served: Callable[[Served], None] | None = None) -> None:
+                 on_served: Callable[[Served], None] | None = None, capture: Capture | None = None) -> None:
         self.host = host
         self.port = port
         self.address = f"{host}:{port}"
         self.rewrite_host = rewrite_host
         self.max_ws_message = max_ws_message
         self.on_served = on_served
+        #: The inspector's store (``--inspect``): each exchange's heads and first bytes are copied
+        #: there as they pass. None: nothing is copied, the hot path pays one test per chunk.
+        self.capture = capture
         self.local = LocalClient(host, port)
         # A local app that keeps sending malformed responses gets one log line per minute.
         self._log_malformed = RateLimitedLog(log, interval=60.0)
@@ -61,11 +68,17 @@ class LocalForwarder:
         """Serve one stream to the end; never raises (errors become 502 or RESET)."""
         started = time.monotonic()
         served = Served(head.method, head.target.decode("latin-1"), 0, 0.0, head.websocket)
+        exchange: Exchange | None = None
         try:
+            headers = self._headers(head) if head.websocket else self._http_headers(head)
+            if self.capture is not None:
+                exchange = self.capture.begin(head.method, head.target, headers, head.client,
+                                              "websocket" if head.websocket else "http")
+                exchange.request_complete = head.websocket or not head.has_body
             if head.websocket:
-                await self._websocket(stream, head, served)
+                await self._websocket(stream, head, served, exchange)
             else:
-                await self._http(stream, head, served)
+                await self._http(stream, head, served, headers, exchange)
         except (StreamReset, SessionClosed) as exc:
             served.error = served.error or str(exc)
         except Exception as exc:  # a bug must not take the agent down with it
@@ -75,21 +88,31 @@ class LocalForwarder:
         finally:
             stream.close()
             served.duration = time.monotonic() - started
+            if exchange is not None:
+                exchange.finish(served.error)
             if self.on_served is not None:
                 self.on_served(served)
 
     # -- HTTP ----------------------------------------------------------------------
-    async def _http(self, stream: Stream, head: p.RequestHead, served: Served) -> None:
+    def _http_headers(self, head: p.RequestHead) -> list[tuple[bytes, bytes]]:
+        """The request's headers as they go to the local service."""
         headers = self._headers(head)
         if head.has_body and not any(n.lower() == b"content-length" for n, _ in headers):
             # The edge removed the visitor's (hop-by-hop) chunked framing; re-frame the body.
             headers = [*headers, (b"transfer-encoding", b"chunked")]
         if not any(n.lower() == b"host" for n, _ in headers):
             headers = [(b"host", self.address.encode()), *headers]
+        return headers
 
+    async def _http(self, stream: Stream, head: p.RequestHead, served: Served,
+                    headers: list[tuple[bytes, bytes]], exchange: Exchange | None) -> None:
         async def body() -> AsyncIterator[bytes]:
             while (chunk := await stream.receive()) is not None:
+                if exchange is not None:
+                    exchange.request_data(chunk[0])
                 yield chunk[0]
+            if exchange is not None:
+                exchange.request_complete = True
 
         for attempt in (1, 2):
             try:
@@ -97,18 +120,20 @@ class LocalForwarder:
                                                     body() if head.has_body else None)
                 break
             except ConnectFailed as exc:
-                return await self._fail(stream, served, f"could not connect to {self.address} ({exc}). "
+                return await self._fail(stream, served, exchange, f"could not connect to {self.address} ({exc}). "
                                         f"Is anything listening on {self.address}?")
             except StaleConnection:
                 if attempt == 2:
-                    return await self._fail(stream, served, f"{self.address} closed the connection "
+                    return await self._fail(stream, served, exchange, f"{self.address} closed the connection "
                                             "without answering")
                 # The pooled connection was closed under us; a fresh one will do.
             except MalformedResponse as exc:
-                return await self._fail(stream, served, self._malformed(exc))
+                return await self._fail(stream, served, exchange, self._malformed(exc))
             except LocalError as exc:
-                return await self._fail(stream, served, f"{self.address} failed: {exc}")
+                return await self._fail(stream, served, exchange, f"{self.address} failed: {exc}")
         served.status = response.status
+        if exchange is not None:
+            exchange.response(response.status, response.headers)
         clean = False
         try:
             # Heads wait like DATA while the link is backed up: the agent's queue never grows past
@@ -116,6 +141,8 @@ class LocalForwarder:
             await stream.session.send(p.encode(
                 p.FrameType.RESPONSE, stream.id, p.ResponseHead(response.status, response.headers).to_payload()))
             async for chunk in response.body():
+                if exchange is not None:
+                    exchange.response_data(chunk)
                 await stream.send_data(chunk)
             clean = True
         except LocalError as exc:
@@ -144,18 +171,20 @@ class LocalForwarder:
         self._log_malformed("%s", message)
         return message
 
-    async def _fail(self, stream: Stream, served: Served, message: str) -> None:
+    async def _fail(self, stream: Stream, served: Served, exchange: Exchange | None, message: str) -> None:
         served.status = 502
         served.error = message
         body = f"Comzy agent: {message}\n".encode()
-        await stream.session.send(p.encode(p.FrameType.RESPONSE, stream.id, p.ResponseHead(
-            502, [(b"content-type", b"text/plain; charset=utf-8"),
-                  (b"content-length", str(len(body)).encode())]).to_payload()))
+        headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]
+        if exchange is not None:
+            exchange.response(502, headers)
+            exchange.response_data(body)
+        await stream.session.send(p.encode(p.FrameType.RESPONSE, stream.id, p.ResponseHead(502, headers).to_payload()))
         await stream.send_data(body)
         stream.send_end()
 
     # -- WebSocket -------------------------------------------------------------------
-    async def _websocket(self, stream: Stream, head: p.RequestHead, served: Served) -> None:
+    async def _websocket(self, stream: Stream, head: p.RequestHead, served: Served, exchange: Exchange | None) -> None:
         host = self.address
         extra = []
         for name, value in head.headers:
@@ -167,14 +196,17 @@ class LocalForwarder:
         try:
             tcp = await anyio.connect_tcp(self.host, self.port)
         except OSError as exc:
-            return await self._fail(stream, served, f"could not connect to {self.address} ({exc.strerror or exc}). "
-                                    f"Is anything listening on {self.address}?")
+            return await self._fail(stream, served, exchange, f"could not connect to {self.address} "
+                                    f"({exc.strerror or exc}). Is anything listening on {self.address}?")
         try:
             ws, accept = await client_handshake(tcp, host, head.target.decode("latin-1"), self.max_ws_message,
                                                 extra, head.subprotocols)
         except HandshakeRejected as exc:
             await tcp.aclose()
             served.status = exc.status
+            if exchange is not None:
+                exchange.response(exc.status, exc.headers)
+                exchange.response_data(exc.body or b"")
             await stream.session.send(p.encode(p.FrameType.RESPONSE, stream.id,
                                                p.ResponseHead(exc.status, exc.headers).to_payload()))
             if exc.body:
@@ -183,19 +215,21 @@ class LocalForwarder:
             return
         except (WebSocketError, OSError) as exc:
             await tcp.aclose()
-            return await self._fail(stream, served, f"WebSocket handshake with {self.address} failed: {exc}")
+            return await self._fail(stream, served, exchange, f"WebSocket handshake with {self.address} failed: {exc}")
         served.status = 101
+        if exchange is not None:
+            exchange.response(101, list(accept.extra_headers))
         try:
             await stream.session.send(p.encode(p.FrameType.RESPONSE, stream.id, p.ResponseHead(
                 101, list(accept.extra_headers), accept.subprotocol).to_payload()))
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._ws_to_local, stream, ws, tg.cancel_scope)
-                await self._ws_to_edge(stream, ws)
+                tg.start_soon(self._ws_to_local, stream, ws, tg.cancel_scope, exchange)
+                await self._ws_to_edge(stream, ws, exchange)
                 tg.cancel_scope.cancel()
         finally:
             await ws.aclose()
 
-    async def _ws_to_edge(self, stream: Stream, ws: WebSocket) -> None:
+    async def _ws_to_edge(self, stream: Stream, ws: WebSocket, exchange: Exchange | None) -> None:
         while True:
             message = await ws.receive()
             if isinstance(message, Closed):
@@ -203,14 +237,17 @@ class LocalForwarder:
                                                     {"code": message.code, "reason": message.reason}))
                 stream.send_end()
                 return
-            if isinstance(message, str):
-                await stream.send_data(message.encode(), p.FLAG_TEXT | p.FLAG_FIN)
-            else:
-                await stream.send_data(message, p.FLAG_FIN)
+            data = message.encode() if isinstance(message, str) else message
+            if exchange is not None:  # the first messages' bytes, up to the cap, one after the other
+                exchange.response_data(data)
+            await stream.send_data(data, p.FLAG_TEXT | p.FLAG_FIN if isinstance(message, str) else p.FLAG_FIN)
 
-    async def _ws_to_local(self, stream: Stream, ws: WebSocket, scope: anyio.CancelScope) -> None:
+    async def _ws_to_local(self, stream: Stream, ws: WebSocket, scope: anyio.CancelScope,
+                           exchange: Exchange | None) -> None:
         try:
             while (message := await stream.receive_message()) is not None:
+                if exchange is not None:
+                    exchange.request_data(message.encode() if isinstance(message, str) else message)
                 await ws.send(message)
             code, reason = stream.ws_close or (1000, "")
             await ws.close(p.sendable_close_code(code), reason)

@@ -46,6 +46,9 @@ class Output(Protocol):
     def notice(self, level: str, message: str) -> None: ...
     def served(self, served: Served) -> None: ...
 
+    #: The inspector's URL (``--inspect``), shown under the public URL; None when it is off.
+    inspector: str | None
+
     def showing(self, latency: Callable[[], float | None]) -> AbstractAsyncContextManager[None]:
         """Show the output for as long as the agent runs; ``latency`` reads the agent's round trip
         to the server (seconds, None while unknown)."""
@@ -78,6 +81,7 @@ class Printer:
         self.target = target
         self.quiet = quiet
         self._down = False  # between a lost connection and the next successful one
+        self.inspector: str | None = None
 
     def _c(self, code: str, text: str) -> str:
         return f"{code}{text}{_RESET}" if self.colour else text
@@ -106,6 +110,8 @@ class Printer:
         if first:
             self.line(self._c(_DIM, f"Forwarding {url} -> http://{self.target}"))
             self.line(self._c(_BOLD + _GREEN, f"Public URL: {url}"))
+            if self.inspector:
+                self.line(self._c(_CYAN, f"Inspector: {self.inspector}"))
             user = printable(welcome.user) if welcome.user else None
             who = f"Logged in as {user}" if user else "Anonymous tunnel"
             expires = welcome.expires_at

@@ -101,6 +101,8 @@ class Screen:
         self._latency: Callable[[], float | None] = lambda: None
         self._errors: list[str] = []
         self._live: Live | None = None
+        #: The inspector's URL (``--inspect``), shown under the public URL; None when it is off.
+        self.inspector: str | None = None
         self._changed = True
 
     # -- the agent's events (Output) ------------------------------------------------
@@ -210,6 +212,7 @@ class Screen:
             ("Session", self._state_text()),
             ("Account", self._account_text()),
             ("Public URL", Text(url, "bold green" if self.state == "online" else "bold")),
+            *((("Inspector", Text(self.inspector, "cyan")),) if self.inspector else ()),
             ("Forwarding", Text(f"{url} -> http://{self.target}")),
             ("Latency", Text(f"{latency * 1000:.0f} ms" if latency is not None else "-")),
             ("Requests", Text(f"{rpm} in the last minute, {self.total} in all")),

@@ -1,0 +1,394 @@
+"""The agent's inspector (issue 15): capture bounded in count and body size, ngrok's local API
+(/api/tunnels, /api/requests/http, replay), and the CLI's --inspect. Real server, agent and local
+apps on port 0; the API is read over HTTP as a script would."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import re
+import socket
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from comzy.agent import cli, inspector
+from comzy.agent.client import Agent, AgentConfig
+from comzy.agent.forward import LocalForwarder
+from comzy.core.server import ServerContext
+from tests.conftest import PYTHON, RecordingReporter, RunningAgent, cli_env, start_server
+from tests.test_websocket import exchange, open_ws
+from tests.upstream import Upstream
+
+pytestmark = pytest.mark.anyio
+
+
+@asynccontextmanager
+async def inspected(server: ServerContext, port: int, *, rewrite_host: bool = False,
+                    max_requests: int = inspector.DEFAULT_MAX_REQUESTS, max_body: int = inspector.DEFAULT_MAX_BODY,
+                    ) -> AsyncIterator[tuple[RunningAgent, httpx.AsyncClient]]:
+    """An in-process agent with capture on, and a client for its local API (on 127.0.0.1:0)."""
+    capture = inspector.Capture(max_requests, max_body)
+    reporter = RecordingReporter()
+    forwarder = LocalForwarder("127.0.0.1", port, rewrite_host=rewrite_host, on_served=reporter.served.append,
+                               capture=capture)
+    agent = Agent(AgentConfig(servers=[f"ws://127.0.0.1:{server.ports.ws}"], port=port), forwarder, reporter)
+    tunnel = inspector.TunnelInfo(f"127.0.0.1:{port}")
+    api = inspector.InspectorAPI(capture, tunnel, lambda: forwarder.local)
+    sock = inspector.bind("127.0.0.1", [0])
+    async with anyio.create_task_group() as tg, httpx.AsyncClient(base_url=inspector.url_of(sock),
+                                                                  timeout=30) as client:
+        tg.start_soon(api.serve, sock)
+        tg.start_soon(agent.run)
+        welcome = await reporter.wait_connected()
+        tunnel.public_url = str(welcome["url"])
+        yield RunningAgent(agent, reporter, server), client
+        await agent.close()
+        tg.cancel_scope.cancel()
+    await forwarder.aclose()
+
+
+async def requests(api: httpx.AsyncClient, **params: Any) -> list[dict[str, Any]]:
+    answer = await api.get("/api/requests/http", params=params)
+    assert answer.status_code == 200
+    assert answer.headers["content-type"] == "application/json"
+    document = answer.json()
+    assert document["uri"] == "/api/requests/http"
+    return list(document["requests"])
+
+
+def raw(message: dict[str, Any]) -> bytes:
+    return base64.b64decode(message["raw"])
+
+
+async def test_api_shows_tunnels_and_requests_in_ngroks_shape(server: ServerContext, upstream: Upstream) -> None:
+    async with inspected(server, upstream.port) as (tunnel, api):
+        tunnels = (await api.get("/api/tunnels")).json()
+        # What `curl -s localhost:4040/api/tunnels | jq -r .tunnels[0].public_url` reads.
+        assert tunnels["tunnels"][0]["public_url"] == tunnel.url
+        assert tunnels["tunnels"][0]["name"] == "command_line"
+        assert tunnels["tunnels"][0]["proto"] == "http"
+        assert tunnels["tunnels"][0]["config"] == {"addr": f"http://127.0.0.1:{upstream.port}", "inspect": True}
+        assert tunnels["uri"] == "/api/tunnels"
+        assert (await api.get("/api/tunnels/command_line")).json()["public_url"] == tunnel.url
+
+        async with tunnel.visitor() as visitor:
+            sent = await visitor.post("/echo?x=1", content=b'{"hello": "world"}',
+                                      headers={"content-type": "application/json", "x-one": "a"})
+            assert sent.status_code == 200
+            await visitor.get("/status/404")
+
+        listed = await requests(api)
+        assert [e["request"]["uri"] for e in listed] == ["/status/404", "/echo?x=1"]  # newest first
+        echo = listed[1]
+        assert set(echo) >= {"uri", "id", "tunnel_name", "remote_addr", "start", "duration", "request", "response"}
+        assert echo["uri"] == f"/api/requests/http/{echo['id']}"
+        assert echo["tunnel_name"] == "command_line"
+        assert echo["remote_addr"] == "127.0.0.1"
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+[+-]\d\d:\d\d", echo["start"])
+        assert isinstance(echo["duration"], int) and echo["duration"] > 0  # nanoseconds, as ngrok's
+        request = echo["request"]
+        assert request["method"] == "POST"
+        assert request["proto"] == "HTTP/1.1"
+        assert request["headers"]["X-One"] == ["a"]
+        assert request["headers"]["Content-Type"] == ["application/json"]
+        assert raw(request).startswith(b"POST /echo?x=1 HTTP/1.1\r\n")
+        assert raw(request).endswith(b'\r\n\r\n{"hello": "world"}')
+        assert request["body_size"] == 18 and request["body_truncated"] is False
+        response = echo["response"]
+        assert response["status"] == "200 OK" and response["status_code"] == 200
+        assert raw(response).startswith(b"HTTP/1.1 200 OK\r\n")
+        assert raw(response).endswith(b"\r\n\r\n" + sent.content)
+        assert echo["kind"] == "http" and echo["replay_of"] is None and echo["done"] is True
+        assert listed[0]["response"]["status"] == "404 Not Found"
+
+        one = await api.get(f"/api/requests/http/{echo['id']}")
+        assert one.status_code == 200
+        assert {k: v for k, v in one.json().items() if k != "duration"} == \
+            {k: v for k, v in echo.items() if k != "duration"}
+        assert [e["id"] for e in await requests(api, limit=1)] == [listed[0]["id"]]
+        assert await requests(api, tunnel_name="another") == []
+
+        missing = await api.get("/api/requests/http/nope")
+        assert missing.status_code == 404
+        assert set(missing.json()) == {"error_code", "status_code", "msg", "details"}
+        # A page elsewhere whose DNS name points at 127.0.0.1 gets nothing.
+        rebound = await api.get("/api/requests/http", headers={"host": "evil.example:4040"})
+        assert rebound.status_code == 403
+
+        cleared = await api.delete("/api/requests/http")
+        assert cleared.status_code == 204
+        assert await requests(api) == []
+
+
+async def test_bodies_are_capped_and_marked_and_the_list_is_bounded(server: ServerContext,
+                                                                    upstream: Upstream) -> None:
+    async with inspected(server, upstream.port, max_requests=3, max_body=1000) as (tunnel, api):
+        async with tunnel.visitor() as visitor:
+            body = bytes(range(256)) * 20  # 5120 bytes
+            assert (await visitor.post("/echo", content=body)).status_code == 200
+            download = await visitor.get("/bytes/5000")
+            assert len(download.content) == 5000  # the visitor gets everything: only the copy is cut
+            listed = await requests(api)
+            download_entry, upload = listed[0], listed[1]
+            assert upload["request"]["body_size"] == 5120 and upload["request"]["body_truncated"] is True
+            assert raw(upload["request"]).endswith(b"\r\n\r\n" + body[:1000])
+            assert download_entry["response"]["body_size"] == 5000
+            assert download_entry["response"]["body_truncated"] is True
+            assert raw(download_entry["response"]).endswith(b"\r\n\r\n" + download.content[:1000])
+
+            refused = await api.post("/api/requests/http", json={"id": upload["id"]})
+            assert refused.status_code == 400
+            assert "--inspect-max-body" in refused.json()["msg"]
+
+            for i in range(4):
+                await visitor.get(f"/status/20{i}")
+        listed = await requests(api)
+        assert [e["request"]["uri"] for e in listed] == ["/status/203", "/status/202", "/status/201"]
+        gone = await api.get(f"/api/requests/http/{upload['id']}")
+        assert gone.status_code == 404
+
+
+async def test_streams_are_recorded_as_such(server: ServerContext, upstream: Upstream) -> None:
+    for i in range(3):
+        upstream.gate(f"sse{i}").set()
+    async with inspected(server, upstream.port) as (tunnel, api):
+        async with tunnel.visitor() as visitor:
+            assert (await visitor.get("/sse")).status_code == 200
+        async with open_ws(tunnel.public, tunnel.alias, "/ws/mirror") as (ws, _):
+            assert await exchange(ws, "ping") == "ping"
+            await ws.close()
+        with anyio.fail_after(10):
+            # The WebSocket's end reaches the agent after the visitor's close: polled, as a script would.
+            while len(listed := await requests(api)) < 2 or not listed[0]["done"]:  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+        websocket, sse = listed
+        assert sse["kind"] == "sse"
+        assert b"data: event 0\n\n" in raw(sse["response"])
+        assert websocket["kind"] == "websocket"
+        assert websocket["response"]["status_code"] == 101
+        assert raw(websocket["request"]).endswith(b"\r\n\r\nping")
+        assert raw(websocket["response"]).endswith(b"\r\n\r\nping")
+        refused = await api.post("/api/requests/http", json={"id": websocket["id"]})
+        assert refused.status_code == 400
+
+
+class Recorder:
+    """A local app that keeps the exact bytes of each request it gets (Content-Length bodies)."""
+
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+        self.port = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+                body = await reader.readexactly(int(length[1])) if length else b""
+                self.received.append(head + body)
+                writer.write(b"HTTP/1.1 201 Created\r\ncontent-length: 3\r\n\r\nok\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+
+async def test_replay_sends_the_same_bytes_again_even_with_the_tunnel_down(tmp_path: Path) -> None:
+    recorder = Recorder()
+    local = await asyncio.start_server(recorder.handle, "127.0.0.1", 0)
+    recorder.port = local.sockets[0].getsockname()[1]
+    stop_server = anyio.Event()
+
+    async def run_server(*, task_status: anyio.abc.TaskStatus[ServerContext]) -> None:
+        async with start_server(tmp_path / "data") as started:
+            task_status.started(started)
+            await stop_server.wait()
+
+    async with local, anyio.create_task_group() as tg:
+        server = await tg.start(run_server)
+        async with inspected(server, recorder.port, rewrite_host=True) as (tunnel, api):
+            async with tunnel.visitor() as visitor:
+                answer = await visitor.post("/hook?n=1", content=b"event=paid&amount=12",
+                                            headers={"content-type": "application/x-www-form-urlencoded"})
+                assert answer.status_code == 201
+            original = (await requests(api))[0]
+            assert recorder.received[0].startswith(b"POST /hook?n=1 HTTP/1.1\r\n")
+            assert f"\r\nhost: 127.0.0.1:{recorder.port}\r\n".encode() in recorder.received[0]  # the Host rule
+            assert raw(original["request"]) == recorder.received[0]
+
+            stop_server.set()
+            with anyio.fail_after(20):
+                while not tunnel.reporter.reconnects:  # noqa: ASYNC110 (the reporter has no event for it)
+                    await anyio.sleep(0.02)
+            replayed = await api.post("/api/requests/http",
+                                      json={"id": original["id"], "tunnel_name": "command_line"})
+            assert replayed.status_code == 204
+            assert len(recorder.received) == 2
+            assert recorder.received[1] == recorder.received[0]  # byte for byte as first forwarded
+            replay = (await requests(api))[0]
+            assert replay["replay_of"] == original["id"]
+            assert replay["response"]["status_code"] == 201
+            assert raw(replay["request"]) == raw(original["request"])
+            assert raw(replay["response"]).endswith(b"\r\n\r\nok\n")
+            assert [e["id"] for e in await requests(api)][1] == original["id"]
+
+            missing = await api.post("/api/requests/http", json={"id": "0000"})
+            assert missing.status_code == 404
+            not_json = await api.post("/api/requests/http", content=json.dumps({"id": original["id"]}),
+                                      headers={"content-type": "text/plain"})
+            assert not_json.status_code == 415
+        tg.cancel_scope.cancel()
+
+
+# -- The command line ----------------------------------------------------------------------------
+def agent_command(port: int, server: ServerContext, *args: str) -> list[str]:
+    return [PYTHON, "-m", "comzy.agent.cli", str(port), "--local-host", "127.0.0.1",
+            "--server", f"ws://127.0.0.1:{server.ports.ws}", "--log", *args]
+
+
+async def lines_until(proc: subprocess.Popen[str], pattern: str, timeout: float = 30) -> list[str]:
+    """The process's output lines up to the first that matches ``pattern``."""
+    assert proc.stdout is not None
+    seen: list[str] = []
+    with anyio.fail_after(timeout):
+        while not seen or not re.search(pattern, seen[-1]):
+            line = await anyio.to_thread.run_sync(proc.stdout.readline)
+            if not line:
+                raise AssertionError(f"the agent ended before printing {pattern}:\n{''.join(seen)}")
+            seen.append(line)
+    return seen
+
+
+@contextmanager
+def agent_process(args: list[str], home: Path) -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen(args, env=cli_env(HOME=str(home)), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+async def test_the_cli_prints_the_inspector_under_the_public_url_and_serves_the_api(
+        server: ServerContext, upstream: Upstream, tmp_path: Path) -> None:
+    command = agent_command(upstream.port, server, "--inspect", "127.0.0.1:0", "--inspect-max-body", "1K")
+    with agent_process(command, tmp_path) as proc:
+        lines = await lines_until(proc, r"^Press Ctrl-C")
+        printed = [line.strip() for line in lines]
+        at = next(i for i, line in enumerate(printed) if line.startswith("Public URL: "))
+        public_url = printed[at].split(": ", 1)[1]
+        assert re.fullmatch(r"Inspector: http://127\.0\.0\.1:\d+", printed[at + 1])
+        api_url = printed[at + 1].split(": ", 1)[1]
+        assert not api_url.endswith(":0")
+        async with httpx.AsyncClient(base_url=api_url, timeout=30) as api:
+            # curl -s localhost:PORT/api/tunnels | jq -r .tunnels[0].public_url
+            assert (await api.get("/api/tunnels")).json()["tunnels"][0]["public_url"] == public_url
+            async with httpx.AsyncClient(timeout=30) as visitor:
+                host = public_url.split("//", 1)[1]
+                answer = await visitor.post(f"http://127.0.0.1:{server.ports.http}/cli", content=b"z" * 3000,
+                                            headers={"host": host})
+                assert answer.status_code == 200
+            await lines_until(proc, r"^POST\s+/cli 200")
+            entry = (await requests(api))[0]
+            assert entry["request"]["body_size"] == 3000
+            assert entry["request"]["body_truncated"] is True
+            assert raw(entry["request"]).endswith(b"\r\n\r\n" + b"z" * 1024)  # --inspect-max-body 1K
+
+
+async def test_inspect_off_serves_nothing_and_prints_nothing(server: ServerContext, upstream: Upstream,
+                                                             tmp_path: Path) -> None:
+    with agent_process(agent_command(upstream.port, server, "--inspect", "off"), tmp_path) as proc:
+        lines = await lines_until(proc, r"^Press Ctrl-C")
+        assert not [line for line in lines if "Inspector" in line or "inspector" in line]
+
+
+async def test_a_busy_explicit_address_is_an_error_that_says_what_to_do(server: ServerContext, upstream: Upstream,
+                                                                        tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        done = await anyio.run_process(agent_command(upstream.port, server, "--inspect", f"127.0.0.1:{port}"),
+                                       env=cli_env(HOME=str(tmp_path)), check=False)
+    assert done.returncode == 2
+    error = done.stderr.decode()
+    assert f"the inspector cannot listen on 127.0.0.1:{port}" in error
+    assert "--inspect off" in error
+    bad = await anyio.run_process(agent_command(upstream.port, server, "--inspect", "here"),
+                                  env=cli_env(HOME=str(tmp_path)), check=False)
+    assert bad.returncode == 2
+    assert "is not an address" in bad.stderr.decode()
+
+
+class Notices:
+    """Stands in for the CLI's output: keeps its notices."""
+
+    def __init__(self) -> None:
+        self.notices: list[tuple[str, str]] = []
+
+    def notice(self, level: str, message: str) -> None:
+        self.notices.append((level, message))
+
+
+def free_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        return int(probe.getsockname()[1])
+
+
+def test_the_default_port_falls_back_to_the_next_free_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        taken = busy.getsockname()[1]
+        spare = free_port()
+        # As 4040 busy and 4041 free: the range is a module constant, here one the test controls.
+        monkeypatch.setattr(inspector, "DEFAULT_PORTS", [taken, spare])
+        output = Notices()
+        sock = cli.open_inspector(argparse.Namespace(inspect=None), output)  # type: ignore[arg-type]
+        assert sock is not None
+        with sock:
+            assert sock.getsockname() == ("127.0.0.1", spare)
+        assert output.notices == []
+
+        monkeypatch.setattr(inspector, "DEFAULT_PORTS", [taken])
+        assert cli.open_inspector(argparse.Namespace(inspect=None), output) is None  # type: ignore[arg-type]
+        level, message = output.notices[0]
+        assert level == "warning"
+        assert "all in use" in message and "--inspect 127.0.0.1:PORT" in message
+
+
+def test_addresses_and_sizes() -> None:
+    assert inspector.parse_address("127.0.0.1:4050") == ("127.0.0.1", 4050)
+    assert inspector.parse_address("4050") == ("127.0.0.1", 4050)
+    assert inspector.parse_address("[::1]:4050") == ("::1", 4050)
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        inspector.parse_address("localhost")
+    assert inspector.is_loopback("localhost") and inspector.is_loopback("::1") and inspector.is_loopback("127.0.0.2")
+    assert not inspector.is_loopback("0.0.0.0") and not inspector.is_loopback("192.168.1.10")
+    args = cli.parse_args(["3000", "--inspect-max-body", "64K", "--inspect-max-requests", "20"])
+    assert (args.inspect_max_body, args.inspect_max_requests) == (64 * 1024, 20)
+    assert cli.parse_args(["3000", "--inspect-max-body", "2MiB"]).inspect_max_body == 2 * 1024 * 1024
+    assert cli.parse_args(["3000"]).inspect_max_body == 1024 * 1024
+
+
+def test_the_status_screen_shows_the_inspector_under_the_public_url() -> None:
+    from io import StringIO
+
+    from rich.console import Console
+
+    from comzy.agent.screen import Screen
+
+    screen = Screen("localhost:3000", out=StringIO())
+    screen.inspector = "http://127.0.0.1:4041"
+    console = Console(file=StringIO(), width=100, height=30, record=True)
+    console.print(screen.render(100, 30))
+    text = [line.strip() for line in console.export_text().splitlines()]
+    at = next(i for i, line in enumerate(text) if line.startswith("Public URL"))
+    assert re.fullmatch(r"Inspector\s+http://127\.0\.0\.1:4041", text[at + 1])
