@@ -21,10 +21,12 @@ import httpx
 import pytest
 
 from comzy.agent import cli, inspector
+from comzy.agent.capture import DEFAULT_MAX_BODY, DEFAULT_MAX_REQUESTS, Capture
 from comzy.agent.client import Agent, AgentConfig
 from comzy.agent.forward import LocalForwarder
 from comzy.core.server import ServerContext
 from tests.conftest import PYTHON, RecordingReporter, RunningAgent, cli_env, start_server
+from tests.helpers import wait_until
 from tests.test_websocket import exchange, open_ws
 from tests.upstream import Upstream
 
@@ -33,10 +35,10 @@ pytestmark = pytest.mark.anyio
 
 @asynccontextmanager
 async def inspected(server: ServerContext, port: int, *, rewrite_host: bool = False,
-                    max_requests: int = inspector.DEFAULT_MAX_REQUESTS, max_body: int = inspector.DEFAULT_MAX_BODY,
+                    max_requests: int = DEFAULT_MAX_REQUESTS, max_body: int = DEFAULT_MAX_BODY,
                     ) -> AsyncIterator[tuple[RunningAgent, httpx.AsyncClient]]:
     """An in-process agent with capture on, and a client for its local API (on 127.0.0.1:0)."""
-    capture = inspector.Capture(max_requests, max_body)
+    capture = Capture(max_requests, max_body)
     reporter = RecordingReporter()
     forwarder = LocalForwarder("127.0.0.1", port, rewrite_host=rewrite_host, on_served=reporter.served.append,
                                capture=capture)
@@ -166,11 +168,14 @@ async def test_streams_are_recorded_as_such(server: ServerContext, upstream: Ups
         async with open_ws(tunnel.public, tunnel.alias, "/ws/mirror") as (ws, _):
             assert await exchange(ws, "ping") == "ping"
             await ws.close()
-        with anyio.fail_after(10):
-            # The WebSocket's end reaches the agent after the visitor's close: polled, as a script would.
-            while len(listed := await requests(api)) < 2 or not listed[0]["done"]:  # noqa: ASYNC110
-                await anyio.sleep(0.02)
-        websocket, sse = listed
+
+        async def both_done() -> bool:
+            listed = await requests(api)
+            return len(listed) == 2 and all(e["done"] for e in listed)
+
+        # The WebSocket's end reaches the agent after the visitor's close: polled, as a script would.
+        await wait_until(both_done)
+        websocket, sse = await requests(api)
         assert sse["kind"] == "sse"
         assert b"data: event 0\n\n" in raw(sse["response"])
         assert websocket["kind"] == "websocket"
@@ -225,9 +230,7 @@ async def test_replay_sends_the_same_bytes_again_even_with_the_tunnel_down(tmp_p
             assert raw(original["request"]) == recorder.received[0]
 
             stop_server.set()
-            with anyio.fail_after(20):
-                while not tunnel.reporter.reconnects:  # noqa: ASYNC110 (the reporter has no event for it)
-                    await anyio.sleep(0.02)
+            await wait_until(lambda: tunnel.reporter.reconnects)  # the tunnel is down: the agent is reconnecting
             replayed = await api.post("/api/requests/http",
                                       json={"id": original["id"], "tunnel_name": "command_line"})
             assert replayed.status_code == 204

@@ -16,6 +16,7 @@ import anyio
 
 from comzy import __version__
 from comzy.agent import account, inspector
+from comzy.agent.capture import DEFAULT_MAX_BODY, DEFAULT_MAX_REQUESTS, Capture
 from comzy.agent.client import Agent, AgentConfig, AgentError, Rejected, TLSMisconfigured, Unreachable
 from comzy.agent.forward import LocalForwarder
 from comzy.agent.output import ERROR_PREFIX, Output, make_output
@@ -101,10 +102,10 @@ def build_parser() -> Parser:
                         "/api/tunnels, /api/requests/http) on HOST:PORT, or 'off' (default "
                         f"{inspector.DEFAULT_HOST}:{inspector.DEFAULT_PORTS[0]}, the next free port up to "
                         f"{inspector.DEFAULT_PORTS[-1]})")
-    parser.add_argument("--inspect-max-requests", metavar="N", type=_positive, default=inspector.DEFAULT_MAX_REQUESTS,
+    parser.add_argument("--inspect-max-requests", metavar="N", type=_positive, default=DEFAULT_MAX_REQUESTS,
                         help=f"requests the inspector keeps, the oldest dropped first (default "
-                        f"{inspector.DEFAULT_MAX_REQUESTS})")
-    parser.add_argument("--inspect-max-body", metavar="SIZE", type=_size, default=inspector.DEFAULT_MAX_BODY,
+                        f"{DEFAULT_MAX_REQUESTS})")
+    parser.add_argument("--inspect-max-body", metavar="SIZE", type=_size, default=DEFAULT_MAX_BODY,
                         help="bytes of each request and response body the inspector keeps; longer ones are "
                         "kept cut and marked (default 1MiB; K, M suffixes or KiB, MiB)")
     parser.add_argument("--version", action="version", version=f"comzy {__version__}")
@@ -317,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
         printer.notice("info", f"Asking for {subdomain} (--subdomain {printable(args.subdomain)}, lowercased: "
                                "DNS names ignore case).")
     sock = open_inspector(args, printer)
-    capture = inspector.Capture(args.inspect_max_requests, args.inspect_max_body) if sock is not None else None
+    capture = Capture(args.inspect_max_requests, args.inspect_max_body) if sock is not None else None
     forwarder = LocalForwarder(args.local_host, args.port, rewrite_host=args.host_header == "rewrite",
                                on_served=printer.served, capture=capture)
     tunnel = inspector.TunnelInfo(target)

@@ -18,7 +18,7 @@ from comzy.core.stream import Stream, StreamReset
 from comzy.core.websocket import Closed, HandshakeRejected, WebSocket, WebSocketError, client_handshake
 
 if TYPE_CHECKING:
-    from comzy.agent.inspector import Capture, Exchange
+    from comzy.agent.capture import Capture, Exchange
 
 log = logging.getLogger("comzy.agent")
 
