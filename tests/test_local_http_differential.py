@@ -255,6 +255,11 @@ CASES: dict[str, tuple[bytes, str, bool, Outcome]] = {
     "HEAD with Content-Length": (b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n", "HEAD", False,
                                  ok(200, [(b"Content-Length", b"99")], b"", True)),
     "HEAD, chunked": (CHUNKED_OK, "HEAD", False, ok(200, TE, b"", True)),
+    "HEAD without framing": (b"HTTP/1.1 200 OK\r\nX: 1\r\n\r\n", "HEAD", False, ok(200, [(b"X", b"1")], b"", True)),
+    "HEAD, HTTP/1.0": (b"HTTP/1.0 200 OK\r\nContent-Length: 99\r\n\r\n", "HEAD", False,
+                       ok(200, [(b"Content-Length", b"99")], b"", False)),
+    "HEAD, Connection: close": (b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", "HEAD", False,
+                                ok(200, [(b"Connection", b"close")], b"", False)),
     "HEAD, then a body": (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", "HEAD", False,
                           ok(200, CL2, b"", False)),
     # ends

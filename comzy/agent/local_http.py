@@ -264,6 +264,10 @@ class _Connection(asyncio.Protocol):
         # "chunked, chunked" or a repeated Transfer-Encoding as chunked: "chunked" is the only
         # transfer coding a response may use here, once (as h11 and our client always did).
         chunked = length = False
+        # Whether the connection stays open is decided here, not by llhttp's should_keep_alive:
+        # that keeps an HTTP/1.0 connection open when it says keep-alive (this client never did),
+        # and closes after a response to HEAD without framing (llhttp takes it for a body until close).
+        keep_alive = self._request_keep_alive and parser.get_http_version() >= "1.1"
         for name, value in headers:
             lower = name.lower()
             if lower == b"transfer-encoding":
@@ -272,8 +276,8 @@ class _Connection(asyncio.Protocol):
                 chunked = True
             elif lower == b"content-length":
                 length = True
-        # llhttp keeps an HTTP/1.0 connection open when it says keep-alive; this client never did.
-        keep_alive = self._request_keep_alive and parser.should_keep_alive() and parser.get_http_version() >= "1.1"
+            elif lower == b"connection" and any(token.strip() == b"close" for token in value.lower().split(b",")):
+                keep_alive = False
         if self._no_body or status in _NO_BODY_STATUS:
             # llhttp cannot be told a response answers HEAD (httptools offers no way): it would
             # read the declared body. The response ends with its head, and the parser is replaced
