@@ -20,6 +20,7 @@ from comzy.agent.capture import DEFAULT_MAX_BODY, DEFAULT_MAX_REQUESTS, Capture
 from comzy.agent.client import Agent, AgentConfig, AgentError, Rejected, TLSMisconfigured, Unreachable
 from comzy.agent.forward import LocalForwarder
 from comzy.agent.output import ERROR_PREFIX, Output, make_output
+from comzy.agent.policies import BASIC_AUTH, BasicAuth
 from comzy.core.aliases import ALIAS_RE
 from comzy.core.control import Welcome
 from comzy.core.eventloop import EVENT_LOOPS, backend_options
@@ -59,6 +60,7 @@ examples:
   comzy 3000 --subdomain myapp      ask for myapp.<the server's domain>
   comzy 5173 --host-header rewrite  for dev servers that check Host (Vite, webpack, Rails)
   comzy 3000 --server wss://tunnel.example.com:8191
+  comzy 3000 --basic-auth ana:s3cret-pw  visitors must log in (enforced by the server)
   comzy login                       save your token (from the server's operator) for lasting aliases
   comzy status                      is the server reachable, who am I, which aliases are mine
 
@@ -95,6 +97,12 @@ def build_parser() -> Parser:
     parser.add_argument("--server", help=f"agent listener URL(s), comma-separated (default {DEFAULT_SERVER})")
     parser.add_argument("--cacert", metavar="FILE", help="trust the CA certificates in FILE (PEM) for a wss:// "
                         "server instead of the system's; SSL_CERT_FILE=FILE does the same for every command")
+    parser.add_argument("--basic-auth", action="append", default=[], metavar="USER:PASSWORD",
+                        help="visitors must log in with these credentials (repeatable; passwords of 8 or more "
+                        "characters, sent to the server only as salted hashes); a server that cannot enforce "
+                        "it refuses the tunnel")
+    parser.add_argument("--basic-auth-forward", action="store_true",
+                        help="pass the visitor's Authorization header on to the local app (default: removed)")
     parser.add_argument("--quiet", "-q", action="store_true", help="do not print a line per request")
     parser.add_argument("--log", action="store_true", help="print a plain line per request instead of the live "
                         "status screen (the default when output is not a terminal)")
@@ -134,6 +142,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if guess:
             parser.error(f"unknown command '{printable(argv[0])}'; did you mean {guess[0]}?")
     args = parser.parse_args(argv)
+    try:
+        args.policy = BasicAuth.parse(args.basic_auth, args.basic_auth_forward)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.basic_auth_forward and not args.basic_auth:
+        parser.error("--basic-auth-forward goes with --basic-auth USER:PASSWORD")
     if args.subdomain is not None:
         problem = subdomain_problem(args.subdomain)
         if problem:
@@ -299,7 +313,9 @@ def main(argv: list[str] | None = None) -> None:
     servers = server_list(args.server, saved.server if saved else None)
     token, held_back = account.token_for(servers, saved)
     target = f"{args.local_host}:{args.port}"
-    printer = make_output(target, log=args.log, quiet=args.quiet)
+    # The policies in force, shown under the public URL once the server confirmed each.
+    policies = {BASIC_AUTH: args.policy.describe()} if args.policy.credentials else {}
+    printer = make_output(target, log=args.log, quiet=args.quiet, policies=policies)
     try:
         loop_options = backend_options(os.environ.get("COMZY_EVENT_LOOP") or "auto")
     except ValueError as exc:
@@ -327,9 +343,11 @@ def main(argv: list[str] | None = None) -> None:
         api = (inspector.InspectorAPI(capture, tunnel, lambda: forwarder.local,
                                       check_host=inspector.is_loopback(sock.getsockname()[0])), sock)
         printer.inspector = inspector.url_of(sock)
+    # Hashed once here (scrypt is slow on purpose): every reconnect sends the same data.
+    plugin_data = {BASIC_AUTH: args.policy.plugin_data()} if args.policy.credentials else {}
     config = AgentConfig(servers=servers, port=args.port, local_host=args.local_host,
                          subdomain=subdomain, token=token,
-                         cacert=args.cacert)
+                         cacert=args.cacert, plugin_data=plugin_data, require=list(plugin_data))
     try:
         agent = Agent(config, forwarder, _Reporter(printer, tunnel))
     except ValueError as exc:  # --cacert cannot be read

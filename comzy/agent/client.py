@@ -42,6 +42,11 @@ class Rejected(AgentError):
         self.retry_after = retry_after
 
 
+class PolicyNotEnforced(AgentError):
+    """The server opened the tunnel without confirming a policy the agent required (WELCOME
+    ``enforced``): an older server, or one that ignores it. The agent closes the tunnel unused."""
+
+
 class Unreachable(AgentError):
     """No server in the list could be reached."""
 
@@ -66,7 +71,10 @@ class AgentConfig:
     ``plugin_data`` goes to the server's plugins in HELLO ``plugins``, keyed by plugin name (a
     plugin reads its own as ``registration.agent_data.get(name)`` in ``on_register``): JSON-like
     values, at most 16 KiB encoded (``comzy.core.control.check_plugin_data``; a ValueError here
-    says what is wrong). ``extra_hello`` holds raw keys laid over the HELLO map as sent, for
+    says what is wrong). ``require`` names the plugins that must enforce this tunnel's policy
+    (HELLO ``require``): the server refuses the tunnel when one is not enabled, and the agent
+    refuses to serve when the WELCOME does not confirm each (fail closed: an older server ignores
+    what it does not know). ``extra_hello`` holds raw keys laid over the HELLO map as sent, for
     trying what another agent version might send.
     """
 
@@ -78,6 +86,7 @@ class AgentConfig:
     rewrite_host: bool = False
     window: int = p.DEFAULT_WINDOW
     plugin_data: dict[str, dict[str, Any]] = field(default_factory=dict)
+    require: list[str] = field(default_factory=list)
     extra_hello: dict[str, Any] = field(default_factory=dict)
     #: CA certificates (PEM) trusted for wss:// servers instead of the system's (``--cacert``);
     #: None: the system's, or SSL_CERT_FILE's.
@@ -126,6 +135,7 @@ class Agent:
             resume_alias=self.alias if resuming else None,
             resume_secret=self.resume_secret if resuming else None,
             plugins=self.config.plugin_data,
+            require=self.config.require,
         )
 
     async def _connect_any(self) -> tuple[WebSocket, str]:
@@ -167,6 +177,15 @@ class Agent:
         if isinstance(answer, Refusal):
             raise Rejected(answer.code, answer.reason, answer.retry_after)
         assert isinstance(answer, Welcome)
+        unconfirmed = [name for name in self.config.require if name not in answer.enforced]
+        if unconfirmed:
+            # The tunnel is open on the server but no request has been served: closing it here
+            # (run() closes the connection) means it never serves without its policy.
+            names = ", ".join(unconfirmed)
+            raise PolicyNotEnforced(
+                f"the server did not confirm that it enforces {names} (it runs {answer.server}; an older Comzy "
+                f"server ignores policies), so the tunnel was closed before serving anything: ask its operator "
+                f"to upgrade comzy-server and enable the {names} plugin, or start the agent without that policy")
         return answer
 
     async def run(self) -> str | None:

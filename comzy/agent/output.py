@@ -61,25 +61,35 @@ def wants_screen(stream: TextIO) -> bool:
     return bool(isatty and isatty()) and os.environ.get("TERM", "") != "dumb"
 
 
-def make_output(target: str, *, log: bool = False, quiet: bool = False, out: TextIO | None = None) -> Output:
-    """The live screen on a terminal; plain lines when piped, with ``--log`` or with ``--quiet``."""
+def make_output(target: str, *, log: bool = False, quiet: bool = False, out: TextIO | None = None,
+                policies: dict[str, str] | None = None) -> Output:
+    """The live screen on a terminal; plain lines when piped, with ``--log`` or with ``--quiet``.
+    ``policies``: what each policy plugin the agent required enforces, shown once the server
+    confirmed it (WELCOME ``enforced``)."""
     out = out or sys.stdout
     if log or quiet or not wants_screen(out):
-        return Printer(target, quiet=quiet, out=out)
+        return Printer(target, quiet=quiet, out=out, policies=policies)
     # Imported here: rich costs start-up time that a piped or --log agent need not pay.
     from comzy.agent.screen import Screen
 
-    return Screen(target, out=out)
+    return Screen(target, out=out, policies=policies)
+
+
+def policies_in_force(policies: dict[str, str], welcome: Welcome) -> list[str]:
+    """The descriptions of the policies the server confirmed it enforces, in the agent's order."""
+    return [text for name, text in policies.items() if name in welcome.enforced]
 
 
 class Printer:
     """Formats agent events for a person (colour) or a pipe (plain)."""
 
-    def __init__(self, target: str, quiet: bool = False, out: TextIO | None = None) -> None:
+    def __init__(self, target: str, quiet: bool = False, out: TextIO | None = None,
+                 policies: dict[str, str] | None = None) -> None:
         self.out = out or sys.stdout
         self.colour = use_colour(self.out)
         self.target = target
         self.quiet = quiet
+        self.policies = policies or {}
         self._down = False  # between a lost connection and the next successful one
         self.inspector: str | None = None
 
@@ -110,6 +120,8 @@ class Printer:
         if first:
             self.line(self._c(_DIM, f"Forwarding {url} -> http://{self.target}"))
             self.line(self._c(_BOLD + _GREEN, f"Public URL: {url}"))
+            for policy in policies_in_force(self.policies, welcome):
+                self.line(self._c(_GREEN, f"Policy: {printable(policy)}"))
             if self.inspector:
                 self.line(self._c(_CYAN, f"Inspector: {self.inspector}"))
             user = printable(welcome.user) if welcome.user else None

@@ -31,7 +31,7 @@ from rich.text import Text
 
 from comzy import __version__
 from comzy.agent.forward import Served
-from comzy.agent.output import Printer, duration_label, span, status_label
+from comzy.agent.output import Printer, duration_label, policies_in_force, span, status_label
 from comzy.core.control import Welcome
 from comzy.core.logs import printable
 
@@ -83,9 +83,12 @@ class Screen:
     """The live status screen. Takes the agent's events as Printer does (the CLI's ``Output``);
     ``showing`` draws it for as long as the agent runs."""
 
-    def __init__(self, target: str, out: TextIO | None = None) -> None:
+    def __init__(self, target: str, out: TextIO | None = None, policies: dict[str, str] | None = None) -> None:
         self.out = out or sys.stdout
         self.target = target
+        self.policies = policies or {}
+        #: The policies the server confirmed (WELCOME ``enforced``), as described by the CLI.
+        self.in_force: list[str] = []
         #: Errors and farewells go out as plain lines once the screen is gone.
         self._plain = Printer(target, out=self.out)
         self.url: str | None = None
@@ -111,6 +114,7 @@ class Screen:
         self.url = printable(welcome.url)
         self.user = printable(welcome.user) if welcome.user else None
         self.expires_at = float(welcome.expires_at) if welcome.expires_at else None
+        self.in_force = [printable(text) for text in policies_in_force(self.policies, welcome)]
         self.state, self.reason = "online", ""
         for notice in welcome.notices:
             self.notice("info", notice)
@@ -214,6 +218,7 @@ class Screen:
             ("Public URL", Text(url, "bold green" if self.state == "online" else "bold")),
             *((("Inspector", Text(self.inspector, "cyan")),) if self.inspector else ()),
             ("Forwarding", Text(f"{url} -> http://{self.target}")),
+            *(("Policy", Text(policy, "green")) for policy in self.in_force),
             ("Latency", Text(f"{latency * 1000:.0f} ms" if latency is not None else "-")),
             ("Requests", Text(f"{rpm} in the last minute, {self.total} in all")),
         ]

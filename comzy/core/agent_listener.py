@@ -148,12 +148,15 @@ class AgentListener:
             agent_version=hello.agent,
             resume_secret=hello.resume_secret,
             agent_data=hello.plugins,
+            required=list(hello.require),
         )
         secret = hello.resume_secret or secrets.token_urlsafe(24)
         remote: Record | None = None
         try:
+            self._refuse_unenforceable(registration)
             self._refuse_ownerless(registration)
             await server.hooks.on_register(registration, server)
+            self._refuse_unconfirmed(registration)
             if server.directory is None:
                 entry = self._new_entry(ws, hello, registration, client, secret,
                                         self._choose_alias(registration, hello.resume_alias))
@@ -190,6 +193,7 @@ class AgentListener:
             user=registration.user,
             notices=list(registration.notices),
             server=f"comzy/{__version__}",
+            enforced=list(registration.enforced),
         )
         try:
             await ws.send(welcome.encode())
@@ -331,6 +335,30 @@ class AgentListener:
             return None if owner == user else f"'{name}' belongs to another user; choose another --subdomain"
         why = self.server.hooks.alias_reserved(name, self.server)
         return None if why is None else _kept_for_nobody(name, why)
+
+    def _refuse_unenforceable(self, registration: Registration) -> None:
+        """Reject a registration that requires a policy plugin this server does not run (fail closed).
+
+        Checked before ``on_register``: no plugin does work (a token lookup) for a tunnel that
+        cannot open, and the agent learns at once what its operator must change.
+        """
+        enabled = self.server.plugin_names
+        missing = [name for name in registration.required if name not in enabled]
+        if missing:
+            names = ", ".join(missing)
+            plugins = "plugin" if len(missing) == 1 else "plugins"
+            raise Reject(f"this server does not enforce {names}: ask its operator to enable the {names} {plugins} "
+                         "(COMZY_PLUGINS), or start the agent without that policy")
+
+    @staticmethod
+    def _refuse_unconfirmed(registration: Registration) -> None:
+        """Reject a registration whose required policy an enabled plugin did not take on (fail closed):
+        the plugin is too old to know it, or another plugin refused it without saying why."""
+        missing = [name for name in registration.required if name not in registration.enforced]
+        if missing:
+            names = ", ".join(missing)
+            raise Reject(f"the {names} plugin on this server did not confirm it enforces this tunnel's policy "
+                         "(an older version?): ask the server's operator to upgrade it")
 
     def _refuse_ownerless(self, registration: Registration) -> None:
         """Reject a requested alias that is kept for its owner while nobody owns it.

@@ -39,6 +39,8 @@ MAX_PLUGIN_DATA = 16 * 1024
 MAX_PLUGIN_DATA_DEPTH = 8
 #: A plugin's name as HELLO ``plugins`` keys it (the names COMZY_PLUGINS lists).
 PLUGIN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+#: HELLO ``require`` and WELCOME ``enforced`` name at most this many plugins (policies).
+MAX_POLICIES = 32
 #: A server's heartbeat interval past an hour is a broken server (and a timer past ~1e9 s overflows).
 MAX_HEARTBEAT = 3600.0
 #: The last second of year 9999: an expiry beyond it cannot be shown as a date (the agent prints it).
@@ -136,6 +138,8 @@ class Hello(ControlMessage):
 
     Everything in it is untrusted input: ``from_payload`` checks each field's type and bounds.
     ``plugins`` holds data for server plugins, keyed by plugin name (see ``check_plugin_data``).
+    ``require`` names the plugins that must enforce this tunnel's policy (fail closed): the server
+    refuses the registration unless each of them is enabled and confirms it (WELCOME ``enforced``).
     """
 
     FRAME: ClassVar[FrameType] = FrameType.HELLO
@@ -147,9 +151,10 @@ class Hello(ControlMessage):
     resume_alias: str | None = None
     resume_secret: str | None = None
     plugins: dict[str, dict[str, Any]] = field(default_factory=dict)
+    require: list[str] = field(default_factory=list)
 
     def to_payload(self) -> dict[str, Any]:
-        """The msgpack map sent on the wire (``plugins`` only when there is some)."""
+        """The msgpack map sent on the wire (``plugins`` and ``require`` only when there are some)."""
         payload: dict[str, Any] = {"v": PROTOCOL_VERSION, "agent": self.agent, "port": self.port,
                                    "subdomain": self.subdomain, "token": self.token, "window": self.window}
         resume = {k: v for k, v in (("alias", self.resume_alias), ("secret", self.resume_secret)) if v is not None}
@@ -157,6 +162,8 @@ class Hello(ControlMessage):
             payload["resume"] = resume
         if self.plugins:
             payload["plugins"] = self.plugins
+        if self.require:
+            payload["require"] = list(self.require)
         return payload
 
     @classmethod
@@ -189,7 +196,16 @@ class Hello(ControlMessage):
             resume_alias=resumed.text("alias", None, MAX_HELLO_TEXT, optional=True),
             resume_secret=secret if secret is not None and len(secret) >= MIN_RESUME_SECRET else None,
             plugins=plugins,
+            require=_plugin_names(fields, "require"),
         )
+
+
+def _plugin_names(fields: _Fields, key: str) -> list[str]:
+    """A list of at most MAX_POLICIES plugin names, without repeats (empty when absent)."""
+    names = fields.texts(key)
+    if len(names) > MAX_POLICIES or not all(PLUGIN_NAME.fullmatch(name) for name in names):
+        fields.fail(key, f"a list of at most {MAX_POLICIES} plugin names", names)
+    return list(dict.fromkeys(names))
 
 
 def check_plugin_data(value: Any) -> dict[str, dict[str, Any]]:
@@ -236,7 +252,12 @@ def _check_json(value: Any, where: str, depth: int) -> None:
 
 @dataclass(slots=True)
 class Welcome(ControlMessage):
-    """WELCOME (server -> agent): the tunnel is up at ``url``."""
+    """WELCOME (server -> agent): the tunnel is up at ``url``.
+
+    ``enforced`` names the plugins that confirmed they enforce this tunnel's policy (those the
+    HELLO listed in ``require``). A server older than the key sends none: an agent that required a policy
+    must then refuse to serve (fail closed).
+    """
 
     FRAME: ClassVar[FrameType] = FrameType.WELCOME
     alias: str
@@ -248,12 +269,16 @@ class Welcome(ControlMessage):
     user: str | None = None
     notices: list[str] = field(default_factory=list)
     server: str = "?"  #: the server's software, e.g. comzy/0.1.0
+    enforced: list[str] = field(default_factory=list)
 
     def to_payload(self) -> dict[str, Any]:
-        """The msgpack map sent on the wire."""
-        return {"v": PROTOCOL_VERSION, "server": self.server, "alias": self.alias, "url": self.url,
-                "resume_secret": self.resume_secret, "heartbeat": self.heartbeat, "window": self.window,
-                "expires_at": self.expires_at, "user": self.user, "notices": list(self.notices)}
+        """The msgpack map sent on the wire (``enforced`` only when some policy is)."""
+        payload = {"v": PROTOCOL_VERSION, "server": self.server, "alias": self.alias, "url": self.url,
+                   "resume_secret": self.resume_secret, "heartbeat": self.heartbeat, "window": self.window,
+                   "expires_at": self.expires_at, "user": self.user, "notices": list(self.notices)}
+        if self.enforced:
+            payload["enforced"] = list(self.enforced)
+        return payload
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> Welcome:
@@ -269,6 +294,7 @@ class Welcome(ControlMessage):
             user=fields.text("user", None, optional=True),
             notices=fields.texts("notices"),
             server=fields.text("server", "?"),
+            enforced=_plugin_names(fields, "enforced"),
         )
 
 

@@ -41,6 +41,10 @@ class Registration:
     ``expires_at`` (unix time the tunnel ends) and append to ``notices``. ``metadata`` holds one
     dict per plugin, keyed by the plugin's name (see :meth:`plugin_state`); it becomes
     ``Tunnel.metadata``.
+
+    ``required`` names the plugins the agent needs to enforce its policy (HELLO ``require``): a
+    policy plugin that takes this tunnel's policy on calls :meth:`enforce` with its own name, and
+    the core refuses the registration when a required plugin did not (fail closed).
     """
 
     port: int
@@ -55,11 +59,19 @@ class Registration:
     notices: list[str] = field(default_factory=list)
     metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
     agent_data: dict[str, dict[str, Any]] = field(default_factory=dict)
+    required: list[str] = field(default_factory=list)
+    enforced: list[str] = field(default_factory=list)
 
     def plugin_state(self, plugin: str) -> dict[str, Any]:
         """The dict that plugin ``plugin`` (its ``COMZY_PLUGINS`` name) keeps on this tunnel, made
         on first use. A plugin writes only its own; it reads another's only as that plugin documents."""
         return self.metadata.setdefault(plugin, {})
+
+    def enforce(self, plugin: str) -> None:
+        """Confirm that plugin ``plugin`` (its ``COMZY_PLUGINS`` name) enforces this tunnel's policy:
+        the agent is told so in WELCOME ``enforced``. Call it only once the policy is in place."""
+        if plugin not in self.enforced:
+            self.enforced.append(plugin)
 
 
 @dataclass(slots=True)
