@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import logging
 import sys
 from collections.abc import AsyncIterator
@@ -14,12 +15,15 @@ import anyio
 import anyio.abc
 import httpx
 import pytest
+from rich.console import Console
 
 from comzy import Registration, hookimpl
 from comzy.agent.cli import parse_args
 from comzy.agent.client import Agent, AgentConfig, PolicyNotEnforced, Rejected
 from comzy.agent.forward import LocalForwarder
+from comzy.agent.output import Printer
 from comzy.agent.policies import BASIC_AUTH, BasicAuth
+from comzy.agent.screen import Screen
 from comzy.core import protocol as p
 from comzy.core.control import Hello, Welcome
 from comzy.core.server import ServerContext
@@ -28,6 +32,7 @@ from comzy.plugins.basic_auth import BasicAuth as BasicAuthPlugin
 from comzy.plugins.basic_auth.plugin import CACHE_SIZE, basic_credentials, parse_policy
 from tests.conftest import RecordingReporter, RunningAgent, cli_env, start_agent, start_server
 from tests.helpers import serve_tcp
+from tests.stack import Stacks, stacks_fixture  # noqa: F401 (the stacks fixture: role all and a cluster)
 from tests.test_large_transfers import popen, read_until
 from tests.upstream import Upstream
 
@@ -298,3 +303,37 @@ async def test_a_server_with_the_builtin_plugins_enforces_it(tmp_path: Path, ups
             assert (await client.get("/status/200", headers=basic("ana", PASSWORD))).status_code == 200
     [scope] = upstream.requests
     assert (b"authorization", basic("ana", PASSWORD)["authorization"].encode()) in scope["headers"]
+
+
+async def test_an_edge_enforces_what_the_control_node_registered(stacks: Stacks, upstream: Upstream) -> None:
+    """In a cluster the agent registers on a control node and visitors reach an edge: the policy
+    travels with the tunnel's snapshot, and the edge answers 401 itself (both roles: ``all`` too)."""
+    async with stacks.start(plugins=[(BASIC_AUTH, BasicAuthPlugin())]) as stack, \
+            stack.agent(upstream.port, **policy()) as tunnel, stack.visitor(tunnel.alias) as client:
+        refused = await client.get("/status/200")
+        assert refused.status_code == 401 and "www-authenticate" in refused.headers
+        with pytest.raises(HandshakeRejected) as caught:
+            await open_ws(stack.public, tunnel.alias, {})
+        assert caught.value.status == 401
+        assert (await client.get("/status/200", headers=basic("bob", OTHER))).status_code == 200
+    [scope] = upstream.requests
+    assert all(name.lower() != b"authorization" for name, _ in scope["headers"])
+
+
+def test_the_status_screen_and_plain_lines_show_only_confirmed_policies() -> None:
+    policies = {BASIC_AUTH: "basic auth for ana", "ip_filter": "allow 10.0.0.0/8"}
+    welcome = Welcome(alias="a", url="http://a.localhost:8190", enforced=[BASIC_AUTH])
+    screen = Screen("localhost:3000", out=io.StringIO(), policies=policies)
+    screen.connected(welcome, True)
+    out = io.StringIO()
+    Console(file=out, width=100, height=30, color_system=None, markup=False, highlight=False,
+            emoji=False).print(screen.render(100, 30))
+    lines = out.getvalue().splitlines()
+    assert [line.split() for line in lines if line.startswith("Policy")] == [["Policy", "basic", "auth", "for", "ana"]]
+    assert "10.0.0.0" not in out.getvalue()  # not confirmed: never shown as in force
+
+    printed = io.StringIO()
+    Printer("localhost:3000", out=printed, policies=policies).connected(welcome, True)
+    lines = printed.getvalue().splitlines()
+    assert lines[lines.index("Public URL: http://a.localhost:8190") + 1] == "Policy: basic auth for ana"
+    assert "10.0.0.0" not in printed.getvalue()
