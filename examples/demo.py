@@ -3,16 +3,23 @@
 Run by ``make demo``. It starts ``comzy-server`` on its embedded defaults, a sample web app
 on a free port, and ``comzy <port>``; prints the public URL and a curl line to try; Ctrl-C
 stops all three.
+
+The server keeps its data (the SQLite database, the admin token) in a temporary directory of its
+own, printed at start and removed at the end: never in the default data directory
+(~/.local/share/comzy), where a real server started later would find the demo's database and
+token. With COMZY_DATA_DIR set, that directory is used and kept.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -39,12 +46,32 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def stop(signum: int, frame: object) -> None:
+    """SIGTERM stops the demo as Ctrl-C does: the server and the agent stopped, the data removed."""
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, stop)
+    given = os.environ.get("COMZY_DATA_DIR")
+    data_dir = given or tempfile.mkdtemp(prefix="comzy-demo-")
+    kept = "kept: COMZY_DATA_DIR" if given else "removed at the end; set COMZY_DATA_DIR to keep it"
+    print(f"demo: the server's data (database, admin token) is in {data_dir} ({kept})", file=sys.stderr, flush=True)
+    try:
+        run(data_dir)
+    finally:
+        if not given:
+            shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def run(data_dir: str) -> None:
+    """Serve the sample app, start the server (data in ``data_dir``) and the agent, and relay what
+    they print until Ctrl-C or until the agent stops."""
     app = ThreadingHTTPServer(("127.0.0.1", free_port()), Hello)
     threading.Thread(target=app.serve_forever, daemon=True).start()
     app_port = app.server_address[1]
     bindir = os.path.dirname(sys.executable)
-    env = {**os.environ, "COMZY_HOST": os.environ.get("COMZY_HOST", "127.0.0.1")}
+    env = {**os.environ, "COMZY_HOST": os.environ.get("COMZY_HOST", "127.0.0.1"), "COMZY_DATA_DIR": data_dir}
     server = subprocess.Popen([os.path.join(bindir, "comzy-server")], env=env,
                               stderr=subprocess.PIPE, text=True)
     procs: list[subprocess.Popen[str]] = [server]
