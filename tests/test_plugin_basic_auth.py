@@ -26,6 +26,7 @@ from comzy.agent.policies import BASIC_AUTH, BasicAuth
 from comzy.agent.screen import Screen
 from comzy.core import protocol as p
 from comzy.core.control import Hello, Welcome
+from comzy.core.protocol import ProtocolError
 from comzy.core.server import ServerContext
 from comzy.core.websocket import Closed, HandshakeRejected, client_handshake, server_handshake
 from comzy.plugins.basic_auth import BasicAuth as BasicAuthPlugin
@@ -78,6 +79,10 @@ async def test_visitors_log_in_and_the_authorization_header_stays_at_the_server(
         assert garbage.status_code == 401
         bearer = await client.get("/status/200", headers={"authorization": "Bearer x"})
         assert bearer.status_code == 401
+        assert upstream.requests == []
+
+        twice = [("authorization", basic("ana", PASSWORD)["authorization"]), ("authorization", "Basic eDp5")]
+        assert (await client.get("/status/200", headers=httpx.Headers(twice))).status_code == 401
         assert upstream.requests == []
 
         for _ in range(2):  # the second one comes from the cache of verified headers
@@ -227,6 +232,20 @@ async def test_passwords_never_reach_the_logs(tmp_path: Path, upstream: Upstream
     assert caplog.records  # the server and agent did log
     for secret in (PASSWORD, OTHER, "guess-guess", basic("ana", PASSWORD)["authorization"].split()[1]):
         assert secret not in text
+
+
+def test_policy_keys_of_hello_and_welcome() -> None:
+    hello = Hello(agent="a", port=1, require=[BASIC_AUTH])
+    assert hello.to_payload()["require"] == [BASIC_AUTH]
+    assert "require" not in Hello(agent="a", port=1).to_payload()
+    assert Hello.from_payload({**hello.to_payload(), "require": ["x", "x", "y"]}).require == ["x", "y"]
+    for bad in ("basic_auth", [1], ["no spaces"], ["a"] * 33):
+        with pytest.raises(ProtocolError, match="malformed HELLO: 'require' must be a list"):
+            Hello.from_payload({**hello.to_payload(), "require": bad})
+    welcome = Welcome(alias="a", url="http://a.localhost", enforced=[BASIC_AUTH])
+    assert Welcome.from_payload(welcome.to_payload()).enforced == [BASIC_AUTH]
+    old = Welcome(alias="a", url="http://a.localhost").to_payload()
+    assert "enforced" not in old and Welcome.from_payload(old).enforced == []  # what an older server sends
 
 
 def test_malformed_agent_data_is_refused_with_the_reason() -> None:

@@ -139,9 +139,12 @@ class BasicAuth:
         state = tunnel.metadata.get(NAME)
         if not state:
             return None
-        header = request.header("authorization")
-        if header is None:
-            raise self._challenge(tunnel, "this tunnel needs a user name and password")
+        values = [value for name, value in request.headers if name.lower() == b"authorization"]
+        if len(values) != 1:
+            # Two headers: one is checked and the app (with --basic-auth-forward) may read the other.
+            raise self._challenge(tunnel, "this tunnel needs a user name and password" if not values else
+                                  "send one Authorization header, not several")
+        header = values[0].decode("latin-1")
         key = hmac.new(self._key, f"{tunnel.session}\0{header}".encode(),
                        hashlib.sha256).digest()
         expires = self._verified.get(key)
