@@ -86,9 +86,10 @@ class Stacks:
         return self._nats
 
     @asynccontextmanager
-    async def start(self, plugins: Any = (), **overrides: Any) -> AsyncIterator[Stack]:
+    async def start(self, plugins: Any = (), edge_plugins: Any = None, **overrides: Any) -> AsyncIterator[Stack]:
         """A running stack; ``overrides`` (ServerSettings fields) and ``plugins`` apply to every node,
-        as a deployment gives each node the same configuration."""
+        as a deployment gives each node the same configuration (``edge_plugins``, when given, the
+        edge's instead: a cluster configured unevenly)."""
         number = next(_names)
         data = self.tmp_path / f"stack{number}"
         if self.kind == "all":
@@ -103,7 +104,8 @@ class Stacks:
         cluster = {"cluster_name": f"fid{number}", "cluster_node_ttl": DEFAULT_NODE_TTL,
                    "cluster_link_timeout": DEFAULT_LINK_TIMEOUT}
         edge_settings = make_settings(data / "edge", role="edge", **overrides)
-        async with run_server(edge_settings, plugins, cluster_settings(nats, node_name="edge", **cluster)) as edge:
+        async with run_server(edge_settings, plugins if edge_plugins is None else edge_plugins,
+                              cluster_settings(nats, node_name="edge", **cluster)) as edge:
             control_settings = make_settings(data / "ctl", role="control",
                                              public_url=f"http://{{alias}}.localhost:{edge.ports.http}", **overrides)
             async with run_server(control_settings, plugins, cluster_settings(nats, node_name="ctl", **cluster)) \

@@ -339,6 +339,24 @@ async def test_an_edge_enforces_what_the_control_node_registered(stacks: Stacks,
     assert all(name.lower() != b"authorization" for name, _ in scope["headers"])
 
 
+async def test_an_edge_without_the_plugin_refuses_a_protected_tunnel(tmp_path: Path, upstream: Upstream) -> None:
+    """Fail closed across roles: an edge configured without basic_auth answers 502 for a tunnel
+    whose control node enforces it, rather than let its visitors through unprotected."""
+    stacks = Stacks("cluster", tmp_path)
+    try:
+        async with stacks.start(plugins=[(BASIC_AUTH, BasicAuthPlugin())], edge_plugins=()) as stack, \
+                stack.agent(upstream.port, **policy()) as tunnel, stack.visitor(tunnel.alias) as client:
+            refused = await client.get("/status/200", headers=basic("ana", PASSWORD))
+            assert refused.status_code == 502
+            assert "policy this server cannot enforce (the basic_auth plugin is not enabled" in refused.text
+            with pytest.raises(HandshakeRejected) as caught:
+                await open_ws(stack.public, tunnel.alias, {})
+            assert caught.value.status == 502
+    finally:
+        stacks.close()
+    assert upstream.requests == []
+
+
 def test_the_status_screen_and_plain_lines_show_only_confirmed_policies() -> None:
     policies = {BASIC_AUTH: "basic auth for ana", "ip_filter": "allow 10.0.0.0/8"}
     welcome = Welcome(alias="a", url="http://a.localhost:8190", enforced=[BASIC_AUTH])

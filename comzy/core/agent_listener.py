@@ -235,6 +235,7 @@ class AgentListener:
             expires_at=registration.expires_at,
             metadata=registration.metadata,
             node=self.server.node,
+            policies=list(registration.enforced),
         )
         session = Session(
             ws,

@@ -25,6 +25,7 @@ from comzy.core.headers import (
     strip_hop_by_hop,
 )
 from comzy.core.http_servers import ResponseAborted
+from comzy.core.logs import RateLimitedLog
 from comzy.core.registry import Entry
 from comzy.core.session import Session, SessionClosed
 from comzy.core.stream import Stream, StreamReset
@@ -60,6 +61,8 @@ class EdgeApp:
         self.server = server
         self.settings = server.settings
         self.hooks = server.hooks
+        # A misconfigured node refuses every visitor of a protected tunnel: one line a minute says so.
+        self._unenforced_log = RateLimitedLog(log, interval=60.0, level=logging.ERROR)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -133,6 +136,9 @@ class EdgeApp:
             await respond(send, 431, too_large, headers=CLOSE)
             return
         tunnel, session = entry.tunnel, entry.session
+        if tunnel.policies and (unenforced := self._unenforced(tunnel)):
+            await respond(send, 502, unenforced)
+            return
         try:
             await self.hooks.before_forward(request, tunnel, self.server)
         except Reject as exc:
@@ -190,6 +196,18 @@ class EdgeApp:
                 stream = await self._proxy_routed(stream, route, request, head, receive, send, state, first)
         finally:
             await self._finish(stream, request, tunnel, state, started)
+
+    def _unenforced(self, tunnel: Tunnel) -> str | None:
+        """Why this node must refuse ``tunnel``'s visitors: a plugin enforcing its policy is not
+        enabled here (an edge configured apart from the tunnel's control node). None: all are."""
+        missing = [name for name in tunnel.policies if name not in self.server.plugin_names]
+        if not missing:
+            return None
+        self._unenforced_log("tunnel %s needs the %s plugin for its policy, which is not enabled here: its visitors "
+                             "get 502 (enable it in COMZY_PLUGINS on every node that serves visitors)",
+                             tunnel.alias, ", ".join(missing))
+        return (f"Tunnel {tunnel.alias} has a policy this server cannot enforce (the {', '.join(missing)} plugin is "
+                "not enabled on it); the request was refused rather than passed on unprotected.\n")
 
     def _head_too_large(self, scope: Scope, request: ForwardRequest) -> str | None:
         """Why a request head is refused with 431 (None: it fits COMZY_MAX_REQUEST_HEAD)."""
@@ -410,6 +428,9 @@ class EdgeApp:
             await respond(send, 431, too_large, scope=scope)
             return
         tunnel, session = entry.tunnel, entry.session
+        if tunnel.policies and (unenforced := self._unenforced(tunnel)):
+            await respond(send, 502, unenforced, scope=scope)
+            return
         try:
             await self.hooks.before_forward(request, tunnel, self.server)
         except Reject as exc:

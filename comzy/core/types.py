@@ -103,6 +103,10 @@ class Tunnel:
     metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
     session: int = field(default_factory=lambda: next(_sessions))
     node: str = ""
+    #: The policy plugins that enforce this tunnel's policy (WELCOME ``enforced``). A node that
+    #: serves its visitors without one of them enabled refuses them: an edge configured apart
+    #: from the control node must not let a protected tunnel through unprotected (fail closed).
+    policies: list[str] = field(default_factory=list)
 
     def plugin_state(self, plugin: str) -> dict[str, Any]:
         """The dict that plugin ``plugin`` keeps on this tunnel (what it put on the registration's
@@ -131,7 +135,7 @@ class Tunnel:
                 "user": self.user, "since": self.created_at, "expires_at": self.expires_at,
                 "metadata": self.metadata, "session": self.session, "requests": self.requests,
                 "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "streams_open": self.streams_open,
-                "websockets_open": self.websockets_open}
+                "websockets_open": self.websockets_open, "policies": self.policies}
 
     @classmethod
     def from_view(cls, view: dict[str, Any], node: str) -> Tunnel:
@@ -145,6 +149,9 @@ class Tunnel:
             raise TypeError("metadata is not a map")
         expires = view.get("expires_at")
         user = view.get("user")
+        policies = view.get("policies") or []
+        if not isinstance(policies, list) or not all(isinstance(name, str) for name in policies):
+            raise TypeError("policies is not a list of plugin names")
         return cls(alias=alias, public_url=str(view.get("url") or ""), port=int(view.get("port") or 0),
                    client_address=str(view.get("client") or ""), user=str(user) if user is not None else None,
                    expires_at=float(expires) if expires is not None else None,
@@ -152,7 +159,7 @@ class Tunnel:
                    bytes_in=int(view.get("bytes_in") or 0), bytes_out=int(view.get("bytes_out") or 0),
                    streams_open=int(view.get("streams_open") or 0),
                    websockets_open=int(view.get("websockets_open") or 0), metadata=metadata,
-                   session=int(view["session"]), node=node)
+                   session=int(view["session"]), node=node, policies=list(policies))
 
 
 @dataclass(slots=True)
