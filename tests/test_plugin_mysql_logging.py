@@ -399,6 +399,18 @@ def test_after_response_only_appends_to_a_bounded_queue() -> None:
     assert elapsed < 1.0, f"{elapsed / 20_000 * 1e6:.1f} µs per after_response"
 
 
+def test_the_queue_holds_targets_cut_to_what_a_row_keeps() -> None:
+    """A visitor's 60 KiB targets are held cut to the path limit (plus one byte), so the queue a
+    database outage fills is bounded in bytes; the row still says the path was cut."""
+    logging_plugin = plugin(max_path_length=100)
+    logging_plugin.after_response(an_exchange(b"/" + b"a" * 60_000))
+    logging_plugin.after_response(an_exchange(b"/" + b"a" * 99))
+    long, short = list(logging_plugin._queue)
+    assert len(long[3]) == 101 and short[3] == b"/" + b"a" * 99
+    assert to_row(long, 100)["path"] == "/" + "a" * 93 + " [cut]" and to_row(long, 100)["cut"] is True
+    assert to_row(short, 100)["cut"] is False
+
+
 def test_row_of_an_exchange() -> None:
     logging_plugin = plugin()
     logging_plugin.after_response(an_exchange(b"/p/\xc3\xa9 x?token=abc"))

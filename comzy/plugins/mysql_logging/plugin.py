@@ -205,7 +205,16 @@ class MysqlLogging:
             self.dropped += 1  # the writer reports drops, at most every drop_log_seconds
             return
         request, tunnel = exchange.request, exchange.tunnel
-        self._queue.append((tunnel.alias, tunnel.port, request.method, request.target, exchange.status,
+        # Held cut to what the row can keep (one byte more, so the row still says it was cut): the
+        # queue is bounded in bytes, not only in rows, whatever targets visitors send while the
+        # database is away (queue_size x (max_path_length + METHOD_LENGTH + a few hundred bytes)).
+        target, method = request.target, request.method
+        limit = self.settings.max_path_length + 1
+        if len(target) > limit:
+            target = target[:limit]
+        if len(method) > METHOD_LENGTH + 1:
+            method = method[:METHOD_LENGTH + 1]
+        self._queue.append((tunnel.alias, tunnel.port, method, target, exchange.status,
                             exchange.bytes_in, exchange.bytes_out, exchange.started_at, exchange.duration,
                             request.client))
         wake = self._wake
