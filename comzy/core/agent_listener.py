@@ -14,7 +14,7 @@ import h11
 from comzy import __version__
 from comzy.core import protocol as p
 from comzy.core.agent_api import AgentApi
-from comzy.core.aliases import check_alias, is_idna_reserved, random_alias
+from comzy.core.aliases import check_alias, is_idna_reserved, random_alias, taken_over_reason
 from comzy.core.control import GoAway, Hello, Refusal, VersionMismatch, Welcome
 from comzy.core.headers import is_trusted, real_client
 from comzy.core.logs import RateLimitedLog
@@ -397,12 +397,7 @@ class AgentListener:
 def _taken_over(alias: str, registration: Registration, previous: Entry) -> str:
     """What the replaced agent is told: its user started another agent, or an agent presented the
     tunnel's resume secret (the same agent on a new connection, or a copy of it)."""
-    where = f"from {registration.client_address}"
-    if registration.user is not None and registration.user == previous.tunnel.user:
-        who = f"another agent logged in as {registration.user} ({where})"
-    else:
-        who = f"another agent ({where}, with this tunnel's resume secret)"
-    return f"{who} took over {alias}; only one agent serves an alias at a time"
+    return taken_over_reason(alias, registration.user, registration.client_address, previous.tunnel.user)
 
 
 def _kept_for_nobody(name: str, why: str) -> str:

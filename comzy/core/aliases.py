@@ -73,3 +73,14 @@ def subdomain_of(host: str, base_domain: str) -> str | None:
     if not label or "." in label:
         return None
     return label
+
+
+def taken_over_reason(alias: str, user: str | None, client_address: str, previous_user: str | None) -> str:
+    """The words for an agent whose alias another agent (of ``user``, from ``client_address``) took
+    over; a control node of a cluster sends them with its eviction to the node that held it."""
+    where = f"from {client_address}"
+    if user is not None and user == previous_user:
+        who = f"another agent logged in as {user} ({where})"
+    else:
+        who = f"another agent ({where}, with this tunnel's resume secret)"
+    return f"{who} took over {alias}; only one agent serves an alias at a time"

@@ -64,7 +64,10 @@ async def test_the_resume_secret_takes_the_alias_over_from_another_node(
         # The old session is told not to come back (the two would take the alias from each other).
         closed, frames = await receive_until_closed(old_ws)
         assert closed.code == 4000
-        assert goaway(frames) == {"reason": "replaced by a new session on another node", "reconnect": False}
+        # In plain words, as on one node: who took it over, from where (the other node's eviction says).
+        assert goaway(frames) == {"reason": "another agent (from 127.0.0.1, with this tunnel's resume secret) took "
+                                            "over moving; only one agent serves an alias at a time",
+                                  "reconnect": False}
         assert one.tunnel("moving") is None
         new = two.tunnel("moving")
         assert new is not None and new.session != old_session and new.node == two.node
@@ -180,6 +183,7 @@ async def test_the_same_user_takes_an_alias_over_from_another_node(tmp_path: Pat
         assert again.type == FT.WELCOME and again.payload["alias"] == "mine"
         closed, frames = await receive_until_closed(old_ws)
         assert closed.code == 4000 and goaway(frames)["reconnect"] is False
+        assert goaway(frames)["reason"].startswith("another agent logged in as alice (from 127.0.0.1) took over mine")
         record = await read_record(probe, "mine")
         assert record.live and record.node == two.node and record.user == "alice"
         await new_ws.aclose()

@@ -25,6 +25,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 
+from comzy.core.aliases import taken_over_reason
 from comzy.core.cluster.records import AliasTaken, DirectoryDown, Holders, Record
 from comzy.core.control import GoAway
 from comzy.core.logs import RateLimitedLog
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("comzy.cluster")
 
+#: Longest eviction reason passed on to the replaced agent (another node's words, bounded).
+MAX_EVICT_REASON = 500
 #: How long a claimant waits for the previous holder's node to evict it (a dead node never answers).
 EVICT_TIMEOUT = 1.0
 #: How long a KV operation may take before the alias registry counts as unreachable.
@@ -200,13 +203,15 @@ class ClusterDirectory:
         self._unreleased.pop(alias, None)  # this claim wrote over that release
         holder = holders.holder(alias)
         if holder is not None and holder.node != self.nats.node_id:
-            await self._evict_remote(holder)
+            tunnel = entry.tunnel
+            await self._evict_remote(holder, taken_over_reason(alias, tunnel.user, tunnel.client_address, holder.user))
             return holder
         return None
 
-    async def _evict_remote(self, holder: Record) -> None:
-        """Ask ``holder``'s node to close its session (before this one subscribes and welcomes)."""
-        body = msgpack.packb({"alias": holder.alias, "session": holder.session})
+    async def _evict_remote(self, holder: Record, why: str) -> None:
+        """Ask ``holder``'s node to close its session (before this one subscribes and welcomes),
+        telling its agent ``why`` in plain words (who took the alias over)."""
+        body = msgpack.packb({"alias": holder.alias, "session": holder.session, "why": why})
         try:
             await self.nats.nc.request(self.nats.subjects.rpc(holder.node, "evict"), body, timeout=EVICT_TIMEOUT)
         except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
@@ -301,7 +306,9 @@ class ClusterDirectory:
             alias, session = str(request["alias"]), int(request["session"])
         except Exception:
             return
-        dropped = await self.drop_local(alias, session, "replaced by a new session on another node")
+        why = request.get("why")  # absent from an older node's eviction
+        reason = why[:MAX_EVICT_REASON] if isinstance(why, str) and why else "replaced by a new session on another node"
+        dropped = await self.drop_local(alias, session, reason)
         if msg.reply:
             await msg.respond(msgpack.packb({"evicted": dropped}))
 
