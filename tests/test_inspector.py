@@ -62,6 +62,7 @@ async def requests(api: httpx.AsyncClient, **params: Any) -> list[dict[str, Any]
     answer = await api.get("/api/requests/http", params=params)
     assert answer.status_code == 200
     assert answer.headers["content-type"] == "application/json"
+    assert answer.headers["transfer-encoding"] == "chunked"  # written an exchange at a time, never whole
     document = answer.json()
     assert document["uri"] == "/api/requests/http"
     return list(document["requests"])

@@ -238,6 +238,9 @@ class Capture:
                                     f"--inspect-max-body ({original.cap}) and was kept cut; it cannot be "
                                     "replayed as it was. Run comzy with a larger --inspect-max-body")
         if not original.request_complete:
+            if original.done:
+                raise InspectError(400, "its request body never arrived whole (the visitor's request was cut "
+                                        "short), so there is no whole request to send again")
             raise InspectError(409, "its request body is still arriving; replay it once it has")
         body = bytes(original.request_body)
         has_body = bool(body) or any(n.lower() in (b"content-length", b"transfer-encoding")

@@ -13,14 +13,14 @@ import contextlib
 import ipaddress
 import json
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 import h11
 
-from comzy.agent.capture import TUNNEL_NAME, Capture, InspectError, reason_phrase
+from comzy.agent.capture import TUNNEL_NAME, Capture, Exchange, InspectError, reason_phrase
 
 if TYPE_CHECKING:
     from comzy.agent.local_http import LocalClient
@@ -85,19 +85,25 @@ class InspectorAPI:
                     elif isinstance(event, h11.ConnectionClosed):
                         return
                 if too_long:
-                    status, payload = 413, _error(413, f"a request body of at most {MAX_API_BODY} bytes")
+                    status, result = 413, _error(413, f"a request body of at most {MAX_API_BODY} bytes")
                 else:
-                    status, payload = await self._handle(request, bytes(body))
-                data = b"" if payload is None else json.dumps(payload, indent=2).encode() + b"\n"
-                headers = [(b"content-length", str(len(data)).encode())]
+                    status, result = await self._handle(request, bytes(body))
+                payload = result if result is None or isinstance(result, Listing) else \
+                    json.dumps(result, indent=2).encode() + b"\n"
+                headers = [] if isinstance(payload, Listing) else \
+                    [(b"content-length", b"0" if payload is None else b"%d" % len(payload))]
                 if payload is not None:
                     headers.append((b"content-type", b"application/json"))
                 if too_long:
                     headers.append((b"connection", b"close"))
                 writer.write(conn.send(h11.Response(status_code=status, headers=headers,
                                                     reason=reason_phrase(status).encode())))
-                if data:
-                    writer.write(conn.send(h11.Data(data=data)))
+                # A listing goes out an exchange at a time (chunked): 500 of them with 1 MiB bodies
+                # are a gigabyte of base64, never built whole.
+                for data in payload if isinstance(payload, Listing) else [payload or b""]:
+                    if data:
+                        writer.write(conn.send(h11.Data(data=data)))
+                        await writer.drain()
                 writer.write(conn.send(h11.EndOfMessage()))
                 await writer.drain()
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
@@ -155,7 +161,7 @@ class InspectorAPI:
             "config": {"addr": f"http://{self.tunnel.addr}", "inspect": True},
         }]
 
-    def _list(self, query: dict[str, list[str]]) -> dict[str, Any]:
+    def _list(self, query: dict[str, list[str]]) -> Listing:
         exchanges = self.capture.newest_first()
         name = query.get("tunnel_name", [None])[0]
         if name is not None and name != TUNNEL_NAME:
@@ -163,7 +169,7 @@ class InspectorAPI:
         limit = query.get("limit", [""])[0]
         if limit.isdigit():
             exchanges = exchanges[:int(limit)]
-        return {"uri": "/api/requests/http", "requests": [e.to_json() for e in exchanges]}
+        return Listing(exchanges)
 
     async def _replay(self, headers: dict[bytes, bytes], body: bytes) -> tuple[int, Any]:
         # A JSON body only: a page elsewhere can post a form or text/plain to 127.0.0.1 without
@@ -196,6 +202,19 @@ async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader) -> Any
             conn.receive_data(await reader.read(65536))
             continue
         return event
+
+
+class Listing:
+    """``GET /api/requests/http``'s document, as pieces of JSON: an exchange each."""
+
+    def __init__(self, exchanges: list[Exchange]) -> None:
+        self.exchanges = exchanges
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield b'{"uri": "/api/requests/http", "requests": ['
+        for i, exchange in enumerate(self.exchanges):
+            yield (b", " if i else b"") + json.dumps(exchange.to_json()).encode()
+        yield b"]}\n"
 
 
 def _error(status: int, message: str) -> dict[str, Any]:
