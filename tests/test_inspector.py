@@ -396,3 +396,28 @@ def test_the_status_screen_shows_the_inspector_under_the_public_url() -> None:
     text = [line.strip() for line in console.export_text().splitlines()]
     at = next(i for i, line in enumerate(text) if line.startswith("Public URL"))
     assert re.fullmatch(r"Inspector\s+http://127\.0\.0\.1:4041", text[at + 1])
+
+
+def test_a_non_loopback_address_is_taken_only_when_given_and_then_with_a_warning(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[tuple[str, list[int]]] = []
+
+    def bind_on_loopback(host: str, ports: list[int]) -> socket.socket:
+        asked.append((host, list(ports)))  # tests bind 127.0.0.1 only: the address asked for is what counts
+        return socket.create_server(("127.0.0.1", 0))
+
+    monkeypatch.setattr(inspector, "bind", bind_on_loopback)
+    output = Notices()
+    sock = cli.open_inspector(argparse.Namespace(inspect="192.0.2.10:4040"), output)  # type: ignore[arg-type]
+    assert sock is not None
+    sock.close()
+    assert asked == [("192.0.2.10", [4040])]
+    level, message = output.notices[0]
+    assert level == "warning" and "not a loopback address" in message and "no password" in message
+
+    output.notices.clear()
+    sock = cli.open_inspector(argparse.Namespace(inspect=None), output)  # type: ignore[arg-type]
+    assert sock is not None
+    sock.close()
+    assert asked[1] == (inspector.DEFAULT_HOST, list(inspector.DEFAULT_PORTS)) == ("127.0.0.1", list(range(4040, 4050)))
+    assert output.notices == []
