@@ -90,7 +90,8 @@ async def test_lookup_answers_what_an_edge_needs(tmp_path: Path, nats_server: Na
         assert answer["sw"] == 128 * 1024  # the control node's window, as the agent was told
         view = answer["tunnel"]
         assert set(view) == {"alias", "url", "port", "client", "user", "since", "expires_at", "metadata", "session",
-                             "requests", "bytes_in", "bytes_out", "streams_open", "websockets_open"}
+                             "requests", "bytes_in", "bytes_out", "streams_open", "websockets_open", "policies"}
+        assert view["policies"] == []  # no policy plugin enforces this tunnel (an edge checks it has each)
         # What the edge rebuilds is the control node's tunnel, field for field.
         assert Tunnel.from_view(view, control.node) == tunnel
         assert view["alias"] == "shape" and view["url"] == "http://shape.localhost"
