@@ -65,9 +65,10 @@ async def serve(settings: ServerSettings, cluster_settings: ClusterSettings | No
     """Run until SIGINT/SIGTERM, then shut down gracefully."""
     plugins = load_plugins(select_plugins(settings.plugins))
     async with run_server(settings, plugins, cluster_settings) as server:
-        for line in describe(server):
-            log.info(line)
+        # Before the start-up lines: a SIGTERM sent on seeing "ready" must drain, not kill.
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            for line in describe(server):
+                log.info(line)
             async for signum in signals:
                 log.info("received %s: draining (up to %gs), then exiting",
                          signal.Signals(signum).name, settings.shutdown_grace)
