@@ -3,6 +3,7 @@ and an agent that knows only the documented API, not one plugin's wording."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 from urllib.parse import unquote
 
 import anyio
+import anyio.abc
 import httpx
 import pytest
 
@@ -184,3 +186,34 @@ async def test_a_server_without_accounts_says_so_for_every_command(tmp_path: Pat
         code, out, err = await comzy(tmp_path, "status", "--server", url, COMZY_TOKEN="czy_x")
         assert code == 0, err
         assert f"Login:   a token in COMZY_TOKEN, but {no_accounts.removeprefix('comzy: ')}" in out
+
+
+async def test_the_agent_reads_a_bounded_answer(tmp_path: Path) -> None:
+    """Whatever answers at the server's address cannot make `comzy status` hold more than
+    MAX_ANSWER: an endless chunked answer ends the call with one line, not with the memory."""
+    from comzy.agent.account import MAX_ANSWER, AccountClient, AccountError
+
+    sent = 0
+
+    async def endless(stream: anyio.abc.SocketStream) -> None:
+        nonlocal sent
+        async with stream:
+            await stream.receive()  # the request head (small: one read holds it)
+            await stream.send(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                              b"transfer-encoding: chunked\r\n\r\n")
+            chunk = b"%x\r\n%s\r\n" % (65536, b" " * 65536)
+            # Bounded: 8 times the cap at most (kernel buffers hold some MiB); the client must hang
+            # up long before the end, and then the next send fails.
+            with anyio.move_on_after(30), contextlib.suppress(anyio.BrokenResourceError, OSError):
+                while sent < 8 * MAX_ANSWER:
+                    await stream.send(chunk)
+                    sent += 65536
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, endless)
+        with pytest.raises(AccountError, match=r"answered with more than 4 MiB"):
+            await AccountClient(f"ws://127.0.0.1:{port}").status()
+        tg.cancel_scope.cancel()
+    assert MAX_ANSWER < sent < 8 * MAX_ANSWER

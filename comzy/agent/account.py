@@ -22,6 +22,9 @@ from comzy.core.tls import client_tls_context, mismatch
 
 #: The seed's location of the saved login.
 CREDENTIALS = Path("~/.comzy/.user")
+#: The most the agent reads of one account API answer: a server (or whatever answers at its
+#: address) cannot make `comzy status` or `comzy login` hold more than this in memory.
+MAX_ANSWER = 4 * 1024 * 1024
 
 
 class AccountError(Exception):
@@ -220,8 +223,15 @@ class AccountClient:
         import httpx
 
         try:
-            async with httpx.AsyncClient(timeout=self.timeout, trust_env=False, verify=verify) as client:
-                response = await client.request(method, url, headers=headers)
+            async with (httpx.AsyncClient(timeout=self.timeout, trust_env=False, verify=verify) as client,
+                        client.stream(method, url, headers=headers) as response):
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > MAX_ANSWER:
+                        raise AccountError(
+                            f"{self.server} answered with more than {MAX_ANSWER // (1024 * 1024)} MiB, which no "
+                            "account API answer is; is COMZY_WS_SERVER the Comzy agent listener?")
         except httpx.HTTPError as exc:
             line = mismatch(self.server, exc)
             if line is not None:
@@ -231,9 +241,9 @@ class AccountClient:
                                "running there? Set --server or COMZY_WS_SERVER.") from None
         document: Any = None
         with contextlib.suppress(ValueError):
-            document = response.json()
+            document = json.loads(body)
         if not isinstance(document, dict):
-            line = mismatch(self.server, response.text)
+            line = mismatch(self.server, body.decode("utf-8", "replace"))
             if line is not None:
                 raise AccountError(line)
             raise AccountError(f"{self.server} answered HTTP {response.status_code} without a JSON object; is it "
