@@ -16,11 +16,18 @@ an agent exposing the same nginx: one with the default set (``COMZY_PLUGINS`` un
 built-in) and one per built-in plugin alone. The same loads go through all of them, in an order
 that rotates each round, and a table gives each one's server CPU per request and req/s against
 ``none`` in the same round: what each plugin costs on its own.
+
+With ``--policies`` one more server runs with the traffic-policy plugins (basic_auth, ip_filter,
+rate_limit) and two agents exposing the same nginx: one without a policy and one with basic auth,
+an allow list holding the client and a rate limit too high to trigger, and wrk sends the
+credentials. A table gives the policy tunnel's req/s and server CPU against the plain one in the
+same rounds (issue 14: at most 10% lost).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import statistics
 import sys
@@ -52,6 +59,15 @@ PLUGIN_BUDGET = 0.10
 
 Target = tuple[Endpoint, dict[str, Proc]]
 
+#: ``--policies``: the server's plugins, and the policy tunnel's agent flags (the allow list holds
+#: the loopback client; the rate limit, per client address, is far above what two cores can send).
+POLICY_PLUGINS = "basic_auth,ip_filter,rate_limit"
+POLICY_CREDENTIAL = ("bench", "bench-password")
+POLICY_FLAGS = ("--basic-auth", ":".join(POLICY_CREDENTIAL), "--cidr-allow", "127.0.0.0/8", "--cidr-allow", "::1/128",
+                "--rate-limit", "6000000/min")
+#: A policy costing more than this fraction of req/s or server CPU against no policy is flagged (issue 14).
+POLICY_BUDGET = 0.10
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line of ``python -m bench.cpu``."""
@@ -71,6 +87,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--plugins", choices=["each"],
                         help="each: also measure servers with the default plugin set and with each built-in plugin "
                              "alone, against COMZY_PLUGINS=none in the same rounds")
+    parser.add_argument("--policies", action="store_true",
+                        help="also measure a tunnel with basic auth, an allow list and a rate limit against one "
+                             "without, on one more server with those plugins, in the same rounds")
     parser.add_argument("--json", action="store_true", help="print every round as JSON too")
     args = parser.parse_args(argv)
     bad = [item for item in args.server_env if "=" not in item]
@@ -115,6 +134,57 @@ def start_plugin_node(stack: Stack, label: str, plugins: str | None, server_env:
     return endpoint, {"server": server, "agent": agent}
 
 
+def start_policy_node(stack: Stack, server_env: dict[str, str]) -> tuple[Target, Target]:
+    """One more comzy-server with ``POLICY_PLUGINS`` and two agents on it exposing the stack's nginx: without a
+    policy, and with ``POLICY_FLAGS`` (its endpoint sends the credentials). All join ``stack.procs``."""
+    server = Proc("comzy-server (policies)", [sys.executable, "-m", "comzy.core.cli"], env=comzy_env(
+        COMZY_HOST="127.0.0.1", COMZY_HTTP_PORT="0", COMZY_WS_PORT="0", COMZY_ADMIN_PORT="0",
+        COMZY_DATA_DIR=str(stack.root / "comzy-policies"), COMZY_SHUTDOWN_GRACE="2", COMZY_PLUGINS=POLICY_PLUGINS,
+        **server_env))
+    stack.procs.append(server)
+    public_port = int(server.wait_for(r"public\s+http://[\d.]+:(\d+)")[1])
+    ws_port = int(server.wait_for(r"agents\s+ws://[\d.]+:(\d+)")[1])
+    server.done_waiting()
+    credentials = base64.b64encode(":".join(POLICY_CREDENTIAL).encode()).decode()
+    login = (f"Authorization: Basic {credentials}",)
+    targets = []
+    for label, flags, headers in (("plain", (), ()), ("policy", POLICY_FLAGS, login)):
+        agent = Proc(f"agent (policies, {label})", [
+            sys.executable, "-m", "comzy.agent.cli", str(stack.nginx_direct.port), "--local-host", "127.0.0.1",
+            "--quiet", "--server", f"ws://127.0.0.1:{ws_port}", *flags], env=comzy_env())
+        stack.procs.append(agent)
+        alias = agent.wait_for(r"Public URL: https?://([a-z0-9-]+)\.")[1]
+        agent.done_waiting()
+        endpoint = Endpoint(public_port, f"{alias}.localhost", headers)
+        wait_serving(endpoint, f"/{SMALL_FILE}", server)
+        targets.append((endpoint, {"server": server, "agent": agent}))
+    return targets[0], targets[1]
+
+
+def policy_table(rounds: dict[str, list[dict[str, Any]]], connection_counts: list[int]) -> list[str]:
+    """The ``--policies`` table: per connection count, the medians of the plain and the policy tunnel, and the
+    policy's cost as the median over rounds of the same round's ratio; over ``POLICY_BUDGET`` is marked."""
+    lines = [f"{'tunnel':18} {'conns':>5} {'server µs/req':>13} {'CPU vs plain':>12} {'agent µs/req':>12} "
+             f"{'req/s':>8} {'req/s vs plain':>14}"]
+    for connections in connection_counts:
+        plain = rounds[f"policies_plain_get_{connections}c"]
+        policy = rounds[f"policies_policy_get_{connections}c"]
+        for label, runs in (("no policy", plain), ("auth+allow+limit", policy)):
+            server_us = statistics.median(run["server_us"] for run in runs)
+            agent_us = statistics.median(run["agent_us"] for run in runs)
+            rps = statistics.median(run["requests_per_s"] for run in runs)
+            if runs is plain:
+                lines.append(f"{label:18} {connections:5d} {server_us:13.0f} {'':>12} {agent_us:12.0f} {rps:8.0f}")
+                continue
+            pairs = list(zip(runs, plain, strict=True))
+            cpu_cost = statistics.median(run["server_us"] / base["server_us"] - 1 for run, base in pairs)
+            rps_change = statistics.median(run["requests_per_s"] / base["requests_per_s"] - 1 for run, base in pairs)
+            over = max(cpu_cost, -rps_change) > POLICY_BUDGET
+            lines.append(f"{label:18} {connections:5d} {server_us:13.0f} {cpu_cost:+12.1%} {agent_us:12.0f} "
+                         f"{rps:8.0f} {rps_change:+14.1%}" + ("  <- over 10%" if over else ""))
+    return lines
+
+
 def plugin_configs() -> dict[str, str | None]:
     """``--plugins each``: the label of every extra server and its ``COMZY_PLUGINS`` (None: unset)."""
     return {DEFAULT_SET: None} | {name: name for name in BUILTIN_PLUGINS}
@@ -153,7 +223,7 @@ def measure_get(stack: Stack, target: Target, connections: int,
     endpoint, procs = target
     before = {name: proc.cpu_seconds() for name, proc in procs.items()}
     result = run_wrk(stack.tools["wrk"], stack.wrk_script, endpoint.url(f"/{SMALL_FILE}"), endpoint.host,
-                     connections, seconds)
+                     connections, seconds, headers=endpoint.headers)
     requests = max(result["requests"], 1)
     return {"requests_per_s": result["requests_per_s"], "p50_ms": result["p50_ms"], "p99_ms": result["p99_ms"],
             "errors": result["errors"],
@@ -187,11 +257,15 @@ def main(argv: list[str] | None = None) -> int:
         for label, plugins in (plugin_configs() if args.plugins else {}).items():
             started = start_plugin_node(stack, label, plugins, args.server_env)
             targets[f"plugins_{label}_"] = lambda _stack, started=started: started
+        if args.policies:
+            plain, policy = start_policy_node(stack, args.server_env)
+            targets["policies_plain_"] = lambda _stack: plain
+            targets["policies_policy_"] = lambda _stack: policy
         # Warm-up: imports, pools, caches and cluster links stay out of the first round.
         for pick in targets.values():
             endpoint, _ = pick(stack)
             run_wrk(tools["wrk"], stack.wrk_script, endpoint.url(f"/{SMALL_FILE}"), endpoint.host,
-                    max(args.connection_counts), 1)
+                    max(args.connection_counts), 1, headers=endpoint.headers)
         rounds: dict[str, list[dict[str, Any]]] = {}
         order = list(targets.items())
         for number in range(args.rounds):
@@ -210,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         medians = {key: statistics.median(run[key] for run in runs) for key in runs[0] if key != "errors"}
         names = [key.removesuffix("_peak_rss_mib") for key in runs[0] if key.endswith("_peak_rss_mib")] or \
             [key.removesuffix("_us") for key in runs[0] if key.endswith("_us")]
-        if name.startswith("plugins_"):  # in the table below
+        if name.startswith(("plugins_", "policies_")):  # in the tables below
             pass
         elif name.endswith("download"):
             cpu = "  ".join(f"{who} {medians[f'{who}_s_per_gib']:.2f} s/GiB" for who in names)
@@ -224,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({name: runs}))
     if labels:
         print("\n".join(plugin_table(rounds, labels, args.connection_counts)))
+    if args.policies:
+        print("\n".join(policy_table(rounds, args.connection_counts)))
     if failed:
         print("some requests failed (non-2xx or socket errors): the figures above are not comparable")
     return 1 if failed else 0

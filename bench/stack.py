@@ -32,6 +32,8 @@ class Endpoint:
 
     port: int
     host: str
+    #: Extra request headers (``Name: value``) every request to this app carries (credentials).
+    headers: tuple[str, ...] = ()
 
     def url(self, path: str) -> str:
         """The URL for wrk and curl (always 127.0.0.1; the Host header picks the tunnel)."""
@@ -226,7 +228,8 @@ def wait_serving(endpoint: Endpoint, path: str, proc: Proc, timeout: float = 30.
     while time.monotonic() < deadline and proc.alive():
         conn = http.client.HTTPConnection("127.0.0.1", endpoint.port, timeout=5)
         try:
-            conn.request("GET", path, headers={"Host": endpoint.host})
+            extra = dict(header.split(": ", 1) for header in endpoint.headers)
+            conn.request("GET", path, headers={"Host": endpoint.host, **extra})
             response = conn.getresponse()
             response.read()
             if response.status == 200:

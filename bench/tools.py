@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -136,13 +137,16 @@ def wait_listening(port: int, proc: Proc, timeout: float) -> bool:
 
 
 def run_wrk(wrk: str, script: Path, url: str, host: str | None, connections: int, duration: float,
-            threads: int | None = None) -> dict[str, Any]:
-    """One wrk run: req/s, latency percentiles (ms) and error counts."""
+            threads: int | None = None, headers: Sequence[str] = ()) -> dict[str, Any]:
+    """One wrk run: req/s, latency percentiles (ms) and error counts; ``headers`` (``Name: value``) go on every
+    request."""
     threads = threads or min(connections, 2)
     args = [wrk, "--latency", "-t", str(threads), "-c", str(connections), "-d", f"{max(duration, 1):.0f}s",
             "-s", str(script)]
     if host:
         args += ["-H", f"Host: {host}"]
+    for header in headers:
+        args += ["-H", header]
     done = subprocess.run([*args, url], capture_output=True, text=True, timeout=duration + 60, check=False)
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith("WRK_JSON ")), None)
     if done.returncode != 0 or line is None:

@@ -7,7 +7,16 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 from typing import Any
 
-from bench.cpu import BUILTIN_PLUGINS, DEFAULT_SET, parse_args, plugin_configs, plugin_table
+from bench.cpu import (
+    BUILTIN_PLUGINS,
+    DEFAULT_SET,
+    POLICY_FLAGS,
+    POLICY_PLUGINS,
+    parse_args,
+    plugin_configs,
+    plugin_table,
+    policy_table,
+)
 
 
 def run(server_us: float, rps: float) -> dict[str, Any]:
@@ -62,3 +71,27 @@ def test_plugins_each_measures_the_default_set_and_every_builtin_alone() -> None
         {name: name for name in BUILTIN_PLUGINS}
     assert parse_args(["--plugins", "each"]).plugins == "each"
     assert parse_args([]).plugins is None
+
+
+def test_the_policy_cost_is_paired_by_round_and_flagged_over_ten_percent() -> None:
+    # issue 14: a tunnel with basic auth, an allow list and a rate limit loses at most 10% against one without.
+    plain = [run(100, 1000), run(200, 500), run(400, 250)]
+    rounds = {
+        "policies_plain_get_50c": plain,
+        "policies_policy_get_50c": [run(104, 970), run(208, 485), run(416, 242.5)],  # +4% CPU, -3% req/s
+        "policies_plain_get_1c": [run(300, 100)] * 3,
+        "policies_policy_get_1c": [run(300, 85)] * 3,  # 15% fewer req/s: over budget
+    }
+    lines = policy_table(rounds, [50, 1])
+    assert lines[0].split()[:2] == ["tunnel", "conns"]
+    assert [line.split()[0] for line in lines[1:]] == ["no", "auth+allow+limit"] * 2
+    assert lines[1].split() == ["no", "policy", "50", "200", "80", "500"]
+    assert lines[2].split() == ["auth+allow+limit", "50", "208", "+4.0%", "80", "485", "-3.0%"]
+    assert lines[4].split() == ["auth+allow+limit", "1", "300", "+0.0%", "80", "85", "-15.0%", "<-", "over", "10%"]
+
+
+def test_the_policy_tunnel_asks_for_every_policy_plugin() -> None:
+    # Each plugin the server runs for --policies is exercised by a flag of the policy tunnel.
+    assert set(POLICY_PLUGINS.split(",")) == {"basic_auth", "ip_filter", "rate_limit"}
+    assert {"--basic-auth", "--cidr-allow", "--rate-limit"} <= set(POLICY_FLAGS)
+    assert parse_args(["--policies"]).policies and not parse_args([]).policies
