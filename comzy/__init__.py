@@ -17,7 +17,7 @@ from comzy.core.hooks import PluginError
 from comzy.core.hookspecs import hookimpl
 from comzy.core.schema import Schema
 from comzy.core.settings import ServerSettings
-from comzy.core.types import Exchange, ForwardRequest, LoggedRequest, Registration, Reject, Tunnel
+from comzy.core.types import Exchange, ForwardRequest, ForwardResponse, LoggedRequest, Registration, Reject, Tunnel
 
 if TYPE_CHECKING:
     from comzy.core.server import ServerContext
@@ -28,6 +28,7 @@ __all__ = [
     "Commands",
     "Exchange",
     "ForwardRequest",
+    "ForwardResponse",
     "LoggedRequest",
     "PluginError",
     "Registration",

@@ -36,6 +36,7 @@ PUBLIC_API = [
     "Commands",
     "Exchange",
     "ForwardRequest",
+    "ForwardResponse",
     "LoggedRequest",
     "PluginError",
     "Registration",
@@ -62,7 +63,8 @@ def hook_specs() -> dict[str, list[str]]:
 def test_the_hooks_are_the_designed_ones() -> None:
     assert set(hook_specs()) == {"on_startup", "on_shutdown", "on_register", "on_connect", "on_disconnect",
                                  "resolve_host",
-                                 "alias_owner", "alias_reserved", "before_forward", "after_response", "admin_routes",
+                                 "alias_owner", "alias_reserved", "before_forward", "before_response", "after_response",
+                                 "admin_routes",
                                  "agent_routes", "database_schema", "on_registration_refused", "recent_requests",
                                  "register_commands"}
 

@@ -25,6 +25,7 @@ from comzy import (
     AdminRoute,
     Exchange,
     ForwardRequest,
+    ForwardResponse,
     LoggedRequest,
     Registration,
     Reject,
@@ -807,6 +808,57 @@ async def test_hook_before_forward_refuses_websocket(tmp_path: Path, upstream: U
     assert data.startswith(b"HTTP/1.1 403")
     assert plugin.seen[0][0].websocket is True
     assert upstream.requests == []
+
+
+# -- before_response ----------------------------------------------------------------------------------
+class Stamp:
+    """Edits response heads: drops x-status, stamps the tunnel; refuses /status/418 and fails on /status/500."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, bool]] = []
+
+    @hookimpl
+    def before_response(self, response: ForwardResponse, request: ForwardRequest, tunnel: Tunnel) -> None:
+        self.seen.append((response.status, request.websocket))
+        if response.status == 418:
+            raise Reject("no teapots here", status=403)
+        if response.status == 500:
+            raise ZeroDivisionError("bug in stamp")
+        response.headers[:] = [(n, v) for n, v in response.headers if n.lower() != b"x-status"]
+        response.headers.append((b"x-stamped", tunnel.alias.encode()))
+
+
+async def test_hook_before_response(tmp_path: Path, upstream: Upstream, caplog: pytest.LogCaptureFixture) -> None:
+    """Response heads (a WebSocket's upgrade answer too) pass through before_response: its edits
+    reach the visitor; a Reject replaces the local app's response, any other error answers 500."""
+    plugin = Stamp()
+    async with start_server(tmp_path, plugins=[("stamp", plugin)]) as server, \
+            start_agent(server, upstream.port) as agent, agent.visitor() as client:
+        ok = await client.get("/status/201")
+        assert ok.status_code == 201 and ok.text == "status 201\n"
+        assert ok.headers["x-stamped"] == agent.alias and "x-status" not in ok.headers
+        cookies = await client.get("/cookies")
+        assert cookies.headers.get_list("set-cookie") == ["a=1; Path=/", "b=2; Path=/"]  # others untouched
+        refused = await client.get("/status/418")
+        assert (refused.status_code, refused.text) == (403, "no teapots here\n")
+        with caplog.at_level(logging.ERROR):
+            failed = await client.get("/status/500")
+        assert failed.status_code == 500 and "bug in stamp" not in failed.text
+        head = (f"GET /ws HTTP/1.1\r\nHost: {agent.alias}.localhost\r\nUpgrade: websocket\r\n"
+                "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n")
+        async with await anyio.connect_tcp("127.0.0.1", server.ports.http) as stream:
+            await stream.send(head.encode())
+            data = b""
+            with anyio.fail_after(WAIT):
+                while b"\r\n\r\n" not in data:
+                    data += await stream.receive()
+        assert data.startswith(b"HTTP/1.1 101")
+        assert f"x-stamped: {agent.alias}".encode() in data.lower()
+        # Edge-made answers (no agent response) do not pass through it.
+        assert (await client.get("/status/200", headers={"host": "nobody.localhost"})).status_code == 404
+    assert plugin.seen == [(201, False), (200, False), (418, False), (500, False), (101, True)]
+    assert any(r.exc_info and "bug in stamp" in str(r.exc_info[1]) for r in caplog.records)
 
 
 # -- after_response ------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from comzy.core.logs import RateLimitedLog
 from comzy.core.registry import Entry
 from comzy.core.session import Session, SessionClosed
 from comzy.core.stream import Stream, StreamReset
-from comzy.core.types import Exchange, ForwardRequest, Reject, Tunnel
+from comzy.core.types import Exchange, ForwardRequest, ForwardResponse, Reject, Tunnel
 
 if TYPE_CHECKING:
     from comzy.core.cluster.edge_router import RouteEntry
@@ -183,6 +183,8 @@ class EdgeApp:
             await respond(send, 502, f"The agent for {tunnel.alias} has disconnected.\n")
             return
         state = _Exchange()
+        if self.hooks.has_before_response:
+            state.hooked = (request, tunnel)
         if not has_body:
             # END goes with REQUEST in one WebSocket message: one write here and one wakeup in
             # the agent instead of two.
@@ -386,6 +388,12 @@ class EdgeApp:
         assert isinstance(head, p.ResponseHead)
         state.status = head.status
         headers = strip_hop_by_hop(head.headers)
+        if state.hooked is not None:
+            edited = await self._before_response(state, head, headers, send)
+            if edited is None:
+                stream.reset(p.ResetCode.CANCEL, "the response was refused by a server plugin")
+                return
+            headers = edited
         await send({"type": "http.response.start", "status": head.status, "headers": headers})
         state.started = True
         # hypercorn writes the head on http.response.start, so a visitor sees it before the
@@ -454,6 +462,8 @@ class EdgeApp:
             return
         state = _Exchange()
         state.routed = route is not None
+        if self.hooks.has_before_response:
+            state.hooked = (request, tunnel)
         tunnel.stream_opened(True)  # back down in _finish, which the finally below always reaches
         retried = False
         try:
@@ -507,14 +517,44 @@ class EdgeApp:
                     body += chunk[0]
             except StreamReset:
                 pass
-            await respond(send, head.status, bytes(body), headers=strip_hop_by_hop(head.headers), scope=scope)
+            refusal = strip_hop_by_hop(head.headers)
+            edited = refusal if state.hooked is None else await self._before_response(state, head, refusal, send,
+                                                                                        scope)
+            if edited is not None:
+                await respond(send, head.status, bytes(body), headers=edited, scope=scope)
             return
         accept_headers = strip_hop_by_hop(head.headers, WS_HANDSHAKE)
+        if state.hooked is not None:
+            edited = await self._before_response(state, head, accept_headers, send, scope)
+            if edited is None:
+                stream.reset(p.ResetCode.CANCEL, "the upgrade was refused by a server plugin")
+                return
+            accept_headers = edited
         await send({"type": "websocket.accept", "subprotocol": head.subprotocol, "headers": accept_headers})
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._ws_from_visitor, stream, receive, state, tg.cancel_scope)
             await self._ws_to_visitor(stream, send, state)
             tg.cancel_scope.cancel()
+
+    async def _before_response(self, state: _Exchange, head: p.ResponseHead, headers: list[tuple[bytes, bytes]],
+                               send: Send, scope: Scope | None = None) -> list[tuple[bytes, bytes]] | None:
+        """The response head's headers as the before_response hooks left them; None after answering
+        the visitor instead (a Reject's answer, or 500 when an implementation failed)."""
+        assert state.hooked is not None
+        request, tunnel = state.hooked
+        response = ForwardResponse(head.status, headers)
+        try:
+            await self.hooks.before_response(response, request, tunnel, self.server)
+        except Reject as exc:
+            state.status = exc.status
+            await respond(send, exc.status, exc.body, headers=exc.headers, scope=scope)
+            return None
+        except Exception:
+            log.exception("before_response failed for %s; answering 500", tunnel.alias)
+            state.status = 500
+            await respond(send, 500, PLUGIN_FAILED, scope=scope)
+            return None
+        return response.headers
 
     async def _ws_from_visitor(self, stream: Stream, receive: Receive, state: _Exchange,
                                scope: anyio.CancelScope) -> None:
@@ -559,8 +599,8 @@ class EdgeApp:
 class _Exchange:
     """Mutable counters for one proxied exchange."""
 
-    __slots__ = ("bytes_in", "bytes_out", "complete", "error", "request_done", "routed", "started", "status",
-                 "visitor_gone")
+    __slots__ = ("bytes_in", "bytes_out", "complete", "error", "hooked", "request_done", "routed", "started",
+                 "status", "visitor_gone")
 
     def __init__(self) -> None:
         self.bytes_in = 0
@@ -572,6 +612,8 @@ class _Exchange:
         self.visitor_gone = False  # the visitor disconnected before the response was complete
         self.routed = False  # over a cluster link: a failure before the head is the caller's to answer
         self.error: str | None = None
+        #: The request and tunnel for the before_response hooks (None: no plugin implements it).
+        self.hooked: tuple[ForwardRequest, Tunnel] | None = None
 
 
 class _BeforeHead(Exception):

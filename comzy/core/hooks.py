@@ -69,6 +69,10 @@ class HookRunner:
         #: after_response's implementations in calling order, read once for the same reason: it
         #: runs on every request, and get_hookimpls copies its list on each call.
         self._after_response = list(reversed(after_response))
+        before_response = pm.hook.before_response.get_hookimpls()
+        #: Whether any plugin edits response heads: the edge skips the hook's call otherwise.
+        self.has_before_response = bool(before_response)
+        self._before_response = list(reversed(before_response))
 
     def resolve_host(self, host: str, server: Any) -> str | None:
         """First non-None alias for ``host`` (sync, firstresult)."""
@@ -193,6 +197,13 @@ class HookRunner:
     async def before_forward(self, request: Any, tunnel: Any, server: Any) -> None:
         """Run every before_forward impl; ``Reject`` propagates to answer the visitor."""
         await self._call_in_order("before_forward", {"request": request, "tunnel": tunnel, "server": server})
+
+    async def before_response(self, response: Any, request: Any, tunnel: Any, server: Any) -> None:
+        """Run every before_response impl in order; ``Reject`` (or any error) propagates to the edge,
+        which answers the visitor instead of the local service's response."""
+        kwargs = {"response": response, "request": request, "tunnel": tunnel, "server": server}
+        for impl in self._before_response:
+            await self._call_one("before_response", impl, kwargs)
 
     async def after_response(self, exchange: Any, server: Any) -> None:
         """Run every after_response impl; errors are logged, never raised.

@@ -15,7 +15,7 @@ import pluggy
 if TYPE_CHECKING:
     from comzy.core.commands import Commands
     from comzy.core.server import ServerContext
-    from comzy.core.types import Exchange, ForwardRequest, LoggedRequest, Registration, Tunnel
+    from comzy.core.types import Exchange, ForwardRequest, ForwardResponse, LoggedRequest, Registration, Tunnel
 
 PROJECT = "comzy"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -105,6 +105,13 @@ def resolve_host(host: str, server: ServerContext) -> str | None:
 def before_forward(request: ForwardRequest, tunnel: Tunnel, server: ServerContext) -> Any:
     """A visitor's request is about to go to the agent. Edit ``request.headers`` or raise
     ``Reject(reason, status, body)`` to answer the visitor instead (401/403/429...)."""
+
+
+@hookspec
+def before_response(response: ForwardResponse, request: ForwardRequest, tunnel: Tunnel, server: ServerContext) -> Any:
+    """The local service's response head is about to go to the visitor (a WebSocket's upgrade
+    answer too). Edit ``response.headers``, or raise ``Reject(reason, status, body)`` to answer the
+    visitor instead (the local service's response is then dropped). Every impl runs, in order."""
 
 
 @hookspec

@@ -190,6 +190,16 @@ class ForwardRequest:
 
 
 @dataclass(slots=True)
+class ForwardResponse:
+    """The local service's response head on its way to the visitor, as ``before_response`` sees it:
+    ``status`` (read it; changing it is not supported) and ``headers``, an ordered list of
+    ``(name, value)`` byte pairs without hop-by-hop headers, which the hook may edit in place."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+
+
+@dataclass(slots=True)
 class Exchange:
     """A finished request/response, given to ``after_response``."""
 
