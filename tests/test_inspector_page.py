@@ -1,0 +1,354 @@
+"""The inspector's web page at / (issue 15): its assets and their policy, the live stream, the checks
+that keep other web pages and rebound DNS names out, and the page itself in Debian's Chromium
+(a real server, agent and upstream; requests made through the public URL).
+
+The browser test needs /usr/bin/chromium and playwright, as tests/test_dashboard_browser.py does
+(skips without them locally, fails under CI=true). Its screenshots land in test-artifacts/ and, with
+COMZY_SCREENSHOTS=1, in docs/img/ (the ones docs/agent.md shows).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from collections.abc import AsyncIterator
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from comzy.agent import inspector_page
+from comzy.core.server import ServerContext
+from tests.conftest import ROOT
+from tests.helpers import wait_until
+from tests.test_dashboard_browser import ARTIFACTS, chromium_page, require_browser
+from tests.test_inspector import inspected, requests
+from tests.test_websocket import exchange, open_ws
+from tests.upstream import Upstream
+
+pytestmark = pytest.mark.anyio
+
+HOSTILE_PATH = "/x/<script>alert(1)</script>?q=\"'><img/src=x/onerror=alert(2)>"  # no spaces in a target
+HOSTILE_HEADER = "<img src=x onerror=alert(3)><script>alert(4)</script>"
+
+
+async def test_the_page_and_its_assets_are_served_with_a_strict_policy(server: ServerContext,
+                                                                       upstream: Upstream) -> None:
+    async with inspected(server, upstream.port) as (_, api):
+        page = await api.get("/")
+        assert page.status_code == 200
+        assert page.headers["content-type"] == "text/html; charset=utf-8"
+        policy = page.headers["content-security-policy"]
+        assert "default-src 'none'" in policy and "script-src 'self'" in policy
+        assert "frame-ancestors 'none'" in policy and "unsafe" not in policy
+        assert page.headers["x-frame-options"] == "DENY"
+        assert page.headers["x-content-type-options"] == "nosniff"
+        # No inline script or handler: every <script> has a src and is empty; no on* attributes.
+        html = page.text
+        scripts = re.findall(r"<script\b([^>]*)>(.*?)</script>", html, re.S)
+        assert scripts and all('src="/assets/' in attrs and not body.strip() for attrs, body in scripts)
+        assert not re.search(r"\son[a-z]+\s*=", html)
+        for path, kind in [("/assets/app.js", "text/javascript"), ("/assets/style.css", "text/css"),
+                           ("/assets/favicon.svg", "image/svg+xml")]:
+            answer = await api.get(path)
+            assert answer.status_code == 200 and answer.headers["content-type"].startswith(kind), path
+            assert path in html
+        # Only the files of the table: nothing else on disk is reachable.
+        for path in ["/assets/../inspector.py", "/assets/%2e%2e/inspector.py", "/assets/missing.js", "/index.html",
+                     "/assets/inspector_page.py"]:
+            assert (await api.get(path)).status_code == 404, path
+        # The API's answers are never cached or sniffed either (they hold captured traffic).
+        listed = await api.get("/api/requests/http")
+        assert listed.headers["cache-control"] == "no-store"
+        assert listed.headers["x-content-type-options"] == "nosniff"
+
+
+def test_the_assets_ship_in_the_package() -> None:
+    """An installed wheel has the page: each file is package data of comzy.agent."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "inspector_assets/*" in config["tool"]["setuptools"]["package-data"]["comzy.agent"]
+    folder = resources.files("comzy.agent").joinpath("inspector_assets")
+    shipped = sorted(item.name for item in folder.iterdir())
+    assert shipped == sorted(name for name, _ in inspector_page.ASSETS.values())
+
+
+async def test_rebound_names_and_other_pages_are_refused(server: ServerContext, upstream: Upstream) -> None:
+    async with inspected(server, upstream.port) as (tunnel, api):
+        async with tunnel.visitor() as visitor:
+            assert (await visitor.get("/kept")).status_code == 200
+        (kept,) = await requests(api)
+        own = str(api.base_url).rstrip("/")
+        port = api.base_url.port
+
+        # DNS rebinding: a page at evil.example whose name now points at 127.0.0.1 is its own origin,
+        # so the browser lets it read: the Host check refuses everything, the page included.
+        for path in ["/", "/assets/app.js", "/api/stream", "/api/requests/http", "/api/tunnels"]:
+            answer = await api.get(path, headers={"host": f"evil.example:{port}"})
+            assert answer.status_code == 403, path
+            assert "Host" in answer.json()["msg"]
+
+        # A page elsewhere (another site, another app on localhost, a sandboxed frame) that makes the
+        # browser send a request here: refused, whatever the content type.
+        replay = {"id": kept["id"]}
+        for origin in ["http://evil.example", f"http://localhost:{port + 1}", "http://127.0.0.1:3000", "null",
+                       f"https://127.0.0.1:{port}"]:
+            headers = {"origin": origin}
+            posted = await api.post("/api/requests/http", json=replay, headers=headers)
+            assert posted.status_code == 403, origin
+            assert "other web pages" in posted.json()["msg"]
+            assert (await api.delete("/api/requests/http", headers=headers)).status_code == 403
+            assert (await api.get("/api/requests/http", headers=headers)).status_code == 403
+        assert (await api.delete("/api/requests/http", headers={"sec-fetch-site": "cross-site"})).status_code == 403
+        assert (await api.delete("/api/requests/http", headers={"sec-fetch-site": "same-site"})).status_code == 403
+        # A form posted from elsewhere has no JSON content type: refused before anything runs.
+        form = await api.post("/api/requests/http", content=b"id=" + kept["id"].encode(),
+                              headers={"content-type": "application/x-www-form-urlencoded"})
+        assert form.status_code == 415
+        assert [e["id"] for e in await requests(api)] == [kept["id"]]  # nothing was replayed or cleared
+        assert len([scope for scope in upstream.requests if scope["path"] == "/kept"]) == 1
+
+        # The page itself (its own Origin, as browsers send with every POST and DELETE) and scripts
+        # (no Origin, as curl) are served.
+        mine = {"origin": own, "sec-fetch-site": "same-origin"}
+        assert (await api.post("/api/requests/http", json=replay, headers=mine)).status_code == 204
+        assert len([scope for scope in upstream.requests if scope["path"] == "/kept"]) == 2
+        assert (await api.get("/", headers={"sec-fetch-site": "none"})).status_code == 200  # typed in the address bar
+        assert (await api.delete("/api/requests/http", headers=mine)).status_code == 204
+        assert await requests(api) == []
+        assert (await api.delete("/api/requests/http")).status_code == 204
+
+
+async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, Any]]:
+    """Server-Sent Events as (event, JSON data); comments and ``retry`` skipped."""
+    name = ""
+    async for line in response.aiter_lines():
+        if line.startswith("event: "):
+            name = line[7:]
+        elif line.startswith("data: "):
+            yield name, json.loads(line[6:])
+            name = ""
+
+
+async def test_the_stream_sends_a_snapshot_then_what_changes_and_is_bounded(
+        server: ServerContext, upstream: Upstream, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(inspector_page, "MAX_STREAMS", 2)
+    async with inspected(server, upstream.port) as (tunnel, api), tunnel.visitor() as visitor:
+        assert (await visitor.get("/first")).status_code == 200
+        with anyio.fail_after(30):
+            async with api.stream("GET", "/api/stream") as stream:
+                assert stream.status_code == 200
+                assert stream.headers["content-type"] == "text/event-stream; charset=utf-8"
+                events = sse_events(stream)
+                assert await anext(events) == ("tunnel", {"public_url": tunnel.url,
+                                                          "addr": f"127.0.0.1:{upstream.port}"})
+                name, snapshot = await anext(events)
+                assert name == "snapshot"
+                assert [(s["method"], s["uri"], s["status"], s["done"]) for s in snapshot] == \
+                    [("GET", "/first", 200, True)]
+                assert "raw" not in snapshot[0]  # summaries only: bodies are read one exchange at a time
+
+                # A control character in a path cannot end an event early (JSON escapes it).
+                answer = await visitor.post("/second%0D%0Aevent:%20remove", content=b"x" * 10)
+                assert answer.status_code == 200
+                changes: list[dict[str, Any]] = []
+                while not (changes and changes[-1]["done"]):
+                    name, data = await anext(events)
+                    assert name == "upsert"
+                    changes += data
+                assert {c["uri"] for c in changes} == {"/second%0D%0Aevent:%20remove"}
+                assert changes[-1]["request_size"] == 10 and changes[-1]["status"] == 200
+                assert changes[-1]["duration"] > 0
+
+                # Bounded: a third page waits for a slot (503 with what to do), the second gets one.
+                async with api.stream("GET", "/api/stream") as second:
+                    assert second.status_code == 200
+                    third = await api.get("/api/stream")
+                    assert third.status_code == 503
+                    assert "close one" in third.json()["msg"]
+
+                assert (await api.delete("/api/requests/http")).status_code == 204
+                name, gone = await anext(events)
+                assert name == "remove" and len(gone) == 2
+
+        async def slot_free() -> bool:
+            async with api.stream("GET", "/api/stream") as again:
+                return again.status_code == 200
+
+        # The slots are given back when pages go (each page's stream sees its end within a tick).
+        await wait_until(slot_free)
+
+
+# -- The page in Chromium -------------------------------------------------------------------------
+async def send_raw(server: ServerContext, host: str, request: bytes) -> bytes:
+    """One request written as bytes to the public listener (httpx would percent-encode the path)."""
+    async with await anyio.connect_tcp("127.0.0.1", server.ports.http) as sock:
+        await sock.send(request.replace(b"HOST", host.encode()))
+        received = b""
+        with anyio.fail_after(30):
+            while True:
+                try:
+                    received += await sock.receive()
+                except anyio.EndOfStream:
+                    return received
+
+
+async def test_the_page_lists_live_filters_shows_details_and_replays(server: ServerContext,
+                                                                     upstream: Upstream) -> None:
+    require_browser()
+    from playwright.async_api import expect
+
+    for i in range(3):
+        upstream.gate(f"sse{i}").set()
+    async with inspected(server, upstream.port) as (tunnel, api), chromium_page() as (page, problems):
+        dialogs: list[str] = []
+
+        async def refuse(dialog: Any) -> None:
+            dialogs.append(dialog.message)
+            await dialog.dismiss()
+
+        page.on("dialog", refuse)
+        page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
+        await page.set_viewport_size({"width": 1280, "height": 800})
+        await page.goto(str(api.base_url))
+        await expect(page.locator("#live-state")).to_have_class(re.compile(r"\blive\b"))
+        await expect(page.locator("#public-url")).to_have_text(tunnel.url)
+        await expect(page.locator("#list-empty")).to_be_visible()
+
+        # Requests through the public URL show up live, newest first.
+        host = f"{tunnel.alias}.{server.settings.base_domain}"
+        async with tunnel.visitor() as visitor:
+            hook = await visitor.post("/hooks/stripe?attempt=1", content=b'{"event": "paid", "amount": 12}',
+                                      headers={"content-type": "application/json", "x-signature": "t=1,v1=abc"})
+            assert hook.status_code == 200
+            assert (await visitor.get("/status/404")).status_code == 404
+            assert (await visitor.get("/bytes/300")).status_code == 200
+            assert (await visitor.post("/form", data={"name": "Ada Lovelace", "lang": "en&fr"})).status_code == 200
+            assert (await visitor.get("/sse")).status_code == 200
+        answer = await send_raw(server, host, f"GET {HOSTILE_PATH} HTTP/1.1\r\nHost: HOST\r\n"
+                                              f"X-Evil: {HOSTILE_HEADER}\r\nConnection: close\r\n\r\n".encode())
+        assert answer.startswith(b"HTTP/1.1 200")
+        rows = page.locator("#request-list li.request")
+        paths = [HOSTILE_PATH, "/sse", "/form",
+                 "/bytes/300", "/status/404", "/hooks/stripe?attempt=1"]
+        await expect(rows.locator(".path")).to_have_text(paths)
+        await expect(page.locator("#request-count")).to_have_text("6")
+        await expect(rows.nth(4).locator(".status-badge")).to_have_class(re.compile(r"status-4xx"))
+        await expect(rows.nth(4).locator(".status-badge")).to_have_text("404")
+        await expect(rows.nth(1).locator(".chip.stream")).to_contain_text("SSE")
+
+        # Filters: by status class, by method, by path.
+        await page.select_option("#filter-status", "4")
+        await expect(page.locator("#request-list li.request:visible .path")).to_have_text(["/status/404"])
+        await expect(page.locator("#shown")).to_have_text("1 of 6")
+        await page.select_option("#filter-status", "")
+        await page.select_option("#filter-method", "POST")
+        await expect(page.locator("#request-list li.request:visible .path")).to_have_text(["/form",
+                                                                                          "/hooks/stripe?attempt=1"])
+        await page.select_option("#filter-method", "")
+        await page.fill("#filter-path", "hooks")
+        await expect(page.locator("#request-list li.request:visible")).to_have_count(1)
+        await page.fill("#filter-path", "")
+        await expect(page.locator("#request-list li.request:visible")).to_have_count(6)
+
+        # The detail: headers as sent, the JSON body pretty, timing.
+        await rows.nth(5).click()
+        await expect(page.locator("#detail-path")).to_have_text("/hooks/stripe?attempt=1")
+        await expect(page.locator("#detail-method")).to_have_text("POST")
+        request_headers = page.locator("#request-headers tr")
+        await expect(request_headers.filter(has_text="x-signature")).to_contain_text("t=1,v1=abc")
+        await expect(page.locator("#request-body .json-key").first).to_have_text('"event"')
+        await expect(page.locator("#request-body pre.json")).to_contain_text('"amount": 12')
+        await expect(page.locator("#response-headers tr").filter(has_text="content-type")).to_contain_text(
+            "application/json")
+        await expect(page.locator("#response-body .json-key").first).to_have_text('"method"')
+        await expect(page.locator("#detail-facts")).to_contain_text(re.compile(r"Duration\s*[\d.]+ (µs|ms|s)"))
+        await page.screenshot(path=str(screenshot_dir() / "inspector.png"))
+
+        # A form body as a table; a binary body as hex.
+        await rows.nth(2).click()
+        await expect(page.locator("#request-body table.form tr").filter(has_text="lang")).to_contain_text("en&fr")
+        await rows.nth(3).click()
+        await expect(page.locator("#detail-path")).to_have_text("/bytes/300")
+        await expect(page.locator("#response-body pre.hex")).to_contain_text("00000000  03 0a 11 18")
+        await expect(page.locator("#response-body .body-bar")).to_contain_text("application/octet-stream")
+
+        # Hostile path and header: text on the page, nothing runs, no element made of them.
+        await rows.nth(0).click()
+        await expect(page.locator("#detail-path")).to_have_text(paths[0])
+        await expect(page.locator("#request-headers tr").filter(has_text="x-evil")).to_contain_text(HOSTILE_HEADER)
+        assert await page.locator("img[src=x], #request-list script, #detail script").count() == 0
+
+        # Replay: the upstream gets it again, and the new row is marked a replay and selected.
+        before = len([s for s in upstream.requests if s["path"] == "/hooks/stripe"])
+        await rows.locator(".path", has_text="/hooks/stripe").click()
+        await page.click("#replay")
+        await expect(rows).to_have_count(7)
+        await expect(rows.nth(0).locator(".chip.replay")).to_be_visible()
+        await expect(rows.nth(0).locator(".path")).to_have_text("/hooks/stripe?attempt=1")
+        await expect(rows.nth(0)).to_have_class(re.compile(r"\bselected\b"))
+        await expect(page.locator("#detail-chips .chip.replay")).to_contain_text("replay of")
+        replays = [s for s in upstream.requests if s["path"] == "/hooks/stripe"]
+        assert len(replays) == before + 1
+        assert (b"x-signature", b"t=1,v1=abc") in replays[-1]["headers"]
+
+        # Replay with changes: method, path, a header and the body edited, sent as edited.
+        await page.click("#replay-edit")
+        await expect(page.locator("#edit-form")).to_be_visible()
+        await expect(page.locator("#edit-method")).to_have_value("POST")
+        await page.fill("#edit-method", "PUT")
+        await page.fill("#edit-uri", "/hooks/edited?attempt=2")
+        headers = await page.input_value("#edit-headers")
+        await page.fill("#edit-headers", headers + "\nX-Edited: yes")
+        await page.fill("#edit-body", '{"event": "refunded"}')
+        await page.click("#edit-form button[type=submit]")
+        await expect(page.locator("#edit-form")).to_be_hidden()
+        await expect(rows).to_have_count(8)
+        await expect(rows.nth(0).locator(".path")).to_have_text("/hooks/edited?attempt=2")
+        await expect(rows.nth(0).locator(".chip.edited")).to_be_visible()
+        await expect(page.locator("#detail-method")).to_have_text("PUT")
+        edited = [s for s in upstream.requests if s["path"] == "/hooks/edited"]
+        assert len(edited) == 1 and edited[0]["method"] == "PUT"
+        assert (b"x-edited", b"yes") in edited[0]["headers"]
+        await expect(page.locator("#response-body pre.json")).to_contain_text('"body_size": 21')
+
+        # A WebSocket shows as a stream with its messages, when the capture lists them.
+        async with open_ws(tunnel.public, tunnel.alias, "/ws/mirror") as (ws, _):
+            assert await exchange(ws, "hello <b>there</b>") == "hello <b>there</b>"
+            await ws.close()
+        await expect(rows).to_have_count(9)
+        await expect(rows.nth(0).locator(".chip.stream")).to_contain_text("WebSocket")
+        await rows.nth(0).click()
+        await expect(page.locator("#replay")).to_be_disabled()
+        detail = (await api.get(f"/api/requests/http/{(await requests(api))[0]['id']}")).json()
+        if detail.get("stream") and detail["stream"].get("messages") is not None:
+            await expect(page.locator("#stream-rows tr").first).to_contain_text("hello <b>there</b>")
+
+        # A narrow window: the list, then the detail in its place with a way back.
+        await page.set_viewport_size({"width": 420, "height": 800})
+        await expect(page.locator("#back")).to_be_visible()
+        await expect(page.locator(".list-panel")).to_be_hidden()
+        await page.click("#back")
+        await expect(page.locator(".list-panel")).to_be_visible()
+        await rows.nth(8).click()
+        await expect(page.locator("#detail-path")).to_have_text("/hooks/stripe?attempt=1")
+        await page.screenshot(path=str(screenshot_dir() / "inspector-narrow.png"))
+
+        # Clear empties the list everywhere.
+        await page.click("#back")
+        await page.click("#clear")
+        await expect(rows).to_have_count(0)
+        await expect(page.locator("#list-empty")).to_be_visible()
+        assert dialogs == []
+        assert problems == []
+
+
+def screenshot_dir() -> Path:
+    """Where screenshots go: test-artifacts/, or docs/img/ with COMZY_SCREENSHOTS=1."""
+    folder = ROOT / "docs" / "img" if os.environ.get("COMZY_SCREENSHOTS") == "1" else ARTIFACTS
+    folder.mkdir(exist_ok=True)
+    return folder
