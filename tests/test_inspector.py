@@ -21,10 +21,19 @@ import httpx
 import pytest
 
 from comzy.agent import cli, inspector
-from comzy.agent.capture import DEFAULT_MAX_BODY, DEFAULT_MAX_REQUESTS, Capture
+from comzy.agent.capture import (
+    DEFAULT_MAX_BODY,
+    DEFAULT_MAX_REQUESTS,
+    MAX_ITEM_BYTES,
+    MAX_STREAM_ITEMS,
+    Capture,
+    EventStreamParser,
+    StreamLog,
+)
 from comzy.agent.client import Agent, AgentConfig
 from comzy.agent.forward import LocalForwarder
 from comzy.core.server import ServerContext
+from comzy.core.websocket import Closed
 from tests.conftest import PYTHON, RecordingReporter, RunningAgent, cli_env, start_server
 from tests.helpers import wait_until
 from tests.test_websocket import exchange, open_ws
@@ -243,6 +252,12 @@ async def test_replay_sends_the_same_bytes_again_even_with_the_tunnel_down(tmp_p
             assert raw(replay["request"]) == raw(original["request"])
             assert raw(replay["response"]).endswith(b"\r\n\r\nok\n")
             assert [e["id"] for e in await requests(api)][1] == original["id"]
+            # With changes too: the edited request goes to the local service, not through the server.
+            edited = await api.post("/api/requests/http", json={"id": original["id"], "body": "event=refunded"})
+            assert edited.status_code == 204
+            assert recorder.received[2].endswith(b"\r\n\r\nevent=refunded")
+            assert b"\r\ncontent-length: 14" in recorder.received[2]
+            assert (await requests(api))[0]["edited"] is True
 
             missing = await api.post("/api/requests/http", json={"id": "0000"})
             assert missing.status_code == 404
@@ -421,3 +436,251 @@ def test_a_non_loopback_address_is_taken_only_when_given_and_then_with_a_warning
     sock.close()
     assert asked[1] == (inspector.DEFAULT_HOST, list(inspector.DEFAULT_PORTS)) == ("127.0.0.1", list(range(4040, 4050)))
     assert output.notices == []
+
+
+# -- Replay with changes (Comzy's extension of ngrok's replay) -------------------------------------
+async def test_a_replay_with_changes_reaches_the_local_service_with_them(server: ServerContext) -> None:
+    recorder = Recorder()
+    local = await asyncio.start_server(recorder.handle, "127.0.0.1", 0)
+    recorder.port = local.sockets[0].getsockname()[1]
+    async with local, inspected(server, recorder.port, rewrite_host=True, max_body=1000) as (tunnel, api):
+        async with tunnel.visitor() as visitor:
+            assert (await visitor.post("/hook?n=1", content=b"a" * 1500,
+                                       headers={"content-type": "text/plain"})).status_code == 201
+        original = (await requests(api))[0]
+        assert original["request"]["body_truncated"] is True  # cut: only a replay with a new body can go
+
+        edited = await api.post("/api/requests/http", json={
+            "id": original["id"], "tunnel_name": "command_line", "method": "PUT", "uri": "/hook?n=2",
+            "headers": [["Content-Type", "application/json"], ["X-Edited", "yes \u00e9"], ["Host", "evil.example"],
+                        ["Content-Length", "999"], ["Transfer-Encoding", "chunked"]],
+            "body": '{"amount": 13, "note": "caf\u00e9"}'})
+        assert edited.status_code == 204, edited.text
+        body = '{"amount": 13, "note": "caf\u00e9"}'.encode()
+        sent = recorder.received[-1]
+        head, _, sent_body = sent.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        assert lines[0] == b"PUT /hook?n=2 HTTP/1.1"
+        # The Host rule (--host-header rewrite) as for a forward; the body framed by the agent.
+        assert sorted(lines[1:]) == sorted([
+            b"Content-Type: application/json", b"X-Edited: yes \xe9", f"Host: 127.0.0.1:{recorder.port}".encode(),
+            b"content-length: %d" % len(body)])
+        assert sent_body == body
+        replay = (await requests(api))[0]
+        assert replay["replay_of"] == original["id"] and replay["edited"] is True
+        assert edited.headers["location"] == f"/api/requests/http/{replay['id']}"
+        assert replay["request"]["method"] == "PUT" and replay["request"]["uri"] == "/hook?n=2"
+        assert raw(replay["request"]) == sent
+        assert replay["response"]["status_code"] == 201
+        assert original["edited"] is False
+
+        # Bytes as base64; only the body changed: method, target and headers are the original's.
+        assert (await api.post("/api/requests/http", json={
+            "id": original["id"], "body_base64": base64.b64encode(b"\x00\xff binary").decode()})).status_code == 204
+        head, _, sent_body = recorder.received[-1].partition(b"\r\n\r\n")
+        assert head.startswith(b"POST /hook?n=1 HTTP/1.1\r\n") and b"\r\ncontent-type: text/plain" in head
+        assert sent_body == b"\x00\xff binary" and b"content-length: 9" in head
+        # No edit at all is the plain replay, which a cut body cannot be.
+        assert (await api.post("/api/requests/http", json={"id": original["id"]})).status_code == 400
+
+
+@pytest.mark.parametrize(("edits", "reason"), [
+    ({"method": "GE T"}, '"method" must be an HTTP method'),
+    ({"method": ""}, '"method" must be an HTTP method'),
+    ({"method": "X" * 33}, '"method" must be an HTTP method'),
+    ({"uri": "hook"}, '"uri" must be a path starting with "/"'),
+    ({"uri": "/a b"}, '"uri" must be a path starting with "/"'),
+    ({"uri": "/a\r\nX-Injected: 1"}, '"uri" must be a path starting with "/"'),
+    ({"uri": "/" + "a" * 8192}, '"uri" must be a path starting with "/"'),
+    ({"headers": [["X-A", "1\r\nX-Injected: 1"]]}, "headers[0] (X-A): a header value must not contain CR, LF"),
+    ({"headers": [["X-A", "nul\x00"]]}, "must not contain CR, LF, NUL"),
+    ({"headers": [["X-A", "\u2713"]]}, "beyond Latin-1"),
+    ({"headers": [["X A", "1"]]}, "headers[0]: a header name is a token"),
+    ({"headers": [["X-A", "1"], ["Bad:Name", "1"]]}, "headers[1]: a header name is a token"),
+    ({"headers": [["X-A"]]}, "headers[0] must be a [name, value] pair of strings"),
+    ({"headers": {"X-A": "1"}}, '"headers" must be a list of at most 100'),
+    ({"headers": [["X-A", "1"]] * 101}, '"headers" must be a list of at most 100'),
+    ({"headers": [["X-A", "v" * 33000], ["X-B", "v" * 33000]]}, "longer than 65536 bytes"),
+    ({"headers": [["Host", "a"], ["host", "b"]]}, "at most one Host header"),
+    ({"body": "x", "body_base64": "eA=="}, "not both"),
+    ({"body": 12}, '"body" must be a string'),
+    ({"body_base64": "not base64!"}, '"body_base64" must be a string of standard base64'),
+    ({"body": "x" * 1001}, "more than --inspect-max-body (1000)"),
+    ({"methd": "PUT"}, "unknown field 'methd'"),
+])
+async def test_invalid_edits_are_refused_with_a_reason_and_nothing_is_sent(
+        server: ServerContext, edits: dict[str, Any], reason: str) -> None:
+    recorder = Recorder()
+    local = await asyncio.start_server(recorder.handle, "127.0.0.1", 0)
+    recorder.port = local.sockets[0].getsockname()[1]
+    async with local, inspected(server, recorder.port, max_body=1000) as (tunnel, api):
+        async with tunnel.visitor() as visitor:
+            assert (await visitor.post("/hook", content=b"x")).status_code == 201
+        original = (await requests(api))[0]
+        refused = await api.post("/api/requests/http", json={"id": original["id"], **edits})
+        assert refused.status_code == 400
+        assert reason in refused.json()["msg"]
+        assert len(recorder.received) == 1  # the original only
+        assert len(await requests(api)) == 1  # no replay listed
+
+
+# -- Streams: a WebSocket's messages, an event stream's events -------------------------------------
+async def detail(api: httpx.AsyncClient, entry: dict[str, Any]) -> dict[str, Any]:
+    answer = await api.get(f"/api/requests/http/{entry['id']}")
+    assert answer.status_code == 200
+    return dict(answer.json())
+
+
+async def done_entries(api: httpx.AsyncClient, count: int) -> list[dict[str, Any]]:
+    """The list once ``count`` exchanges are there and over (a WebSocket's end reaches the agent
+    after the visitor's close: polled, as a script would)."""
+    async def all_done() -> bool:
+        listed = await requests(api)
+        return len(listed) == count and all(e["done"] for e in listed)
+
+    await wait_until(all_done)
+    return await requests(api)
+
+
+async def test_websocket_messages_are_recorded_both_ways_with_the_close(server: ServerContext,
+                                                                         upstream: Upstream) -> None:
+    async with inspected(server, upstream.port) as (tunnel, api):
+        async with open_ws(tunnel.public, tunnel.alias, "/ws") as (ws, _):
+            assert await exchange(ws, "hello") == "echo:hello"
+            assert await exchange(ws, b"\x00\x01") == b"echo:\x00\x01"
+            closed = await exchange(ws, "close:4001")  # the local service closes
+            assert isinstance(closed, Closed) and closed.code == 4001
+        async with open_ws(tunnel.public, tunnel.alias, "/ws") as (ws, _):
+            assert await exchange(ws, "x") == "echo:x"
+            await ws.close(4002, "bye")  # the visitor closes
+
+        by_visitor, by_local = await done_entries(api, 2)
+        # The list has the counts only; the detail has the messages.
+        assert by_local["stream"] == {"count": 5, "dropped": 0, "bytes": 5 + 10 + 2 + 7 + 10,
+                                      "close": {"direction": "out", "code": 4001, "reason": "asked"}}
+        stream = (await detail(api, by_local))["stream"]
+        assert stream["limits"] == {"max_items": MAX_STREAM_ITEMS, "max_item_bytes": MAX_ITEM_BYTES,
+                                    "max_bytes": min(DEFAULT_MAX_BODY, MAX_STREAM_ITEMS * MAX_ITEM_BYTES)}
+        messages = stream["messages"]
+        assert [(m["seq"], m["direction"], m["type"], base64.b64decode(m["data"]), m["size"], m["truncated"])
+                for m in messages] == [
+            (0, "in", "text", b"hello", 5, False), (1, "out", "text", b"echo:hello", 10, False),
+            (2, "in", "binary", b"\x00\x01", 2, False), (3, "out", "binary", b"echo:\x00\x01", 7, False),
+            (4, "in", "text", b"close:4001", 10, False)]
+        times = [m["time"] for m in messages]
+        assert times == sorted(times) and times[0] > 0 and times[-1] <= (await detail(api, by_local))["duration"]
+        assert by_visitor["stream"]["close"] == {"direction": "in", "code": 4002, "reason": "bye"}
+        assert [m["direction"] for m in (await detail(api, by_visitor))["stream"]["messages"]] == ["in", "out"]
+
+
+async def test_a_websocket_keeps_its_last_messages_and_cuts_long_ones(server: ServerContext,
+                                                                      upstream: Upstream) -> None:
+    async with inspected(server, upstream.port) as (tunnel, api):
+        async with open_ws(tunnel.public, tunnel.alias, "/ws/mirror") as (ws, _):
+            for i in range(150):
+                assert await exchange(ws, f"m{i:03d}") == f"m{i:03d}"
+            big = bytes(range(256)) * 40  # 10240 bytes: passes whole, kept cut
+            assert await exchange(ws, big) == big
+            await ws.close()
+        (entry,) = await done_entries(api, 1)
+        assert entry["stream"]["count"] == 302
+        assert entry["stream"]["dropped"] == 302 - MAX_STREAM_ITEMS
+        messages = (await detail(api, entry))["stream"]["messages"]
+        assert len(messages) == MAX_STREAM_ITEMS
+        assert [m["seq"] for m in messages] == list(range(302 - MAX_STREAM_ITEMS, 302))  # the last ones
+        assert base64.b64decode(messages[0]["data"]) == f"m{(302 - MAX_STREAM_ITEMS) // 2:03d}".encode()
+        for message in messages[-2:]:
+            assert message["size"] == len(big) and message["truncated"] is True
+            assert base64.b64decode(message["data"]) == big[:MAX_ITEM_BYTES]
+
+
+class EventSource:
+    """A local app that answers an event stream a piece at a time: a piece goes out once the test
+    has seen the previous one reach the visitor, so the agent reads each piece on its own."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.pieces = pieces
+        self.proceed: asyncio.Queue[None] = asyncio.Queue()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        for piece in self.pieces:
+            writer.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+            await writer.drain()
+            await self.proceed.get()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+
+#: Events cut everywhere a chunk can cut them: within a field, between CR and LF, before the blank
+#: line; LF, CRLF and CR line ends; a comment; an event whose data is longer than a message is kept.
+SSE_PIECES = [b"data: fir", b"st\r", b"\ndata: second\r\n\r", b'\nevent: tick\nid: 7\nretry: 3000\ndata: {"n": 7}\r',
+              b"\r: keep-alive\n\ndata: ", b"x" * 3000, b"x" * 3000 + b"\n", b"\n", b"data: last\n\n"]
+
+
+async def test_event_stream_events_are_parsed_across_chunk_boundaries(server: ServerContext) -> None:
+    source = EventSource(SSE_PIECES)
+    local = await asyncio.start_server(source.handle, "127.0.0.1", 0)
+    async with local, inspected(server, local.sockets[0].getsockname()[1]) as (tunnel, api):
+        async with tunnel.visitor() as visitor, visitor.stream("GET", "/events") as response:
+            received, expected = b"", b""
+            pieces = iter(SSE_PIECES)
+            expected = next(pieces)
+            async for data in response.aiter_raw():
+                received += data
+                if len(received) == len(expected):  # this piece reached the visitor: send the next one
+                    source.proceed.put_nowait(None)
+                    expected += next(pieces, b"")
+            assert received == b"".join(SSE_PIECES)
+        (entry,) = await done_entries(api, 1)
+        assert entry["kind"] == "sse"
+        assert entry["stream"] == {"count": 4, "dropped": 0, "bytes": len(received), "close": None}
+        events = (await detail(api, entry))["stream"]["events"]
+        assert [(e["seq"], e["event"], e["id"], e["retry"], e["data"][:20], e["truncated"]) for e in events] == [
+            (0, "message", None, None, "first\nsecond", False),
+            (1, "tick", "7", 3000, '{"n": 7}', False),
+            (2, "message", None, None, "x" * 20, True),
+            (3, "message", None, None, "last", False)]
+        assert len(events[2]["data"]) == MAX_ITEM_BYTES
+        # Each event's size is its bytes on the wire (an event ends at its blank line's first byte).
+        assert sum(e["size"] for e in events) + len(b": keep-alive\n\n") == len(received)
+        assert [e["time"] for e in events] == sorted(e["time"] for e in events)
+
+
+def test_the_event_stream_parser_gives_the_same_events_however_the_bytes_are_cut() -> None:
+    stream = (b"\xef\xbb\xbfdata: first\r\ndata: second\r\n\r\nevent: tick\nid: 7\nretry: 3000\n"
+              b'data: {"n": 7}\r\r: comment\n\ndata: last\n\ndata:no-space\ndata\n\nid: a\x00b\nretry: x\n'
+              b"data: " + b"y" * 5000 + b"\n\nevent: unfinished\ndata: never dispatched\n")
+
+    def parse(pieces: list[bytes], cap: int = DEFAULT_MAX_BODY) -> tuple[list[tuple[Any, ...]], int, int, int]:
+        log = StreamLog(0, cap)
+        parser = EventStreamParser(log)
+        for piece in pieces:
+            parser.feed(piece)
+        return [item[2:] for _, item in log.items], log.count, log.dropped, log.bytes
+
+    whole = parse([stream])
+    assert [(event, event_id, retry, data[:12], truncated) for event, event_id, retry, data, _, truncated
+            in whole[0]] == [
+        ("message", None, None, "first\nsecond", False), ("tick", "7", 3000, '{"n": 7}', False),
+        ("message", None, None, "last", False), ("message", None, None, "no-space\n", False),
+        ("message", None, None, "y" * 12, True)]  # an id with NUL and a retry not a number are ignored
+    assert len(whole[0][-1][3]) == MAX_ITEM_BYTES
+    assert whole[1:] == (5, 0, len(stream))
+    for size in (1, 2, 3, 5, 7, 64, 4096):
+        assert parse([stream[i:i + size] for i in range(0, len(stream), size)]) == whole, size
+    for cut in range(len(stream) - 5000):  # every cut in two, with an empty piece too
+        assert parse([stream[:cut], b"", stream[cut:]]) == whole, cut
+
+    # Bounds: the last MAX_STREAM_ITEMS events, and no more kept bytes than the cap.
+    assert parse([b"data: %d\n\n" % i for i in range(1000)])[1:3] == (1000, 1000 - MAX_STREAM_ITEMS)
+    events, count, dropped, _ = parse([b"data: " + b"a" * 300 + b"\n\n"] * 50, cap=1000)
+    assert (count, dropped, len(events)) == (50, 47, 3)
+    # A line without an end keeps only its first bytes, however long.
+    log = StreamLog(0, DEFAULT_MAX_BODY)
+    parser = EventStreamParser(log)
+    for _ in range(1000):
+        parser.feed(b"data: " + b"z" * 65536)
+    assert len(parser.pending) <= MAX_ITEM_BYTES + 16 and len(parser.data) == 0

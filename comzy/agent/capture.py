@@ -3,18 +3,23 @@
 Capture copies bytes as they pass through :class:`~comzy.agent.forward.LocalForwarder`, up to a cap
 per body; it never holds the forwarded stream back. An exchange is one :class:`Exchange` in a
 bounded deque (appended when the request arrives, so a stream still open is listed too): memory is
-at most ``max_requests`` x (2 x ``max_body`` + heads), plus the exchanges in flight.
-:meth:`Capture.replay` sends one again to the local service. The API over it is in
+at most ``max_requests`` x (2 x ``max_body`` + heads), plus the exchanges in flight. A WebSocket's
+messages and an event stream's events are kept too, as a :class:`StreamLog`: the last
+:data:`MAX_STREAM_ITEMS`, each cut at :data:`MAX_ITEM_BYTES`, at most ``max_body`` bytes of them.
+:meth:`Capture.replay` sends one again to the local service, as it was or with :class:`Edits`. The API over it is in
 comzy/agent/inspector.py; docs/agent.md, "Inspector and local API", documents both.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
+import contextlib
+import re
 import secrets
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -27,6 +32,20 @@ DEFAULT_MAX_REQUESTS = 500
 DEFAULT_MAX_BODY = 1024 * 1024
 #: ngrok names the tunnel of its command line so; scripts look it up by that name.
 TUNNEL_NAME = "command_line"
+#: A stream's record keeps its last this many messages (WebSocket) or events (SSE) ...
+MAX_STREAM_ITEMS = 100
+#: ... each cut to its first this many bytes; and at most ``max_body`` bytes of them in all.
+MAX_ITEM_BYTES = 4096
+#: Edits of a replay: bounds on what a caller of the API may ask the agent to send.
+MAX_EDIT_HEADERS = 100
+MAX_EDIT_HEAD_BYTES = 64 * 1024
+MAX_EDIT_URI = 8192
+MAX_EDIT_METHOD = 32
+_TOKEN = re.compile(r"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
+#: Control characters but the tab (RFC 9110 5.5), and anything Latin-1 cannot carry.
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]|[^\x00-\xff]")
+_BAD_URI = re.compile(r"[^\x21-\x7e]")
+_SSE_LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
 class InspectError(Exception):
@@ -35,6 +54,266 @@ class InspectError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+class StreamLog:
+    """A stream's messages (WebSocket) or events (SSE) as they passed, bounded: the last
+    :data:`MAX_STREAM_ITEMS`, each kept to its first :data:`MAX_ITEM_BYTES`, and at most the
+    exchange's body cap of kept bytes in all (the oldest go first; ``dropped`` counts them).
+
+    Recording is a copy of at most :data:`MAX_ITEM_BYTES` and an append: nothing waits.
+    """
+
+    __slots__ = ("bytes", "close", "count", "dropped", "item_bytes", "items", "kept", "max_bytes", "started_ns")
+
+    def __init__(self, started_ns: int, cap: int) -> None:
+        self.started_ns = started_ns
+        self.max_bytes = min(cap, MAX_STREAM_ITEMS * MAX_ITEM_BYTES)
+        self.item_bytes = min(MAX_ITEM_BYTES, self.max_bytes)
+        #: (bytes kept, the item as a tuple): tuples, not dicts, as a message may pass every few us.
+        self.items: deque[tuple[int, tuple[Any, ...]]] = deque()
+        self.kept = 0
+        self.count = 0  # seen in all, kept or not
+        self.dropped = 0
+        self.bytes = 0  # payload bytes seen in all
+        #: A WebSocket's first close: (direction, code, reason).
+        self.close: tuple[str, int, str] | None = None
+
+    def add(self, kept: int, item: tuple[Any, ...]) -> None:
+        """Keep ``item`` (``kept`` bytes of data), dropping the oldest ones beyond the bounds."""
+        self.count += 1
+        self.items.append((kept, item))
+        self.kept += kept
+        while len(self.items) > MAX_STREAM_ITEMS or self.kept > self.max_bytes:
+            self.kept -= self.items.popleft()[0]
+            self.dropped += 1
+
+    def message(self, direction: str, text: bool, data: bytes) -> None:
+        """A WebSocket message: ``direction`` "in" (visitor to local service) or "out"."""
+        self.bytes += len(data)
+        kept = data[:self.item_bytes]
+        self.add(len(kept), (self.count, direction, text, len(data), time.monotonic_ns() - self.started_ns, kept))
+
+    def closed(self, direction: str, code: int, reason: str) -> None:
+        """A close frame went through; the first one is what the record shows."""
+        if self.close is None:
+            self.close = (direction, code, reason[:123])
+
+    def to_json(self, kind: str, detail: bool) -> dict[str, Any]:
+        """The ``stream`` object: counts in the list, the items and bounds too in an exchange's detail."""
+        close = None if self.close is None else \
+            {"direction": self.close[0], "code": self.close[1], "reason": self.close[2]}
+        result: dict[str, Any] = {"count": self.count, "dropped": self.dropped, "bytes": self.bytes, "close": close}
+        if detail:
+            result["limits"] = {"max_items": MAX_STREAM_ITEMS, "max_item_bytes": self.item_bytes,
+                                "max_bytes": self.max_bytes}
+            if kind == "websocket":
+                result["messages"] = [
+                    {"seq": seq, "direction": direction, "type": "text" if text else "binary", "size": size,
+                     "time": at, "data": base64.b64encode(data).decode(), "truncated": len(data) < size}
+                    for _, (seq, direction, text, size, at, data) in self.items]
+            else:
+                result["events"] = [
+                    {"seq": seq, "time": at, "event": event, "id": event_id, "retry": retry, "data": data,
+                     "size": size, "truncated": truncated}
+                    for _, (seq, at, event, event_id, retry, data, size, truncated) in self.items]
+        return result
+
+
+class EventStreamParser:
+    """Server-Sent Events parsed from a response body as it passes (the HTML standard's
+    "event stream interpretation"): any chunking, LF, CRLF or CR line ends; the events go to a
+    :class:`StreamLog`. Memory is bounded whatever the stream: a line or an event's data is kept to
+    the log's item size and the rest only counted (the event is then marked truncated)."""
+
+    __slots__ = (
+        "block_start",
+        "data",
+        "data_cut",
+        "data_lines",
+        "event",
+        "event_id",
+        "fed",
+        "fields",
+        "lines",
+        "log",
+        "pending",
+        "pending_cut",
+        "retry",
+        "skip_lf",
+    )
+
+    def __init__(self, log: StreamLog) -> None:
+        self.log = log
+        self.pending = bytearray()  # the current line's start, when a chunk ended within it
+        self.pending_cut = False
+        self.skip_lf = False  # the last chunk ended with CR: a LF first in the next is the same line end
+        self.fed = 0
+        self.block_start = 0
+        self.lines = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.fields = False
+        self.event: bytes = b""
+        self.event_id: bytes | None = None
+        self.retry: int | None = None
+        self.data = bytearray()
+        self.data_lines = 0
+        self.data_cut = False
+
+    def feed(self, chunk: bytes) -> None:
+        """The next bytes of the body."""
+        if not chunk:
+            return
+        log = self.log
+        log.bytes += len(chunk)
+        start = 0
+        if self.skip_lf:
+            self.skip_lf = False
+            if chunk[:1] == b"\n":
+                start = 1
+        limit = log.item_bytes + 16  # room for the field name
+        for end in _SSE_LINE_END.finditer(chunk, start):
+            line = chunk[start:end.start()]
+            cut = False
+            if self.pending:
+                self.pending += line[:max(0, limit - len(self.pending))]
+                line, cut = bytes(self.pending), self.pending_cut or len(self.pending) >= limit
+                self.pending.clear()
+                self.pending_cut = False
+            start = end.end()
+            # An event ends at its blank line's first byte: the same offset whether or not a CRLF
+            # is split between two chunks (its LF then counts in the next event's size).
+            self._line(line, cut, self.fed + end.start() + 1)
+        if start < len(chunk):
+            tail = chunk[start:start + max(0, limit - len(self.pending))]
+            self.pending += tail
+            self.pending_cut = self.pending_cut or start + len(tail) < len(chunk)
+        elif chunk.endswith(b"\r"):
+            self.skip_lf = True
+        self.fed += len(chunk)
+
+    def _line(self, line: bytes, cut: bool, end: int) -> None:
+        if not self.lines and line.startswith(b"\xef\xbb\xbf"):
+            line = line[3:]  # a byte order mark before the first line is not part of it
+        self.lines += 1
+        if not line:  # a blank line ends the event
+            if self.fields:
+                self._dispatch(end)
+            self.block_start = end
+            return
+        if line[0] == 0x3A:  # ":" starts a comment
+            return
+        name, colon, value = line.partition(b":")
+        if colon and value[:1] == b" ":
+            value = value[1:]
+        self.fields = True
+        if name == b"data":
+            room = self.log.item_bytes - len(self.data)
+            if self.data_lines:  # lines of data are joined by a LF
+                value = b"\n" + value[:room]
+            self.data_lines += 1
+            self.data += value[:max(0, room)]
+            self.data_cut = self.data_cut or cut or len(value) > room
+        elif name == b"event":
+            self.event = value[:256]
+        elif name == b"id":
+            if b"\0" not in value:  # as the standard says: an id with NUL is ignored
+                self.event_id = value[:256]
+        elif name == b"retry" and value.isdigit() and len(value) < 16:
+            self.retry = int(value)
+
+    def _dispatch(self, end: int) -> None:
+        log = self.log
+        data = bytes(self.data)
+        event = self.event.decode("utf-8", "replace") or "message"
+        event_id = None if self.event_id is None else self.event_id.decode("utf-8", "replace")
+        kept = len(data) + len(self.event) + len(self.event_id or b"")
+        log.add(kept, (log.count, time.monotonic_ns() - log.started_ns, event, event_id, self.retry,
+                       data.decode("utf-8", "replace"), end - self.block_start, self.data_cut))
+        self._reset()
+
+
+@dataclass(slots=True)
+class Edits:
+    """What a replay with changes sends instead of the original's: None keeps the original's."""
+
+    method: str | None = None
+    target: bytes | None = None
+    headers: list[tuple[bytes, bytes]] | None = None
+    body: bytes | None = None
+
+    FIELDS = ("id", "tunnel_name", "method", "uri", "headers", "body", "body_base64")
+
+    @classmethod
+    def from_json(cls, params: dict[str, Any], max_body: int) -> Edits | None:
+        """The edits of ``POST /api/requests/http``'s document (None when it has none), validated:
+        InspectError 400 saying which field is wrong and how."""
+        unknown = sorted(set(params) - set(cls.FIELDS))
+        if unknown:
+            raise InspectError(400, f"unknown field {unknown[0]!r}: a replay takes {', '.join(cls.FIELDS)}")
+        edits = cls()
+        method = params.get("method")
+        if method is not None:
+            if not isinstance(method, str) or not _TOKEN.fullmatch(method) or len(method) > MAX_EDIT_METHOD:
+                raise InspectError(400, f'"method" must be an HTTP method (a token of letters, digits and '
+                                        f"!#$%&'*+-.^_`|~, at most {MAX_EDIT_METHOD} characters), e.g. \"POST\"")
+            edits.method = method
+        uri = params.get("uri")
+        if uri is not None:
+            if not isinstance(uri, str) or not uri.startswith("/") or _BAD_URI.search(uri) or len(uri) > MAX_EDIT_URI:
+                raise InspectError(400, f'"uri" must be a path starting with "/" (and its query), at most '
+                                        f"{MAX_EDIT_URI} characters, printable ASCII without spaces: "
+                                        "percent-encode anything else")
+            edits.target = uri.encode("ascii")
+        headers = params.get("headers")
+        if headers is not None:
+            edits.headers = _edited_headers(headers)
+        body, encoded = params.get("body"), params.get("body_base64")
+        if body is not None and encoded is not None:
+            raise InspectError(400, 'give the body as "body" (text) or as "body_base64", not both')
+        if body is not None:
+            if not isinstance(body, str):
+                raise InspectError(400, '"body" must be a string (sent as UTF-8); use "body_base64" for bytes')
+            edits.body = body.encode("utf-8", "replace")
+        elif encoded is not None:
+            with contextlib.suppress(binascii.Error, ValueError):
+                edits.body = base64.b64decode(encoded, validate=True) if isinstance(encoded, str) else None
+            if edits.body is None:
+                raise InspectError(400, '"body_base64" must be a string of standard base64 (A-Z a-z 0-9 + /, '
+                                        "= padding)")
+        if edits.body is not None and len(edits.body) > max_body:
+            raise InspectError(400, f"the edited body is {len(edits.body)} bytes, more than --inspect-max-body "
+                                    f"({max_body}); a replay's body is kept whole, so run comzy with a larger "
+                                    "--inspect-max-body")
+        return None if edits == cls() else edits
+
+
+def _edited_headers(headers: Any) -> list[tuple[bytes, bytes]]:
+    """A replay's ``headers``, ``[[name, value], ...]``, validated (InspectError 400 if not)."""
+    if not isinstance(headers, list) or len(headers) > MAX_EDIT_HEADERS:
+        raise InspectError(400, f'"headers" must be a list of at most {MAX_EDIT_HEADERS} [name, value] pairs')
+    result: list[tuple[bytes, bytes]] = []
+    size = 0
+    for i, pair in enumerate(headers):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise InspectError(400, f'headers[{i}] must be a [name, value] pair of strings')
+        name, value = pair
+        if not _TOKEN.fullmatch(name):
+            raise InspectError(400, f"headers[{i}]: a header name is a token (letters, digits and "
+                                    f"!#$%&'*+-.^_`|~), not {name[:64]!r}")
+        if _BAD_VALUE.search(value):
+            raise InspectError(400, f"headers[{i}] ({name[:64]}): a header value must not contain CR, LF, NUL or "
+                                    "other control characters (a tab is allowed), nor characters beyond "
+                                    "Latin-1 (the API shows header bytes as Latin-1)")
+        size += len(name) + len(value) + 4
+        if size > MAX_EDIT_HEAD_BYTES:
+            raise InspectError(400, f"the edited headers are longer than {MAX_EDIT_HEAD_BYTES} bytes in all")
+        result.append((name.encode("ascii"), value.strip(" \t").encode("latin-1")))
+    if sum(1 for name, _ in result if name.lower() == b"host") > 1:
+        raise InspectError(400, "at most one Host header: two would let the local service pick either")
+    return result
 
 
 @dataclass(slots=True, eq=False)
@@ -63,6 +342,11 @@ class Exchange:
     duration_ns: int = 0
     done: bool = False
     error: str | None = None
+    #: A replay with changes (``replay_of`` names the original).
+    edited: bool = False
+    #: A WebSocket's messages or an event stream's events (None for plain HTTP).
+    stream: StreamLog | None = None
+    sse: EventStreamParser | None = None
 
     # -- the forwarder's hooks: O(1) per chunk, a copy only while under the cap -------------
     def request_data(self, chunk: bytes) -> None:
@@ -79,6 +363,8 @@ class Exchange:
         if self.kind == "http" and any(n.lower() == b"content-type" and v.lower().startswith(b"text/event-stream")
                                        for n, v in headers):
             self.kind = "sse"
+            self.stream = StreamLog(self.started_ns, self.cap)
+            self.sse = EventStreamParser(self.stream)
 
     def response_data(self, chunk: bytes) -> None:
         """Bytes of the response body as they go back to the visitor."""
@@ -86,6 +372,23 @@ class Exchange:
         room = self.cap - len(self.response_body)
         if room > 0:
             self.response_body += chunk[:room]
+        if self.sse is not None:
+            self.sse.feed(chunk)
+
+    def ws_message(self, direction: str, text: bool, data: bytes) -> None:
+        """A WebSocket message, "in" (from the visitor) or "out" (from the local service): its bytes
+        join the request's or the response's raw body (up to the cap) and it is logged as a message."""
+        if direction == "in":
+            self.request_data(data)
+        else:
+            self.response_data(data)
+        if self.stream is not None:
+            self.stream.message(direction, text, data)
+
+    def ws_close(self, direction: str, code: int, reason: str) -> None:
+        """A WebSocket close frame, "in" or "out"."""
+        if self.stream is not None:
+            self.stream.closed(direction, code, reason)
 
     def finish(self, error: str | None = None) -> None:
         """The exchange is over (however it ended)."""
@@ -119,8 +422,9 @@ class Exchange:
         return b"\r\n".join(head) + b"\r\n\r\n" + _framed(headers, self.response_body,
                                                           self.done and not self.response_truncated)
 
-    def to_json(self) -> dict[str, Any]:
-        """The exchange in ngrok's shape, plus Comzy's fields (docs/agent.md)."""
+    def to_json(self, detail: bool = False) -> dict[str, Any]:
+        """The exchange in ngrok's shape, plus Comzy's fields (docs/agent.md); ``detail`` adds a
+        stream's messages or events (the list has their counts only)."""
         target = self.target.decode("latin-1")
         response = None
         if self.response_headers is not None:
@@ -152,6 +456,8 @@ class Exchange:
             "response": response,
             "kind": self.kind,
             "replay_of": self.replay_of,
+            "edited": self.edited,
+            "stream": None if self.stream is None else self.stream.to_json(self.kind, detail),
             "done": self.done,
             "error": self.error,
         }
@@ -193,6 +499,8 @@ class Capture:
         # ngrok's ids are 16 hex digits; a random half per run keeps ids of two runs apart.
         self._prefix = secrets.token_hex(4)
         self._next = 0
+        #: The forwarder's Host rule (``--host-header``), applied to a replay's edited headers.
+        self.host_rule: Callable[[list[tuple[bytes, bytes]]], list[tuple[bytes, bytes]]] | None = None
 
     def begin(self, method: str, target: bytes, headers: list[tuple[bytes, bytes]], remote_addr: str,
               kind: str = "http", replay_of: str | None = None) -> Exchange:
@@ -200,6 +508,8 @@ class Capture:
         self._next += 1
         exchange = Exchange(f"{self._prefix}{self._next:08x}", method, target, headers, remote_addr,
                             time.time(), time.monotonic_ns(), self.max_body, kind, replay_of)
+        if kind == "websocket":
+            exchange.stream = StreamLog(exchange.started_ns, self.max_body)
         if len(self._exchanges) >= self.max_requests:
             old = self._exchanges.popleft()
             del self._by_id[old.id]
@@ -220,11 +530,21 @@ class Capture:
         self._exchanges.clear()
         self._by_id.clear()
 
-    async def replay(self, exchange_id: str, local: LocalClient) -> Exchange:
-        """Send a captured request to the local service again, byte for byte as it was forwarded
-        (the tunnel need not be up), and keep the result as a new exchange marked ``replay_of``.
+    async def replay(self, exchange_id: str, local: LocalClient, edits: Edits | None = None) -> Exchange:
+        """Send a captured request to the local service again (see :meth:`start_replay`) and
+        return the replay's exchange once its response has been read."""
+        _, send = self.start_replay(exchange_id, edits)
+        return await send(local)
 
-        Raises InspectError when it cannot be replayed as it was.
+    def start_replay(self, exchange_id: str, edits: Edits | None = None,
+                     ) -> tuple[Exchange, Callable[[LocalClient], Awaitable[Exchange]]]:
+        """A replay of a captured request, listed at once as a new exchange marked ``replay_of``
+        (and ``edited`` with ``edits``), and the call that sends it to the local service (the tunnel
+        need not be up). Without edits it goes byte for byte as it was forwarded; with edits, the
+        fields given replace the original's, the body is framed with its Content-Length and
+        ``host_rule`` (the forwarder's Host rule) is applied to the headers.
+
+        Raises InspectError when it cannot be replayed.
         """
         original = self.get(exchange_id)
         if original is None:
@@ -233,20 +553,35 @@ class Capture:
                                     "GET /api/requests/http")
         if original.kind == "websocket":
             raise InspectError(400, "a WebSocket cannot be replayed; open it again from its client")
-        if original.request_truncated:
-            raise InspectError(400, f"its request body ({original.request_size} bytes) was longer than "
-                                    f"--inspect-max-body ({original.cap}) and was kept cut; it cannot be "
-                                    "replayed as it was. Run comzy with a larger --inspect-max-body")
-        if not original.request_complete:
-            if original.done:
-                raise InspectError(400, "its request body never arrived whole (the visitor's request was cut "
-                                        "short), so there is no whole request to send again")
-            raise InspectError(409, "its request body is still arriving; replay it once it has")
+        if edits is None or edits.body is None:
+            if original.request_truncated:
+                raise InspectError(400, f"its request body ({original.request_size} bytes) was longer than "
+                                        f"--inspect-max-body ({original.cap}) and was kept cut; it cannot be "
+                                        "replayed as it was. Run comzy with a larger --inspect-max-body, or "
+                                        "replay it with a new body")
+            if not original.request_complete:
+                if original.done:
+                    raise InspectError(400, "its request body never arrived whole (the visitor's request was cut "
+                                            "short), so there is no whole request to send again")
+                raise InspectError(409, "its request body is still arriving; replay it once it has")
+        method, target, headers = original.method, original.target, original.headers
         body = bytes(original.request_body)
-        has_body = bool(body) or any(n.lower() in (b"content-length", b"transfer-encoding")
-                                     for n, _ in original.headers)
-        exchange = self.begin(original.method, original.target, original.headers, "", original.kind,
-                              replay_of=original.id)
+        has_body = bool(body) or any(n.lower() in (b"content-length", b"transfer-encoding") for n, _ in headers)
+        if edits is not None:
+            method = edits.method or method
+            target = edits.target or target
+            body = body if edits.body is None else edits.body
+            headers = [(n, v) for n, v in (headers if edits.headers is None else edits.headers)
+                       if n.lower() not in (b"content-length", b"transfer-encoding")]
+            if body or has_body:
+                headers.append((b"content-length", b"%d" % len(body)))
+            has_body = bool(body) or has_body
+            if self.host_rule is not None:
+                headers = self.host_rule(headers)
+        exchange = self.begin(method, target, headers, "", original.kind, replay_of=original.id)
+        exchange.edited = edits is not None
+        if not has_body:
+            exchange.request_complete = True
 
         async def send_body() -> AsyncIterator[bytes]:
             if body:
@@ -254,29 +589,29 @@ class Capture:
                 yield body
             exchange.request_complete = True
 
-        if not has_body:
-            exchange.request_complete = True
-        from comzy.agent.local_http import LocalError  # the inspector loads without the HTTP client
+        async def send(local: LocalClient) -> Exchange:
+            from comzy.agent.local_http import LocalError  # the inspector loads without the HTTP client
 
-        try:
-            response = await local.request(original.method, original.target, original.headers,
-                                           send_body() if has_body else None)
-        except LocalError as exc:
-            exchange.finish(f"replay failed: {exc}")
-            raise InspectError(502, f"the local service did not answer the replay: {exc}") from exc
-        exchange.response(response.status, response.headers)
-        clean = False
-        try:
-            async for chunk in response.body():
-                exchange.response_data(chunk)
-            clean = True
-        except LocalError as exc:
-            exchange.finish(f"local service failed mid-response: {exc}")
+            try:
+                response = await local.request(method, target, headers, send_body() if has_body else None)
+            except LocalError as exc:
+                exchange.finish(f"replay failed: {exc}")
+                raise InspectError(502, f"the local service did not answer the replay: {exc}") from exc
+            exchange.response(response.status, response.headers)
+            clean = False
+            try:
+                async for chunk in response.body():
+                    exchange.response_data(chunk)
+                clean = True
+            except LocalError as exc:
+                exchange.finish(f"local service failed mid-response: {exc}")
+                return exchange
+            finally:
+                if clean:
+                    await local.release(response.connection)
+                else:
+                    await local.discard(response.connection)
+            exchange.finish()
             return exchange
-        finally:
-            if clean:
-                await local.release(response.connection)
-            else:
-                await local.discard(response.connection)
-        exchange.finish()
-        return exchange
+
+        return exchange, send

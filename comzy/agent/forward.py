@@ -50,6 +50,8 @@ class LocalForwarder:
         #: The inspector's store (``--inspect``): each exchange's heads and first bytes are copied
         #: there as they pass. None: nothing is copied, the hot path pays one test per chunk.
         self.capture = capture
+        if capture is not None:
+            capture.host_rule = self.host_rule  # a replay with edited headers follows the same rule
         self.local = LocalClient(host, port)
         # A local app that keeps sending malformed responses gets one log line per minute.
         self._log_malformed = RateLimitedLog(log, interval=60.0)
@@ -92,6 +94,16 @@ class LocalForwarder:
                 exchange.finish(served.error)
             if self.on_served is not None:
                 self.on_served(served)
+
+    def host_rule(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """``headers`` with the Host rule applied: Host rewritten to the local address with
+        ``--host-header rewrite``, and the local address when there is none."""
+        local = self.address.encode()
+        if self.rewrite_host:
+            headers = [(n, local if n.lower() == b"host" else v) for n, v in headers]
+        if not any(n.lower() == b"host" for n, _ in headers):
+            headers = [(b"host", local), *headers]
+        return headers
 
     # -- HTTP ----------------------------------------------------------------------
     def _http_headers(self, head: p.RequestHead) -> list[tuple[bytes, bytes]]:
@@ -233,13 +245,15 @@ class LocalForwarder:
         while True:
             message = await ws.receive()
             if isinstance(message, Closed):
+                if exchange is not None:
+                    exchange.ws_close("out", message.code, message.reason)
                 stream.session.send_nowait(p.encode(p.FrameType.WS_CLOSE, stream.id,
                                                     {"code": message.code, "reason": message.reason}))
                 stream.send_end()
                 return
             data = message.encode() if isinstance(message, str) else message
-            if exchange is not None:  # the first messages' bytes, up to the cap, one after the other
-                exchange.response_data(data)
+            if exchange is not None:  # a copy of its first bytes, and its bytes to the raw body's cap
+                exchange.ws_message("out", isinstance(message, str), data)
             await stream.send_data(data, p.FLAG_TEXT | p.FLAG_FIN if isinstance(message, str) else p.FLAG_FIN)
 
     async def _ws_to_local(self, stream: Stream, ws: WebSocket, scope: anyio.CancelScope,
@@ -247,9 +261,12 @@ class LocalForwarder:
         try:
             while (message := await stream.receive_message()) is not None:
                 if exchange is not None:
-                    exchange.request_data(message.encode() if isinstance(message, str) else message)
+                    exchange.ws_message("in", isinstance(message, str),
+                                        message.encode() if isinstance(message, str) else message)
                 await ws.send(message)
             code, reason = stream.ws_close or (1000, "")
+            if exchange is not None:
+                exchange.ws_close("in", code, reason)
             await ws.close(p.sendable_close_code(code), reason)
             scope.cancel()
         except WebSocketError:

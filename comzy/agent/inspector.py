@@ -20,9 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import h11
 
-from comzy.agent import inspector_page
-from comzy.agent.capture import TUNNEL_NAME, Capture, Exchange, InspectError, reason_phrase
-from comzy.agent.inspector_page import Reply
+from comzy.agent.capture import TUNNEL_NAME, Capture, Edits, Exchange, InspectError, reason_phrase
 
 if TYPE_CHECKING:
     from comzy.agent.local_http import LocalClient
@@ -31,7 +29,8 @@ if TYPE_CHECKING:
 #: ones while they are busy (a second agent on the same machine takes 4041). Tests override it.
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORTS = range(4040, 4050)
-#: An API request's body is a small JSON document: anything longer is refused.
+#: An API request's body is a small JSON document: anything longer is refused (a replay with an
+#: edited body may be longer: up to twice --inspect-max-body more, for its base64 or JSON escapes).
 MAX_API_BODY = 64 * 1024
 #: How long ``POST /api/requests/http`` waits for the replay to finish before answering 204 anyway
 #: (the replay goes on and is listed; an event stream would otherwise hold the call forever).
@@ -58,7 +57,7 @@ class InspectorAPI:
         #: DNS name to 127.0.0.1 cannot read captured requests.
         self.check_host = check_host
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.streams = inspector_page.Streams(capture, tunnel)
+        self.max_api_body = MAX_API_BODY + 2 * capture.max_body
 
     async def serve(self, sock: socket.socket) -> None:
         """Serve until cancelled."""
@@ -67,7 +66,6 @@ class InspectorAPI:
             async with server:
                 await server.serve_forever()
         finally:
-            self.streams.closing.set()
             for task in list(self._tasks):
                 task.cancel()
 
@@ -83,29 +81,27 @@ class InspectorAPI:
                 while not isinstance(event := await _next_event(conn, reader), h11.EndOfMessage):
                     if isinstance(event, h11.Data):
                         body += event.data
-                        if len(body) > MAX_API_BODY:
+                        if len(body) > self.max_api_body:
                             too_long = True
                             break
                     elif isinstance(event, h11.ConnectionClosed):
                         return
                 if too_long:
-                    status, result = 413, _error(413, f"a request body of at most {MAX_API_BODY} bytes")
+                    status, result = 413, _error(413, f"a request body of at most {self.max_api_body} bytes")
                 else:
                     status, result = await self._handle(request, bytes(body))
-                if isinstance(result, Reply):  # the page, its assets, the live stream
-                    if not await _send_reply(conn, reader, writer, status, result):
-                        return
-                    conn.start_next_cycle()
-                    continue
+                # A replay is answered 204, with where it is listed (Comzy's Location).
+                location, result = (result.location, None) if isinstance(result, Replayed) else (None, result)
                 payload = result if result is None or isinstance(result, Listing) else \
                     json.dumps(result, indent=2).encode() + b"\n"
                 headers = [] if isinstance(payload, Listing) else \
                     [(b"content-length", b"0" if payload is None else b"%d" % len(payload))]
                 if payload is not None:
                     headers.append((b"content-type", b"application/json"))
-                headers += inspector_page.COMMON_HEADERS
                 if too_long:
                     headers.append((b"connection", b"close"))
+                if location is not None:
+                    headers.append((b"location", location.encode()))
                 writer.write(conn.send(h11.Response(status_code=status, headers=headers,
                                                     reason=reason_phrase(status).encode())))
                 # A listing goes out an exchange at a time (chunked): 500 of them with 1 MiB bodies
@@ -131,18 +127,8 @@ class InspectorAPI:
         if self.check_host and not _loopback_host(headers.get(b"host", b"")):
             return 403, _error(403, "the inspector answers only Host: localhost, 127.0.0.1 or [::1]")
         method = request.method.decode()
-        if (refusal := inspector_page.cross_site(method, headers)) is not None:
-            return 403, _error(403, refusal)
         parts = urlsplit(request.target.decode("latin-1"))
         path = parts.path.rstrip("/") or "/"
-        if method == "GET" and (page := inspector_page.asset(path)) is not None:
-            return 200, page
-        if path == "/api/stream" and method == "GET":
-            stream = self.streams.reply()
-            if stream is None:
-                return 503, _error(503, f"{inspector_page.MAX_STREAMS} inspector pages are open already; "
-                                        "close one and reload")
-            return 200, stream
         try:
             if path == "/api/tunnels" and method == "GET":
                 return 200, {"tunnels": self._tunnels(), "uri": "/api/tunnels"}
@@ -164,7 +150,7 @@ class InspectorAPI:
                 exchange = self.capture.get(path.rsplit("/", 1)[1])
                 if exchange is None:
                     raise InspectError(404, "no captured request has this id; list them with GET /api/requests/http")
-                return 200, exchange.to_json()
+                return 200, exchange.to_json(detail=True)
             raise InspectError(404, f"no {method} {path} here; the API is under /api (docs/agent.md)")
         except InspectError as exc:
             return exc.status, _error(exc.status, str(exc))
@@ -206,13 +192,15 @@ class InspectorAPI:
         name = params.get("tunnel_name")
         if name not in (None, "", TUNNEL_NAME):
             raise InspectError(404, f"no tunnel is named {name!r}; this agent's is {TUNNEL_NAME!r}")
-        task = asyncio.ensure_future(self.capture.replay(exchange_id, self.local()))
+        edits = Edits.from_json(params, self.capture.max_body)  # Comzy's extension: replay with changes
+        replay, send = self.capture.start_replay(exchange_id, edits)
+        task = asyncio.ensure_future(send(self.local()))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         done, _ = await asyncio.wait({task}, timeout=REPLAY_WAIT)
         if done:
             task.result()  # its InspectError is the answer
-        return 204, None
+        return 204, Replayed(f"/api/requests/http/{replay.id}")
 
 
 async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader) -> Any:
@@ -237,34 +225,11 @@ class Listing:
         yield b"]}\n"
 
 
-async def _send_reply(conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                      status: int, reply: Reply) -> bool:
-    """Write ``reply``; whether the connection can take another request (not after a stream)."""
-    headers = reply.headers + inspector_page.COMMON_HEADERS
-    writer.write(conn.send(h11.Response(status_code=status, headers=headers,
-                                        reason=reason_phrase(status).encode())))
-    if reply.body:
-        writer.write(conn.send(h11.Data(data=reply.body)))
-    if reply.stream is not None:
-        # A page sends nothing more on its stream: the end of its side means it went, and its slot
-        # is given back at the next tick (not at the next write, up to a keep-alive later).
-        gone = asyncio.ensure_future(reader.read(1))
-        gone.add_done_callback(lambda done: done.cancelled() or done.exception())  # a reset is an end too
-        try:
-            async for data in reply.stream:
-                if gone.done():
-                    break
-                writer.write(conn.send(h11.Data(data=data)))
-                await asyncio.wait_for(writer.drain(), reply.write_timeout)
-        except TimeoutError:
-            pass
-        finally:
-            gone.cancel()
-            await reply.stream.aclose()
-        return False
-    writer.write(conn.send(h11.EndOfMessage()))
-    await writer.drain()
-    return conn.our_state is h11.DONE and conn.their_state is h11.DONE
+@dataclass(slots=True)
+class Replayed:
+    """A replay's answer: 204, and the replay's exchange in ``Location``."""
+
+    location: str
 
 
 def _error(status: int, message: str) -> dict[str, Any]:
