@@ -20,7 +20,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import h11
 
+from comzy.agent import inspector_page
 from comzy.agent.capture import TUNNEL_NAME, Capture, Edits, Exchange, InspectError, reason_phrase
+from comzy.agent.inspector_page import Reply
 
 if TYPE_CHECKING:
     from comzy.agent.local_http import LocalClient
@@ -58,6 +60,7 @@ class InspectorAPI:
         self.check_host = check_host
         self._tasks: set[asyncio.Task[Any]] = set()
         self.max_api_body = MAX_API_BODY + 2 * capture.max_body
+        self.streams = inspector_page.Streams(capture, tunnel)
 
     async def serve(self, sock: socket.socket) -> None:
         """Serve until cancelled."""
@@ -66,6 +69,7 @@ class InspectorAPI:
             async with server:
                 await server.serve_forever()
         finally:
+            self.streams.closing.set()
             for task in list(self._tasks):
                 task.cancel()
 
@@ -92,12 +96,18 @@ class InspectorAPI:
                     status, result = await self._handle(request, bytes(body))
                 # A replay is answered 204, with where it is listed (Comzy's Location).
                 location, result = (result.location, None) if isinstance(result, Replayed) else (None, result)
+                if isinstance(result, Reply):  # the page, its assets, the live stream
+                    if not await _send_reply(conn, reader, writer, status, result):
+                        return
+                    conn.start_next_cycle()
+                    continue
                 payload = result if result is None or isinstance(result, Listing) else \
                     json.dumps(result, indent=2).encode() + b"\n"
                 headers = [] if isinstance(payload, Listing) else \
                     [(b"content-length", b"0" if payload is None else b"%d" % len(payload))]
                 if payload is not None:
                     headers.append((b"content-type", b"application/json"))
+                headers += inspector_page.COMMON_HEADERS
                 if too_long:
                     headers.append((b"connection", b"close"))
                 if location is not None:
@@ -127,8 +137,18 @@ class InspectorAPI:
         if self.check_host and not _loopback_host(headers.get(b"host", b"")):
             return 403, _error(403, "the inspector answers only Host: localhost, 127.0.0.1 or [::1]")
         method = request.method.decode()
+        if (refusal := inspector_page.cross_site(method, headers)) is not None:
+            return 403, _error(403, refusal)
         parts = urlsplit(request.target.decode("latin-1"))
         path = parts.path.rstrip("/") or "/"
+        if method == "GET" and (page := inspector_page.asset(path)) is not None:
+            return 200, page
+        if path == "/api/stream" and method == "GET":
+            stream = self.streams.reply()
+            if stream is None:
+                return 503, _error(503, f"{inspector_page.MAX_STREAMS} inspector pages are open already; "
+                                        "close one and reload")
+            return 200, stream
         try:
             if path == "/api/tunnels" and method == "GET":
                 return 200, {"tunnels": self._tunnels(), "uri": "/api/tunnels"}
@@ -223,6 +243,36 @@ class Listing:
         for i, exchange in enumerate(self.exchanges):
             yield (b", " if i else b"") + json.dumps(exchange.to_json()).encode()
         yield b"]}\n"
+
+
+async def _send_reply(conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      status: int, reply: Reply) -> bool:
+    """Write ``reply``; whether the connection can take another request (not after a stream)."""
+    headers = reply.headers + inspector_page.COMMON_HEADERS
+    writer.write(conn.send(h11.Response(status_code=status, headers=headers,
+                                        reason=reason_phrase(status).encode())))
+    if reply.body:
+        writer.write(conn.send(h11.Data(data=reply.body)))
+    if reply.stream is not None:
+        # A page sends nothing more on its stream: the end of its side means it went, and its slot
+        # is given back at the next tick (not at the next write, up to a keep-alive later).
+        gone = asyncio.ensure_future(reader.read(1))
+        gone.add_done_callback(lambda done: done.cancelled() or done.exception())  # a reset is an end too
+        try:
+            async for data in reply.stream:
+                if gone.done():
+                    break
+                writer.write(conn.send(h11.Data(data=data)))
+                await asyncio.wait_for(writer.drain(), reply.write_timeout)
+        except TimeoutError:
+            pass
+        finally:
+            gone.cancel()
+            await reply.stream.aclose()
+        return False
+    writer.write(conn.send(h11.EndOfMessage()))
+    await writer.drain()
+    return conn.our_state is h11.DONE and conn.their_state is h11.DONE
 
 
 @dataclass(slots=True)
