@@ -34,6 +34,7 @@ from tests.upstream import Upstream
 pytestmark = pytest.mark.anyio
 
 HOSTILE_PATH = "/x/<script>alert(1)</script>?q=\"'><img/src=x/onerror=alert(2)>"  # no spaces in a target
+HOOK_BODY = b'{"event": "paid", "amount": 12, "note": "<img src=x onerror=alert(5)>"}'
 HOSTILE_HEADER = "<img src=x onerror=alert(3)><script>alert(4)</script>"
 
 
@@ -204,7 +205,8 @@ async def test_the_page_lists_live_filters_shows_details_and_replays(server: Ser
 
     for i in range(3):
         upstream.gate(f"sse{i}").set()
-    async with inspected(server, upstream.port) as (tunnel, api), chromium_page() as (page, problems):
+    async with inspected(server, upstream.port, max_body=4096) as (tunnel, api), \
+            chromium_page() as (page, problems):
         dialogs: list[str] = []
 
         async def refuse(dialog: Any) -> None:
@@ -222,29 +224,30 @@ async def test_the_page_lists_live_filters_shows_details_and_replays(server: Ser
         # Requests through the public URL show up live, newest first.
         host = f"{tunnel.alias}.{server.settings.base_domain}"
         async with tunnel.visitor() as visitor:
-            hook = await visitor.post("/hooks/stripe?attempt=1", content=b'{"event": "paid", "amount": 12}',
+            hook = await visitor.post("/hooks/stripe?attempt=1", content=HOOK_BODY,
                                       headers={"content-type": "application/json", "x-signature": "t=1,v1=abc"})
             assert hook.status_code == 200
             assert (await visitor.get("/status/404")).status_code == 404
             assert (await visitor.get("/bytes/300")).status_code == 200
             assert (await visitor.post("/form", data={"name": "Ada Lovelace", "lang": "en&fr"})).status_code == 200
             assert (await visitor.get("/sse")).status_code == 200
+            assert (await visitor.put("/upload", content=bytes(range(256)) * 40)).status_code == 200
         answer = await send_raw(server, host, f"GET {HOSTILE_PATH} HTTP/1.1\r\nHost: HOST\r\n"
                                               f"X-Evil: {HOSTILE_HEADER}\r\nConnection: close\r\n\r\n".encode())
         assert answer.startswith(b"HTTP/1.1 200")
         rows = page.locator("#request-list li.request")
-        paths = [HOSTILE_PATH, "/sse", "/form",
+        paths = [HOSTILE_PATH, "/upload", "/sse", "/form",
                  "/bytes/300", "/status/404", "/hooks/stripe?attempt=1"]
         await expect(rows.locator(".path")).to_have_text(paths)
-        await expect(page.locator("#request-count")).to_have_text("6")
-        await expect(rows.nth(4).locator(".status-badge")).to_have_class(re.compile(r"status-4xx"))
-        await expect(rows.nth(4).locator(".status-badge")).to_have_text("404")
-        await expect(rows.nth(1).locator(".chip.stream")).to_contain_text("SSE")
+        await expect(page.locator("#request-count")).to_have_text("7")
+        await expect(rows.nth(5).locator(".status-badge")).to_have_class(re.compile(r"status-4xx"))
+        await expect(rows.nth(5).locator(".status-badge")).to_have_text("404")
+        await expect(rows.nth(2).locator(".chip.stream")).to_contain_text("SSE · 3")
 
         # Filters: by status class, by method, by path.
         await page.select_option("#filter-status", "4")
         await expect(page.locator("#request-list li.request:visible .path")).to_have_text(["/status/404"])
-        await expect(page.locator("#shown")).to_have_text("1 of 6")
+        await expect(page.locator("#shown")).to_have_text("1 of 7")
         await page.select_option("#filter-status", "")
         await page.select_option("#filter-method", "POST")
         await expect(page.locator("#request-list li.request:visible .path")).to_have_text(["/form",
@@ -253,29 +256,41 @@ async def test_the_page_lists_live_filters_shows_details_and_replays(server: Ser
         await page.fill("#filter-path", "hooks")
         await expect(page.locator("#request-list li.request:visible")).to_have_count(1)
         await page.fill("#filter-path", "")
-        await expect(page.locator("#request-list li.request:visible")).to_have_count(6)
+        await expect(page.locator("#request-list li.request:visible")).to_have_count(7)
 
-        # The detail: headers as sent, the JSON body pretty, timing.
-        await rows.nth(5).click()
+        # The detail: headers as sent, the JSON body pretty (a hostile string in it is text), timing.
+        await rows.nth(6).click()
         await expect(page.locator("#detail-path")).to_have_text("/hooks/stripe?attempt=1")
         await expect(page.locator("#detail-method")).to_have_text("POST")
         request_headers = page.locator("#request-headers tr")
         await expect(request_headers.filter(has_text="x-signature")).to_contain_text("t=1,v1=abc")
         await expect(page.locator("#request-body .json-key").first).to_have_text('"event"')
         await expect(page.locator("#request-body pre.json")).to_contain_text('"amount": 12')
+        await expect(page.locator("#request-body .json-string").last).to_have_text('"<img src=x onerror=alert(5)>"')
         await expect(page.locator("#response-headers tr").filter(has_text="content-type")).to_contain_text(
             "application/json")
         await expect(page.locator("#response-body .json-key").first).to_have_text('"method"')
         await expect(page.locator("#detail-facts")).to_contain_text(re.compile(r"Duration\s*[\d.]+ (µs|ms|s)"))
-        await page.screenshot(path=str(screenshot_dir() / "inspector.png"))
+        await page.screenshot(path=str(screenshot_dir() / "inspector.png"), animations="disabled")
 
         # A form body as a table; a binary body as hex.
-        await rows.nth(2).click()
-        await expect(page.locator("#request-body table.form tr").filter(has_text="lang")).to_contain_text("en&fr")
         await rows.nth(3).click()
+        await expect(page.locator("#request-body table.form tr").filter(has_text="lang")).to_contain_text("en&fr")
+        await rows.nth(4).click()
         await expect(page.locator("#detail-path")).to_have_text("/bytes/300")
         await expect(page.locator("#response-body pre.hex")).to_contain_text("00000000  03 0a 11 18")
         await expect(page.locator("#response-body .body-bar")).to_contain_text("application/octet-stream")
+
+        # A body longer than --inspect-max-body: what was kept, marked cut.
+        await rows.nth(1).click()
+        await expect(page.locator("#request-body .truncated")).to_contain_text("only the first 4.1 kB were kept")
+        await expect(page.locator("#request-body pre.hex")).to_contain_text("00000000  00 01 02 03")
+
+        # An event stream: its events, parsed.
+        await rows.nth(2).click()
+        await expect(page.locator("#stream-title")).to_have_text("Events")
+        await expect(page.locator("#stream-rows tr")).to_have_count(3)
+        await expect(page.locator("#stream-rows tr").nth(2)).to_contain_text("event 2")
 
         # Hostile path and header: text on the page, nothing runs, no element made of them.
         await rows.nth(0).click()
@@ -287,7 +302,7 @@ async def test_the_page_lists_live_filters_shows_details_and_replays(server: Ser
         before = len([s for s in upstream.requests if s["path"] == "/hooks/stripe"])
         await rows.locator(".path", has_text="/hooks/stripe").click()
         await page.click("#replay")
-        await expect(rows).to_have_count(7)
+        await expect(rows).to_have_count(8)
         await expect(rows.nth(0).locator(".chip.replay")).to_be_visible()
         await expect(rows.nth(0).locator(".path")).to_have_text("/hooks/stripe?attempt=1")
         await expect(rows.nth(0)).to_have_class(re.compile(r"\bselected\b"))
@@ -307,12 +322,12 @@ async def test_the_page_lists_live_filters_shows_details_and_replays(server: Ser
         await page.fill("#edit-body", '{"event": "refunded"}')
         await page.click("#edit-form button[type=submit]")
         await expect(page.locator("#edit-form")).to_be_hidden()
-        await expect(rows).to_have_count(8)
+        await expect(rows).to_have_count(9)
         await expect(rows.nth(0).locator(".path")).to_have_text("/hooks/edited?attempt=2")
         await expect(rows.nth(0).locator(".chip.edited")).to_be_visible()
         await expect(page.locator("#detail-method")).to_have_text("PUT")
         edited = [s for s in upstream.requests if s["path"] == "/hooks/edited"]
-        assert len(edited) == 1 and edited[0]["method"] == "PUT"
+        assert len(edited) == 1 and edited[0]["method"] == "PUT" and edited[0]["query_string"] == b"attempt=2"
         assert (b"x-edited", b"yes") in edited[0]["headers"]
         await expect(page.locator("#response-body pre.json")).to_contain_text('"body_size": 21')
 
@@ -320,13 +335,17 @@ async def test_the_page_lists_live_filters_shows_details_and_replays(server: Ser
         async with open_ws(tunnel.public, tunnel.alias, "/ws/mirror") as (ws, _):
             assert await exchange(ws, "hello <b>there</b>") == "hello <b>there</b>"
             await ws.close()
-        await expect(rows).to_have_count(9)
+        await expect(rows).to_have_count(10)
         await expect(rows.nth(0).locator(".chip.stream")).to_contain_text("WebSocket")
         await rows.nth(0).click()
         await expect(page.locator("#replay")).to_be_disabled()
-        detail = (await api.get(f"/api/requests/http/{(await requests(api))[0]['id']}")).json()
-        if detail.get("stream") and detail["stream"].get("messages") is not None:
-            await expect(page.locator("#stream-rows tr").first).to_contain_text("hello <b>there</b>")
+        await expect(page.locator("#stream-title")).to_have_text("WebSocket messages")
+        messages = page.locator("#stream-rows tr")
+        await expect(messages).to_have_count(2)
+        await expect(messages.nth(0)).to_contain_text("→ to local")
+        await expect(messages.nth(0)).to_contain_text("hello <b>there</b>")
+        await expect(messages.nth(1)).to_contain_text("← from local")
+        await expect(page.locator("#stream-facts")).to_contain_text("closed by the visitor with code 1000")
 
         # A narrow window: the list, then the detail in its place with a way back.
         await page.set_viewport_size({"width": 420, "height": 800})
@@ -334,9 +353,9 @@ async def test_the_page_lists_live_filters_shows_details_and_replays(server: Ser
         await expect(page.locator(".list-panel")).to_be_hidden()
         await page.click("#back")
         await expect(page.locator(".list-panel")).to_be_visible()
-        await rows.nth(8).click()
+        await rows.nth(9).click()
         await expect(page.locator("#detail-path")).to_have_text("/hooks/stripe?attempt=1")
-        await page.screenshot(path=str(screenshot_dir() / "inspector-narrow.png"))
+        await page.screenshot(path=str(screenshot_dir() / "inspector-narrow.png"), animations="disabled")
 
         # Clear empties the list everywhere.
         await page.click("#back")
