@@ -14,7 +14,17 @@ import anyio.abc
 from comzy import __version__
 from comzy.agent.forward import LocalForwarder
 from comzy.core import protocol as p
-from comzy.core.control import GoAway, Hello, Notice, Refusal, Welcome, check_plugin_data, control_message
+from comzy.core.control import (
+    MAX_SESSION_TUNNELS,
+    GoAway,
+    Hello,
+    Notice,
+    Refusal,
+    TunnelRequest,
+    Welcome,
+    check_plugin_data,
+    control_message,
+)
 from comzy.core.session import Session
 from comzy.core.stream import Stream
 from comzy.core.tls import client_tls_context
@@ -47,6 +57,11 @@ class PolicyNotEnforced(AgentError):
     ``enforced``): an older server, or one that ignores it. The agent closes the tunnel unused."""
 
 
+class SeveralTunnelsUnsupported(AgentError):
+    """The agent asked for several tunnels on one connection and the server answered for one (an
+    older server, which ignores HELLO ``tunnels``). The agent closes the connection unused."""
+
+
 class Unreachable(AgentError):
     """No server in the list could be reached."""
 
@@ -62,6 +77,18 @@ class Reporter(Protocol):
     def connected(self, welcome: Welcome, first: bool) -> None: ...
     def reconnecting(self, reason: str, delay: float) -> None: ...
     def notice(self, level: str, message: str) -> None: ...
+
+
+@dataclass
+class TunnelSpec:
+    """One of several tunnels an agent serves on one connection (HELLO ``tunnels``): ``name`` is how
+    the agent and the server's REQUESTs refer to it; the rest is what AgentConfig says of a lone one."""
+
+    name: str
+    port: int
+    subdomain: str | None = None
+    plugin_data: dict[str, dict[str, Any]] = field(default_factory=dict)
+    require: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -91,24 +118,47 @@ class AgentConfig:
     #: CA certificates (PEM) trusted for wss:// servers instead of the system's (``--cacert``);
     #: None: the system's, or SSL_CERT_FILE's.
     cacert: str | None = None
+    #: Several tunnels on this one connection (then ``port``, ``subdomain``, ``plugin_data`` and
+    #: ``require`` above are ignored); empty: the one tunnel those describe.
+    tunnels: list[TunnelSpec] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         # Refused here, where the caller can fix it, not by the server after a round trip.
         try:
             check_plugin_data(self.plugin_data)
+            for spec in self.tunnels:
+                check_plugin_data(spec.plugin_data)
         except ValueError as exc:
             raise ValueError(f"plugin_data: {exc}") from None
+        if len(self.tunnels) > MAX_SESSION_TUNNELS:
+            raise ValueError(f"at most {MAX_SESSION_TUNNELS} tunnels on one agent (asked for {len(self.tunnels)})")
+        names = [spec.name for spec in self.tunnels]
+        if len(set(names)) != len(names):
+            raise ValueError("each tunnel needs its own name")
 
 
 class Agent:
-    """Keeps one tunnel up until told to stop."""
+    """Keeps its tunnel (or ``config.tunnels``, on one connection) up until told to stop.
 
-    def __init__(self, config: AgentConfig, forwarder: LocalForwarder, reporter: Reporter) -> None:
+    ``forwarders`` maps each of ``config.tunnels`` by name to its local service; a REQUEST's
+    ``tn`` picks one. A lone tunnel is served by ``forwarder``.
+    """
+
+    def __init__(self, config: AgentConfig, forwarder: LocalForwarder, reporter: Reporter,
+                 forwarders: dict[str, LocalForwarder] | None = None) -> None:
         self.config = config
         self.forwarder = forwarder
+        self.forwarders = forwarders or {}
+        missing = [spec.name for spec in config.tunnels if spec.name not in self.forwarders]
+        if missing:
+            raise ValueError(f"no local service for tunnel {', '.join(missing)}")
         self.reporter = reporter
         self.alias: str | None = None
         self.resume_secret: str | None = None
+        #: Per tunnel of ``config.tunnels``: (alias, resume secret) from the latest WELCOME.
+        self.resumes: dict[str, tuple[str, str | None]] = {}
+        #: Tunnels whose alias was taken over (GOAWAY naming them): not asked for again, with why.
+        self.ended: dict[str, str] = {}
         self.session: Session | None = None
         self._server_index = 0
         #: Set by close(): a session that ends now was ended by us, and is not a lost connection.
@@ -125,6 +175,8 @@ class Agent:
         return session.round_trip if session is not None else None
 
     def _hello(self) -> Hello:
+        if self.config.tunnels:
+            return self._hello_several()
         resuming = bool(self.alias and self.resume_secret)
         return Hello(
             agent=f"comzy/{__version__}",
@@ -137,6 +189,22 @@ class Agent:
             plugins=self.config.plugin_data,
             require=self.config.require,
         )
+
+    def _hello_several(self) -> Hello:
+        """A HELLO for ``config.tunnels`` (but those ended). Its top-level keys repeat the first
+        tunnel's, policies included: a server that ignores ``tunnels`` opens that one only, with its
+        policy, and its WELCOME without ``tunnels`` makes the agent close it unused."""
+        wanted = []
+        for spec in self.config.tunnels:
+            if spec.name in self.ended:
+                continue
+            alias, secret = self.resumes.get(spec.name, (None, None))
+            wanted.append(TunnelRequest(spec.name, spec.port, spec.subdomain, alias if secret else None, secret,
+                                        spec.plugin_data, spec.require))
+        first = wanted[0]
+        return Hello(agent=f"comzy/{__version__}", port=first.port, subdomain=first.subdomain,
+                     token=self.config.token, window=self.config.window, plugins=first.plugins,
+                     require=first.require, tunnels=wanted)
 
     async def _connect_any(self) -> tuple[WebSocket, str]:
         """Try each server in turn, starting with the last one that worked (the one after it when a
@@ -177,6 +245,8 @@ class Agent:
         if isinstance(answer, Refusal):
             raise Rejected(answer.code, answer.reason, answer.retry_after)
         assert isinstance(answer, Welcome)
+        if self.config.tunnels:
+            return self._check_several(answer)
         unconfirmed = [name for name in self.config.require if name not in answer.enforced]
         if unconfirmed:
             # The tunnel is open on the server but no request has been served: closing it here
@@ -186,6 +256,31 @@ class Agent:
                 f"the server did not confirm that it enforces {names} (it runs {answer.server}; an older Comzy "
                 f"server ignores policies), so the tunnel was closed before serving anything: ask its operator "
                 f"to upgrade comzy-server and enable the {names} plugin, or start the agent without that policy")
+        return answer
+
+    def _check_several(self, answer: Welcome) -> Welcome:
+        """Fail closed on a WELCOME for several tunnels: every one asked for is open, with its policy."""
+        asked = [spec for spec in self.config.tunnels if spec.name not in self.ended]
+        opened = {tunnel.name: tunnel for tunnel in answer.tunnels}
+        if not answer.tunnels:
+            raise SeveralTunnelsUnsupported(
+                f"the server opened one tunnel where this agent asked for {len(asked)} on one connection (it runs "
+                f"{answer.server}; an older Comzy server ignores that), so it was closed before serving anything: ask "
+                "its operator to upgrade comzy-server, or run one agent per port")
+        missing = [spec.name for spec in asked if spec.name not in opened]
+        if missing:
+            raise AgentError(f"the server did not open tunnel {', '.join(missing)}, so none was served: "
+                             f"it runs {answer.server}; try again, or report it to its operator")
+        for spec in asked:
+            unconfirmed = [name for name in spec.require if name not in opened[spec.name].enforced]
+            if unconfirmed:
+                names = ", ".join(unconfirmed)
+                raise PolicyNotEnforced(
+                    f"tunnel '{spec.name}': the server did not confirm that it enforces {names} (it runs "
+                    f"{answer.server}), so the tunnels were closed before serving anything: ask its operator "
+                    f"to enable the {names} plugin, or start the agent without that policy")
+        for tunnel in answer.tunnels:
+            self.resumes[tunnel.name] = (tunnel.alias, tunnel.resume_secret)
         return answer
 
     async def run(self) -> str | None:
@@ -266,7 +361,13 @@ class Agent:
             if isinstance(message, Notice):
                 self.reporter.notice(message.level, message.message)
             elif isinstance(message, GoAway):
-                if message.reconnect:
+                if message.tunnel is not None and message.tunnel in self.forwarders:
+                    # One tunnel's alias went elsewhere; the others go on on this connection.
+                    self.ended[message.tunnel] = message.reason
+                    self.reporter.notice("warning", f"tunnel {message.tunnel} ended: {message.reason}")
+                    if len(self.ended) == len(self.config.tunnels):
+                        final.append(message.reason)
+                elif message.reconnect:
                     self.reporter.notice("warning", f"server says: {message.reason}; will reconnect")
                 else:
                     final.append(message.reason)
@@ -278,7 +379,16 @@ class Agent:
         serving: set[asyncio.Task[None]] = set()
 
         def on_request(stream: Stream, head: p.RequestHead) -> None:
-            task = loop.create_task(self.forwarder.serve(stream, head))
+            forwarder = self.forwarder
+            if self.config.tunnels:
+                # The server names the tunnel; a name this agent does not serve (or no longer does)
+                # gets no guess at another local port.
+                found = self.forwarders.get(head.tunnel or "") if head.tunnel not in self.ended else None
+                if found is None:
+                    stream.reset(p.ResetCode.INTERNAL, "no such tunnel on this agent")
+                    return
+                forwarder = found
+            task = loop.create_task(forwarder.serve(stream, head))
             serving.add(task)
             task.add_done_callback(serving.discard)
 

@@ -15,10 +15,10 @@ from comzy import __version__
 from comzy.core import protocol as p
 from comzy.core.agent_api import AgentApi
 from comzy.core.aliases import check_alias, is_idna_reserved, random_alias, taken_over_reason
-from comzy.core.control import GoAway, Hello, Refusal, VersionMismatch, Welcome
+from comzy.core.control import Hello, Refusal, TunnelRequest, TunnelWelcome, VersionMismatch, Welcome
 from comzy.core.headers import is_trusted, real_client
 from comzy.core.logs import RateLimitedLog
-from comzy.core.registry import Entry, hash_secret
+from comzy.core.registry import Entry, end_tunnel, hash_secret
 from comzy.core.session import Heartbeats, Session
 from comzy.core.types import Registration, Reject, Tunnel
 from comzy.core.websocket import Closed, WebSocket, WebSocketError, accept, asks_for_upgrade, read_head
@@ -54,9 +54,9 @@ class AgentListener:
         self.active += 1
         try:
             # The handshake's frame (HELLO, the upgrade request) is gone before the long wait.
-            entry = await self._handle(stream)
-            if entry is not None:
-                await self._serve(entry)
+            entries = await self._handle(stream)
+            if entries:
+                await self._serve(entries)
         finally:
             # Every path (EOF before HELLO, a failed WELCOME, cancellation at shutdown)
             # releases the socket; closing twice is harmless.
@@ -72,8 +72,8 @@ class AgentListener:
         while self.active:
             await self._none_active.wait()
 
-    async def _handle(self, stream: anyio.abc.SocketStream) -> Entry | None:
-        """Handshake, HELLO and registration: the entry to serve, or None."""
+    async def _handle(self, stream: anyio.abc.SocketStream) -> list[Entry] | None:
+        """Handshake, HELLO and registration: the entries to serve (one per tunnel), or None."""
         try:
             peer = stream.extra(anyio.abc.SocketAttribute.remote_address)
         except Exception:
@@ -137,95 +137,131 @@ class AgentListener:
         # After the agent has its answer: plugins count and log refusals (metrics, by code) here.
         await self.server.hooks.on_registration_refused(code, reason, client, self.server)
 
-    async def _register(self, ws: WebSocket, hello: Hello, client: str) -> Entry | None:
+    async def _register(self, ws: WebSocket, hello: Hello, client: str) -> list[Entry] | None:
+        """Register every tunnel the HELLO asks for, or none: one refused refuses the connection,
+        naming that tunnel (the agent exits saying which and why). Each tunnel is registered as a
+        one-tunnel HELLO's is (plugins, fail closed, ownership, resume), in order, so each counts
+        against the limits of those after it."""
         server = self.server
-        port = hello.port
-        registration = Registration(
-            port=port,
-            requested_alias=hello.subdomain.lower() if hello.subdomain else None,
-            token=hello.token or None,
-            client_address=client,
-            agent_version=hello.agent,
-            resume_secret=hello.resume_secret,
-            agent_data=hello.plugins,
-            required=list(hello.require),
-        )
-        secret = hello.resume_secret or secrets.token_urlsafe(24)
-        remote: Record | None = None
-        try:
-            self._refuse_unenforceable(registration)
-            self._refuse_ownerless(registration)
-            await server.hooks.on_register(registration, server)
-            self._refuse_unconfirmed(registration)
-            if server.directory is None:
-                entry = self._new_entry(ws, hello, registration, client, secret,
-                                        self._choose_alias(registration, hello.resume_alias))
-            else:
-                entry, remote = await self._claim(ws, hello, registration, client, secret)
-        except Reject as exc:
-            # 429: a plugin throttles this client and logs that once per window; a line per
-            # attempt would let the client flood the log.
-            if exc.status != 429:
-                log.info("agent %s refused: %s", client, exc.reason)
-                await self._reject(ws, client, "rejected", exc.reason)
-            else:
-                # "throttled": the agent waits and tries again instead of giving up for good
-                # (behind a proxy or NAT, its address may be throttled for someone else's guesses).
-                await self._reject(ws, client, "throttled", exc.reason, _retry_after(exc.headers))
-            return None
-        except Exception:
-            log.exception("agent %s: registration failed in a plugin", client)
-            await self._reject(ws, client, "internal", "the server failed to register the tunnel; try again later")
-            return None
-        tunnel, session, alias = entry.tunnel, entry.session, entry.tunnel.alias
         directory = server.directory
-        previous = server.registry.add(entry)
-        if directory is not None:
-            # Lookups find it from here on; the "up" event fences a holder that missed its eviction.
-            await directory.serve(entry)
+        multi = bool(hello.tunnels)
+        asked = hello.tunnels or [TunnelRequest("", hello.port, hello.subdomain, hello.resume_alias,
+                                                hello.resume_secret, hello.plugins, hello.require)]
+        done: list[tuple[Entry, Entry | None, Record | None, Registration, str]] = []
+        session: Session | None = None
+        for wanted in asked:
+            registration = Registration(
+                port=wanted.port,
+                requested_alias=wanted.subdomain.lower() if wanted.subdomain else None,
+                token=hello.token or None,
+                client_address=client,
+                agent_version=hello.agent,
+                resume_secret=wanted.resume_secret,
+                agent_data=wanted.plugins,
+                required=list(wanted.require),
+            )
+            secret = wanted.resume_secret or secrets.token_urlsafe(24)
+            taken = frozenset(entry.tunnel.alias for entry, *_ in done)
+            remote: Record | None = None
+            try:
+                self._refuse_unenforceable(registration)
+                self._refuse_ownerless(registration)
+                await server.hooks.on_register(registration, server)
+                self._refuse_unconfirmed(registration)
+                if directory is None:
+                    entry = self._new_entry(ws, hello, registration, client, secret,
+                                            self._choose_alias(registration, wanted.resume_alias, taken=taken),
+                                            session, wanted.name or None)
+                else:
+                    entry, remote = await self._claim(ws, hello, registration, client, secret, wanted, session,
+                                                      taken)
+            except Reject as exc:
+                await self._unregister(done)
+                reason = f"tunnel '{wanted.name}': {exc.reason}" if multi else exc.reason
+                # 429: a plugin throttles this client and logs that once per window; a line per
+                # attempt would let the client flood the log.
+                if exc.status != 429:
+                    log.info("agent %s refused: %s", client, reason)
+                    await self._reject(ws, client, "rejected", reason)
+                else:
+                    # "throttled": the agent waits and tries again instead of giving up for good
+                    # (behind a proxy or NAT, its address may be throttled for someone else's guesses).
+                    await self._reject(ws, client, "throttled", reason, _retry_after(exc.headers))
+                return None
+            except Exception:
+                await self._unregister(done)
+                log.exception("agent %s: registration failed in a plugin", client)
+                await self._reject(ws, client, "internal", "the server failed to register the tunnel; try again later")
+                return None
+            session = entry.session
+            previous = server.registry.add(entry)
+            if directory is not None:
+                # Lookups find it from here on; the "up" event fences a holder that missed its eviction.
+                await directory.serve(entry)
+            done.append((entry, previous, remote, registration, secret))
+        entries = [entry for entry, *_ in done]
+        if multi:
+            for entry in entries:
+                entry.siblings = entries  # shared: a takeover of one asks whether the others still live
+            assert session is not None
+            session.name = "tunnels " + ", ".join(entry.tunnel.alias for entry in entries)
+        first, _, _, first_registration, first_secret = done[0]
+        notices = list(dict.fromkeys(notice for *_, registration, _ in done for notice in registration.notices))
         welcome = Welcome(
-            alias=alias,
-            url=tunnel.public_url,
-            resume_secret=secret,
+            alias=first.tunnel.alias,
+            url=first.tunnel.public_url,
+            resume_secret=first_secret,
             heartbeat=self.settings.heartbeat_interval,
             window=self.settings.stream_window,
-            expires_at=registration.expires_at,
-            user=registration.user,
-            notices=list(registration.notices),
+            expires_at=first_registration.expires_at,
+            user=first_registration.user,
+            notices=notices,
             server=f"comzy/{__version__}",
-            enforced=list(registration.enforced),
+            enforced=list(first_registration.enforced),
+            tunnels=[TunnelWelcome(entry.tunnel.name or "", entry.tunnel.alias, entry.tunnel.public_url, secret,
+                                   registration.expires_at, list(registration.enforced))
+                     for entry, _, _, registration, secret in done] if multi else [],
         )
         try:
             await ws.send(welcome.encode())
         except WebSocketError:
-            server.registry.remove(alias, session)
+            await self._unregister(done)
+            return None
+        for entry, previous, remote, registration, _ in done:
+            alias = entry.tunnel.alias
+            if remote is not None:
+                log.info("tunnel %s taken over from node %s by a new session from %s", alias, remote.node, client)
+            if previous is not None:
+                log.info("tunnel %s taken over by a new session from %s", alias, client)
+                # If the old session still reaches a live agent, that agent must not reconnect with
+                # the same secret: the two would take the alias from each other forever.
+                end_tunnel(previous, server.registry, server.task_group, _taken_over(alias, registration, previous))
+            log.info(
+                "tunnel %s registered: port=%s client=%s user=%s agent=%s%s",
+                alias, registration.port, client, registration.user or "-", registration.agent_version,
+                f" name={entry.tunnel.name}" if entry.tunnel.name else "",
+            )
+        return entries
+
+    async def _unregister(self, done: list[tuple[Entry, Entry | None, Record | None, Registration, str]]) -> None:
+        """Undo the registrations of a connection that will not be served (a later tunnel was refused,
+        or the WELCOME could not be sent)."""
+        server = self.server
+        directory = server.directory
+        for entry, previous, *_ in reversed(done):
+            server.registry.remove(entry.tunnel.alias, entry.session)
             if directory is not None:
                 # The record is this session's now: give it up. A replaced local session cannot
                 # get its record back, so it ends as replaced; its agent comes back with the secret.
                 await directory.release(entry)
                 if previous is not None:
-                    server.task_group.start_soon(previous.session.flush_and_close, 4000, "replaced by a new session")
+                    end_tunnel(previous, server.registry, server.task_group, "replaced by a new session")
             elif previous is not None:
                 server.registry.add(previous)
-            return None
-        if remote is not None:
-            log.info("tunnel %s taken over from node %s by a new session from %s", alias, remote.node, client)
-        if previous is not None:
-            log.info("tunnel %s taken over by a new session from %s", alias, client)
-            # If the old session still reaches a live agent, that agent must not reconnect with
-            # the same secret: the two would take the alias from each other forever.
-            replaced = _taken_over(alias, registration, previous)
-            previous.session.send_nowait(GoAway(replaced, reconnect=False).encode())
-            server.task_group.start_soon(previous.session.flush_and_close, 4000, "replaced by a new session")
-        log.info(
-            "tunnel %s registered: port=%s client=%s user=%s agent=%s",
-            alias, port, client, registration.user or "-", registration.agent_version,
-        )
-        return entry
 
     def _new_entry(self, ws: WebSocket, hello: Hello, registration: Registration, client: str, secret: str,
-                   alias: str) -> Entry:
-        """The tunnel and session for ``alias`` (not registered yet)."""
+                   alias: str, session: Session | None = None, name: str | None = None) -> Entry:
+        """The tunnel for ``alias`` (not registered yet), on ``session`` or on a new one."""
         tunnel = Tunnel(
             alias=alias,
             public_url=self.settings.url_for(alias),
@@ -236,7 +272,10 @@ class AgentListener:
             metadata=registration.metadata,
             node=self.server.node,
             policies=list(registration.enforced),
+            name=name,
         )
+        if session is not None:
+            return Entry(tunnel, session, hash_secret(secret))
         session = Session(
             ws,
             window=self.settings.stream_window,
@@ -249,19 +288,21 @@ class AgentListener:
         return Entry(tunnel, session, hash_secret(secret))
 
     async def _claim(self, ws: WebSocket, hello: Hello, registration: Registration, client: str,
-                     secret: str) -> tuple[Entry, Record | None]:
+                     secret: str, wanted: TunnelRequest, session: Session | None,
+                     taken: frozenset[str]) -> tuple[Entry, Record | None]:
         """On a control node: choose the alias by the cluster's records and claim it there
         (docs/design/cluster.md 2.2). Returns the entry and the live holder taken over on another
         node (evicted), if any. Raises Reject: a lost race twice ("in use"), or the alias registry
         unreachable (429, so the agent is told "throttled" and retries)."""
         directory = self.server.directory
-        names = [registration.alias, registration.requested_alias, hello.resume_alias]
+        names = [registration.alias, registration.requested_alias, wanted.resume_alias]
         attempt = 0
         while True:
             attempt += 1
             holders = await directory.holders(names)
             entry = self._new_entry(ws, hello, registration, client, secret,
-                                    self._choose_alias(registration, hello.resume_alias, holders))
+                                    self._choose_alias(registration, wanted.resume_alias, holders, taken),
+                                    session, wanted.name or None)
             try:
                 return entry, await directory.claim(entry, holders)
             except Reject as exc:
@@ -270,11 +311,12 @@ class AgentListener:
                     raise
 
     def _choose_alias(self, registration: Registration, resume_alias: str | None,
-                      holders: Holders | None = None) -> str:
+                      holders: Holders | None = None, taken: frozenset[str] = frozenset()) -> str:
         """The alias to grant (registering it may replace the caller's live session). Raises Reject.
 
         ``holders`` (on a control node) are the cluster's records of the names asked for; without
-        them this node's registry decides.
+        them this node's registry decides. ``taken``: the aliases the same connection's earlier
+        tunnels got, which no later one may have (it would replace its own sibling).
         """
         registry = self.server.registry
         reserved = self.settings.reserved
@@ -282,6 +324,8 @@ class AgentListener:
         user = registration.user
 
         def held_by_caller(name: str) -> bool:
+            if name in taken:
+                raise Reject(f"'{name}' is already one of this agent's tunnels; give each tunnel its own subdomain")
             if holders is not None:
                 return holders.held_by_caller(name, registration.resume_secret, user)
             entry = registry.get(name)
@@ -316,12 +360,12 @@ class AgentListener:
         if resume_alias:
             # The secret proves the caller held the alias; it never proves it may have it now.
             name = resume_alias
-            if (check_alias(name, reserved, allow_punycode=allow_punycode) is None and held_by_caller(name)
-                    and self._not_for(name, user) is None):
+            if (name not in taken and check_alias(name, reserved, allow_punycode=allow_punycode) is None
+                    and held_by_caller(name) and self._not_for(name, user) is None):
                 return name
         while True:
             name = random_alias()
-            if registry.get(name) is None and self._not_for(name, user) is None:
+            if registry.get(name) is None and name not in taken and self._not_for(name, user) is None:
                 return name
 
     def _not_for(self, name: str, user: str | None) -> str | None:
@@ -377,21 +421,25 @@ class AgentListener:
             if why is not None:
                 raise Reject(_kept_for_nobody(name, why))
 
-    async def _serve(self, entry: Entry) -> None:
+    async def _serve(self, entries: list[Entry]) -> None:
+        """Run the session that serves ``entries`` (one per tunnel) until it ends, then remove each."""
         server = self.server
-        tunnel, session = entry.tunnel, entry.session
+        session = entries[0].session
         started = time.monotonic()
         if not self._sweeping:
             self._sweeping = True
             server.task_group.start_soon(self.heartbeats.run)
-        await server.hooks.on_connect(tunnel, server)
-        reason = await session.run()
-        if not server.registry.remove(tunnel.alias, session):
-            reason = "replaced by a new session"
-        elif server.directory is not None:
-            await server.directory.release(entry)
-        await server.hooks.on_disconnect(tunnel, reason, server)
-        log.info("tunnel %s closed after %.0fs: %s", tunnel.alias, time.monotonic() - started, reason)
+        for entry in entries:
+            await server.hooks.on_connect(entry.tunnel, server)
+        ended = await session.run()
+        for entry in entries:
+            tunnel, reason = entry.tunnel, ended
+            if not server.registry.remove(tunnel.alias, session):
+                reason = "replaced by a new session"
+            elif server.directory is not None:
+                await server.directory.release(entry)
+            await server.hooks.on_disconnect(tunnel, reason, server)
+            log.info("tunnel %s closed after %.0fs: %s", tunnel.alias, time.monotonic() - started, reason)
 
 
 def _taken_over(alias: str, registration: Registration, previous: Entry) -> str:

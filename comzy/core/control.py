@@ -41,6 +41,11 @@ MAX_PLUGIN_DATA_DEPTH = 8
 PLUGIN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 #: HELLO ``require`` and WELCOME ``enforced`` name at most this many plugins (policies).
 MAX_POLICIES = 32
+#: HELLO ``tunnels``: at most this many tunnels on one session (each also counts against every
+#: per-user limit the server's plugins keep, as if it came on its own connection).
+MAX_SESSION_TUNNELS = 16
+#: A tunnel's name in HELLO ``tunnels`` and REQUEST ``tn`` (the agent's name: ``web``, ``api``).
+TUNNEL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 #: A server's heartbeat interval past an hour is a broken server (and a timer past ~1e9 s overflows).
 MAX_HEARTBEAT = 3600.0
 #: The last second of year 9999: an expiry beyond it cannot be shown as a date (the agent prints it).
@@ -152,9 +157,12 @@ class Hello(ControlMessage):
     resume_secret: str | None = None
     plugins: dict[str, dict[str, Any]] = field(default_factory=dict)
     require: list[str] = field(default_factory=list)
+    #: Several tunnels on this one session (empty: one tunnel, from the keys above). A server that
+    #: knows the key ignores the top-level port, subdomain, resume, plugins and require then.
+    tunnels: list[TunnelRequest] = field(default_factory=list)
 
     def to_payload(self) -> dict[str, Any]:
-        """The msgpack map sent on the wire (``plugins`` and ``require`` only when there are some)."""
+        """The msgpack map sent on the wire (``plugins``, ``require``, ``tunnels`` only when there are some)."""
         payload: dict[str, Any] = {"v": PROTOCOL_VERSION, "agent": self.agent, "port": self.port,
                                    "subdomain": self.subdomain, "token": self.token, "window": self.window}
         resume = {k: v for k, v in (("alias", self.resume_alias), ("secret", self.resume_secret)) if v is not None}
@@ -164,6 +172,8 @@ class Hello(ControlMessage):
             payload["plugins"] = self.plugins
         if self.require:
             payload["require"] = list(self.require)
+        if self.tunnels:
+            payload["tunnels"] = [tunnel.to_payload() for tunnel in self.tunnels]
         return payload
 
     @classmethod
@@ -197,7 +207,78 @@ class Hello(ControlMessage):
             resume_secret=secret if secret is not None and len(secret) >= MIN_RESUME_SECRET else None,
             plugins=plugins,
             require=_plugin_names(fields, "require"),
+            tunnels=_tunnel_requests(payload.get("tunnels")),
         )
+
+
+@dataclass(slots=True)
+class TunnelRequest:
+    """One tunnel of a HELLO that asks for several (HELLO ``tunnels``): the keys a single-tunnel
+    HELLO has at its top level, plus the agent's ``name`` for it (REQUEST ``tn`` names it back)."""
+
+    name: str
+    port: int = 0
+    subdomain: str | None = None
+    resume_alias: str | None = None
+    resume_secret: str | None = None
+    plugins: dict[str, dict[str, Any]] = field(default_factory=dict)
+    require: list[str] = field(default_factory=list)
+
+    def to_payload(self) -> dict[str, Any]:
+        """The map this tunnel is in HELLO ``tunnels``."""
+        payload: dict[str, Any] = {"name": self.name, "port": self.port, "subdomain": self.subdomain}
+        if self.resume_alias is not None and self.resume_secret is not None:
+            payload["resume"] = {"alias": self.resume_alias, "secret": self.resume_secret}
+        if self.plugins:
+            payload["plugins"] = self.plugins
+        if self.require:
+            payload["require"] = list(self.require)
+        return payload
+
+    @classmethod
+    def from_payload(cls, payload: Any, index: int) -> TunnelRequest:
+        """Parse HELLO ``tunnels[index]``; ProtocolError naming it and the key for a malformed one."""
+        where = f"HELLO tunnels[{index}]"
+        if not isinstance(payload, dict):
+            raise ProtocolError(f"malformed {where}: it must be a map")
+        fields = _Fields(where, payload)
+        name = fields.text("name", limit=64)
+        if not TUNNEL_NAME.fullmatch(name):
+            raise ProtocolError(f"malformed {where}: 'name' must be 1 to 64 letters, digits, '_', '.' or '-'")
+        resume = payload.get("resume")
+        if resume is not None and not isinstance(resume, dict):
+            fields.fail("resume", "a map {alias, secret}", resume)
+        resumed = _Fields(f"{where} resume", resume or {})
+        secret = resumed.text("secret", None, MAX_HELLO_TEXT, optional=True)
+        try:
+            plugins = {} if payload.get("plugins") is None else check_plugin_data(payload["plugins"])
+        except ValueError as exc:
+            raise ProtocolError(f"malformed {where} 'plugins': {exc}") from None
+        return cls(
+            name=name,
+            port=fields.integer("port", 0, 0, 65535),
+            subdomain=fields.text("subdomain", None, MAX_HELLO_TEXT, optional=True),
+            resume_alias=resumed.text("alias", None, MAX_HELLO_TEXT, optional=True),
+            resume_secret=secret if secret is not None and len(secret) >= MIN_RESUME_SECRET else None,
+            plugins=plugins,
+            require=_plugin_names(fields, "require"),
+        )
+
+
+def _tunnel_requests(value: Any) -> list[TunnelRequest]:
+    """HELLO ``tunnels``: absent or nil for one tunnel, else 1 to MAX_SESSION_TUNNELS with distinct names."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_SESSION_TUNNELS:
+        got = f"{len(value)} of them" if isinstance(value, list) else type(value).__name__
+        raise ProtocolError(f"malformed HELLO: 'tunnels' must be a list of 1 to {MAX_SESSION_TUNNELS} tunnels "
+                            f"(got {got}); this server takes at most {MAX_SESSION_TUNNELS} on one connection")
+    tunnels = [TunnelRequest.from_payload(item, index) for index, item in enumerate(value)]
+    names = [tunnel.name for tunnel in tunnels]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ProtocolError(f"malformed HELLO: 'tunnels' names {', '.join(repeated)} more than once")
+    return tunnels
 
 
 def _plugin_names(fields: _Fields, key: str) -> list[str]:
@@ -270,14 +351,19 @@ class Welcome(ControlMessage):
     notices: list[str] = field(default_factory=list)
     server: str = "?"  #: the server's software, e.g. comzy/0.1.0
     enforced: list[str] = field(default_factory=list)
+    #: One per tunnel of a HELLO ``tunnels``, in its order (the top-level keys then repeat the
+    #: first). Empty from a server that does not know HELLO ``tunnels``: the agent must not serve.
+    tunnels: list[TunnelWelcome] = field(default_factory=list)
 
     def to_payload(self) -> dict[str, Any]:
-        """The msgpack map sent on the wire (``enforced`` only when some policy is)."""
+        """The msgpack map sent on the wire (``enforced``, ``tunnels`` only when there are some)."""
         payload = {"v": PROTOCOL_VERSION, "server": self.server, "alias": self.alias, "url": self.url,
                    "resume_secret": self.resume_secret, "heartbeat": self.heartbeat, "window": self.window,
                    "expires_at": self.expires_at, "user": self.user, "notices": list(self.notices)}
         if self.enforced:
             payload["enforced"] = list(self.enforced)
+        if self.tunnels:
+            payload["tunnels"] = [tunnel.to_payload() for tunnel in self.tunnels]
         return payload
 
     @classmethod
@@ -295,7 +381,49 @@ class Welcome(ControlMessage):
             notices=fields.texts("notices"),
             server=fields.text("server", "?"),
             enforced=_plugin_names(fields, "enforced"),
+            tunnels=_tunnel_welcomes(payload.get("tunnels")),
         )
+
+
+@dataclass(slots=True)
+class TunnelWelcome:
+    """One tunnel of WELCOME ``tunnels``: what a single-tunnel WELCOME says of its tunnel."""
+
+    name: str
+    alias: str
+    url: str
+    resume_secret: str | None = None
+    expires_at: float | None = None
+    enforced: list[str] = field(default_factory=list)
+
+    def to_payload(self) -> dict[str, Any]:
+        """The map this tunnel is in WELCOME ``tunnels``."""
+        return {"name": self.name, "alias": self.alias, "url": self.url, "resume_secret": self.resume_secret,
+                "expires_at": self.expires_at, "enforced": list(self.enforced)}
+
+    @classmethod
+    def from_payload(cls, payload: Any, index: int) -> TunnelWelcome:
+        """Parse WELCOME ``tunnels[index]``; ProtocolError for a malformed field."""
+        if not isinstance(payload, dict):
+            raise ProtocolError(f"malformed WELCOME tunnels[{index}]: it must be a map")
+        fields = _Fields(f"WELCOME tunnels[{index}]", payload)
+        return cls(
+            name=fields.text("name", limit=64),
+            alias=fields.text("alias"),
+            url=fields.text("url"),
+            resume_secret=fields.text("resume_secret", None, optional=True),
+            expires_at=fields.number("expires_at", None, optional=True, most=LAST_UNIX_TIME),
+            enforced=_plugin_names(fields, "enforced"),
+        )
+
+
+def _tunnel_welcomes(value: Any) -> list[TunnelWelcome]:
+    """WELCOME ``tunnels``: none when absent, else at most MAX_SESSION_TUNNELS."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > MAX_SESSION_TUNNELS:
+        raise ProtocolError(f"malformed WELCOME: 'tunnels' must be a list of at most {MAX_SESSION_TUNNELS}")
+    return [TunnelWelcome.from_payload(item, index) for index, item in enumerate(value)]
 
 
 @dataclass(slots=True)
@@ -333,16 +461,23 @@ class GoAway(ControlMessage):
     FRAME: ClassVar[FrameType] = FrameType.GOAWAY
     reason: str = "server going away"
     reconnect: bool = True
+    #: Only this tunnel of a multi-tunnel session ends (its alias was taken over); the session and
+    #: its other tunnels go on. None: the whole session. Sent only on sessions with HELLO ``tunnels``.
+    tunnel: str | None = None
 
     def to_payload(self) -> dict[str, Any]:
-        """The msgpack map sent on the wire."""
-        return {"reason": self.reason, "reconnect": self.reconnect}
+        """The msgpack map sent on the wire (``tunnel`` only when set)."""
+        payload: dict[str, Any] = {"reason": self.reason, "reconnect": self.reconnect}
+        if self.tunnel is not None:
+            payload["tunnel"] = self.tunnel
+        return payload
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> GoAway:
         """Parse a GOAWAY; ProtocolError for a malformed field."""
         fields = _Fields("GOAWAY", payload)
-        return cls(fields.text("reason", "server going away"), fields.flag("reconnect", True))
+        return cls(fields.text("reason", "server going away"), fields.flag("reconnect", True),
+                   fields.text("tunnel", None, 64, optional=True))
 
 
 @dataclass(slots=True)

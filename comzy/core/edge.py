@@ -176,7 +176,7 @@ class EdgeApp:
             await respond(send, 503, busy, headers=[(b"retry-after", b"1"), *CLOSE])
             return
         head = p.RequestHead(request.method, request.target, request.headers, request.client,
-                             request.scheme, http_version, has_body=has_body)
+                             request.scheme, http_version, has_body=has_body, tunnel=tunnel.name)
         try:
             stream = _open(session, route, head)
         except SessionClosed:
@@ -454,7 +454,7 @@ class EdgeApp:
             return
         head = p.RequestHead(request.method, request.target, request.headers, request.client,
                              request.scheme, "1.1", websocket=True,
-                             subprotocols=list(scope.get("subprotocols", [])))
+                             subprotocols=list(scope.get("subprotocols", [])), tunnel=tunnel.name)
         try:
             stream = _open(session, route, head)
         except SessionClosed:

@@ -135,10 +135,14 @@ class RequestHead:
     websocket: bool = False
     subprotocols: list[str] = field(default_factory=list)
     has_body: bool = False  # Content-Length > 0 or chunked: the agent must stream a body
+    #: Which of the session's tunnels the request is for (``tn``): the agent's name for it, set only
+    #: on a session that carries several (HELLO ``tunnels``). Never guessed from Host: custom
+    #: domains map any name to a tunnel.
+    tunnel: str | None = None
 
     def to_payload(self) -> dict[str, Any]:
-        """The msgpack map sent on the wire."""
-        return {
+        """The msgpack map sent on the wire (``tn`` only when ``tunnel`` is set)."""
+        payload: dict[str, Any] = {
             "m": self.method,
             "t": self.target,
             "h": [[k, v] for k, v in self.headers],
@@ -149,6 +153,9 @@ class RequestHead:
             "sp": self.subprotocols,
             "b": self.has_body,
         }
+        if self.tunnel is not None:
+            payload["tn"] = self.tunnel
+        return payload
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> RequestHead:
@@ -167,9 +174,19 @@ class RequestHead:
                 websocket=bool(payload.get("w", False)),
                 subprotocols=[str(p) for p in payload.get("sp", [])],
                 has_body=bool(payload.get("b", False)),
+                tunnel=_tunnel_name(payload.get("tn")),
             )
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ProtocolError(f"malformed REQUEST head: {exc!r}") from exc
+
+
+def _tunnel_name(value: Any) -> str | None:
+    """REQUEST ``tn``: None, or a tunnel name of at most 64 characters."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= 64:
+        raise TypeError("'tn' must be a tunnel name (a string of 1 to 64 characters)")
+    return value
 
 
 @dataclass(slots=True)

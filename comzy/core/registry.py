@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
+from comzy.core.control import GoAway
 from comzy.core.session import Session
 from comzy.core.types import Tunnel
 
@@ -22,6 +24,13 @@ class Entry:
     tunnel: Tunnel
     session: Session
     resume_hash: bytes
+    #: Every entry of this entry's session, itself included, when the session carries several
+    #: tunnels (HELLO ``tunnels``; shared list); empty for a one-tunnel session.
+    siblings: list[Entry] = field(default_factory=list)
+
+    def others_live(self, registry: Registry) -> list[Entry]:
+        """The other tunnels of this session that still hold their alias in ``registry``."""
+        return [e for e in self.siblings if e is not self and registry.get(e.tunnel.alias) is e]
 
 
 class Registry:
@@ -62,3 +71,17 @@ class Registry:
             del self._entries[alias]
             return True
         return False
+
+
+def end_tunnel(entry: Entry, registry: Registry, task_group: Any, reason: str) -> None:
+    """End ``entry``'s tunnel, whose alias another session holds now (a takeover; ``registry`` no
+    longer maps the alias to it), telling its agent ``reason`` and not to take it back.
+
+    A session that still serves other tunnels (HELLO ``tunnels``) goes on: the GOAWAY names the one
+    tunnel. Otherwise the session ends, as a one-tunnel session always did.
+    """
+    if entry.others_live(registry):
+        entry.session.send_nowait(GoAway(reason, reconnect=False, tunnel=entry.tunnel.name).encode())
+        return
+    entry.session.send_nowait(GoAway(reason, reconnect=False).encode())
+    task_group.start_soon(entry.session.flush_and_close, 4000, "replaced by a new session")

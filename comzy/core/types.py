@@ -107,6 +107,9 @@ class Tunnel:
     #: serves its visitors without one of them enabled refuses them: an edge configured apart
     #: from the control node must not let a protected tunnel through unprotected (fail closed).
     policies: list[str] = field(default_factory=list)
+    #: The agent's name for this tunnel when one session carries several (HELLO ``tunnels``, e.g.
+    #: ``web``): the REQUEST names it so the agent picks the local port. None: a one-tunnel session.
+    name: str | None = None
 
     def plugin_state(self, plugin: str) -> dict[str, Any]:
         """The dict that plugin ``plugin`` keeps on this tunnel (what it put on the registration's

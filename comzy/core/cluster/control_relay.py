@@ -239,6 +239,10 @@ class ControlRelay:
             link.send_nowait(p.encode_reset(stream_id, p.ResetCode.REFUSED, busy))
             return None
         head = {key: value for key, value in payload.items() if key not in LINK_HEAD_KEYS}
+        # Which tunnel of the agent's session: this node's word, never the edge's.
+        head.pop("tn", None)
+        if tunnel.name is not None:
+            head["tn"] = tunnel.name
         websocket = bool(head.get("w"))
         agent_id = agent.next_stream_id()
         relay = _Relay(tunnel, link, stream_id, agent, agent_id, websocket, link.coalesce_limit)

@@ -27,9 +27,8 @@ from nats.js.kv import KeyValue
 
 from comzy.core.aliases import taken_over_reason
 from comzy.core.cluster.records import AliasTaken, DirectoryDown, Holders, Record
-from comzy.core.control import GoAway
 from comzy.core.logs import RateLimitedLog
-from comzy.core.registry import Entry
+from comzy.core.registry import Entry, end_tunnel
 
 if TYPE_CHECKING:
     from comzy.core.cluster.node import ClusterNode
@@ -296,8 +295,8 @@ class ClusterDirectory:
         await self._unsubscribe(alias)
         log.info("tunnel %s: %s", alias, reason)
         # The agent must not come back with the secret: the two would take the alias from each other.
-        entry.session.send_nowait(GoAway(reason, reconnect=False).encode())
-        self.server.task_group.start_soon(entry.session.flush_and_close, 4000, "replaced by a new session")
+        # A session serving other tunnels too keeps them (end_tunnel names the one in its GOAWAY).
+        end_tunnel(entry, self.server.registry, self.server.task_group, reason)
         return True
 
     async def _on_evict(self, msg: Msg) -> None:
