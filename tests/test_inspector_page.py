@@ -347,13 +347,24 @@ async def test_the_page_lists_live_filters_shows_details_and_replays(server: Ser
         await expect(messages.nth(1)).to_contain_text("← from local")
         await expect(page.locator("#stream-facts")).to_contain_text("closed by the visitor with code 1000")
 
+        # A compressed body, decompressed for display (and still there as sent).
+        async with tunnel.visitor() as visitor:
+            assert (await visitor.get("/gzip")).text.startswith("compressed body")
+        await expect(rows).to_have_count(11)
+        await rows.nth(0).click()
+        await expect(page.locator("#detail-path")).to_have_text("/gzip")
+        await expect(page.locator("#response-body .body-bar")).to_contain_text("decompressed from gzip for display")
+        await expect(page.locator("#response-body pre.text")).to_contain_text("compressed body compressed body")
+        await page.click("#response-body .views button:text-is('As sent')")
+        await expect(page.locator("#response-body pre.hex")).to_contain_text("00000000  1f 8b")
+
         # A narrow window: the list, then the detail in its place with a way back.
         await page.set_viewport_size({"width": 420, "height": 800})
         await expect(page.locator("#back")).to_be_visible()
         await expect(page.locator(".list-panel")).to_be_hidden()
         await page.click("#back")
         await expect(page.locator(".list-panel")).to_be_visible()
-        await rows.nth(9).click()
+        await rows.nth(10).click()
         await expect(page.locator("#detail-path")).to_have_text("/hooks/stripe?attempt=1")
         await page.screenshot(path=str(screenshot_dir() / "inspector-narrow.png"), animations="disabled")
 

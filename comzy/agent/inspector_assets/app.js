@@ -12,6 +12,10 @@
   /** Characters of a text body drawn, and of a JSON body pretty-printed with colours. */
   const TEXT_LIMIT = 512 * 1024;
   const TUNNEL_NAME = "command_line";
+  /** Content-Encodings the page decompresses for display (the browser's DecompressionStream). */
+  const DECODABLE = { gzip: "gzip", "x-gzip": "gzip", deflate: "deflate" };
+  /** Bytes a compressed body is decompressed to at most: a small bomb must not eat the tab. */
+  const DECODED_LIMIT = 4 * 1024 * 1024;
 
   const byId = (id) => document.getElementById(id);
   const view = {
@@ -521,9 +525,39 @@
     return pre;
   }
 
+  /** ``bytes`` decompressed (gzip or deflate), up to DECODED_LIMIT: {bytes, cut}. */
+  async function decompress(bytes, format) {
+    const reader = new Blob([bytes]).stream().pipeThrough(new DecompressionStream(format)).getReader();
+    const parts = [];
+    let total = 0;
+    let cut = false;
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      parts.push(value);
+      total += value.length;
+      if (total >= DECODED_LIMIT) {
+        cut = true;
+        await reader.cancel();
+        break;
+      }
+    }
+    const out = new Uint8Array(Math.min(total, DECODED_LIMIT));
+    let offset = 0;
+    for (const part of parts) {
+      const room = out.length - offset;
+      out.set(room < part.length ? part.subarray(0, room) : part, offset);
+      offset += Math.min(room, part.length);
+    }
+    return { bytes: out, cut };
+  }
+
   /** The body's views: pretty (JSON, form, text) when it is one of those, else hex; raw text and hex on demand. */
   function renderBody(container, message, size, truncated, stream) {
     container.replaceChildren();
+    // A newer render of this body makes a decompression still running for an older one moot.
+    const token = {};
+    container.renderToken = token;
     const bytes = message.body;
     if (!bytes.length && !size) {
       container.append(el("p", "muted small", stream ? "No body (the messages are listed below)." : "No body."));
@@ -535,14 +569,28 @@
     if (truncated) {
       bar.append(el("span", "truncated", `truncated: only the first ${formatBytes(bytes.length)} were kept (--inspect-max-body)`));
     }
-    if (message.contentEncoding && message.contentEncoding !== "identity") {
-      bar.append(el("span", null, `Content-Encoding: ${message.contentEncoding} (shown as sent)`));
+    const encoding = message.decoded ? "" : message.contentEncoding.trim();
+    if (message.decoded) {
+      const sent = `${formatBytes(message.decoded.sent.length)} as sent`;
+      bar.append(el("span", null, `decompressed from ${message.decoded.encoding} for display (${sent}` +
+        (message.decoded.cut ? `; only its first ${formatBytes(DECODED_LIMIT)} shown)` : ")")));
+    } else if (encoding && encoding !== "identity") {
+      const format = DECODABLE[encoding];
+      const whole = !truncated;
+      bar.append(el("span", null, `Content-Encoding: ${encoding} (shown as sent${format && !whole ? ": cut, so not decompressed" : ""})`));
+      if (format && whole && typeof DecompressionStream === "function") {
+        decompress(bytes, format).then((result) => {
+          if (container.renderToken !== token) return;
+          const decoded = { encoding, sent: bytes, cut: result.cut };
+          renderBody(container, { ...message, body: result.bytes, decoded }, size, truncated, stream);
+        }).catch(() => { /* not really compressed so: it stays shown as sent */ });
+      }
     }
     const views = el("span", "views");
     bar.append(views);
     container.append(bar);
 
-    const text = message.contentEncoding && message.contentEncoding !== "identity" ? null : asText(bytes);
+    const text = encoding && encoding !== "identity" ? null : asText(bytes);
     const options = [];
     if (text !== null) {
       let parsed;
@@ -559,11 +607,13 @@
       }
       options.push(["Text", () => el("pre", "body text", text.length > TEXT_LIMIT ? text.slice(0, TEXT_LIMIT) + "\n…" : text)]);
     }
-    options.push(["Hex", () => {
-      const pre = el("pre", "body hex", hexDump(bytes));
-      if (bytes.length > HEX_LIMIT) pre.append(document.createTextNode(`\n… ${bytes.length - HEX_LIMIT} more bytes`));
+    const hexOf = (data) => () => {
+      const pre = el("pre", "body hex", hexDump(data));
+      if (data.length > HEX_LIMIT) pre.append(document.createTextNode(`\n… ${data.length - HEX_LIMIT} more bytes`));
       return pre;
-    }]);
+    };
+    options.push(["Hex", hexOf(bytes)]);
+    if (message.decoded) options.push(["As sent", hexOf(message.decoded.sent)]);
     let current = null;
     const show = (index) => {
       if (current) current.remove();
