@@ -20,7 +20,7 @@ from comzy.agent.capture import DEFAULT_MAX_BODY, DEFAULT_MAX_REQUESTS, Capture
 from comzy.agent.client import Agent, AgentConfig, AgentError, Rejected, TLSMisconfigured, Unreachable
 from comzy.agent.forward import LocalForwarder
 from comzy.agent.output import ERROR_PREFIX, Output, make_output
-from comzy.agent.policies import BASIC_AUTH, BasicAuth
+from comzy.agent.policies import BASIC_AUTH, HEADERS, IP_FILTER, BasicAuth, HeaderRules, IpFilter
 from comzy.core.aliases import ALIAS_RE
 from comzy.core.control import Welcome
 from comzy.core.eventloop import EVENT_LOOPS, backend_options
@@ -61,6 +61,8 @@ examples:
   comzy 5173 --host-header rewrite  for dev servers that check Host (Vite, webpack, Rails)
   comzy 3000 --server wss://tunnel.example.com:8191
   comzy 3000 --basic-auth ana:s3cret-pw  visitors must log in (enforced by the server)
+  comzy 3000 --cidr-allow 203.0.113.0/24  only visitors from that network (others get 403)
+  comzy 3000 --response-header-add 'X-Robots-Tag: noindex'  a header on every response
   comzy login                       save your token (from the server's operator) for lasting aliases
   comzy status                      is the server reachable, who am I, which aliases are mine
 
@@ -103,6 +105,20 @@ def build_parser() -> Parser:
                         "it refuses the tunnel")
     parser.add_argument("--basic-auth-forward", action="store_true",
                         help="pass the visitor's Authorization header on to the local app (default: removed)")
+    parser.add_argument("--cidr-allow", action="append", default=[], metavar="CIDR",
+                        help="only client addresses in this network may visit (repeatable; IPv4 or IPv6, e.g. "
+                        "203.0.113.0/24); others get 403. X-Forwarded-For counts only from the server's trusted "
+                        "proxies; a server that cannot enforce it refuses the tunnel")
+    parser.add_argument("--cidr-deny", action="append", default=[], metavar="CIDR",
+                        help="client addresses in this network get 403 (repeatable; wins over --cidr-allow)")
+    parser.add_argument("--request-header-add", action="append", default=[], metavar="'NAME: VALUE'",
+                        help="add this header to every request the local app gets (repeatable; after removals)")
+    parser.add_argument("--request-header-remove", action="append", default=[], metavar="NAME",
+                        help="remove this header from every request before the local app gets it (repeatable)")
+    parser.add_argument("--response-header-add", action="append", default=[], metavar="'NAME: VALUE'",
+                        help="add this header to every response of the local app (repeatable; after removals)")
+    parser.add_argument("--response-header-remove", action="append", default=[], metavar="NAME",
+                        help="remove this header from every response of the local app (repeatable)")
     parser.add_argument("--quiet", "-q", action="store_true", help="do not print a line per request")
     parser.add_argument("--log", action="store_true", help="print a plain line per request instead of the live "
                         "status screen (the default when output is not a terminal)")
@@ -144,6 +160,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     try:
         args.policy = BasicAuth.parse(args.basic_auth, args.basic_auth_forward)
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        args.ip_filter = IpFilter.parse(args.cidr_allow, args.cidr_deny)
+        args.header_rules = HeaderRules.parse(args.request_header_add, args.request_header_remove,
+                                              args.response_header_add, args.response_header_remove)
     except ValueError as exc:
         parser.error(str(exc))
     if args.basic_auth_forward and not args.basic_auth:
@@ -315,6 +337,9 @@ def main(argv: list[str] | None = None) -> None:
     target = f"{args.local_host}:{args.port}"
     # The policies in force, shown under the public URL once the server confirmed each.
     policies = {BASIC_AUTH: args.policy.describe()} if args.policy.credentials else {}
+    for name, rules in ((IP_FILTER, args.ip_filter), (HEADERS, args.header_rules)):
+        if rules:
+            policies[name] = rules.describe()
     printer = make_output(target, log=args.log, quiet=args.quiet, policies=policies)
     try:
         loop_options = backend_options(os.environ.get("COMZY_EVENT_LOOP") or "auto")
@@ -345,6 +370,9 @@ def main(argv: list[str] | None = None) -> None:
         printer.inspector = inspector.url_of(sock)
     # Hashed once here (scrypt is slow on purpose): every reconnect sends the same data.
     plugin_data = {BASIC_AUTH: args.policy.plugin_data()} if args.policy.credentials else {}
+    for name, rules in ((IP_FILTER, args.ip_filter), (HEADERS, args.header_rules)):
+        if rules:
+            plugin_data[name] = rules.plugin_data()
     config = AgentConfig(servers=servers, port=args.port, local_host=args.local_host,
                          subdomain=subdomain, token=token,
                          cacert=args.cacert, plugin_data=plugin_data, require=list(plugin_data))

@@ -1,0 +1,115 @@
+"""Visitors of a tunnel whose agent asked for ``--cidr-allow``/``--cidr-deny`` pass only from the
+networks it allows: the check runs on the server, before anything reaches the agent.
+
+The address checked is the request's client address as the core computed it (``request.client``):
+the TCP peer, or what a proxy in ``COMZY_TRUSTED_PROXIES`` says in X-Forwarded-For or Forwarded;
+a visitor's own X-Forwarded-For never counts. ngrok's semantics: an address in a denied network is
+refused; when there are allowed networks, an address in none of them is refused too. Refused: 403.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import OrderedDict
+from typing import Any
+
+from comzy import ForwardRequest, Registration, Reject, Tunnel, hookimpl
+
+#: This plugin's name: the key of the agent's data, of the tunnel's state and of the policy it confirms.
+NAME = "ip_filter"
+#: The most networks in each list (the stock agent sends no more).
+MAX_CIDRS = 64
+#: The longest network text accepted (an IPv6 address with its prefix length is at most 43).
+MAX_CIDR_TEXT = 64
+#: Rules compiled for the tunnels seen lately (by session number): the state on the tunnel is plain
+#: data (it crosses a cluster to the edges), and parsing up to 128 networks per request would cost
+#: more than the check. At most this many tunnels are remembered, the least recently used go first.
+COMPILED_TUNNELS = 4096
+#: What a refused visitor reads: why, without the rules or the address.
+REFUSED = "403 Forbidden: this tunnel does not accept requests from your network address.\n"
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Rules = tuple[tuple[Network, ...], tuple[Network, ...]]
+
+
+def parse_policy(data: Any) -> dict[str, list[str]]:
+    """The state kept on the tunnel, from the agent's untrusted data; ValueError says what is wrong."""
+    if not isinstance(data, dict):
+        raise ValueError("it must be a map {allow, deny}")
+    lists: dict[str, list[str]] = {}
+    for key in ("allow", "deny"):
+        texts = data.get(key, [])
+        if not isinstance(texts, list) or len(texts) > MAX_CIDRS:
+            raise ValueError(f"'{key}' must be a list of at most {MAX_CIDRS} networks")
+        lists[key] = list(dict.fromkeys(str(network) for network in map(_network, texts)))
+    if not lists["allow"] and not lists["deny"]:
+        raise ValueError("it names no network to allow or deny")
+    return lists
+
+
+def _network(text: Any) -> Network:
+    if not isinstance(text, str) or len(text) > MAX_CIDR_TEXT or "%" in text:
+        raise ValueError("each network must be a CIDR text such as 203.0.113.0/24 or 2001:db8::/32")
+    try:
+        return ipaddress.ip_network(text)
+    except ValueError:
+        raise ValueError(f"{text[:MAX_CIDR_TEXT]!r} is not an IP network (host bits must be zero)") from None
+
+
+def compile_rules(state: dict[str, list[str]]) -> Rules:
+    """The tunnel's (allowed, denied) networks from its state (checked at registration)."""
+    return (tuple(ipaddress.ip_network(text) for text in state["allow"]),
+            tuple(ipaddress.ip_network(text) for text in state["deny"]))
+
+
+def admitted(client: str, rules: Rules) -> bool:
+    """Whether ``client`` passes: in no denied network, and in an allowed one when there are any.
+    An address that cannot be read (none, or not an IP) never passes: the filter fails closed."""
+    try:
+        address = ipaddress.ip_address(client)
+    except ValueError:
+        return False
+    # A dual-stack listener reports IPv4 visitors as ::ffff:a.b.c.d: the IPv4 rules are meant for them.
+    forms = (address, address.ipv4_mapped) if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped \
+        else (address,)
+    allow, deny = rules
+    if any(form in network for form in forms for network in deny):
+        return False
+    return not allow or any(form in network for form in forms for network in allow)
+
+
+class IpFilter:
+    """Enforces the ``--cidr-allow``/``--cidr-deny`` policy of the tunnels whose agents ask for it."""
+
+    def __init__(self) -> None:
+        self._compiled: OrderedDict[int, Rules] = OrderedDict()
+
+    @hookimpl
+    def on_register(self, registration: Registration) -> None:
+        """Keep the agent's networks on the tunnel and confirm the policy."""
+        data = registration.agent_data.get(NAME)
+        if data is None:
+            return
+        try:
+            state = parse_policy(data)
+        except ValueError as exc:
+            raise Reject(f"ip filter: the agent's data is not valid ({exc}); use a matching comzy agent") from None
+        registration.plugin_state(NAME).update(state)
+        registration.enforce(NAME)
+
+    @hookimpl(tryfirst=True)
+    def before_forward(self, request: ForwardRequest, tunnel: Tunnel) -> None:
+        """Answer 403 to a client address the tunnel's rules refuse. First of the policies: a refused
+        address costs no password hash (basic_auth) and no count against a rate limit."""
+        state = tunnel.metadata.get(NAME)
+        if not state:
+            return
+        rules = self._compiled.get(tunnel.session)
+        if rules is None:
+            rules = self._compiled[tunnel.session] = compile_rules(state)
+            if len(self._compiled) > COMPILED_TUNNELS:
+                self._compiled.popitem(last=False)
+        else:
+            self._compiled.move_to_end(tunnel.session)
+        if not admitted(request.client, rules):
+            raise Reject("the client address is not allowed by the tunnel's IP filter", status=403, body=REFUSED)
