@@ -9,9 +9,11 @@ COMZY_SCREENSHOTS=1, in docs/img/ (the ones docs/agent.md shows).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
+import socket
 import tomllib
 from collections.abc import AsyncIterator
 from importlib import resources
@@ -22,7 +24,8 @@ import anyio
 import httpx
 import pytest
 
-from comzy.agent import inspector_page
+from comzy.agent import inspector, inspector_page
+from comzy.agent.capture import Capture
 from comzy.core.server import ServerContext
 from tests.conftest import ROOT
 from tests.helpers import wait_until
@@ -182,6 +185,37 @@ async def test_the_stream_sends_a_snapshot_then_what_changes_and_is_bounded(
 
         # The slots are given back when pages go (each page's stream sees its end within a tick).
         await wait_until(slot_free)
+
+
+async def test_a_page_that_stops_reading_is_dropped_and_its_slot_given_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream holds one look's changes at most: a reader that never reads fills the socket's
+    buffers, then its writes wait, and past the write timeout it is closed."""
+    monkeypatch.setattr(inspector_page, "MAX_STREAMS", 1)
+    monkeypatch.setattr(inspector_page, "STREAM_WRITE_TIMEOUT", 0.5)
+    capture = Capture(max_requests=500)
+    exchanges = [capture.begin("GET", b"/" + b"x" * 2000 + b"/%d" % i, [], "127.0.0.1") for i in range(500)]
+    api = inspector.InspectorAPI(capture, inspector.TunnelInfo("127.0.0.1:1"), lambda: None)  # type: ignore[arg-type,return-value]
+    sock = inspector.bind("127.0.0.1", [0])
+    port = sock.getsockname()[1]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(api.serve, sock)
+        stuck = socket.socket()
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the agent's side fills
+        stuck.setblocking(False)
+        with stuck:
+            await asyncio.get_running_loop().sock_connect(stuck, ("127.0.0.1", port))
+            stuck.send(b"GET /api/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            await wait_until(lambda: api.streams.open == 1)
+            with anyio.fail_after(60):
+                while api.streams.open:
+                    # Every exchange changes between two looks: each look sends them all again (~1 MB).
+                    for exchange in exchanges:
+                        exchange.response_data(b"y")
+                    await anyio.sleep(inspector_page.STREAM_TICK)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client, \
+                client.stream("GET", "/api/stream") as again:
+            assert again.status_code == 200
+        tg.cancel_scope.cancel()
 
 
 # -- The page in Chromium -------------------------------------------------------------------------
