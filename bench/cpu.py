@@ -22,6 +22,13 @@ rate_limit) and two agents exposing the same nginx: one without a policy and one
 an allow list holding the client and a rate limit too high to trigger, and wrk sends the
 credentials. A table gives the policy tunnel's req/s and server CPU against the plain one in the
 same rounds (issue 14: at most 10% lost).
+
+With ``--inspector`` one more server runs with two agents exposing the same nginx, one with the
+agent's inspector on (``--inspect 127.0.0.1:0``: on for sure, where the default 4040-4049 may all be
+taken) and one with ``--inspect off``. A table gives the agent's CPU per request and req/s of "on"
+against "off" as the median of each round's ratio (they alternate: the order of the targets
+rotates each round), and with ``--download-mib`` each agent's CPU per GiB and peak RSS for the
+download: issue 15 allows at most 10% fewer req/s and the agent's 150 MiB RSS budget.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import base64
 import json
 import statistics
 import sys
+import urllib.request
 from collections.abc import Callable
 from typing import Any
 
@@ -67,6 +75,13 @@ POLICY_FLAGS = ("--basic-auth", ":".join(POLICY_CREDENTIAL), "--cidr-allow", "12
                 "--rate-limit", "6000000/min")
 #: A policy costing more than this fraction of req/s or server CPU against no policy is flagged (issue 14).
 POLICY_BUDGET = 0.10
+#: ``--inspector``: the two agents' flags. "on" asks for a free port: with the default (4040-4049
+#: taken by other agents) an agent would run without its inspector and the comparison would be void.
+INSPECTOR_FLAGS = {"off": ("--inspect", "off"), "on": ("--inspect", "127.0.0.1:0")}
+#: Issue 15: the inspector on may cost at most this fraction of req/s ...
+INSPECTOR_BUDGET = 0.10
+#: ... and the agent keeps to its RSS budget during a download with it on (tests/test_large_transfers.py).
+AGENT_RSS_BUDGET_MIB = 150
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -90,6 +105,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--policies", action="store_true",
                         help="also measure a tunnel with basic auth, an allow list and a rate limit against one "
                              "without, on one more server with those plugins, in the same rounds")
+    parser.add_argument("--inspector", action="store_true",
+                        help="also measure an agent with its inspector on against one with it off (same server, "
+                             "same nginx, same rounds)")
     parser.add_argument("--json", action="store_true", help="print every round as JSON too")
     args = parser.parse_args(argv)
     bad = [item for item in args.server_env if "=" not in item]
@@ -159,6 +177,74 @@ def start_policy_node(stack: Stack, server_env: dict[str, str]) -> tuple[Target,
         wait_serving(endpoint, f"/{SMALL_FILE}", server)
         targets.append((endpoint, {"server": server, "agent": agent}))
     return targets[0], targets[1]
+
+
+def start_inspector_node(stack: Stack, server_env: dict[str, str]) -> dict[str, Target]:
+    """One more comzy-server and, on it, an agent per ``INSPECTOR_FLAGS`` exposing the stack's nginx (all join
+    ``stack.procs``). The "on" agent must print its inspector's address and list a request through it."""
+    server = Proc("comzy-server (inspector)", [sys.executable, "-m", "comzy.core.cli"], env=comzy_env(
+        COMZY_HOST="127.0.0.1", COMZY_HTTP_PORT="0", COMZY_WS_PORT="0", COMZY_ADMIN_PORT="0",
+        COMZY_DATA_DIR=str(stack.root / "comzy-inspector"), COMZY_SHUTDOWN_GRACE="2", COMZY_PLUGINS="none",
+        **server_env))
+    stack.procs.append(server)
+    public_port = int(server.wait_for(r"public\s+http://[\d.]+:(\d+)")[1])
+    ws_port = int(server.wait_for(r"agents\s+ws://[\d.]+:(\d+)")[1])
+    server.done_waiting()
+    targets = {}
+    for label, flags in INSPECTOR_FLAGS.items():
+        agent = Proc(f"agent (inspector {label})", [
+            sys.executable, "-m", "comzy.agent.cli", str(stack.nginx_direct.port), "--local-host", "127.0.0.1",
+            "--quiet", "--server", f"ws://127.0.0.1:{ws_port}", *flags], env=comzy_env())
+        stack.procs.append(agent)
+        alias = agent.wait_for(r"Public URL: https?://([a-z0-9-]+)\.")[1]
+        api = agent.wait_for(r"Inspector: (http://\S+)")[1] if label == "on" else None
+        agent.done_waiting()
+        endpoint = Endpoint(public_port, f"{alias}.localhost")
+        wait_serving(endpoint, f"/{SMALL_FILE}", server)
+        if api is not None and not captured(api):
+            raise SystemExit(f"bench.cpu --inspector: the agent's inspector at {api} lists no request")
+        targets[label] = (endpoint, {"server": server, "agent": agent})
+    return targets
+
+
+def captured(api: str) -> bool:
+    """Whether the inspector at ``api`` lists at least one exchange."""
+    with urllib.request.urlopen(f"{api}/api/requests/http?limit=1", timeout=10) as answer:
+        return bool(json.load(answer)["requests"])
+
+
+def inspector_table(rounds: dict[str, list[dict[str, Any]]], connection_counts: list[int],
+                    download: bool) -> list[str]:
+    """The ``--inspector`` table: per connection count the medians of the agent with its inspector off and on,
+    and the cost of "on" as the median over rounds of the same round's ratio (req/s lost over
+    ``INSPECTOR_BUDGET`` is marked); with ``download``, each agent's CPU per GiB and peak RSS (over
+    ``AGENT_RSS_BUDGET_MIB`` is marked)."""
+    lines = [f"{'inspector':9} {'conns':>5} {'agent µs/req':>12} {'CPU vs off':>10} {'req/s':>8} "
+             f"{'req/s vs off':>12} {'p50 ms':>7}"]
+    for connections in connection_counts:
+        off = rounds[f"inspector_off_get_{connections}c"]
+        on = rounds[f"inspector_on_get_{connections}c"]
+        for label, runs in (("off", off), ("on", on)):
+            agent_us = statistics.median(run["agent_us"] for run in runs)
+            rps = statistics.median(run["requests_per_s"] for run in runs)
+            p50 = statistics.median(run["p50_ms"] for run in runs)
+            if runs is off:
+                lines.append(f"{label:9} {connections:5d} {agent_us:12.0f} {'':>10} {rps:8.0f} {'':>12} {p50:7.2f}")
+                continue
+            pairs = list(zip(runs, off, strict=True))
+            cpu_cost = statistics.median(run["agent_us"] / base["agent_us"] - 1 for run, base in pairs)
+            rps_change = statistics.median(run["requests_per_s"] / base["requests_per_s"] - 1 for run, base in pairs)
+            lines.append(f"{label:9} {connections:5d} {agent_us:12.0f} {cpu_cost:+10.1%} {rps:8.0f} "
+                         f"{rps_change:+12.1%} {p50:7.2f}"
+                         + ("  <- over 10%" if -rps_change > INSPECTOR_BUDGET else ""))
+    if download:
+        for label in INSPECTOR_FLAGS:
+            runs = rounds[f"inspector_{label}_download"]
+            per_gib = statistics.median(run["agent_s_per_gib"] for run in runs)
+            peak = max(run["agent_peak_rss_mib"] for run in runs)
+            lines.append(f"{label:9} download: agent {per_gib:.2f} s/GiB, peak RSS {peak:.0f} MiB" +
+                         (f"  <- over the {AGENT_RSS_BUDGET_MIB} MiB budget" if peak > AGENT_RSS_BUDGET_MIB else ""))
+    return lines
 
 
 def policy_table(rounds: dict[str, list[dict[str, Any]]], connection_counts: list[int]) -> list[str]:
@@ -261,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
             plain, policy = start_policy_node(stack, args.server_env)
             targets["policies_plain_"] = lambda _stack: plain
             targets["policies_policy_"] = lambda _stack: policy
+        if args.inspector:
+            for label, target in start_inspector_node(stack, args.server_env).items():
+                targets[f"inspector_{label}_"] = lambda _stack, target=target: target
         # Warm-up: imports, pools, caches and cluster links stay out of the first round.
         for pick in targets.values():
             endpoint, _ = pick(stack)
@@ -284,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         medians = {key: statistics.median(run[key] for run in runs) for key in runs[0] if key != "errors"}
         names = [key.removesuffix("_peak_rss_mib") for key in runs[0] if key.endswith("_peak_rss_mib")] or \
             [key.removesuffix("_us") for key in runs[0] if key.endswith("_us")]
-        if name.startswith(("plugins_", "policies_")):  # in the tables below
+        if name.startswith(("plugins_", "policies_", "inspector_")):  # in the tables below
             pass
         elif name.endswith("download"):
             cpu = "  ".join(f"{who} {medians[f'{who}_s_per_gib']:.2f} s/GiB" for who in names)
@@ -300,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(plugin_table(rounds, labels, args.connection_counts)))
     if args.policies:
         print("\n".join(policy_table(rounds, args.connection_counts)))
+    if args.inspector:
+        print("\n".join(inspector_table(rounds, args.connection_counts, bool(args.download_mib))))
     if failed:
         print("some requests failed (non-2xx or socket errors): the figures above are not comparable")
     return 1 if failed else 0

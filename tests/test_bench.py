@@ -12,6 +12,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -190,7 +191,8 @@ def test_table_and_charts_are_written(quick_run: tuple[Path, subprocess.Complete
 
 def test_cpu_script_prints_cpu_per_request_and_per_gib() -> None:
     """``python -m bench.cpu`` (docs/benchmarks.md): one short round, every figure present and positive;
-    with ``--cluster`` also through an edge, per cluster process."""
+    with ``--cluster`` also through an edge, per cluster process; with ``--inspector`` the agents with their
+    inspector on and off (the "on" one has listed a request) and the table comparing them."""
     require_bench_tools()
     from bench.stack import cluster_unavailable
 
@@ -199,7 +201,7 @@ def test_cpu_script_prints_cpu_per_request_and_per_gib() -> None:
         pytest.fail(f"CI must run bench.cpu --cluster: {missing}")
     cluster = ["--cluster"] if missing is None else []
     done = subprocess.run([sys.executable, "-m", "bench.cpu", "--rounds", "1", "--seconds", "1",
-                           "--connections", "4", "--download-mib", "16", "--json", *cluster],
+                           "--connections", "4", "--download-mib", "16", "--json", "--inspector", *cluster],
                           cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, f"python -m bench.cpu failed:\n{done.stdout}\n{done.stderr}"
     runs = {}
@@ -207,7 +209,14 @@ def test_cpu_script_prints_cpu_per_request_and_per_gib() -> None:
         if line.startswith("{"):
             runs.update(json.loads(line))
     expected = {"get_4c", "download"}
-    assert set(runs) == expected | ({f"cluster_{name}" for name in expected} if cluster else set()), done.stdout
+    inspector = {f"inspector_{label}_{name}" for label in ("on", "off") for name in expected}
+    assert set(runs) == expected | inspector | ({f"cluster_{name}" for name in expected} if cluster else set()), \
+        done.stdout
+    for label in ("off", "on"):
+        [get] = runs[f"inspector_{label}_get_4c"]
+        assert get["errors"] == 0 and get["agent_us"] > 0
+        assert re.search(rf"(?m)^{label} +4 +\d+ ", done.stdout), done.stdout
+        assert re.search(rf"(?m)^{label} +download: agent [\d.]+ s/GiB, peak RSS \d+ MiB$", done.stdout), done.stdout
     if cluster:
         [get] = runs["cluster_get_4c"]
         assert get["errors"] == 0 and get["requests_per_s"] > 0

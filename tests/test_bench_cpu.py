@@ -8,10 +8,13 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from bench.cpu import (
+    AGENT_RSS_BUDGET_MIB,
     BUILTIN_PLUGINS,
     DEFAULT_SET,
+    INSPECTOR_FLAGS,
     POLICY_FLAGS,
     POLICY_PLUGINS,
+    inspector_table,
     parse_args,
     plugin_configs,
     plugin_table,
@@ -95,3 +98,38 @@ def test_the_policy_tunnel_asks_for_every_policy_plugin() -> None:
     assert set(POLICY_PLUGINS.split(",")) == {"basic_auth", "ip_filter", "rate_limit"}
     assert {"--basic-auth", "--cidr-allow", "--rate-limit"} <= set(POLICY_FLAGS)
     assert parse_args(["--policies"]).policies and not parse_args([]).policies
+
+
+def download(agent_s_per_gib: float, peak_mib: float) -> dict[str, Any]:
+    """One download's figures as ``measure_download`` returns them (the agent's only)."""
+    return {"mib_per_s": 300.0, "errors": 0, "agent_s_per_gib": agent_s_per_gib, "agent_peak_rss_mib": peak_mib}
+
+
+def test_the_inspector_cost_is_paired_by_round_and_flagged_over_budget() -> None:
+    # issue 15: the agent with its inspector on loses at most 10% of req/s, and keeps to 150 MiB in a download.
+    off = [run(100, 1000), run(200, 500), run(400, 250)]
+    for figures in off:
+        figures["agent_us"] = figures.pop("server_us")
+    on = [run(0, rps) | {"agent_us": us} for us, rps in ((113, 970), (226, 485), (452, 242.5))]  # +13% CPU, -3% req/s
+    rounds = {
+        "inspector_off_get_50c": off, "inspector_on_get_50c": on,
+        "inspector_off_get_1c": [run(0, 100) | {"agent_us": 300.0}] * 3,
+        "inspector_on_get_1c": [run(0, 85) | {"agent_us": 300.0}] * 3,  # 15% fewer req/s: over budget
+        "inspector_off_download": [download(1.5, 50), download(1.7, 52), download(1.6, 51)],
+        "inspector_on_download": [download(1.6, 60), download(1.8, 151), download(1.7, 58)],
+    }
+    lines = inspector_table(rounds, [50, 1], download=True)
+    assert lines[0].split()[:2] == ["inspector", "conns"]
+    assert lines[1].split() == ["off", "50", "200", "500", "1.00"]
+    assert lines[2].split() == ["on", "50", "226", "+13.0%", "485", "-3.0%", "1.00"]
+    assert lines[4].split() == ["on", "1", "300", "+0.0%", "85", "-15.0%", "1.00", "<-", "over", "10%"]
+    assert lines[5] == "off       download: agent 1.60 s/GiB, peak RSS 52 MiB"
+    assert lines[6] == ("on        download: agent 1.70 s/GiB, peak RSS 151 MiB"
+                        f"  <- over the {AGENT_RSS_BUDGET_MIB} MiB budget")
+    assert len(inspector_table(rounds, [50], download=False)) == 3
+
+
+def test_the_inspector_comparison_asks_for_it_on_and_off_for_sure() -> None:
+    # "on" on a free port of its own: the default 4040-4049 may all be taken, and the agent would then run without.
+    assert INSPECTOR_FLAGS == {"off": ("--inspect", "off"), "on": ("--inspect", "127.0.0.1:0")}
+    assert parse_args(["--inspector"]).inspector and not parse_args([]).inspector
