@@ -66,7 +66,7 @@ def test_the_hooks_are_the_designed_ones() -> None:
                                  "alias_owner", "alias_reserved", "before_forward", "before_response", "after_response",
                                  "admin_routes",
                                  "agent_routes", "database_schema", "on_registration_refused", "recent_requests",
-                                 "register_commands"}
+                                 "register_commands", "on_request_refused", "describe_policy"}
 
 
 @pytest.mark.parametrize("hook", sorted(hook_specs()))

@@ -1267,3 +1267,103 @@ async def test_hook_database_schema(tmp_path: Path) -> None:
         await db.collect_schemas([("wrong", Wrong())], "localhost")
     with pytest.raises(ValueError, match="must be a lowercase identifier"):
         Schema("Notes!", plugin.schema.metadata, migrations)
+
+
+# -- on_request_refused and describe_policy (issue 14: policies operators can see and count) -----------
+class RefusalLog:
+    """Records what on_request_refused reports."""
+
+    def __init__(self) -> None:
+        self.refused: list[tuple[str, str, int, str, str, bool]] = []
+
+    @hookimpl
+    def on_request_refused(self, request: ForwardRequest, tunnel: Tunnel, status: int, reason: str,
+                           plugin: str) -> None:
+        self.refused.append((tunnel.alias, request.path, status, reason, plugin, request.websocket))
+
+
+class BrokenRefusalLog:
+    @hookimpl
+    def on_request_refused(self) -> None:
+        raise RuntimeError("refusal log broke")
+
+
+async def test_hook_on_request_refused(tmp_path: Path, upstream: Upstream, caplog: pytest.LogCaptureFixture) -> None:
+    """Every refusal by a before_forward (HTTP and WebSocket) is reported once the visitor has its
+    answer, naming the plugin that refused; a failing implementation is logged and the others run."""
+    log_plugin = RefusalLog()
+    plugins = [("gate", Gate()), ("broken", BrokenRefusalLog()), ("log", log_plugin)]
+    async with start_server(tmp_path, plugins=plugins) as server, \
+            start_agent(server, upstream.port) as agent, agent.visitor() as client:
+        with caplog.at_level(logging.ERROR):
+            assert (await client.get("/admin/x")).status_code == 403
+            assert (await client.get("/fine")).status_code == 200
+            head = (f"GET /admin/ws HTTP/1.1\r\nHost: {agent.alias}.localhost\r\nUpgrade: websocket\r\n"
+                    "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                    "Sec-WebSocket-Version: 13\r\n\r\n")
+            async with await anyio.connect_tcp("127.0.0.1", server.ports.http) as stream:
+                await stream.send(head.encode())
+                data = b""
+                with anyio.fail_after(WAIT):
+                    while b"forbidden" not in data:
+                        data += await stream.receive()
+            await wait_until(lambda: len(log_plugin.refused) == 2)
+    assert data.startswith(b"HTTP/1.1 403")
+    assert log_plugin.refused == [(agent.alias, "/admin/x", 403, "forbidden", "gate", False),
+                                  (agent.alias, "/admin/ws", 403, "forbidden", "gate", True)]
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == [
+        "plugin broken failed in on_request_refused (traffic unaffected)"] * 2
+
+
+class Describer:
+    """Summarises a policy it keeps in the tunnel's metadata, secret included (which must stay there)."""
+
+    @hookimpl
+    def on_register(self, registration: Registration) -> None:
+        registration.plugin_state("describer").update({"level": 3, "secret": "hash-that-must-not-show"})
+
+    @hookimpl
+    def describe_policy(self, tunnel: Tunnel) -> dict[str, Any] | None:
+        state = tunnel.metadata.get("describer")
+        return {"level": state["level"]} if state else None
+
+
+class Silent:
+    @hookimpl
+    def describe_policy(self) -> None:
+        return None
+
+
+class BrokenDescriber:
+    @hookimpl
+    def describe_policy(self) -> dict[str, Any]:
+        raise RuntimeError("describer broke")
+
+
+class AsyncDescriber:
+    @hookimpl
+    async def describe_policy(self) -> dict[str, Any]:
+        return {}
+
+
+async def test_hook_describe_policy(tmp_path: Path, upstream: Upstream, caplog: pytest.LogCaptureFixture) -> None:
+    """Every implementation is asked; those answering None are left out, one that fails is logged and
+    left out; all_tunnels and describe_policies give the summaries, never the metadata's secret."""
+    plugins = [("describer", Describer()), ("silent", Silent()), ("broken", BrokenDescriber())]
+    async with start_server(tmp_path, plugins=plugins) as server, start_agent(server, upstream.port):
+        with caplog.at_level(logging.ERROR):
+            [tunnel] = await server.all_tunnels()
+            summary = server.describe_policies(tunnel)
+    assert summary == {"describer": {"level": 3}}
+    assert "hash-that-must-not-show" not in json.dumps(summary)
+    assert "plugin broken failed in describe_policy (left out of the view)" in caplog.text
+    # A copy from another node carries the summaries instead of the metadata.
+    view = tunnel.to_view(metadata=False)
+    view["policy_summary"] = summary
+    copy = Tunnel.from_view(view, "ctl")
+    assert copy.metadata == {} and server.describe_policies(copy) == summary
+    with pytest.raises(TypeError, match="policy_summary"):
+        Tunnel.from_view({**view, "policy_summary": ["x"]}, "ctl")
+    with pytest.raises(PluginError, match=r"async.*describe_policy"):
+        async with start_server(tmp_path / "async", plugins=[("async", AsyncDescriber())]):
+            pytest.fail("an async describe_policy must be refused at start-up")

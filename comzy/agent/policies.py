@@ -1,4 +1,4 @@
-"""Traffic policies the stock agent asks the server to enforce: ``--basic-auth``.
+"""Traffic policies the stock agent asks the server to enforce: ``--basic-auth``, ``--rate-limit``.
 
 A policy is data for a server plugin (HELLO ``plugins``) plus that plugin's name in HELLO
 ``require``, so a server that cannot enforce it refuses the tunnel instead of opening it
@@ -24,6 +24,8 @@ from comzy.core.logs import printable
 
 #: The server plugin that enforces ``--basic-auth``.
 BASIC_AUTH = "basic_auth"
+#: The server plugin that enforces ``--rate-limit``.
+RATE_LIMIT = "rate_limit"
 #: scrypt's cost: N=2^14, r=8, p=1 (16 MiB and about 50 ms per hash on a 2020s core), the
 #: parameters scrypt's paper gives for interactive logins. The server accepts N up to 2^15.
 SCRYPT_N = 2**14
@@ -261,3 +263,47 @@ def _edits(add: list[str], remove: list[str], side: str) -> HeaderEdits:
     pairs = tuple(header_pair(text, f"--{side}-header-add") for text in add)
     names = (header_name(text.strip(" \t"), f"--{side}-header-remove") for text in remove)
     return HeaderEdits(pairs, tuple(dict.fromkeys(names)))
+
+
+#: ``--rate-limit``'s units (ngrok-like spellings), in seconds; the server accepts these three periods.
+RATE_UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hr": 3600, "hour": 3600}
+#: How a period is written back (the agent's line under the URL, the server's summaries).
+RATE_UNIT_NAMES = {1: "s", 60: "min", 3600: "h"}
+#: The most requests a ``--rate-limit`` may name (the server accepts no more).
+MAX_RATE_REQUESTS = 1_000_000
+_RATE = re.compile(r"\s*(\d{1,7})\s*(?:/|\s+per\s+)\s*([a-z]+)\s*", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """``--rate-limit N/min`` (or ``N/s``, ``N/h``): at most N requests per period from each client
+    address to this tunnel, a burst of N then one every period/N. The server's own limit, when it
+    has one, applies as well: an owner can only lower it."""
+
+    requests: int
+    seconds: int
+
+    @classmethod
+    def parse(cls, text: str) -> RateLimit:
+        """From ``N/s``, ``N/min`` or ``N/h`` (also ``N/second``, ``N/minute``, ``N/hour``, ``N per min``);
+        ValueError says what is wrong. A plain function of a string, for the command line and config files."""
+        match = _RATE.fullmatch(text)
+        name = match[2].lower() if match else ""
+        unit = RATE_UNITS.get(name) or (RATE_UNITS.get(name[:-1]) if len(name) > 2 and name[-1] == "s" else None)
+        if match is None or unit is None:
+            raise ValueError(f"--rate-limit takes N/s, N/min or N/h (e.g. 60/min), not {text!r}")
+        requests = int(match[1])
+        if not 1 <= requests <= MAX_RATE_REQUESTS:
+            raise ValueError(f"--rate-limit needs 1 to {MAX_RATE_REQUESTS:,} requests per period, not {requests}")
+        return cls(requests, unit)
+
+    def __str__(self) -> str:
+        return f"{self.requests}/{RATE_UNIT_NAMES[self.seconds]}"
+
+    def plugin_data(self) -> dict[str, Any]:
+        """The ``rate_limit`` plugin's HELLO data."""
+        return {"requests": self.requests, "seconds": self.seconds}
+
+    def describe(self) -> str:
+        """The policy in force, for the line under the public URL."""
+        return f"rate limit {self} per client address (over it: 429 Too Many Requests)"

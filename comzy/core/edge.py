@@ -143,6 +143,7 @@ class EdgeApp:
             await self.hooks.before_forward(request, tunnel, self.server)
         except Reject as exc:
             await respond(send, exc.status, exc.body, headers=exc.headers)
+            await self.hooks.on_request_refused(request, tunnel, exc, self.server)
             return
         except Exception:
             log.exception("before_forward failed for %s; answering 500", tunnel.alias)
@@ -443,6 +444,7 @@ class EdgeApp:
             await self.hooks.before_forward(request, tunnel, self.server)
         except Reject as exc:
             await respond(send, exc.status, exc.body, headers=exc.headers, scope=scope)
+            await self.hooks.on_request_refused(request, tunnel, exc, self.server)
             return
         except Exception:  # the same policy as for HTTP: the visitor gets 500, the log the traceback
             log.exception("before_forward failed for %s; answering 500", tunnel.alias)

@@ -24,6 +24,8 @@ trace_log = logging.getLogger("comzy.trace")
 ENTRY_POINT_GROUP = "comzy"
 #: Hooks pluggy calls itself (first non-None answer wins): plain functions only, wrappers allowed.
 SYNC_FIRSTRESULT = ("resolve_host", "alias_owner", "alias_reserved")
+#: Hooks the runner calls without awaiting (every impl): plain functions only, no wrappers.
+SYNC_EVERY = ("describe_policy",)
 
 
 class PluginError(Exception):
@@ -195,8 +197,40 @@ class HookRunner:
         await self._call_in_order("on_register", {"registration": registration, "server": server})
 
     async def before_forward(self, request: Any, tunnel: Any, server: Any) -> None:
-        """Run every before_forward impl; ``Reject`` propagates to answer the visitor."""
-        await self._call_in_order("before_forward", {"request": request, "tunnel": tunnel, "server": server})
+        """Run every before_forward impl; ``Reject`` propagates to answer the visitor, with
+        ``plugin`` set to the name of the plugin that raised it."""
+        kwargs = {"request": request, "tunnel": tunnel, "server": server}
+        for impl in reversed(self.pm.hook.before_forward.get_hookimpls()):
+            try:
+                await self._call_one("before_forward", impl, kwargs)
+            except Reject as exc:
+                exc.plugin = exc.plugin or impl.plugin_name
+                raise
+
+    async def on_request_refused(self, request: Any, tunnel: Any, reject: Reject, server: Any) -> None:
+        """Run every on_request_refused impl for a visitor ``reject`` answered; errors are logged."""
+        await self._call_logged("on_request_refused", {"request": request, "tunnel": tunnel, "status": reject.status,
+                                                       "reason": reject.reason, "plugin": reject.plugin or "",
+                                                       "server": server})
+
+    def describe_policy(self, tunnel: Any, server: Any) -> dict[str, Any]:
+        """``{plugin name: summary}`` from every describe_policy impl that answered (sync). An impl
+        that fails is logged and left out: a view never fails for it."""
+        kwargs = {"tunnel": tunnel, "server": server}
+        summaries: dict[str, Any] = {}
+        for impl in reversed(self.pm.hook.describe_policy.get_hookimpls()):
+            started = time.perf_counter() if self.trace else 0.0
+            try:
+                result = impl.function(*[kwargs[arg] for arg in impl.argnames])
+            except Exception as exc:
+                result = exc
+                log.exception("plugin %s failed in describe_policy (left out of the view)", impl.plugin_name)
+            else:
+                if result is not None:
+                    summaries[impl.plugin_name] = result
+            if self.trace:
+                _trace("describe_policy", impl.plugin_name, started, result)
+        return summaries
 
     async def before_response(self, response: Any, request: Any, tunnel: Any, server: Any) -> None:
         """Run every before_response impl in order; ``Reject`` (or any error) propagates to the edge,
@@ -353,7 +387,7 @@ def plugin_manager(plugins: Iterable[tuple[str, object]]) -> pluggy.PluginManage
 
 def _check_calling_rules(pm: pluggy.PluginManager) -> None:
     """Refuse impls that pluggy would accept but Comzy cannot call as their author expects."""
-    for hook in SYNC_FIRSTRESULT:
+    for hook in (*SYNC_FIRSTRESULT, *SYNC_EVERY):
         for impl in getattr(pm.hook, hook).get_hookimpls():
             if inspect.iscoroutinefunction(impl.function) or inspect.isasyncgenfunction(impl.function):
                 # firstresult + a coroutine (never None) would answer every call with garbage.

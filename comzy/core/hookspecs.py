@@ -3,7 +3,8 @@
 Plugins implement these with ``@comzy.hookimpl``. An implementation may accept any subset
 of a hook's arguments. Async implementations are awaited one after another in pluggy's
 order (never gathered); ``resolve_host``, ``alias_owner`` and ``alias_reserved`` are the
-exceptions: they are firstresult and must be synchronous (``resolve_host`` runs on every request).
+exceptions: they are firstresult and must be synchronous (``resolve_host`` runs on every request);
+``describe_policy`` must be synchronous too.
 """
 
 from __future__ import annotations
@@ -115,12 +116,28 @@ def before_response(response: ForwardResponse, request: ForwardRequest, tunnel: 
 
 
 @hookspec
+def on_request_refused(request: ForwardRequest, tunnel: Tunnel, status: int, reason: str, plugin: str,
+                       server: ServerContext) -> Any:
+    """A ``before_forward`` implementation refused a visitor (raised ``Reject``): the visitor has its
+    answer (``status``; ``reason`` is the Reject's), and ``plugin`` names the plugin that refused.
+    Must not block; errors are logged."""
+
+
+@hookspec
 def after_response(exchange: Exchange, server: ServerContext) -> Any:
     """A request/response finished (status, bytes, duration). Must not block: queue slow
     work. Errors are logged and never affect traffic."""
 
 
 # -- admin listener ----------------------------------------------------------------
+@hookspec
+def describe_policy(tunnel: Tunnel, server: ServerContext) -> dict[str, Any] | None:
+    """A public summary of the policy this plugin enforces on ``tunnel`` (e.g. the user names of a
+    login, a limit), or None when it enforces none there. Shown to the server's operators
+    (``GET /api/tunnels``, the dashboard) as ``policies: {plugin name: summary}``: JSON-ready values,
+    never secrets (no hashes). Every impl is asked; synchronous only: answer from memory."""
+
+
 @hookspec
 def admin_routes(server: ServerContext) -> Any:
     """Return a list of ``AdminRoute`` (path prefix + ASGI app) to serve on the admin

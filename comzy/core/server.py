@@ -131,6 +131,14 @@ class ServerContext:
                            ", ".join(missing))
         return [Tunnel.from_view(view, node) for node, views in sorted(answers.items()) for view in views]
 
+    def describe_policies(self, tunnel: Tunnel) -> dict[str, Any]:
+        """``{plugin name: public summary}`` of ``tunnel``'s policy, for operators' views: what the
+        plugins answer ``describe_policy`` on this node's own tunnels, what the control node holding
+        it answered on a copy from ``all_tunnels``. Never plugin metadata (it may hold secrets)."""
+        if tunnel.policy_summary is not None:
+            return tunnel.policy_summary
+        return self.hooks.describe_policy(tunnel, self)
+
     async def close_tunnel(self, alias: str, reason: str = "closed by the server") -> bool:
         """Close a live tunnel (the agent is told why and does not reconnect to it). On a cluster
         node whichever node holds it closes it; False when no node does."""
@@ -171,9 +179,16 @@ class ServerContext:
 
 
 def _tunnels_answer(server: ServerContext) -> Any:
-    """This control node's tunnels for ``all_tunnels``. Plugin metadata that msgpack cannot carry
-    (a datetime, say) travels as its str(), rather than costing the whole answer."""
-    return msgpack.unpackb(msgpack.packb([t.to_view() for t in server.tunnels()], default=str))
+    """This control node's tunnels for ``all_tunnels``: views for operators, so without plugin
+    metadata (basic_auth's hashes...) and with the plugins' summaries of each policy, made here where
+    the plugins know them. A summary value msgpack cannot carry (a datetime, say) travels as its
+    str(), rather than costing the whole answer."""
+    views = []
+    for tunnel in server.tunnels():
+        view = tunnel.to_view(metadata=False)
+        view["policy_summary"] = server.describe_policies(tunnel)
+        views.append(view)
+    return msgpack.unpackb(msgpack.packb(views, default=str))
 
 
 #: Each listener: its name in messages and the settings of its address and port.

@@ -17,7 +17,8 @@ _sessions = itertools.count(secrets.randbits(52) + 1)
 
 class Reject(Exception):
     """Raised by a hook to refuse: a registration (``on_register``) or a request
-    (``before_forward``, with an HTTP status and body for the visitor)."""
+    (``before_forward``, with an HTTP status and body for the visitor). ``plugin`` is set by the
+    core to the name of the plugin whose ``before_forward`` raised it."""
 
     def __init__(self, reason: str, status: int = 403, body: bytes | str | None = None,
                  headers: list[tuple[bytes, bytes]] | None = None) -> None:
@@ -26,6 +27,7 @@ class Reject(Exception):
         self.status = status
         self.body = body if body is not None else reason + "\n"
         self.headers = headers or []
+        self.plugin: str | None = None
 
 
 @dataclass(slots=True)
@@ -107,6 +109,10 @@ class Tunnel:
     #: serves its visitors without one of them enabled refuses them: an edge configured apart
     #: from the control node must not let a protected tunnel through unprotected (fail closed).
     policies: list[str] = field(default_factory=list)
+    #: The plugins' public summaries of this tunnel's policy (``describe_policy``) as the control
+    #: node holding it gave them, on a copy from another node (``all_tunnels``), whose ``metadata``
+    #: is left behind; None on a node's own tunnels (``ServerContext.describe_policies`` asks the hook).
+    policy_summary: dict[str, Any] | None = None
     #: The agent's name for this tunnel when one session carries several (HELLO ``tunnels``, e.g.
     #: ``web``): the REQUEST names it so the agent picks the local port. None: a one-tunnel session.
     name: str | None = None
@@ -131,14 +137,19 @@ class Tunnel:
         self.bytes_in += bytes_in
         self.bytes_out += bytes_out
 
-    def to_view(self) -> dict[str, Any]:
-        """This tunnel as it crosses the cluster (a lookup's answer, a control node's part of
-        ``all_tunnels``): a msgpack-ready map that :meth:`from_view` turns back into a ``Tunnel``."""
-        return {"alias": self.alias, "url": self.public_url, "port": self.port, "client": self.client_address,
+    def to_view(self, metadata: bool = True) -> dict[str, Any]:
+        """This tunnel as it crosses the cluster: a msgpack-ready map that :meth:`from_view` turns back
+        into a ``Tunnel``. A lookup's answer carries ``metadata`` (the edge enforces the policies with
+        it); a view for operators (``all_tunnels``) does not (``metadata=False``): it may hold secrets
+        such as password hashes, and goes with the plugins' summaries instead (``policy_summary``)."""
+        view = {"alias": self.alias, "url": self.public_url, "port": self.port, "client": self.client_address,
                 "user": self.user, "since": self.created_at, "expires_at": self.expires_at,
-                "metadata": self.metadata, "session": self.session, "requests": self.requests,
+                "metadata": self.metadata if metadata else {}, "session": self.session, "requests": self.requests,
                 "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "streams_open": self.streams_open,
                 "websockets_open": self.websockets_open, "policies": self.policies}
+        if self.policy_summary is not None:
+            view["policy_summary"] = self.policy_summary
+        return view
 
     @classmethod
     def from_view(cls, view: dict[str, Any], node: str) -> Tunnel:
@@ -155,6 +166,9 @@ class Tunnel:
         policies = view.get("policies") or []
         if not isinstance(policies, list) or not all(isinstance(name, str) for name in policies):
             raise TypeError("policies is not a list of plugin names")
+        summary = view.get("policy_summary")
+        if summary is not None and (not isinstance(summary, dict) or not all(isinstance(k, str) for k in summary)):
+            raise TypeError("policy_summary is not a map of plugin names")
         return cls(alias=alias, public_url=str(view.get("url") or ""), port=int(view.get("port") or 0),
                    client_address=str(view.get("client") or ""), user=str(user) if user is not None else None,
                    expires_at=float(expires) if expires is not None else None,
@@ -162,7 +176,7 @@ class Tunnel:
                    bytes_in=int(view.get("bytes_in") or 0), bytes_out=int(view.get("bytes_out") or 0),
                    streams_open=int(view.get("streams_open") or 0),
                    websockets_open=int(view.get("websockets_open") or 0), metadata=metadata,
-                   session=int(view["session"]), node=node, policies=list(policies))
+                   session=int(view["session"]), node=node, policies=list(policies), policy_summary=summary)
 
 
 @dataclass(slots=True)

@@ -130,6 +130,15 @@ class BasicAuth:
         registration.enforce(NAME)
 
     @hookimpl
+    def describe_policy(self, tunnel: Tunnel) -> dict[str, Any] | None:
+        """The user names and the forward flag, for operators' views: never a salt or a hash."""
+        state = tunnel.metadata.get(NAME)
+        if not state:
+            return None
+        return {"users": list(dict.fromkeys(entry["user"] for entry in state["credentials"])),
+                "forward": state["forward"]}
+
+    @hookimpl
     def before_forward(self, request: ForwardRequest, tunnel: Tunnel) -> Awaitable[None] | None:
         """Admit a visitor with valid credentials; answer 401 otherwise.
 

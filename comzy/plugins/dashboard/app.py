@@ -86,7 +86,7 @@ class DashboardApp:
         """
         hub = self.plugin.hub
         try:
-            tunnels = [tunnel_view(t) for t in await self.server.all_tunnels()]
+            tunnels = [tunnel_view(t, self.server) for t in await self.server.all_tunnels()]
         except Exception as exc:  # the cluster's bus is down: the feed still shows what comes next
             log.warning("the tunnel list cannot be gathered: %s: %s", type(exc).__name__, exc)
             tunnels = []
@@ -142,7 +142,7 @@ class DashboardApp:
             if method != "GET":
                 return 405, {"error": "use GET to list tunnels, DELETE /api/tunnels/ALIAS to close one"}
             try:
-                return 200, {"tunnels": [tunnel_view(t) for t in await self.server.all_tunnels()]}
+                return 200, {"tunnels": [tunnel_view(t, self.server) for t in await self.server.all_tunnels()]}
             except Exception as exc:  # a cluster node cut off from NATS: say so rather than "no tunnels"
                 return 503, {"error": f"the cluster's tunnels cannot be listed right now ({exc}); try again"}
         if path.startswith("/api/tunnels/"):

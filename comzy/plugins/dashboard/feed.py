@@ -15,17 +15,19 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 if TYPE_CHECKING:
-    from comzy import Exchange, Tunnel
+    from comzy import Exchange, ForwardRequest, ServerContext, Tunnel
 
 
-def tunnel_view(tunnel: Tunnel) -> dict[str, Any]:
-    """A tunnel as the feed and the API show it."""
+def tunnel_view(tunnel: Tunnel, server: ServerContext) -> dict[str, Any]:
+    """A tunnel as the feed and the API show it. ``policies`` holds the plugins' public summaries of
+    its policy (``describe_policy``), never their metadata, which may hold secrets (password hashes)."""
     return {
         "alias": tunnel.alias, "session": tunnel.session, "url": tunnel.public_url, "user": tunnel.user,
         "port": tunnel.port,
         "client": tunnel.client_address, "since": tunnel.created_at, "expires_at": tunnel.expires_at,
         "requests": tunnel.requests, "bytes_in": tunnel.bytes_in, "bytes_out": tunnel.bytes_out,
         "streams_open": tunnel.streams_open, "websockets_open": tunnel.websockets_open, "node": tunnel.node,
+        "policies": server.describe_policies(tunnel),
     }
 
 
@@ -37,6 +39,17 @@ def request_view(exchange: Exchange) -> dict[str, Any]:
         "path": request.path, "status": exchange.status, "bytes_in": exchange.bytes_in,
         "bytes_out": exchange.bytes_out, "duration_ms": round(exchange.duration * 1000, 3),
         "client": request.client, "websocket": request.websocket, "error": exchange.error,
+    }
+
+
+def refused_view(request: ForwardRequest, status: int, plugin: str) -> dict[str, Any]:
+    """A request a plugin refused before it reached the agent (401, 403, 429...), as a feed event:
+    a ``request`` event with ``refused_by`` (the plugin), nothing sent either way."""
+    return {
+        "type": "request", "time": time.time(), "alias": request.alias, "method": request.method,
+        "path": request.path, "status": status, "bytes_in": 0, "bytes_out": 0, "duration_ms": 0.0,
+        "client": request.client, "websocket": request.websocket, "error": f"refused by {plugin}",
+        "refused_by": plugin,
     }
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from comzy import AdminRoute, Exchange, Tunnel, hookimpl
+from comzy import AdminRoute, Exchange, ForwardRequest, Tunnel, hookimpl
 
 from .app import DashboardApp
-from .feed import FeedHub, request_view, tunnel_view
+from .feed import FeedHub, refused_view, request_view, tunnel_view
 from .settings import DashboardSettings
 
 if TYPE_CHECKING:
@@ -49,18 +49,23 @@ class Dashboard:
     def on_connect(self, tunnel: Tunnel, server: ServerContext) -> None:
         """Publish ``tunnel_registered``."""
         server.bus.publish(FEED_TOPIC, {"type": "tunnel_registered", "time": time.time(),
-                                        "tunnel": tunnel_view(tunnel)})
+                                        "tunnel": tunnel_view(tunnel, server)})
 
     @hookimpl
     def on_disconnect(self, tunnel: Tunnel, reason: str, server: ServerContext) -> None:
         """Publish ``tunnel_closed`` with the reason and the tunnel's final totals."""
         server.bus.publish(FEED_TOPIC, {"type": "tunnel_closed", "time": time.time(), "alias": tunnel.alias,
-                                        "reason": reason, "tunnel": tunnel_view(tunnel)})
+                                        "reason": reason, "tunnel": tunnel_view(tunnel, server)})
 
     @hookimpl
     def after_response(self, exchange: Exchange, server: ServerContext) -> None:
         """Publish a ``request`` event (queued per client; never waits)."""
         server.bus.publish(FEED_TOPIC, request_view(exchange))
+
+    @hookimpl
+    def on_request_refused(self, request: ForwardRequest, status: int, plugin: str, server: ServerContext) -> None:
+        """Publish a ``request`` event for a visitor a plugin refused (``refused_by`` names it)."""
+        server.bus.publish(FEED_TOPIC, refused_view(request, status, plugin))
 
     @hookimpl
     def admin_routes(self, server: ServerContext) -> list[AdminRoute]:

@@ -105,6 +105,10 @@ class Metrics:
         self.registrations = Counter("comzy_registrations", "Agent registrations, by result and, for "
                                      "refusals, by reason.", ["result", "reason"], registry=self.registry)
         self._accepted = self.registrations.labels("accepted", "")
+        # Labelled by plugin, never by alias: the enabled plugins are few, aliases are unbounded.
+        self.refused = Counter("comzy_requests_refused", "Visitor requests a plugin refused before they reached "
+                               "the agent (basic_auth's 401, rate_limit's 429...), by plugin and status.",
+                               ["plugin", "status"], registry=self.registry)
         for code in REFUSAL_CODES:
             self.registrations.labels("refused", code)
 
@@ -123,6 +127,11 @@ class Metrics:
     def on_registration_refused(self, code: str) -> None:
         """Count a refused registration by its code."""
         self.registrations.labels("refused", code).inc()
+
+    @hookimpl
+    def on_request_refused(self, plugin: str, status: int) -> None:
+        """Count a visitor refused by a plugin's ``before_forward``."""
+        self.refused.labels(plugin, str(status)).inc()
 
     @hookimpl
     def after_response(self, exchange: Exchange) -> None:

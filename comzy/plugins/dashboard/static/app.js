@@ -146,6 +146,23 @@
     return typeof url === "string" && /^https?:\/\//i.test(url) ? url : null;
   }
 
+  function formatSummaryValue(value) {
+    if (value === true) return "yes";
+    if (value === false) return "no";
+    if (Array.isArray(value)) return value.map(formatSummaryValue).join(", ");
+    if (value !== null && typeof value === "object") return JSON.stringify(value);
+    return String(value);
+  }
+
+  function policyText(policies) {
+    // Each plugin's public summary (describe_policy), e.g. "rate_limit: operator 60/min, owner 10/min".
+    return Object.entries(policies || {}).map(([plugin, summary]) => {
+      const parts = Object.entries(summary || {}).filter(([, value]) => value !== null && value !== undefined)
+        .map(([key, value]) => `${key.replace(/_/g, " ")} ${formatSummaryValue(value)}`);
+      return parts.length ? `${plugin}: ${parts.join(", ")}` : plugin;
+    }).join("; ");
+  }
+
   function addTunnel(data) {
     removeTunnel(data.alias);
     const row = el("tr");
@@ -171,6 +188,9 @@
     cells.since.title = fullDate(data.since);
     cells.expires = el("td", "expires");
     if (data.expires_at != null) cells.expires.title = fullDate(data.expires_at);
+    const policies = policyText(data.policies);
+    cells.policy = el("td", policies ? "policy" : "policy muted", policies || "none");
+    cells.policy.title = policies;
     cells.requests = el("td", "num requests");
     cells.bytesIn = el("td", "num bytes-in");
     cells.bytesOut = el("td", "num bytes-out");
@@ -180,7 +200,7 @@
     button.setAttribute("aria-label", `Close tunnel ${data.alias}`);
     button.addEventListener("click", () => closeTunnel(data.alias, button));
     actions.append(button);
-    row.append(cells.owner, cells.port, cells.client, cells.since, cells.expires, cells.requests,
+    row.append(cells.owner, cells.port, cells.client, cells.since, cells.expires, cells.policy, cells.requests,
       cells.bytesIn, cells.bytesOut, actions);
     const entry = { data, row, cells, button };
     state.tunnels.set(data.alias, entry);
@@ -334,7 +354,7 @@
       state.buckets.set(second, [1, event.bytes_in || 0, event.bytes_out || 0]);
     }
     const tunnel = state.tunnels.get(event.alias);
-    if (tunnel) {
+    if (tunnel && !event.refused_by) { // a refused request never reached the tunnel: not in its totals
       tunnel.data.requests = (tunnel.data.requests || 0) + 1;
       tunnel.data.bytes_in = (tunnel.data.bytes_in || 0) + (event.bytes_in || 0);
       tunnel.data.bytes_out = (tunnel.data.bytes_out || 0) + (event.bytes_out || 0);
