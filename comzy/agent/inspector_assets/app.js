@@ -284,8 +284,12 @@
     document.body.classList.remove("showing-detail");
   }
 
+  /** A running exchange changes at every look: its detail (bodies and all) is read again at most this often. */
+  const REFRESH_MS = 1000;
   let fetching = false;
   let fetchAgain = false;
+  let lastFetch = { id: null, at: 0 };
+  let refreshTimer = null;
 
   /** Fetch the selected exchange's detail again when its summary changed (one fetch at a time). */
   async function refreshDetail() {
@@ -298,7 +302,18 @@
       fetchAgain = true;
       return;
     }
+    const wait = lastFetch.id === id ? lastFetch.at + REFRESH_MS - Date.now() : 0;
+    if (wait > 0) {
+      if (!refreshTimer) {
+        refreshTimer = setTimeout(() => {
+          refreshTimer = null;
+          refreshDetail();
+        }, wait);
+      }
+      return;
+    }
     fetching = true;
+    lastFetch = { id, at: Date.now() };
     try {
       const response = await fetch(`/api/requests/http/${encodeURIComponent(id)}`, { cache: "no-store" });
       if (state.selected !== id) return;
