@@ -20,7 +20,7 @@ from comzy.agent.capture import DEFAULT_MAX_BODY, DEFAULT_MAX_REQUESTS, Capture
 from comzy.agent.client import Agent, AgentConfig, AgentError, Rejected, TLSMisconfigured, Unreachable
 from comzy.agent.forward import LocalForwarder
 from comzy.agent.output import ERROR_PREFIX, Output, make_output
-from comzy.agent.policies import BASIC_AUTH, HEADERS, IP_FILTER, BasicAuth, HeaderRules, IpFilter
+from comzy.agent.policies import BASIC_AUTH, HEADERS, IP_FILTER, RATE_LIMIT, BasicAuth, HeaderRules, IpFilter, RateLimit
 from comzy.core.aliases import ALIAS_RE
 from comzy.core.control import Welcome
 from comzy.core.eventloop import EVENT_LOOPS, backend_options
@@ -61,6 +61,7 @@ examples:
   comzy 5173 --host-header rewrite  for dev servers that check Host (Vite, webpack, Rails)
   comzy 3000 --server wss://tunnel.example.com:8191
   comzy 3000 --basic-auth ana:s3cret-pw  visitors must log in (enforced by the server)
+  comzy 3000 --rate-limit 60/min    at most 60 requests a minute from each visitor's address
   comzy 3000 --cidr-allow 203.0.113.0/24  only visitors from that network (others get 403)
   comzy 3000 --response-header-add 'X-Robots-Tag: noindex'  a header on every response
   comzy login                       save your token (from the server's operator) for lasting aliases
@@ -105,6 +106,10 @@ def build_parser() -> Parser:
                         "it refuses the tunnel")
     parser.add_argument("--basic-auth-forward", action="store_true",
                         help="pass the visitor's Authorization header on to the local app (default: removed)")
+    parser.add_argument("--rate-limit", metavar="N/UNIT",
+                        help="at most N requests per second, minute or hour from each client address (N/s, "
+                        "N/min, N/h); over it visitors get 429 with Retry-After; the server's own limit, if any, "
+                        "applies too; a server that cannot enforce it refuses the tunnel")
     parser.add_argument("--cidr-allow", action="append", default=[], metavar="CIDR",
                         help="only client addresses in this network may visit (repeatable; IPv4 or IPv6, e.g. "
                         "203.0.113.0/24); others get 403. X-Forwarded-For counts only from the server's trusted "
@@ -166,6 +171,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.ip_filter = IpFilter.parse(args.cidr_allow, args.cidr_deny)
         args.header_rules = HeaderRules.parse(args.request_header_add, args.request_header_remove,
                                               args.response_header_add, args.response_header_remove)
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        args.rate_limit = RateLimit.parse(args.rate_limit) if args.rate_limit is not None else None
     except ValueError as exc:
         parser.error(str(exc))
     if args.basic_auth_forward and not args.basic_auth:
@@ -337,6 +346,8 @@ def main(argv: list[str] | None = None) -> None:
     target = f"{args.local_host}:{args.port}"
     # The policies in force, shown under the public URL once the server confirmed each.
     policies = {BASIC_AUTH: args.policy.describe()} if args.policy.credentials else {}
+    if args.rate_limit is not None:
+        policies[RATE_LIMIT] = args.rate_limit.describe()
     for name, rules in ((IP_FILTER, args.ip_filter), (HEADERS, args.header_rules)):
         if rules:
             policies[name] = rules.describe()
@@ -370,6 +381,8 @@ def main(argv: list[str] | None = None) -> None:
         printer.inspector = inspector.url_of(sock)
     # Hashed once here (scrypt is slow on purpose): every reconnect sends the same data.
     plugin_data = {BASIC_AUTH: args.policy.plugin_data()} if args.policy.credentials else {}
+    if args.rate_limit is not None:
+        plugin_data[RATE_LIMIT] = args.rate_limit.plugin_data()
     for name, rules in ((IP_FILTER, args.ip_filter), (HEADERS, args.header_rules)):
         if rules:
             plugin_data[name] = rules.plugin_data()
