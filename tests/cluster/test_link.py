@@ -402,3 +402,48 @@ async def test_frames_sent_just_before_a_bye_are_still_read(nats_server: NatsSer
             await client.close()
         await wait_until(lambda: seen, timeout=10)
         assert seen[0]["t"] == b"/last"
+
+
+async def test_link_client_hands_messages_over_in_order_and_writes_behind_what_nats_py_queued(
+        nats_server: NatsServer) -> None:
+    """LinkClient's short path (no subscription task, no flusher task) keeps NATS's order: a direct
+    subscription sees every message as published, headers or not, and a write_now never overtakes
+    a publish nats-py still holds (it declines, and publish_now queues behind it)."""
+    from comzy.core.cluster.connection import LinkClient
+
+    sender, receiver = LinkClient(), LinkClient()
+    await sender.connect(servers=[nats_server.url], allow_reconnect=False)
+    await receiver.connect(servers=[nats_server.url], allow_reconnect=False)
+    try:
+        seen: list[tuple[bytes, bytes]] = []
+        queued: list[bytes] = []
+
+        async def callback(msg: nats.aio.msg.Msg) -> None:  # nats-py's path: must not be taken
+            queued.append(msg.data)
+
+        subscription = await receiver.subscribe("h7.direct.*", cb=callback)
+        receiver.direct(subscription, lambda subject, data: seen.append((subject, data)))
+        await receiver.flush()
+        for number in range(200):
+            await sender.publish_now(f"h7.direct.{number % 3}", "", b"%d:" % number, os.urandom(number))
+        await sender.publish("h7.direct.h", b"200:", headers={"X-Test": "1"})
+        # nats-py holds this one until its flusher runs; what follows must not be written before it.
+        await sender.publish("h7.direct.0", b"201:")
+        assert sender._pending
+        assert not sender.write_now("h7.direct.0", "", b"202:", b"")
+        await sender.publish_now("h7.direct.0", "", b"202:", b"")
+        await sender.flush()
+        await wait_until(lambda: len(seen) == 203, timeout=10)
+        assert [int(data.split(b":")[0]) for _, data in seen] == list(range(203))
+        assert [subject for subject, _ in seen[:3]] == [b"h7.direct.0", b"h7.direct.1", b"h7.direct.2"]
+        assert all(len(data) == len(b"%d:" % n) + n for n, (_, data) in enumerate(seen[:200]))
+        assert not queued
+        # Closed: nothing is written at once, and publish_now raises nats-py's error (a link ends on it).
+        await sender.close()
+        assert not sender.write_now("h7.direct.0", "", b"x", b"")
+        with pytest.raises(nats.errors.ConnectionClosedError):
+            await sender.publish_now("h7.direct.0", "", b"x", b"")
+    finally:
+        await receiver.close()
+        if not sender.is_closed:
+            await sender.close()

@@ -22,6 +22,8 @@ import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
+from nats.aio.subscription import Subscription
+from nats.aio.transport import TcpTransport
 from nats.js import JetStreamContext
 from nats.js.api import StorageType
 from nats.js.kv import KeyValue
@@ -47,6 +49,82 @@ RECONNECT_TIME_WAIT = 0.5
 PENDING_SIZE = 2 * 1024 * 1024
 
 Callback = Callable[[], Awaitable[None] | None]
+#: A handler ``LinkClient.direct`` calls with each message's subject and payload, in the read loop.
+DirectHandler = Callable[[bytes, bytes], None]
+_CRLF = b"\r\n"
+
+
+class LinkClient(Client):
+    """nats-py's client with a shorter path for link messages, the cluster's per-request traffic.
+
+    nats-py hands every message to a subscription's queue, read by a task of its own, and every
+    publish to its flusher task: two task hand-offs (two event-loop iterations) per message on each
+    node, on top of the link session's own. Here, a subscription marked with ``direct`` has its
+    messages handled by a plain function in the read loop's own call, and ``publish_now`` writes to
+    the socket in the caller's call when nothing is queued before it (docs/benchmarks.md, "Fewer
+    hand-offs on the link"). A publish that cannot be written at once (a reconnect under way, a
+    transport other than TCP, bytes still queued in nats-py) takes nats-py's own path, in order.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._direct: dict[int, DirectHandler] = {}
+
+    def direct(self, subscription: Subscription, handler: DirectHandler) -> None:
+        """Handle every message of ``subscription`` with ``handler(subject, payload)`` as it is
+        parsed, in order, instead of its callback (headers are dropped: links send none). The
+        handler must not block; the subscription's pending limits no longer apply, so it bounds
+        what it keeps itself."""
+        self._direct[subscription._id] = handler
+
+    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes,
+                           headers: bytes | None) -> None:
+        handler = self._direct.get(sid)
+        if handler is None or sid not in self._subs:
+            await super()._process_msg(sid, subject, reply, data, headers)
+            return
+        self.stats["in_msgs"] += 1
+        self.stats["in_bytes"] += len(data)
+        try:
+            handler(subject, data)
+        except Exception:  # as nats-py does with a callback's error: logged, the connection goes on
+            log.exception("cluster: a link message handler failed")
+
+    def _remove_sub(self, sid: int, max_msgs: int = 0) -> None:
+        self._direct.pop(sid, None)
+        super()._remove_sub(sid, max_msgs)
+
+    def write_now(self, subject: str, reply: str, head: bytes, body: bytes) -> bool:
+        """Write a PUB of ``head + body`` on ``subject`` (with ``reply``) to the socket now, when
+        that keeps order and limits: connected over plain TCP, nothing queued in nats-py before it,
+        within max_payload. False (and nothing written) otherwise. Subjects are not validated
+        (ours are built from checked names)."""
+        transport = self._transport
+        if type(transport) is not TcpTransport or self._status != Client.CONNECTED or self._pending:
+            return False
+        writer = transport._io_writer
+        size = len(head) + len(body)
+        if writer is None or size > self._max_payload or writer.transport.is_closing():
+            return False
+        # Nothing is pending, so every earlier write is in the transport already: order holds.
+        writer.writelines((b"PUB %s %s %d\r\n%s" % (subject.encode(), reply.encode(), size, head), body, _CRLF))
+        self.stats["out_msgs"] += 1
+        self.stats["out_bytes"] += size
+        return True
+
+    async def publish_now(self, subject: str, reply: str, head: bytes, body: bytes) -> None:
+        """Publish ``head + body``: ``write_now``, else nats-py's ``publish`` (its buffer while
+        reconnecting, its backpressure and errors). Past PENDING_SIZE bytes the kernel has not
+        taken yet, it waits for the socket to drain: the link's backpressure."""
+        if not self.write_now(subject, reply, head, body):
+            await self.publish(subject, head + body, reply=reply)
+            return
+        writer = self._transport._io_writer
+        if writer.transport.get_write_buffer_size() > PENDING_SIZE:
+            try:
+                await writer.drain()
+            except (OSError, RuntimeError) as exc:  # the connection broke: nats-py's read loop reconnects
+                raise nats.errors.ConnectionClosedError() from exc
 
 
 class BusDown(Exception):
@@ -154,7 +232,7 @@ class NatsNode:
         self.max_request_head = max_request_head
         #: The admin listener's URL, written into the lease (set before start()).
         self.admin = admin
-        self.nc: Client = Client()
+        self.nc: LinkClient = LinkClient()
         self.js: JetStreamContext = None  # type: ignore[assignment]  # set by start()
         self.max_payload = 0
         self.started = time.time()
@@ -268,7 +346,7 @@ class NatsNode:
         delay = 0.1
         report = self._errors
         while True:
-            client = Client()
+            client = LinkClient()
             try:
                 await client.connect(**options)
             except Exception as exc:  # nats-py raises many kinds; all mean "not yet", and are logged

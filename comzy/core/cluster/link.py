@@ -48,7 +48,9 @@ INBOX_LIMIT = 64 * 1024 * 1024
 #: Window growth a link session may hand out over all its streams: one link carries the streams
 #: of many tunnels, so it gets more than an agent session's 16 MiB.
 LINK_WINDOW_BUDGET = 64 * 1024 * 1024
-#: nats-py's limits on what the link subscription holds before it drops messages (slow consumer).
+#: nats-py's limits on what the link subscription's queue holds before it drops messages (slow
+#: consumer). LinkClient.direct hands link messages over without that queue, so they bound only
+#: what a client without the direct path would queue; the inboxes bound the rest.
 PENDING_MSGS_LIMIT = 100_000
 PENDING_BYTES_LIMIT = 64 * 1024 * 1024
 #: Stray epochs remembered, so each gets one BYE, not one per message.
@@ -111,8 +113,9 @@ class LinkTransport:
         header = LINK_HEADER.pack(LINK_MAGIC, LINK_VERSION, LinkKind.FRAMES, self.epoch, self._send_seq)
         self._send_seq += 1
         try:
-            # nats-py waits for its flusher past its pending_size: the link's backpressure.
-            await self.links.nats.nc.publish(self.subject, header + message, reply=self.reply)
+            # Written now (no hand-off to nats-py's flusher); it waits past PENDING_SIZE unsent
+            # bytes: the link's backpressure.
+            await self.links.nats.nc.publish_now(self.subject, self.reply, header, message)
         except nats.errors.Error as exc:
             self.fail(f"cannot send to node {self.peer}: {exc}", tell_peer=False)
             raise WebSocketError(self.reason or str(exc)) from None
@@ -227,9 +230,13 @@ class Links:
         """Subscribe to this node's link and no-responders subjects; start the heartbeats."""
         self._task_group = task_group
         subjects, me, nc = self.nats.subjects, self.nats.node_id, self.nats.nc
+        links = await nc.subscribe(subjects.links_to(me), cb=self._on_message,
+                                   pending_msgs_limit=PENDING_MSGS_LIMIT, pending_bytes_limit=PENDING_BYTES_LIMIT)
+        # Link messages are handled as nats-py parses them (no hand-off to the subscription's task);
+        # what they leave waiting is bounded per link by its inbox (INBOX_LIMIT bytes).
+        nc.direct(links, self._on_link_message)
         self._subscriptions = [
-            await nc.subscribe(subjects.links_to(me), cb=self._on_message,
-                               pending_msgs_limit=PENDING_MSGS_LIMIT, pending_bytes_limit=PENDING_BYTES_LIMIT),
+            links,
             await nc.subscribe(subjects.no_responders_to(me), cb=self._on_no_responders),
         ]
         # The server has our subscriptions once it answers a PING after them: before that, a peer's
@@ -298,8 +305,13 @@ class Links:
 
     # -- NATS callbacks (never await anything slow: one callback serves every link) ---------
     async def _on_message(self, msg: Msg) -> None:
-        peer = msg.subject.rpartition(".")[2]
-        data = msg.data
+        # The subscription's callback, which nats-py requires; LinkClient.direct hands every
+        # message to _on_link_message instead, in the read loop.
+        self._on_link_message(msg.subject.encode(), msg.data)
+
+    def _on_link_message(self, subject: bytes, data: bytes) -> None:
+        """A message on ``P.n.<me>.l.<peer>``, handled in nats-py's read loop (never blocks)."""
+        peer = subject.rpartition(b".")[2].decode("ascii", "replace")
         header = decode_header(data)
         if header is None:
             self._noise("cluster: dropped a malformed link message from %s", peer)
