@@ -12,6 +12,7 @@ routes and frames messages with them.
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from typing import Any
 
 from comzy import ForwardRequest, ForwardResponse, Registration, Reject, Tunnel, hookimpl
@@ -32,6 +33,12 @@ FRAMING_HEADERS = frozenset({
     "trailer", "upgrade", "proxy-authenticate", "proxy-authorization", "sec-websocket-key",
     "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-accept", "sec-websocket-protocol",
 })
+#: Rules compiled (to bytes) for the tunnels seen lately, by session number: the state on the tunnel
+#: is plain data that crosses a cluster. At most this many, the least recently used go first.
+COMPILED_TUNNELS = 4096
+#: One direction's rules: the names to remove and the fields to add, as bytes.
+Edits = tuple[frozenset[bytes], tuple[tuple[bytes, bytes], ...]]
+
 #: An RFC 9110 field name (a token) and field value (visible ASCII, with spaces and tabs inside only).
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _FIELD_VALUE = re.compile(r"(?:[\x21-\x7e](?:[\t\x20-\x7e]*[\x21-\x7e])?)?")
@@ -77,16 +84,36 @@ def _name(value: Any) -> str:
     return name
 
 
-def apply(headers: list[tuple[bytes, bytes]], edits: dict[str, list[Any]]) -> None:
+def compile_edits(edits: dict[str, list[Any]]) -> Edits:
+    """One direction's rules from the tunnel's state (checked at registration), as bytes."""
+    return (frozenset(name.encode() for name in edits["remove"]),
+            tuple((name.encode(), value.encode()) for name, value in edits["add"]))
+
+
+def apply(headers: list[tuple[bytes, bytes]], edits: Edits) -> None:
     """Remove every field of the removed names (any case), then append the added fields; in place."""
-    if edits["remove"]:
-        removed = {name.encode() for name in edits["remove"]}
+    removed, added = edits
+    if removed:
         headers[:] = [(name, value) for name, value in headers if name.lower() not in removed]
-    headers.extend((name.encode(), value.encode()) for name, value in edits["add"])
+    headers.extend(added)
 
 
 class Headers:
     """Applies the header rules of the tunnels whose agents ask for them."""
+
+    def __init__(self) -> None:
+        self._compiled: OrderedDict[int, tuple[Edits, Edits]] = OrderedDict()
+
+    def _rules(self, tunnel: Tunnel, state: dict[str, Any]) -> tuple[Edits, Edits]:
+        """(request, response) edits of ``tunnel``, compiled once per session."""
+        rules = self._compiled.get(tunnel.session)
+        if rules is None:
+            rules = self._compiled[tunnel.session] = (compile_edits(state["request"]), compile_edits(state["response"]))
+            if len(self._compiled) > COMPILED_TUNNELS:
+                self._compiled.popitem(last=False)
+        else:
+            self._compiled.move_to_end(tunnel.session)
+        return rules
 
     @hookimpl
     def on_register(self, registration: Registration) -> None:
@@ -108,11 +135,11 @@ class Headers:
         visitor's by a check that runs before it (basic_auth)."""
         state = tunnel.metadata.get(NAME)
         if state:
-            apply(request.headers, state["request"])
+            apply(request.headers, self._rules(tunnel, state)[0])
 
     @hookimpl
     def before_response(self, response: ForwardResponse, tunnel: Tunnel) -> None:
         """Edit the local service's response headers on their way to the visitor."""
         state = tunnel.metadata.get(NAME)
         if state:
-            apply(response.headers, state["response"])
+            apply(response.headers, self._rules(tunnel, state)[1])

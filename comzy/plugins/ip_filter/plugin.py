@@ -10,6 +10,7 @@ refused; when there are allowed networks, an address in none of them is refused 
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections import OrderedDict
 from typing import Any
 
@@ -29,7 +30,12 @@ COMPILED_TUNNELS = 4096
 REFUSED = "403 Forbidden: this tunnel does not accept requests from your network address.\n"
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-Rules = tuple[tuple[Network, ...], tuple[Network, ...]]
+#: Networks as (address bits, mask) integer pairs, by address length in bytes (4 or 16).
+Compiled = dict[int, tuple[tuple[int, int], ...]]
+#: (allowed, denied): a check is a few integer operations, with no ipaddress object per request.
+Rules = tuple[Compiled, Compiled]
+#: The top 96 bits of an IPv4-mapped IPv6 address (::ffff:a.b.c.d).
+_MAPPED = 0xFFFF
 
 
 def parse_policy(data: Any) -> dict[str, list[str]]:
@@ -58,24 +64,54 @@ def _network(text: Any) -> Network:
 
 def compile_rules(state: dict[str, list[str]]) -> Rules:
     """The tunnel's (allowed, denied) networks from its state (checked at registration)."""
-    return (tuple(ipaddress.ip_network(text) for text in state["allow"]),
-            tuple(ipaddress.ip_network(text) for text in state["deny"]))
+    return _compiled(state["allow"]), _compiled(state["deny"])
+
+
+def _compiled(texts: list[str]) -> Compiled:
+    networks = [ipaddress.ip_network(text) for text in texts]
+    return {size: tuple((int(n.network_address), int(n.netmask)) for n in networks if n.max_prefixlen == size * 8)
+            for size in (4, 16)}
+
+
+def _address(client: str) -> tuple[int, int] | None:
+    """(length in bytes, value) of an IP address text, or None. inet_pton: about 20 times
+    cheaper than ipaddress here. An IPv6 zone (%eth0) says which link, not which address."""
+    text = client.partition("%")[0] if "%" in client else client
+    try:
+        return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, text), "big")
+    except (OSError, ValueError):
+        pass
+    try:
+        return 16, int.from_bytes(socket.inet_pton(socket.AF_INET6, text), "big")
+    except (OSError, ValueError):
+        return None
 
 
 def admitted(client: str, rules: Rules) -> bool:
     """Whether ``client`` passes: in no denied network, and in an allowed one when there are any.
     An address that cannot be read (none, or not an IP) never passes: the filter fails closed."""
-    try:
-        address = ipaddress.ip_address(client)
-    except ValueError:
+    address = _address(client)
+    if address is None:
         return False
-    # A dual-stack listener reports IPv4 visitors as ::ffff:a.b.c.d: the IPv4 rules are meant for them.
-    forms = (address, address.ipv4_mapped) if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped \
-        else (address,)
+    size, value = address
     allow, deny = rules
-    if any(form in network for form in forms for network in deny):
+    if _within(value, deny[size]):
         return False
-    return not allow or any(form in network for form in forms for network in allow)
+    passes = not (allow[4] or allow[16]) or _within(value, allow[size])
+    if size == 16 and (value >> 32) == _MAPPED:
+        # A dual-stack listener reports IPv4 visitors as ::ffff:a.b.c.d: the IPv4 rules are meant for them.
+        value &= 0xFFFFFFFF
+        if _within(value, deny[4]):
+            return False
+        passes = passes or _within(value, allow[4])
+    return passes
+
+
+def _within(value: int, networks: tuple[tuple[int, int], ...]) -> bool:
+    for network, mask in networks:  # noqa: SIM110 (a plain loop: a generator costs more than the check)
+        if value & mask == network:
+            return True
+    return False
 
 
 class IpFilter:
