@@ -37,6 +37,14 @@ from tests.upstream import Upstream
 pytestmark = pytest.mark.anyio
 
 HOSTILE_PATH = "/x/<script>alert(1)</script>?q=\"'><img/src=x/onerror=alert(2)>"  # no spaces in a target
+
+
+def state_class(name: str) -> re.Pattern[str]:
+    """The live-state badge's class list holds ``name`` (a whole class: "live-state" is not "live")."""
+    return re.compile(rf"(^|\s){name}(\s|$)")
+
+
+LIVE = state_class("live")
 HOOK_BODY = b'{"event": "paid", "amount": 12, "note": "<img src=x onerror=alert(5)>"}'
 HOSTILE_HEADER = "<img src=x onerror=alert(3)><script>alert(4)</script>"
 
@@ -251,7 +259,7 @@ async def test_the_page_lists_live_filters_shows_details_and_replays(server: Ser
         page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
         await page.set_viewport_size({"width": 1280, "height": 800})
         await page.goto(str(api.base_url))
-        await expect(page.locator("#live-state")).to_have_class(re.compile(r"\blive\b"))
+        await expect(page.locator("#live-state")).to_have_class(LIVE)
         await expect(page.locator("#public-url")).to_have_text(tunnel.url)
         await expect(page.locator("#list-empty")).to_be_visible()
 
@@ -416,3 +424,44 @@ def screenshot_dir() -> Path:
     folder = ROOT / "docs" / "img" if os.environ.get("COMZY_SCREENSHOTS") == "1" else ARTIFACTS
     folder.mkdir(exist_ok=True)
     return folder
+
+
+async def test_the_page_reconnects_when_the_inspector_comes_back_and_says_when_it_is_refused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    require_browser()
+    from playwright.async_api import expect
+
+    capture = Capture()
+    capture.begin("GET", b"/kept", [], "127.0.0.1").finish()
+    sock = inspector.bind("127.0.0.1", [0])
+    port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/"
+
+    def api() -> inspector.InspectorAPI:
+        return inspector.InspectorAPI(capture, inspector.TunnelInfo("127.0.0.1:1"), lambda: None)  # type: ignore[arg-type,return-value]
+
+    with anyio.fail_after(60):
+        async with chromium_page() as (page, problems):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(api().serve, sock)
+                await page.goto(url)
+                await expect(page.locator("#live-state")).to_have_class(LIVE)
+                await expect(page.locator("#request-list .path")).to_have_text(["/kept"])
+                tg.cancel_scope.cancel()
+            # The agent stopped: the page says so and keeps trying.
+            await expect(page.locator("#live-state")).to_have_class(state_class("reconnecting"))
+            problems.clear()  # the browser logs each refused reconnection
+            # It comes back on the same port with one more request: the page follows by itself.
+            capture.begin("POST", b"/while-away", [], "127.0.0.1").finish()
+            monkeypatch.setattr(inspector_page, "MAX_STREAMS", 1)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(api().serve, inspector.bind("127.0.0.1", [port]))
+                await expect(page.locator("#live-state")).to_have_class(LIVE, timeout=20_000)
+                await expect(page.locator("#request-list .path")).to_have_text(["/while-away", "/kept"])
+                # A second page when only one stream is allowed: refused, and it says so.
+                second = await page.context.browser.new_page()
+                await second.goto(url)
+                await expect(second.locator("#live-state")).to_have_class(state_class("stopped"))
+                await expect(second.locator("#notice-text")).to_contain_text("too many inspector pages")
+                tg.cancel_scope.cancel()
+            assert problems == []  # no script error on the way (refused connections are not script errors)

@@ -236,7 +236,15 @@
   function connect() {
     const source = new EventSource("/api/stream");
     source.addEventListener("open", () => setLive(true));
-    source.addEventListener("error", () => setLive(false, "reconnecting"));
+    source.addEventListener("error", () => {
+      if (source.readyState === EventSource.CLOSED) {
+        // Refused for good (the agent answered something other than a stream: too many pages open).
+        setLive(false, "stopped");
+        showNotice("The live list stopped: too many inspector pages may be open. Close some, then reload this one.");
+      } else {
+        setLive(false, "reconnecting");
+      }
+    });
     source.addEventListener("tunnel", (event) => {
       const tunnel = JSON.parse(event.data);
       const url = typeof tunnel.public_url === "string" ? tunnel.public_url : "";
