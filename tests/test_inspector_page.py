@@ -95,7 +95,7 @@ async def test_rebound_names_and_other_pages_are_refused(server: ServerContext, 
             assert (await visitor.get("/kept")).status_code == 200
         (kept,) = await requests(api)
         own = str(api.base_url).rstrip("/")
-        port = api.base_url.port
+        port = int(api.base_url.port or 0)
 
         # DNS rebinding: a page at evil.example whose name now points at 127.0.0.1 is its own origin,
         # so the browser lets it read: the Host check refuses everything, the page included.
