@@ -24,6 +24,7 @@ from comzy.plugins.ip_filter import IpFilter as IpFilterPlugin
 from tests.conftest import RecordingReporter, cli_env, start_agent, start_server
 from tests.stack import Stacks, stacks_fixture  # noqa: F401 (the stacks fixture: role all and a cluster)
 from tests.test_large_transfers import popen, read_until
+from tests.test_plugin_rate_limit import control_in_sight
 from tests.upstream import Upstream
 
 pytestmark = pytest.mark.anyio
@@ -144,6 +145,12 @@ async def test_an_edge_applies_what_the_control_node_registered(stacks: Stacks, 
             stack.visitor(tunnel.alias) as client:
         echo = await client.get("/echo")
         status = await client.get("/status/202")
+        await control_in_sight(stack)
+        [view] = [t for t in await stack.public.all_tunnels() if t.alias == tunnel.alias]
+        # Operators see the names, never the values (a value may be a token for the local app).
+        assert stack.public.describe_policies(view) == {HEADERS: {"request": {"add": ["x-env"], "remove": []},
+                                                                  "response": {"add": ["x-robots-tag"],
+                                                                               "remove": ["x-status"]}}}
     assert ("x-env", "cluster") in seen(echo) and echo.headers["x-robots-tag"] == "noindex"
     assert status.status_code == 202 and "x-status" not in status.headers
 

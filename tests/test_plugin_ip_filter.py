@@ -24,6 +24,7 @@ from tests.conftest import RecordingReporter, RunningAgent, cli_env, start_agent
 from tests.stack import Stacks, stacks_fixture  # noqa: F401 (the stacks fixture: role all and a cluster)
 from tests.test_large_transfers import popen, read_until
 from tests.test_plugin_basic_auth import open_ws
+from tests.test_plugin_rate_limit import control_in_sight
 from tests.upstream import Upstream
 
 pytestmark = pytest.mark.anyio
@@ -127,7 +128,8 @@ async def test_websocket_upgrades_are_refused_too(tmp_path: Path, upstream: Upst
 
 
 async def test_an_edge_enforces_what_the_control_node_registered(stacks: Stacks, upstream: Upstream) -> None:
-    """Role all, and a cluster where visitors reach an edge: the rules travel with the tunnel."""
+    """Role all, and a cluster where visitors reach an edge: the rules travel with the tunnel, and
+    operators' views show them (describe_policy)."""
     async with stacks.start(plugins=plugins()) as stack:
         async with stack.agent(upstream.port, **policy(["10.0.0.0/8"])) as tunnel, \
                 stack.visitor(tunnel.alias) as client:
@@ -136,6 +138,9 @@ async def test_an_edge_enforces_what_the_control_node_registered(stacks: Stacks,
             with pytest.raises(HandshakeRejected) as caught:
                 await open_ws(stack.public, tunnel.alias, {})
             assert caught.value.status == 403
+            await control_in_sight(stack)
+            [seen] = [t for t in await stack.public.all_tunnels() if t.alias == tunnel.alias]
+            assert stack.public.describe_policies(seen) == {IP_FILTER: {"allow": ["10.0.0.0/8"], "deny": []}}
         async with stack.agent(upstream.port, **policy(["127.0.0.0/8"], ["10.0.0.0/8"])) as tunnel, \
                 stack.visitor(tunnel.alias) as client:
             assert (await client.get("/status/200")).status_code == 200

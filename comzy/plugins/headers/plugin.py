@@ -128,6 +128,16 @@ class Headers:
         registration.plugin_state(NAME).update(state)
         registration.enforce(NAME)
 
+    @hookimpl
+    def describe_policy(self, tunnel: Tunnel) -> dict[str, Any] | None:
+        """The header names each direction adds and removes, for operators' views (/api/tunnels, the
+        dashboard): never the values, which may be secrets (a token for the local app)."""
+        state = tunnel.metadata.get(NAME)
+        if not state:
+            return None
+        return {side: {"add": [name for name, _ in state[side]["add"]], "remove": list(state[side]["remove"])}
+                for side in ("request", "response")}
+
     @hookimpl(trylast=True)
     def before_forward(self, request: ForwardRequest, tunnel: Tunnel) -> None:
         """Edit the request's headers. Last of the policies: a refused visitor costs no edit, and a

@@ -133,6 +133,12 @@ class IpFilter:
         registration.plugin_state(NAME).update(state)
         registration.enforce(NAME)
 
+    @hookimpl
+    def describe_policy(self, tunnel: Tunnel) -> dict[str, Any] | None:
+        """The allowed and denied networks, for operators' views (/api/tunnels, the dashboard)."""
+        state = tunnel.metadata.get(NAME)
+        return {"allow": list(state["allow"]), "deny": list(state["deny"])} if state else None
+
     @hookimpl(tryfirst=True)
     def before_forward(self, request: ForwardRequest, tunnel: Tunnel) -> None:
         """Answer 403 to a client address the tunnel's rules refuse. First of the policies: a refused
