@@ -135,8 +135,11 @@ class Headers:
         state = tunnel.metadata.get(NAME)
         if not state:
             return None
-        return {side: {"add": [name for name, _ in state[side]["add"]], "remove": list(state[side]["remove"])}
-                for side in ("request", "response")}
+        summary: dict[str, Any] = {}
+        for side in ("request", "response"):
+            summary[f"{side}_remove"] = list(state[side]["remove"])
+            summary[f"{side}_add"] = [name for name, _ in state[side]["add"]]
+        return summary
 
     @hookimpl(trylast=True)
     def before_forward(self, request: ForwardRequest, tunnel: Tunnel) -> None:
