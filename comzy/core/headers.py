@@ -47,8 +47,13 @@ def strip_hop_by_hop(headers: Headers, extra: frozenset[bytes] = frozenset()) ->
     for name, value in headers:
         if name.lower() == b"connection":
             named.update(token.strip().lower() for token in value.split(b","))
-    drop = (HOP_BY_HOP | named | extra) - PROTECTED
+    # Runs twice per request (its head and its response's): the usual set is made once.
+    drop = _DROPPED if not extra and named <= HOP_BY_HOP else (HOP_BY_HOP | named | extra) - PROTECTED
     return [(n, v) for n, v in headers if n.lower() not in drop]
+
+
+#: What strip_hop_by_hop drops when no Connection header names more (``Connection: keep-alive``).
+_DROPPED = HOP_BY_HOP - PROTECTED
 
 
 def host_of(headers: Headers) -> str:
