@@ -8,6 +8,7 @@ respect (a sender that overruns it is a protocol error).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -143,6 +144,17 @@ class Session:
         self._ping: bytes | None = None
         #: True while the reader waits for the writer (the peer is not reading what we send).
         self.reading_paused = False
+        # Attached mode (see _attach): no reader or writer task. Frames are dispatched from the
+        # loop's read callback and written by a flush scheduled once per loop turn; _ended is
+        # done (with the exception that ends run) when the link goes; _write_paused is the
+        # transport's pause_writing; _backlog holds frames behind one an async handler awaits.
+        self._attached = False
+        self._flush_pending = False
+        self._write_paused = False
+        self._ended: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop  # set by _attach; used only once attached
+        self._backlog: deque[p.Frame] | None = None
+        self._backlog_task: asyncio.Task[None] | None = None
 
     # -- streams ---------------------------------------------------------------
     def open_stream(self, window: int | None = None, credit: int | None = None) -> Stream:
@@ -186,12 +198,31 @@ class Session:
             return
         self._out.append(frame)
         self._out_bytes += len(frame)
-        self._out_event.set()
+        if self._attached:
+            if not self._flush_pending:
+                self._flush_pending = True
+                self._loop.call_soon(self._flush)
+        else:
+            self._out_event.set()
+
+    def _wake_writer(self) -> None:
+        """Have the writer (or, attached, a flush) look at the queue and the PING/PONG owed."""
+        if not self._attached:
+            self._out_event.set()
+        elif not self._flush_pending:
+            self._flush_pending = True
+            self._loop.call_soon(self._flush)
 
     @property
     def queued(self) -> int:
         """Bytes queued for the peer and not yet handed to the socket."""
         return self._out_bytes
+
+    @property
+    def attached(self) -> bool:
+        """Whether run() drives the link from the loop's callbacks (no reader or writer task; see
+        ``WebSocket.attach``): a plain TCP link on asyncio. TLS links and cluster links keep the tasks."""
+        return self._attached
 
     @property
     def congested(self) -> bool:
@@ -244,6 +275,122 @@ class Session:
             message = batch[0] if take == 1 else b"".join(batch)
             await self.ws.send(message)
 
+    def _flush(self) -> None:
+        """Attached mode's writer: coalesce the queue into messages for the transport, until it
+        is empty or the transport's buffer passes its high-water mark (then _link_writable
+        calls again). Runs once per loop turn in which frames were queued: a loop callback, not
+        a task wakeup per frame."""
+        self._flush_pending = False
+        out, ws = self._out, self.ws
+        if self._write_paused or ws.closed is not None:
+            return
+        if self._ping is not None:
+            out.insert(0, p.encode(p.FrameType.PING, 0, self._ping))
+            self._out_bytes += p.HEADER_SIZE + len(self._ping)
+            self._ping = None
+        if self._pong is not None:
+            out.insert(0, p.encode(p.FrameType.PONG, 0, self._pong))
+            self._out_bytes += p.HEADER_SIZE + len(self._pong)
+            self._pong = None
+        limit = self.coalesce_limit
+        while out and not self._write_paused:
+            if len(out) == 1:
+                message = out.pop()
+                self._out_bytes -= len(message)
+            else:
+                take, size = 0, 0
+                for frame in out:
+                    if take and size + len(frame) > limit:
+                        break
+                    take += 1
+                    size += len(frame)
+                message = out[0] if take == 1 else b"".join(out[:take])
+                del out[:take]
+                self._out_bytes -= size
+            ws.write_message(message)  # may call _link_writable(False) at once
+        if self._drained is not None:
+            self._drained.set()
+        if self.reading_paused and self._out_bytes <= SEND_BUDGET and self._backlog is None:
+            self.reading_paused = False
+            ws.resume_reading()
+
+    # -- attached mode: called by the WebSocket from the loop's callbacks ----------------------
+    def _attach(self) -> bool:
+        """Take the link over from the loop's callbacks if the WebSocket can (see
+        ``WebSocket.attach``; a cluster link's transport cannot, and keeps the tasks)."""
+        attach = getattr(self.ws, "attach", None)
+        if attach is None:
+            return False
+        self._loop = asyncio.get_running_loop()
+        self._ended = self._loop.create_future()
+        self._attached = True
+        if not attach(self):
+            self._attached, self._ended = False, None
+            return False
+        if self._out or self._ping is not None or self._pong is not None:
+            self._wake_writer()
+        return True
+
+    def _link_message(self, message: bytes | str) -> None:
+        """One message from the peer, dispatched now (from the loop's read callback)."""
+        ended = self._ended
+        if ended is None or ended.done():
+            return
+        try:
+            if isinstance(message, str):
+                raise p.ProtocolError("text message on the agent link")
+            self._last_seen = time.monotonic()
+            backlog = self._backlog
+            if backlog is not None:
+                backlog.extend(p.decode_message(message))  # bounded: reading is paused meanwhile
+                return
+            frames = p.decode_message(message)
+            for frame in frames:
+                if self._handle(frame):
+                    # An async handler (on_control): it and every frame after it wait in order
+                    # for a task, and reading pauses until the task has caught up.
+                    self._backlog = deque((frame,))
+                    self._backlog.extend(frames)
+                    self.ws.pause_reading()
+                    self._backlog_task = self._loop.create_task(self._drain_backlog())
+                    return
+            if self._out_bytes > SEND_BUDGET and not self.reading_paused:
+                # See _wait_writer_caught_up: the flush resumes reading once the queue drains.
+                self.reading_paused = True
+                self.ws.pause_reading()
+        except Exception as exc:
+            self._end_with(exc)
+
+    async def _drain_backlog(self) -> None:
+        try:
+            backlog = self._backlog
+            while backlog:
+                frame = backlog.popleft()
+                if self._handle(frame):
+                    assert self.on_control is not None
+                    await self.on_control(frame)
+            self._backlog = None
+            if self._out_bytes > SEND_BUDGET:
+                self.reading_paused = True
+            else:
+                self.ws.resume_reading()
+        except Exception as exc:
+            self._end_with(exc)
+
+    def _end_with(self, error: BaseException) -> None:
+        """End run() with ``error`` (attached mode), reading nothing more."""
+        if self._ended is not None and not self._ended.done():
+            self._ended.set_exception(error)
+            self.ws.pause_reading()
+
+    def _link_lost(self, closed: Closed) -> None:
+        self._end_with(SessionClosed(f"connection closed ({closed.code} {closed.reason})".strip()))
+
+    def _link_writable(self, writable: bool) -> None:
+        self._write_paused = not writable
+        if writable and (self._out or self._ping is not None or self._pong is not None):
+            self._wake_writer()
+
     # -- reading ---------------------------------------------------------------
     async def _reader(self) -> None:
         while True:
@@ -275,6 +422,13 @@ class Session:
             self.reading_paused = False
 
     async def _dispatch(self, frame: p.Frame) -> None:
+        if self._handle(frame):
+            assert self.on_control is not None
+            await self.on_control(frame)
+
+    def _handle(self, frame: p.Frame) -> bool:
+        """Act on one frame from the peer; True when it is for ``on_control`` (async: the
+        caller awaits it, in order)."""
         kind = frame.type
         if kind == p.FrameType.DATA:
             stream = self.streams.get(frame.stream)
@@ -313,7 +467,7 @@ class Session:
                 accepted = self.accept_stream(frame.stream, frame.payload)
                 if accepted is not None:
                     self.streams[frame.stream] = accepted
-                return
+                return False
             if self.on_request is None:
                 raise p.ProtocolError("unexpected REQUEST frame")
             head = p.RequestHead.from_payload(frame.payload)
@@ -324,15 +478,16 @@ class Session:
             # Coalesced: answering the latest PING is enough for the peer's liveness check.
             if self.closed is None:
                 self._pong = frame.payload
-                self._out_event.set()
+                self._wake_writer()
         elif kind == p.FrameType.PONG:
             self._on_pong(frame.payload)
         elif self.on_control is not None:
-            await self.on_control(frame)
+            return True
         elif kind == p.FrameType.GOAWAY:
             pass  # a peer going away needs no answer; its connection ends the session
         else:
             raise p.ProtocolError(f"unexpected {kind.name} frame")
+        return False
 
     # -- heartbeats (driven by a Heartbeats sweeper) -----------------------------
     def _beat(self, now: float) -> None:
@@ -364,7 +519,7 @@ class Session:
             self._unanswered_since = now
         if self.closed is None:
             self._ping = payload
-            self._out_event.set()
+            self._wake_writer()
 
     def _on_pong(self, payload: bytes) -> None:
         """The peer answered one of our PINGs: it, and every one before it, is settled."""
@@ -384,12 +539,18 @@ class Session:
         try:
             async with anyio.create_task_group() as tg:
                 self._task_group = tg
-                tg.start_soon(self._writer)
+                attached = self._attach()
+                if not attached:
+                    tg.start_soon(self._writer)
                 if heartbeats is None:  # a lone session (the agent's) beats in a task of its own
                     heartbeats = Heartbeats(self.heartbeat_interval / 10)
                     tg.start_soon(heartbeats.run)
                 heartbeats.add(self)
-                await self._reader()
+                if attached:
+                    assert self._ended is not None
+                    await self._ended  # raises what ended the link
+                else:
+                    await self._reader()
             # The reader only ever ends by raising: the task group was cancelled by _beat.
             reason = self._timed_out or reason
         except* SessionClosed as group:
@@ -409,6 +570,13 @@ class Session:
             if heartbeats is not None:
                 heartbeats.discard(self)
             self._task_group = None
+            if self._ended is not None:
+                if not self._ended.done():
+                    self._ended.cancel()
+                elif not self._ended.cancelled():
+                    self._ended.exception()  # retrieved: asyncio would log it as never retrieved
+            if self._backlog_task is not None:
+                self._backlog_task.cancel()
             self._shutdown(reason)
             await self.ws.aclose()
         # If close() was called first, its reason (not the resulting socket close) is the real one.

@@ -183,6 +183,11 @@ class PrefixedStream(anyio.abc.ByteStream):
         """Send on the stream (replaced by the stream's own method at construction)."""
         await self.stream.send(item)
 
+    @property
+    def prefix(self) -> bytes:
+        """What is left of the prefix (the agent link takes it when it takes the socket over)."""
+        return self._prefix
+
     async def send_eof(self) -> None:
         """Half-close the stream."""
         await self.stream.send_eof()

@@ -9,10 +9,12 @@ cannot make us buffer without limit.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import ssl
 from dataclasses import dataclass
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import anyio
@@ -22,9 +24,15 @@ from wsproto.events import AcceptConnection, Event, RejectConnection, RejectData
 from wsproto.utilities import RemoteProtocolError, generate_accept_token
 
 from comzy.core import wsframe
-from comzy.core.tls import client_tls_context, mismatch
+from comzy.core.tls import PrefixedStream, client_tls_context, mismatch
 
 READ_SIZE = 256 * 1024
+#: Once a link is attached (``WebSocket.attach``), bytes the transport may hold unsent before it
+#: tells the sink to stop writing (asyncio's pause_writing), and the level at which it resumes.
+TRANSPORT_HIGH_WATER = 256 * 1024
+TRANSPORT_LOW_WATER = 64 * 1024
+#: How long closing an attached WebSocket waits for the peer to take what is buffered for it.
+CLOSE_FLUSH_TIMEOUT = 5.0
 
 
 class WebSocketError(Exception):
@@ -37,6 +45,50 @@ class Closed:
 
     code: int
     reason: str = ""
+
+
+class MessageSink(Protocol):
+    """What an attached WebSocket calls, synchronously, from the event loop's read and write
+    callbacks (see ``WebSocket.attach``); the agent link's Session is one."""
+
+    def _link_message(self, message: bytes | str) -> None:
+        """A whole message arrived."""
+
+    def _link_lost(self, closed: Closed) -> None:
+        """The WebSocket closed (the peer's close, a framing error, or the connection dropped)."""
+
+    def _link_writable(self, writable: bool) -> None:
+        """The transport's buffer passed its high-water mark (False) or drained below its low one (True)."""
+
+
+#: What ``attach`` needs of a transport: asyncio's own and uvloop's (not asyncio.Transport
+#: subclasses) both have these.
+_TRANSPORT_METHODS = ("set_protocol", "write", "pause_reading", "resume_reading", "is_closing", "close", "abort",
+                      "get_write_buffer_size", "set_write_buffer_limits")
+
+
+class _LinkProtocol(asyncio.Protocol):
+    """The asyncio protocol of an attached WebSocket: hands every event straight to it."""
+
+    __slots__ = ("_ws",)
+
+    def __init__(self, ws: WebSocket) -> None:
+        self._ws = ws
+
+    def data_received(self, data: bytes) -> None:
+        self._ws._data_received(data)
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._ws._connection_lost()
+
+    def pause_writing(self) -> None:
+        self._ws._set_writable(False)
+
+    def resume_writing(self) -> None:
+        self._ws._set_writable(True)
 
 
 class WebSocket:
@@ -58,15 +110,163 @@ class WebSocket:
         self._writing = False
         self._write_done: anyio.Event | None = None
         self.closed: Closed | None = None
+        # Set by attach: the socket's asyncio transport, the sink its events go to, and a future
+        # done when the connection is gone (aclose waits on it so buffered bytes go out first).
+        self._transport: asyncio.Transport | None = None
+        self._sink: MessageSink | None = None
+        self._gone: asyncio.Future[None] | None = None
+        # While paused, nothing more is parsed (not even what the last read brought): the sink
+        # sees no message between pause_reading and resume_reading.
+        self._paused = False
 
+    # -- attached: driven by the event loop's callbacks, no task -------------------------------
+    def attach(self, sink: MessageSink) -> bool:
+        """Take the socket over as an asyncio protocol: from now on every message goes to ``sink``
+        from the loop's read callback, and ``write_message`` hands frames straight to the transport.
+
+        The agent link does this once its handshake is done: reading through an anyio stream
+        costs a task wakeup and two ``epoll_ctl`` calls per read, writing through it a task
+        wakeup per message (docs/benchmarks.md, "The agent link as asyncio protocols"). Returns
+        False, changing nothing, where there is no plain asyncio socket transport underneath
+        (TLS, which anyio does in Python over the socket, or another backend): the caller keeps
+        using ``receive`` and ``send``. ``receive`` must not be called once attached.
+        """
+        stream: Any = self._stream
+        prefix = b""
+        if isinstance(stream, PrefixedStream):  # the server's plain agent port: its first read put back
+            stream, prefix = stream.stream, stream.prefix
+        # anyio's asyncio socket stream: its transport, and the protocol holding what it read ahead.
+        transport: Any = getattr(stream, "_transport", None)
+        old = getattr(stream, "_protocol", None)
+        queue = getattr(old, "read_queue", None)
+        if (self.closed is not None or not all(hasattr(transport, name) for name in _TRANSPORT_METHODS)
+                or transport.is_closing()
+                or queue is None or getattr(old, "is_at_eof", True) or getattr(old, "exception", None) is not None):
+            return False
+        pending = [prefix, *queue] if prefix else list(queue)
+        queue.clear()
+        self._transport, self._sink = transport, sink
+        self._gone = asyncio.get_running_loop().create_future()
+        transport.set_protocol(_LinkProtocol(self))
+        transport.set_write_buffer_limits(TRANSPORT_HIGH_WATER, TRANSPORT_LOW_WATER)
+        # What the reader or anyio already holds comes first, in order.
+        self._data_received(b"")
+        for chunk in pending:
+            if self.closed is not None:
+                break
+            self._data_received(chunk)
+        if self.closed is None and not self._paused:
+            transport.resume_reading()  # anyio leaves reading paused between receives
+        return True
+
+    @property
+    def attached(self) -> bool:
+        """Whether ``attach`` took the socket over."""
+        return self._transport is not None
+
+    def write_message(self, message: bytes) -> None:
+        """Send one binary message without waiting (attached only): the transport buffers what
+        the socket does not take; the sink hears when that passes the high-water mark."""
+        transport = self._transport
+        assert transport is not None
+        if self.closed is None and not transport.is_closing():
+            transport.write(wsframe.encode_binary(message, self._client))
+
+    def pause_reading(self) -> None:
+        """Hand the sink no more messages, and stop reading from the socket, until ``resume_reading``
+        (attached only)."""
+        if self._transport is not None and self.closed is None and not self._paused:
+            self._paused = True
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        """Read from the socket again (attached only); messages already read come first, from
+        the next loop turn (never from inside the caller)."""
+        if self._transport is not None and self.closed is None and self._paused:
+            self._paused = False
+            self._transport.resume_reading()
+            asyncio.get_running_loop().call_soon(self._data_received, b"")
+
+    @property
+    def write_buffered(self) -> int:
+        """Bytes the transport holds unsent (attached; 0 otherwise)."""
+        return self._transport.get_write_buffer_size() if self._transport is not None else 0
+
+    def _data_received(self, data: bytes) -> None:
+        reader, sink = self._reader, self._sink
+        assert sink is not None
+        if data:
+            reader.feed(data)
+        while self.closed is None and not self._paused:
+            try:
+                message = reader.next()
+            except wsframe.FrameError as exc:
+                told = "message too big" if exc.code == wsframe.MESSAGE_TOO_BIG else exc.reason
+                self._close_attached(Closed(exc.code, exc.reason), wsframe.encode_close(exc.code, told, self._client))
+                return
+            if message is None:
+                return
+            if isinstance(message, (bytes, str)):
+                sink._link_message(message)
+            elif isinstance(message, wsframe.Ping):
+                self._transport_write(wsframe.encode_frame(wsframe.OP_PONG, message.payload, self._client))
+            else:
+                code = None if message.code == wsframe.NO_STATUS else message.code
+                self._close_attached(Closed(message.code, message.reason),
+                                     wsframe.encode_close(code, message.reason, self._client))
+
+    def _transport_write(self, data: bytes) -> None:
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def _close_attached(self, closed: Closed, close_frame: bytes | None) -> None:
+        """Record the close, send ``close_frame`` (after what is buffered) and close the transport."""
+        if self.closed is None:
+            self.closed = closed
+            if close_frame is not None:
+                self._transport_write(close_frame)
+            if self._sink is not None:
+                self._sink._link_lost(closed)
+        if self._transport is not None:
+            self._transport.close()
+
+    def _connection_lost(self) -> None:
+        if self._gone is not None and not self._gone.done():
+            self._gone.set_result(None)
+        self._close_attached(Closed(1006, "connection lost"), None)
+
+    def _set_writable(self, writable: bool) -> None:
+        if self._sink is not None:
+            self._sink._link_writable(writable)
+
+    async def _aclose_attached(self) -> None:
+        """Wait until the socket is closed: a close already under way (``close``, or answering the
+        peer's) first sends what the transport buffers, which a peer that does not read gets
+        CLOSE_FLUSH_TIMEOUT seconds to take; any other connection is dropped at once, as anyio's
+        aclose does."""
+        transport, gone = self._transport, self._gone
+        assert transport is not None and gone is not None
+        if not transport.is_closing():
+            transport.abort()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_FLUSH_TIMEOUT):
+            await gone
+        if not gone.done():
+            transport.abort()
+
+    # -- reading and writing through the anyio stream -------------------------------------------
     async def send(self, message: bytes | str) -> None:
         """Send one message (bytes: binary, str: text)."""
         if self.closed is not None:
             raise WebSocketError(f"WebSocket is closed ({self.closed.code})")
         if isinstance(message, str):
-            await self._write(wsframe.encode_frame(wsframe.OP_TEXT, message.encode("utf-8"), self._client))
+            data = wsframe.encode_frame(wsframe.OP_TEXT, message.encode("utf-8"), self._client)
         else:
-            await self._write(wsframe.encode_binary(message, self._client))
+            data = wsframe.encode_binary(message, self._client)
+        if self._transport is not None:
+            self._transport_write(data)
+        else:
+            await self._write(data)
 
     async def _write(self, data: bytes) -> None:
         while self._writing:
@@ -125,13 +325,20 @@ class WebSocket:
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         """Start the closing handshake and close the connection."""
-        if self.closed is None:
+        if self._transport is not None:
+            self._close_attached(Closed(code, reason), wsframe.encode_close(code, reason, self._client))
+            await self._aclose_attached()
+        elif self.closed is None:
             await self._close_with(Closed(code, reason), wsframe.encode_close(code, reason, self._client))
         else:
             await self.aclose()  # a close frame went out already, or the connection is gone
 
     async def aclose(self) -> None:
         """Close the underlying connection without a handshake."""
+        if self._transport is not None:
+            await self._aclose_attached()
+            self._close_attached(Closed(1006, "connection lost"), None)
+            return
         with anyio.CancelScope(shield=True):
             with contextlib.suppress(OSError, anyio.BrokenResourceError):
                 await self._stream.aclose()

@@ -1,0 +1,131 @@
+"""The agent link driven by asyncio protocol callbacks (``Session`` attached to its WebSocket).
+
+Both ends attach their link once the handshake is done: frames are dispatched from the loop's
+read callback and written by a flush per loop turn, with no reader or writer task. These tests
+pin what that must keep: real stacks attach on both ends, frames behind an async control handler
+wait for it in order, a close flushes what was queued first, and a framing error from the peer
+ends the session with the peer told why.
+"""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from comzy.core import protocol as p
+from comzy.core import wsframe
+from comzy.core.server import ServerContext
+from comzy.core.session import Session
+from comzy.core.websocket import Closed
+from tests.conftest import RunningAgent
+from tests.helpers import receive_until_closed, wait_until
+from tests.test_protocol import ws_pair
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=[pytest.param(("asyncio", {}), id="asyncio"),
+                        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop")])
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, bool]]:
+    """Both loops: uvloop's transports (the processes' default) are not asyncio.Transport subclasses."""
+    return request.param  # type: ignore[no-any-return]
+
+
+async def test_both_ends_of_a_real_link_are_attached(server: ServerContext, tunnel: RunningAgent) -> None:
+    async with tunnel.visitor() as client:
+        response = await client.get("/echo")
+    assert response.status_code == 200
+    entry = server.registry.get(tunnel.alias)
+    assert entry is not None
+    assert entry.session.attached, "the server's end of the agent link still runs reader/writer tasks"
+    assert tunnel.agent.session is not None and tunnel.agent.session.attached, "the agent's end is not attached"
+
+
+async def test_frames_after_a_control_frame_wait_for_its_handler_in_order() -> None:
+    async with ws_pair() as (near, far):
+        session = Session(near)
+        seen: list[str] = []
+        handler_done = anyio.Event()
+
+        async def on_control(frame: p.Frame) -> None:
+            seen.append(f"control {frame.type.name}")
+            await anyio.sleep(0.2)  # a handler that awaits: the stream's DATA must not overtake it
+            seen.append("control done")
+            handler_done.set()
+
+        session.on_control = on_control
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(session.run)
+            await wait_until(lambda: session.attached, 10)
+            stream = session.open_stream()
+            # One message: a NOTICE, then DATA for the stream, then its END.
+            await far.send(p.encode(p.FrameType.NOTICE, 0, {"level": "info", "message": "hello"})
+                           + p.encode_data(stream.id, b"after the notice") + p.encode(p.FrameType.END, stream.id))
+            with anyio.fail_after(10):
+                chunk = await stream.receive()
+                seen.append("data")
+            assert chunk == (b"after the notice", 0)
+            assert seen == ["control NOTICE", "control done", "data"]
+            assert handler_done.is_set()
+            with anyio.fail_after(10):
+                assert await stream.receive() is None
+            # Reading resumed after the handler: a PING is still answered.
+            await far.send(p.encode(p.FrameType.PING, 0, b"12345678"))
+            with anyio.fail_after(10):
+                while True:
+                    message = await far.receive()
+                    assert isinstance(message, bytes)
+                    if any(f.type == p.FrameType.PONG and f.payload == b"12345678" for f in p.decode_message(message)):
+                        break
+            await session.close()
+            tg.cancel_scope.cancel()
+
+
+async def test_flush_and_close_delivers_everything_queued_before_the_close() -> None:
+    async with ws_pair() as (near, far):
+        session = Session(near)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(session.run)
+            await wait_until(lambda: session.attached, 10)
+            stream = session.open_stream()
+            chunk = p.encode_data(stream.id, bytes(p.MAX_DATA_FRAME))
+            count = 3 * 1024 * 1024 // len(chunk)  # more than the transport and kernel buffers hold
+            for _ in range(count):
+                session.send_nowait(chunk)
+            session.send_nowait(p.encode(p.FrameType.END, stream.id))
+            tg.start_soon(session.flush_and_close, 1000, "done", 30.0)
+            received, ended = 0, False
+            with anyio.fail_after(30):
+                while isinstance(message := await far.receive(), bytes):
+                    for frame in p.decode_message(message):
+                        if frame.type == p.FrameType.DATA:
+                            received += len(frame.payload)
+                        elif frame.type == p.FrameType.END:
+                            ended = True
+            assert received == count * p.MAX_DATA_FRAME
+            assert ended
+            assert isinstance(message, Closed) and message.code == 1000 and message.reason == "done"
+
+
+async def test_a_framing_error_on_an_attached_link_closes_it_with_1002() -> None:
+    async with ws_pair() as (near, far):
+        session = Session(near)
+        result: dict[str, str] = {}
+
+        async def run() -> None:
+            result["reason"] = await session.run()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            await wait_until(lambda: session.attached, 10)
+            stream = session.open_stream()
+            # A frame with a reserved bit set (no extension was negotiated), masked as a client's.
+            frame = bytearray(wsframe.encode_binary(p.encode(p.FrameType.END, stream.id), True))
+            frame[0] |= 0x40
+            await far._stream.send(bytes(frame))
+            with anyio.fail_after(10):
+                closed, _ = await receive_until_closed(far)
+                await session.wait_closed()
+        assert closed.code == 1002
+        assert "1002" in result["reason"] and "reserved bits" in result["reason"], result
+        assert session.streams == {}
