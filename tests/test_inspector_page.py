@@ -357,6 +357,15 @@ async def test_the_page_lists_live_filters_shows_details_and_replays(server: Ser
         await page.click("#replay-edit")
         await expect(page.locator("#edit-form")).to_be_visible()
         await expect(page.locator("#edit-method")).to_have_value("POST")
+        await page.fill("#edit-method", "NOT A TOKEN")
+        await page.click("#edit-form button[type=submit]")
+        await expect(page.locator("#edit-error")).to_contain_text("method")  # the agent's reason, in the form
+        await expect(page.locator("#edit-form")).to_be_visible()
+        # Chromium logs the refused call (as the console event may come a little later, waited for).
+        await wait_until(lambda: any("status of 400" in problem for problem in problems))
+        refused = [problem for problem in problems if "status of 400" in problem]
+        assert len(refused) == 1
+        problems.remove(refused[0])
         await page.fill("#edit-method", "PUT")
         await page.fill("#edit-uri", "/hooks/edited?attempt=2")
         headers = await page.input_value("#edit-headers")
@@ -400,13 +409,24 @@ async def test_the_page_lists_live_filters_shows_details_and_replays(server: Ser
         await page.click("#response-body .views button:text-is('As sent')")
         await expect(page.locator("#response-body pre.hex")).to_contain_text("00000000  1f 8b")
 
+        # JSON nested a hundred thousand deep: shown as text, no script error (the pretty view recurses).
+        async with tunnel.visitor() as visitor:
+            deep = b"[" * 100_000 + b"]" * 100_000
+            posted = await visitor.post("/deep", content=deep, headers={"content-type": "application/json"})
+            assert posted.status_code == 200
+        await expect(rows).to_have_count(12)
+        await rows.nth(0).click()
+        await expect(page.locator("#detail-path")).to_have_text("/deep")
+        await expect(page.locator("#request-body .views button")).to_have_text(["Text", "Hex"])
+        await expect(page.locator("#request-body pre.text")).to_contain_text("[[[[")
+
         # A narrow window: the list, then the detail in its place with a way back.
         await page.set_viewport_size({"width": 420, "height": 800})
         await expect(page.locator("#back")).to_be_visible()
         await expect(page.locator(".list-panel")).to_be_hidden()
         await page.click("#back")
         await expect(page.locator(".list-panel")).to_be_visible()
-        await rows.nth(10).click()
+        await rows.nth(11).click()
         await expect(page.locator("#detail-path")).to_have_text("/hooks/stripe?attempt=1")
         await page.screenshot(path=str(screenshot_dir() / "inspector-narrow.png"), animations="disabled")
 

@@ -11,6 +11,8 @@
   const HEX_LIMIT = 64 * 1024;
   /** Characters of a text body drawn, and of a JSON body pretty-printed with colours. */
   const TEXT_LIMIT = 512 * 1024;
+  /** Nesting beyond which JSON is shown as text (the pretty view walks it recursively). */
+  const MAX_JSON_DEPTH = 200;
   const TUNNEL_NAME = "command_line";
   /** Content-Encodings the page decompresses for display (the browser's DecompressionStream). */
   const DECODABLE = { gzip: "gzip", "x-gzip": "gzip", deflate: "deflate" };
@@ -512,6 +514,28 @@
     return lines.join("\n");
   }
 
+  /** How deep JSON text nests (brackets outside strings), counted without recursion. */
+  function nesting(text) {
+    let depth = 0;
+    let deepest = 0;
+    let inString = false;
+    for (let i = 0; i < text.length; i += 1) {
+      const c = text.charCodeAt(i);
+      if (inString) {
+        if (c === 92) i += 1; // a backslash escapes the next character
+        else if (c === 34) inString = false;
+      } else if (c === 34) {
+        inString = true;
+      } else if (c === 91 || c === 123) {
+        depth += 1;
+        if (depth > deepest) deepest = depth;
+      } else if (c === 93 || c === 125) {
+        depth -= 1;
+      }
+    }
+    return deepest;
+  }
+
   /** Pretty JSON with coloured tokens: spans whose text is set, never markup. */
   function jsonNode(value, indent) {
     const pre = el("pre", "body json");
@@ -624,7 +648,10 @@
           isJson = true;
         } catch (_) { /* cut or not JSON: text */ }
       }
-      if (isJson && text.length <= TEXT_LIMIT) options.push(["JSON", () => jsonNode(parsed, 0)]);
+      // The pretty view recurses: a visitor's [[[[...]]]] a million deep gets the text view instead.
+      if (isJson && text.length <= TEXT_LIMIT && nesting(text) <= MAX_JSON_DEPTH) {
+        options.push(["JSON", () => jsonNode(parsed, 0)]);
+      }
       if (message.contentType.startsWith("application/x-www-form-urlencoded")) {
         options.push(["Form", () => formTable(text)]);
       }
