@@ -59,7 +59,7 @@ GIB = 1024 * MIB
 
 #: The built-in plugins (pyproject.toml's ``comzy`` entry points), each measured alone by ``--plugins each``.
 BUILTIN_PLUGINS = ("mysql_logging", "dashboard", "metrics", "auth_token", "custom_domains", "anonymous_timeout",
-                   "basic_auth")
+                   "basic_auth", "ip_filter", "headers", "rate_limit")
 #: The label of the server started with ``COMZY_PLUGINS`` unset (every built-in plugin).
 DEFAULT_SET = "default"
 #: A plugin costing more than this fraction of CPU or req/s on its own is flagged (issue 13).
