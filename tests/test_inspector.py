@@ -36,6 +36,7 @@ from comzy.core.server import ServerContext
 from comzy.core.websocket import Closed
 from tests.conftest import PYTHON, RecordingReporter, RunningAgent, cli_env, start_server
 from tests.helpers import wait_until
+from tests.stack import Stack, reachable, stack_fixture, stacks_fixture  # noqa: F401 (role all and a cluster)
 from tests.test_websocket import exchange, open_ws
 from tests.upstream import Upstream
 
@@ -45,8 +46,9 @@ pytestmark = pytest.mark.anyio
 @asynccontextmanager
 async def inspected(server: ServerContext, port: int, *, rewrite_host: bool = False,
                     max_requests: int = DEFAULT_MAX_REQUESTS, max_body: int = DEFAULT_MAX_BODY,
-                    ) -> AsyncIterator[tuple[RunningAgent, httpx.AsyncClient]]:
-    """An in-process agent with capture on, and a client for its local API (on 127.0.0.1:0)."""
+                    public: ServerContext | None = None) -> AsyncIterator[tuple[RunningAgent, httpx.AsyncClient]]:
+    """An in-process agent with capture on, and a client for its local API (on 127.0.0.1:0); visitors
+    reach it through ``public`` (an edge of a cluster whose control node is ``server``) if given."""
     capture = Capture(max_requests, max_body)
     reporter = RecordingReporter()
     forwarder = LocalForwarder("127.0.0.1", port, rewrite_host=rewrite_host, on_served=reporter.served.append,
@@ -61,7 +63,11 @@ async def inspected(server: ServerContext, port: int, *, rewrite_host: bool = Fa
         tg.start_soon(agent.run)
         welcome = await reporter.wait_connected()
         tunnel.public_url = str(welcome["url"])
-        yield RunningAgent(agent, reporter, server), client
+        running = RunningAgent(agent, reporter, server)
+        if public is not None and public is not server:
+            running.public = public
+            await reachable(public, running.alias)
+        yield running, client
         await agent.close()
         tg.cancel_scope.cancel()
     await forwarder.aclose()
@@ -684,3 +690,27 @@ def test_the_event_stream_parser_gives_the_same_events_however_the_bytes_are_cut
     for _ in range(1000):
         parser.feed(b"data: " + b"z" * 65536)
     assert len(parser.pending) <= MAX_ITEM_BYTES + 16 and len(parser.data) == 0
+
+
+async def test_streams_and_an_edited_replay_on_role_all_and_through_an_edge(stack: Stack, upstream: Upstream) -> None:
+    # Capture is the agent's: whether visitors come through the node or an edge and NATS, it records the same.
+    for i in range(3):
+        upstream.gate(f"sse{i}").set()
+    async with inspected(stack.control, upstream.port, public=stack.public) as (tunnel, api):
+        async with open_ws(tunnel.public, tunnel.alias, "/ws") as (ws, _):
+            assert await exchange(ws, "hello") == "echo:hello"
+            await ws.close(4003, "done")
+        async with tunnel.visitor() as visitor:
+            assert (await visitor.get("/sse")).status_code == 200
+            assert (await visitor.get("/echo?n=1")).status_code == 200
+        echo, sse, websocket = await done_entries(api, 3)
+        assert [(m["direction"], base64.b64decode(m["data"]))
+                for m in (await detail(api, websocket))["stream"]["messages"]] == [("in", b"hello"),
+                                                                                    ("out", b"echo:hello")]
+        assert websocket["stream"]["close"] == {"direction": "in", "code": 4003, "reason": "done"}
+        assert [e["data"] for e in (await detail(api, sse))["stream"]["events"]] == [f"event {i}" for i in range(3)]
+        replayed = await api.post("/api/requests/http", json={"id": echo["id"], "uri": "/echo?n=2",
+                                                              "headers": [["X-Edited", "1"]]})
+        assert replayed.status_code == 204
+        assert upstream.requests[-1]["path"] == "/echo" and upstream.requests[-1]["query_string"] == b"n=2"
+        assert (b"x-edited", b"1") in upstream.requests[-1]["headers"]

@@ -101,10 +101,13 @@ async def tunnel_processes(tmp_path: Path, upstream_port: int,
             http_port = int((await read_until(edge, r"public\s+http://[\d.]+:(\d+)"))[1])
             ws_port = int((await read_until(control, r"agents\s+ws://[\d.]+:(\d+)"))[1])
             servers = {"edge": edge, "control": control}
+        # The inspector on, as by default (issue 15: the budget holds with it), on a port of its own: the
+        # default 4040-4049 may all be taken by other tests' agents, and then the agent runs without it.
         agent_cmd = [sys.executable, "-m", "comzy.agent.cli", str(upstream_port), "--local-host", "127.0.0.1",
-                     "--server", f"ws://127.0.0.1:{ws_port}"]
+                     "--server", f"ws://127.0.0.1:{ws_port}", "--inspect", "127.0.0.1:0"]
         agent = stack.enter_context(popen(agent_cmd, cli_env()))
         alias = (await read_until(agent, r"Public URL: http://([a-z0-9-]+)\."))[1]
+        await read_until(agent, r"Inspector: http://127\.0\.0\.1:\d+")
         processes = {**servers, "agent": agent}
         async with anyio.create_task_group() as tg:
             # Keep every pipe drained so no process blocks on a full pipe.
