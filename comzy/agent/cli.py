@@ -19,8 +19,9 @@ from comzy.agent import account, inspector
 from comzy.agent.capture import DEFAULT_MAX_BODY, DEFAULT_MAX_REQUESTS, Capture
 from comzy.agent.client import Agent, AgentConfig, AgentError, Rejected, TLSMisconfigured, Unreachable
 from comzy.agent.forward import LocalForwarder
-from comzy.agent.output import ERROR_PREFIX, Output, make_output
+from comzy.agent.output import ERROR_PREFIX, Output, Printer, make_output
 from comzy.agent.policies import BASIC_AUTH, HEADERS, IP_FILTER, RATE_LIMIT, BasicAuth, HeaderRules, IpFilter, RateLimit
+from comzy.agent.tunnels import find_config, load_config, plans_from_config, plans_from_ports, read_words
 from comzy.core.aliases import ALIAS_RE
 from comzy.core.control import Welcome
 from comzy.core.eventloop import EVENT_LOOPS, backend_options
@@ -61,6 +62,8 @@ examples:
   comzy 5173 --host-header rewrite  for dev servers that check Host (Vite, webpack, Rails)
   comzy 3000 --server wss://tunnel.example.com:8191
   comzy 3000 --basic-auth ana:s3cret-pw  visitors must log in (enforced by the server)
+  comzy 3000 8080                   two tunnels (one per port) on one connection
+  comzy start web api               the tunnels web and api of ./comzy.yml (or --config FILE; --all)
   comzy 3000 --rate-limit 60/min    at most 60 requests a minute from each visitor's address
   comzy 3000 --cidr-allow 203.0.113.0/24  only visitors from that network (others get 403)
   comzy 3000 --response-header-add 'X-Robots-Tag: noindex'  a header on every response
@@ -91,12 +94,17 @@ def build_parser() -> Parser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("port", nargs="?", type=_port, default=3000, help="local port to expose (default 3000)")
+    parser.add_argument("port", nargs="*", default=[], metavar="PORT",
+                        help="local port to expose (default 3000); several: a tunnel each, on one connection. "
+                        "Or `start NAME...`: the tunnels NAME of the config file")
     parser.add_argument("--subdomain", "-s", help="ask for this alias (e.g. myapp -> myapp.<domain>)")
     parser.add_argument("--host-header", choices=["preserve", "rewrite"], default="preserve",
                         help="'rewrite' sends Host: localhost:PORT to the local service (for dev servers "
                         "that check Host); default passes the visitor's Host through")
     parser.add_argument("--local-host", default="localhost", help="host of the local service (default localhost)")
+    parser.add_argument("--config", metavar="FILE", help="with `start`: the config file that declares the tunnels "
+                        "(default ./comzy.yml, else ~/.comzy/comzy.yml)")
+    parser.add_argument("--all", action="store_true", help="with `start`: every tunnel of the config file")
     parser.add_argument("--server", help=f"agent listener URL(s), comma-separated (default {DEFAULT_SERVER})")
     parser.add_argument("--cacert", metavar="FILE", help="trust the CA certificates in FILE (PEM) for a wss:// "
                         "server instead of the system's; SSL_CERT_FILE=FILE does the same for every command")
@@ -157,12 +165,17 @@ def _size(text: str) -> int:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Parse ``comzy [PORT] [options]``."""
     parser = build_parser()
-    if argv and not argv[0].startswith("-") and not argv[0].isdigit():
+    if argv and not argv[0].startswith("-") and not argv[0].isdigit() and argv[0] != "start":
         # A mistyped command would otherwise be read as the port and called "not a port number".
-        guess = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+        guess = difflib.get_close_matches(argv[0], (*COMMANDS, "start"), n=1)
         if guess:
             parser.error(f"unknown command '{printable(argv[0])}'; did you mean {guess[0]}?")
-    args = parser.parse_args(argv)
+    # Intermixed: `comzy 3000 --log 8080` and `comzy start --all` read as meant.
+    args = parser.parse_intermixed_args(argv)
+    # `comzy 3000 8080` or `comzy start web api`: args.ports or args.start, and args.port (the first).
+    problem = read_words(args, parser.get_default, _port)
+    if problem:
+        parser.error(problem)
     try:
         args.policy = BasicAuth.parse(args.basic_auth, args.basic_auth_forward)
     except ValueError as exc:
@@ -319,6 +332,24 @@ async def _run(agent: Agent, forwarder: LocalForwarder, printer: Output,
     return code
 
 
+def _main_several(args: argparse.Namespace) -> NoReturn:
+    """``comzy 3000 8080`` or ``comzy start NAME...``: several tunnels on one connection."""
+    from comzy.agent import several
+
+    server = None
+    try:
+        if args.start is not None:
+            config = load_config(find_config(args.config))
+            plans, server = plans_from_config(config, args.start, args.all), config.server
+        else:
+            plans = plans_from_ports(args)
+    except ValueError as exc:  # ConfigError, or a policy flag's value
+        Printer("").error(str(exc))
+        sys.exit(2)
+    several.main(args, plans, server)
+    sys.exit(0)  # several.main exits; this keeps the type checker sure of it
+
+
 def local_service_answers(host: str, port: int, timeout: float = 0.5) -> bool:
     """Whether something accepts TCP connections on ``host:port`` (a start-up hint only)."""
     try:
@@ -340,6 +371,8 @@ def main(argv: list[str] | None = None) -> None:
 
         sys.exit(run_command(argv))
     args = parse_args(argv)
+    if args.start is not None or len(args.ports) > 1:
+        _main_several(args)
     saved = account.load_credentials()
     servers = server_list(args.server, saved.server if saved else None)
     token, held_back = account.token_for(servers, saved)

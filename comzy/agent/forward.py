@@ -33,6 +33,8 @@ class Served:
     duration: float
     websocket: bool = False
     error: str | None = None
+    #: The tunnel's name when the agent serves several (``comzy 3000 8080``): the line names it.
+    tunnel: str | None = None
 
 
 class LocalForwarder:

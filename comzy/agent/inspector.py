@@ -14,9 +14,9 @@ import ipaddress
 import json
 import socket
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import h11
 
@@ -45,6 +45,11 @@ class TunnelInfo:
 
     addr: str
     public_url: str | None = None
+    #: The tunnel's name: ngrok's ``command_line`` for ``comzy 3000``; its own for an agent that
+    #: serves several (``comzy 3000 8080``, ``comzy start web api``).
+    name: str = TUNNEL_NAME
+    #: The agent's other tunnels, listed after this one (empty: one tunnel).
+    more: list[TunnelInfo] = field(default_factory=list)
 
 
 class InspectorAPI:
@@ -152,10 +157,12 @@ class InspectorAPI:
         try:
             if path == "/api/tunnels" and method == "GET":
                 return 200, {"tunnels": self._tunnels(), "uri": "/api/tunnels"}
-            if path == f"/api/tunnels/{TUNNEL_NAME}" and method == "GET":
-                tunnels = self._tunnels()
+            if path.startswith("/api/tunnels/") and method == "GET":
+                wanted = unquote(path[len("/api/tunnels/"):])
+                tunnels = [tunnel for tunnel in self._tunnels() if tunnel["name"] == wanted]
                 if not tunnels:
-                    raise InspectError(404, "the tunnel is not up yet")
+                    raise InspectError(404, "the tunnel is not up yet" if wanted == self.tunnel.name else
+                                       "no tunnel has this name; list them with GET /api/tunnels")
                 return 200, tunnels[0]
             if path == "/api/requests/http":
                 if method == "GET":
@@ -176,16 +183,13 @@ class InspectorAPI:
             return exc.status, _error(exc.status, str(exc))
 
     def _tunnels(self) -> list[dict[str, Any]]:
-        url = self.tunnel.public_url
-        if url is None:
-            return []
         return [{
-            "name": TUNNEL_NAME,
-            "uri": f"/api/tunnels/{TUNNEL_NAME}",
-            "public_url": url,
-            "proto": urlsplit(url).scheme or "http",
-            "config": {"addr": f"http://{self.tunnel.addr}", "inspect": True},
-        }]
+            "name": tunnel.name,
+            "uri": f"/api/tunnels/{quote(tunnel.name)}",
+            "public_url": tunnel.public_url,
+            "proto": urlsplit(tunnel.public_url).scheme or "http",
+            "config": {"addr": f"http://{tunnel.addr}", "inspect": True},
+        } for tunnel in (self.tunnel, *self.tunnel.more) if tunnel.public_url is not None]
 
     def _list(self, query: dict[str, list[str]]) -> Listing:
         exchanges = self.capture.newest_first()

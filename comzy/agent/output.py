@@ -9,11 +9,14 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Protocol, TextIO
+from typing import TYPE_CHECKING, Protocol, TextIO
 
 from comzy.agent.forward import Served
 from comzy.core.control import Welcome
 from comzy.core.logs import printable
+
+if TYPE_CHECKING:
+    from comzy.agent.tunnels import TunnelPlan
 
 _RESET = "\033[0m"
 _BOLD = "\033[1m"
@@ -62,22 +65,40 @@ def wants_screen(stream: TextIO) -> bool:
 
 
 def make_output(target: str, *, log: bool = False, quiet: bool = False, out: TextIO | None = None,
-                policies: dict[str, str] | None = None) -> Output:
+                policies: dict[str, str] | None = None, tunnels: list[TunnelPlan] | None = None) -> Output:
     """The live screen on a terminal; plain lines when piped, with ``--log`` or with ``--quiet``.
     ``policies``: what each policy plugin the agent required enforces, shown once the server
-    confirmed it (WELCOME ``enforced``)."""
+    confirmed it (WELCOME ``enforced``). ``tunnels``: the tunnels of an agent that serves several
+    (each with its local address and policies), shown a line each."""
     out = out or sys.stdout
     if log or quiet or not wants_screen(out):
-        return Printer(target, quiet=quiet, out=out, policies=policies)
+        printer = Printer(target, quiet=quiet, out=out, policies=policies)
+        printer.tunnels = {plan.name: plan for plan in tunnels or []}
+        return printer
     # Imported here: rich costs start-up time that a piped or --log agent need not pay.
     from comzy.agent.screen import Screen
 
-    return Screen(target, out=out, policies=policies)
+    screen = Screen(target, out=out, policies=policies)
+    screen.tunnels = {plan.name: plan for plan in tunnels or []}
+    return screen
 
 
 def policies_in_force(policies: dict[str, str], welcome: Welcome) -> list[str]:
     """The descriptions of the policies the server confirmed it enforces, in the agent's order."""
     return [text for name, text in policies.items() if name in welcome.enforced]
+
+
+def tunnel_lines(tunnels: dict[str, TunnelPlan], welcome: Welcome) -> list[tuple[str, str, list[str]]]:
+    """Per tunnel of a WELCOME for several: its public URL, its local address and name, and the
+    policies the server confirmed for it; escaped, in the WELCOME's order."""
+    lines = []
+    for tunnel in welcome.tunnels:
+        plan = tunnels.get(tunnel.name)
+        target = plan.target if plan is not None else "?"
+        described = plan.policies.described if plan is not None else {}
+        policies = [printable(text) for name, text in described.items() if name in tunnel.enforced]
+        lines.append((printable(tunnel.url), f"http://{printable(target)} ({printable(tunnel.name)})", policies))
+    return lines
 
 
 class Printer:
@@ -90,6 +111,8 @@ class Printer:
         self.target = target
         self.quiet = quiet
         self.policies = policies or {}
+        #: The tunnels of an agent that serves several, by name (empty: one tunnel, ``target``).
+        self.tunnels: dict[str, TunnelPlan] = {}
         self._down = False  # between a lost connection and the next successful one
         self.inspector: str | None = None
 
@@ -117,11 +140,19 @@ class Printer:
         """The tunnel is up: show the public URL prominently."""
         self._down = False
         url = printable(welcome.url)
+        several = tunnel_lines(self.tunnels, welcome) if welcome.tunnels else []
         if first:
-            self.line(self._c(_DIM, f"Forwarding {url} -> http://{self.target}"))
-            self.line(self._c(_BOLD + _GREEN, f"Public URL: {url}"))
-            for policy in policies_in_force(self.policies, welcome):
-                self.line(self._c(_GREEN, f"Policy: {printable(policy)}"))
+            if several:
+                # One line per public URL, each with where it leads.
+                for public, local, policies in several:
+                    self.line(self._c(_BOLD + _GREEN, f"Public URL: {public}") + self._c(_DIM, f" -> {local}"))
+                    for policy in policies:
+                        self.line(self._c(_GREEN, f"  Policy: {policy}"))
+            else:
+                self.line(self._c(_DIM, f"Forwarding {url} -> http://{self.target}"))
+                self.line(self._c(_BOLD + _GREEN, f"Public URL: {url}"))
+                for policy in policies_in_force(self.policies, welcome):
+                    self.line(self._c(_GREEN, f"Policy: {printable(policy)}"))
             if self.inspector:
                 self.line(self._c(_CYAN, f"Inspector: {self.inspector}"))
             user = printable(welcome.user) if welcome.user else None
@@ -136,7 +167,7 @@ class Printer:
                 self.line(self._c(_DIM, who))
             self.line(self._c(_DIM, "Press Ctrl-C to stop."))
         else:
-            self.line(self._c(_GREEN, f"Reconnected: {url}"))
+            self.line(self._c(_GREEN, f"Reconnected: {', '.join(public for public, _, _ in several) or url}"))
         for notice in welcome.notices:
             self.notice("info", notice)
 
@@ -165,6 +196,8 @@ class Printer:
         duration = duration_label(served.duration)
         # The method and path are the visitor's: escaped, they cannot drive this terminal.
         line = f"{printable(served.method):<7} {printable(served.target)} {status_text} {duration}"
+        if served.tunnel is not None:
+            line = f"{self._c(_CYAN, printable(served.tunnel))} {line}"
         if served.error and served.status >= 500:
             line += "  " + self._c(_DIM, printable(served.error))
         self.line(line)

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import anyio
 from rich.console import Console, Group, RenderableType
@@ -31,9 +31,12 @@ from rich.text import Text
 
 from comzy import __version__
 from comzy.agent.forward import Served
-from comzy.agent.output import Printer, duration_label, policies_in_force, span, status_label
+from comzy.agent.output import Printer, duration_label, policies_in_force, span, status_label, tunnel_lines
 from comzy.core.control import Welcome
 from comzy.core.logs import printable
+
+if TYPE_CHECKING:
+    from comzy.agent.tunnels import TunnelPlan
 
 #: Least time between two frames, however many requests arrive (the agent's CPU per request is
 #: benchmarked: drawing per request would cost more than forwarding).
@@ -92,6 +95,10 @@ class Screen:
         #: Errors and farewells go out as plain lines once the screen is gone.
         self._plain = Printer(target, out=self.out)
         self.url: str | None = None
+        #: The tunnels of an agent that serves several, by name (empty: one tunnel, ``target``), and
+        #: per tunnel its public URL, local address and confirmed policies, once connected.
+        self.tunnels: dict[str, TunnelPlan] = {}
+        self.several: list[tuple[str, str, list[str]]] = []
         self.user: str | None = None
         self.expires_at: float | None = None
         self.state = "connecting"
@@ -112,6 +119,7 @@ class Screen:
     def connected(self, welcome: Welcome, first: bool) -> None:
         """The tunnel is up (again)."""
         self.url = printable(welcome.url)
+        self.several = tunnel_lines(self.tunnels, welcome) if welcome.tunnels else []
         self.user = printable(welcome.user) if welcome.user else None
         self.expires_at = float(welcome.expires_at) if welcome.expires_at else None
         self.in_force = [printable(text) for text in policies_in_force(self.policies, welcome)]
@@ -176,7 +184,9 @@ class Screen:
             self._live = None
             if self.url:
                 # The screen is gone with the terminal's alternate screen: say what ran, in the scrollback.
-                self._plain.line(f"Stopped forwarding {self.url} -> http://{self.target} "
+                where = ", ".join(f"{public} -> {local}" for public, local, _ in self.several) or \
+                    f"{self.url} -> http://{self.target}"
+                self._plain.line(f"Stopped forwarding {where} "
                                  f"({self.total} request{'' if self.total == 1 else 's'} served).")
             for error in self._errors:
                 self._plain.error(error)
@@ -212,13 +222,18 @@ class Screen:
         url = self.url or "-"
         latency = self._latency() if self.state == "online" else None
         rpm = self.rate.count(time.monotonic())
+        style = "bold green" if self.state == "online" else "bold"
+        # Several tunnels: a row per public URL, with where it leads and its policies under it.
+        tunnels = [row for public, local, policies in self.several
+                   for row in (("Public URL", Text.assemble((public, style), (f" -> {local}", "dim"))),
+                               *(("  Policy", Text(policy, "green")) for policy in policies))]
         facts = [
             ("Session", self._state_text()),
             ("Account", self._account_text()),
-            ("Public URL", Text(url, "bold green" if self.state == "online" else "bold")),
+            *(tunnels or [("Public URL", Text(url, style))]),
             *((("Inspector", Text(self.inspector, "cyan")),) if self.inspector else ()),
-            ("Forwarding", Text(f"{url} -> http://{self.target}")),
-            *(("Policy", Text(policy, "green")) for policy in self.in_force),
+            *(() if tunnels else [("Forwarding", Text(f"{url} -> http://{self.target}"))]),
+            *(() if tunnels else (("Policy", Text(policy, "green")) for policy in self.in_force)),
             ("Latency", Text(f"{latency * 1000:.0f} ms" if latency is not None else "-")),
             ("Requests", Text(f"{rpm} in the last minute, {self.total} in all")),
         ]
@@ -275,6 +290,8 @@ class Screen:
             colour = "red" if served.status >= 500 or not served.status else \
                 "yellow" if served.status >= 400 else "green"
             path = Text(printable(served.target))
+            if served.tunnel is not None:
+                path = Text.assemble((f"{printable(served.tunnel)} ", "cyan"), path)
             if served.error and served.status >= 500:
                 path.append(f"  {printable(served.error)}", "dim")
             cells: list[RenderableType] = [time.strftime("%H:%M:%S", time.localtime(request.at))] if clock else []
