@@ -4,10 +4,12 @@ and policies as operators see them (describe_policy: /api/tunnels, the feed, the
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 
 from comzy.agent.cli import parse_args
@@ -22,9 +24,10 @@ from comzy.plugins.rate_limit import RateLimit as RateLimitPlugin
 from comzy.plugins.rate_limit.limiter import Limiter, Rate, client_key
 from comzy.plugins.rate_limit.plugin import parse_policy
 from comzy.plugins.rate_limit.settings import RateLimitSettings
-from tests.conftest import ROOT, RecordingReporter, admin_client, start_agent, start_server
+from tests.conftest import ROOT, RecordingReporter, admin_client, cli_env, start_agent, start_server
 from tests.helpers import wait_until
 from tests.stack import Stack, Stacks, stacks_fixture  # noqa: F401 (the stacks fixture: role all and a cluster)
+from tests.test_large_transfers import popen, read_until
 from tests.test_plugin_basic_auth import OTHER, PASSWORD, basic, open_ws
 from tests.test_plugin_dashboard import next_event, open_feed
 from tests.test_plugin_metrics import samples
@@ -360,3 +363,32 @@ async def test_the_limit_comes_before_basic_auth(tmp_path: Path, upstream: Upstr
         codes = [(await client.get("/", headers=basic("ana", guess))).status_code
                  for guess in ("guess-one", "guess-two", PASSWORD)]
     assert codes == [401, 401, 429]
+
+
+async def test_the_agent_asks_for_it_and_prints_it_under_the_url(tmp_path: Path, upstream: Upstream) -> None:
+    """The real `comzy` command: --rate-limit reaches the server's plugin, which confirms it, and the
+    agent prints it under the public URL; a visitor past it gets 429."""
+    command = [sys.executable, "-m", "comzy.agent.cli", str(upstream.port), "--local-host", "127.0.0.1", "--log",
+               "--rate-limit", "2/min"]
+    async with start_server(tmp_path / "data", plugins=[(RATE_LIMIT, plugin())]) as server:
+        env = cli_env(COMZY_WS_SERVER=f"ws://127.0.0.1:{server.ports.ws}", HOME=str(tmp_path))
+        with popen(command, env) as agent:
+            url = (await read_until(agent, r"Public URL: (\S+)"))[1]
+            policy_line = (await read_until(agent, r"Policy: .*"))[0]
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.ports.http}", timeout=30,
+                                         headers={"host": url.split("//", 1)[1]}) as client:
+                codes = [(await client.get("/status/200")).status_code for _ in range(3)]
+            agent.terminate()
+    assert policy_line == "Policy: rate limit 2/min per client address (over it: 429 Too Many Requests)"
+    assert codes == [200, 200, 429]
+
+
+def test_a_bad_setting_is_named_at_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    from comzy.core.hooks import PluginError, available_plugins, load_plugin
+
+    monkeypatch.setenv("COMZY_RATE_LIMIT_PER_MINUTE", "0")
+    with pytest.raises(PluginError, match="COMZY_RATE_LIMIT_PER_MINUTE"):
+        load_plugin(RATE_LIMIT, available_plugins()[RATE_LIMIT])
+    monkeypatch.setenv("COMZY_RATE_LIMIT_PER_MINUTE", "120")
+    loaded = load_plugin(RATE_LIMIT, available_plugins()[RATE_LIMIT])
+    assert isinstance(loaded, RateLimitPlugin) and loaded.operator == Rate(120, 60)
