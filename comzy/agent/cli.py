@@ -136,7 +136,8 @@ def build_parser() -> Parser:
     parser.add_argument("--log", action="store_true", help="print a plain line per request instead of the live "
                         "status screen (the default when output is not a terminal)")
     parser.add_argument("--inspect", metavar="ADDR", help="serve the inspector (a live page of the "
-                        "requests at /, and ngrok's local API: /api/tunnels, /api/requests/http) on HOST:PORT, or 'off' (default "
+                        "requests at /, and ngrok's local API: /api/tunnels, /api/requests/http) on HOST:PORT, "
+                        "or 'off' (default "
                         f"{inspector.DEFAULT_HOST}:{inspector.DEFAULT_PORTS[0]}, the next free port up to "
                         f"{inspector.DEFAULT_PORTS[-1]})")
     parser.add_argument("--inspect-max-requests", metavar="N", type=_positive, default=DEFAULT_MAX_REQUESTS,
