@@ -16,6 +16,7 @@ import re
 import socket
 import tomllib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -156,8 +157,10 @@ async def test_the_stream_sends_a_snapshot_then_what_changes_and_is_bounded(
                 assert stream.status_code == 200
                 assert stream.headers["content-type"] == "text/event-stream; charset=utf-8"
                 events = sse_events(stream)
-                assert await anext(events) == ("tunnel", {"public_url": tunnel.url,
-                                                          "addr": f"127.0.0.1:{upstream.port}"})
+                addr = f"127.0.0.1:{upstream.port}"
+                assert await anext(events) == ("tunnel", {
+                    "public_url": tunnel.url, "addr": addr,
+                    "tunnels": [{"name": "command_line", "public_url": tunnel.url, "addr": addr}]})
                 name, snapshot = await anext(events)
                 assert name == "snapshot"
                 assert [(s["method"], s["uri"], s["status"], s["done"]) for s in snapshot] == \
@@ -224,6 +227,16 @@ async def test_a_page_that_stops_reading_is_dropped_and_its_slot_given_back(monk
                 client.stream("GET", "/api/stream") as again:
             assert again.status_code == 200
         tg.cancel_scope.cancel()
+
+
+@dataclass
+class Tunnels:
+    """What the inspector reads of an agent's tunnels (inspector.TunnelInfo), with more than one."""
+
+    addr: str
+    public_url: str | None
+    name: str = "command_line"
+    more: list[Tunnels] = field(default_factory=list)
 
 
 # -- The page in Chromium -------------------------------------------------------------------------
@@ -446,8 +459,12 @@ async def test_the_page_reconnects_when_the_inspector_comes_back_and_says_when_i
     port = sock.getsockname()[1]
     url = f"http://127.0.0.1:{port}/"
 
+    # As an agent serving two tunnels (comzy 3000 8080) describes them.
+    tunnels = Tunnels("127.0.0.1:3000", "http://web.example", "web",
+                      [Tunnels("127.0.0.1:8080", "http://api.example", "api")])
+
     def api() -> inspector.InspectorAPI:
-        return inspector.InspectorAPI(capture, inspector.TunnelInfo("127.0.0.1:1"), lambda: None)  # type: ignore[arg-type,return-value]
+        return inspector.InspectorAPI(capture, tunnels, lambda: None)  # type: ignore[arg-type,return-value]
 
     with anyio.fail_after(60):
         async with chromium_page() as (page, problems):
@@ -456,6 +473,9 @@ async def test_the_page_reconnects_when_the_inspector_comes_back_and_says_when_i
                 await page.goto(url)
                 await expect(page.locator("#live-state")).to_have_class(LIVE)
                 await expect(page.locator("#request-list .path")).to_have_text(["/kept"])
+                await expect(page.locator("#public-url")).to_have_text("http://web.example")
+                await expect(page.locator("#more-tunnels .more-tunnel")).to_have_text(
+                    ["apihttp://api.example → 127.0.0.1:8080"])
                 tg.cancel_scope.cancel()
             # The agent stopped: the page says so and keeps trying.
             await expect(page.locator("#live-state")).to_have_class(state_class("reconnecting"))

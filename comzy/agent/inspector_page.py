@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
+from comzy.agent.capture import TUNNEL_NAME
+
 if TYPE_CHECKING:
     from comzy.agent.capture import Capture, Exchange
 
@@ -151,20 +153,26 @@ class Streams:
         headers = [(b"content-type", b"text/event-stream; charset=utf-8")]
         return Reply(headers, stream=self._run(), write_timeout=STREAM_WRITE_TIMEOUT)
 
+    def _tunnels(self) -> list[dict[str, Any]]:
+        """The agent's tunnels: the first one, then any more it serves (``comzy 3000 8080``)."""
+        return [{"name": getattr(tunnel, "name", TUNNEL_NAME), "public_url": tunnel.public_url, "addr": tunnel.addr}
+                for tunnel in (self.tunnel, *getattr(self.tunnel, "more", ()))]
+
     async def _run(self) -> AsyncGenerator[bytes, None]:
         self.open += 1
         try:
             # A page reconnects by itself; 2 s after the agent comes back is soon enough.
             yield b"retry: 2000\n\n"
             seen: dict[str, tuple[Any, ...]] = {}
-            url: str | None = None
+            tunnels: list[dict[str, Any]] | None = None
             quiet = 0.0
             first = True
             while not self.closing.is_set():
                 out = []
-                if self.tunnel.public_url != url or first:
-                    url = self.tunnel.public_url
-                    out.append(_event("tunnel", {"public_url": url, "addr": self.tunnel.addr}))
+                if (now := self._tunnels()) != tunnels:
+                    tunnels = now
+                    out.append(_event("tunnel", {"public_url": now[0]["public_url"], "addr": now[0]["addr"],
+                                                 "tunnels": now}))
                 exchanges = self.capture.newest_first()
                 if first:
                     seen = {e.id: _signature(e) for e in exchanges}

@@ -22,6 +22,7 @@
   const byId = (id) => document.getElementById(id);
   const view = {
     publicUrl: byId("public-url"),
+    moreTunnels: byId("more-tunnels"),
     localAddr: byId("local-addr"),
     liveState: byId("live-state"),
     liveStateText: byId("live-state-text"),
@@ -254,6 +255,17 @@
       if (/^https?:\/\//.test(url)) view.publicUrl.href = url;
       else view.publicUrl.removeAttribute("href");
       view.localAddr.textContent = String(tunnel.addr || "");
+      // An agent serving several tunnels: the others follow the first, named.
+      view.moreTunnels.replaceChildren();
+      for (const other of (Array.isArray(tunnel.tunnels) ? tunnel.tunnels.slice(1) : [])) {
+        const otherUrl = typeof other.public_url === "string" ? other.public_url : "";
+        const link = el("a", null, otherUrl || "not connected yet");
+        if (/^https?:\/\//.test(otherUrl)) link.href = otherUrl;
+        link.rel = "noreferrer";
+        link.target = "_blank";
+        view.moreTunnels.append(el("div", "more-tunnel", null, el("dt", null, other.name),
+          el("dd", null, null, link, el("span", "muted", ` → ${other.addr}`))));
+      }
     });
     source.addEventListener("snapshot", (event) => {
       const summaries = JSON.parse(event.data);
