@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import os
 import sys
+from collections.abc import Callable
 
 import anyio
 
@@ -50,7 +51,7 @@ class SeveralReporter:
         self.printer.notice(level, message)
 
 
-def _served_by(printer: Output, name: str) -> object:
+def _served_by(printer: Output, name: str) -> Callable[[Served], None]:
     """An ``on_served`` that names the tunnel on the request line."""
     def served(record: Served) -> None:
         printer.served(dataclasses.replace(record, tunnel=name))
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace, plans: list[TunnelPlan], servers: list[str], t
     sock = open_inspector(args, printer)
     capture = Capture(args.inspect_max_requests, args.inspect_max_body) if sock is not None else None
     forwarders = {plan.name: LocalForwarder(plan.host, plan.port, rewrite_host=plan.rewrite_host,
-                                            on_served=_served_by(printer, plan.name),  # type: ignore[arg-type]
+                                            on_served=_served_by(printer, plan.name),
                                             capture=capture)
                   for plan in plans}
     first = forwarders[plans[0].name]
