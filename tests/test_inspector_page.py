@@ -410,6 +410,8 @@ async def test_the_page_lists_live_filters_shows_details_and_replays(server: Ser
         await expect(messages.nth(0)).to_contain_text("hello <b>there</b>")
         await expect(messages.nth(1)).to_contain_text("← from local")
         await expect(page.locator("#stream-facts")).to_contain_text("closed by the visitor with code 1000")
+        await expect(page.locator("#request-body")).to_have_text("18 B in messages, listed below.")
+        await page.screenshot(path=str(screenshot_dir() / "inspector-websocket.png"), animations="disabled")
 
         # A compressed body, decompressed for display (and still there as sent).
         async with tunnel.visitor() as visitor:

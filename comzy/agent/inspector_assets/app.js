@@ -399,13 +399,15 @@
 
     const requestMessage = splitMessage(request.raw);
     renderHeaders(view.requestHeaders, requestMessage.headers);
-    renderBody(view.requestBody, requestMessage, request.body_size, request.body_truncated, detail.kind === "websocket");
+    // A WebSocket's "bodies" are its messages run together: the table below shows them one by one.
+    const messagesBelow = detail.kind === "websocket" && Boolean(detail.stream && detail.stream.messages);
+    renderBody(view.requestBody, requestMessage, request.body_size, request.body_truncated, messagesBelow);
     if (detail.response) {
       view.responseNone.hidden = true;
       const responseMessage = splitMessage(detail.response.raw);
       renderHeaders(view.responseHeaders, responseMessage.headers);
       renderBody(view.responseBody, responseMessage, detail.response.body_size, detail.response.body_truncated,
-        detail.kind !== "http");
+        messagesBelow);
     } else {
       view.responseNone.hidden = false;
       view.responseNone.textContent = detail.done ? "No response: the local service did not answer." : "No response yet.";
@@ -612,14 +614,18 @@
   }
 
   /** The body's views: pretty (JSON, form, text) when it is one of those, else hex; raw text and hex on demand. */
-  function renderBody(container, message, size, truncated, stream) {
+  function renderBody(container, message, size, truncated, messagesBelow) {
     container.replaceChildren();
     // A newer render of this body makes a decompression still running for an older one moot.
     const token = {};
     container.renderToken = token;
     const bytes = message.body;
+    if (messagesBelow) {
+      container.append(el("p", "muted small", `${formatBytes(size)} in messages, listed below.`));
+      return;
+    }
     if (!bytes.length && !size) {
-      container.append(el("p", "muted small", stream ? "No body (the messages are listed below)." : "No body."));
+      container.append(el("p", "muted small", "No body."));
       return;
     }
     const bar = el("div", "body-bar");
@@ -641,7 +647,7 @@
         decompress(bytes, format).then((result) => {
           if (container.renderToken !== token) return;
           const decoded = { encoding, sent: bytes, cut: result.cut };
-          renderBody(container, { ...message, body: result.bytes, decoded }, size, truncated, stream);
+          renderBody(container, { ...message, body: result.bytes, decoded }, size, truncated, false);
         }).catch(() => { /* not really compressed so: it stays shown as sent */ });
       }
     }
