@@ -37,13 +37,14 @@ pytestmark = pytest.mark.anyio
 
 
 class Clock:
-    """A clock the test moves by hand: the limiter's unit tests never sleep."""
+    """A clock the test moves by hand (``now`` in seconds; the limiter reads nanoseconds): the
+    limiter's tests never sleep."""
 
     def __init__(self) -> None:
         self.now = 1000.0
 
-    def __call__(self) -> float:
-        return self.now
+    def __call__(self) -> int:
+        return round(self.now * 1_000_000_000)
 
 
 def owner(text: str) -> dict[str, Any]:

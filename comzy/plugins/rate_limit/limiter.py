@@ -12,7 +12,7 @@ import socket
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 #: TATs are whole nanoseconds: a float sum of N intervals drifts from N x the interval (100,000
 #: requests of a 100000/min burst admitted 99,999), a sum of integers does not.
@@ -25,25 +25,27 @@ _IPV4_MAPPED = bytes(10) + b"\xff\xff"
 
 @dataclass(frozen=True, slots=True)
 class Rate:
-    """``requests`` per ``seconds``: a burst of ``requests``, then one every ``seconds / requests``."""
+    """``requests`` per ``seconds``: a burst of ``requests``, then one every ``seconds / requests``.
+
+    ``interval_ns`` is the time between two requests at the steady rate, in nanoseconds (rounded
+    down: at most 1 ns early); ``burst_ns`` how far ahead of now a TAT may be for a request to be
+    admitted (N - 1 intervals). Both are computed once: :meth:`Limiter.check` runs per request.
+    """
 
     requests: int
     seconds: int
+    interval_ns: int = field(init=False, compare=False, repr=False)
+    burst_ns: int = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        interval = self.seconds * NS // self.requests
+        object.__setattr__(self, "interval_ns", interval)
+        object.__setattr__(self, "burst_ns", interval * (self.requests - 1))
 
     @property
     def interval(self) -> float:
         """Seconds between two requests at the steady rate."""
         return self.seconds / self.requests
-
-    @property
-    def interval_ns(self) -> int:
-        """Nanoseconds between two requests at the steady rate (rounded down: at most 1 ns early)."""
-        return self.seconds * NS // self.requests
-
-    @property
-    def burst_ns(self) -> int:
-        """How far ahead of now a TAT may be for a request to be admitted: N - 1 intervals."""
-        return self.interval_ns * (self.requests - 1)
 
     def __str__(self) -> str:
         unit = next((name for name, seconds in UNIT_SECONDS.items() if seconds == self.seconds), None)
@@ -67,7 +69,7 @@ def client_key(address: str) -> str:
 
 class Limiter:
     """The TATs of up to ``max_clients`` keys (a key: a tunnel and a client), least recently seen
-    forgotten first.
+    forgotten first. ``clock`` gives monotonic nanoseconds (tests give their own).
 
     A key whose every TAT has passed has a full bucket again: forgetting it changes nothing, so
     such keys go first (at the old end, as they are found). Only when every kept key is still
@@ -75,7 +77,7 @@ class Limiter:
     one visitor's count so takes ``max_clients`` other keys, all active within one period.
     """
 
-    def __init__(self, max_clients: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, max_clients: int, clock: Callable[[], int] = time.monotonic_ns) -> None:
         if max_clients < 1:
             raise ValueError("max_clients must be at least 1")
         self.max_clients = max_clients
@@ -90,30 +92,31 @@ class Limiter:
     def check(self, key: Hashable, rates: Sequence[Rate]) -> float:
         """0.0 when a request of ``key`` is admitted under every one of ``rates`` (and counted); else
         the seconds until it would be (nothing counted: a refused request takes no slot)."""
-        now = round(self.clock() * NS)
-        tats = self._tats.get(key)
+        now = self.clock()  # nanoseconds: no float to convert on every request
+        table = self._tats
+        tats = table.get(key)
         if tats is None or len(tats) != len(rates):
-            tats = [now] * len(rates)
+            # Unknown (or its limits changed): a full bucket, so admitted.
+            self._insert(key, [now + rate.interval_ns for rate in rates], now)
+            return 0.0
         wait = 0
-        for rate, tat in zip(rates, tats, strict=True):
+        for rate, tat in zip(rates, tats):  # noqa: B905 (of equal length: checked above)
             # Admitted while the TAT is at most a full bucket's worth (N - 1 intervals) ahead of now.
-            wait = max(wait, tat - now - rate.burst_ns)
+            ahead = tat - now - rate.burst_ns
+            if ahead > wait:
+                wait = ahead
+        table.move_to_end(key)
         if wait > 0:
-            if key in self._tats:
-                self._tats.move_to_end(key)
             return wait / NS
         for index, rate in enumerate(rates):
-            tats[index] = max(tats[index], now) + rate.interval_ns
-        self._store(key, tats, now)
+            tat = tats[index]
+            tats[index] = (tat if tat > now else now) + rate.interval_ns
         return 0.0
 
-    def _store(self, key: Hashable, tats: list[int], now: int) -> None:
+    def _insert(self, key: Hashable, tats: list[int], now: int) -> None:
         table = self._tats
-        known = key in table
         table[key] = tats
-        if known:
-            table.move_to_end(key)
-            return
+        table.move_to_end(key)  # a key whose limits changed is there already
         # A new key: drop up to two full buckets at the old end (the table shrinks when traffic
         # does), then the least recently seen key if the table is still over its cap.
         for _ in range(2):

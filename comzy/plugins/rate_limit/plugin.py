@@ -10,6 +10,7 @@ visitors: README.md says what that means).
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Any
 
 from comzy import ForwardRequest, Registration, Reject, Tunnel, hookimpl
@@ -65,7 +66,7 @@ class RateLimit:
         rates = [self.operator] if self.operator is not None else []
         state = tunnel.metadata.get(NAME)
         if state:
-            rates.append(Rate(state["requests"], state["seconds"]))
+            rates.append(_rate(state["requests"], state["seconds"]))
         return rates
 
     @hookimpl(tryfirst=True)
@@ -93,3 +94,10 @@ class RateLimit:
         owner = Rate(state["requests"], state["seconds"]) if state else None
         return {"per": "client address", "operator": str(self.operator) if self.operator else None,
                 "owner": str(owner) if owner else None}
+
+
+@lru_cache(maxsize=1024)
+def _rate(requests: int, seconds: int) -> Rate:
+    """The owner's limit of a tunnel as a Rate, made once per value (per request it would cost more
+    than the check itself); at most 1,024 values are kept."""
+    return Rate(requests, seconds)
