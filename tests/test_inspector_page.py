@@ -31,7 +31,7 @@ from comzy.core.server import ServerContext
 from tests.conftest import ROOT
 from tests.helpers import wait_until
 from tests.test_dashboard_browser import ARTIFACTS, chromium_page, require_browser
-from tests.test_inspector import inspected, requests
+from tests.test_inspector import agent_command, agent_process, free_port, inspected, lines_until, requests
 from tests.test_websocket import exchange, open_ws
 from tests.upstream import Upstream
 
@@ -525,3 +525,25 @@ async def test_json_nested_too_deep_for_the_pretty_view_is_shown_as_text() -> No
             await expect(page.locator("#request-body .views button")).to_have_text(["JSON", "Text", "Hex"])
             assert problems == []
             tg.cancel_scope.cancel()
+
+
+async def test_the_comzy_command_serves_the_page_for_each_of_its_tunnels(server: ServerContext, upstream: Upstream,
+                                                                         tmp_path: Path) -> None:
+    """The real command (its package data found, its wiring) serves the page, and the stream names
+    every tunnel of ``comzy PORT PORT``."""
+    command = agent_command(upstream.port, server, "--inspect", "127.0.0.1:0")
+    command.insert(command.index(str(upstream.port)) + 1, str(free_port()))  # a second tunnel (nothing there: 502s)
+    with agent_process(command, tmp_path) as proc:
+        lines = await lines_until(proc, r"^Press Ctrl-C")
+        inspector_url = next(line.split(": ", 1)[1].strip() for line in lines if line.startswith("Inspector: "))
+        public = [line.split()[2] for line in lines if line.startswith("Public URL: ")]
+        assert len(public) == 2
+        async with httpx.AsyncClient(base_url=inspector_url, timeout=30) as api:
+            page = await api.get("/")
+            assert page.status_code == 200 and "Comzy inspector" in page.text
+            assert "content-security-policy" in page.headers
+            with anyio.fail_after(30):
+                async with api.stream("GET", "/api/stream") as stream:
+                    name, tunnel = await anext(sse_events(stream))
+            assert name == "tunnel"
+            assert [t["public_url"] for t in tunnel["tunnels"]] == public
