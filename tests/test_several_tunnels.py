@@ -20,9 +20,11 @@ from comzy.core import protocol as p
 from comzy.core.protocol import FrameType as FT
 from comzy.core.server import ServerContext
 from comzy.core.websocket import Closed, connect, server_handshake
+from comzy.plugins.auth_token import AuthToken, AuthTokenSettings
+from comzy.plugins.auth_token.store import create_user
 from comzy.plugins.basic_auth import BasicAuth as BasicAuthPlugin
 from tests.conftest import RecordingReporter, start_agent, start_server, visitor
-from tests.helpers import receive_until_closed, serve_tcp, wait_until
+from tests.helpers import DisconnectWatcher, receive_until_closed, serve_tcp, wait_until
 from tests.stack import Stacks, reachable, stacks_fixture  # noqa: F401 (fixtures)
 from tests.upstream import Upstream, serve_upstream
 
@@ -162,31 +164,42 @@ async def test_one_subdomain_for_two_tunnels_is_refused(tmp_path: Path, upstream
                                  "own subdomain")
 
 
-async def test_a_reconnect_brings_every_tunnel_back_with_its_alias(tmp_path: Path, upstream: Upstream,
+async def test_a_reconnect_brings_every_tunnel_back_with_its_alias(stacks: Stacks, upstream: Upstream,
                                                                    second: Upstream) -> None:
-    async with start_server(tmp_path) as server, \
-            several(server, [TunnelSpec("web", upstream.port), TunnelSpec("api", second.port)]) as agent:
+    async with stacks.start() as stack, \
+            several(stack.control, [TunnelSpec("web", upstream.port), TunnelSpec("api", second.port)],
+                    public=stack.public) as agent:
+        server = stack.control
         before = {name: agent.alias(name) for name in ("web", "api")}
         [session] = {entry.session for entry in server.registry.entries()}
         await session.close(1011, "test: link lost")
         await wait_until(lambda: len(agent.reporter.welcomes) == 2 and len(server.tunnels()) == 2)
         assert {name: agent.alias(name) for name in ("web", "api")} == before
-        assert sessions(server) == 1
+        assert sessions(server) == 1 and {entry.session for entry in server.registry.entries()} != {session}
         async with agent.visitor("web") as web, agent.visitor("api") as api:
+            # Through an edge, a route to the old session is dropped (RESET MOVED) and looked up again.
             assert (await web.get("/status/201")).status_code == 201
             assert (await api.get("/status/202")).status_code == 202
+        assert [s["path"] for s in upstream.requests] == ["/status/201"]
+        assert [s["path"] for s in second.requests] == ["/status/202"]
 
 
-async def test_a_takeover_of_one_alias_takes_only_that_tunnel(tmp_path: Path, upstream: Upstream,
+async def test_a_takeover_of_one_alias_takes_only_that_tunnel(stacks: Stacks, upstream: Upstream,
                                                               second: Upstream) -> None:
-    async with start_server(tmp_path) as server, \
-            several(server, [TunnelSpec("web", upstream.port), TunnelSpec("api", second.port)]) as agent:
+    watcher = DisconnectWatcher()
+    async with stacks.start(plugins=[("watcher", watcher)]) as stack, \
+            several(stack.control, [TunnelSpec("web", upstream.port), TunnelSpec("api", second.port)],
+                    public=stack.public) as agent:
+        server = stack.control
         api_alias, secret = agent.agent.resumes["api"]
         # Another agent with api's resume secret (a copy of this agent elsewhere) takes api over.
-        async with start_agent(server, upstream.port, extra_hello={"resume": {"alias": api_alias, "secret": secret}}) \
+        async with stack.agent(upstream.port, extra_hello={"resume": {"alias": api_alias, "secret": secret}}) \
                 as thief:
             assert thief.alias == api_alias
             await wait_until(lambda: "api" in agent.agent.ended)
+            # Its on_disconnect ran at once, while the session goes on serving web.
+            assert await watcher.wait_for(api_alias) == ["replaced by a new session"]
+            assert agent.alias("web") not in watcher.ended
             assert any("tunnel api ended: another agent" in text for _, text in agent.reporter.notices)
             # web stays on the first agent's session; api now reaches the new agent's app.
             assert server.registry.get(agent.alias("web")).session is not server.registry.get(api_alias).session
@@ -304,3 +317,47 @@ def test_request_head_names_the_tunnel_only_when_set() -> None:
     for bad in (3, "", "x" * 65):
         with pytest.raises(p.ProtocolError, match="'tn' must be a tunnel name"):
             p.RequestHead.from_payload({**head.to_payload(), "tn": bad})
+
+
+async def test_the_server_closing_one_tunnel_leaves_the_others(tmp_path: Path, upstream: Upstream,
+                                                               second: Upstream) -> None:
+    """An operator's close (admin API, dashboard) or a plugin's (expiry, a revoked token) ends one
+    row of /api/tunnels: the agent keeps serving the others on the same session."""
+    watcher = DisconnectWatcher()
+    async with start_server(tmp_path, plugins=[("watcher", watcher)]) as server, \
+            several(server, [TunnelSpec("web", upstream.port), TunnelSpec("api", second.port)]) as agent:
+        web, api = agent.alias("web"), agent.alias("api")
+        assert await server.close_tunnel(api, "closed by the server's operator")
+        assert await watcher.wait_for(api) == ["closed by the server's operator"]
+        await wait_until(lambda: "api" in agent.agent.ended)
+        assert [t.alias for t in server.tunnels()] == [web]
+        async with agent.visitor("web") as client:
+            assert (await client.get("/status/201")).status_code == 201
+        async with visitor(server, api) as client:
+            assert (await client.get("/status/202")).status_code == 404
+        # Closing the last one ends the session; the agent exits with the reason.
+        assert await server.close_tunnel(web, "closed again")
+        assert await watcher.wait_for(web) == ["closed again"]
+        await wait_until(lambda: agent.agent.session is None)
+    assert second.requests == []
+
+
+async def test_each_tunnel_counts_against_the_users_alias_limit(tmp_path: Path, upstream: Upstream) -> None:
+    plugin = AuthToken(AuthTokenSettings(_env_file=None, max_aliases_per_user=2, refresh_seconds=0.05))
+    async with start_server(tmp_path, plugins=[("auth_token", plugin)]) as server:
+        token = await create_user(plugin.engine, "ana")
+        agent, _ = agent_for(server, [TunnelSpec("a", upstream.port, subdomain="ana-a"),
+                                      TunnelSpec("b", upstream.port, subdomain="ana-b"),
+                                      TunnelSpec("c", upstream.port, subdomain="ana-c")], RecordingReporter(),
+                             token=token)
+        with pytest.raises(Rejected) as caught, anyio.fail_after(20):
+            await agent.run()
+        assert str(caught.value).startswith("tunnel 'c': you own 2 aliases, the most this server allows "
+                                            "(MAX_ALIASES_PER_USER=2): ana-a, ana-b")
+        assert server.tunnels() == []
+        # Two fit, owned by ana like any she asked for alone; a port the user already has an alias for
+        # cannot serve two tunnels under it.
+        async with several(server, [TunnelSpec("a", upstream.port, subdomain="ana-a"),
+                                    TunnelSpec("b", upstream.port, subdomain="ana-b")], token=token) as running:
+            assert {t.alias: t.user for t in server.tunnels()} == {"ana-a": "ana", "ana-b": "ana"}
+            assert running.reporter.welcomes[-1]["user"] == "ana"

@@ -235,7 +235,7 @@ class AgentListener:
                 log.info("tunnel %s taken over by a new session from %s", alias, client)
                 # If the old session still reaches a live agent, that agent must not reconnect with
                 # the same secret: the two would take the alias from each other forever.
-                end_tunnel(previous, server.registry, server.task_group, _taken_over(alias, registration, previous))
+                end_tunnel(previous, server, _taken_over(alias, registration, previous))
             log.info(
                 "tunnel %s registered: port=%s client=%s user=%s agent=%s%s",
                 alias, registration.port, client, registration.user or "-", registration.agent_version,
@@ -255,7 +255,7 @@ class AgentListener:
                 # get its record back, so it ends as replaced; its agent comes back with the secret.
                 await directory.release(entry)
                 if previous is not None:
-                    end_tunnel(previous, server.registry, server.task_group, "replaced by a new session")
+                    end_tunnel(previous, server, "replaced by a new session")
             elif previous is not None:
                 server.registry.add(previous)
 
@@ -434,6 +434,8 @@ class AgentListener:
         ended = await session.run()
         for entry in entries:
             tunnel, reason = entry.tunnel, ended
+            if entry.ended is not None:
+                continue  # ended on its own while the session served its siblings: reported then
             if not server.registry.remove(tunnel.alias, session):
                 reason = "replaced by a new session"
             elif server.directory is not None:

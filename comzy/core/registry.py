@@ -5,11 +5,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from comzy.core.control import GoAway
 from comzy.core.session import Session
 from comzy.core.types import Tunnel
+
+if TYPE_CHECKING:
+    from comzy.core.server import ServerContext
 
 
 def hash_secret(secret: str) -> bytes:
@@ -27,6 +30,9 @@ class Entry:
     #: Every entry of this entry's session, itself included, when the session carries several
     #: tunnels (HELLO ``tunnels``; shared list); empty for a one-tunnel session.
     siblings: list[Entry] = field(default_factory=list)
+    #: Why this tunnel ended while its session goes on serving its siblings (taken over, or closed
+    #: by the server): its ``on_disconnect`` has run then, and the session's end skips it.
+    ended: str | None = None
 
     def others_live(self, registry: Registry) -> list[Entry]:
         """The other tunnels of this session that still hold their alias in ``registry``."""
@@ -73,15 +79,28 @@ class Registry:
         return False
 
 
-def end_tunnel(entry: Entry, registry: Registry, task_group: Any, reason: str) -> None:
-    """End ``entry``'s tunnel, whose alias another session holds now (a takeover; ``registry`` no
+def end_tunnel(entry: Entry, server: ServerContext, reason: str) -> None:
+    """End ``entry``'s tunnel, whose alias another session holds now (a takeover; the registry no
     longer maps the alias to it), telling its agent ``reason`` and not to take it back.
 
     A session that still serves other tunnels (HELLO ``tunnels``) goes on: the GOAWAY names the one
-    tunnel. Otherwise the session ends, as a one-tunnel session always did.
+    tunnel, and its ``on_disconnect`` runs now. Otherwise the session ends, as a one-tunnel session
+    always did (its ``on_disconnect`` runs when it has).
     """
-    if entry.others_live(registry):
-        entry.session.send_nowait(GoAway(reason, reconnect=False, tunnel=entry.tunnel.name).encode())
+    if end_one(entry, server, reason, "replaced by a new session"):
         return
     entry.session.send_nowait(GoAway(reason, reconnect=False).encode())
-    task_group.start_soon(entry.session.flush_and_close, 4000, "replaced by a new session")
+    server.task_group.start_soon(entry.session.flush_and_close, 4000, "replaced by a new session")
+
+
+def end_one(entry: Entry, server: ServerContext, reason: str, disconnect: str) -> bool:
+    """If ``entry``'s session serves other live tunnels, end this one only and return True: its
+    agent gets GOAWAY ``{reason, reconnect: false, tunnel}`` and ``on_disconnect`` runs (with
+    ``disconnect``). False: the caller ends the session. The registry must not map the alias to
+    ``entry`` any more."""
+    if not entry.others_live(server.registry):
+        return False
+    entry.ended = disconnect
+    entry.session.send_nowait(GoAway(reason, reconnect=False, tunnel=entry.tunnel.name).encode())
+    server.task_group.start_soon(server.hooks.on_disconnect, entry.tunnel, disconnect, server)
+    return True

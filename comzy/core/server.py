@@ -33,7 +33,7 @@ from comzy.core.eventloop import running_loop_name
 from comzy.core.hooks import HookRunner, build_manager
 from comzy.core.hypercorn_compat import install as install_hypercorn_fixes
 from comzy.core.logs import RateLimitedLog
-from comzy.core.registry import Registry
+from comzy.core.registry import Registry, end_one
 from comzy.core.settings import ServerSettings, variable_name
 from comzy.core.tls import (
     TLS_HANDSHAKE_RECORD,
@@ -145,6 +145,13 @@ class ServerContext:
         entry = self.registry.get(alias)
         if entry is None:
             return await self._close_remote(alias, reason) if self.cluster is not None else False
+        if entry.others_live(self.registry):
+            # One tunnel of a session that serves several (a row of /api/tunnels): the others go on.
+            self.registry.remove(alias, entry.session)
+            if self.directory is not None:
+                await self.directory.release(entry)
+            end_one(entry, self, reason, reason)
+            return True
         entry.session.send_nowait(GoAway(reason, reconnect=False).encode())
         await entry.session.flush_and_close(1000, reason)
         return True

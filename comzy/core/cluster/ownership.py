@@ -296,7 +296,7 @@ class ClusterDirectory:
         log.info("tunnel %s: %s", alias, reason)
         # The agent must not come back with the secret: the two would take the alias from each other.
         # A session serving other tunnels too keeps them (end_tunnel names the one in its GOAWAY).
-        end_tunnel(entry, self.server.registry, self.server.task_group, reason)
+        end_tunnel(entry, self.server, reason)
         return True
 
     async def _on_evict(self, msg: Msg) -> None:
