@@ -127,6 +127,24 @@ async def test_websocket_upgrades_are_refused_too(tmp_path: Path, upstream: Upst
     assert [scope["type"] for scope in upstream.requests] == ["websocket"]
 
 
+async def test_a_refused_address_is_refused_before_the_login(tmp_path: Path, upstream: Upstream) -> None:
+    """ip_filter runs first of the policies: a denied address gets 403 whatever it sends, and
+    costs basic_auth no password hash (a 401 would mean the login was checked first)."""
+    from comzy.agent.policies import BASIC_AUTH, BasicAuth
+    from comzy.plugins.basic_auth import BasicAuth as BasicAuthPlugin
+
+    config = {"plugin_data": {BASIC_AUTH: BasicAuth.parse(["ana:a long password"], False).plugin_data(),
+                              IP_FILTER: IpFilter.parse([], ["127.0.0.0/8"]).plugin_data()},
+              "require": [BASIC_AUTH, IP_FILTER]}
+    # ip_filter named first in COMZY_PLUGINS: pluggy would call it last, but for its tryfirst.
+    enabled = [(IP_FILTER, IpFilterPlugin()), (BASIC_AUTH, BasicAuthPlugin())]
+    async with start_server(tmp_path / "data", plugins=enabled) as server, \
+            start_agent(server, upstream.port, **config) as tunnel:
+        assert await status(tunnel) == 403
+        assert await status(tunnel, authorization="Basic YW5hOndyb25n") == 403
+    assert upstream.requests == []
+
+
 async def test_an_edge_enforces_what_the_control_node_registered(stacks: Stacks, upstream: Upstream) -> None:
     """Role all, and a cluster where visitors reach an edge: the rules travel with the tunnel, and
     operators' views show them (describe_policy)."""
