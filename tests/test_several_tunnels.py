@@ -23,7 +23,8 @@ from comzy.core.websocket import Closed, connect, server_handshake
 from comzy.plugins.auth_token import AuthToken, AuthTokenSettings
 from comzy.plugins.auth_token.store import create_user
 from comzy.plugins.basic_auth import BasicAuth as BasicAuthPlugin
-from tests.conftest import RecordingReporter, start_agent, start_server, visitor
+from comzy.plugins.dashboard import Dashboard
+from tests.conftest import RecordingReporter, admin_client, start_agent, start_server, visitor
 from tests.helpers import DisconnectWatcher, receive_until_closed, serve_tcp, wait_until
 from tests.stack import Stacks, reachable, stacks_fixture  # noqa: F401 (fixtures)
 from tests.upstream import Upstream, serve_upstream
@@ -361,3 +362,19 @@ async def test_each_tunnel_counts_against_the_users_alias_limit(tmp_path: Path, 
                                     TunnelSpec("b", upstream.port, subdomain="ana-b")], token=token) as running:
             assert {t.alias: t.user for t in server.tunnels()} == {"ana-a": "ana", "ana-b": "ana"}
             assert running.reporter.welcomes[-1]["user"] == "ana"
+
+
+async def test_the_admin_api_has_a_row_per_tunnel_and_closes_one(tmp_path: Path, upstream: Upstream,
+                                                                 second: Upstream) -> None:
+    async with start_server(tmp_path, plugins=[("dashboard", Dashboard())]) as server, \
+            several(server, [TunnelSpec("web", upstream.port), TunnelSpec("api", second.port)]) as agent, \
+            admin_client(server) as admin:
+        listed = (await admin.get("/api/tunnels")).json()["tunnels"]
+        assert sorted((t["alias"], t["port"]) for t in listed) == sorted(
+            [(agent.alias("web"), upstream.port), (agent.alias("api"), second.port)])
+        closed = await admin.delete(f"/api/tunnels/{agent.alias('api')}")
+        assert closed.status_code == 200
+        await wait_until(lambda: "api" in agent.agent.ended)
+        assert [t["alias"] for t in (await admin.get("/api/tunnels")).json()["tunnels"]] == [agent.alias("web")]
+        async with agent.visitor("web") as client:
+            assert (await client.get("/status/200")).status_code == 200
