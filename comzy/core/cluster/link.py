@@ -14,6 +14,7 @@ of NATS each end the link, and the Session fails its streams with the reason
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import logging
@@ -101,7 +102,9 @@ class LinkTransport:
         self._recv_seq = 0
         self._inbox: deque[bytes] = deque()
         self._inbox_bytes = 0
-        self._event = anyio.Event()
+        # A plain asyncio event, cleared and reused: links run on asyncio only (nats-py), and an
+        # anyio.Event made per wait costs a backend lookup each time, on every message.
+        self._event = asyncio.Event()
         #: Why the link ended (None while it works).
         self.reason: str | None = None
 
@@ -125,7 +128,7 @@ class LinkTransport:
         while not self._inbox:
             if self.reason is not None:
                 raise WebSocketError(self.reason)
-            self._event = anyio.Event()
+            self._event.clear()
             await self._event.wait()
         body = self._inbox.popleft()
         self._inbox_bytes -= len(body)
