@@ -3,6 +3,8 @@ server (role ``all`` and through an edge), a real agent and two real local apps.
 
 from __future__ import annotations
 
+import math
+import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -378,3 +380,46 @@ async def test_the_admin_api_has_a_row_per_tunnel_and_closes_one(tmp_path: Path,
         assert [t["alias"] for t in (await admin.get("/api/tunnels")).json()["tunnels"]] == [agent.alias("web")]
         async with agent.visitor("web") as client:
             assert (await client.get("/status/200")).status_code == 200
+
+
+def random_tunnels(rng: random.Random) -> Any:
+    """A HELLO ``tunnels`` value: sometimes valid, often not, in every way a key can be wrong."""
+    odd: list[Any] = [None, True, -1, 0, 70000, math.nan, "", "x" * 300, "we b", b"\xff", [], {}, [1], {"a": 1}]
+    if rng.random() < 0.2:
+        return rng.choice(odd)
+    tunnels = []
+    for i in range(rng.choice([0, 1, 2, 3, 16, 17])):
+        tunnel: dict[str, Any] = {"name": f"t{i}" if rng.random() < 0.9 else rng.choice(odd),
+                                  "port": rng.randint(1, 65535) if rng.random() < 0.9 else rng.choice(odd)}
+        for key in ("subdomain", "resume", "plugins", "require"):
+            if rng.random() < 0.3:
+                tunnel[key] = rng.choice(odd)
+        tunnels.append(tunnel if rng.random() < 0.95 else rng.choice(odd))
+    return tunnels
+
+
+async def test_random_tunnels_lists_get_an_answer_and_harm_nobody(tmp_path: Path, upstream: Upstream) -> None:
+    rng = random.Random(14)
+    async with start_server(tmp_path) as server, start_agent(server, upstream.port) as bystander:
+        answers = {FT.WELCOME: 0, FT.REJECT: 0}
+        for _ in range(60):
+            tunnels = random_tunnels(rng)
+            ws = await connect(f"ws://127.0.0.1:{server.ports.ws}/", 4 << 20)
+            try:
+                await ws.send(p.encode(FT.HELLO, 0, tunnels_hello(tunnels)))
+                with anyio.fail_after(20):
+                    message = await ws.receive()
+                assert isinstance(message, bytes), tunnels
+                [frame] = p.decode_message(message)
+                assert frame.type in answers, tunnels
+                answers[frame.type] += 1
+                if frame.type == FT.WELCOME:
+                    welcome = c.control_message(frame)
+                    assert isinstance(welcome, c.Welcome)
+                    assert [t.name for t in welcome.tunnels] == [t["name"] for t in tunnels]
+            finally:
+                await ws.aclose()
+        assert answers[FT.WELCOME] and answers[FT.REJECT]
+        async with bystander.visitor() as client:
+            assert (await client.get("/status/200")).status_code == 200
+        await wait_until(lambda: [t.alias for t in server.tunnels()] == [bystander.alias])
