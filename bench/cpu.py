@@ -72,7 +72,7 @@ Target = tuple[Endpoint, dict[str, Proc]]
 POLICY_PLUGINS = "basic_auth,ip_filter,rate_limit"
 POLICY_CREDENTIAL = ("bench", "bench-password")
 POLICY_FLAGS = ("--basic-auth", ":".join(POLICY_CREDENTIAL), "--cidr-allow", "127.0.0.0/8", "--cidr-allow", "::1/128",
-                "--rate-limit", "6000000/min")
+                "--rate-limit", "100000/s")
 #: A policy costing more than this fraction of req/s or server CPU against no policy is flagged (issue 14).
 POLICY_BUDGET = 0.10
 #: ``--inspector``: the two agents' flags. "on" asks for a free port: with the default (4040-4049

@@ -97,6 +97,10 @@ def test_the_policy_tunnel_asks_for_every_policy_plugin() -> None:
     # Each plugin the server runs for --policies is exercised by a flag of the policy tunnel.
     assert set(POLICY_PLUGINS.split(",")) == {"basic_auth", "ip_filter", "rate_limit"}
     assert {"--basic-auth", "--cidr-allow", "--rate-limit"} <= set(POLICY_FLAGS)
+    # ...and the agent accepts them (6000000/min was past --rate-limit's 1,000,000 per period).
+    from comzy.agent.cli import parse_args as agent_args
+
+    assert agent_args(["3000", *POLICY_FLAGS]).rate_limit is not None
     assert parse_args(["--policies"]).policies and not parse_args([]).policies
 
 
