@@ -498,9 +498,10 @@ async def test_the_page_reconnects_when_the_inspector_comes_back_and_says_when_i
             assert problems == []  # no script error on the way (refused connections are not script errors)
 
 
-async def test_json_nested_too_deep_for_the_pretty_view_is_shown_as_text() -> None:
+async def test_json_nested_too_deep_for_the_pretty_view_is_shown_as_text_and_failures_are_marked() -> None:
     """Chromium parses JSON 50,000 deep, but a recursive walk of it overflows the stack: such a
-    body (a visitor's to send) gets the text view, and the page keeps working."""
+    body (a visitor's to send) gets the text view, and the page keeps working. An exchange the local
+    service never answered is marked failed, with why, and the "Failed" filter finds it."""
     require_browser()
     from playwright.async_api import expect
 
@@ -509,7 +510,10 @@ async def test_json_nested_too_deep_for_the_pretty_view_is_shown_as_text() -> No
         exchange = capture.begin("POST", b"/deep/%d" % depth, [(b"content-type", b"application/json")], "127.0.0.1")
         exchange.request_data(b"[" * depth + b"]" * depth)
         exchange.request_complete = True
+        exchange.response(200, [(b"content-length", b"0")])
         exchange.finish()
+    refused = capture.begin("GET", b"/refused", [], "127.0.0.1")
+    refused.finish("the local service refused the connection (is it running on 127.0.0.1:1?)")
     sock = inspector.bind("127.0.0.1", [0])
     api = inspector.InspectorAPI(capture, inspector.TunnelInfo("127.0.0.1:1"), lambda: None)  # type: ignore[arg-type,return-value]
     with anyio.fail_after(60):
@@ -517,11 +521,18 @@ async def test_json_nested_too_deep_for_the_pretty_view_is_shown_as_text() -> No
             tg.start_soon(api.serve, sock)
             await page.goto(inspector.url_of(sock) + "/")
             rows = page.locator("#request-list li.request")
-            await rows.nth(1).click()
+            await expect(rows.nth(0).locator(".status-badge")).to_have_text("failed")
+            await page.select_option("#filter-status", "failed")
+            await expect(page.locator("#request-list li.request:visible .path")).to_have_text(["/refused"])
+            await page.select_option("#filter-status", "")
+            await rows.nth(0).click()
+            await expect(page.locator("#detail-error")).to_have_text(refused.error or "")
+            await expect(page.locator("#response-none")).to_have_text("No response: the local service did not answer.")
+            await rows.nth(2).click()
             await expect(page.locator("#detail-path")).to_have_text("/deep/50000")
             await expect(page.locator("#request-body .views button")).to_have_text(["Text", "Hex"])
             await expect(page.locator("#request-body pre.text")).to_contain_text("[[[[")
-            await rows.nth(0).click()
+            await rows.nth(1).click()
             await expect(page.locator("#request-body .views button")).to_have_text(["JSON", "Text", "Hex"])
             assert problems == []
             tg.cancel_scope.cancel()
