@@ -109,9 +109,17 @@ async def test_websocket_upgrades_get_both_directions(tmp_path: Path, upstream: 
             with anyio.fail_after(10):
                 while b"\r\n\r\n" not in data:
                     data += await stream.receive()
+        # The local app's refusal of an upgrade (403) gets the response rules too.
+        async with await anyio.connect_tcp("127.0.0.1", server.ports.http) as stream:
+            await stream.send(head.replace("GET /ws ", "GET /ws/deny ").encode())
+            refusal = b""
+            with anyio.fail_after(10):
+                while b"denied by upstream" not in refusal:
+                    refusal += await stream.receive()
     assert data.startswith(b"HTTP/1.1 101")
     assert b"x-answer: 101" in data.lower()
-    [scope] = upstream.requests
+    assert refusal.startswith(b"HTTP/1.1 403") and b"x-answer: 101" in refusal.lower()
+    scope = upstream.requests[0]
     assert scope["type"] == "websocket"
     assert (b"x-from-rule", b"ws") in scope["headers"]
     assert all(name != b"x-visitor" for name, _ in scope["headers"])
