@@ -393,3 +393,30 @@ def test_a_bad_setting_is_named_at_start_up(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("COMZY_RATE_LIMIT_PER_MINUTE", "120")
     loaded = load_plugin(RATE_LIMIT, available_plugins()[RATE_LIMIT])
     assert isinstance(loaded, RateLimitPlugin) and loaded.operator == Rate(120, 60)
+
+
+async def test_refusals_at_an_edge_reach_metrics_and_the_feed(stacks: Stacks, upstream: Upstream) -> None:
+    """In a cluster the edge refuses (on_request_refused runs there): its count is in the cluster's
+    /metrics and its event in every node's feed (both roles: ``all`` too)."""
+    def node_plugins() -> list[tuple[str, object]]:  # each node its own (a metrics registry is per server)
+        return [("metrics", Metrics()), ("dashboard", Dashboard()), (RATE_LIMIT, plugin(clock=Clock()))]
+
+    async with stacks.start(plugins=node_plugins(), edge_plugins=node_plugins()) as stack, \
+            stack.agent(upstream.port, **owner("1/min")) as tunnel, stack.visitor(tunnel.alias) as client:
+        await control_in_sight(stack)
+        feed = await open_feed(stack.control)  # the control node's feed: the edge's events cross the bus
+        try:
+            await next_event(feed, "snapshot")
+            assert (await client.get("/status/200")).status_code == 200
+            assert (await client.get("/limited")).status_code == 429
+            refused = await next_event(feed, "request")
+            while refused["status"] != 429:
+                refused = await next_event(feed, "request")
+        finally:
+            await feed.aclose()
+        async with admin_client(stack.public) as admin:
+            scrape = (await admin.get("/metrics")).text
+    assert (refused["refused_by"], refused["path"]) == (RATE_LIMIT, "/limited")
+    counted = {tuple(sorted((k, v) for k, v in labels if k != "node")): value
+               for (name, labels), value in samples(scrape).items() if name == "comzy_requests_refused_total"}
+    assert counted == {(("plugin", "rate_limit"), ("status", "429")): 1}
