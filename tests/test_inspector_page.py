@@ -10,9 +10,11 @@ COMZY_SCREENSHOTS=1, in docs/img/ (the ones docs/agent.md shows).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import tomllib
 from collections.abc import AsyncIterator
@@ -29,7 +31,7 @@ from comzy.agent import inspector, inspector_page
 from comzy.agent.capture import Capture
 from comzy.core.server import ServerContext
 from tests.conftest import ROOT
-from tests.helpers import wait_until
+from tests.helpers import unavailable, wait_until
 from tests.test_dashboard_browser import ARTIFACTS, chromium_page, require_browser
 from tests.test_inspector import agent_command, agent_process, free_port, inspected, lines_until, requests
 from tests.test_websocket import exchange, open_ws
@@ -46,7 +48,7 @@ def state_class(name: str) -> re.Pattern[str]:
 
 
 LIVE = state_class("live")
-HOOK_BODY = b'{"event": "paid", "amount": 12, "note": "<img src=x onerror=alert(5)>"}'
+HOOK_BODY = b'{"event": "paid", "amount": 12, "note": "<img src=x onerror=alert(5)> it\'s $HOME `id`"}'
 HOSTILE_HEADER = "<img src=x onerror=alert(3)><script>alert(4)</script>"
 
 
@@ -239,6 +241,23 @@ class Tunnels:
     more: list[Tunnels] = field(default_factory=list)
 
 
+async def run_copied_curl(page: Any) -> dict[str, Any]:
+    """Click "Copy as curl", run the command it shows with bash, return the upstream's echo."""
+    from playwright.async_api import expect
+
+    if shutil.which("curl") is None or shutil.which("bash") is None:
+        unavailable("curl and bash run the copied command (apt-get install curl)")
+    await page.click("#copy-curl")
+    await expect(page.locator("#curl-box")).to_be_visible()
+    command = await page.locator("#curl").text_content()
+    assert command and command.startswith("curl -i -X ")
+    done = await anyio.run_process(["bash", "-c", command + " -s --max-time 30"], check=False)
+    assert done.returncode == 0, done.stderr
+    head, _, body = done.stdout.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return dict(json.loads(body))
+
+
 # -- The page in Chromium -------------------------------------------------------------------------
 async def send_raw(server: ServerContext, host: str, request: bytes) -> bytes:
     """One request written as bytes to the public listener (httpx would percent-encode the path)."""
@@ -321,7 +340,14 @@ async def test_the_page_lists_live_filters_shows_details_and_replays(server: Ser
         await expect(request_headers.filter(has_text="x-signature")).to_contain_text("t=1,v1=abc")
         await expect(page.locator("#request-body .json-key").first).to_have_text('"event"')
         await expect(page.locator("#request-body pre.json")).to_contain_text('"amount": 12')
-        await expect(page.locator("#request-body .json-string").last).to_have_text('"<img src=x onerror=alert(5)>"')
+        await expect(page.locator("#request-body .json-string").last).to_have_text(
+            '"<img src=x onerror=alert(5)> it\'s $HOME `id`"')
+        # Copy as curl: the command, run by a shell, sends the same request to the local service.
+        echoed = await run_copied_curl(page)
+        assert echoed["method"] == "POST" and echoed["raw_path"] == "/hooks/stripe"
+        assert echoed["query_string"] == "attempt=1"
+        assert echoed["body_sha256"] == hashlib.sha256(HOOK_BODY).hexdigest()
+        assert ["x-signature", "t=1,v1=abc"] in echoed["headers"]
         await expect(page.locator("#response-headers tr").filter(has_text="content-type")).to_contain_text(
             "application/json")
         await expect(page.locator("#response-body .json-key").first).to_have_text('"method"')
@@ -352,6 +378,10 @@ async def test_the_page_lists_live_filters_shows_details_and_replays(server: Ser
         await expect(page.locator("#detail-path")).to_have_text(paths[0])
         await expect(page.locator("#request-headers tr").filter(has_text="x-evil")).to_contain_text(HOSTILE_HEADER)
         assert await page.locator("img[src=x], #request-list script, #detail script").count() == 0
+        echoed = await run_copied_curl(page)  # quotes, <, > and backquotes stay inert in the shell too
+        assert echoed["raw_path"] == HOSTILE_PATH.split("?")[0]
+        assert echoed["query_string"] == HOSTILE_PATH.split("?")[1]
+        assert ["x-evil", HOSTILE_HEADER] in echoed["headers"]
 
         # Replay: the upstream gets it again, and the new row is marked a replay and selected.
         before = len([s for s in upstream.requests if s["path"] == "/hooks/stripe"])

@@ -24,6 +24,10 @@
     publicUrl: byId("public-url"),
     moreTunnels: byId("more-tunnels"),
     localAddr: byId("local-addr"),
+    copyCurl: byId("copy-curl"),
+    curlBox: byId("curl-box"),
+    curl: byId("curl"),
+    curlNote: byId("curl-note"),
     liveState: byId("live-state"),
     liveStateText: byId("live-state-text"),
     clear: byId("clear"),
@@ -75,6 +79,8 @@
     detailFor: "",
     /** A replay's new id, selected once the stream lists it. */
     pendingSelect: null,
+    /** The first tunnel's local address (host:port), where a copied curl command goes. */
+    localAddr: "",
     /** The id being replayed: its replay is selected when it shows up (before the answer, often). */
     pendingReplayOf: null,
     /** The body of the edited request when it is binary (sent back as it was). */
@@ -255,6 +261,7 @@
       if (/^https?:\/\//.test(url)) view.publicUrl.href = url;
       else view.publicUrl.removeAttribute("href");
       view.localAddr.textContent = String(tunnel.addr || "");
+      state.localAddr = String(tunnel.addr || "");
       // An agent serving several tunnels: the others follow the first, named.
       view.moreTunnels.replaceChildren();
       for (const other of (Array.isArray(tunnel.tunnels) ? tunnel.tunnels.slice(1) : [])) {
@@ -294,6 +301,7 @@
     state.detail = null;
     state.detailFor = "";
     view.editForm.hidden = true;
+    view.curlBox.hidden = true;
     document.body.classList.add("showing-detail");
     refreshDetail();
   }
@@ -751,6 +759,49 @@
     }
   }
 
+  // -- copy as curl ----------------------------------------------------------------------------
+  /** One shell word: single-quoted, a quote inside written '\'' (nothing in it is expanded). */
+  function shellWord(text) {
+    return `'${String(text).replace(/'/g, "'\\''")}'`;
+  }
+
+  /** The request as a curl command line to the local service (the first tunnel's, as a replay). */
+  function curlCommand(detail) {
+    const message = splitMessage(detail.request.raw);
+    const words = ["curl", "-i", "-X", shellWord(detail.request.method)];
+    for (const [name, value] of message.headers) {
+      // curl frames the body itself; the rest goes as it went, Host included.
+      if (/^(content-length|transfer-encoding)$/i.test(name)) continue;
+      words.push("-H", shellWord(`${name}: ${value}`));
+    }
+    let note = "";
+    if (message.body.length) {
+      const text = asText(message.body);
+      if (text === null) {
+        words.push("--data-binary", "@-");
+        note = "The body is binary: give it on standard input.";
+      } else {
+        words.push("--data-binary", shellWord(text));
+      }
+      if (detail.request.body_truncated) note += " The body was cut when captured: only its start is here.";
+    }
+    words.push(shellWord(`http://${state.localAddr || "localhost"}${detail.request.uri}`));
+    return { command: words.join(" "), note };
+  }
+
+  async function copyAsCurl() {
+    if (!state.detail) return;
+    const { command, note } = curlCommand(state.detail);
+    view.curl.textContent = command;
+    view.curlBox.hidden = false;
+    let copied = false;
+    try {
+      await navigator.clipboard.writeText(command);
+      copied = true;
+    } catch (_) { /* no clipboard permission: the command is on screen to copy */ }
+    view.curlNote.textContent = `${copied ? "Copied." : "Copy it from here."} ${note}`.trim();
+  }
+
   // -- replay ------------------------------------------------------------------------------------
   async function sendReplay(body, button) {
     button.disabled = true;
@@ -887,6 +938,7 @@
     if (state.detail) sendReplay({ id: state.detail.id, tunnel_name: TUNNEL_NAME }, view.replay);
   });
   view.replayEdit.addEventListener("click", openEditForm);
+  view.copyCurl.addEventListener("click", copyAsCurl);
   byId("edit-cancel").addEventListener("click", () => { view.editForm.hidden = true; });
   view.editForm.addEventListener("submit", submitEdits);
   view.clear.addEventListener("click", async () => {
