@@ -372,8 +372,8 @@ async def test_the_admin_api_has_a_row_per_tunnel_and_closes_one(tmp_path: Path,
             several(server, [TunnelSpec("web", upstream.port), TunnelSpec("api", second.port)]) as agent, \
             admin_client(server) as admin:
         listed = (await admin.get("/api/tunnels")).json()["tunnels"]
-        assert sorted((t["alias"], t["port"]) for t in listed) == sorted(
-            [(agent.alias("web"), upstream.port), (agent.alias("api"), second.port)])
+        assert sorted((t["alias"], t["port"], t["name"]) for t in listed) == sorted(
+            [(agent.alias("web"), upstream.port, "web"), (agent.alias("api"), second.port, "api")])
         closed = await admin.delete(f"/api/tunnels/{agent.alias('api')}")
         assert closed.status_code == 200
         await wait_until(lambda: "api" in agent.agent.ended)
@@ -423,3 +423,14 @@ async def test_random_tunnels_lists_get_an_answer_and_harm_nobody(tmp_path: Path
         async with bystander.visitor() as client:
             assert (await client.get("/status/200")).status_code == 200
         await wait_until(lambda: [t.alias for t in server.tunnels()] == [bystander.alias])
+
+
+def test_a_tunnels_name_crosses_the_cluster_in_its_view() -> None:
+    """Lookups and operators' views across nodes carry the name (absent for a one-tunnel session)."""
+    from comzy.core.types import Tunnel
+
+    named = Tunnel("a", "http://a.localhost", 3000, "127.0.0.1", name="web")
+    assert Tunnel.from_view(named.to_view(), "n1").name == "web"
+    assert "name" not in Tunnel("b", "http://b.localhost", 3000, "127.0.0.1").to_view()
+    with pytest.raises(TypeError, match="name is not a tunnel name"):
+        Tunnel.from_view({**named.to_view(), "name": 5}, "n1")

@@ -149,6 +149,8 @@ class Tunnel:
                 "websockets_open": self.websockets_open, "policies": self.policies}
         if self.policy_summary is not None:
             view["policy_summary"] = self.policy_summary
+        if self.name is not None:  # one of several tunnels on its agent's session
+            view["name"] = self.name
         return view
 
     @classmethod
@@ -169,6 +171,9 @@ class Tunnel:
         summary = view.get("policy_summary")
         if summary is not None and (not isinstance(summary, dict) or not all(isinstance(k, str) for k in summary)):
             raise TypeError("policy_summary is not a map of plugin names")
+        name = view.get("name")
+        if name is not None and (not isinstance(name, str) or len(name) > 64):
+            raise TypeError("name is not a tunnel name")
         return cls(alias=alias, public_url=str(view.get("url") or ""), port=int(view.get("port") or 0),
                    client_address=str(view.get("client") or ""), user=str(user) if user is not None else None,
                    expires_at=float(expires) if expires is not None else None,
@@ -176,7 +181,8 @@ class Tunnel:
                    bytes_in=int(view.get("bytes_in") or 0), bytes_out=int(view.get("bytes_out") or 0),
                    streams_open=int(view.get("streams_open") or 0),
                    websockets_open=int(view.get("websockets_open") or 0), metadata=metadata,
-                   session=int(view["session"]), node=node, policies=list(policies), policy_summary=summary)
+                   session=int(view["session"]), node=node, policies=list(policies), policy_summary=summary,
+                   name=name)
 
 
 @dataclass(slots=True)

@@ -27,6 +27,7 @@ def tunnel_view(tunnel: Tunnel, server: ServerContext) -> dict[str, Any]:
         "client": tunnel.client_address, "since": tunnel.created_at, "expires_at": tunnel.expires_at,
         "requests": tunnel.requests, "bytes_in": tunnel.bytes_in, "bytes_out": tunnel.bytes_out,
         "streams_open": tunnel.streams_open, "websockets_open": tunnel.websockets_open, "node": tunnel.node,
+        "name": tunnel.name,
         "policies": server.describe_policies(tunnel),
     }
 
