@@ -62,6 +62,9 @@ BUILTIN_PLUGINS = ("mysql_logging", "dashboard", "metrics", "auth_token", "custo
                    "basic_auth", "ip_filter", "headers", "rate_limit")
 #: The label of the server started with ``COMZY_PLUGINS`` unset (every built-in plugin).
 DEFAULT_SET = "default"
+#: The label of a second ``COMZY_PLUGINS=none`` server, started as the plugin servers are: how far it lands from
+#: ``none`` is that run's noise, the bar a plugin's difference must clear to mean anything.
+CONTROL = "none_again"
 #: A plugin costing more than this fraction of CPU or req/s on its own is flagged (issue 13).
 PLUGIN_BUDGET = 0.10
 
@@ -273,14 +276,15 @@ def policy_table(rounds: dict[str, list[dict[str, Any]]], connection_counts: lis
 
 def plugin_configs() -> dict[str, str | None]:
     """``--plugins each``: the label of every extra server and its ``COMZY_PLUGINS`` (None: unset)."""
-    return {DEFAULT_SET: None} | {name: name for name in BUILTIN_PLUGINS}
+    return {CONTROL: "none", DEFAULT_SET: None} | {name: name for name in BUILTIN_PLUGINS}
 
 
 def plugin_table(rounds: dict[str, list[dict[str, Any]]], labels: list[str], connection_counts: list[int]) -> list[str]:
     """The ``--plugins each`` table: per label and connection count, the medians of server and agent µs per request
     and req/s, and the cost against ``COMZY_PLUGINS=none`` (``get_<n>c``) as the median over rounds of the
     same round's ratio (so a round the machine was busier cancels out): CPU +x% and req/s -y%. A row costing more
-    than ``PLUGIN_BUDGET`` either way is marked ``<- over 10%`` (``default`` is every plugin at once, never marked).
+    than ``PLUGIN_BUDGET`` either way is marked ``<- over 10%`` (``default`` is every plugin at once, never marked;
+    ``CONTROL``, a second server without plugins, is marked ``<- noise`` instead).
     """
     lines = [f"{'plugins':18} {'conns':>5} {'server µs/req':>13} {'CPU vs none':>11} {'agent µs/req':>12} "
              f"{'req/s':>8} {'req/s vs none':>13}"]
@@ -298,8 +302,9 @@ def plugin_table(rounds: dict[str, list[dict[str, Any]]], labels: list[str], con
             cpu_cost = statistics.median(run["server_us"] / none["server_us"] - 1 for run, none in pairs)
             rps_change = statistics.median(run["requests_per_s"] / none["requests_per_s"] - 1 for run, none in pairs)
             over = label != DEFAULT_SET and max(cpu_cost, -rps_change) > PLUGIN_BUDGET
+            mark = ("  <- noise" if label == CONTROL else "  <- over 10%") if over else ""
             lines.append(f"{label:18} {connections:5d} {server_us:13.0f} {cpu_cost:+11.1%} {agent_us:12.0f} "
-                         f"{rps:8.0f} {rps_change:+13.1%}" + ("  <- over 10%" if over else ""))
+                         f"{rps:8.0f} {rps_change:+13.1%}" + mark)
     return lines
 
 

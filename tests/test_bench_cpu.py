@@ -10,6 +10,7 @@ from typing import Any
 from bench.cpu import (
     AGENT_RSS_BUDGET_MIB,
     BUILTIN_PLUGINS,
+    CONTROL,
     DEFAULT_SET,
     INSPECTOR_FLAGS,
     POLICY_FLAGS,
@@ -64,13 +65,23 @@ def test_plugin_costs_are_paired_by_round_and_flagged_over_ten_percent() -> None
     assert table[(DEFAULT_SET, 1)][3:] == ["+10.0%", "80", "95", "-5.0%"]
 
 
+def test_the_control_server_shows_the_noise_and_is_never_called_over_budget() -> None:
+    # A second server without plugins measured 15% dearer than the first: that is the run's noise, said as such.
+    rounds = {"get_50c": [run(100, 1000)] * 3, f"plugins_{CONTROL}_get_50c": [run(115, 900)] * 3,
+              "plugins_cheap_get_50c": [run(104, 990)] * 3}
+    table = rows(plugin_table(rounds, [CONTROL, "cheap"], [50]))
+    assert table[(CONTROL, 50)][3:] == ["+15.0%", "80", "900", "-10.0%", "<-", "noise"]
+    assert table[("cheap", 50)][3:] == ["+4.0%", "80", "990", "-1.0%"]
+
+
 def test_plugins_each_measures_the_default_set_and_every_builtin_alone() -> None:
     # Every plugin the comzy distribution ships (pyproject.toml's entry points) is measured alone.
     shipped = {point.name for point in entry_points(group="comzy") if point.value.startswith("comzy.plugins.")}
     assert set(BUILTIN_PLUGINS) == shipped
     configs = plugin_configs()
     assert configs[DEFAULT_SET] is None  # COMZY_PLUGINS unset: every built-in plugin
-    assert {name: value for name, value in configs.items() if name != DEFAULT_SET} == \
+    assert configs[CONTROL] == "none"  # a second server without plugins: the run's noise, in the same table
+    assert {name: value for name, value in configs.items() if name not in (DEFAULT_SET, CONTROL)} == \
         {name: name for name in BUILTIN_PLUGINS}
     assert parse_args(["--plugins", "each"]).plugins == "each"
     assert parse_args([]).plugins is None
