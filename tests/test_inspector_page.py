@@ -279,6 +279,7 @@ async def test_the_page_lists_live_filters_shows_details_and_replays(server: Ser
 
     for i in range(3):
         upstream.gate(f"sse{i}").set()
+    upstream.gate("running-arrived")  # /hold/running: answered when the test lets it
     async with inspected(server, upstream.port, max_body=4096) as (tunnel, api), \
             chromium_page() as (page, problems):
         dialogs: list[str] = []
@@ -294,6 +295,21 @@ async def test_the_page_lists_live_filters_shows_details_and_replays(server: Ser
         await expect(page.locator("#live-state")).to_have_class(LIVE)
         await expect(page.locator("#public-url")).to_have_text(tunnel.url)
         await expect(page.locator("#list-empty")).to_be_visible()
+
+        # A request still running counts its time up on screen, then shows its duration; Clear
+        # empties the list.
+        rows = page.locator("#request-list li.request")
+        async with tunnel.visitor() as visitor, anyio.create_task_group() as held:
+            held.start_soon(visitor.get, "/hold/running")
+            await upstream.gate("running-arrived").wait()
+            running = rows.filter(has_text="/hold/running").locator(".duration")
+            await expect(running).to_have_text(re.compile(r"^running \d"))
+            first = await running.text_content()
+            await expect(running).not_to_have_text(first or "")
+            upstream.gate("running").set()
+        await expect(running).to_have_text(re.compile(r"^[\d.]+ (µs|ms|s)$"))
+        await page.click("#clear")
+        await expect(rows).to_have_count(0)
 
         # Requests through the public URL show up live, newest first.
         host = f"{tunnel.alias}.{server.settings.base_domain}"

@@ -163,16 +163,23 @@
     return !method || summary.method === method;
   }
 
+  /** A finished exchange's duration, or how long a running one has run (the agent's clock is this machine's). */
+  function runningText(summary) {
+    if (summary.done) return formatDuration(summary.duration);
+    return `running ${formatDuration(Math.max(0, Date.now() / 1000 - summary.start) * 1e9)}`;
+  }
+
   function fillRow(item) {
     const summary = item.data;
     const row = item.row;
     row.replaceChildren();
     const method = el("span");
     methodBadge(method, summary.method);
+    item.duration = el("span", "duration", runningText(summary));
     const meta = el("span", "meta",
       null,
       el("span", "time", formatTime(summary.start)),
-      el("span", "duration", formatDuration(summary.duration)),
+      item.duration,
       el("span", "size", `${formatBytes(summary.request_size)} ↑ ${formatBytes(summary.response_size)} ↓`));
     if (summary.kind !== "http") {
       const count = summary.messages === null || summary.messages === undefined ? "" : ` · ${summary.messages}`;
@@ -945,5 +952,9 @@
     const response = await fetch("/api/requests/http", { method: "DELETE" });
     if (response.status !== 204) showNotice(`Could not clear the list: ${await apiError(response)}`);
   });
+  // Running exchanges (a long download, an open stream) count their time up on screen.
+  setInterval(() => {
+    for (const item of state.items.values()) if (!item.data.done) item.duration.textContent = runningText(item.data);
+  }, 1000);
   connect();
 })();
