@@ -709,6 +709,10 @@ async def test_streams_and_an_edited_replay_on_role_all_and_through_an_edge(stac
                                                                                     ("out", b"echo:hello")]
         assert websocket["stream"]["close"] == {"direction": "in", "code": 4003, "reason": "done"}
         assert [e["data"] for e in (await detail(api, sse))["stream"]["events"]] == [f"event {i}" for i in range(3)]
+        # A replayed event stream is parsed again.
+        assert (await api.post("/api/requests/http", json={"id": sse["id"]})).status_code == 204
+        replay = (await requests(api))[0]
+        assert replay["replay_of"] == sse["id"] and replay["kind"] == "sse" and replay["stream"]["count"] == 3
         replayed = await api.post("/api/requests/http", json={"id": echo["id"], "uri": "/echo?n=2",
                                                               "headers": [["X-Edited", "1"]]})
         assert replayed.status_code == 204

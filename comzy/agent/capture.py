@@ -578,7 +578,8 @@ class Capture:
             has_body = bool(body) or has_body
             if self.host_rule is not None:
                 headers = self.host_rule(headers)
-        exchange = self.begin(method, target, headers, "", original.kind, replay_of=original.id)
+        # "http": its response decides whether it is an event stream again (a WebSocket is refused above).
+        exchange = self.begin(method, target, headers, "", "http", replay_of=original.id)
         exchange.edited = edits is not None
         if not has_body:
             exchange.request_complete = True
