@@ -69,6 +69,10 @@ def run(args: argparse.Namespace, plans: list[TunnelPlan], servers: list[str], t
     except ValueError as exc:
         printer.error(f"COMZY_EVENT_LOOP {exc}")
         return 2
+    if os.environ.get("COMZY_ANONYMOUS_TIMEOUT"):
+        # As for one tunnel (cli.main): the seed's agents read it; here the server decides.
+        printer.notice("warning", "COMZY_ANONYMOUS_TIMEOUT has no effect on the agent: the server's setting decides "
+                                  "when anonymous tunnels expire (shown once connected).")
     if held_back:
         printer.notice("warning", f"{held_back[0].upper()}{held_back[1:]}; connecting anonymously. "
                                   f"Run `comzy login --server {servers[0]}` to log in there.")
