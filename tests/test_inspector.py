@@ -718,3 +718,14 @@ async def test_streams_and_an_edited_replay_on_role_all_and_through_an_edge(stac
         assert replayed.status_code == 204
         assert upstream.requests[-1]["path"] == "/echo" and upstream.requests[-1]["query_string"] == b"n=2"
         assert (b"x-edited", b"1") in upstream.requests[-1]["headers"]
+
+
+def test_tunnels_sharing_a_capture_replay_edits_with_the_first_ones_host_rule() -> None:
+    # comzy 3000 8080: one capture, replays go to the first tunnel's local service, so its Host rule applies.
+    capture = Capture()
+    LocalForwarder("127.0.0.1", 3000, rewrite_host=True, capture=capture)
+    LocalForwarder("127.0.0.1", 8080, capture=capture)
+    assert capture.host_rule is not None
+    assert capture.host_rule([(b"Host", b"app.example"), (b"X-A", b"1")]) == \
+        [(b"Host", b"127.0.0.1:3000"), (b"X-A", b"1")]
+    assert capture.host_rule([(b"X-A", b"1")]) == [(b"host", b"127.0.0.1:3000"), (b"X-A", b"1")]

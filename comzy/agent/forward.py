@@ -52,8 +52,10 @@ class LocalForwarder:
         #: The inspector's store (``--inspect``): each exchange's heads and first bytes are copied
         #: there as they pass. None: nothing is copied, the hot path pays one test per chunk.
         self.capture = capture
-        if capture is not None:
-            capture.host_rule = self.host_rule  # a replay with edited headers follows the same rule
+        if capture is not None and capture.host_rule is None:
+            # A replay with edited headers follows the same rule. Several tunnels share one capture
+            # and replay to the first one's local service (comzy/agent/several.py): its rule, then.
+            capture.host_rule = self.host_rule
         self.local = LocalClient(host, port)
         # A local app that keeps sending malformed responses gets one log line per minute.
         self._log_malformed = RateLimitedLog(log, interval=60.0)
