@@ -15,7 +15,9 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
+import subprocess
 import tomllib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -30,7 +32,7 @@ import pytest
 from comzy.agent import inspector, inspector_page
 from comzy.agent.capture import Capture
 from comzy.core.server import ServerContext
-from tests.conftest import ROOT
+from tests.conftest import ROOT, cli_env
 from tests.helpers import unavailable, wait_until
 from tests.test_dashboard_browser import ARTIFACTS, chromium_page, require_browser
 from tests.test_inspector import agent_command, agent_process, free_port, inspected, lines_until, requests
@@ -604,3 +606,32 @@ async def test_the_comzy_command_serves_the_page_for_each_of_its_tunnels(server:
                     name, tunnel = await anext(sse_events(stream))
             assert name == "tunnel"
             assert [t["public_url"] for t in tunnel["tunnels"]] == public
+
+
+async def test_ctrl_c_with_a_page_open_ends_quietly(server: ServerContext, upstream: Upstream, tmp_path: Path) -> None:
+    """The agent stops while a page follows its stream: no traceback on the way out (Python 3.11's
+    start_server printed the cancelled connection's CancelledError)."""
+    command = agent_command(upstream.port, server, "--inspect", "127.0.0.1:0")
+    proc = start_process(command, tmp_path)
+    try:
+        lines = await lines_until(proc, r"^Press Ctrl-C")
+        inspector_url = next(line.split(": ", 1)[1].strip() for line in lines if line.startswith("Inspector: "))
+        async with httpx.AsyncClient(base_url=inspector_url, timeout=30) as api:
+            with anyio.fail_after(30):
+                async with api.stream("GET", "/api/stream") as stream:
+                    events = sse_events(stream)
+                    assert (await anext(events))[0] == "tunnel"
+                    proc.send_signal(signal.SIGINT)
+                    _, errors = await anyio.to_thread.run_sync(proc.communicate)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0
+    assert "Traceback" not in errors and "CancelledError" not in errors, errors
+
+
+def start_process(command: list[str], home: Path) -> subprocess.Popen[str]:
+    """The command started with its stdout and stderr apart (read in a thread: the test's loop stays free)."""
+    return subprocess.Popen(command, env=cli_env(HOME=str(home)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)

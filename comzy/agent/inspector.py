@@ -132,9 +132,14 @@ class InspectorAPI:
                 conn.start_next_cycle()
         except (h11.ProtocolError, ConnectionError, asyncio.IncompleteReadError):
             return
+        except asyncio.CancelledError:
+            # The agent is stopping with a connection open (a page's live stream, a keep-alive): the
+            # loop cancels this task, which nothing awaits, and Python 3.11's start_server callback
+            # would print the CancelledError as a traceback on Ctrl-C. End quietly instead.
+            return
         finally:
             writer.close()
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception, asyncio.CancelledError):
                 await writer.wait_closed()
 
     async def _handle(self, request: h11.Request, body: bytes) -> tuple[int, Any]:
