@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import re
 import socket
@@ -729,3 +730,53 @@ def test_tunnels_sharing_a_capture_replay_edits_with_the_first_ones_host_rule() 
     assert capture.host_rule([(b"Host", b"app.example"), (b"X-A", b"1")]) == \
         [(b"Host", b"127.0.0.1:3000"), (b"X-A", b"1")]
     assert capture.host_rule([(b"X-A", b"1")]) == [(b"host", b"127.0.0.1:3000"), (b"X-A", b"1")]
+
+
+async def test_a_replay_after_the_local_service_closed_its_idle_connection_goes_through(
+        server: ServerContext) -> None:
+    # A local server's keep-alive timeout (uvicorn's is 5 s) closes the pooled connection while the
+    # developer reads the request: the replay must open a new one, as a forward does, not answer 502.
+    received: list[bytes] = []
+
+    async def answer_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")  # keep-alive, then closes anyway
+        await writer.drain()
+        writer.close()
+
+    local = await asyncio.start_server(answer_then_close, "127.0.0.1", 0)
+    async with local, inspected(server, local.sockets[0].getsockname()[1]) as (tunnel, api):
+        async with tunnel.visitor() as visitor:
+            assert (await visitor.get("/hook")).status_code == 200
+        original = (await requests(api))[0]
+        for edits in ({}, {"uri": "/hook?again=1"}):
+            replayed = await api.post("/api/requests/http", json={"id": original["id"], **edits})
+            assert replayed.status_code == 204, replayed.text
+        assert [head.split(b"\r\n", 1)[0] for head in received] == \
+            [b"GET /hook HTTP/1.1", b"GET /hook HTTP/1.1", b"GET /hook?again=1 HTTP/1.1"]
+
+
+async def test_a_replay_retries_once_on_a_fresh_connection_when_the_pooled_one_dies_unanswered(
+        server: ServerContext) -> None:
+    # The close can also come as the replay is sent: each connection here answers its first request
+    # and drops the second unanswered. A forward retries that once; so does a replay.
+    heads: list[bytes] = []
+
+    async def one_per_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await writer.drain()
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            heads.append(b"dropped " + await reader.readuntil(b"\r\n\r\n"))
+        writer.close()
+
+    local = await asyncio.start_server(one_per_connection, "127.0.0.1", 0)
+    async with local, inspected(server, local.sockets[0].getsockname()[1]) as (tunnel, api):
+        async with tunnel.visitor() as visitor:
+            assert (await visitor.get("/hook")).status_code == 200
+        original = (await requests(api))[0]
+        replayed = await api.post("/api/requests/http", json={"id": original["id"], "uri": "/hook?n=2"})
+        assert replayed.status_code == 204, replayed.text
+        assert [head.split(b"\r\n", 1)[0] for head in heads] == \
+            [b"GET /hook HTTP/1.1", b"dropped GET /hook?n=2 HTTP/1.1", b"GET /hook?n=2 HTTP/1.1"]
+        assert (await requests(api))[0]["response"]["status_code"] == 200

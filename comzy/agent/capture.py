@@ -591,13 +591,22 @@ class Capture:
             exchange.request_complete = True
 
         async def send(local: LocalClient) -> Exchange:
-            from comzy.agent.local_http import LocalError  # the inspector loads without the HTTP client
+            # The inspector loads without the HTTP client.
+            from comzy.agent.local_http import LocalError, StaleConnection
 
-            try:
-                response = await local.request(method, target, headers, send_body() if has_body else None)
-            except LocalError as exc:
-                exchange.finish(f"replay failed: {exc}")
-                raise InspectError(502, f"the local service did not answer the replay: {exc}") from exc
+            for attempt in (1, 2):
+                try:
+                    response = await local.request(method, target, headers, send_body() if has_body else None)
+                    break
+                except StaleConnection:
+                    if attempt == 1:
+                        continue  # a pooled connection closed under us, nothing sent: a fresh one, as a forward
+                    exchange.finish("replay failed: the local service closed the connection without answering")
+                    raise InspectError(502, "the local service closed the connection without answering the "
+                                            "replay") from None
+                except LocalError as exc:
+                    exchange.finish(f"replay failed: {exc}")
+                    raise InspectError(502, f"the local service did not answer the replay: {exc}") from exc
             exchange.response(response.status, response.headers)
             clean = False
             try:
