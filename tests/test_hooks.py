@@ -36,7 +36,7 @@ from comzy import (
 from comzy.agent.client import Agent, AgentConfig, Rejected
 from comzy.agent.forward import LocalForwarder
 from comzy.core import protocol as p
-from comzy.core.hooks import PluginError
+from comzy.core.hooks import HookRunner, PluginError, build_manager
 from comzy.core.server import ServerContext
 from comzy.core.websocket import connect
 from tests.conftest import (
@@ -566,6 +566,45 @@ async def test_hook_resolve_host_must_be_sync(tmp_path: Path) -> None:
     with pytest.raises(PluginError, match=r"async.*resolve_host"):
         async with start_server(tmp_path, plugins=[("async-resolver", AsyncResolver())]):
             pytest.fail("an async resolve_host must be refused at start-up")
+
+
+class FirstWord:
+    """Answers with the host's first label, or passes (None) when the host starts with 'pass'."""
+
+    @hookimpl(tryfirst=True)
+    def resolve_host(self, host: str) -> str | None:
+        return None if host.startswith("pass") else host.split(".")[0] + "-first"
+
+
+class Fallback:
+    @hookimpl
+    def resolve_host(self, host: str, server: Any) -> str | None:
+        return "fallback"
+
+
+class Wrapping:
+    """A new-style wrapper around resolve_host (allowed: pluggy calls the sync firstresult hooks itself)."""
+
+    @hookimpl(wrapper=True)
+    def resolve_host(self, host: str) -> Any:
+        answer = yield
+        return None if answer is None else answer.upper()
+
+
+def test_resolve_host_answers_as_pluggy_does() -> None:
+    # The runner calls resolve_host's implementations itself (it runs per request); the answer is
+    # pluggy's: the first non-None in pluggy's order (tryfirst, then last registered first), the
+    # core's subdomain parser last; with a wrapper among them, pluggy's own call.
+    plugins: list[tuple[str, object]] = [("fallback", Fallback()), ("first", FirstWord())]
+    hooks = HookRunner(build_manager("example.test", plugins))
+    pluggy_call = hooks.pm.hook.resolve_host
+    for host in ("abc.example.test", "pass.example.test", "other.host"):
+        assert hooks.resolve_host(host, None) == pluggy_call(host=host, server=None)
+    assert hooks.resolve_host("abc.example.test", None) == "abc-first"
+    assert hooks.resolve_host("pass.example.test", None) == "fallback"
+    assert HookRunner(build_manager("example.test", [])).resolve_host("abc.example.test", None) == "abc"
+    wrapped = HookRunner(build_manager("example.test", [*plugins, ("wrapping", Wrapping())]))
+    assert wrapped.resolve_host("abc.example.test", None) == "ABC-FIRST"
 
 
 # -- alias_owner -----------------------------------------------------------------------------------

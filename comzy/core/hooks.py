@@ -61,9 +61,9 @@ class HookRunner:
             self._alias_owner = self._traced_firstresult("alias_owner")
             self._alias_reserved = self._traced_firstresult("alias_reserved")
         else:
-            self._resolve_host = pm.hook.resolve_host
-            self._alias_owner = pm.hook.alias_owner
-            self._alias_reserved = pm.hook.alias_reserved
+            self._resolve_host = self._direct_firstresult("resolve_host")
+            self._alias_owner = self._direct_firstresult("alias_owner")
+            self._alias_reserved = self._direct_firstresult("alias_reserved")
         #: Whether any plugin listens to after_response: the edge skips building exchanges
         #: otherwise. Plugins are fixed once the server runs, so this is read once.
         after_response = pm.hook.after_response.get_hookimpls()
@@ -109,6 +109,26 @@ class HookRunner:
             result = impl.function(*[kwargs[arg] for arg in impl.argnames])
             if self.trace:
                 _trace("register_commands", impl.plugin_name, started, result)
+
+    def _direct_firstresult(self, name: str) -> Callable[..., Any]:
+        """A synchronous firstresult hook called without pluggy's machinery, with pluggy's answer (the
+        first non-None, in its order): resolve_host runs on every request, and pluggy's call took 1.8 µs
+        of it against 0.8 µs (one plugin). With a wrapper among the implementations, pluggy's own call.
+        The implementations are read once: plugins are fixed once the server runs (as for after_response)."""
+        caller = getattr(self.pm.hook, name)
+        impls = list(reversed(caller.get_hookimpls()))
+        if any(impl.hookwrapper or impl.wrapper for impl in impls):
+            return caller
+        functions = [(impl.function, impl.argnames) for impl in impls]
+
+        def call(**kwargs: Any) -> Any:
+            for function, argnames in functions:
+                result = function(*[kwargs[arg] for arg in argnames])
+                if result is not None:
+                    return result
+            return None
+
+        return call
 
     def _traced_firstresult(self, name: str) -> Callable[..., Any]:
         """A synchronous firstresult hook that logs each implementation it asks (and stops at the
