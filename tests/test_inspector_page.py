@@ -20,7 +20,6 @@ import socket
 import subprocess
 import tomllib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -231,16 +230,6 @@ async def test_a_page_that_stops_reading_is_dropped_and_its_slot_given_back(monk
                 client.stream("GET", "/api/stream") as again:
             assert again.status_code == 200
         tg.cancel_scope.cancel()
-
-
-@dataclass
-class Tunnels:
-    """What the inspector reads of an agent's tunnels (inspector.TunnelInfo), with more than one."""
-
-    addr: str
-    public_url: str | None
-    name: str = "command_line"
-    more: list[Tunnels] = field(default_factory=list)
 
 
 async def run_copied_curl(page: Any) -> dict[str, Any]:
@@ -510,8 +499,8 @@ async def test_the_page_reconnects_when_the_inspector_comes_back_and_says_when_i
     url = f"http://127.0.0.1:{port}/"
 
     # As an agent serving two tunnels (comzy 3000 8080) describes them.
-    tunnels = Tunnels("127.0.0.1:3000", "http://web.example", "web",
-                      [Tunnels("127.0.0.1:8080", "http://api.example", "api")])
+    tunnels = inspector.TunnelInfo("127.0.0.1:3000", "http://web.example", "web",
+                                   [inspector.TunnelInfo("127.0.0.1:8080", "http://api.example", "api")])
 
     def api() -> inspector.InspectorAPI:
         return inspector.InspectorAPI(capture, tunnels, lambda: None)  # type: ignore[arg-type,return-value]

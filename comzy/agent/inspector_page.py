@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-from comzy.agent.capture import TUNNEL_NAME
-
 if TYPE_CHECKING:
     from comzy.agent.capture import Capture, Exchange
+    from comzy.agent.inspector import TunnelInfo
 
 #: The page's files: the only paths served outside /api (a fixed table, so no path reaches the disk).
 ASSETS: dict[str, tuple[str, str]] = {
@@ -104,8 +103,6 @@ def cross_site(method: str, headers: dict[bytes, bytes]) -> str | None:
 def summary(exchange: Exchange) -> dict[str, Any]:
     """What the page's list shows of an exchange: small, with no bodies (the detail has them)."""
     target = exchange.target.decode("latin-1")
-    stream = getattr(exchange, "stream", None)
-    count = getattr(stream, "count", None)
     return {
         "id": exchange.id,
         "method": exchange.method,
@@ -113,7 +110,7 @@ def summary(exchange: Exchange) -> dict[str, Any]:
         "status": exchange.status if exchange.response_headers is not None else None,
         "kind": exchange.kind,
         "replay_of": exchange.replay_of,
-        "edited": bool(getattr(exchange, "edited", False)),
+        "edited": exchange.edited,
         "done": exchange.done,
         "error": exchange.error[:SUMMARY_TEXT] if exchange.error else None,
         "start": exchange.started,
@@ -121,14 +118,13 @@ def summary(exchange: Exchange) -> dict[str, Any]:
         "request_size": exchange.request_size,
         "response_size": exchange.response_size,
         "remote_addr": exchange.remote_addr,
-        "messages": count if isinstance(count, int) else None,
+        "messages": None if exchange.stream is None else exchange.stream.count,
     }
 
 
 def _signature(exchange: Exchange) -> tuple[Any, ...]:
-    stream = getattr(exchange, "stream", None)
     return (exchange.status, exchange.response_headers is not None, exchange.done, exchange.error,
-            exchange.request_size, exchange.response_size, getattr(stream, "count", None))
+            exchange.request_size, exchange.response_size, None if exchange.stream is None else exchange.stream.count)
 
 
 def _event(name: str, data: Any) -> bytes:
@@ -139,7 +135,7 @@ def _event(name: str, data: Any) -> bytes:
 class Streams:
     """The live streams of one inspector: how many are open, bounded by :data:`MAX_STREAMS`."""
 
-    def __init__(self, capture: Capture, tunnel: Any) -> None:
+    def __init__(self, capture: Capture, tunnel: TunnelInfo) -> None:
         self.capture = capture
         self.tunnel = tunnel
         self.open = 0
@@ -155,8 +151,8 @@ class Streams:
 
     def _tunnels(self) -> list[dict[str, Any]]:
         """The agent's tunnels: the first one, then any more it serves (``comzy 3000 8080``)."""
-        return [{"name": getattr(tunnel, "name", TUNNEL_NAME), "public_url": tunnel.public_url, "addr": tunnel.addr}
-                for tunnel in (self.tunnel, *getattr(self.tunnel, "more", ()))]
+        return [{"name": tunnel.name, "public_url": tunnel.public_url, "addr": tunnel.addr}
+                for tunnel in (self.tunnel, *self.tunnel.more)]
 
     async def _run(self) -> AsyncGenerator[bytes, None]:
         self.open += 1
