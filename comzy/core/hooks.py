@@ -71,6 +71,8 @@ class HookRunner:
         #: after_response's implementations in calling order, read once for the same reason: it
         #: runs on every request, and get_hookimpls copies its list on each call.
         self._after_response = list(reversed(after_response))
+        #: before_forward's implementations in calling order, read once for the same reason.
+        self._before_forward = list(reversed(pm.hook.before_forward.get_hookimpls()))
         before_response = pm.hook.before_response.get_hookimpls()
         #: Whether any plugin edits response heads: the edge skips the hook's call otherwise.
         self.has_before_response = bool(before_response)
@@ -229,9 +231,16 @@ class HookRunner:
         """Run every before_forward impl; ``Reject`` propagates to answer the visitor, with
         ``plugin`` set to the name of the plugin that raised it."""
         kwargs = {"request": request, "tunnel": tunnel, "server": server}
-        for impl in reversed(self.pm.hook.before_forward.get_hookimpls()):
+        for impl in self._before_forward:
             try:
-                await self._call_one("before_forward", impl, kwargs)
+                if self.trace:
+                    await self._call_one("before_forward", impl, kwargs)
+                    continue
+                # Called directly on this per-request path, as before_response is: a plain function
+                # costs no coroutine of its own.
+                result = impl.function(*[kwargs[arg] for arg in impl.argnames])
+                if result is not None and inspect.isawaitable(result):
+                    await result
             except Reject as exc:
                 exc.plugin = exc.plugin or impl.plugin_name
                 raise
