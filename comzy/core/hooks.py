@@ -280,7 +280,7 @@ class HookRunner:
                 continue
             # Called directly on this per-response path: a plain function costs no coroutine.
             result = impl.function(*[kwargs[arg] for arg in impl.argnames])
-            if inspect.isawaitable(result):
+            if result is not None and inspect.isawaitable(result):  # as in _call_one
                 await result
 
     async def after_response(self, exchange: Any, server: Any) -> None:
