@@ -33,6 +33,8 @@ TRANSPORT_HIGH_WATER = 256 * 1024
 TRANSPORT_LOW_WATER = 64 * 1024
 #: How long closing an attached WebSocket waits for the peer to take what is buffered for it.
 CLOSE_FLUSH_TIMEOUT = 5.0
+#: A message still missing this many bytes after a read waits a loop turn for the next read.
+READ_BATCH = 64 * 1024
 
 
 class WebSocketError(Exception):
@@ -118,6 +120,7 @@ class WebSocket:
         # While paused, nothing more is parsed (not even what the last read brought): the sink
         # sees no message between pause_reading and resume_reading.
         self._paused = False
+        self._breathing = False
 
     # -- attached: driven by the event loop's callbacks, no task -------------------------------
     def attach(self, sink: MessageSink) -> bool:
@@ -205,6 +208,14 @@ class WebSocket:
                 self._close_attached(Closed(exc.code, exc.reason), wsframe.encode_close(exc.code, told, self._client))
                 return
             if message is None:
+                if reader.missing >= READ_BATCH and not self._breathing and not self._paused:
+                    # A large message spans reads: let the kernel gather more of it for a loop turn
+                    # (fewer, larger reads; anyio's stream did this between receives).
+                    self._breathing = True
+                    transport = self._transport
+                    assert transport is not None
+                    transport.pause_reading()
+                    asyncio.get_running_loop().call_soon(self._breathe_out)
                 return
             if isinstance(message, (bytes, str)):
                 sink._link_message(message)
@@ -214,6 +225,11 @@ class WebSocket:
                 code = None if message.code == wsframe.NO_STATUS else message.code
                 self._close_attached(Closed(message.code, message.reason),
                                      wsframe.encode_close(code, message.reason, self._client))
+
+    def _breathe_out(self) -> None:
+        self._breathing = False
+        if self._transport is not None and self.closed is None and not self._paused:
+            self._transport.resume_reading()
 
     def _transport_write(self, data: bytes) -> None:
         transport = self._transport

@@ -118,6 +118,11 @@ class FrameReader:
         self._fragments: list[_Piece] | None = None
         self._decoder: codecs.IncrementalDecoder | None = None
 
+    @property
+    def missing(self) -> int:
+        """Payload bytes still to come of a frame that spans reads (0: none pending)."""
+        return self._missing
+
     def feed(self, data: bytes) -> None:
         """Add what was read from the connection."""
         missing = self._missing
