@@ -31,15 +31,15 @@ from comzy.agent.capture import (
     EventStreamParser,
     StreamLog,
 )
-from comzy.agent.client import Agent, AgentConfig
+from comzy.agent.client import Agent, AgentConfig, TunnelSpec
 from comzy.agent.forward import LocalForwarder
 from comzy.core.server import ServerContext
 from comzy.core.websocket import Closed
-from tests.conftest import PYTHON, RecordingReporter, RunningAgent, cli_env, start_server
+from tests.conftest import PYTHON, RecordingReporter, RunningAgent, cli_env, start_server, visitor
 from tests.helpers import wait_until
 from tests.stack import Stack, reachable, stack_fixture, stacks_fixture  # noqa: F401 (role all and a cluster)
 from tests.test_websocket import exchange, open_ws
-from tests.upstream import Upstream
+from tests.upstream import Upstream, serve_upstream
 
 pytestmark = pytest.mark.anyio
 
@@ -56,7 +56,7 @@ async def inspected(server: ServerContext, port: int, *, rewrite_host: bool = Fa
                                capture=capture)
     agent = Agent(AgentConfig(servers=[f"ws://127.0.0.1:{server.ports.ws}"], port=port), forwarder, reporter)
     tunnel = inspector.TunnelInfo(f"127.0.0.1:{port}")
-    api = inspector.InspectorAPI(capture, tunnel, lambda: forwarder.local)
+    api = inspector.InspectorAPI(capture, tunnel, lambda _name: forwarder.local)
     sock = inspector.bind("127.0.0.1", [0])
     async with anyio.create_task_group() as tg, httpx.AsyncClient(base_url=inspector.url_of(sock),
                                                                   timeout=30) as client:
@@ -721,15 +721,61 @@ async def test_streams_and_an_edited_replay_on_role_all_and_through_an_edge(stac
         assert (b"x-edited", b"1") in upstream.requests[-1]["headers"]
 
 
-def test_tunnels_sharing_a_capture_replay_edits_with_the_first_ones_host_rule() -> None:
-    # comzy 3000 8080: one capture, replays go to the first tunnel's local service, so its Host rule applies.
-    capture = Capture()
-    LocalForwarder("127.0.0.1", 3000, rewrite_host=True, capture=capture)
-    LocalForwarder("127.0.0.1", 8080, capture=capture)
-    assert capture.host_rule is not None
-    assert capture.host_rule([(b"Host", b"app.example"), (b"X-A", b"1")]) == \
-        [(b"Host", b"127.0.0.1:3000"), (b"X-A", b"1")]
-    assert capture.host_rule([(b"X-A", b"1")]) == [(b"host", b"127.0.0.1:3000"), (b"X-A", b"1")]
+async def test_several_tunnels_capture_their_names_and_replay_to_their_own_service(
+        server: ServerContext, upstream: Upstream) -> None:
+    # comzy 3000 8080 (one capture, two forwarders): each exchange names its tunnel, the list filters
+    # by it, and a replay goes to the local service of the tunnel its request came through (with that
+    # tunnel's Host rule when edited), or to the one named; never silently to the first tunnel's.
+    async with serve_upstream() as second:
+        capture = Capture()
+        reporter = RecordingReporter()
+        specs = [TunnelSpec("web", upstream.port), TunnelSpec("api", second.port)]
+        forwarders = {"web": LocalForwarder("127.0.0.1", upstream.port, capture=capture, name="web"),
+                      "api": LocalForwarder("127.0.0.1", second.port, rewrite_host=True, capture=capture,
+                                            name="api")}
+        agent = Agent(AgentConfig(servers=[f"ws://127.0.0.1:{server.ports.ws}"], port=upstream.port,
+                                  tunnels=specs), forwarders["web"], reporter, forwarders)
+        web = inspector.TunnelInfo(f"127.0.0.1:{upstream.port}", name="web")
+        web.more = [inspector.TunnelInfo(f"127.0.0.1:{second.port}", name="api")]
+        api = inspector.InspectorAPI(capture, web, lambda name: forwarders[name].local)
+        sock = inspector.bind("127.0.0.1", [0])
+        async with anyio.create_task_group() as tg, httpx.AsyncClient(base_url=inspector.url_of(sock),
+                                                                      timeout=30) as client:
+            tg.start_soon(api.serve, sock)
+            tg.start_soon(agent.run)
+            await reporter.wait_connected()
+            for name, path in (("web", "/echo?to=web"), ("api", "/echo?to=api")):
+                async with visitor(server, agent.resumes[name][0]) as public:
+                    assert (await public.get(path)).status_code == 200
+            listed = await requests(client)
+            assert [(e["tunnel_name"], e["request"]["uri"]) for e in listed] == \
+                [("api", "/echo?to=api"), ("web", "/echo?to=web")]
+            assert [e["request"]["uri"] for e in await requests(client, tunnel_name="api")] == ["/echo?to=api"]
+            assert await requests(client, tunnel_name="command_line") == []
+            seen = len(upstream.requests), len(second.requests)
+
+            # The api tunnel's request replays to the api tunnel's service, as it was forwarded.
+            replayed = await client.post("/api/requests/http", json={"id": listed[0]["id"]})
+            assert replayed.status_code == 204
+            assert (len(upstream.requests), len(second.requests)) == (seen[0], seen[1] + 1)
+            assert (await requests(client))[0]["tunnel_name"] == "api"
+            # Edited, it follows the api tunnel's Host rule (rewrite to its local address).
+            edited = await client.post("/api/requests/http", json={"id": listed[0]["id"], "uri": "/echo?edited=1",
+                                                                   "headers": [["Host", "visitor.example"]]})
+            assert edited.status_code == 204
+            assert (b"host", f"127.0.0.1:{second.port}".encode()) in \
+                [(n.lower(), v) for n, v in second.requests[-1]["headers"]]
+            # Named, the web tunnel's request goes to the api tunnel's service instead.
+            named = await client.post("/api/requests/http", json={"id": listed[1]["id"], "tunnel_name": "api"})
+            assert named.status_code == 204
+            assert second.requests[-1]["query_string"] == b"to=web" and len(upstream.requests) == seen[0]
+            assert (await requests(client))[0]["tunnel_name"] == "api"
+            unknown = await client.post("/api/requests/http", json={"id": listed[1]["id"], "tunnel_name": "db"})
+            assert unknown.status_code == 404 and "web, api" in unknown.text
+            await agent.close()
+            tg.cancel_scope.cancel()
+        for forwarder in forwarders.values():
+            await forwarder.aclose()
 
 
 async def test_a_replay_after_the_local_service_closed_its_idle_connection_goes_through(

@@ -208,7 +208,7 @@ async def test_a_page_that_stops_reading_is_dropped_and_its_slot_given_back(monk
     monkeypatch.setattr(inspector_page, "STREAM_WRITE_TIMEOUT", 0.5)
     capture = Capture(max_requests=500)
     exchanges = [capture.begin("GET", b"/" + b"x" * 2000 + b"/%d" % i, [], "127.0.0.1") for i in range(500)]
-    api = inspector.InspectorAPI(capture, inspector.TunnelInfo("127.0.0.1:1"), lambda: None)  # type: ignore[arg-type,return-value]
+    api = inspector.InspectorAPI(capture, inspector.TunnelInfo("127.0.0.1:1"), lambda _name: None)  # type: ignore[arg-type,return-value]
     sock = inspector.bind("127.0.0.1", [0])
     port = sock.getsockname()[1]
     async with anyio.create_task_group() as tg:
@@ -503,7 +503,7 @@ async def test_the_page_reconnects_when_the_inspector_comes_back_and_says_when_i
                                    [inspector.TunnelInfo("127.0.0.1:8080", "http://api.example", "api")])
 
     def api() -> inspector.InspectorAPI:
-        return inspector.InspectorAPI(capture, tunnels, lambda: None)  # type: ignore[arg-type,return-value]
+        return inspector.InspectorAPI(capture, tunnels, lambda _name: None)  # type: ignore[arg-type,return-value]
 
     with anyio.fail_after(60):
         async with chromium_page() as (page, problems):
@@ -552,7 +552,7 @@ async def test_json_nested_too_deep_for_the_pretty_view_is_shown_as_text_and_fai
     refused = capture.begin("GET", b"/refused", [], "127.0.0.1")
     refused.finish("the local service refused the connection (is it running on 127.0.0.1:1?)")
     sock = inspector.bind("127.0.0.1", [0])
-    api = inspector.InspectorAPI(capture, inspector.TunnelInfo("127.0.0.1:1"), lambda: None)  # type: ignore[arg-type,return-value]
+    api = inspector.InspectorAPI(capture, inspector.TunnelInfo("127.0.0.1:1"), lambda _name: None)  # type: ignore[arg-type,return-value]
     with anyio.fail_after(60):
         async with chromium_page() as (page, problems), anyio.create_task_group() as tg:
             tg.start_soon(api.serve, sock)

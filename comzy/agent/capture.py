@@ -347,6 +347,9 @@ class Exchange:
     #: A WebSocket's messages or an event stream's events (None for plain HTTP).
     stream: StreamLog | None = None
     sse: EventStreamParser | None = None
+    #: The tunnel it came through (its name in comzy.yml, or ``PORT`` with several ports), whose
+    #: local service a replay goes to; ngrok's ``command_line`` for ``comzy 3000``.
+    tunnel_name: str = TUNNEL_NAME
 
     # -- the forwarder's hooks: O(1) per chunk, a copy only while under the cap -------------
     def request_data(self, chunk: bytes) -> None:
@@ -440,7 +443,7 @@ class Exchange:
         return {
             "uri": f"/api/requests/http/{self.id}",
             "id": self.id,
-            "tunnel_name": TUNNEL_NAME,
+            "tunnel_name": self.tunnel_name,
             "remote_addr": self.remote_addr,
             "start": datetime.fromtimestamp(self.started, UTC).astimezone().isoformat(),
             "duration": self.duration_ns if self.done else time.monotonic_ns() - self.started_ns,
@@ -499,15 +502,17 @@ class Capture:
         # ngrok's ids are 16 hex digits; a random half per run keeps ids of two runs apart.
         self._prefix = secrets.token_hex(4)
         self._next = 0
-        #: The forwarder's Host rule (``--host-header``), applied to a replay's edited headers.
-        self.host_rule: Callable[[list[tuple[bytes, bytes]]], list[tuple[bytes, bytes]]] | None = None
+        #: Each tunnel's Host rule (``--host-header``) by tunnel name, applied to a replay's edited
+        #: headers; every forwarder sharing this capture adds its own.
+        self.host_rules: dict[str, Callable[[list[tuple[bytes, bytes]]], list[tuple[bytes, bytes]]]] = {}
 
     def begin(self, method: str, target: bytes, headers: list[tuple[bytes, bytes]], remote_addr: str,
-              kind: str = "http", replay_of: str | None = None) -> Exchange:
+              kind: str = "http", replay_of: str | None = None, tunnel_name: str = TUNNEL_NAME) -> Exchange:
         """A new exchange, listed at once; the oldest one goes when the list is full."""
         self._next += 1
         exchange = Exchange(f"{self._prefix}{self._next:08x}", method, target, headers, remote_addr,
                             time.time(), time.monotonic_ns(), self.max_body, kind, replay_of)
+        exchange.tunnel_name = tunnel_name
         if kind == "websocket":
             exchange.stream = StreamLog(exchange.started_ns, self.max_body)
         if len(self._exchanges) >= self.max_requests:
@@ -536,13 +541,15 @@ class Capture:
         _, send = self.start_replay(exchange_id, edits)
         return await send(local)
 
-    def start_replay(self, exchange_id: str, edits: Edits | None = None,
+    def start_replay(self, exchange_id: str, edits: Edits | None = None, tunnel_name: str | None = None,
                      ) -> tuple[Exchange, Callable[[LocalClient], Awaitable[Exchange]]]:
         """A replay of a captured request, listed at once as a new exchange marked ``replay_of``
         (and ``edited`` with ``edits``), and the call that sends it to the local service (the tunnel
-        need not be up). Without edits it goes byte for byte as it was forwarded; with edits, the
-        fields given replace the original's, the body is framed with its Content-Length and
-        ``host_rule`` (the forwarder's Host rule) is applied to the headers.
+        need not be up): the local service of ``tunnel_name``, by default the tunnel the original
+        came through (the replay's ``tunnel_name`` says which; the caller passes its local client).
+        Without edits it goes byte for byte as it was forwarded; with edits, the fields given
+        replace the original's, the body is framed with its Content-Length and that tunnel's Host
+        rule (``host_rules``) is applied to the headers.
 
         Raises InspectError when it cannot be replayed.
         """
@@ -576,10 +583,12 @@ class Capture:
             if body or has_body:
                 headers.append((b"content-length", b"%d" % len(body)))
             has_body = bool(body) or has_body
-            if self.host_rule is not None:
-                headers = self.host_rule(headers)
+            host_rule = self.host_rules.get(tunnel_name or original.tunnel_name)
+            if host_rule is not None:
+                headers = host_rule(headers)
         # "http": its response decides whether it is an event stream again (a WebSocket is refused above).
-        exchange = self.begin(method, target, headers, "", "http", replay_of=original.id)
+        exchange = self.begin(method, target, headers, "", "http", replay_of=original.id,
+                              tunnel_name=tunnel_name or original.tunnel_name)
         exchange.edited = edits is not None
         if not has_body:
             exchange.request_complete = True

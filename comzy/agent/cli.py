@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> None:
     tunnel = inspector.TunnelInfo(target)
     api = None
     if sock is not None and capture is not None:
-        api = (inspector.InspectorAPI(capture, tunnel, lambda: forwarder.local,
+        api = (inspector.InspectorAPI(capture, tunnel, lambda _name: forwarder.local,
                                       check_host=inspector.is_loopback(sock.getsockname()[0])), sock)
         printer.inspector = inspector.url_of(sock)
     # Hashed once here (scrypt is slow on purpose): every reconnect sends the same data.

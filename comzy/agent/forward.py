@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from comzy.agent.capture import TUNNEL_NAME
 from comzy.agent.local_http import ConnectFailed, LocalClient, LocalError, MalformedResponse, StaleConnection
 from comzy.core import protocol as p
 from comzy.core.logs import RateLimitedLog
@@ -42,7 +43,8 @@ class LocalForwarder:
 
     def __init__(self, host: str, port: int, rewrite_host: bool = False,
                  max_ws_message: int = 16 * 1024 * 1024,
-                 on_served: Callable[[Served], None] | None = None, capture: Capture | None = None) -> None:
+                 on_served: Callable[[Served], None] | None = None, capture: Capture | None = None,
+                 name: str = TUNNEL_NAME) -> None:
         self.host = host
         self.port = port
         self.address = f"{host}:{port}"
@@ -52,10 +54,12 @@ class LocalForwarder:
         #: The inspector's store (``--inspect``): each exchange's heads and first bytes are copied
         #: there as they pass. None: nothing is copied, the hot path pays one test per chunk.
         self.capture = capture
-        if capture is not None and capture.host_rule is None:
-            # A replay with edited headers follows the same rule. Several tunnels share one capture
-            # and replay to the first one's local service (comzy/agent/several.py): its rule, then.
-            capture.host_rule = self.host_rule
+        #: The tunnel's name, recorded with each captured exchange: several tunnels share one
+        #: capture, and a replay goes to the local service of the tunnel it came through.
+        self.name = name
+        if capture is not None:
+            # A replay with edited headers follows this tunnel's Host rule.
+            capture.host_rules[name] = self.host_rule
         self.local = LocalClient(host, port)
         # A local app that keeps sending malformed responses gets one log line per minute.
         self._log_malformed = RateLimitedLog(log, interval=60.0)
@@ -79,7 +83,7 @@ class LocalForwarder:
             headers = self._headers(head) if head.websocket else self._http_headers(head)
             if self.capture is not None:
                 exchange = self.capture.begin(head.method, head.target, headers, head.client,
-                                              "websocket" if head.websocket else "http")
+                                              "websocket" if head.websocket else "http", tunnel_name=self.name)
                 exchange.request_complete = head.websocket or not head.has_body
             if head.websocket:
                 await self._websocket(stream, head, served, exchange)

@@ -55,10 +55,11 @@ class TunnelInfo:
 class InspectorAPI:
     """ngrok's agent API over a :class:`Capture`, served on a socket the CLI bound."""
 
-    def __init__(self, capture: Capture, tunnel: TunnelInfo, local: Callable[[], LocalClient],
+    def __init__(self, capture: Capture, tunnel: TunnelInfo, local: Callable[[str], LocalClient],
                  check_host: bool = True) -> None:
         self.capture = capture
         self.tunnel = tunnel
+        #: The local client of a tunnel, by its name: where a replay of that tunnel's request goes.
         self.local = local
         #: Only Host: localhost/127.0.0.1/[::1] on a loopback address: a web page that rebinds its
         #: DNS name to 127.0.0.1 cannot read captured requests.
@@ -199,8 +200,8 @@ class InspectorAPI:
     def _list(self, query: dict[str, list[str]]) -> Listing:
         exchanges = self.capture.newest_first()
         name = query.get("tunnel_name", [None])[0]
-        if name is not None and name != TUNNEL_NAME:
-            exchanges = []
+        if name is not None:
+            exchanges = [exchange for exchange in exchanges if exchange.tunnel_name == name]
         limit = query.get("limit", [""])[0]
         if limit.isdigit():
             exchanges = exchanges[:int(limit)]
@@ -218,12 +219,15 @@ class InspectorAPI:
             raise InspectError(400, 'the body must be JSON with the id to replay: {"id": "..."}') from None
         if not isinstance(exchange_id, str):
             raise InspectError(400, '"id" must be a string')
-        name = params.get("tunnel_name")
-        if name not in (None, "", TUNNEL_NAME):
-            raise InspectError(404, f"no tunnel is named {name!r}; this agent's is {TUNNEL_NAME!r}")
+        # ngrok's tunnel_name: the tunnel whose local service gets the replay (by default the one
+        # the original came through).
+        name = params.get("tunnel_name") or None
+        names = [tunnel.name for tunnel in (self.tunnel, *self.tunnel.more)]
+        if name is not None and name not in names:
+            raise InspectError(404, f"no tunnel is named {str(name)[:64]!r}; this agent's: {', '.join(names)}")
         edits = Edits.from_json(params, self.capture.max_body)  # Comzy's extension: replay with changes
-        replay, send = self.capture.start_replay(exchange_id, edits)
-        task = asyncio.ensure_future(send(self.local()))
+        replay, send = self.capture.start_replay(exchange_id, edits, name)
+        task = asyncio.ensure_future(send(self.local(replay.tunnel_name)))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         done, _ = await asyncio.wait({task}, timeout=REPLAY_WAIT)

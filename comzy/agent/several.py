@@ -80,7 +80,7 @@ def run(args: argparse.Namespace, plans: list[TunnelPlan], servers: list[str], t
     capture = Capture(args.inspect_max_requests, args.inspect_max_body) if sock is not None else None
     forwarders = {plan.name: LocalForwarder(plan.host, plan.port, rewrite_host=plan.rewrite_host,
                                             on_served=_served_by(printer, plan.name),
-                                            capture=capture)
+                                            capture=capture, name=plan.name)
                   for plan in plans}
     first = forwarders[plans[0].name]
     infos = {plan.name: inspector.TunnelInfo(plan.target, name=plan.name) for plan in plans}
@@ -88,8 +88,8 @@ def run(args: argparse.Namespace, plans: list[TunnelPlan], servers: list[str], t
     head.more = rest
     api = None
     if sock is not None and capture is not None:
-        # A replay goes to the first tunnel's local service (the capture does not keep which tunnel).
-        api = (inspector.InspectorAPI(capture, head, lambda: first.local,
+        # A replay goes to the local service of the tunnel its request came through (or the one named).
+        api = (inspector.InspectorAPI(capture, head, lambda name: forwarders[name].local,
                                       check_host=inspector.is_loopback(sock.getsockname()[0])), sock)
         printer.inspector = inspector.url_of(sock)
     specs = [TunnelSpec(plan.name, plan.port, plan.subdomain, plan.policies.plugin_data,

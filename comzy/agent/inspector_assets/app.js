@@ -904,7 +904,7 @@
       view.editError.hidden = false;
       return;
     }
-    const body = { id: detail.id, tunnel_name: TUNNEL_NAME, method: view.editMethod.value.trim(),
+    const body = { id: detail.id, tunnel_name: detail.tunnel_name || TUNNEL_NAME, method: view.editMethod.value.trim(),
                    uri: view.editUri.value.trim(), headers };
     if (state.editBinary) body.body_base64 = base64Of(state.editBinary);
     else body.body = view.editBody.value;
@@ -942,7 +942,7 @@
   byId("notice-dismiss").addEventListener("click", () => { view.notice.hidden = true; });
   byId("back").addEventListener("click", deselect);
   view.replay.addEventListener("click", () => {
-    if (state.detail) sendReplay({ id: state.detail.id, tunnel_name: TUNNEL_NAME }, view.replay);
+    if (state.detail) sendReplay({ id: state.detail.id, tunnel_name: state.detail.tunnel_name || TUNNEL_NAME }, view.replay);
   });
   view.replayEdit.addEventListener("click", openEditForm);
   view.copyCurl.addEventListener("click", copyAsCurl);
