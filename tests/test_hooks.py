@@ -900,6 +900,28 @@ async def test_hook_before_response(tmp_path: Path, upstream: Upstream, caplog: 
     assert any(r.exc_info and "bug in stamp" in str(r.exc_info[1]) for r in caplog.records)
 
 
+class Reframer:
+    """A careless before_response: rewrites the framing of every response it sees."""
+
+    @hookimpl
+    def before_response(self, response: ForwardResponse) -> None:
+        response.headers[:] = [(n, v) for n, v in response.headers if n.lower() != b"content-length"]
+        response.headers += [(b"content-length", b"3"), (b"transfer-encoding", b"chunked"),
+                             (b"connection", b"close"), (b"x-reframed", b"1")]
+
+
+async def test_before_response_cannot_break_the_framing(tmp_path: Path, upstream: Upstream) -> None:
+    """The body that follows is the local service's: a hook's Content-Length is replaced by the local
+    service's, and the hop-by-hop headers it added are dropped (its other edits stay)."""
+    async with start_server(tmp_path, plugins=[("reframer", Reframer())]) as server, \
+            start_agent(server, upstream.port) as agent, agent.visitor() as client:
+        for _ in range(2):  # the connection survives the first answer: no Connection: close went out
+            answer = await client.get("/bytes/5000")
+            assert answer.status_code == 200 and len(answer.content) == 5000
+            assert answer.headers["content-length"] == "5000" and answer.headers["x-reframed"] == "1"
+            assert "transfer-encoding" not in answer.headers and "connection" not in answer.headers
+
+
 # -- after_response ------------------------------------------------------------------------------------
 class Recorder:
     """Queues every exchange for the test to read (after_response must not block)."""

@@ -527,7 +527,7 @@ class EdgeApp:
             return
         accept_headers = strip_hop_by_hop(head.headers, WS_HANDSHAKE)
         if state.hooked is not None:
-            edited = await self._before_response(state, head, accept_headers, send, scope)
+            edited = await self._before_response(state, head, accept_headers, send, scope, WS_HANDSHAKE)
             if edited is None:
                 stream.reset(p.ResetCode.CANCEL, "the upgrade was refused by a server plugin")
                 return
@@ -539,11 +539,18 @@ class EdgeApp:
             tg.cancel_scope.cancel()
 
     async def _before_response(self, state: _Exchange, head: p.ResponseHead, headers: list[tuple[bytes, bytes]],
-                               send: Send, scope: Scope | None = None) -> list[tuple[bytes, bytes]] | None:
+                               send: Send, scope: Scope | None = None,
+                               extra: frozenset[bytes] = frozenset()) -> list[tuple[bytes, bytes]] | None:
         """The response head's headers as the before_response hooks left them; None after answering
-        the visitor instead (a Reject's answer, or 500 when an implementation failed)."""
+        the visitor instead (a Reject's answer, or 500 when an implementation failed).
+
+        The framing stays the local service's: whatever hop-by-hop header (``extra``: a WebSocket
+        handshake's too) a hook added is dropped, and a Content-Length it added, removed or changed
+        is put back as the local service sent it, since the body that follows is the local
+        service's (a wrong length would cut the response or hang the visitor)."""
         assert state.hooked is not None
         request, tunnel = state.hooked
+        lengths = [value for name, value in headers if name.lower() == b"content-length"]
         response = ForwardResponse(head.status, headers)
         try:
             await self.hooks.before_response(response, request, tunnel, self.server)
@@ -556,7 +563,12 @@ class EdgeApp:
             state.status = 500
             await respond(send, 500, PLUGIN_FAILED, scope=scope)
             return None
-        return response.headers
+        edited = strip_hop_by_hop(response.headers, extra)
+        if [value for name, value in edited if name.lower() == b"content-length"] != lengths:
+            log.warning("a before_response hook changed %s's Content-Length; the local service's is kept", tunnel.alias)
+            edited = [(n, v) for n, v in edited if n.lower() != b"content-length"]
+            edited += [(b"content-length", value) for value in lengths]
+        return edited
 
     async def _ws_from_visitor(self, stream: Stream, receive: Receive, state: _Exchange,
                                scope: anyio.CancelScope) -> None:
