@@ -221,7 +221,8 @@ class Session:
     @property
     def attached(self) -> bool:
         """Whether run() drives the link from the loop's callbacks (no reader or writer task; see
-        ``WebSocket.attach``): a plain TCP link on asyncio. TLS links and cluster links keep the tasks."""
+        ``WebSocket.attach``, ``LinkTransport.attach``): a plain TCP link on asyncio, or a cluster link
+        over plain TCP to NATS. TLS links keep the tasks."""
         return self._attached
 
     @property
@@ -317,7 +318,7 @@ class Session:
     # -- attached mode: called by the WebSocket from the loop's callbacks ----------------------
     def _attach(self) -> bool:
         """Take the link over from the loop's callbacks if the WebSocket can (see
-        ``WebSocket.attach``; a cluster link's transport cannot, and keeps the tasks)."""
+        ``WebSocket.attach`` and, for a cluster link, ``LinkTransport.attach``)."""
         attach = getattr(self.ws, "attach", None)
         if attach is None:
             return False

@@ -112,6 +112,24 @@ class LinkClient(Client):
         self.stats["out_bytes"] += size
         return True
 
+    def unsent(self) -> int:
+        """Bytes the socket has not taken yet of what was written to it (0 over another transport)."""
+        transport = self._transport
+        if type(transport) is not TcpTransport or transport._io_writer is None:
+            return 0
+        return transport._io_writer.transport.get_write_buffer_size()  # type: ignore[no-any-return]
+
+    async def drain_unsent(self) -> None:
+        """Wait until ``unsent()`` is back under PENDING_SIZE; raises ConnectionClosedError if the
+        connection broke meanwhile (nats-py's read loop reconnects)."""
+        while self.unsent() > PENDING_SIZE:
+            transport = self._transport
+            assert type(transport) is TcpTransport and transport._io_writer is not None
+            try:
+                await transport._io_writer.drain()
+            except (OSError, RuntimeError) as exc:
+                raise nats.errors.ConnectionClosedError() from exc
+
     async def publish_now(self, subject: str, reply: str, head: bytes, body: bytes) -> None:
         """Publish ``head + body``: ``write_now``, else nats-py's ``publish`` (its buffer while
         reconnecting, its backpressure and errors). Past PENDING_SIZE bytes the kernel has not

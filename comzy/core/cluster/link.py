@@ -28,9 +28,10 @@ import anyio
 import anyio.abc
 import nats.errors
 from nats.aio.msg import Msg
+from nats.aio.transport import TcpTransport
 
 from comzy.core import protocol as p
-from comzy.core.cluster.connection import BusDown, NatsNode
+from comzy.core.cluster.connection import PENDING_SIZE, BusDown, NatsNode
 from comzy.core.logs import RateLimitedLog
 from comzy.core.session import COALESCE_LIMIT, Heartbeats, Session
 from comzy.core.websocket import WebSocketError
@@ -83,10 +84,14 @@ def decode_header(payload: bytes) -> tuple[LinkKind, int, int] | None:
 
 
 class LinkTransport:
-    """What a link ``Session`` uses as its ``ws``: ``send``, ``receive``, ``close``, ``aclose``.
+    """What a link ``Session`` uses as its ``ws``.
 
-    ``receive`` never returns ``Closed``: once the link has failed it raises WebSocketError with
-    the reason, so the session and its streams end with that reason as it is.
+    Attached (``attach``, the usual way): each link message goes straight from nats-py's read loop
+    to the session (``_link_message``) and ``write_message`` writes to the NATS socket in the
+    caller's call, with no reader or writer task (docs/benchmarks.md, "The cluster link attached").
+    Otherwise ``send`` and ``receive`` serve the session's tasks; ``receive`` never returns
+    ``Closed``: once the link has failed it raises WebSocketError with the reason, so the session
+    and its streams end with that reason as it is (attached, the session ends with that error too).
     """
 
     def __init__(self, links: Links, peer: str, epoch: int, inbox_limit: int = INBOX_LIMIT) -> None:
@@ -100,6 +105,9 @@ class LinkTransport:
         self.inbox_limit = inbox_limit
         self._send_seq = 0
         self._recv_seq = 0
+        # Messages the session has not taken yet: before it attaches, while it pauses reading
+        # (the NATS socket is every link's, so a link cannot stop reading it: it buffers here,
+        # bounded by inbox_limit), and, unattached, until its reader task runs.
         self._inbox: deque[bytes] = deque()
         self._inbox_bytes = 0
         # A plain asyncio event, cleared and reused: links run on asyncio only (nats-py), and an
@@ -107,8 +115,131 @@ class LinkTransport:
         self._event = asyncio.Event()
         #: Why the link ended (None while it works).
         self.reason: str | None = None
+        # Attached mode: the session, whether it paused reading, whether it has been told the
+        # link ended, whether it was told to stop writing; messages nats-py must take in order
+        # (write_now declined) and the task that hands them over; the task waiting for the
+        # socket to drain past PENDING_SIZE.
+        self._sink: Session | None = None
+        self._paused = False
+        self._told = False
+        self._blocked = False
+        self._unsent: deque[tuple[bytes, bytes]] = deque()
+        self._unsent_bytes = 0
+        self._publisher: asyncio.Task[None] | None = None
+        self._drainer: asyncio.Task[None] | None = None
 
-    # -- the Session's side ---------------------------------------------------------------
+    # -- the Session's side, attached ------------------------------------------------------------
+    def attach(self, sink: Session) -> bool:
+        """Hand every link message to ``sink._link_message`` from nats-py's read loop, and take
+        ``write_message`` calls, from now on. What arrived before goes first, in order. False
+        (nothing changes: the session keeps its tasks) over a NATS transport other than plain
+        TCP, where no write can be made at once."""
+        if type(self.links.nats.nc._transport) is not TcpTransport:
+            return False
+        self._sink = sink
+        self._pump()
+        return True
+
+    @property
+    def attached(self) -> bool:
+        """Whether a session took the link with ``attach``."""
+        return self._sink is not None
+
+    @property
+    def closed(self) -> str | None:
+        """Why the link ended, once the attached session has been told (None until then: it may
+        still be reading the messages that came before a BYE)."""
+        return self.reason if self._told else None
+
+    def write_message(self, message: bytes) -> None:
+        """Publish ``message`` (whole frames) as the next link message, without waiting (attached).
+
+        Written to the socket now when nothing waits before it; else queued behind nats-py's
+        own buffer, in order. Past PENDING_SIZE unsent bytes the session hears
+        ``_link_writable(False)``, and ``True`` once they have drained: the link's backpressure."""
+        if self.reason is not None:
+            return  # the session is ending with the reason; nothing more reaches the peer
+        header = LINK_HEADER.pack(LINK_MAGIC, LINK_VERSION, LinkKind.FRAMES, self.epoch, self._send_seq)
+        self._send_seq += 1
+        nc = self.links.nats.nc
+        if self._publisher is None and nc.write_now(self.subject, self.reply, header, message):
+            if self._drainer is None and nc.unsent() > PENDING_SIZE:
+                self._block()
+                self._drainer = asyncio.get_running_loop().create_task(self._drain())
+            return
+        self._unsent.append((header, message))
+        self._unsent_bytes += len(message)
+        if self._unsent_bytes > PENDING_SIZE:
+            self._block()
+        if self._publisher is None:
+            self._publisher = asyncio.get_running_loop().create_task(self._publish_unsent())
+
+    def pause_reading(self) -> None:
+        """Hand the session no message until ``resume_reading``; what arrives meanwhile waits in
+        the inbox (at most inbox_limit bytes: past it the link ends)."""
+        self._paused = True
+
+    def resume_reading(self) -> None:
+        """Hand messages over again; those in the inbox first, from the next loop turn."""
+        if self._paused:
+            self._paused = False
+            if self._inbox or self.reason is not None:
+                asyncio.get_running_loop().call_soon(self._pump)
+
+    def _pump(self) -> None:
+        """Hand the inbox to the session while it reads; once the link has ended and nothing
+        from before the end is left, end the session with the reason."""
+        sink = self._sink
+        if sink is None:
+            return
+        inbox = self._inbox
+        while inbox and not self._paused:
+            body = inbox.popleft()
+            self._inbox_bytes -= len(body)
+            sink._link_message(body)
+        if self.reason is not None and not inbox and not self._told:
+            self._told = True
+            sink._end_with(WebSocketError(self.reason))
+
+    def _block(self) -> None:
+        if not self._blocked:
+            self._blocked = True
+            if self._sink is not None:
+                self._sink._link_writable(False)
+
+    def _unblock(self) -> None:
+        if self._blocked and self._publisher is None and self._drainer is None and self.reason is None:
+            self._blocked = False
+            if self._sink is not None:
+                self._sink._link_writable(True)
+
+    async def _drain(self) -> None:
+        """Wait until the NATS socket has taken what write_now left in its buffer."""
+        try:
+            await self.links.nats.nc.drain_unsent()
+        except Exception as exc:  # the connection broke (nats-py reconnects), or worse: the link cannot send
+            self.fail(f"cannot send to node {self.peer}: {exc or type(exc).__name__}", tell_peer=False)
+        finally:
+            self._drainer = None
+        self._unblock()
+
+    async def _publish_unsent(self) -> None:
+        """Hand the queued messages to nats-py in order (its buffer while reconnecting, its errors)."""
+        nc = self.links.nats.nc
+        try:
+            while self._unsent and self.reason is None:
+                # Taken off before the await: nats-py holds it (or wrote it) by the time anything
+                # else runs, and what write_message adds meanwhile waits behind it (_publisher is set).
+                header, message = self._unsent.popleft()
+                self._unsent_bytes -= len(message)
+                await nc.publish_now(self.subject, self.reply, header, message)
+        except Exception as exc:  # nats-py's errors, or the socket's: either way the link cannot send
+            self.fail(f"cannot send to node {self.peer}: {exc or type(exc).__name__}", tell_peer=False)
+        finally:
+            self._publisher = None
+        self._unblock()
+
+    # -- the Session's side, with its tasks ---------------------------------------------------
     async def send(self, message: bytes) -> None:
         """Publish ``message`` (whole frames) as the next link message."""
         if self.reason is not None:
@@ -156,13 +287,18 @@ class LinkTransport:
                           f"(expected {self._recv_seq})", tell_peer=True)
             return
         self._recv_seq += 1
+        sink = self._sink
+        if sink is not None and not self._paused and not self._inbox:
+            sink._link_message(body)  # attached and reading: no queue, no task wakeup
+            return
         if self._inbox_bytes + len(body) > self.inbox_limit:
             self.fail(f"node {self.peer} ignored flow control: more than {self.inbox_limit} bytes waiting "
                       "on the link", tell_peer=True)
             return
         self._inbox.append(body)
         self._inbox_bytes += len(body)
-        self._event.set()
+        if sink is None:
+            self._event.set()
 
     def fail(self, reason: str, *, tell_peer: bool, keep_queued: bool = False) -> None:
         """End the link with ``reason`` (the first reason wins); a BYE tells the peer if asked.
@@ -176,9 +312,15 @@ class LinkTransport:
         if not keep_queued:
             self._inbox.clear()
             self._inbox_bytes = 0
+        self._unsent.clear()
+        self._unsent_bytes = 0
         self._event.set()
         if tell_peer:
             self.links.send_bye(self.peer, self.epoch, reason)
+        if self._sink is not None:
+            # Told now, unless it paused reading with messages from before a BYE still to read:
+            # then once it has read them (resume_reading).
+            self._pump()
 
 
 class Link:
