@@ -128,3 +128,19 @@ async def test_an_attached_link_stops_writing_while_nats_does_not_read_and_resum
         assert transport._send_seq > sent_before
         assert await roundtrip(link, b"after") == b"after"
         assert not pair.closed_a and not pair.closed_b
+
+
+async def test_a_link_that_cannot_attach_keeps_its_tasks_and_works(
+        nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where attach declines (TLS to NATS: nats-py's transport is not plain TCP, nothing can be
+    written at once), the link session runs its reader and writer tasks over send/receive, as
+    before: a body still flows both ways, and the links end cleanly."""
+    from comzy.core.cluster.link import LinkTransport
+
+    monkeypatch.setattr(LinkTransport, "attach", lambda self, sink: False)
+    async with pair_of_nodes(nats_server) as pair:
+        link = pair.link()
+        body = os.urandom(2 * WINDOW + 5)
+        assert await roundtrip(link, body) == body
+        assert not link.attached and not pair.accepted[0][0].attached
+        assert not pair.closed_a and not pair.closed_b
