@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import secrets
 import time
@@ -164,6 +165,7 @@ class AgentListener:
             taken = frozenset(entry.tunnel.alias for entry, *_ in done)
             remote: Record | None = None
             try:
+                self._refuse_crowded(client, wanted)
                 self._refuse_unenforceable(registration)
                 self._refuse_ownerless(registration)
                 await server.hooks.on_register(registration, server)
@@ -381,6 +383,28 @@ class AgentListener:
         why = self.server.hooks.alias_reserved(name, self.server)
         return None if why is None else _kept_for_nobody(name, why)
 
+    def _refuse_crowded(self, client: str, wanted: TunnelRequest) -> None:
+        """Refuse one more tunnel from an address that holds COMZY_MAX_TUNNELS_PER_ADDRESS already:
+        every tunnel costs the server memory and a descriptor, and an anonymous agent could open
+        them until the process runs out. Tunnels of this connection registered before this one
+        count (they are in the registry); the tunnel a reconnecting agent takes back (its resume
+        secret) does not, since it replaces itself. Loopback agents are not counted: the server's
+        own host, or a proxy on it not named in COMZY_TRUSTED_PROXIES (then every agent would share
+        one address and the limit would refuse them all)."""
+        limit = self.settings.max_tunnels_per_address
+        if not limit or _is_loopback(client):
+            return
+        registry = self.server.registry
+        held = registry.count_from(client)
+        alias = wanted.resume_alias
+        if alias and (mine := registry.get(alias)) is not None and mine.tunnel.client_address == client \
+                and registry.holder_matches(alias, wanted.resume_secret):
+            held -= 1
+        if held >= limit:
+            raise Reject(f"{client} already holds {held} tunnels on this server, the most one address may "
+                         f"(COMZY_MAX_TUNNELS_PER_ADDRESS={limit}); stop one of them, or ask the server's operator "
+                         "to raise the limit")
+
     def _refuse_unenforceable(self, registration: Registration) -> None:
         """Reject a registration that requires a policy plugin this server does not run (fail closed).
 
@@ -442,6 +466,16 @@ class AgentListener:
                 await server.directory.release(entry)
             await server.hooks.on_disconnect(tunnel, reason, server)
             log.info("tunnel %s closed after %.0fs: %s", tunnel.alias, time.monotonic() - started, reason)
+
+
+def _is_loopback(address: str) -> bool:
+    """Whether ``address`` (an agent's, as the listener sees it) is a loopback one, IPv4-mapped included."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return (mapped or ip).is_loopback
 
 
 def _taken_over(alias: str, registration: Registration, previous: Entry) -> str:

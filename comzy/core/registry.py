@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -44,6 +45,9 @@ class Registry:
 
     def __init__(self) -> None:
         self._entries: dict[str, Entry] = {}
+        # Live tunnels per agent address, kept with the entries: COMZY_MAX_TUNNELS_PER_ADDRESS is
+        # checked on every registration, so counting must not walk every tunnel.
+        self._by_address: Counter[str] = Counter()
 
     def get(self, alias: str) -> Entry | None:
         """The live entry for ``alias``."""
@@ -63,10 +67,17 @@ class Registry:
             return False
         return hmac.compare_digest(entry.resume_hash, hash_secret(resume_secret))
 
+    def count_from(self, address: str) -> int:
+        """How many live tunnels agents at ``address`` hold on this node."""
+        return self._by_address.get(address, 0)
+
     def add(self, entry: Entry) -> Entry | None:
         """Install ``entry``; returns the entry it replaced (a takeover), if any."""
         previous = self._entries.get(entry.tunnel.alias)
+        if previous is not None:
+            self._uncount(previous)
         self._entries[entry.tunnel.alias] = entry
+        self._by_address[entry.tunnel.client_address] += 1
         return previous
 
     def remove(self, alias: str, session: Session) -> bool:
@@ -75,8 +86,17 @@ class Registry:
         entry = self._entries.get(alias)
         if entry is not None and entry.session is session:
             del self._entries[alias]
+            self._uncount(entry)
             return True
         return False
+
+    def _uncount(self, entry: Entry) -> None:
+        address = entry.tunnel.client_address
+        left = self._by_address[address] - 1
+        if left > 0:
+            self._by_address[address] = left
+        else:
+            del self._by_address[address]
 
 
 def end_tunnel(entry: Entry, server: ServerContext, reason: str) -> None:

@@ -93,6 +93,11 @@ class ServerSettings(BaseSettings):
                                  description="Comma list of CIDRs (e.g. 127.0.0.1/32 behind nginx on the same host) "
                                  "whose X-Forwarded-For, X-Real-IP and Forwarded headers are kept; a visitor's own "
                                  "are dropped. Unset: none trusted.")
+    max_tunnels_per_address: int = Field(
+        100, ge=0, validation_alias=_env("COMZY_MAX_TUNNELS_PER_ADDRESS"),
+        description="Live tunnels agents at one address may hold on this server (per control node in a cluster); "
+        "beyond, a registration is refused saying so. Loopback agents are not counted (a proxy on the same host "
+        "without COMZY_TRUSTED_PROXIES would make every agent one address). 0: no limit.")
     max_streams_per_tunnel: int = Field(256, ge=1, validation_alias=_env("COMZY_MAX_STREAMS_PER_TUNNEL"),
                                         description="Concurrent requests per tunnel; beyond: 503.")
     max_request_head: int = Field(65536, ge=1024, validation_alias=_env("COMZY_MAX_REQUEST_HEAD"),
