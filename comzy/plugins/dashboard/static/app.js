@@ -157,7 +157,9 @@
   function policyText(policies) {
     // Each plugin's public summary (describe_policy), e.g. "rate_limit: operator 60/min, owner 10/min".
     return Object.entries(policies || {}).map(([plugin, summary]) => {
-      const parts = Object.entries(summary || {}).filter(([, value]) => value !== null && value !== undefined)
+      // An empty list (ip_filter's "deny" when only "allow" is set) says nothing: left out.
+      const parts = Object.entries(summary || {})
+        .filter(([, value]) => value !== null && value !== undefined && !(Array.isArray(value) && value.length === 0))
         .map(([key, value]) => `${key.replace(/_/g, " ")} ${formatSummaryValue(value)}`);
       return parts.length ? `${plugin}: ${parts.join(", ")}` : plugin;
     }).join("; ");
