@@ -24,7 +24,7 @@ from comzy.agent.output import Output, make_output
 from comzy.agent.tunnels import TunnelPlan
 from comzy.core.control import Welcome
 from comzy.core.eventloop import backend_options
-from comzy.core.memory import tune_malloc
+from comzy.core.memory import tune_gc, tune_malloc
 
 
 class SeveralReporter:
@@ -115,6 +115,7 @@ def run(args: argparse.Namespace, plans: list[TunnelPlan], servers: list[str], t
 
     try:
         tune_malloc()
+        tune_gc()
         return anyio.run(serve, backend_options=loop_options)
     except KeyboardInterrupt:
         return 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import gc
 import logging
 import os
 import signal
@@ -24,7 +23,7 @@ from comzy.core.commands import Catalog, HelpFormatter
 from comzy.core.datadir import prepare_data_dir
 from comzy.core.eventloop import backend_options
 from comzy.core.hooks import PluginError, load_plugins, select_plugins
-from comzy.core.memory import tune_malloc
+from comzy.core.memory import tune_gc, tune_malloc
 from comzy.core.server import describe, run_server
 from comzy.core.settings import ServerSettings, explain_validation_error
 from comzy.core.tls import TLSConfigError
@@ -335,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(2) from None
     # Every tunnel keeps long-lived objects; with the default thresholds full collections
     # took ~30% of the server's CPU while 10,000 agents registered (bench/idle_agents.py).
-    gc.set_threshold(10_000, 10, 100)
+    tune_gc()
     try:
         prepare_data_dir(settings.data_dir)  # 0700: it holds token hashes and client addresses
     except OSError as exc:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
 import os
 
@@ -57,3 +58,17 @@ def tune_malloc() -> bool:
     log.debug("malloc: mmap threshold %d, trim threshold %d: %s", MMAP_THRESHOLD, TRIM_THRESHOLD,
               "applied" if applied else "refused")
     return applied
+
+
+#: The garbage collector's thresholds for both processes: a young collection every 10,000
+#: allocations instead of 700. Both keep many long-lived objects (the server its tunnels, the agent
+#: the inspector's exchanges) and make few cycles per request; with the defaults the agent spent
+#: 6-9% of its CPU in the collector under load (measured with gc.callbacks, 2026-12-07), and the
+#: server ~30% of it while 10,000 agents registered.
+GC_THRESHOLDS = (10_000, 10, 100)
+
+
+def tune_gc() -> None:
+    """Apply ``GC_THRESHOLDS``."""
+    gc.set_threshold(*GC_THRESHOLDS)
+
