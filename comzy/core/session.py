@@ -34,6 +34,11 @@ WRITE_HIGH_WATER = 1024 * 1024
 SEND_BUDGET = 4 * 1024 * 1024
 #: Largest WebSocket message the writer builds by coalescing queued frames.
 COALESCE_LIMIT = 512 * 1024
+#: Frames queued in one loop turn after which an attached link writes at once instead of at the
+#: turn's end: under load a turn handles dozens of requests, and holding every frame until the
+#: last one leaves the peer idle meanwhile (the two processes then take turns instead of working
+#: in parallel: +20-35% req/s at 50 connections with this, bench.cpu, 2026-12-07).
+FLUSH_AT_FRAMES = 16
 
 
 class SessionClosed(Exception):
@@ -199,7 +204,9 @@ class Session:
         self._out.append(frame)
         self._out_bytes += len(frame)
         if self._attached:
-            if not self._flush_pending:
+            if len(self._out) >= FLUSH_AT_FRAMES:
+                self._flush()
+            elif not self._flush_pending:
                 self._flush_pending = True
                 self._loop.call_soon(self._flush)
         else:
