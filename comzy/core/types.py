@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,6 +75,29 @@ class Registration:
         the agent is told so in WELCOME ``enforced``. Call it only once the policy is in place."""
         if plugin not in self.enforced:
             self.enforced.append(plugin)
+
+    def take_policy(self, plugin: str, parse: Callable[[Any], dict[str, Any]],
+                    label: str | None = None) -> dict[str, Any] | None:
+        """A policy plugin's whole ``on_register`` for the usual case: read what the agent sent for
+        ``plugin`` (its ``COMZY_PLUGINS`` name), check it with ``parse``, keep what ``parse`` returns
+        in :meth:`plugin_state` and :meth:`enforce` the policy.
+
+        ``parse`` takes the agent's untrusted data and returns the state to keep on the tunnel
+        (JSON-like values: it crosses a cluster), or raises ValueError saying what is wrong; that
+        refuses the registration with ``Reject("<label>: the agent's data is not valid (<what>); ...")``
+        (``label`` defaults to ``plugin``), and nothing is kept or enforced. Returns the state kept,
+        or None when the agent sent nothing for ``plugin`` (the tunnel has no such policy)."""
+        data = self.agent_data.get(plugin)
+        if data is None:
+            return None
+        try:
+            state = parse(data)
+        except ValueError as exc:
+            raise Reject(f"{label or plugin}: the agent's data is not valid ({exc}); use a matching comzy agent") \
+                from None
+        self.plugin_state(plugin).update(state)
+        self.enforce(plugin)
+        return state
 
 
 @dataclass(slots=True)

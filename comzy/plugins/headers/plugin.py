@@ -15,7 +15,7 @@ import re
 from collections import OrderedDict
 from typing import Any
 
-from comzy import ForwardRequest, ForwardResponse, Registration, Reject, Tunnel, hookimpl
+from comzy import ForwardRequest, ForwardResponse, Registration, Tunnel, hookimpl
 
 #: This plugin's name: the key of the agent's data, of the tunnel's state and of the policy it confirms.
 NAME = "headers"
@@ -118,15 +118,7 @@ class Headers:
     @hookimpl
     def on_register(self, registration: Registration) -> None:
         """Keep the agent's header rules on the tunnel and confirm the policy."""
-        data = registration.agent_data.get(NAME)
-        if data is None:
-            return
-        try:
-            state = parse_policy(data)
-        except ValueError as exc:
-            raise Reject(f"headers: the agent's data is not valid ({exc}); use a matching comzy agent") from None
-        registration.plugin_state(NAME).update(state)
-        registration.enforce(NAME)
+        registration.take_policy(NAME, parse_policy, "headers")
 
     @hookimpl
     def describe_policy(self, tunnel: Tunnel) -> dict[str, Any] | None:

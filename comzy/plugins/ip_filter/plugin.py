@@ -123,15 +123,7 @@ class IpFilter:
     @hookimpl
     def on_register(self, registration: Registration) -> None:
         """Keep the agent's networks on the tunnel and confirm the policy."""
-        data = registration.agent_data.get(NAME)
-        if data is None:
-            return
-        try:
-            state = parse_policy(data)
-        except ValueError as exc:
-            raise Reject(f"ip filter: the agent's data is not valid ({exc}); use a matching comzy agent") from None
-        registration.plugin_state(NAME).update(state)
-        registration.enforce(NAME)
+        registration.take_policy(NAME, parse_policy, "ip filter")
 
     @hookimpl
     def describe_policy(self, tunnel: Tunnel) -> dict[str, Any] | None:

@@ -47,15 +47,9 @@ class RateLimit:
     @hookimpl
     def on_register(self, registration: Registration) -> None:
         """Keep the owner's limit on the tunnel and confirm the policy."""
-        data = registration.agent_data.get(NAME)
-        if data is None:
+        state = registration.take_policy(NAME, parse_policy, "rate limit")
+        if state is None:
             return
-        try:
-            state = parse_policy(data)
-        except ValueError as exc:
-            raise Reject(f"rate limit: the agent's data is not valid ({exc}); use a matching comzy agent") from None
-        registration.plugin_state(NAME).update(state)
-        registration.enforce(NAME)
         owner = Rate(state["requests"], state["seconds"])
         if self.operator is not None and owner.interval < self.operator.interval:
             registration.notices.append(f"This server limits every tunnel to {self.operator} per client address, "
