@@ -17,6 +17,7 @@ from comzy.core.hooks import PluginError
 from comzy.core.hookspecs import hookimpl
 from comzy.core.schema import Schema
 from comzy.core.settings import ServerSettings
+from comzy.core.tunnel_cache import TunnelCache
 from comzy.core.types import Exchange, ForwardRequest, ForwardResponse, LoggedRequest, Registration, Reject, Tunnel
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ __all__ = [
     "ServerContext",
     "ServerSettings",
     "Tunnel",
+    "TunnelCache",
     "__version__",
     "hookimpl",
 ]

@@ -45,6 +45,7 @@ PUBLIC_API = [
     "ServerContext",
     "ServerSettings",
     "Tunnel",
+    "TunnelCache",
     "__version__",
     "hookimpl",
 ]

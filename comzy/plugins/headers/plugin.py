@@ -12,10 +12,9 @@ routes and frames messages with them.
 from __future__ import annotations
 
 import re
-from collections import OrderedDict
 from typing import Any
 
-from comzy import ForwardRequest, ForwardResponse, Registration, Tunnel, hookimpl
+from comzy import ForwardRequest, ForwardResponse, Registration, Tunnel, TunnelCache, hookimpl
 
 #: This plugin's name: the key of the agent's data, of the tunnel's state and of the policy it confirms.
 NAME = "headers"
@@ -102,18 +101,9 @@ class Headers:
     """Applies the header rules of the tunnels whose agents ask for them."""
 
     def __init__(self) -> None:
-        self._compiled: OrderedDict[int, tuple[Edits, Edits]] = OrderedDict()
-
-    def _rules(self, tunnel: Tunnel, state: dict[str, Any]) -> tuple[Edits, Edits]:
-        """(request, response) edits of ``tunnel``, compiled once per session."""
-        rules = self._compiled.get(tunnel.session)
-        if rules is None:
-            rules = self._compiled[tunnel.session] = (compile_edits(state["request"]), compile_edits(state["response"]))
-            if len(self._compiled) > COMPILED_TUNNELS:
-                self._compiled.popitem(last=False)
-        else:
-            self._compiled.move_to_end(tunnel.session)
-        return rules
+        #: (request, response) edits of each tunnel, compiled once per session.
+        self._rules: TunnelCache[dict[str, Any], tuple[Edits, Edits]] = TunnelCache(
+            lambda state: (compile_edits(state["request"]), compile_edits(state["response"])), COMPILED_TUNNELS)
 
     @hookimpl
     def on_register(self, registration: Registration) -> None:
@@ -140,11 +130,11 @@ class Headers:
         visitor's by a check that runs before it (basic_auth)."""
         state = tunnel.metadata.get(NAME)
         if state:
-            apply(request.headers, self._rules(tunnel, state)[0])
+            apply(request.headers, self._rules.get(tunnel, state)[0])
 
     @hookimpl
     def before_response(self, response: ForwardResponse, tunnel: Tunnel) -> None:
         """Edit the local service's response headers on their way to the visitor."""
         state = tunnel.metadata.get(NAME)
         if state:
-            apply(response.headers, self._rules(tunnel, state)[1])
+            apply(response.headers, self._rules.get(tunnel, state)[1])

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections import OrderedDict
 from typing import Any
 
-from comzy import ForwardRequest, Registration, Reject, Tunnel, hookimpl
+from comzy import ForwardRequest, Registration, Reject, Tunnel, TunnelCache, hookimpl
 
 #: This plugin's name: the key of the agent's data, of the tunnel's state and of the policy it confirms.
 NAME = "ip_filter"
@@ -118,7 +117,7 @@ class IpFilter:
     """Enforces the ``--cidr-allow``/``--cidr-deny`` policy of the tunnels whose agents ask for it."""
 
     def __init__(self) -> None:
-        self._compiled: OrderedDict[int, Rules] = OrderedDict()
+        self._compiled: TunnelCache[dict[str, list[str]], Rules] = TunnelCache(compile_rules, COMPILED_TUNNELS)
 
     @hookimpl
     def on_register(self, registration: Registration) -> None:
@@ -138,12 +137,5 @@ class IpFilter:
         state = tunnel.metadata.get(NAME)
         if not state:
             return
-        rules = self._compiled.get(tunnel.session)
-        if rules is None:
-            rules = self._compiled[tunnel.session] = compile_rules(state)
-            if len(self._compiled) > COMPILED_TUNNELS:
-                self._compiled.popitem(last=False)
-        else:
-            self._compiled.move_to_end(tunnel.session)
-        if not admitted(request.client, rules):
+        if not admitted(request.client, self._compiled.get(tunnel, state)):
             raise Reject("the client address is not allowed by the tunnel's IP filter", status=403, body=REFUSED)
