@@ -40,6 +40,7 @@ import statistics
 import sys
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from bench.procs import MIB, Proc
@@ -69,6 +70,8 @@ CONTROL = "none_again"
 PLUGIN_BUDGET = 0.10
 
 Target = tuple[Endpoint, dict[str, Proc]]
+#: What a ``cost_table`` appends to a row, from its label and its changes against the base.
+Mark = Callable[[str, dict[str, float]], str]
 
 #: ``--policies``: the server's plugins, and the policy tunnel's agent flags (the allow list holds
 #: the loopback client; the rate limit, per client address, is far above what two cores can send).
@@ -216,30 +219,71 @@ def captured(api: str) -> bool:
         return bool(json.load(answer)["requests"])
 
 
+@dataclass(frozen=True)
+class Column:
+    """A column of a cost table: the median over rounds of one figure of each run (``key``), or with
+    ``versus`` that figure's change against the base row as the median of each round's ratio."""
+
+    heading: str
+    key: str
+    versus: bool = False
+    decimals: int = 0
+    width: int = 0  # 0: the heading's
+
+    def cell(self, runs: list[dict[str, Any]], change: float | None) -> str:
+        """This column's text for one row (blank in the base row for a ``versus`` column)."""
+        width = self.width or len(self.heading)
+        if not self.versus:
+            return f"{statistics.median(run[self.key] for run in runs):{width}.{self.decimals}f}"
+        return " " * width if change is None else f"{change:+{width}.1%}"
+
+
+def cost_table(rounds: dict[str, list[dict[str, Any]]], connection_counts: list[int], title: tuple[str, int],
+               rows: list[tuple[str, str]], columns: list[Column], mark: Mark) -> list[str]:
+    """What each target costs against a base, per connection count: a heading line (``title`` is the first
+    column's heading and width), then a row per ``(label, prefix)`` of ``rows`` from the runs
+    ``rounds[f"{prefix}get_{connections}c"]``, the first row being the base. A ``versus`` column is the median
+    over rounds of the same round's ratio to the base (so a round the machine was busier cancels out);
+    ``mark(label, changes)`` (``changes``: each versus column's change, by key) is appended to a row
+    that is not the base (``"  <- over 10%"``, or "")."""
+    name, width = title
+    lines = [" ".join([f"{name:{width}}", f"{'conns':>5}",
+                       *(f"{column.heading:>{column.width or len(column.heading)}}" for column in columns)])]
+    for connections in connection_counts:
+        base = rounds[f"{rows[0][1]}get_{connections}c"]
+        for index, (label, prefix) in enumerate(rows):
+            runs = rounds[f"{prefix}get_{connections}c"]
+            pairs = list(zip(runs, base, strict=True))
+            changes = {} if index == 0 else {
+                column.key: statistics.median(run[column.key] / other[column.key] - 1 for run, other in pairs)
+                for column in columns if column.versus}
+            cells = [f"{label:{width}}", f"{connections:5d}",
+                     *(column.cell(runs, changes.get(column.key) if index else None) for column in columns)]
+            lines.append(" ".join(cells).rstrip() + (mark(label, changes) if index else ""))
+    return lines
+
+
+def over_budget(budget: float, cpu_key: str | None = "server_us") -> Mark:
+    """A ``cost_table`` mark: ``<- over 10%`` when req/s fell, or (with ``cpu_key``) that CPU grew, past ``budget``."""
+    def mark(_label: str, changes: dict[str, float]) -> str:
+        worst = max(changes[cpu_key], -changes["requests_per_s"]) if cpu_key else -changes["requests_per_s"]
+        return f"  <- over {budget:.0%}" if worst > budget else ""
+    return mark
+
+
 def inspector_table(rounds: dict[str, list[dict[str, Any]]], connection_counts: list[int],
                     download: bool) -> list[str]:
     """The ``--inspector`` table: per connection count the medians of the agent with its inspector off and on,
     and the cost of "on" as the median over rounds of the same round's ratio (req/s lost over
     ``INSPECTOR_BUDGET`` is marked); with ``download``, each agent's CPU per GiB and peak RSS (over
     ``AGENT_RSS_BUDGET_MIB`` is marked)."""
-    lines = [f"{'inspector':9} {'conns':>5} {'agent µs/req':>12} {'CPU vs off':>10} {'req/s':>8} "
-             f"{'req/s vs off':>12} {'p50 ms':>7}"]
-    for connections in connection_counts:
-        off = rounds[f"inspector_off_get_{connections}c"]
-        on = rounds[f"inspector_on_get_{connections}c"]
-        for label, runs in (("off", off), ("on", on)):
-            agent_us = statistics.median(run["agent_us"] for run in runs)
-            rps = statistics.median(run["requests_per_s"] for run in runs)
-            p50 = statistics.median(run["p50_ms"] for run in runs)
-            if runs is off:
-                lines.append(f"{label:9} {connections:5d} {agent_us:12.0f} {'':>10} {rps:8.0f} {'':>12} {p50:7.2f}")
-                continue
-            pairs = list(zip(runs, off, strict=True))
-            cpu_cost = statistics.median(run["agent_us"] / base["agent_us"] - 1 for run, base in pairs)
-            rps_change = statistics.median(run["requests_per_s"] / base["requests_per_s"] - 1 for run, base in pairs)
-            lines.append(f"{label:9} {connections:5d} {agent_us:12.0f} {cpu_cost:+10.1%} {rps:8.0f} "
-                         f"{rps_change:+12.1%} {p50:7.2f}"
-                         + ("  <- over 10%" if -rps_change > INSPECTOR_BUDGET else ""))
+    lines = cost_table(rounds, connection_counts, ("inspector", 9),
+                       [(label, f"inspector_{label}_") for label in ("off", "on")],
+                       [Column("agent µs/req", "agent_us"), Column("CPU vs off", "agent_us", versus=True),
+                        Column("req/s", "requests_per_s", width=8),
+                        Column("req/s vs off", "requests_per_s", versus=True),
+                        Column("p50 ms", "p50_ms", decimals=2, width=7)],
+                       over_budget(INSPECTOR_BUDGET, cpu_key=None))
     if download:
         for label in INSPECTOR_FLAGS:
             runs = rounds[f"inspector_{label}_download"]
@@ -250,28 +294,19 @@ def inspector_table(rounds: dict[str, list[dict[str, Any]]], connection_counts: 
     return lines
 
 
+def server_columns(base: str) -> list[Column]:
+    """The columns of the server-side tables (``--plugins each``, ``--policies``): CPU and req/s against ``base``."""
+    return [Column("server µs/req", "server_us"), Column(f"CPU vs {base}", "server_us", versus=True),
+            Column("agent µs/req", "agent_us"), Column("req/s", "requests_per_s", width=8),
+            Column(f"req/s vs {base}", "requests_per_s", versus=True)]
+
+
 def policy_table(rounds: dict[str, list[dict[str, Any]]], connection_counts: list[int]) -> list[str]:
     """The ``--policies`` table: per connection count, the medians of the plain and the policy tunnel, and the
     policy's cost as the median over rounds of the same round's ratio; over ``POLICY_BUDGET`` is marked."""
-    lines = [f"{'tunnel':18} {'conns':>5} {'server µs/req':>13} {'CPU vs plain':>12} {'agent µs/req':>12} "
-             f"{'req/s':>8} {'req/s vs plain':>14}"]
-    for connections in connection_counts:
-        plain = rounds[f"policies_plain_get_{connections}c"]
-        policy = rounds[f"policies_policy_get_{connections}c"]
-        for label, runs in (("no policy", plain), ("auth+allow+limit", policy)):
-            server_us = statistics.median(run["server_us"] for run in runs)
-            agent_us = statistics.median(run["agent_us"] for run in runs)
-            rps = statistics.median(run["requests_per_s"] for run in runs)
-            if runs is plain:
-                lines.append(f"{label:18} {connections:5d} {server_us:13.0f} {'':>12} {agent_us:12.0f} {rps:8.0f}")
-                continue
-            pairs = list(zip(runs, plain, strict=True))
-            cpu_cost = statistics.median(run["server_us"] / base["server_us"] - 1 for run, base in pairs)
-            rps_change = statistics.median(run["requests_per_s"] / base["requests_per_s"] - 1 for run, base in pairs)
-            over = max(cpu_cost, -rps_change) > POLICY_BUDGET
-            lines.append(f"{label:18} {connections:5d} {server_us:13.0f} {cpu_cost:+12.1%} {agent_us:12.0f} "
-                         f"{rps:8.0f} {rps_change:+14.1%}" + ("  <- over 10%" if over else ""))
-    return lines
+    return cost_table(rounds, connection_counts, ("tunnel", 18),
+                      [("no policy", "policies_plain_"), ("auth+allow+limit", "policies_policy_")],
+                      server_columns("plain"), over_budget(POLICY_BUDGET))
 
 
 def plugin_configs() -> dict[str, str | None]:
@@ -286,26 +321,16 @@ def plugin_table(rounds: dict[str, list[dict[str, Any]]], labels: list[str], con
     than ``PLUGIN_BUDGET`` either way is marked ``<- over 10%`` (``default`` is every plugin at once, never marked;
     ``CONTROL``, a second server without plugins, is marked ``<- noise`` instead).
     """
-    lines = [f"{'plugins':18} {'conns':>5} {'server µs/req':>13} {'CPU vs none':>11} {'agent µs/req':>12} "
-             f"{'req/s':>8} {'req/s vs none':>13}"]
-    for connections in connection_counts:
-        base = rounds[f"get_{connections}c"]
-        for label in ["none", *labels]:
-            runs = base if label == "none" else rounds[f"plugins_{label}_get_{connections}c"]
-            server_us = statistics.median(run["server_us"] for run in runs)
-            agent_us = statistics.median(run["agent_us"] for run in runs)
-            rps = statistics.median(run["requests_per_s"] for run in runs)
-            if label == "none":
-                lines.append(f"{label:18} {connections:5d} {server_us:13.0f} {'':>11} {agent_us:12.0f} {rps:8.0f}")
-                continue
-            pairs = list(zip(runs, base, strict=True))
-            cpu_cost = statistics.median(run["server_us"] / none["server_us"] - 1 for run, none in pairs)
-            rps_change = statistics.median(run["requests_per_s"] / none["requests_per_s"] - 1 for run, none in pairs)
-            over = label != DEFAULT_SET and max(cpu_cost, -rps_change) > PLUGIN_BUDGET
-            mark = ("  <- noise" if label == CONTROL else "  <- over 10%") if over else ""
-            lines.append(f"{label:18} {connections:5d} {server_us:13.0f} {cpu_cost:+11.1%} {agent_us:12.0f} "
-                         f"{rps:8.0f} {rps_change:+13.1%}" + mark)
-    return lines
+    over = over_budget(PLUGIN_BUDGET)
+
+    def mark(label: str, changes: dict[str, float]) -> str:
+        if label == DEFAULT_SET or not over(label, changes):
+            return ""
+        return "  <- noise" if label == CONTROL else over(label, changes)
+
+    return cost_table(rounds, connection_counts, ("plugins", 18),
+                      [("none", ""), *((label, f"plugins_{label}_") for label in labels)],
+                      server_columns("none"), mark)
 
 
 def measure_get(stack: Stack, target: Target, connections: int,

@@ -1,4 +1,5 @@
-"""The ``python -m bench.cpu --plugins each`` table (bench/cpu.py) from known rounds: each plugin's cost is the
+"""The ``python -m bench.cpu`` cost tables (bench/cpu.py: ``--plugins each``, ``--policies``, ``--inspector``, all
+made by ``cost_table``) from known rounds: each plugin's cost is the
 median over rounds of the same round's ratio to ``COMZY_PLUGINS=none``, and a plugin over 10% on its own is
 marked. Fast: no process is started (tests/test_bench.py runs bench.cpu itself)."""
 
@@ -15,6 +16,8 @@ from bench.cpu import (
     INSPECTOR_FLAGS,
     POLICY_FLAGS,
     POLICY_PLUGINS,
+    Column,
+    cost_table,
     inspector_table,
     parse_args,
     plugin_configs,
@@ -148,3 +151,33 @@ def test_the_inspector_comparison_asks_for_it_on_and_off_for_sure() -> None:
     # "on" on a free port of its own: the default 4040-4049 may all be taken, and the agent would then run without.
     assert INSPECTOR_FLAGS == {"off": ("--inspect", "off"), "on": ("--inspect", "127.0.0.1:0")}
     assert parse_args(["--inspector"]).inspector and not parse_args([]).inspector
+
+
+def test_the_cost_table_pairs_each_row_with_the_base_row_of_the_same_round() -> None:
+    # The one table the three options print: rows by prefix (the first is the base), median columns, and
+    # "versus" columns paired by round with the base, blank on the base row; the mark sees the changes by key.
+    rounds = {
+        "base_get_8c": [run(100, 1000), run(200, 500), run(400, 250)],
+        "dear_get_8c": [run(150, 900), run(300, 450), run(600, 225)],  # +50% CPU, -10% req/s each round
+        "same_get_8c": [run(100, 1000), run(200, 500), run(400, 250)],
+    }
+    seen: dict[str, dict[str, float]] = {}
+
+    def mark(label: str, changes: dict[str, float]) -> str:
+        seen[label] = changes
+        return "  <- dear" if changes["server_us"] > 0.25 else ""
+
+    columns = [Column("p50 ms", "p50_ms", decimals=2, width=7), Column("CPU vs base", "server_us", versus=True),
+               Column("req/s", "requests_per_s", width=8)]
+    lines = cost_table(rounds, [8], ("target", 6), [("base", "base_"), ("dear", "dear_"), ("same", "same_")],
+                       columns, mark)
+    assert lines[0] == "target conns  p50 ms CPU vs base    req/s"
+    assert lines[1] == "base       8    1.00                  500"  # no change against itself
+    assert lines[2] == "dear       8    1.00      +50.0%      450  <- dear"
+    assert lines[3] == "same       8    1.00       +0.0%      500"
+    assert set(seen) == {"dear", "same"}  # never asked about the base row
+    assert seen["dear"] == {"server_us": 0.5}  # only the versus columns' figures
+    # A trailing versus column is left out of the base row rather than padded.
+    tail = cost_table(rounds, [8], ("target", 6), [("base", "base_"), ("dear", "dear_")],
+                      [Column("req/s vs base", "requests_per_s", versus=True)], lambda label, changes: "")
+    assert tail[1:] == ["base       8", "dear       8        -10.0%"]
