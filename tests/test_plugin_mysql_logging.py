@@ -17,6 +17,9 @@ import anyio.abc
 import httpx
 import pytest
 from sqlalchemy import URL, func, insert, pool, select
+from sqlalchemy.dialects.mysql import aiomysql, asyncmy
+from sqlalchemy.dialects.postgresql import asyncpg
+from sqlalchemy.dialects.sqlite import aiosqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from comzy import Exchange, ForwardRequest, Tunnel
@@ -24,7 +27,14 @@ from comzy.core import db
 from comzy.plugins.mysql_logging import MysqlLogging, MysqlLoggingSettings
 from comzy.plugins.mysql_logging.models import SCHEMA as LOG_SCHEMA
 from comzy.plugins.mysql_logging.models import ApiRequest
-from comzy.plugins.mysql_logging.plugin import CUT_MARK, QueuedRequest, logged_path, to_row
+from comzy.plugins.mysql_logging.plugin import (
+    CUT_MARK,
+    SQLITE_ROWS_PER_INSERT,
+    BatchInsert,
+    QueuedRequest,
+    logged_path,
+    to_row,
+)
 from tests.conftest import ROOT, make_settings, start_agent, start_server
 from tests.helpers import scratch_database, wait_until
 from tests.private_mariadb import PrivateMariaDB
@@ -294,14 +304,65 @@ async def test_a_batch_the_database_refuses_is_dropped_and_logging_goes_on(
     logging_plugin = plugin()
     async with start_server(tmp_path / "data", plugins=[("mysql_logging", logging_plugin)], **database) as server, \
             start_agent(server, upstream.port) as running:
-        bad = to_row(queued_request(), 8192)
-        bad["alias"] = None  # NOT NULL: refused for its content on every database
-        assert await logging_plugin._write([bad, to_row(queued_request(), 8192)]) is True  # done with: not retried
+        bad: Any = ("app", None, *queued_request()[2:])  # port NOT NULL: refused for its content on every database
+        assert await logging_plugin._write([bad, queued_request()]) is True  # done with: not retried
         assert logging_plugin.dropped == 2 and logging_plugin.failed_batches == 1
         async with running.visitor() as client:
             assert (await client.get("/after-refusal")).status_code == 200
         await wait_until(lambda: logging_plugin.written == 1)
     assert "refused a batch of 2 rows" in caplog.text and "dropped them" in caplog.text
+
+
+def odd_requests(count: int) -> list[QueuedRequest]:
+    """Queued requests of every shape a row is made from: plain, cut, escaped, whole seconds, no client."""
+    odd: list[QueuedRequest] = [
+        ("app", 3000, "GET", b"/p/\xc3\xa9 x?token=abc", 200, 5, 12, 1_700_000_000.25, 0.0123, "203.0.113.9"),
+        ("a" * 300, 1, "M" * 70, b"/" + b"a" * 200, 0, 0, 0, 1_700_000_000.0, 0.0, ""),
+        ("app", 1, "GET", b"/whole/second", 200, 0, 1024, 1_700_000_000.9999996, 0.00123456, "::1"),
+        ("app", 1, "GET", b"/a [cut]?x", 404, 1, 2, 1_700_000_001.5, 1.5, "10.0.0.1"),
+    ]
+    plain = [("app", 3000, "GET", f"/n/{i}".encode(), 200, i, 2 * i, 1_765_000_000 + i * 0.0137, i / 1000, "127.0.0.1")
+             for i in range(count - len(odd))]
+    return [*odd, *plain]
+
+
+@pytest.mark.parametrize("dialect", [aiosqlite.dialect(), aiomysql.dialect(), asyncmy.dialect(), asyncpg.dialect()],
+                         ids=["sqlite", "aiomysql", "asyncmy", "postgresql"])
+def test_driver_rows_are_what_to_row_gives(dialect: Any) -> None:
+    """BatchInsert.driver_row (queued tuple straight to the driver's parameters) against the rows'
+    definition, to_row through the column types' bind processors, for each driver's dialect."""
+    inserter = BatchInsert(dialect, 100)
+    items = odd_requests(3000)
+    assert [inserter.driver_row(item) for item in items] == inserter.parameters([to_row(item, 100) for item in items])
+    statements = inserter.statements(items)
+    if dialect.name == "sqlite":  # several rows per INSERT, the parameters flattened in order
+        assert [len(parameters) for _, parameters in statements][:2] == [SQLITE_ROWS_PER_INSERT * 11] * 2
+        assert sum(len(parameters) for _, parameters in statements) == 3000 * 11
+        assert statements[0][1][:11] == inserter.driver_row(items[0])
+    else:  # one executemany: the drivers group the rows themselves
+        assert statements == [(inserter.sql, [inserter.driver_row(item) for item in items])]
+
+
+async def test_a_batch_of_several_inserts_is_written_whole(tmp_path: Path, database: dict[str, Any]) -> None:
+    """More rows than one SQLite INSERT carries, in one batch: every row as to_row defines it, in order."""
+    # The writer task stays asleep; retention off (these times are years old).
+    logging_plugin = plugin(flush_seconds=3600, batch_size=5000, retention_days=0)
+    items = odd_requests(2 * SQLITE_ROWS_PER_INSERT + 7)
+    async with start_server(tmp_path / "data", plugins=[("mysql_logging", logging_plugin)], **database) as server:
+        url = db.database_url(server.settings)
+        assert await logging_plugin._write(items) is True
+    table = Table(url)
+    try:
+        rows = await table.rows()
+    finally:
+        await table.aclose()
+    assert logging_plugin.written == len(items) and logging_plugin.failed_batches == 0
+    expected = [to_row(item, logging_plugin.settings.max_path_length) for item in items]
+    for row in rows:
+        row.pop("id")
+        row["created_at"] = as_utc(row["created_at"])
+        row["cut"] = bool(row["cut"])
+    assert rows == expected
 
 
 # -- A real database stopped and restarted under traffic ----------------------------------------
