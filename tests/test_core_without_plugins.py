@@ -123,7 +123,7 @@ async def test_tunnel_runs_with_the_plugins_folder_deleted(without_plugins: list
 
 
 #: What a plugin may import from Comzy: the documented public modules (docs/plugin_hooks.md).
-PUBLIC_MODULES = {"comzy", "comzy.db", "comzy.aliases", "comzy.account_api", "comzy.migrations"}
+PUBLIC_MODULES = {"comzy", "comzy.db", "comzy.aliases", "comzy.account_api", "comzy.migrations", "comzy.assets"}
 
 
 def comzy_imports(path: Path) -> list[tuple[int, str]]:

@@ -34,7 +34,8 @@ HAVE_CHROMIUM = CHROMIUM.exists()
 ARTIFACTS = ROOT / "test-artifacts"
 #: Playwright's auto-waiting limit for each expectation (the feed is live: things show up at once).
 EXPECT_TIMEOUT_MS = 5000
-LIVE = re.compile(r"\blive\b")
+#: The feed badge's class list holds "live" (a whole class: its "live-state" class is not "live").
+LIVE = re.compile(r"(^|\s)live(\s|$)")
 
 
 def require_browser() -> None:

@@ -70,7 +70,7 @@ async def test_the_page_and_its_assets_are_served_with_a_strict_policy(server: S
         assert scripts and all('src="/assets/' in attrs and not body.strip() for attrs, body in scripts)
         assert not re.search(r"\son[a-z]+\s*=", html)
         for path, kind in [("/assets/app.js", "text/javascript"), ("/assets/style.css", "text/css"),
-                           ("/assets/favicon.svg", "image/svg+xml")]:
+                           ("/assets/base.css", "text/css"), ("/assets/favicon.svg", "image/svg+xml")]:
             answer = await api.get(path)
             assert answer.status_code == 200 and answer.headers["content-type"].startswith(kind), path
             assert path in html
@@ -85,7 +85,8 @@ async def test_the_page_and_its_assets_are_served_with_a_strict_policy(server: S
 
 
 def test_the_assets_ship_in_the_package() -> None:
-    """An installed wheel has the page: each file is package data of comzy.agent."""
+    """An installed wheel has the page: each of its own files is package data of comzy.agent (the look it
+    shares with the dashboard is comzy.assets': tests/test_shared_assets.py)."""
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert "inspector_assets/*" in config["tool"]["setuptools"]["package-data"]["comzy.agent"]
     folder = resources.files("comzy.agent").joinpath("inspector_assets")

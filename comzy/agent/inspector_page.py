@@ -1,10 +1,11 @@
 """The inspector's web page (issue 15): its assets, the live stream of exchanges that drives it, and
 the checks that keep other web pages out of the inspector.
 
-The page is three plain files in comzy/agent/inspector_assets/ (shipped as package data: no CDN, no
-build step). It lists exchanges from ``GET /api/stream`` (Server-Sent Events: a snapshot of compact
-summaries, then what changed) and reads one exchange's detail from ngrok's
-``GET /api/requests/http/{id}``. comzy/agent/inspector.py routes to what is here.
+The page is three plain files in comzy/agent/inspector_assets/ and the look it shares with the admin
+dashboard, comzy/assets/ (base.css, the icon), all shipped as package data: no CDN, no build step.
+It lists exchanges from ``GET /api/stream`` (Server-Sent Events: a snapshot of compact summaries,
+then what changed) and reads one exchange's detail from ngrok's ``GET /api/requests/http/{id}``.
+comzy/agent/inspector.py routes to what is here.
 """
 
 from __future__ import annotations
@@ -17,17 +18,21 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
+from comzy import assets
+
 if TYPE_CHECKING:
     from comzy.agent.capture import Capture, Exchange
     from comzy.agent.inspector import TunnelInfo
 
-#: The page's files: the only paths served outside /api (a fixed table, so no path reaches the disk).
+#: The page's own files: with :data:`SHARED_ASSETS`, the only paths served outside /api (a fixed
+#: table, so no path reaches the disk).
 ASSETS: dict[str, tuple[str, str]] = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/assets/app.js": ("app.js", "text/javascript; charset=utf-8"),
     "/assets/style.css": ("style.css", "text/css; charset=utf-8"),
-    "/assets/favicon.svg": ("favicon.svg", "image/svg+xml"),
 }
+#: The files of comzy.assets, the look shared with the dashboard, by the path the page links them at.
+SHARED_ASSETS: dict[str, str] = {f"/assets/{name}": name for name in assets.FILES}
 #: Everything on the page comes from its own origin; no inline script or style, no frames (a page
 #: elsewhere cannot frame it to trick a click on Replay), no forms posted elsewhere.
 CONTENT_SECURITY_POLICY = (b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -62,11 +67,15 @@ class Reply:
 
 def asset(path: str) -> Reply | None:
     """The page file served at ``path``, or None when ``path`` is not one of them."""
-    entry = ASSETS.get(path)
-    if entry is None:
-        return None
-    name, content_type = entry
-    body = _read(name)
+    shared = SHARED_ASSETS.get(path)
+    if shared is not None:
+        name, content_type, body = shared, assets.FILES[shared], assets.read(shared) or b""
+    else:
+        entry = ASSETS.get(path)
+        if entry is None:
+            return None
+        name, content_type = entry
+        body = _read(name)
     headers = [(b"content-type", content_type.encode()), (b"content-length", b"%d" % len(body))]
     if name == "index.html":
         headers.append((b"content-security-policy", CONTENT_SECURITY_POLICY))

@@ -15,7 +15,7 @@ from urllib.parse import parse_qs
 
 import anyio
 
-from comzy import __version__
+from comzy import __version__, assets
 
 from .feed import tunnel_view
 
@@ -34,7 +34,11 @@ MAX_LIMIT = 1000
 
 
 def _static(name: str) -> bytes | None:
-    """A file shipped in ``static/`` (names only: no directories, so no way out of it)."""
+    """A file shipped in ``static/``, or one of the look shared with the agent's inspector
+    (``comzy.assets``: base.css, the icon); names only: no directories, so no way out of it."""
+    shared = assets.read(name)
+    if shared is not None:
+        return shared
     if "/" in name or "\\" in name or name.startswith(".") or not name:
         return None
     try:

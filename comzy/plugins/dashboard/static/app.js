@@ -136,7 +136,7 @@
   });
 
   function setFeedState(kind, text) {
-    view.feedState.className = `feed-state ${kind}`;
+    view.feedState.className = `live-state ${kind}`;
     view.feedStateText.textContent = text || kind;
   }
 
