@@ -37,7 +37,9 @@ def request_view(exchange: Exchange) -> dict[str, Any]:
     request = exchange.request
     return {
         "type": "request", "time": exchange.started_at, "alias": request.alias, "method": request.method,
-        "path": request.path, "status": exchange.status, "bytes_in": exchange.bytes_in,
+        # request.path, without the property's call (this runs for every request)
+        "path": request.target.split(b"?", 1)[0].decode("latin-1"), "status": exchange.status,
+        "bytes_in": exchange.bytes_in,
         "bytes_out": exchange.bytes_out, "duration_ms": round(exchange.duration * 1000, 3),
         "client": request.client, "websocket": request.websocket, "error": exchange.error,
     }
@@ -95,6 +97,14 @@ class Series:
     def add(self, when: float, bytes_in: int, bytes_out: int) -> None:
         """Count one request at unix time ``when``."""
         second = int(when)
+        buckets = self.buckets
+        if buckets:  # most requests fall in the newest second: counted without the rest
+            newest = buckets[-1]
+            if newest[0] == second:
+                newest[1] += 1
+                newest[2] += bytes_in
+                newest[3] += bytes_out
+                return
         if not self.buckets or self.buckets[-1][0] < second:
             self.buckets.append([second, 0, 0, 0])
         bucket = self.buckets[-1] if self.buckets[-1][0] == second else self._find(second)
