@@ -1,25 +1,31 @@
 """The agent link driven by asyncio protocol callbacks (``Session`` attached to its WebSocket).
 
 Both ends attach their link once the handshake is done: frames are dispatched from the loop's
-read callback and written by a flush per loop turn, with no reader or writer task. These tests
-pin what that must keep: real stacks attach on both ends, frames behind an async control handler
-wait for it in order, a close flushes what was queued first, and a framing error from the peer
-ends the session with the peer told why.
+read callback and written by a flush per loop turn (sooner once FLUSH_AT_FRAMES are queued), with
+no reader or writer task. These tests pin what that must keep: real stacks attach on both ends,
+a busy turn's first frames reach the peer before the turn ends, frames behind an async control
+handler wait for it in order, a close flushes what was queued first, and a framing error from
+the peer ends the session with the peer told why.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
+import socket
+
 import anyio
+import anyio.abc
 import pytest
 
 from comzy.core import protocol as p
 from comzy.core import wsframe
 from comzy.core.server import ServerContext
-from comzy.core.session import Session
+from comzy.core.session import FLUSH_AT_FRAMES, Session
 from comzy.core.websocket import Closed
 from tests.conftest import RunningAgent
 from tests.helpers import receive_until_closed, wait_until
-from tests.test_protocol import ws_pair
+from tests.test_protocol import next_frames, ws_pair
 
 pytestmark = pytest.mark.anyio
 
@@ -76,6 +82,70 @@ async def test_frames_after_a_control_frame_wait_for_its_handler_in_order() -> N
                     message = await far.receive()
                     assert isinstance(message, bytes)
                     if any(f.type == p.FrameType.PONG and f.payload == b"12345678" for f in p.decode_message(message)):
+                        break
+            await session.close()
+            tg.cancel_scope.cancel()
+
+
+def _peek(sock: socket.socket) -> bytes:
+    """What the kernel holds for ``sock`` to read, left there (never blocks)."""
+    try:
+        return sock.recv(1024 * 1024, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return b""
+
+
+def _frames_in(data: bytes) -> list[p.Frame]:
+    """The session frames in ``data``, whole WebSocket messages from a server end (unmasked)."""
+    reader = wsframe.FrameReader(True, 4 * 1024 * 1024)
+    reader.feed(data)
+    frames: list[p.Frame] = []
+    while (message := reader.next()) is not None:
+        assert isinstance(message, bytes), message
+        frames.extend(p.decode_message(message))
+    return frames
+
+
+async def test_frames_queued_in_one_turn_reach_the_peer_before_the_turn_ends() -> None:
+    """Under load one loop turn queues frames for dozens of requests: the peer must get the first
+    ones while this side is still at work, not only when the turn ends (the two processes then
+    took turns instead of working in parallel). Fewer than FLUSH_AT_FRAMES still wait for the
+    turn's end: a write per frame costs far more CPU."""
+    async with ws_pair() as (near, far):
+        session = Session(near)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(session.run)
+            await wait_until(lambda: session.attached, 10)
+            stream = session.open_stream()
+            # A second descriptor of the peer's socket: asyncio's wrapper of it does not read.
+            raw = far._stream.extra(anyio.abc.SocketAttribute.raw_socket)
+            sock = socket.socket(raw.family, raw.type, fileno=os.dup(raw.fileno()))
+            loop = asyncio.get_running_loop()
+            seen: asyncio.Future[tuple[bytes, bytes]] = loop.create_future()
+
+            def one_turn() -> None:
+                # One loop callback, never returning to the loop in between, as a busy turn is.
+                for number in range(FLUSH_AT_FRAMES - 1):
+                    session.send_nowait(p.encode_data(stream.id, b"frame %d" % number))
+                before = _peek(sock)
+                session.send_nowait(p.encode_data(stream.id, b"frame %d" % (FLUSH_AT_FRAMES - 1)))
+                seen.set_result((before, _peek(sock)))
+
+            with sock:
+                assert _peek(sock) == b""
+                loop.call_soon(one_turn)
+                with anyio.fail_after(10):
+                    before, during = await seen
+            assert before == b"", "frames were written one by one, not batched within the turn"
+            assert [frame.payload for frame in _frames_in(during)] == \
+                [b"frame %d" % number for number in range(FLUSH_AT_FRAMES)], \
+                "the peer could read nothing before the turn that queued the frames ended"
+            # What a turn queues below the threshold still goes at the turn's end.
+            session.send_nowait(p.encode(p.FrameType.END, stream.id))
+            with anyio.fail_after(10):
+                while True:
+                    frames = await next_frames(far)
+                    if frames[-1].type == p.FrameType.END:
                         break
             await session.close()
             tg.cancel_scope.cancel()
