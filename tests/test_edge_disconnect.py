@@ -1,7 +1,8 @@
 """A visitor who goes away: the edge releases the stream and tells the agent, on both public listeners.
 
-The edge pumps the request body in a task beside the response; when the visitor disconnects
-before the response is complete, that task resets the stream, which ends the exchange. Each test
+The edge pumps the request body in a task beside the response, or, for a request without a body
+on uvicorn, is called back by the HTTP protocol (http_servers.DisconnectWatch); when the visitor
+disconnects before the response is complete, either resets the stream, which ends the exchange. Each test
 runs on role ``all`` and through an edge of a cluster (tests/stack.py), where the RESET crosses the
 link and the control node's relay (whose stream table ``server_streams`` then reads).
 """
@@ -44,6 +45,20 @@ async def test_visitor_gone_before_the_head(tunnel: RunningAgent, upstream: Upst
     # The tunnel is unharmed.
     async with tunnel.visitor() as client:
         assert (await client.get("/status/200")).status_code == 200
+
+
+async def test_visitor_with_a_body_gone_before_the_head(tunnel: RunningAgent, upstream: Upstream) -> None:
+    # A request with a body keeps the pump task on both servers: its disconnect resets the stream too.
+    async with tunnel.visitor() as client, anyio.create_task_group() as tg:
+        tg.start_soon(lambda: client.post("/hold/gone-post", content=b"body " * 1000))
+        with anyio.fail_after(5):
+            await upstream.gate("gone-post-arrived").wait()
+        assert len(server_streams(tunnel)) == 1
+        tg.cancel_scope.cancel()
+    await wait_until(lambda: not server_streams(tunnel))
+    upstream.gate("gone-post").set()
+    await wait_until(lambda: tunnel.reporter.served)
+    assert tunnel.reporter.served[-1].error is not None
 
 
 async def test_visitor_gone_mid_response(tunnel: RunningAgent, upstream: Upstream) -> None:

@@ -24,7 +24,7 @@ from comzy.core.headers import (
     request_origin,
     strip_hop_by_hop,
 )
-from comzy.core.http_servers import ResponseAborted
+from comzy.core.http_servers import DISCONNECT_WATCH, DisconnectWatch, ResponseAborted
 from comzy.core.logs import RateLimitedLog
 from comzy.core.registry import Entry
 from comzy.core.session import Session, SessionClosed
@@ -52,6 +52,7 @@ PLUGIN_FAILED = "A server plugin failed while handling this request.\n"
 #: Requests an edge may send again to another control node after their link died before a
 #: response head: idempotent and bodyless only, as nginx's proxy_next_upstream does.
 RETRYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_NO_EXTENSIONS: dict[str, Any] = {}
 
 
 class EdgeApp:
@@ -194,7 +195,11 @@ class EdgeApp:
         tunnel.stream_opened(False)  # back down in _finish, which the finally below always reaches
         try:
             if route is None:
-                await self._proxy_http(stream, receive, send, state, first)
+                watch = scope.get("extensions", _NO_EXTENSIONS).get(DISCONNECT_WATCH) if not has_body else None
+                if watch is not None:
+                    await self._proxy_bodyless(stream, send, state, watch)
+                else:
+                    await self._proxy_http(stream, receive, send, state, first)
             else:
                 stream = await self._proxy_routed(stream, route, request, head, receive, send, state, first)
         finally:
@@ -331,14 +336,7 @@ class EdgeApp:
         except StreamReset as exc:
             if state.visitor_gone:
                 return  # the pump reset the stream: there is nobody left to answer
-            state.error = exc.message
-            if state.started:
-                # Aborting the connection is the only honest end: a clean finish would
-                # tell the visitor a truncated body was complete. The servers abort it on any
-                # exception; this one they do not log as an application error.
-                raise ResponseAborted(exc.message) from exc
-            if state.routed:
-                raise _BeforeHead(exc) from None  # over a cluster link: 503, a retry or 502
+            self._response_failed(exc, state)
             await respond(send, 502, f"The tunnel failed before a response: {exc.message}\n")
             state.status = 502
         finally:
@@ -352,6 +350,41 @@ class EdgeApp:
                 # may report late or never on a kept-alive connection.
                 pump.cancel()
 
+    async def _proxy_bodyless(self, stream: Stream, send: Send, state: _Exchange, watch: DisconnectWatch) -> None:
+        """``_proxy_http`` for a request without a body on a server that reports a disconnect
+        through ``watch`` (uvicorn): no pump task, which would only wait for that disconnect."""
+        watch.callback = lambda: self._visitor_left(stream, state)
+        try:
+            await self._pump_response(stream, send, state)
+        except StreamReset as exc:
+            if not state.visitor_gone:
+                self._response_failed(exc, state)
+                await respond(send, 502, f"The tunnel failed before a response: {exc.message}\n")
+                state.status = 502
+        finally:
+            watch.callback = None
+
+    @staticmethod
+    def _visitor_left(stream: Stream, state: _Exchange) -> None:
+        """The visitor disconnected: unless the response was complete, reset the stream, which
+        wakes the response side (waiting for the head or body) with StreamReset."""
+        if not state.complete:
+            state.visitor_gone = True
+            state.error = state.error or "visitor disconnected"
+            stream.reset(p.ResetCode.CANCEL, "visitor disconnected")
+
+    @staticmethod
+    def _response_failed(exc: StreamReset, state: _Exchange) -> None:
+        """Record a stream reset during the response; raise if the visitor cannot get a 502."""
+        state.error = exc.message
+        if state.started:
+            # Aborting the connection is the only honest end: a clean finish would
+            # tell the visitor a truncated body was complete. The servers abort it on any
+            # exception; this one they do not log as an application error.
+            raise ResponseAborted(exc.message) from exc
+        if state.routed:
+            raise _BeforeHead(exc) from None  # over a cluster link: 503, a retry or 502
+
     async def _pump_request(self, stream: Stream, receive: Receive, state: _Exchange,
                             first: dict[str, Any] | None) -> None:
         try:
@@ -359,11 +392,7 @@ class EdgeApp:
                 message, first = (first, None) if first is not None else (await receive(), None)
                 if message["type"] == "http.disconnect":
                     # The server also reports a disconnect once a response is complete: not an error.
-                    if not state.complete:
-                        state.visitor_gone = True
-                        state.error = state.error or "visitor disconnected"
-                        # Wakes the response side (waiting for the head or body) with StreamReset.
-                        stream.reset(p.ResetCode.CANCEL, "visitor disconnected")
+                    self._visitor_left(stream, state)
                     return
                 if state.request_done:
                     continue

@@ -43,13 +43,21 @@ FORWARDING = frozenset({
 def strip_hop_by_hop(headers: Headers, extra: frozenset[bytes] = frozenset()) -> Headers:
     """Headers without hop-by-hop ones, including those the Connection header names (except
     the ``PROTECTED`` ones)."""
+    # Runs twice per request (its head and its response's): one pass with one lower() per header
+    # drops the usual set; a second pass only when a Connection header names more, or ``extra``.
+    kept = []
     named: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            named.update(token.strip().lower() for token in value.split(b","))
-    # Runs twice per request (its head and its response's): the usual set is made once.
-    drop = _DROPPED if not extra and named <= HOP_BY_HOP else (HOP_BY_HOP | named | extra) - PROTECTED
-    return [(n, v) for n, v in headers if n.lower() not in drop]
+    for pair in headers:
+        name = pair[0].lower()
+        if name in _DROPPED:
+            if name == b"connection":
+                named.update(token.strip().lower() for token in pair[1].split(b","))
+            continue
+        kept.append(pair)
+    if extra or not named <= HOP_BY_HOP:
+        drop = (HOP_BY_HOP | named | extra) - PROTECTED
+        kept = [(n, v) for n, v in kept if n.lower() not in drop]
+    return kept
 
 
 #: What strip_hop_by_hop drops when no Connection header names more (``Connection: keep-alive``).
