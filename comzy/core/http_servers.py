@@ -186,7 +186,8 @@ def _bounded_head_protocol(limit: int) -> type:
             super().on_headers_complete()
             if self.cycle is not cycle:  # a request to serve (not an upgrade): it may watch the connection
                 self.watch = DisconnectWatch()
-                self.scope["extensions"] = {DISCONNECT_WATCH: self.watch}
+                # Added to what the scope has: uvicorn may give it extensions of its own.
+                self.scope.setdefault("extensions", {})[DISCONNECT_WATCH] = self.watch
 
         def on_response_complete(self) -> None:
             # The response is whole: it leaves now rather than at the end of the loop turn. The held
