@@ -115,6 +115,26 @@ async def test_content_length_body_and_reuse() -> None:
         assert server.connections == 1
 
 
+async def test_whole_body_only_when_read_with_the_head() -> None:
+    """whole_body() hands over a body that came with its head and frees the connection as body()
+    would; a body still to come is None, and body() reads it."""
+    async with scripted(always(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")) as (client, server):
+        for _ in range(2):
+            response = await client.request("GET", b"/", [(b"host", b"local")], None)
+            assert response.whole_body() == b"hello"
+            await client.release(response.connection)
+        assert server.connections == 1
+    async with scripted(always(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", b"hello")) as (client, server):
+        response = await client.request("GET", b"/", [(b"host", b"local")], None)
+        whole = response.whole_body()  # None while the body is on its way (1 ms later), as it usually is
+        assert (whole if whole is not None else b"".join([piece async for piece in response.body()])) == b"hello"
+        await client.release(response.connection)
+        response = await client.request("GET", b"/", [(b"host", b"local")], None)
+        assert response.status == 200
+        await client.discard(response.connection)
+        assert server.connections == 1
+
+
 async def test_head_split_across_reads_and_header_order_and_duplicates() -> None:
     answer = (b"HTTP/1.1 201 Created\r\nSet-Cookie: a=1\r\nX-Y:  spaced value \t\r\n",
               b"Set-Cookie: b=2\r\nContent-Le", b"ngth: 3\r\n\r", b"\nabc")
@@ -181,6 +201,16 @@ async def test_body_until_close_and_http10_are_not_reused() -> None:
         for _ in range(2):
             _, data = await fetch(client)
             assert data == b"until the end"
+        assert server.connections == 2
+
+
+async def test_http10_after_an_http11_1xx_is_not_reused() -> None:
+    """The final head's version decides, not the 1xx's before it (whose "HTTP/1.1 " starts the read)."""
+    answer = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    async with scripted(always(answer)) as (client, server):
+        for _ in range(2):
+            response, data = await fetch(client)
+            assert (response.status, data) == (200, b"ok")
         assert server.connections == 2
 
 
@@ -312,6 +342,10 @@ async def test_request_bytes_on_the_wire() -> None:
 
 @pytest.mark.parametrize(("method", "target", "headers", "body"), [
     ("GET", b"/", [(b"x-evil", b"a\r\nInjected: yes")], None),
+    ("GET", b"/", [(b"x-evil", b"a\nInjected: yes")], None),
+    ("GET", b"/", [(b"x-evil", b"a\rInjected: yes")], None),
+    ("GET", b"/", [(b"x-evil: a\r\nInjected", b"yes")], None),
+    ("GET", b"/", [(b"", b"x")], None),
     ("GET", b"/", [(b"bad name", b"x")], None),
     ("GET", b"/a b", [], None),
     ("GET BAD", b"/", [], None),

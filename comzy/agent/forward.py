@@ -116,11 +116,23 @@ class LocalForwarder:
     # -- HTTP ----------------------------------------------------------------------
     def _http_headers(self, head: p.RequestHead) -> list[tuple[bytes, bytes]]:
         """The request's headers as they go to the local service."""
-        headers = self._headers(head)
-        if head.has_body and not any(n.lower() == b"content-length" for n, _ in headers):
+        headers = head.headers
+        # One walk over the names for both questions, not a generator walk for each (1.35 ->
+        # 0.5 us in process for a GET's four fields).
+        host = length = False
+        for name, _ in headers:
+            lower = name.lower()
+            if lower == b"host":
+                host = True
+            elif lower == b"content-length":
+                length = True
+        if host and self.rewrite_host:
+            local = self.address.encode()
+            headers = [(n, local if n.lower() == b"host" else v) for n, v in headers]
+        if head.has_body and not length:
             # The edge removed the visitor's (hop-by-hop) chunked framing; re-frame the body.
             headers = [*headers, (b"transfer-encoding", b"chunked")]
-        if not any(n.lower() == b"host" for n, _ in headers):
+        if not host:
             headers = [(b"host", self.address.encode()), *headers]
         return headers
 
@@ -160,10 +172,17 @@ class LocalForwarder:
             # the high-water mark, so it never reaches the send budget and pauses its reader.
             await stream.session.send(p.encode(
                 p.FrameType.RESPONSE, stream.id, p.ResponseHead(response.status, response.headers).to_payload()))
-            async for chunk in response.body():
-                if exchange is not None:
-                    exchange.response_data(chunk)
-                await stream.send_data(chunk)
+            whole = response.whole_body()
+            if whole is not None:  # a small response, read with its head: no async generator
+                if whole:
+                    if exchange is not None:
+                        exchange.response_data(whole)
+                    await stream.send_data(whole)
+            else:
+                async for chunk in response.body():
+                    if exchange is not None:
+                        exchange.response_data(chunk)
+                    await stream.send_data(chunk)
             clean = True
         except LocalError as exc:
             if isinstance(exc, MalformedResponse):

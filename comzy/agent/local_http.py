@@ -53,7 +53,12 @@ _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
 # Field values: no control characters but tab (so no CR/LF/NUL), as RFC 9110 5.5 allows.
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _BAD_TARGET = re.compile(rb"[\x00-\x20\x7f]")
+# Request fields as _request_head lays them out, each "name: value\r\n": a token, then a value
+# without control characters but tab (the same two checks as _TOKEN and _BAD_VALUE).
+_FIELDS = re.compile(rb"(?:[-!#$%&'*+.^_`|~0-9a-zA-Z]+: [^\x00-\x08\x0a-\x1f\x7f]*\r\n)*")
 _NO_BODY_STATUS = (204, 304)
+# The lengths of transfer-encoding, content-length and connection.
+_FRAMING_NAME_SIZES = frozenset({17, 14, 10})
 
 
 class LocalError(Exception):
@@ -93,6 +98,13 @@ class LocalResponse:
         """The response body as it arrives (chunked framing removed, bytes untouched)."""
         return self.connection.body()
 
+    def whole_body(self) -> bytes | None:
+        """The whole body if it was read with the head, else None (read it with ``body()``).
+
+        Most small responses arrive in one read; passing them on without ``body()``'s async
+        generator saves its setup, one turn and its close on every such request."""
+        return self.connection.whole_body()
+
 
 class _Connection(asyncio.Protocol):
     """One keep-alive connection: the bytes read but not yet used, and the current response's framing.
@@ -118,6 +130,7 @@ class _Connection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._informational = 0  # the last 1xx status skipped, for the error message
         self._informational_count = 0  # 1xx responses skipped before the final one
+        self._begins_http11 = False  # the response's first read began b"HTTP/1.1 "
         self._head_done = False  # the final head was read
         self._complete = False  # the whole response was read
         self._leftover = False  # bytes came after the response
@@ -270,8 +283,13 @@ class _Connection(asyncio.Protocol):
         # Whether the connection stays open is decided here, not by llhttp's should_keep_alive:
         # that keeps an HTTP/1.0 connection open when it says keep-alive (this client never did),
         # and closes after a response to HEAD without framing (llhttp takes it for a body until close).
-        keep_alive = self._request_keep_alive and parser.get_http_version() >= "1.1"
+        # get_http_version formats a string on every call: a head that began "HTTP/1.1 " (no 1xx
+        # before it) was read as 1.1 by llhttp, so it needs no asking.
+        keep_alive = self._request_keep_alive and (
+            (self._begins_http11 and not self._informational_count) or parser.get_http_version() >= "1.1")
         for name, value in headers:
+            if len(name) not in _FRAMING_NAME_SIZES:
+                continue  # most fields: not one of the three below, told without lowering the name
             lower = name.lower()
             if lower == b"transfer-encoding":
                 if chunked or value.lower() != b"chunked":
@@ -280,7 +298,7 @@ class _Connection(asyncio.Protocol):
             elif lower == b"content-length":
                 length = True
                 self._remaining = int(value)  # llhttp checked it: digits, one value
-            elif lower == b"connection" and any(token.strip() == b"close" for token in value.lower().split(b",")):
+            elif lower == b"connection" and _says_close(value):
                 keep_alive = False
         if self._no_body or status in _NO_BODY_STATUS:
             # llhttp cannot be told a response answers HEAD (httptools offers no way): it would
@@ -362,6 +380,8 @@ class _Connection(asyncio.Protocol):
                 if fed:
                     raise LocalError("the local service closed the connection in the middle of a response head")
                 raise LocalError("the local service closed the connection without answering")
+            if not fed:
+                self._begins_http11 = data.startswith(b"HTTP/1.1 ")
             fed += len(data)
             read.append(data)
             try:
@@ -434,14 +454,30 @@ class _Connection(asyncio.Protocol):
         # connection unsafe to reuse: the next exchange would read them as its answer.
         self.reusable = self._keep_alive and not self._leftover and not self._received
 
+    def whole_body(self) -> bytes | None:
+        """The whole body when it came with the head (a small response, read at once), marking
+        the connection reusable as the end of ``body()`` does; None when more must be read (then
+        use ``body()``)."""
+        if not self._complete or self._body_error is not None:
+            return None
+        pieces = self._pieces
+        self._pieces = []
+        self.reusable = self._keep_alive and not self._leftover and not self._received
+        if not pieces:
+            return b""
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
     def closed_while_idle(self) -> bool:
         """True if the peer closed (or sent bytes nobody asked for, e.g. a 408) while idle."""
         return self._eof or bool(self._received) or self.transport is None or self.transport.is_closing()
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
         self.reusable = False
         if self.transport is not None:
             self.transport.close()
+
+    async def aclose(self) -> None:
+        self.close()
 
 
 class _Refused(MalformedResponse):
@@ -566,12 +602,18 @@ def _request_head(method: str, target: bytes, headers: list[tuple[bytes, bytes]]
     method_bytes = method.encode("ascii", "replace")
     if not _TOKEN.fullmatch(method_bytes) or not target or _BAD_TARGET.search(target):
         raise LocalError(f"request cannot be sent as HTTP/1.1: bad method or target {method!r} {target[:100]!r}")
-    lines = [method_bytes + b" " + target + b" HTTP/1.1"]
+    fields = b"".join([name + b": " + value + b"\r\n" for name, value in headers])
+    # Every field checked by one regex over them all rather than two per field; as many line
+    # ends as fields proves that no value holds an LF (and the regex, that none holds a CR).
+    if fields.count(b"\n") != len(headers) or not _FIELDS.fullmatch(fields):
+        _refuse_field(headers)
+    head = method_bytes + b" " + target + b" HTTP/1.1\r\n" + fields + b"\r\n"
+    lower = fields.lower()
+    if not (b"transfer-encoding:" in lower or b"content-length:" in lower or b"connection:" in lower):
+        return head, 0, True  # most requests: no body, nothing about the connection
     framing = 0
     keep_alive = True
     for name, value in headers:
-        if not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
-            raise LocalError(f"request cannot be sent as HTTP/1.1: invalid header {name[:100]!r}")
         lower = name.lower()
         if lower == b"transfer-encoding":
             if value.strip().lower() != b"chunked":
@@ -581,11 +623,24 @@ def _request_head(method: str, target: bytes, headers: list[tuple[bytes, bytes]]
             if not value.strip().isdigit():
                 raise LocalError(f"request cannot be sent as HTTP/1.1: Content-Length {value[:100]!r}")
             framing = int(value)
-        elif lower == b"connection" and any(token.strip() == b"close" for token in value.lower().split(b",")):
+        elif lower == b"connection" and _says_close(value):
             keep_alive = False
-        lines.append(name + b": " + value)
-    lines.append(b"\r\n")
-    return b"\r\n".join(lines), framing, keep_alive
+    return head, framing, keep_alive
+
+
+def _says_close(value: bytes) -> bool:
+    """Whether a Connection field's value lists ``close``."""
+    lower = value.lower()
+    # Most say "keep-alive": the substring test spares them the split and the generator.
+    return b"close" in lower and any(token.strip() == b"close" for token in lower.split(b","))
+
+
+def _refuse_field(headers: list[tuple[bytes, bytes]]) -> None:
+    """Raise LocalError naming the first field that cannot be sent (_FIELDS refused one)."""
+    for name, value in headers:
+        if not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
+            raise LocalError(f"request cannot be sent as HTTP/1.1: invalid header {name[:100]!r}")
+    raise AssertionError("_FIELDS and the per-field checks disagree")  # pragma: no cover
 
 
 class LocalClient:
@@ -615,14 +670,15 @@ class LocalClient:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return conn
 
-    async def _take(self) -> tuple[_Connection, bool]:
+    def _take_idle(self) -> _Connection | None:
+        """A pooled connection still good to use, or None (a plain call: no coroutine per request)."""
         now = time.monotonic()
         while self._idle:
             conn = self._idle.pop()
             if now - conn.idle_since < self.idle_expiry and not conn.closed_while_idle():
-                return conn, True
-            await conn.aclose()
-        return await self._connect(), False
+                return conn
+            conn.close()
+        return None
 
     async def release(self, conn: _Connection) -> None:
         """Return a connection whose exchange finished; reuse it if it can be reused."""
@@ -646,7 +702,10 @@ class LocalClient:
         any response byte and before any body byte was consumed.
         """
         head, framing, keep_alive = _request_head(method, target, headers)
-        conn, reused = await self._take()
+        conn = self._take_idle()
+        reused = conn is not None
+        if conn is None:
+            conn = await self._connect()
         consumed = False
         try:
             if body is None and framing == 0:
