@@ -15,6 +15,7 @@ from comzy.core.admin import AdminRoute
 from comzy.core.commands import CommandContext, Commands
 from comzy.core.hooks import PluginError
 from comzy.core.hookspecs import hookimpl
+from comzy.core.periodic import Periodic
 from comzy.core.schema import Schema
 from comzy.core.settings import ServerSettings
 from comzy.core.tunnel_cache import TunnelCache
@@ -31,6 +32,7 @@ __all__ = [
     "ForwardRequest",
     "ForwardResponse",
     "LoggedRequest",
+    "Periodic",
     "PluginError",
     "Registration",
     "Reject",

@@ -38,6 +38,7 @@ PUBLIC_API = [
     "ForwardRequest",
     "ForwardResponse",
     "LoggedRequest",
+    "Periodic",
     "PluginError",
     "Registration",
     "Reject",

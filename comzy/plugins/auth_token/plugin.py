@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from comzy import AdminRoute, Registration, Reject, Schema, Tunnel, hookimpl
+from comzy import AdminRoute, Periodic, Registration, Reject, Schema, Tunnel, hookimpl
 from comzy.aliases import check_alias, random_alias
 
 from .api import AccountApi
@@ -79,8 +79,8 @@ class AuthToken:
         self.throttle = FailureThrottle(self.settings.max_failures_per_minute)
         self.unknown_tokens = UnknownTokens(self.settings.unknown_token_seconds)
         self._failing = False
-        self._stop: anyio.CancelScope | None = None
-        self._stopped: anyio.Event | None = None
+        # Re-reads the database for the server's lifetime (made at start-up).
+        self._refresher: Periodic | None = None
         self.refreshes = 0
 
     @property
@@ -147,31 +147,17 @@ class AuthToken:
                  users, "user" if users == 1 else "users", owned, "alias" if owned == 1 else "aliases",
                  "refused (COMZY_REQUIRE_TOKEN)" if self.settings.require_token else "allowed",
                  limit, "alias" if limit == 1 else "aliases")
-        self._stop, self._stopped = anyio.CancelScope(), anyio.Event()
-        server.task_group.start_soon(self._refresh_forever, server)
+        self._refresher = Periodic(lambda: self.refresh(server), self.settings.refresh_seconds)
+        self._refresher.start(server.task_group)
 
     @hookimpl
     async def on_shutdown(self) -> None:
         """Stop the refresher (never mid-query), then dispose of the engine."""
-        if self._stop is not None and self._stopped is not None:
-            self._stop.cancel()
-            await self._stopped.wait()
+        if self._refresher is not None:
+            await self._refresher.stop()
         if self._engine is not None:
             engine, self._engine = self._engine, None
             await engine.dispose()
-
-    async def _refresh_forever(self, server: ServerContext) -> None:
-        # Cancelled only while sleeping: a query cut off half-way can hang the engine's disposal
-        # (a refresh waits for the database at most database_timeout; see refresh()).
-        assert self._stop is not None and self._stopped is not None
-        try:
-            with self._stop:
-                while True:
-                    await anyio.sleep(self.settings.refresh_seconds)
-                    with anyio.CancelScope(shield=True):
-                        await self.refresh(server)
-        finally:
-            self._stopped.set()
 
     async def refresh(self, server: ServerContext) -> None:
         """Re-read users and aliases, then close live tunnels whose token no longer works.

@@ -6,10 +6,9 @@ import html
 import logging
 from typing import TYPE_CHECKING
 
-import anyio
 from sqlalchemy.exc import SQLAlchemyError
 
-from comzy import ForwardRequest, PluginError, Reject, Schema, Tunnel, hookimpl
+from comzy import ForwardRequest, Periodic, PluginError, Reject, Schema, Tunnel, hookimpl
 
 from .domains import (
     MappingError,
@@ -64,8 +63,8 @@ class CustomDomains:
         self._engine: AsyncEngine | None = None
         self._failing = False
         self._skipped: set[str] = set()
-        self._stop: anyio.CancelScope | None = None
-        self._stopped: anyio.Event | None = None
+        # Re-reads the database for the server's lifetime (made at start-up).
+        self._refresher: Periodic | None = None
         self.refreshes = 0
 
     @hookimpl
@@ -124,31 +123,18 @@ class CustomDomains:
         self._server = server
         await self.refresh(server.settings.base_domain)
         log.info("custom domains: %d mapped (%d from CUSTOM_DOMAINS)", len(self.hosts), len(self._from_env))
-        self._stop, self._stopped = anyio.CancelScope(), anyio.Event()
-        server.task_group.start_soon(self._refresh_forever, server.settings.base_domain)
+        base_domain = server.settings.base_domain
+        self._refresher = Periodic(lambda: self.refresh(base_domain), self.settings.refresh_seconds)
+        self._refresher.start(server.task_group)
 
     @hookimpl
     async def on_shutdown(self) -> None:
         """Stop the refresher (never in the middle of a query), then dispose of the database engine."""
-        if self._stop is not None and self._stopped is not None:
-            self._stop.cancel()
-            await self._stopped.wait()
+        if self._refresher is not None:
+            await self._refresher.stop()
         if self._engine is not None:
             engine, self._engine = self._engine, None
             await engine.dispose()
-
-    async def _refresh_forever(self, base_domain: str) -> None:
-        # Cancelled only while sleeping: a query cut off half-way leaves an aiosqlite
-        # connection that hangs the engine's disposal.
-        assert self._stop is not None and self._stopped is not None
-        try:
-            with self._stop:
-                while True:
-                    await anyio.sleep(self.settings.refresh_seconds)
-                    with anyio.CancelScope(shield=True):
-                        await self.refresh(base_domain)
-        finally:
-            self._stopped.set()
 
     async def refresh(self, base_domain: str) -> None:
         """Re-read the database's mappings and swap in the new map; on a database error keep the old one."""
