@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -29,6 +30,7 @@ from comzy.plugins.mysql_logging.models import SCHEMA as LOG_SCHEMA
 from comzy.plugins.mysql_logging.models import ApiRequest
 from comzy.plugins.mysql_logging.plugin import (
     CUT_MARK,
+    SQLITE_FEWER_ROWS,
     SQLITE_ROWS_PER_INSERT,
     BatchInsert,
     QueuedRequest,
@@ -341,6 +343,18 @@ def test_driver_rows_are_what_to_row_gives(dialect: Any) -> None:
         assert statements[0][1][:11] == inserter.driver_row(items[0])
     else:  # one executemany: the drivers group the rows themselves
         assert statements == [(inserter.sql, [inserter.driver_row(item) for item in items])]
+
+
+def test_a_sqlite_that_takes_fewer_parameters_gets_fewer_rows_per_insert() -> None:
+    """A SQLite compiled with a lower SQLITE_MAX_VARIABLE_NUMBER refuses 500 rows a statement: the
+    writer then sends 90 (the batch is retried); other errors, and other databases, change nothing."""
+    sqlite_inserter = BatchInsert(aiosqlite.dialect())
+    assert not sqlite_inserter.fewer_rows(sqlite3.OperationalError("database is locked"))
+    assert sqlite_inserter.fewer_rows(sqlite3.OperationalError("too many SQL variables"))
+    assert not sqlite_inserter.fewer_rows(sqlite3.OperationalError("too many SQL variables"))  # once
+    statements = sqlite_inserter.statements(odd_requests(200))
+    assert [len(parameters) // 11 for _, parameters in statements] == [SQLITE_FEWER_ROWS, SQLITE_FEWER_ROWS, 20]
+    assert not BatchInsert(aiomysql.dialect()).fewer_rows(sqlite3.OperationalError("too many SQL variables"))
 
 
 async def test_a_batch_of_several_inserts_is_written_whole(tmp_path: Path, database: dict[str, Any]) -> None:

@@ -113,6 +113,9 @@ _PATH_SAFE_BYTES = _PATH_SAFE.encode()
 #: Most rows one SQLite INSERT carries, at 11 parameters a row: under SQLite's default limit of
 #: 32,766 parameters since 3.32, and under 999 before it.
 SQLITE_ROWS_PER_INSERT = 500 if sqlite3.sqlite_version_info >= (3, 32) else 90
+#: Rows per SQLite INSERT once a build refused :data:`SQLITE_ROWS_PER_INSERT` ("too many SQL
+#: variables": SQLITE_MAX_VARIABLE_NUMBER set lower when SQLite was compiled): 990 parameters.
+SQLITE_FEWER_ROWS = 90
 
 
 class BatchInsert:
@@ -165,6 +168,8 @@ class BatchInsert:
             if group.startswith("(") and group.endswith(")") and group.count("?") == len(order):
                 self._head, self._values_group = head + "VALUES ", group
         self._multi_sql: dict[int, str] = {}
+        #: Rows per multi-row INSERT (SQLite); :meth:`fewer_rows` lowers it.
+        self.rows_per_insert = SQLITE_ROWS_PER_INSERT
 
     def parameters(self, rows: list[dict[str, Any]]) -> list[Any]:
         """``rows`` (``to_row``'s dicts) as the driver's parameters, converted by the column types."""
@@ -226,13 +231,25 @@ class BatchInsert:
         if not self._values_group:
             return [(self.sql, rows)]
         out: list[tuple[str, Any]] = []
-        for start in range(0, len(rows), SQLITE_ROWS_PER_INSERT):
-            chunk = rows[start:start + SQLITE_ROWS_PER_INSERT]
+        step = self.rows_per_insert
+        for start in range(0, len(rows), step):
+            chunk = rows[start:start + step]
             sql = self._multi_sql.get(len(chunk))
             if sql is None:
                 sql = self._multi_sql[len(chunk)] = self._head + ", ".join([self._values_group] * len(chunk))
             out.append((sql, tuple(chain.from_iterable(chunk))))
         return out
+
+
+    def fewer_rows(self, error: BaseException) -> bool:
+        """After ``error``: whether it was SQLite refusing a statement's number of parameters, now
+        met by sending fewer rows per INSERT (the batch is worth retrying at once)."""
+        if not self._values_group or self.rows_per_insert <= SQLITE_FEWER_ROWS:
+            return False
+        if "too many SQL variables" not in str(error):
+            return False
+        self.rows_per_insert = SQLITE_FEWER_ROWS
+        return True
 
 
 def _formats_by_second(process: Any) -> bool:
@@ -456,6 +473,10 @@ class MysqlLogging:
             return True
         except Exception as exc:  # unreachable, timed out, a driver's own error: all worth a retry
             self.failed_batches += 1
+            if self._inserter is not None and self._inserter[1].fewer_rows(exc):
+                log.info("request log: this SQLite takes fewer parameters per statement; writing %d rows "
+                         "per INSERT", SQLITE_FEWER_ROWS)
+                return await self._write(rows)
             if self._failing_since is None:  # one warning per outage, not one per retry
                 self._failing_since = time.monotonic()
                 self._dropped_when_failing = self.dropped
