@@ -195,7 +195,7 @@ class EdgeApp:
         tunnel.stream_opened(False)  # back down in _finish, which the finally below always reaches
         try:
             if route is None:
-                watch = scope.get("extensions", _NO_EXTENSIONS).get(DISCONNECT_WATCH) if not has_body else None
+                watch = (scope.get("extensions") or _NO_EXTENSIONS).get(DISCONNECT_WATCH) if not has_body else None
                 if watch is not None:
                     await self._proxy_bodyless(stream, send, state, watch)
                 else:
