@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from bench.procs import Proc
-from bench.tools import free_port, wait_listening
+from bench.tools import free_ports, wait_listening
 from comzy.core.tls import client_tls_context
 from tests.conftest import PYTHON, ROOT, cli_env
 from tests.test_deploy_nginx import nginx_binary
@@ -133,8 +133,8 @@ async def test_cluster_example_behind_nginx(tmp_path: Path, upstream: Upstream) 
     nats = nats_server_binary()
     (tmp_path / "pki").mkdir()
     pki = await make_pki(tmp_path / "pki")
-    ports = {name: free_port() for name in PORTS}
-    nginx_port = free_port()
+    *chosen, nginx_port = free_ports(len(PORTS) + 1)  # all different: two processes on one port fail
+    ports = dict(zip(PORTS, chosen, strict=True))
     state = tmp_path / "state"
     env = cli_env(NATS_SERVER=str(nats), COMZY_SERVER=comzy_server_command(), STATE_DIR=str(state),
                   BASE_DOMAIN="localhost", COMZY_PUBLIC_URL=f"https://{{alias}}.localhost:{nginx_port}",
@@ -187,3 +187,11 @@ async def test_cluster_example_behind_nginx(tmp_path: Path, upstream: Upstream) 
         log = (state / f"{name}.log").read_text()
         assert log.rstrip().endswith("stopped"), f"{name}:\n{log[-2000:]}"
     assert "Server Exiting" in (state / "nats.log").read_text()
+
+
+async def test_the_ports_chosen_for_the_example_are_all_different() -> None:
+    """Six processes and nginx each need a port of their own: ``free_port()`` in a row once gave the
+    nats-server and an edge the same one (CI, 2026-12-07), so they are chosen together."""
+    ports = free_ports(len(PORTS) + 1)
+    assert len(set(ports)) == len(ports) == len(PORTS) + 1
+    assert all(1 <= port <= 65535 for port in ports)
