@@ -84,11 +84,8 @@ class LinkClient(Client):
         # Connected (again): nats-py's read loop task was just created and has not read anything yet.
         transport = self._transport
         self._framer = None
-        # nats-py's private reader: should a release rename it, links take nats-py's own path (slower,
-        # still correct) and tests/cluster/test_link_framer.py fails to say so.
-        reader = getattr(transport, "_io_reader", None) if type(transport) is TcpTransport else None
-        if isinstance(reader, asyncio.StreamReader) and isinstance(getattr(reader, "_buffer", None), bytearray):
-            self._framer = _Framer(self, reader)
+        if type(transport) is TcpTransport and transport._io_reader is not None:
+            self._framer = _Framer(self, transport._io_reader)
 
     def direct(self, subscription: Subscription, handler: DirectHandler) -> None:
         """Handle every message of ``subscription`` with ``handler(subject, payload)`` as it is
