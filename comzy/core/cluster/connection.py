@@ -50,7 +50,7 @@ RECONNECT_TIME_WAIT = 0.5
 PENDING_SIZE = 2 * 1024 * 1024
 
 Callback = Callable[[], Awaitable[None] | None]
-#: A handler ``LinkClient.direct`` calls with each message's subject and payload, as the socket is read.
+#: A handler ``LinkClient.direct`` calls with each message's subject and payload, in the read loop.
 DirectHandler = Callable[[bytes, bytes], None]
 _CRLF = b"\r\n"
 #: The longest control line (MSG, INFO...) the framer waits for, as nats-server's own default limit.
