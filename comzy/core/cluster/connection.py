@@ -6,7 +6,6 @@ one subscriber, which the link sequence numbers (link.py) rely on.
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
 import secrets
@@ -53,8 +52,6 @@ Callback = Callable[[], Awaitable[None] | None]
 #: A handler ``LinkClient.direct`` calls with each message's subject and payload, in the read loop.
 DirectHandler = Callable[[bytes, bytes], None]
 _CRLF = b"\r\n"
-#: The longest control line (MSG, INFO...) the framer waits for, as nats-server's own default limit.
-MAX_CONTROL_LINE = 4096
 
 
 class LinkClient(Client):
@@ -63,29 +60,15 @@ class LinkClient(Client):
     nats-py hands every message to a subscription's queue, read by a task of its own, and every
     publish to its flusher task: two task hand-offs (two event-loop iterations) per message on each
     node, on top of the link session's own. Here, a subscription marked with ``direct`` has its
-    messages handled by a plain function as they arrive, and ``publish_now`` writes to the socket in
-    the caller's call when nothing is queued before it (docs/benchmarks.md, "Fewer hand-offs on the
-    link"). A publish that cannot be written at once (a reconnect under way, a transport other than
-    TCP, bytes still queued in nats-py) takes nats-py's own path, in order.
-
-    Over TCP the socket's bytes are framed as the loop reads them (``_Framer``): a message for a
-    direct subscription goes to its handler in that call, without waking nats-py's read loop task
-    or its parser; everything else reaches that task as before, whole and in order
-    (docs/benchmarks.md, "Link messages framed as they arrive").
+    messages handled by a plain function in the read loop's own call, and ``publish_now`` writes to
+    the socket in the caller's call when nothing is queued before it (docs/benchmarks.md, "Fewer
+    hand-offs on the link"). A publish that cannot be written at once (a reconnect under way, a
+    transport other than TCP, bytes still queued in nats-py) takes nats-py's own path, in order.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self._direct: dict[int, DirectHandler] = {}
-        self._framer: _Framer | None = None
-
-    async def _process_connect_init(self) -> None:
-        await super()._process_connect_init()
-        # Connected (again): nats-py's read loop task was just created and has not read anything yet.
-        transport = self._transport
-        self._framer = None
-        if type(transport) is TcpTransport and transport._io_reader is not None:
-            self._framer = _Framer(self, transport._io_reader)
 
     def direct(self, subscription: Subscription, handler: DirectHandler) -> None:
         """Handle every message of ``subscription`` with ``handler(subject, payload)`` as it is
@@ -160,139 +143,6 @@ class LinkClient(Client):
                 await writer.drain()
             except (OSError, RuntimeError) as exc:  # the connection broke: nats-py's read loop reconnects
                 raise nats.errors.ConnectionClosedError() from exc
-
-
-class _Framer:
-    """Splits the bytes nats-server sends a ``LinkClient`` into protocol units as the loop reads them.
-
-    It takes the place of ``feed_data`` on nats-py's ``StreamReader`` (the socket protocol's
-    ``data_received`` calls it): a MSG or HMSG for a direct subscription goes to its handler there
-    and then; every other unit (PING, PONG, INFO, +OK, -ERR, other subscriptions' messages) goes to
-    the reader whole and in order, and nats-py's read loop task parses it as before. nats-py's
-    parser thus only ever sees whole units, its state between them is its own; a direct message
-    whose bytes arrive over several reads is kept here until it is whole (nats-server bounds it by
-    max_payload). Saved per link message: the wakeup of the read loop task (one loop turn) and
-    nats-py's regex parser with its copies of the payload.
-    """
-
-    __slots__ = ("client", "forward", "forwarding", "have", "line", "parts", "unit")
-
-    def __init__(self, client: LinkClient, reader: asyncio.StreamReader) -> None:
-        self.client = client
-        self.forward: Callable[[bytes], None] = reader.feed_data
-        #: The start of a control line still incomplete.
-        self.line = b""
-        #: Bytes still to come of a unit for nats-py (passed on as they arrive).
-        self.forwarding = 0
-        #: A direct message still incomplete: (handler, subject, header bytes, bytes in all with
-        #: the closing CRLF), and its bytes so far.
-        self.unit: tuple[DirectHandler, bytes, int, int] | None = None
-        self.parts: list[bytes] = []
-        self.have = 0
-        buffered = bytes(reader._buffer)  # anything read before nats-py's read loop started
-        reader._buffer.clear()
-        reader.feed_data = self.feed  # type: ignore[method-assign]
-        if buffered:
-            self.feed(buffered)
-
-    def feed(self, data: bytes) -> None:
-        """What the socket read (called by the reader's protocol, in the loop's read callback)."""
-        if self.client._framer is not self:  # a reconnect replaced it; this reader's socket is gone
-            self.forward(data)
-            return
-        try:
-            self._feed(data)
-        except Exception as exc:  # a bug here must not end in a stream out of step: reconnect
-            log.exception("cluster: framing NATS's messages failed; reconnecting")
-            self.client._framer = None
-            asyncio.get_running_loop().create_task(self.client._process_op_err(exc))
-
-    def _feed(self, data: bytes) -> None:
-        pos, size = 0, len(data)
-        if self.forwarding:
-            pos = min(self.forwarding, size)
-            self.forward(data if pos == size else data[:pos])
-            self.forwarding -= pos
-        elif self.unit is not None:
-            handler, subject, header, total = self.unit
-            need = total - self.have
-            if size < need:
-                self.parts.append(data)
-                self.have += size
-                return
-            self.parts.append(data if need == size else data[:need])
-            body = b"".join(self.parts)
-            self.unit, self.parts, self.have = None, [], 0
-            self._hand(handler, subject, body[header:-2])
-            pos = need
-        if self.line:
-            data = self.line + data[pos:]
-            pos, size = 0, len(data)
-            self.line = b""
-        direct, subs = self.client._direct, self.client._subs
-        while pos < size:
-            eol = data.find(_CRLF, pos, pos + MAX_CONTROL_LINE)
-            if eol < 0:
-                if size - pos >= MAX_CONTROL_LINE:  # not NATS's protocol: nats-py's parser says so
-                    self.client._framer = None
-                    self.forward(data[pos:])
-                else:
-                    self.line = data[pos:]
-                return
-            if data.startswith(b"MSG ", pos):
-                args = data[pos + 4:eol].split()
-                header = 0
-                if len(args) not in (3, 4):
-                    self._give_up(data, pos)
-                    return
-            elif data.startswith(b"HMSG ", pos):
-                args = data[pos + 5:eol].split()
-                if len(args) not in (4, 5) or not args[-2].isdigit():
-                    self._give_up(data, pos)
-                    return
-                header = int(args[-2])
-            else:  # PING, PONG, +OK, -ERR, INFO: nats-py's
-                self.forward(data[pos:eol + 2])
-                pos = eol + 2
-                continue
-            if not (args[1].isdigit() and args[-1].isdigit()):
-                self._give_up(data, pos)
-                return
-            sid, total = int(args[1]), int(args[-1]) + 2  # the payload and its CRLF
-            start = eol + 2
-            end = start + total
-            handler = direct.get(sid) if sid in subs else None
-            if handler is None:
-                if end <= size:
-                    self.forward(data[pos:end])
-                    pos = end
-                    continue
-                self.forward(data[pos:])
-                self.forwarding = end - size
-                return
-            if end <= size:
-                self._hand(handler, args[0], data[start + header:end - 2])
-                pos = end
-                continue
-            self.unit = (handler, args[0], header, total)
-            self.parts = [data[start:]]
-            self.have = size - start
-            return
-
-    def _give_up(self, data: bytes, pos: int) -> None:
-        """A control line that is not what NATS sends: nats-py takes everything from here (its
-        parser raises, and it reconnects)."""
-        self.client._framer = None
-        self.forward(data[pos:])
-
-    def _hand(self, handler: DirectHandler, subject: bytes, payload: bytes) -> None:
-        stats = self.client.stats
-        stats["in_msgs"] += 1
-        stats["in_bytes"] += len(payload)
-        try:
-            handler(subject, payload)
-        except Exception:  # as nats-py does with a callback's error: logged, the connection goes on
-            log.exception("cluster: a link message handler failed")
 
 
 class BusDown(Exception):
