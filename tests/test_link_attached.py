@@ -11,8 +11,10 @@ the peer ends the session with the peer told why.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
+from collections.abc import AsyncIterator
 
 import anyio
 import anyio.abc
@@ -22,7 +24,8 @@ from comzy.core import protocol as p
 from comzy.core import wsframe
 from comzy.core.server import ServerContext
 from comzy.core.session import FLUSH_AT_FRAMES, Session
-from comzy.core.websocket import Closed
+from comzy.core.stream import Stream
+from comzy.core.websocket import Closed, WebSocket
 from tests.conftest import RunningAgent
 from tests.helpers import receive_until_closed, wait_until
 from tests.test_protocol import next_frames, ws_pair
@@ -106,75 +109,76 @@ def _frames_in(data: bytes) -> list[p.Frame]:
     return frames
 
 
+@contextlib.asynccontextmanager
+async def attached_session() -> AsyncIterator[tuple[Session, WebSocket, Stream]]:
+    """A Session over a real WebSocket pair, running attached, with one stream open: the session,
+    the peer's end of the link and the stream. Leaving stops the session's run."""
+    async with ws_pair() as (near, far), anyio.create_task_group() as tg:
+        session = Session(near)
+        tg.start_soon(session.run)
+        await wait_until(lambda: session.attached, 10)
+        yield session, far, session.open_stream()
+        tg.cancel_scope.cancel()
+
+
 async def test_frames_queued_in_one_turn_reach_the_peer_before_the_turn_ends() -> None:
     """Under load one loop turn queues frames for dozens of requests: the peer must get the first
     ones while this side is still at work, not only when the turn ends (the two processes then
     took turns instead of working in parallel). Fewer than FLUSH_AT_FRAMES still wait for the
     turn's end: a write per frame costs far more CPU."""
-    async with ws_pair() as (near, far):
-        session = Session(near)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(session.run)
-            await wait_until(lambda: session.attached, 10)
-            stream = session.open_stream()
-            # A second descriptor of the peer's socket: asyncio's wrapper of it does not read.
-            raw = far._stream.extra(anyio.abc.SocketAttribute.raw_socket)
-            sock = socket.socket(raw.family, raw.type, fileno=os.dup(raw.fileno()))
-            loop = asyncio.get_running_loop()
-            seen: asyncio.Future[tuple[bytes, bytes]] = loop.create_future()
+    async with attached_session() as (session, far, stream):
+        # A second descriptor of the peer's socket: asyncio's wrapper of it does not read.
+        raw = far._stream.extra(anyio.abc.SocketAttribute.raw_socket)
+        sock = socket.socket(raw.family, raw.type, fileno=os.dup(raw.fileno()))
+        loop = asyncio.get_running_loop()
+        seen: asyncio.Future[tuple[bytes, bytes]] = loop.create_future()
 
-            def one_turn() -> None:
-                # One loop callback, never returning to the loop in between, as a busy turn is.
-                for number in range(FLUSH_AT_FRAMES - 1):
-                    session.send_nowait(p.encode_data(stream.id, b"frame %d" % number))
-                before = _peek(sock)
-                session.send_nowait(p.encode_data(stream.id, b"frame %d" % (FLUSH_AT_FRAMES - 1)))
-                seen.set_result((before, _peek(sock)))
+        def one_turn() -> None:
+            # One loop callback, never returning to the loop in between, as a busy turn is.
+            for number in range(FLUSH_AT_FRAMES - 1):
+                session.send_nowait(p.encode_data(stream.id, b"frame %d" % number))
+            before = _peek(sock)
+            session.send_nowait(p.encode_data(stream.id, b"frame %d" % (FLUSH_AT_FRAMES - 1)))
+            seen.set_result((before, _peek(sock)))
 
-            with sock:
-                assert _peek(sock) == b""
-                loop.call_soon(one_turn)
-                with anyio.fail_after(10):
-                    before, during = await seen
-            assert before == b"", "frames were written one by one, not batched within the turn"
-            assert [frame.payload for frame in _frames_in(during)] == \
-                [b"frame %d" % number for number in range(FLUSH_AT_FRAMES)], \
-                "the peer could read nothing before the turn that queued the frames ended"
-            # What a turn queues below the threshold still goes at the turn's end.
-            session.send_nowait(p.encode(p.FrameType.END, stream.id))
+        with sock:
+            assert _peek(sock) == b""
+            loop.call_soon(one_turn)
             with anyio.fail_after(10):
-                while True:
-                    frames = await next_frames(far)
-                    if frames[-1].type == p.FrameType.END:
-                        break
-            await session.close()
-            tg.cancel_scope.cancel()
+                before, during = await seen
+        assert before == b"", "frames were written one by one, not batched within the turn"
+        assert [frame.payload for frame in _frames_in(during)] == \
+            [b"frame %d" % number for number in range(FLUSH_AT_FRAMES)], \
+            "the peer could read nothing before the turn that queued the frames ended"
+        # What a turn queues below the threshold still goes at the turn's end.
+        session.send_nowait(p.encode(p.FrameType.END, stream.id))
+        with anyio.fail_after(10):
+            while True:
+                frames = await next_frames(far)
+                if frames[-1].type == p.FrameType.END:
+                    break
+        await session.close()
 
 
 async def test_flush_and_close_delivers_everything_queued_before_the_close() -> None:
-    async with ws_pair() as (near, far):
-        session = Session(near)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(session.run)
-            await wait_until(lambda: session.attached, 10)
-            stream = session.open_stream()
-            chunk = p.encode_data(stream.id, bytes(p.MAX_DATA_FRAME))
-            count = 3 * 1024 * 1024 // len(chunk)  # more than the transport and kernel buffers hold
-            for _ in range(count):
-                session.send_nowait(chunk)
-            session.send_nowait(p.encode(p.FrameType.END, stream.id))
-            tg.start_soon(session.flush_and_close, 1000, "done", 30.0)
-            received, ended = 0, False
-            with anyio.fail_after(30):
-                while isinstance(message := await far.receive(), bytes):
-                    for frame in p.decode_message(message):
-                        if frame.type == p.FrameType.DATA:
-                            received += len(frame.payload)
-                        elif frame.type == p.FrameType.END:
-                            ended = True
-            assert received == count * p.MAX_DATA_FRAME
-            assert ended
-            assert isinstance(message, Closed) and message.code == 1000 and message.reason == "done"
+    async with attached_session() as (session, far, stream), anyio.create_task_group() as tg:
+        chunk = p.encode_data(stream.id, bytes(p.MAX_DATA_FRAME))
+        count = 3 * 1024 * 1024 // len(chunk)  # more than the transport and kernel buffers hold
+        for _ in range(count):
+            session.send_nowait(chunk)
+        session.send_nowait(p.encode(p.FrameType.END, stream.id))
+        tg.start_soon(session.flush_and_close, 1000, "done", 30.0)
+        received, ended = 0, False
+        with anyio.fail_after(30):
+            while isinstance(message := await far.receive(), bytes):
+                for frame in p.decode_message(message):
+                    if frame.type == p.FrameType.DATA:
+                        received += len(frame.payload)
+                    elif frame.type == p.FrameType.END:
+                        ended = True
+        assert received == count * p.MAX_DATA_FRAME
+        assert ended
+        assert isinstance(message, Closed) and message.code == 1000 and message.reason == "done"
 
 
 async def test_a_framing_error_on_an_attached_link_closes_it_with_1002() -> None:

@@ -127,8 +127,7 @@ class LocalForwarder:
             elif lower == b"content-length":
                 length = True
         if host and self.rewrite_host:
-            local = self.address.encode()
-            headers = [(n, local if n.lower() == b"host" else v) for n, v in headers]
+            headers = self._headers(head)
         if head.has_body and not length:
             # The edge removed the visitor's (hop-by-hop) chunked framing; re-frame the body.
             headers = [*headers, (b"transfer-encoding", b"chunked")]

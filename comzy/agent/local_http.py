@@ -450,6 +450,10 @@ class _Connection(asyncio.Protocol):
             stalled += len(data)
             if stalled > MAX_HEAD and not self._pieces and not self._complete:
                 raise MalformedResponse(f"more than {MAX_HEAD} bytes of chunk framing or trailers without data")
+        self._body_read()
+
+    def _body_read(self) -> None:
+        """The response was read to its end: decide whether the connection may serve another."""
         # Bytes after the body that nobody asked for (a premature next response) make the
         # connection unsafe to reuse: the next exchange would read them as its answer.
         self.reusable = self._keep_alive and not self._leftover and not self._received
@@ -462,7 +466,7 @@ class _Connection(asyncio.Protocol):
             return None
         pieces = self._pieces
         self._pieces = []
-        self.reusable = self._keep_alive and not self._leftover and not self._received
+        self._body_read()
         if not pieces:
             return b""
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)

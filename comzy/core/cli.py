@@ -332,9 +332,7 @@ def main(argv: list[str] | None = None) -> None:
         except ClusterConfigError as exc:
             print(f"comzy-server: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
-    # Every tunnel keeps long-lived objects; with the default thresholds full collections
-    # took ~30% of the server's CPU while 10,000 agents registered (bench/idle_agents.py).
-    tune_gc()
+    tune_gc()  # every tunnel keeps long-lived objects (memory.GC_THRESHOLDS says what the defaults cost)
     try:
         prepare_data_dir(settings.data_dir)  # 0700: it holds token hashes and client addresses
     except OSError as exc:

@@ -336,9 +336,7 @@ class EdgeApp:
         except StreamReset as exc:
             if state.visitor_gone:
                 return  # the pump reset the stream: there is nobody left to answer
-            self._response_failed(exc, state)
-            await respond(send, 502, f"The tunnel failed before a response: {exc.message}\n")
-            state.status = 502
+            await self._response_failed(exc, state, send)
         finally:
             try:
                 if (state.complete or state.status == 502) and not state.request_done and not pump.done():
@@ -358,9 +356,7 @@ class EdgeApp:
             await self._pump_response(stream, send, state)
         except StreamReset as exc:
             if not state.visitor_gone:
-                self._response_failed(exc, state)
-                await respond(send, 502, f"The tunnel failed before a response: {exc.message}\n")
-                state.status = 502
+                await self._response_failed(exc, state, send)
         finally:
             watch.callback = None
 
@@ -374,8 +370,9 @@ class EdgeApp:
             stream.reset(p.ResetCode.CANCEL, "visitor disconnected")
 
     @staticmethod
-    def _response_failed(exc: StreamReset, state: _Exchange) -> None:
-        """Record a stream reset during the response; raise if the visitor cannot get a 502."""
+    async def _response_failed(exc: StreamReset, state: _Exchange, send: Send) -> None:
+        """A stream reset during the response: the visitor gets a 502 saying so, or, where that
+        cannot be (the head went out, or a cluster route decides), the matching exception."""
         state.error = exc.message
         if state.started:
             # Aborting the connection is the only honest end: a clean finish would
@@ -384,6 +381,8 @@ class EdgeApp:
             raise ResponseAborted(exc.message) from exc
         if state.routed:
             raise _BeforeHead(exc) from None  # over a cluster link: 503, a retry or 502
+        await respond(send, 502, f"The tunnel failed before a response: {exc.message}\n")
+        state.status = 502
 
     async def _pump_request(self, stream: Stream, receive: Receive, state: _Exchange,
                             first: dict[str, Any] | None) -> None:

@@ -297,10 +297,10 @@ def decode_message(message: bytes) -> Iterator[Frame]:
                 raise ProtocolError(f"DATA frame of {length} bytes exceeds {MAX_DATA_FRAME}")
             yield Frame(frame_type, stream, flags, body)
         else:
-            yield Frame(frame_type, stream, flags, _decode_payload(frame_type, stream, body, is_map))
+            yield Frame(frame_type, stream, flags, _decode_payload(frame_type, body, is_map))
 
 
-def _decode_payload(frame_type: FrameType, stream: int, body: bytes, is_map: bool) -> Any:
+def _decode_payload(frame_type: FrameType, body: bytes, is_map: bool) -> Any:
     if is_map:
         try:
             value = msgpack.unpackb(body, raw=False, strict_map_key=True)

@@ -37,9 +37,7 @@ def request_view(exchange: Exchange) -> dict[str, Any]:
     request = exchange.request
     return {
         "type": "request", "time": exchange.started_at, "alias": request.alias, "method": request.method,
-        # request.path, without the property's call (this runs for every request)
-        "path": request.target.split(b"?", 1)[0].decode("latin-1"), "status": exchange.status,
-        "bytes_in": exchange.bytes_in,
+        "path": request.path, "status": exchange.status, "bytes_in": exchange.bytes_in,
         "bytes_out": exchange.bytes_out, "duration_ms": round(exchange.duration * 1000, 3),
         "client": request.client, "websocket": request.websocket, "error": exchange.error,
     }

@@ -240,7 +240,6 @@ class BatchInsert:
             out.append((sql, tuple(chain.from_iterable(chunk))))
         return out
 
-
     def fewer_rows(self, error: BaseException) -> bool:
         """After ``error``: whether it was SQLite refusing a statement's number of parameters, now
         met by sending fewer rows per INSERT (the batch is worth retrying at once)."""
