@@ -234,9 +234,13 @@ class BatchInsert:
         step = self.rows_per_insert
         for start in range(0, len(rows), step):
             chunk = rows[start:start + step]
-            sql = self._multi_sql.get(len(chunk))
+            # Only the full-size statement is kept: one per batch length would be up to 500
+            # strings of up to ~20 KB, as many as the traffic's batch sizes happen to vary.
+            sql = self._multi_sql.get(len(chunk)) if len(chunk) == step else None
             if sql is None:
-                sql = self._multi_sql[len(chunk)] = self._head + ", ".join([self._values_group] * len(chunk))
+                sql = self._head + ", ".join([self._values_group] * len(chunk))
+                if len(chunk) == step:
+                    self._multi_sql[step] = sql
             out.append((sql, tuple(chain.from_iterable(chunk))))
         return out
 
