@@ -798,3 +798,53 @@ async def test_a_bug_in_a_handler_ends_only_that_session() -> None:
     # run() returned instead of raising into the caller's task group (the server's).
     assert closed.code == 1011
     assert "handler bug" in result["reason"]
+
+
+@pytest.mark.anyio
+async def test_on_event_tells_a_taskless_reader_of_each_frame_and_reads_do_not_block() -> None:
+    window = 65536
+    async with ws_pair() as (near, far), running_session(near, window=window) as (session, _):
+        stream = session.open_stream()
+        seen: list[tuple[bool, bool, bool, int]] = []
+        arrived = anyio.Event()
+
+        def on_event() -> None:
+            # What the reader sees after each state update (not before it).
+            seen.append((stream.head is not None, stream.buffered, stream.remote_ended, stream.credit))
+            if stream.remote_ended:
+                arrived.set()
+
+        stream.on_event = on_event
+        assert stream.receive_nowait(1024) is None  # nothing buffered: no wait, no data
+        credit = stream.credit
+        head = p.ResponseHead(200, [(b"content-length", b"12")])
+        await far.send(p.encode(FT.RESPONSE, stream.id, head.to_payload()) + p.encode_window(stream.id, 10)
+                       + p.encode_data(stream.id, b"hello ") + p.encode_data(stream.id, b"world!")
+                       + p.encode(FT.END, stream.id))
+        with anyio.fail_after(5):
+            await arrived.wait()
+        assert seen == [(True, False, False, credit), (True, False, False, credit + 10),
+                        (True, True, False, credit + 10), (True, True, False, credit + 10),
+                        (True, True, True, credit + 10)]
+        assert stream.receive_nowait(8) == b"hello "  # joined only up to the limit
+        assert stream.receive_nowait(1024) == b"world!"
+        assert stream.receive_nowait(1024) is None and stream.drained_and_ended
+        assert stream.reset_error is None
+
+        other = session.open_stream()
+        resets: list[StreamReset | None] = []
+        reset_seen = anyio.Event()
+
+        def on_reset() -> None:
+            resets.append(other.reset_error)
+            reset_seen.set()
+
+        other.on_event = on_reset
+        await far.send(p.encode_reset(other.id, p.ResetCode.CANCEL, "gone"))
+        with anyio.fail_after(5):
+            await reset_seen.wait()
+        assert resets[0] is not None and resets[0].message == "gone"
+        assert other.reset_error is resets[0]
+        # The async API is untouched: a waiting receive still raises it.
+        with pytest.raises(StreamReset):
+            await other.receive()

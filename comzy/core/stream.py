@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from comzy.core import protocol as p
@@ -63,6 +64,11 @@ class Stream:
         self.ws_close: tuple[int, str] | None = None
         #: Whether the stream carries a visitor's WebSocket (set by the edge; for metrics).
         self.websocket = False
+        #: Called (no arguments) after the reader's state update for a RESPONSE head, DATA, END,
+        #: credit or a reset (the peer's, the session's end, or this side's own ``reset``): a
+        #: consumer without a task reads what changed with the ``*_nowait`` methods below. It runs
+        #: inside the session reader, so it must not raise, and must not await anything.
+        self.on_event: Callable[[], None] | None = None
 
     # -- reading ---------------------------------------------------------------
     async def receive(self) -> tuple[bytes, int] | None:
@@ -77,6 +83,30 @@ class Stream:
             self._starved = True
             self._readable = asyncio.get_running_loop().create_future()
             await self._readable
+        return self._take()
+
+    def receive_nowait(self, limit: int) -> bytes | None:
+        """Non-blocking ``receive_coalesced`` for body bytes: the DATA already buffered, joined up
+        to ``limit`` bytes (at least one chunk); None when nothing is buffered (then see
+        ``remote_ended`` and ``reset_error``). Flags are not returned: for HTTP bodies, not
+        WebSocket messages. A reader that found nothing counts as starved (window growth), as an
+        awaiting ``receive`` does."""
+        if not self._chunks:
+            self._starved = True
+            return None
+        data = self._take()[0]
+        if not self._chunks or len(data) + len(self._chunks[0][0]) > limit:
+            return data
+        parts = [data]
+        size = len(data)
+        while self._chunks and size + len(self._chunks[0][0]) <= limit:
+            more = self._take()[0]
+            parts.append(more)
+            size += len(more)
+        return b"".join(parts)
+
+    def _take(self) -> tuple[bytes, int]:
+        """Pop the first buffered chunk and account for it (window re-opening and growth)."""
         data, flags = self._chunks.popleft()
         if not data:
             self._empty -= 1
@@ -94,6 +124,26 @@ class Stream:
             self.session.send_nowait(p.encode_window(self.id, increment))
             self._unacked = 0
         return data, flags
+
+    @property
+    def remote_ended(self) -> bool:
+        """Whether the peer's END (or WS_CLOSE) has arrived (buffered DATA may remain)."""
+        return self._remote_ended
+
+    @property
+    def reset_error(self) -> StreamReset | None:
+        """Why the stream was reset (by the peer, the session's end, or this side); None if not."""
+        return self._reset
+
+    @property
+    def buffered(self) -> bool:
+        """Whether DATA is buffered, waiting to be read."""
+        return bool(self._chunks)
+
+    @property
+    def credit(self) -> int:
+        """Bytes the peer lets this side send now."""
+        return self._credit
 
     def _grow(self) -> int:
         """Double the window (within MAX_GROWN_WINDOW and the session's budget); the growth.
@@ -243,18 +293,26 @@ class Stream:
             raise p.ProtocolError(f"peer overran the window of stream {self.id}")
         self._chunks.append((data, flags))
         _wake(self._readable)
+        if self.on_event is not None:
+            self.on_event()
 
     def _on_end(self) -> None:
         self._remote_ended = True
         _wake(self._readable)
+        if self.on_event is not None:
+            self.on_event()
 
     def _on_credit(self, increment: int) -> None:
         self._credit += increment
         _wake(self._credit_event)
+        if self.on_event is not None:
+            self.on_event()
 
     def _on_head(self, head: object) -> None:
         self.head = head
         _wake(self._head_event)
+        if self.on_event is not None:
+            self.on_event()
 
     def _fail(self, error: StreamReset) -> None:
         if self._reset is None:
@@ -262,6 +320,8 @@ class Stream:
         _wake(self._readable)
         _wake(self._credit_event)
         _wake(self._head_event)
+        if self.on_event is not None:
+            self.on_event()
 
 
 def _wake(waiter: asyncio.Future[None] | None) -> None:
