@@ -251,6 +251,65 @@ def encode_data(stream: int, data: bytes | memoryview, flags: int = 0) -> bytes:
     return HEADER.pack(len(data), FrameType.DATA, flags, stream) + data
 
 
+#: DATA payloads from this size on are queued beside their header rather than copied behind it
+#: (see ``DataFrame``); smaller ones are cheaper to copy than to carry as one more buffer.
+PIECES_FROM = 16 * 1024
+
+
+class DataFrame:
+    """A DATA frame held as its header and its payload, not joined: the session queues it as it
+    is, and the agent link writes both with the rest of its message in one ``writelines``
+    (``WebSocket.write_frames``), so a body's bytes are not copied between the local app's read
+    and the kernel. ``len()`` is its size on the wire, as for a frame in bytes.
+
+    ``payload`` must not change until the frame is written: ``data_frame`` makes one only of an
+    immutable ``bytes`` (or a view of one).
+    """
+
+    __slots__ = ("header", "payload", "size")
+
+    def __init__(self, header: bytes, payload: bytes | memoryview) -> None:
+        self.header = header
+        self.payload = payload
+        self.size = len(header) + len(payload)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __bytes__(self) -> bytes:
+        return self.header + self.payload
+
+
+#: What a session queues for its peer: whole frames in bytes, or large DATA frames in two pieces.
+Queued = bytes | DataFrame
+
+
+def data_frame(stream: int, data: bytes | memoryview, flags: int = 0, immutable: bool = True) -> Queued:
+    """A DATA frame for a session's queue: a ``DataFrame`` for a large payload of immutable
+    bytes (``immutable``: ``data`` is, or views, a ``bytes``), else bytes as ``encode_data``."""
+    if immutable and len(data) >= PIECES_FROM:
+        return DataFrame(HEADER.pack(len(data), FrameType.DATA, flags, stream), data)
+    return HEADER.pack(len(data), FrameType.DATA, flags, stream) + data
+
+
+def join_frames(frames: list[Queued]) -> bytes:
+    """Queued frames as one message in bytes (for a link that cannot write pieces)."""
+    return b"".join(frame_pieces(frames))
+
+
+def frame_pieces(frames: list[Queued]) -> list[bytes | memoryview]:
+    """Queued frames as the buffers of one message, in order (headers and payloads unjoined)."""
+    pieces: list[bytes | memoryview] = []
+    for frame in frames:
+        if type(frame) is bytes:
+            pieces.append(frame)
+        else:
+            assert isinstance(frame, DataFrame)
+            pieces.append(frame.header)
+            pieces.append(frame.payload)
+    return pieces
+
+
 def encode_reset(stream: int, code: ResetCode, message: str = "") -> bytes:
     """Encode a RESET frame: a u32 code then a UTF-8 message."""
     return encode(FrameType.RESET, stream, _RESET.pack(code) + message.encode()[:1024])

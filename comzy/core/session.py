@@ -99,6 +99,9 @@ class Session:
         coalesce_limit: int = COALESCE_LIMIT,
     ) -> None:
         self.ws = ws
+        # Writes a message given as pieces (``WebSocket.write_pieces``), where the link can: large
+        # DATA frames then go out without being joined (see protocol.DataFrame).
+        self._write_pieces: Callable[[list[bytes | memoryview], int], None] | None = getattr(ws, "write_pieces", None)
         #: Largest message the writer builds from queued frames (a cluster link's is bounded by
         #: NATS's max_payload).
         self.coalesce_limit = coalesce_limit
@@ -111,7 +114,7 @@ class Session:
         self.name = name
         self.streams: dict[int, Stream] = {}
         self._next_id = 1
-        self._out: list[bytes] = []
+        self._out: list[p.Queued] = []
         self._out_bytes = 0
         self._out_event = anyio.Event()
         # Events nobody may ever wait on are made on first wait: thousands of idle tunnels
@@ -197,7 +200,7 @@ class Session:
             await self._idle.wait()
 
     # -- writing ---------------------------------------------------------------
-    def send_nowait(self, frame: bytes) -> None:
+    def send_nowait(self, frame: p.Queued) -> None:
         """Queue a frame for the writer (control frames; never blocks)."""
         if self.closed is not None:
             return
@@ -238,7 +241,7 @@ class Session:
         so new streams must be refused rather than queued."""
         return self._out_bytes > SEND_BUDGET
 
-    async def send(self, frame: bytes) -> None:
+    async def send(self, frame: p.Queued) -> None:
         """Queue a frame, waiting while the writer is far behind (bounds memory)."""
         if self.closed is not None:
             raise SessionClosed(self.closed)
@@ -280,7 +283,7 @@ class Session:
             self._out_bytes -= size
             if self._drained is not None:
                 self._drained.set()
-            message = batch[0] if take == 1 else b"".join(batch)
+            message = batch[0] if take == 1 and type(batch[0]) is bytes else p.join_frames(batch)
             await self.ws.send(message)
 
     def _flush(self) -> None:
@@ -301,21 +304,31 @@ class Session:
             self._out_bytes += p.HEADER_SIZE + len(self._pong)
             self._pong = None
         limit = self.coalesce_limit
+        write_pieces = self._write_pieces
         while out and not self._write_paused:
-            if len(out) == 1:
+            if len(out) == 1 and type(out[0]) is bytes:
                 message = out.pop()
                 self._out_bytes -= len(message)
+                ws.write_message(message)  # may call _link_writable(False) at once
+                continue
+            take, size, whole = 0, 0, True
+            for frame in out:
+                if take and size + len(frame) > limit:
+                    break
+                take += 1
+                size += len(frame)
+                if type(frame) is not bytes:
+                    whole = False
+            batch = out[:take]
+            del out[:take]
+            self._out_bytes -= size
+            if whole:
+                ws.write_message(batch[0] if take == 1 else b"".join(batch))  # type: ignore[arg-type]
+            elif write_pieces is not None:
+                # Large DATA frames: header and payload go to the socket unjoined, in one writev.
+                write_pieces(p.frame_pieces(batch), size)
             else:
-                take, size = 0, 0
-                for frame in out:
-                    if take and size + len(frame) > limit:
-                        break
-                    take += 1
-                    size += len(frame)
-                message = out[0] if take == 1 else b"".join(out[:take])
-                del out[:take]
-                self._out_bytes -= size
-            ws.write_message(message)  # may call _link_writable(False) at once
+                ws.write_message(p.join_frames(batch))
         if self._drained is not None:
             self._drained.set()
         if self.reading_paused and self._out_bytes <= SEND_BUDGET and self._backlog is None:

@@ -229,6 +229,7 @@ class Stream:
         ``flags`` (FIN/TEXT, for WebSocket messages) go on the last frame only.
         """
         view = memoryview(data)
+        immutable = type(data) is bytes  # large frames may then keep a view of it (p.DataFrame)
         total = len(view)
         offset = 0
         while True:
@@ -243,7 +244,7 @@ class Stream:
             chunk = view[offset : offset + size]
             self._credit -= size
             offset += size
-            await self.session.send(p.encode_data(self.id, chunk, flags if last else flags & p.FLAG_TEXT))
+            await self.session.send(p.data_frame(self.id, chunk, flags if last else flags & p.FLAG_TEXT, immutable))
             if last:
                 return
 

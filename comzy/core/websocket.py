@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import re
 import ssl
 from dataclasses import dataclass
@@ -121,6 +122,10 @@ class WebSocket:
         # sees no message between pause_reading and resume_reading.
         self._paused = False
         self._breathing = False
+        #: Mask binary messages with the all-zero key (a client only): no pass over what is sent.
+        #: ``connect`` sets it on links no intermediary can read (TLS, loopback); see
+        #: ``wsframe.encode_pieces`` for why only there.
+        self.zero_key = False
 
     # -- attached: driven by the event loop's callbacks, no task -------------------------------
     def attach(self, sink: MessageSink) -> bool:
@@ -173,7 +178,16 @@ class WebSocket:
         transport = self._transport
         assert transport is not None
         if self.closed is None and not transport.is_closing():
-            transport.write(wsframe.encode_binary(message, self._client))
+            transport.write(wsframe.encode_binary(message, self._client, self.zero_key))
+
+    def write_pieces(self, pieces: list[bytes | memoryview], size: int) -> None:
+        """Send one binary message whose payload is ``pieces`` (``size`` bytes) without joining
+        them (attached only): one ``writelines``, a writev on uvloop. The pieces must not change
+        until written (the transport may keep them)."""
+        transport = self._transport
+        assert transport is not None
+        if self.closed is None and not transport.is_closing():
+            transport.writelines(wsframe.encode_pieces(pieces, size, self._client, self.zero_key))
 
     def pause_reading(self) -> None:
         """Hand the sink no more messages, and stop reading from the socket, until ``resume_reading``
@@ -278,7 +292,7 @@ class WebSocket:
         if isinstance(message, str):
             data = wsframe.encode_frame(wsframe.OP_TEXT, message.encode("utf-8"), self._client)
         else:
-            data = wsframe.encode_binary(message, self._client)
+            data = wsframe.encode_binary(message, self._client, self.zero_key)
         if self._transport is not None:
             self._transport_write(data)
         else:
@@ -570,7 +584,23 @@ async def connect(
         except BaseException:
             await stream.aclose()
             raise
+    # No intermediary reads a TLS link's bytes, nor a loopback one's: masking protects nobody there.
+    ws.zero_key = secure or _loopback(stream)
     return ws
+
+
+def _loopback(stream: anyio.abc.ByteStream) -> bool:
+    """Whether ``stream`` is a TCP connection to this host's loopback (127.0.0.0/8, ::1)."""
+    try:
+        address = stream.extra(anyio.abc.SocketAttribute.remote_address)
+    except anyio.TypedAttributeLookupError:
+        return False
+    if not isinstance(address, tuple):
+        return False
+    try:
+        return ipaddress.ip_address(address[0]).is_loopback
+    except ValueError:
+        return False
 
 
 class TLSMismatch(WebSocketError):

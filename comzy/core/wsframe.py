@@ -38,6 +38,9 @@ _LENGTH = 0x7F
 _MAX_CONTROL_PAYLOAD = 125
 _UNSIGNED_SHORT = struct.Struct("!H")
 _UNSIGNED_LONG_LONG = struct.Struct("!Q")
+#: The all-zero masking key: XOR with it changes nothing, so a frame masked with it is sent and
+#: received without a pass over its payload (see ``encode_pieces``). Any other key is unmasked.
+ZERO_KEY = b"\x00\x00\x00\x00"
 #: Pieces of payload smaller than this are merged as they come (see _append).
 _SMALL_PIECE = 16 * 1024
 _Piece = bytes | bytearray | memoryview
@@ -221,6 +224,8 @@ class FrameReader:
         body = start + header
         end = body + length
         key = buffer[body - 4 : body] if self._masked else b""
+        if key == ZERO_KEY:
+            key = b""  # unmasking with it is the identity: no pass over the payload
         if end > len(buffer):
             # The payload spans reads: collect it piece by piece (see feed), no buffer to grow.
             pieces: list[_Piece] = []
@@ -303,27 +308,65 @@ def _parse_close(payload: bytes) -> CloseFrame:
 
 
 # -- sending -----------------------------------------------------------------------------------
-def encode_frame(opcode: int, payload: bytes | bytearray, masked: bool) -> bytes:
-    """One complete frame (FIN set), masked as a client must: one copy of the payload."""
-    length = len(payload)
+def _header(opcode: int, length: int, masked: bool) -> bytes:
+    """A frame's header (FIN set) up to the masking key."""
     mask_bit = _MASK_BIT if masked else 0
     first = _FIN | opcode
     if length < 126:
-        header = struct.pack("!BB", first, mask_bit | length)
-    elif length < 65536:
-        header = struct.pack("!BBH", first, mask_bit | 126, length)
-    else:
-        header = struct.pack("!BBQ", first, mask_bit | 127, length)
+        return struct.pack("!BB", first, mask_bit | length)
+    if length < 65536:
+        return struct.pack("!BBH", first, mask_bit | 126, length)
+    return struct.pack("!BBQ", first, mask_bit | 127, length)
+
+
+def encode_frame(opcode: int, payload: bytes | bytearray, masked: bool, zero_key: bool = False) -> bytes:
+    """One complete frame (FIN set), masked as a client must: one copy of the payload.
+
+    ``zero_key`` (with ``masked``) masks with the all-zero key instead of a random one: see
+    ``encode_pieces`` for when a client may.
+    """
+    header = _header(opcode, len(payload), masked)
     if not masked:
         return header + payload
+    if zero_key:
+        return header + ZERO_KEY + payload
     # RFC 6455 5.3: a fresh, unpredictable key for every frame.
     key = os.urandom(4)
     return header + key + apply_mask(payload, key)
 
 
-def encode_binary(payload: bytes | bytearray, masked: bool) -> bytes:
+def encode_binary(payload: bytes | bytearray, masked: bool, zero_key: bool = False) -> bytes:
     """One complete binary message."""
-    return encode_frame(OP_BINARY, payload, masked)
+    return encode_frame(OP_BINARY, payload, masked, zero_key)
+
+
+def encode_pieces(pieces: list[_Piece], size: int, masked: bool, zero_key: bool = False) -> list[_Piece]:
+    """One binary message whose payload is ``pieces`` (``size`` bytes in all), as buffers for one
+    ``writelines``: the payload is never joined, so a large message costs no copy of it here.
+
+    Masked with a random key, each piece is masked on its own (one pass over the payload, the key
+    turned to where the piece starts). With ``zero_key`` it is not touched at all: XOR with zeros
+    is the identity. RFC 6455 5.3 asks a client for an unpredictable key so that a sender whose
+    payload is chosen by an attacker cannot have it read as HTTP by an intermediary on the way
+    (section 10.3, cache poisoning through proxies that do not know WebSocket). The agent uses the
+    zero key only where no such intermediary can read the bytes: a TLS link (it sees ciphertext)
+    and a loopback one (there is no intermediary); across a network on plain ws:// it keeps
+    random keys. Any receiver unmasks a zero-key frame correctly: it is a valid key, only a
+    predictable one.
+    """
+    header = _header(OP_BINARY, size, masked)
+    if not masked:
+        return [header, *pieces]
+    if zero_key:
+        return [header + ZERO_KEY, *pieces]
+    key = os.urandom(4)
+    keys = (key, key[1:] + key[:1], key[2:] + key[:2], key[3:] + key[:3])
+    out: list[_Piece] = [header + key]
+    offset = 0
+    for piece in pieces:
+        out.append(apply_mask(piece, keys[offset & 3]))
+        offset += len(piece)
+    return out
 
 
 def encode_close(code: int | None, reason: str, masked: bool) -> bytes:
