@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 from dataclasses import dataclass, field
@@ -12,7 +11,7 @@ import anyio
 import anyio.abc
 
 from comzy import __version__
-from comzy.agent.forward import LocalForwarder
+from comzy.agent.forward import LocalForwarder, Serving
 from comzy.core import protocol as p
 from comzy.core.control import (
     MAX_SESSION_TUNNELS,
@@ -372,11 +371,10 @@ class Agent:
                 else:
                     final.append(message.reason)
 
-        # One plain asyncio task per request: anyio's TaskGroup.start_soon cost about a tenth of
-        # the agent's CPU per request (py-spy), and serve() never raises, so a group's error
-        # handling buys nothing. Whatever is still running when the session ends is cancelled.
-        loop = asyncio.get_running_loop()
-        serving: set[asyncio.Task[None]] = set()
+        # A request without a body on a pooled local connection is served from callbacks, the
+        # rest by a plain asyncio task each (see LocalForwarder.start); whatever is still being
+        # served when the session ends is ended with it.
+        serving = Serving()
 
         def on_request(stream: Stream, head: p.RequestHead) -> None:
             forwarder = self.forwarder
@@ -388,20 +386,14 @@ class Agent:
                     stream.reset(p.ResetCode.INTERNAL, "no such tunnel on this agent")
                     return
                 forwarder = found
-            task = loop.create_task(forwarder.serve(stream, head))
-            serving.add(task)
-            task.add_done_callback(serving.discard)
+            forwarder.start(stream, head, serving)
 
         session.on_request = on_request
         session.on_control = on_control
         try:
             reason = await session.run()
         finally:
-            for task in serving:
-                task.cancel()
-            if serving:
-                with anyio.CancelScope(shield=True):
-                    await asyncio.wait(serving)
+            await serving.stop()
         self.session = None
         return (final[0] if final else None), reason
 

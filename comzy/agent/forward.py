@@ -2,24 +2,33 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from comzy.agent.capture import TUNNEL_NAME
-from comzy.agent.local_http import ConnectFailed, LocalClient, LocalError, MalformedResponse, StaleConnection
+from comzy.agent.local_http import (
+    ConnectFailed,
+    LocalClient,
+    LocalError,
+    LocalResponse,
+    MalformedResponse,
+    StaleConnection,
+)
 from comzy.core import protocol as p
 from comzy.core.logs import RateLimitedLog
-from comzy.core.session import SessionClosed
+from comzy.core.session import WRITE_HIGH_WATER, SessionClosed
 from comzy.core.stream import Stream, StreamReset
 from comzy.core.websocket import Closed, HandshakeRejected, WebSocket, WebSocketError, client_handshake
 
 if TYPE_CHECKING:
     from comzy.agent.capture import Capture, Exchange
+    from comzy.agent.local_http import _Connection
 
 log = logging.getLogger("comzy.agent")
 
@@ -36,6 +45,167 @@ class Served:
     error: str | None = None
     #: The tunnel's name when the agent serves several (``comzy 3000 8080``): the line names it.
     tunnel: str | None = None
+
+
+class Serving:
+    """What one session is serving: a task per stream served by a task, and the requests served
+    from callbacks (``LocalForwarder.start``). ``stop`` ends them all when the session ends."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.tasks: set[asyncio.Task[None]] = set()
+        #: Requests waiting, without a task, for their response head on a pooled connection.
+        self.waiting: set[_Call] = set()
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` in a plain asyncio task, cancelled by ``stop``. Not anyio's
+        TaskGroup.start_soon: that cost about a tenth of the agent's CPU per request (py-spy), and
+        the work never raises, so a group's error handling buys nothing."""
+        task = self._loop.create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def stop(self) -> None:
+        """End whatever is still being served (the session is over)."""
+        for call in list(self.waiting):
+            call.abandon("the tunnel session ended")
+        for task in self.tasks:
+            task.cancel()
+        if self.tasks:
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait(self.tasks)
+
+
+class _Call:
+    """One stream being served: what its terminal line and the inspector need, however it is served.
+
+    A request without a body is written from the REQUEST callback to a pooled connection, and
+    this object hears the response head from that connection's read callback (it is the
+    connection's HeadListener): a response that came whole with its head and fits the stream's
+    credit goes back from there, with no task at all. Anything else (a body still to read, no
+    credit, a link backed up, a stale connection or an error) goes on in a task from the point
+    reached, by the same code as a request served by a task from the start.
+    """
+
+    __slots__ = ("connection", "exchange", "forwarder", "head", "headers", "served", "serving", "started", "stream")
+
+    def __init__(self, forwarder: LocalForwarder, stream: Stream, head: p.RequestHead, serving: Serving | None) -> None:
+        self.forwarder = forwarder
+        self.stream = stream
+        self.head = head
+        self.served = Served(head.method, head.target.decode("latin-1"), 0, 0.0, head.websocket)
+        self.exchange: Exchange | None = None
+        self.started = time.monotonic()
+        self.serving = serving
+        self.headers: list[tuple[bytes, bytes]] = []
+        #: The pooled connection the request was written to, while its answer is awaited.
+        self.connection: _Connection | None = None
+
+    def done(self) -> None:
+        """The stream was served (or failed): release it, and report."""
+        self.stream.close()
+        served = self.served
+        served.duration = time.monotonic() - self.started
+        if self.exchange is not None:
+            self.exchange.finish(served.error)
+        on_served = self.forwarder.on_served
+        if on_served is not None:
+            on_served(served)
+
+    async def run(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` (the rest of serving this stream) to the end; never raises (errors become
+        502 or RESET)."""
+        served = self.served
+        try:
+            await work
+        except (StreamReset, SessionClosed) as exc:
+            served.error = served.error or str(exc)
+        except Exception as exc:  # a bug must not take the agent down with it
+            log.exception("failed to serve %s %s", served.method, served.target)
+            served.error = repr(exc)
+            self.stream.reset(p.ResetCode.INTERNAL, "agent error")
+        finally:
+            self.done()
+
+    def _go_on(self, work: Coroutine[Any, Any, None]) -> None:
+        assert self.serving is not None
+        self.serving.spawn(self.run(work))
+
+    # -- served from callbacks: the pooled connection's (HeadListener) and the stream's ---------
+    def head_read(self, response: LocalResponse) -> None:
+        """The response head (and what came with it) is here: send it all back if it can go now."""
+        self._stop_waiting()
+        stream, served, exchange, forwarder = self.stream, self.served, self.exchange, self.forwarder
+        conn = response.connection
+        try:
+            served.status = response.status
+            if exchange is not None:
+                exchange.response(response.status, response.headers)
+            whole = response.whole_body()
+            session = stream.session
+            if whole is None or len(whole) > stream.credit or session.queued > WRITE_HIGH_WATER:
+                # A body to read, no credit for it yet, or a link backed up (heads wait like DATA):
+                # a task goes on from here, as a request served by a task from the start would.
+                self._go_on(forwarder._respond(stream, served, response, exchange, whole))
+                return
+            session.send_nowait(p.encode(p.FrameType.RESPONSE, stream.id,
+                                         p.ResponseHead(response.status, response.headers).to_payload()))
+            if whole:
+                if exchange is not None:
+                    exchange.response_data(whole)
+                stream.send_data_nowait(whole)
+            forwarder.local.release_nowait(conn)
+            stream.send_end()
+            forwarder.answered_without_task += 1
+            if not stream.finished:
+                self._go_on(forwarder._await_end(stream))
+                return
+        except Exception as exc:  # a bug must not take the agent down with it
+            log.exception("failed to serve %s %s", served.method, served.target)
+            conn.close()
+            served.error = repr(exc)
+            stream.reset(p.ResetCode.INTERNAL, "agent error")
+        self._done_here()
+
+    def head_failed(self, error: LocalError) -> None:
+        """No response head on the pooled connection: retried on a fresh one, or a 502, by a task."""
+        self._stop_waiting()
+        forwarder = self.forwarder
+        if isinstance(error, StaleConnection):
+            # Closed by the local app while it was idle: one more try, on a fresh connection.
+            self._go_on(forwarder._http(self.stream, self.head, self.served, self.headers, self.exchange, (2,)))
+        else:
+            self._go_on(forwarder._fail(self.stream, self.served, self.exchange, forwarder._failure(error)))
+
+    def stream_event(self) -> None:
+        """The stream changed while the answer is awaited (``Stream.on_event``): once it is reset
+        (the server gave up on it: its visitor left, or the session ended), the answer would go
+        nowhere, so the local connection is closed at once rather than when the answer comes."""
+        reset = self.stream.reset_error
+        if reset is not None:
+            self.abandon(str(reset))
+
+    def abandon(self, why: str) -> None:
+        """Stop waiting for the answer: close the local connection (never reused) and report."""
+        conn = self.connection
+        self._stop_waiting()
+        if conn is not None:
+            conn.abandon()
+        self.served.error = why
+        self._done_here()
+
+    def _stop_waiting(self) -> None:
+        self.stream.on_event = None
+        self.connection = None
+        assert self.serving is not None
+        self.serving.waiting.discard(self)
+
+    def _done_here(self) -> None:
+        """``done`` from a loop callback (the connection's or the session reader's), which must not raise."""
+        try:
+            self.done()
+        except Exception:
+            log.exception("failed to report %s %s", self.served.method, self.served.target)
 
 
 class LocalForwarder:
@@ -61,6 +231,9 @@ class LocalForwarder:
             # A replay with edited headers follows this tunnel's Host rule.
             capture.host_rules[name] = self.host_rule
         self.local = LocalClient(host, port)
+        #: Requests answered from the local connection's callbacks, without a task (``start``):
+        #: tests and benchmarks read it to tell which path served them.
+        self.answered_without_task = 0
         # A local app that keeps sending malformed responses gets one log line per minute.
         self._log_malformed = RateLimitedLog(log, interval=60.0)
 
@@ -74,34 +247,44 @@ class LocalForwarder:
         local = self.address.encode()
         return [(n, local if n.lower() == b"host" else v) for n, v in head.headers]
 
+    def start(self, stream: Stream, head: p.RequestHead, serving: Serving) -> None:
+        """Serve one stream (called from the REQUEST callback): a request without a body goes to
+        an idle pooled connection at once and is answered from its callbacks (see ``_Call``);
+        anything else is served by a task of ``serving``, as ``serve`` does."""
+        call = _Call(self, stream, head, serving)
+        if not head.has_body and not head.websocket:
+            headers = self._http_headers(head)
+            conn = self.local.request_nowait(head.method, head.target, headers, call)
+            if conn is not None:
+                call.headers = headers
+                call.connection = conn
+                if self.capture is not None:
+                    call.exchange = self.capture.begin(head.method, head.target, headers, head.client, "http",
+                                                       tunnel_name=self.name)
+                    call.exchange.request_complete = True
+                serving.waiting.add(call)
+                stream.on_event = call.stream_event
+                return
+        serving.spawn(call.run(self._begin(call)))
+
     async def serve(self, stream: Stream, head: p.RequestHead) -> None:
         """Serve one stream to the end; never raises (errors become 502 or RESET)."""
-        started = time.monotonic()
-        served = Served(head.method, head.target.decode("latin-1"), 0, 0.0, head.websocket)
-        exchange: Exchange | None = None
-        try:
-            headers = self._headers(head) if head.websocket else self._http_headers(head)
-            if self.capture is not None:
-                exchange = self.capture.begin(head.method, head.target, headers, head.client,
-                                              "websocket" if head.websocket else "http", tunnel_name=self.name)
-                exchange.request_complete = head.websocket or not head.has_body
-            if head.websocket:
-                await self._websocket(stream, head, served, exchange)
-            else:
-                await self._http(stream, head, served, headers, exchange)
-        except (StreamReset, SessionClosed) as exc:
-            served.error = served.error or str(exc)
-        except Exception as exc:  # a bug must not take the agent down with it
-            log.exception("failed to serve %s %s", head.method, served.target)
-            served.error = repr(exc)
-            stream.reset(p.ResetCode.INTERNAL, "agent error")
-        finally:
-            stream.close()
-            served.duration = time.monotonic() - started
-            if exchange is not None:
-                exchange.finish(served.error)
-            if self.on_served is not None:
-                self.on_served(served)
+        call = _Call(self, stream, head, None)
+        await call.run(self._begin(call))
+
+    async def _begin(self, call: _Call) -> None:
+        stream, head = call.stream, call.head
+        headers = self._headers(head) if head.websocket else self._http_headers(head)
+        exchange = None
+        if self.capture is not None:
+            exchange = call.exchange = self.capture.begin(head.method, head.target, headers, head.client,
+                                                          "websocket" if head.websocket else "http",
+                                                          tunnel_name=self.name)
+            exchange.request_complete = head.websocket or not head.has_body
+        if head.websocket:
+            await self._websocket(stream, head, call.served, exchange)
+        else:
+            await self._http(stream, head, call.served, headers, exchange)
 
     def host_rule(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
         """``headers`` with the Host rule applied: Host rewritten to the local address with
@@ -136,7 +319,8 @@ class LocalForwarder:
         return headers
 
     async def _http(self, stream: Stream, head: p.RequestHead, served: Served,
-                    headers: list[tuple[bytes, bytes]], exchange: Exchange | None) -> None:
+                    headers: list[tuple[bytes, bytes]], exchange: Exchange | None,
+                    attempts: tuple[int, ...] = (1, 2)) -> None:
         async def body() -> AsyncIterator[bytes]:
             while (chunk := await stream.receive()) is not None:
                 if exchange is not None:
@@ -145,33 +329,41 @@ class LocalForwarder:
             if exchange is not None:
                 exchange.request_complete = True
 
-        for attempt in (1, 2):
+        for attempt in attempts:
             try:
                 response = await self.local.request(head.method, head.target, headers,
                                                     body() if head.has_body else None)
                 break
-            except ConnectFailed as exc:
-                return await self._fail(stream, served, exchange, f"could not connect to {self.address} ({exc}). "
-                                        f"Is anything listening on {self.address}?")
             except StaleConnection:
                 if attempt == 2:
                     return await self._fail(stream, served, exchange, f"{self.address} closed the connection "
                                             "without answering")
                 # The pooled connection was closed under us; a fresh one will do.
-            except MalformedResponse as exc:
-                return await self._fail(stream, served, exchange, self._malformed(exc))
             except LocalError as exc:
-                return await self._fail(stream, served, exchange, f"{self.address} failed: {exc}")
+                return await self._fail(stream, served, exchange, self._failure(exc))
         served.status = response.status
         if exchange is not None:
             exchange.response(response.status, response.headers)
+        await self._respond(stream, served, response, exchange, response.whole_body())
+
+    def _failure(self, exc: LocalError) -> str:
+        """What the visitor's 502 says when no response head came from the local service."""
+        if isinstance(exc, ConnectFailed):
+            return f"could not connect to {self.address} ({exc}). Is anything listening on {self.address}?"
+        if isinstance(exc, MalformedResponse):
+            return self._malformed(exc)
+        return f"{self.address} failed: {exc}"
+
+    async def _respond(self, stream: Stream, served: Served, response: LocalResponse, exchange: Exchange | None,
+                       whole: bytes | None) -> None:
+        """Send the response whose head was read: ``whole``, its body when it came with the head
+        (``LocalResponse.whole_body``), else read as it arrives."""
         clean = False
         try:
             # Heads wait like DATA while the link is backed up: the agent's queue never grows past
             # the high-water mark, so it never reaches the send budget and pauses its reader.
             await stream.session.send(p.encode(
                 p.FrameType.RESPONSE, stream.id, p.ResponseHead(response.status, response.headers).to_payload()))
-            whole = response.whole_body()
             if whole is not None:  # a small response, read with its head: no async generator
                 if whole:
                     if exchange is not None:
@@ -191,16 +383,19 @@ class LocalForwarder:
             return
         finally:
             if clean:
-                await self.local.release(response.connection)
+                self.local.release_nowait(response.connection)
             else:
-                await self.local.discard(response.connection)
+                response.connection.close()
         stream.send_end()
         if not stream.finished:
-            # Wait for the edge's END (the request body may still be flowing) so the
-            # stream closes cleanly rather than with a RESET.
-            with anyio.move_on_after(5):
-                while await stream.receive() is not None:
-                    pass
+            await self._await_end(stream)
+
+    async def _await_end(self, stream: Stream) -> None:
+        """Wait for the edge's END (the request body may still be flowing) so the stream closes
+        cleanly rather than with a RESET."""
+        with anyio.move_on_after(5):
+            while await stream.receive() is not None:
+                pass
 
     def _malformed(self, exc: MalformedResponse) -> str:
         """Log (rate-limited) a malformed response from the local service; the message for the visitor."""

@@ -39,7 +39,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import cast
+from typing import Protocol, cast
 
 import anyio
 import httptools
@@ -106,6 +106,18 @@ class LocalResponse:
         return self.connection.whole_body()
 
 
+class HeadListener(Protocol):
+    """Who is told, from the connection's callbacks, how a request sent by
+    ``LocalClient.request_nowait`` went: exactly one of the two methods is called, once."""
+
+    def head_read(self, response: LocalResponse) -> None:
+        """The final response head was read (and the body bytes that came with it parsed)."""
+
+    def head_failed(self, error: LocalError) -> None:
+        """No head: StaleConnection when the pooled connection was found closed before any byte
+        of answer (send the request again on a fresh one), else why; the connection is closed."""
+
+
 class _Connection(asyncio.Protocol):
     """One keep-alive connection: the bytes read but not yet used, and the current response's framing.
 
@@ -147,6 +159,12 @@ class _Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._drain: asyncio.Future[None] | None = None
         self._writing_paused = False
+        # Reading a head from the loop's callbacks (request_nowait): who is told, and the state
+        # that read_head keeps in locals.
+        self._head_listener: HeadListener | None = None
+        self._fed = 0
+        self._read: list[bytes] = []
+        self._rescuing = False
 
     # -- asyncio.Protocol callbacks --------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -156,6 +174,9 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        if self._head_listener is not None:
+            self._head_received(data)
+            return
         self._received.append(data)
         self._received_size += len(data)
         if self._received_size > READ_HIGH_WATER and not self._reading_paused:
@@ -166,12 +187,16 @@ class _Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self._eof = True
+        if self._head_listener is not None:
+            self._head_failed(self._head_cut())
         self._wake()
         return False  # let the transport close itself
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._eof = True
         self._lost = exc
+        if self._head_listener is not None:
+            self._head_failed(self._head_cut())
         self._wake()
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
@@ -360,6 +385,16 @@ class _Connection(asyncio.Protocol):
     # -- the response head ---------------------------------------------------------------
     async def read_head(self, method: str, request_keep_alive: bool) -> tuple[int, list[tuple[bytes, bytes]]]:
         """Read a final response head (1xx are skipped) and set up the body framing."""
+        self._start_head(method, request_keep_alive)
+        while not self._head_done:
+            data = await self._receive()
+            if not data:
+                raise self._head_cut()
+            self._head_step(data)
+        return self._status, self._headers
+
+    def _start_head(self, method: str, request_keep_alive: bool) -> None:
+        """Get ready to read the head of the response to a request just sent."""
         if self._replace_parser:
             self._parser = _new_parser(self)
             self._replace_parser = False
@@ -371,42 +406,79 @@ class _Connection(asyncio.Protocol):
         self._informational = self._informational_count = 0
         self._remaining = -1
         self._body_error = None
-        fed = 0
-        read: list[bytes] = []  # kept for _normal_head while the final head is not read
-        rescuing = False
-        while not self._head_done:
-            data = await self._receive()
-            if not data:
-                if fed:
-                    raise LocalError("the local service closed the connection in the middle of a response head")
-                raise LocalError("the local service closed the connection without answering")
-            if not fed:
-                self._begins_http11 = data.startswith(b"HTTP/1.1 ")
-            fed += len(data)
-            read.append(data)
-            try:
-                if not rescuing:
-                    try:
-                        self._feed(data, rescue=True)
-                    except _Rescue:
-                        rescuing = True
-                if rescuing:
-                    # The head llhttp refused, whole (with the 1xx heads before it, which have no body).
-                    read = [b"".join(read)]
-                    if (head := _head_at(read[0], self._informational_count)) is not None:
-                        start, end = head
-                        # What llhttp reads from here on (a refusal of it is quoted from it).
-                        read = [read[0][:start] + _normal_head(read[0][start:end]) + read[0][end:]]
-                        self._parser = _new_parser(self)
-                        self._headers = []
-                        self._feed(read[0][start:])
-                        rescuing = False
-            except _Refused as exc:
-                raise self._refused(exc, b"".join(read)) from None
-            if fed > MAX_HEAD and not self._head_done:
-                # llhttp has no bound of its own, and httptools joins a header's pieces in memory.
-                raise MalformedResponse(f"response head larger than {MAX_HEAD} bytes")
-        return self._status, self._headers
+        self._fed = 0
+        self._read = []  # kept for _normal_head while the final head is not read
+        self._rescuing = False
+
+    def _head_step(self, data: bytes) -> None:
+        """Parse the next bytes read (not empty) while the final head is not read; raises
+        MalformedResponse. Sets ``_head_done`` once it is (the body bytes read with it parsed)."""
+        if not self._fed:
+            self._begins_http11 = data.startswith(b"HTTP/1.1 ")
+        self._fed += len(data)
+        read = self._read
+        read.append(data)
+        try:
+            if not self._rescuing:
+                try:
+                    self._feed(data, rescue=True)
+                except _Rescue:
+                    self._rescuing = True
+            if self._rescuing:
+                # The head llhttp refused, whole (with the 1xx heads before it, which have no body).
+                read[:] = [b"".join(read)]
+                if (head := _head_at(read[0], self._informational_count)) is not None:
+                    start, end = head
+                    # What llhttp reads from here on (a refusal of it is quoted from it).
+                    read[:] = [read[0][:start] + _normal_head(read[0][start:end]) + read[0][end:]]
+                    self._parser = _new_parser(self)
+                    self._headers = []
+                    self._feed(read[0][start:])
+                    self._rescuing = False
+        except _Refused as exc:
+            raise self._refused(exc, b"".join(read)) from None
+        if self._head_done:
+            self._read = []
+        elif self._fed > MAX_HEAD:
+            # llhttp has no bound of its own, and httptools joins a header's pieces in memory.
+            raise MalformedResponse(f"response head larger than {MAX_HEAD} bytes")
+
+    def _head_cut(self) -> LocalError:
+        """Why no head will come: the connection ended before (or in the middle of) it."""
+        if self._lost is not None:
+            return LocalError(f"connection lost while reading ({self._lost})")
+        if self._fed:
+            return LocalError("the local service closed the connection in the middle of a response head")
+        return LocalError("the local service closed the connection without answering")
+
+    # -- the head read from the loop's callbacks (request_nowait) ------------------------------
+    def _head_received(self, data: bytes) -> None:
+        self.received_any = True
+        try:
+            self._head_step(data)
+        except LocalError as exc:
+            self._head_failed(exc)
+            return
+        if self._head_done:
+            listener = self._head_listener
+            assert listener is not None
+            self._head_listener = None  # what comes next waits in _received for body()
+            listener.head_read(LocalResponse(self._status, self._headers, self))
+
+    def _head_failed(self, error: LocalError) -> None:
+        listener = self._head_listener
+        assert listener is not None
+        self._head_listener = None
+        self.close()
+        if not self.received_any and not isinstance(error, MalformedResponse):
+            # As request() decides for a pooled connection: closed before any byte of answer.
+            error = StaleConnection(str(error))
+        listener.head_failed(error)
+
+    def abandon(self) -> None:
+        """Close the connection and tell its head listener nothing more (the stream it served is gone)."""
+        self._head_listener = None
+        self.close()
 
     # -- the response body ---------------------------------------------------------------
     async def body(self) -> AsyncIterator[bytes]:
@@ -686,17 +758,49 @@ class LocalClient:
 
     async def release(self, conn: _Connection) -> None:
         """Return a connection whose exchange finished; reuse it if it can be reused."""
+        self.release_nowait(conn)
+
+    def release_nowait(self, conn: _Connection) -> None:
+        """``release`` as a plain call (closing a connection needs no waiting)."""
         if conn.reusable and len(self._idle) < self.max_idle:
             conn.reusable = False
             conn.idle_since = time.monotonic()
             conn.received_any = False
             self._idle.append(conn)
         else:
-            await conn.aclose()
+            conn.close()
 
     async def discard(self, conn: _Connection) -> None:
         """Close a connection whose exchange did not finish cleanly."""
         await conn.aclose()
+
+    def request_nowait(self, method: str, target: bytes, headers: list[tuple[bytes, bytes]],
+                       listener: HeadListener) -> _Connection | None:
+        """Send a request without a body on a pooled connection, without waiting: the head is
+        written now, and ``listener`` is called back from the connection's callbacks with the
+        response head (or why there is none). The connection, to ``abandon`` it should the
+        answer no longer be wanted; None when this cannot be done (no idle connection, or a head
+        that declares a body or cannot be sent): then use ``request``, which says why.
+
+        A plain call instead of ``request``'s coroutine: a task per request cost most of what the
+        agent spends on a small one (docs/benchmarks.md).
+        """
+        try:
+            head, framing, keep_alive = _request_head(method, target, headers)
+        except LocalError:
+            return None
+        if framing:
+            return None
+        conn = self._take_idle()
+        if conn is None:
+            return None
+        transport = conn.transport
+        assert transport is not None  # an idle connection that is not closing has one
+        conn._start_head(method, keep_alive)
+        conn._head_listener = listener
+        # No waiting for the write buffer to drain, as request() does: the head is all there is.
+        transport.write(head)
+        return conn
 
     async def request(self, method: str, target: bytes, headers: list[tuple[bytes, bytes]],
                       body: AsyncIterator[bytes] | None) -> LocalResponse:

@@ -248,6 +248,23 @@ class Stream:
             if last:
                 return
 
+    def send_data_nowait(self, data: bytes) -> bool:
+        """``send_data`` without waiting, for a sender without a task: all of ``data`` is queued
+        at once if ``credit`` covers it (True), else none of it (False). Unlike ``send_data`` it
+        does not wait for the session's queue to drain: the caller checks ``session.queued``."""
+        size = len(data)
+        if self._reset is not None or size > self._credit:
+            return False
+        self._credit -= size
+        immutable = type(data) is bytes  # as in send_data: large frames may keep a view of it
+        if size <= p.MAX_DATA_FRAME:
+            self.session.send_nowait(p.data_frame(self.id, data, 0, immutable))
+        else:
+            view = memoryview(data)
+            for offset in range(0, size, p.MAX_DATA_FRAME):
+                self.session.send_nowait(p.data_frame(self.id, view[offset : offset + p.MAX_DATA_FRAME], 0, immutable))
+        return True
+
     def send_end(self) -> None:
         """Half-close: no more DATA from this side."""
         if not self._local_ended and self._reset is None:

@@ -1,0 +1,317 @@
+"""Requests without a body, answered from the local connection's callbacks (no task; issue 13).
+
+The agent writes a bodyless request to an idle pooled connection from the REQUEST callback and
+sends the response back from that connection's read callback when it came whole with its head
+(``LocalForwarder.start``); anything else goes on in a task from where it was. Each test runs a
+real server, a real in-process agent and a raw local app that answers each request with exact
+bytes, and checks what the visitor gets, the agent's request line, whether the local connection was
+reused, and which path answered (``LocalForwarder.answered_without_task``). Every test runs on
+asyncio's loop and on uvloop's (the agent's default where installed), when uvloop is installed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import httpx
+import pytest
+
+from comzy.agent.forward import LocalForwarder
+from comzy.core.server import ServerContext
+from tests.conftest import RunningAgent, start_agent, start_server
+from tests.helpers import IN_CI, serve_tcp, wait_until
+from tests.test_inspector import inspected, requests
+
+pytestmark = pytest.mark.anyio
+
+try:
+    import uvloop  # noqa: F401 (only whether it is there)
+
+    LOOPS = ["asyncio", "uvloop"]
+except ImportError:
+    if IN_CI:  # the test extra installs it: CI must run the uvloop variants
+        raise
+    LOOPS = ["asyncio"]
+
+
+@pytest.fixture(params=LOOPS)
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
+    """Each test, its server and agent included, on asyncio's loop and on uvloop's."""
+    return "asyncio", {"use_uvloop": request.param == "uvloop"}
+
+#: A piece of an answer that closes the connection (without answering, if it comes first).
+CLOSE = b"<close>"
+#: A piece that keeps the connection open, unanswered, until the agent closes it.
+HOLD = b"<hold>"
+
+Answer = Callable[[int, int, bytes], list[bytes]]
+
+
+def ok(body: bytes = b"hello", extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-Local: yes\r\n%b\r\n%b" % (len(body), extra, body)
+
+
+class LocalApp:
+    """A raw HTTP/1.1 local app: ``answer(connection, request, head)`` (numbered from 1 on each
+    connection) gives the pieces each request gets, sent one by one with a pause between them."""
+
+    def __init__(self, answer: Answer) -> None:
+        self.answer = answer
+        self.connections = 0
+        self.heads: list[bytes] = []
+        #: Connections the agent closed while the app held a request unanswered.
+        self.dropped: list[int] = []
+
+    async def handle(self, client: anyio.abc.SocketStream) -> None:
+        self.connections += 1
+        number = self.connections
+        index = 0
+        buffer = b""
+        async with client:
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    try:
+                        buffer += await client.receive()
+                    except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                        return
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                index += 1
+                self.heads.append(head)
+                for piece in self.answer(number, index, head):
+                    if piece == CLOSE:
+                        return
+                    if piece == HOLD:
+                        try:
+                            while True:
+                                await client.receive()
+                        except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                            self.dropped.append(number)
+                            return
+                    await client.send(piece)
+                    await anyio.sleep(0.02)  # a read of its own on the agent's side
+
+
+@asynccontextmanager
+async def tunnel_to(tmp_path: Path, app: LocalApp) -> AsyncIterator[tuple[RunningAgent, httpx.AsyncClient]]:
+    """A server, an in-process agent for ``app`` and a visitor."""
+    async with start_server(tmp_path / "data") as server, serve_tcp(app.handle) as port, \
+            start_agent(server, port) as agent, agent.visitor() as visitor:
+        yield agent, visitor
+
+
+def forwarder(agent: RunningAgent) -> LocalForwarder:
+    return agent.agent.forwarder
+
+
+def always(*pieces: bytes) -> Answer:
+    return lambda _connection, _request, _head: list(pieces)
+
+
+async def test_a_small_answer_goes_back_without_a_task_on_a_pooled_connection(tmp_path: Path) -> None:
+    app = LocalApp(lambda connection, request, _head: [ok(b"reply %d.%d" % (connection, request))])
+    async with tunnel_to(tmp_path, app) as (agent, visitor):
+        answers = [await visitor.get(f"/page?n={n}", headers={"x-visitor": "1"}) for n in range(4)]
+        assert [a.text for a in answers] == ["reply 1.1", "reply 1.2", "reply 1.3", "reply 1.4"]
+        assert all(a.status_code == 200 and a.headers["x-local"] == "yes" for a in answers)
+        # The first request found no idle connection (a task connected); the others took it.
+        assert forwarder(agent).answered_without_task == 3
+        assert app.connections == 1
+        assert all(b"\r\nx-visitor: 1" in head for head in app.heads)
+        assert app.heads[3].startswith(b"GET /page?n=3 HTTP/1.1\r\n")
+        lines = agent.reporter.served
+        assert [(s.method, s.target, s.status, s.error) for s in lines] == \
+            [("GET", f"/page?n={n}", 200, None) for n in range(4)]
+        assert all(s.duration > 0 for s in lines)
+
+
+@pytest.mark.parametrize(("method", "answer", "status"), [
+    ("HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n", 200),
+    ("GET", b"HTTP/1.1 204 No Content\r\n\r\n", 204),
+    ("GET", b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\nContent-Length: 99\r\n\r\n", 304),
+])
+async def test_answers_without_a_body(tmp_path: Path, method: str, answer: bytes, status: int) -> None:
+    app = LocalApp(lambda _connection, request, _head: [ok(b"first")] if request == 1 else [answer])
+    async with tunnel_to(tmp_path, app) as (agent, visitor):
+        assert (await visitor.get("/")).text == "first"
+        for _ in range(2):
+            response = await visitor.request(method, "/nothing")
+            assert response.status_code == status
+            assert response.content == b""
+        assert forwarder(agent).answered_without_task == 2
+        assert app.connections == 1  # no body was waited for: the connection serves on
+        assert [s.status for s in agent.reporter.served] == [200, status, status]
+
+
+async def test_informational_answers_are_skipped(tmp_path: Path) -> None:
+    early = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+    app = LocalApp(lambda _connection, request, _head: [ok()] if request == 1 else [early + ok(b"after hints")])
+    async with tunnel_to(tmp_path, app) as (agent, visitor):
+        await visitor.get("/")
+        response = await visitor.get("/hinted")
+        assert (response.status_code, response.text) == (200, "after hints")
+        assert forwarder(agent).answered_without_task == 1
+        assert app.connections == 1
+
+
+async def test_chunked_answers_whole_or_in_pieces(tmp_path: Path) -> None:
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+    def answer(_connection: int, request: int, _head: bytes) -> list[bytes]:
+        if request == 2:  # all in one read: answered from the callback
+            return [chunked + b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n"]
+        if request == 3:  # the body in later reads: a task reads it
+            return [chunked + b"5\r\nhello\r\n", b"6\r\n world\r\n", b"0\r\n\r\n"]
+        return [ok()]
+
+    app = LocalApp(answer)
+    async with tunnel_to(tmp_path, app) as (agent, visitor):
+        await visitor.get("/")
+        assert (await visitor.get("/whole")).text == "hello world"
+        assert forwarder(agent).answered_without_task == 1
+        assert (await visitor.get("/pieces")).text == "hello world"
+        assert forwarder(agent).answered_without_task == 1
+        assert (await visitor.get("/after")).text == "hello"
+        assert forwarder(agent).answered_without_task == 2
+        assert app.connections == 1  # both chunked answers ended cleanly: the connection serves on
+
+
+async def test_an_answer_until_close_is_read_by_a_task_and_the_connection_not_reused(tmp_path: Path) -> None:
+    def answer(_connection: int, request: int, _head: bytes) -> list[bytes]:
+        if request == 2:
+            return [b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil ", b"the end", CLOSE]
+        return [ok()]
+
+    app = LocalApp(answer)
+    async with tunnel_to(tmp_path, app) as (agent, visitor):
+        await visitor.get("/")
+        assert (await visitor.get("/stream")).text == "until the end"
+        assert forwarder(agent).answered_without_task == 0
+        assert (await visitor.get("/next")).text == "hello"
+        assert app.connections == 2
+
+
+async def test_a_large_answer_keeps_its_flow_control(tmp_path: Path) -> None:
+    big = bytes(range(256)) * 4096 * 3  # 3 MiB: more than the stream's credit and several reads
+    app = LocalApp(lambda _connection, request, _head: [ok(big)] if request == 2 else [ok()])
+    async with tunnel_to(tmp_path, app) as (agent, visitor):
+        await visitor.get("/")
+        async with visitor.stream("GET", "/big") as response:
+            got = bytearray()
+            async for chunk in response.aiter_bytes():
+                got += chunk
+                if len(got) < 1024 * 1024:
+                    await anyio.sleep(0.001)  # a slow visitor for the first MiB
+        assert bytes(got) == big
+        assert forwarder(agent).answered_without_task == 0
+        assert (await visitor.get("/next")).text == "hello"
+        assert app.connections == 1  # the whole body was read: the connection serves on
+
+
+async def test_a_pooled_connection_closed_before_answering_is_retried_on_a_fresh_one(tmp_path: Path) -> None:
+    # The local app closes its idle keep-alive connection just as the next request comes (Node
+    # does after 5 s): the request goes again on a new connection, and the visitor never knows.
+    app = LocalApp(lambda connection, request, _head: [CLOSE] if request == 2 else [ok(b"conn %d" % connection)])
+    async with tunnel_to(tmp_path, app) as (agent, visitor):
+        assert (await visitor.get("/")).text == "conn 1"
+        response = await visitor.get("/again")
+        assert (response.status_code, response.text) == (200, "conn 2")
+        assert app.connections == 2
+        assert [head.split(b"\r\n")[0] for head in app.heads] == \
+            [b"GET / HTTP/1.1", b"GET /again HTTP/1.1", b"GET /again HTTP/1.1"]
+        assert [(s.status, s.error) for s in agent.reporter.served] == [(200, None), (200, None)]
+
+
+async def test_a_malformed_answer_on_a_pooled_connection_is_a_502_and_the_connection_closed(
+        tmp_path: Path) -> None:
+    bad = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"
+    app = LocalApp(lambda connection, request, _head: [bad] if (connection, request) == (1, 2)
+                   else [ok(b"conn %d" % connection)])
+    async with tunnel_to(tmp_path, app) as (agent, visitor):
+        await visitor.get("/")
+        response = await visitor.get("/bad")
+        assert response.status_code == 502
+        assert "sent a malformed response: conflicting Content-Length values 5 and 6" in response.text
+        assert (await visitor.get("/next")).text == "conn 2"
+        served = agent.reporter.served[1]
+        assert served.status == 502 and served.error is not None and "conflicting Content-Length" in served.error
+
+
+async def test_a_head_cut_short_on_a_pooled_connection_is_a_502(tmp_path: Path) -> None:
+    app = LocalApp(lambda connection, request, _head: [b"HTTP/1.1 200 OK\r\nContent-", CLOSE]
+                   if (connection, request) == (1, 2) else [ok()])
+    async with tunnel_to(tmp_path, app) as (agent, visitor):
+        await visitor.get("/")
+        response = await visitor.get("/cut")
+        assert response.status_code == 502
+        assert "failed: the local service closed the connection in the middle of a response head" in response.text
+        assert agent.reporter.served[1].status == 502
+        assert app.connections == 1  # not retried: the local app had begun to answer
+        assert (await visitor.get("/next")).status_code == 200
+
+
+async def test_the_local_connection_is_closed_when_the_visitor_leaves(tmp_path: Path) -> None:
+    app = LocalApp(lambda connection, request, _head: [HOLD] if (connection, request) == (1, 2) else [ok()])
+    async with tunnel_to(tmp_path, app) as (agent, visitor):
+        await visitor.get("/")
+        with pytest.raises(httpx.ReadTimeout):
+            await visitor.get("/slow", timeout=0.5)
+        # The server resets the stream; the agent closes the local connection at once instead of
+        # waiting for an answer that would go nowhere, and never reuses it.
+        await wait_until(lambda: app.dropped == [1])
+        await wait_until(lambda: len(agent.reporter.served) == 2)
+        served = agent.reporter.served[1]
+        assert served.target == "/slow" and served.status == 0
+        assert served.error is not None and "stream reset" in served.error
+        assert (await visitor.get("/next")).status_code == 200
+        assert app.connections == 2
+
+
+async def test_the_local_connection_is_closed_when_the_session_ends(tmp_path: Path) -> None:
+    app = LocalApp(lambda connection, request, _head: [HOLD] if (connection, request) == (1, 2) else [ok()])
+    async with start_server(tmp_path / "data") as server, serve_tcp(app.handle) as port, \
+            start_agent(server, port) as agent, agent.visitor() as visitor:
+        await visitor.get("/")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(visitor.get, "/held")
+            await wait_until(lambda: len(app.heads) == 2)
+            await agent.agent.close()
+            await wait_until(lambda: app.dropped == [1])
+            tg.cancel_scope.cancel()
+        await wait_until(lambda: len(agent.reporter.served) == 2)
+        assert agent.reporter.served[1].error is not None
+
+
+async def test_the_inspector_records_answers_sent_from_callbacks(server: ServerContext) -> None:
+    app = LocalApp(lambda _connection, request, _head: [ok(b"answer %d" % request, b"X-Two: 2\r\n")])
+    async with serve_tcp(app.handle) as port, inspected(server, port) as (agent, api), \
+            agent.visitor() as visitor:
+        await visitor.get("/one")
+        await visitor.get("/two?q=1", headers={"x-asked": "yes"})
+        assert forwarder(agent).answered_without_task == 1
+        listed = await requests(api)
+        assert [e["request"]["uri"] for e in listed] == ["/two?q=1", "/one"]
+        two = listed[0]
+        assert two["done"] is True and two["duration"] > 0
+        assert two["request"]["method"] == "GET" and two["request"]["headers"]["X-Asked"] == ["yes"]
+        assert two["request"]["body_size"] == 0
+        assert two["response"]["status_code"] == 200
+        assert two["response"]["headers"]["X-Two"] == ["2"]
+        assert two["response"]["body_size"] == len(b"answer 2")
+
+
+async def test_an_answer_read_whole_but_beyond_the_credit_waits_for_it(tmp_path: Path) -> None:
+    # The server lets the agent send 64 KiB on a stream before it grants more: a 100 KB answer
+    # that came in one read cannot all go at once, so a task sends it as credit comes.
+    body = bytes(range(256)) * 400
+    app = LocalApp(lambda _connection, request, _head: [ok(body)] if request == 2 else [ok()])
+    async with start_server(tmp_path / "data", stream_window=65536) as server, serve_tcp(app.handle) as port, \
+            start_agent(server, port) as agent, agent.visitor() as visitor:
+        await visitor.get("/")
+        assert (await visitor.get("/100k")).content == body
+        assert forwarder(agent).answered_without_task == 0
+        assert app.connections == 1
