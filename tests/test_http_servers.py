@@ -31,6 +31,7 @@ pytestmark = pytest.mark.anyio
 SERVERS = [
     "hypercorn",
     "uvicorn",
+    "uvicorn-direct",
 ]
 
 
@@ -187,7 +188,7 @@ async def test_two_host_headers_or_none_are_400_before_routing(tmp_path: Path, u
         answer = await raw_answer(server.ports.http, request)
     assert answer.startswith(b"HTTP/1.1 400 "), answer[:300]
     _, _, body = answer.partition(b"\r\n\r\n")
-    if kind == "uvicorn" and b"Upgrade" not in headers:
+    if kind.startswith("uvicorn") and b"Upgrade" not in headers:
         # comzy's own check (OneHostOnly) says why; hypercorn's h11 and wsproto answer with no body.
         assert why in body, answer
     assert upstream.requests == []
@@ -246,4 +247,4 @@ def test_an_unknown_server_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COMZY_HTTP_SERVER", "granian")
     with pytest.raises(ValidationError) as info:
         ServerSettings(_env_file=None)
-    assert "'hypercorn' or 'uvicorn'" in explain_validation_error(ServerSettings, info.value)
+    assert "'hypercorn', 'uvicorn' or 'uvicorn-direct'" in explain_validation_error(ServerSettings, info.value)

@@ -72,7 +72,7 @@ async def test_absolute_form_target_reaches_the_app_in_origin_form(
         tunnel: RunningAgent, target: bytes, path: str, query: str) -> None:
     request = b"GET " + target + b" HTTP/1.1\r\nHost: " + host_of(tunnel).encode() + b"\r\nConnection: close\r\n\r\n"
     answer = await raw_request(tunnel.public, request)
-    if HTTP_SERVER == "uvicorn" and path == "/" and not target.endswith(b"/"):
+    if HTTP_SERVER.startswith("uvicorn") and path == "/" and not target.endswith(b"/"):
         # httptools refuses an absolute-form target without a path: refused is safe too.
         assert answer.startswith(b"HTTP/1.1 400 "), answer[:300]
         return

@@ -9,6 +9,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import httptools
 
 from comzy.core import protocol as p
 from comzy.core.asgi import HTML, Receive, Scope, Send, lifespan, respond
@@ -24,7 +25,7 @@ from comzy.core.headers import (
     request_origin,
     strip_hop_by_hop,
 )
-from comzy.core.http_servers import DISCONNECT_WATCH, DisconnectWatch, ResponseAborted
+from comzy.core.http_servers import DISCONNECT_WATCH, DisconnectWatch, PlainExchange, ResponseAborted
 from comzy.core.logs import RateLimitedLog
 from comzy.core.registry import Entry
 from comzy.core.session import Session, SessionClosed
@@ -64,6 +65,58 @@ class EdgeApp:
         self.hooks = server.hooks
         # A misconfigured node refuses every visitor of a protected tunnel: one line a minute says so.
         self._unenforced_log = RateLimitedLog(log, interval=60.0, level=logging.ERROR)
+        # serve_plain takes requests only when no hook may await before the response is written:
+        # plugins are fixed once the server runs, so this is read once.
+        self._plain = not (server.hooks.has_before_forward or server.hooks.has_before_response)
+
+    def serve_plain(self, conn: Any, method: str, url: bytes, headers: list[tuple[bytes, bytes]], http_version: str,
+                    keep_alive: bool) -> PlainExchange | None:
+        """Serve a bodyless HTTP/1.x request to a tunnel of this node without ASGI and without a task
+        (``PlainServe``, uvicorn only): the REQUEST goes out now, and the response is written to the
+        visitor from the stream's events (:class:`_Taskless`). None (the ASGI app serves it, as
+        before) for everything else: a body, a Host not exactly one, no tunnel here (404, cluster
+        routes), 431, 502, 503, a hook that may await (before_forward, before_response).
+
+        Nothing is written or sent before the answer is known, so a refusal here changes nothing.
+        """
+        if not self._plain:
+            return None
+        hosts = 0
+        for name, _ in headers:
+            if name == b"host":
+                hosts += 1
+            elif name == b"content-length" or name == b"transfer-encoding":
+                try:
+                    if announces_body(headers):
+                        return None
+                except FramingError:
+                    return None
+        if hosts != 1:
+            return None  # OneHostOnly's 400
+        try:
+            parsed = httptools.parse_url(url)  # as uvicorn splits it for the scope
+        except httptools.HttpParserInvalidURLError:
+            return None
+        target = origin_form(parsed.path or b"")
+        if parsed.query:
+            target = target + b"?" + parsed.query
+        client = conn.client
+        request, entry, _ = self._request(headers, target, method, client[0] if client else "",
+                                          "https" if conn.scheme == "https" else "http", False)
+        if entry is None or self._head_too_large(headers, request) is not None:
+            return None
+        tunnel, session = entry.tunnel, entry.session
+        if tunnel.policies and self._unenforced(tunnel) is not None:
+            return None
+        if self._busy(session, tunnel) is not None:
+            return None
+        head = p.RequestHead(request.method, request.target, request.headers, request.client,
+                             request.scheme, http_version, has_body=False, tunnel=tunnel.name)
+        try:
+            stream = _open(session, None, head)
+        except SessionClosed:
+            return None
+        return _Taskless(self, conn, stream, request, tunnel, keep_alive)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -76,16 +129,19 @@ class EdgeApp:
 
     # -- routing shared by HTTP and WebSocket --------------------------------------
     def _forward_request(self, scope: Scope, websocket: bool) -> tuple[ForwardRequest, Entry | None, str]:
-        headers: list[tuple[bytes, bytes]] = scope["headers"]
         target = origin_form(scope.get("raw_path") or scope["path"].encode())
-        host = host_of(headers)
-        alias = self.hooks.resolve_host(host, self.server) if host else None
-        entry = self.server.registry.get(alias) if alias else None
         if scope.get("query_string"):
             target = target + b"?" + scope["query_string"]
         client = scope.get("client")
-        client_ip = client[0] if client else ""
-        scheme = "https" if scope.get("scheme") in ("https", "wss") else "http"
+        return self._request(scope["headers"], target, scope.get("method", "GET"), client[0] if client else "",
+                             "https" if scope.get("scheme") in ("https", "wss") else "http", websocket)
+
+    def _request(self, headers: list[tuple[bytes, bytes]], target: bytes, method: str, client_ip: str, scheme: str,
+                 websocket: bool) -> tuple[ForwardRequest, Entry | None, str]:
+        """The request to forward, the local tunnel its Host names (None: not here) and that host."""
+        host = host_of(headers)
+        alias = self.hooks.resolve_host(host, self.server) if host else None
+        entry = self.server.registry.get(alias) if alias else None
         forwarded = strip_hop_by_hop(headers, WS_HANDSHAKE if websocket else frozenset())
         networks = self.settings.trusted_networks
         # Behind a trusted proxy, plugins, logs, the dashboard and the app see the visitor's address
@@ -101,7 +157,7 @@ class EdgeApp:
             client_ip, scheme = origin.client, origin.scheme
         request = ForwardRequest(
             alias=alias or "",
-            method=scope.get("method", "GET"),
+            method=method,
             target=target,
             headers=forwarded,
             host=host,
@@ -132,7 +188,7 @@ class EdgeApp:
             if route is None:
                 return  # answered: 404, 502 or 504
             entry = route
-        too_large = self._head_too_large(scope, request)
+        too_large = self._head_too_large(scope["headers"], request)
         if too_large is not None:
             await respond(send, 431, too_large, headers=CLOSE)
             return
@@ -217,9 +273,9 @@ class EdgeApp:
         return (f"Tunnel {tunnel.alias} has a policy this server cannot enforce (the {', '.join(missing)} plugin is "
                 "not enabled on it); the request was refused rather than passed on unprotected.\n")
 
-    def _head_too_large(self, scope: Scope, request: ForwardRequest) -> str | None:
+    def _head_too_large(self, headers: list[tuple[bytes, bytes]], request: ForwardRequest) -> str | None:
         """Why a request head is refused with 431 (None: it fits COMZY_MAX_REQUEST_HEAD)."""
-        head_size = len(request.target) + sum(len(n) + len(v) + 4 for n, v in scope["headers"])
+        head_size = len(request.target) + sum(len(n) + len(v) + 4 for n, v in headers)
         if head_size > self.settings.max_request_head:
             return f"Request head of {head_size} bytes exceeds the limit of {self.settings.max_request_head}.\n"
         return None
@@ -460,7 +516,7 @@ class EdgeApp:
             if route is None:
                 return  # answered: 404, 502 or 504
             entry = route
-        too_large = self._head_too_large(scope, request)
+        too_large = self._head_too_large(scope["headers"], request)
         if too_large is not None:
             await respond(send, 431, too_large, scope=scope)
             return
@@ -656,6 +712,138 @@ class _Exchange:
         self.error: str | None = None
         #: The request and tunnel for the before_response hooks (None: no plugin implements it).
         self.hooked: tuple[ForwardRequest, Tunnel] | None = None
+
+
+class _Taskless(PlainExchange):
+    """A bodyless request's exchange driven by its stream's events (``Stream.on_event``) and its
+    connection's (``visitor_left``, ``writable``): no task, no ASGI messages. It keeps what
+    ``EdgeApp.http`` does for the same request on the ASGI path: the response timeout (504), a
+    reset before the head (502) or after it (the connection is closed, never a truncated response
+    marked complete), the visitor leaving (RESET CANCEL), the response's backpressure (the stream
+    is not read while the visitor's connection is paused, so its window holds the agent back),
+    and ``_finish``'s bookkeeping with after_response (called at once when its implementations
+    are plain functions, as the built-in ones are).
+    """
+
+    __slots__ = ("done", "edge", "request", "started", "state", "stream", "timer", "tunnel")
+
+    def __init__(self, edge: EdgeApp, conn: Any, stream: Stream, request: ForwardRequest, tunnel: Tunnel,
+                 keep_alive: bool) -> None:
+        super().__init__(conn, request.method, keep_alive)
+        self.edge = edge
+        self.stream = stream
+        self.request = request
+        self.tunnel = tunnel
+        self.started = time.time()
+        self.state = _Exchange()
+        self.state.request_done = True
+        self.done = False
+        # END goes with REQUEST in one link message, as on the ASGI path.
+        stream.send_end()
+        tunnel.stream_opened(False)  # back down in _finish
+        stream.on_event = self._on_event
+        self.timer = asyncio.get_running_loop().call_later(edge.settings.response_timeout, self._timed_out)
+
+    def _on_event(self) -> None:
+        """The stream changed (head, data, end, credit, reset): move the response on. Runs in the
+        session's reader, which must not see an exception."""
+        try:
+            self._advance()
+        except Exception:
+            log.exception("serving a request without a task failed; closing the visitor's connection")
+            if not self.done:
+                self.abort_response("")
+                self._finish()
+
+    def writable(self) -> None:
+        """The visitor's connection takes data again: read on."""
+        if not self.done:
+            self._on_event()
+
+    def _advance(self) -> None:
+        if self.done:
+            return
+        stream, state = self.stream, self.state
+        if not state.started:
+            head = stream.head
+            if head is None:
+                if stream.reset_error is not None:
+                    self._failed_before_head(stream.reset_error)
+                return  # credit: nothing to do before the head
+            self.timer.cancel()
+            assert isinstance(head, p.ResponseHead)
+            state.status = head.status
+            state.started = True
+            if not self.start_response(head.status, strip_hop_by_hop(head.headers)):
+                self._finish()
+                return
+        while not self.write_paused:
+            data = stream.receive_nowait(COALESCE_BODY)
+            if data is None:
+                if stream.remote_ended:
+                    # As on the ASGI path: the exchange is complete once the end is written.
+                    state.complete = True
+                    self.end_response()
+                    self._finish()
+                elif stream.reset_error is not None:
+                    # Closing is the only honest end: a clean finish would tell the visitor a
+                    # truncated body was complete (ResponseAborted on the ASGI path).
+                    state.error = stream.reset_error.message
+                    self.abort_response(state.error)
+                    self._finish()
+                return
+            state.bytes_out += len(data)
+            if not self.send_body(data):
+                self._finish()
+                return
+
+    def _failed_before_head(self, error: StreamReset) -> None:
+        self.state.error = error.message
+        self.state.status = 502
+        self.respond(502, f"The tunnel failed before a response: {error.message}\n")
+        self._finish()
+
+    def _timed_out(self) -> None:
+        if self.done or self.state.started:
+            return
+        stream, state = self.stream, self.state
+        stream.on_event = None  # the reset below is ours
+        stream.reset(p.ResetCode.CANCEL, "response timeout")
+        state.status = 504
+        state.error = "response timeout"
+        self.respond(504, f"The local service did not answer within {self.edge.settings.response_timeout:g} s.\n")
+        self._finish()
+
+    def visitor_left(self) -> None:
+        """The visitor disconnected before the response was complete: reset the stream."""
+        if self.done:
+            return
+        state = self.state
+        state.visitor_gone = True
+        state.error = state.error or "visitor disconnected"
+        self.stream.on_event = None
+        self.stream.reset(p.ResetCode.CANCEL, "visitor disconnected")
+        self._finish()
+
+    def _finish(self) -> None:
+        """``EdgeApp._finish`` for this exchange: release the stream, count it, tell after_response."""
+        if self.done:
+            return
+        self.done = True
+        self.timer.cancel()
+        stream, state, edge = self.stream, self.state, self.edge
+        stream.on_event = None
+        stream.close()
+        self.tunnel.stream_finished(False, state.bytes_in, state.bytes_out)
+        if edge.hooks.has_after_response:
+            exchange = Exchange(self.request, self.tunnel, state.status, state.bytes_in, state.bytes_out,
+                                self.started, time.time() - self.started, state.error)
+            task = edge.hooks.after_response_soon(exchange, edge.server)
+            if task is not None:
+                # Counted with uvicorn's request tasks: a graceful stop waits for it as for them.
+                tasks = self.conn.tasks
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
 
 
 class _BeforeHead(Exception):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import time
@@ -73,6 +74,9 @@ class HookRunner:
         self._after_response = list(reversed(after_response))
         #: before_forward's implementations in calling order, read once for the same reason.
         self._before_forward = list(reversed(pm.hook.before_forward.get_hookimpls()))
+        #: Whether any plugin checks requests before they are forwarded (the edge serves a request
+        #: without a task only when none does: the hook may await).
+        self.has_before_forward = bool(self._before_forward)
         before_response = pm.hook.before_response.get_hookimpls()
         #: Whether any plugin edits response heads: the edge skips the hook's call otherwise.
         self.has_before_response = bool(before_response)
@@ -293,6 +297,33 @@ class HookRunner:
         """
         await self._call_logged("after_response", {"exchange": exchange, "server": server},
                                 impls=self._after_response, shield=True)
+
+    def after_response_soon(self, exchange: Any, server: Any) -> asyncio.Task[None] | None:
+        """``after_response`` for a caller without a task (the edge's taskless path): the plain
+        implementations are called now, in order; from the first one that returns something to
+        await, the rest runs in a task, which is returned (None: all done). Errors are logged, never
+        raised, as in ``after_response``; a task has no canceller but the loop's end."""
+        if self.trace:
+            return asyncio.get_running_loop().create_task(self.after_response(exchange, server))
+        kwargs = {"exchange": exchange, "server": server}
+        impls = self._after_response
+        for index, impl in enumerate(impls):
+            try:
+                result = impl.function(*[kwargs[arg] for arg in impl.argnames])
+            except Exception:
+                log.exception("plugin %s failed in after_response (traffic unaffected)", impl.plugin_name)
+                continue
+            if result is not None and inspect.isawaitable(result):
+                return asyncio.get_running_loop().create_task(
+                    self._after_response_rest(impl.plugin_name, result, kwargs, impls[index + 1:]))
+        return None
+
+    async def _after_response_rest(self, plugin: str, pending: Any, kwargs: dict[str, Any], rest: list[Any]) -> None:
+        try:
+            await pending
+        except Exception:
+            log.exception("plugin %s failed in after_response (traffic unaffected)", plugin)
+        await self._call_logged("after_response", kwargs, impls=rest, shield=True)
 
     async def on_connect(self, tunnel: Any, server: Any) -> None:
         """Run every on_connect impl; errors are logged, never raised."""

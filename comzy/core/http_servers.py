@@ -16,8 +16,10 @@ does not check) through OneHostOnly, a thin wrapper around the app.
 from __future__ import annotations
 
 import asyncio
+import http
 import importlib.util
 import logging
+import re
 import socket
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -26,13 +28,16 @@ import anyio
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config
 
-from comzy.core.asgi import App, Receive, Scope, Send, respond
+from comzy.core.asgi import TEXT, App, Receive, Scope, Send, respond
 
-HTTP_SERVERS = ("hypercorn", "uvicorn")
+HTTP_SERVERS = ("hypercorn", "uvicorn", "uvicorn-direct")
+
+log = logging.getLogger("comzy.http")
 
 #: The modules each server needs. Both are dependencies of comzy; they are checked anyway, so that
 #: an install that lost one (a hand-pruned image, a broken venv) fails at start-up in one line.
-_REQUIRES = {"uvicorn": ("uvicorn", "httptools"), "hypercorn": ("hypercorn",)}
+_REQUIRES = {"uvicorn": ("uvicorn", "httptools"), "uvicorn-direct": ("uvicorn", "httptools"),
+             "hypercorn": ("hypercorn",)}
 
 
 class ResponseAborted(Exception):
@@ -80,8 +85,9 @@ def missing_requirement(kind: str) -> str | None:
 async def serve(kind: str, app: Any, config: Config, stop: anyio.Event) -> None:
     """Serve ``app`` on the socket ``config.bind`` names (``fd://N``) until ``stop`` is set."""
     quiet_aborts()
-    if kind == "uvicorn":
-        await _serve_uvicorn(app, config, stop)
+    if kind in ("uvicorn", "uvicorn-direct"):
+        # uvicorn-direct: the app serves what it can without ASGI (PlainServe, the app's serve_plain).
+        await _serve_uvicorn(app, config, stop, getattr(app, "serve_plain", None) if kind == "uvicorn-direct" else None)
     else:
         await hypercorn_serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
 
@@ -92,14 +98,14 @@ def _bound_fd(config: Config) -> int:
 
 # -- uvicorn -------------------------------------------------------------------------------------
 
-async def _serve_uvicorn(app: Any, config: Config, stop: anyio.Event) -> None:
+async def _serve_uvicorn(app: Any, config: Config, stop: anyio.Event, plain: PlainServe | None = None) -> None:
     import uvicorn
 
     grace = config.graceful_timeout
     server = uvicorn.Server(uvicorn.Config(
         OneHostOnly(app),
         loop="none",  # run on the caller's loop
-        http=_bounded_head_protocol(config.h11_max_incomplete_size),
+        http=_bounded_head_protocol(config.h11_max_incomplete_size, plain),
         # wsproto (a core dependency, as in hypercorn) reports a visitor's close code and
         # supports the websocket.http.response extension the edge uses to refuse upgrades.
         ws="wsproto",
@@ -138,8 +144,9 @@ async def _serve_uvicorn(app: Any, config: Config, stop: anyio.Event) -> None:
             tg.cancel_scope.cancel()
 
 
-def _bounded_head_protocol(limit: int) -> type:
-    """uvicorn's httptools protocol with a bound on request heads, which httptools lacks."""
+def _bounded_head_protocol(limit: int, plain: PlainServe | None = None) -> type:
+    """uvicorn's httptools protocol with a bound on request heads, which httptools lacks, and
+    (``plain``) the app's own handling of plain requests without ASGI (see :data:`PlainServe`)."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     class BoundedHeadProtocol(HttpToolsProtocol):
@@ -155,6 +162,9 @@ def _bounded_head_protocol(limit: int) -> type:
         head_bytes = 0
         #: The watch of the newest request's scope (uvicorn tells only that request of a disconnect).
         watch: DisconnectWatch | None = None
+        #: The request ``plain`` serves, while its response is unfinished (it may no longer be the
+        #: newest: a pipelined request queued behind it is uvicorn's ``cycle`` then).
+        plain_exchange: PlainExchange | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -183,6 +193,28 @@ def _bounded_head_protocol(limit: int) -> type:
         def on_headers_complete(self) -> None:
             self.in_head = False
             cycle = self.cycle
+            # Offered to the app first: a request that is not an upgrade (nor CONNECT) and has no
+            # request before it still answering (a pipelined one queues as uvicorn queues it).
+            # url: origin-form only; uvicorn's own path handles whatever else it may meet.
+            if plain is not None and (cycle is None or cycle.response_complete) and self.url[:1] == b"/" \
+                    and not self.parser.should_upgrade():
+                version = self.parser.get_http_version()
+                if version == "1.1" or version == "1.0":
+                    # keep_alive exactly as uvicorn's cycle decides it (HTTP/1.0: never).
+                    method = self.parser.get_method().decode("ascii")
+                    keep_alive = version != "1.0" and self.parser.should_keep_alive()
+                    try:
+                        exchange = plain(self, method, self.url, self.headers, version, keep_alive)
+                    except Exception:
+                        # A plugin's resolve_host failed, say: uvicorn's answer to an app's exception.
+                        log.exception("Exception while serving a request; answering 500")
+                        exchange = PlainExchange(self, method, keep_alive)
+                        self.cycle = exchange  # type: ignore[assignment]
+                        exchange.internal_error()
+                        return
+                    if exchange is not None:
+                        self.cycle = self.plain_exchange = exchange  # type: ignore[assignment]
+                        return
             super().on_headers_complete()
             if self.cycle is not cycle:  # a request to serve (not an upgrade): it may watch the connection
                 self.watch = DisconnectWatch()
@@ -198,11 +230,22 @@ def _bounded_head_protocol(limit: int) -> type:
             super().on_response_complete()
 
         def connection_lost(self, exc: Exception | None) -> None:
-            cycle, watch = self.cycle, self.watch
+            cycle, watch, exchange = self.cycle, self.watch, self.plain_exchange
             super().connection_lost(exc)
             # As uvicorn's receive() would report it: only while the request's response is unfinished.
             if watch is not None and watch.callback is not None and cycle is not None and cycle.disconnected:
                 watch.callback()
+            if exchange is not None:
+                self.plain_exchange = None
+                exchange.visitor_left()
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            if self.plain_exchange is not None:
+                # Not from here: the transport calls this in the middle of its own write, and a
+                # response that ends (and closes the connection) from inside it would have the
+                # transport report the connection lost twice (asyncio's _write_ready).
+                self.loop.call_soon(self.plain_exchange.writable)
 
     return BoundedHeadProtocol
 
@@ -226,6 +269,180 @@ class DisconnectWatch:
 
     def __init__(self) -> None:
         self.callback: Callable[[], None] | None = None
+
+
+#: A status line per status, as uvicorn writes it ("HTTP/1.1 200 OK"), for :class:`PlainExchange`.
+_STATUS_LINES: dict[int, bytes] = {}
+#: What uvicorn refuses in a response header's name and value (it closes the connection instead).
+_BAD_NAME = re.compile(b'[\x00-\x1f\x7f()<>@,;:\\[\\]={} \t\\\\"]')
+_BAD_VALUE = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        try:
+            phrase = http.HTTPStatus(status).phrase.encode()
+        except ValueError:
+            phrase = b""
+        line = _STATUS_LINES[status] = b"HTTP/1.1 %d %s\r\n" % (status, phrase)
+    return line
+
+
+class _NoEvent:
+    """uvicorn sets its cycle's ``message_event`` when the request ends or the visitor leaves; a
+    plain exchange has nobody waiting on it."""
+
+    __slots__ = ()
+
+    def set(self) -> None:
+        """Nothing waits."""
+
+
+_NO_EVENT = _NoEvent()
+
+
+class PlainExchange:
+    """One request the app serves on the connection's protocol itself, without ASGI: no scope, no
+    message dicts, no task (``PlainServe``). It stands where uvicorn keeps its request's cycle, so
+    uvicorn's protocol (keep-alive, pipelining, graceful stop, disconnects) sees what it expects,
+    and writes the response exactly as uvicorn's cycle frames one (status line, headers checked
+    the same way, ``connection: close`` when not kept alive, chunked without a Content-Length, no
+    body for HEAD, 204 or 304, a body longer or shorter than its Content-Length closes the
+    connection). The subclass is told :meth:`visitor_left` and :meth:`writable`.
+    """
+
+    __slots__ = ("body", "chunked", "conn", "disconnected", "head_only", "keep_alive", "message_event",
+                 "more_body", "remaining", "response_complete", "response_started")
+
+    def __init__(self, conn: Any, method: str, keep_alive: bool) -> None:
+        # What uvicorn's protocol reads and writes on its cycle:
+        self.response_complete = False
+        self.disconnected = False
+        self.keep_alive = keep_alive  # uvicorn's shutdown() clears it: the connection closes after
+        self.message_event = _NO_EVENT
+        self.body = bytearray()  # only for an unexpected body, which nobody reads
+        self.more_body = True
+        # The response's framing:
+        self.conn = conn
+        self.head_only = method == "HEAD"
+        self.response_started = False
+        self.chunked: bool | None = None
+        self.remaining = 0
+
+    @property
+    def write_paused(self) -> bool:
+        """Whether the visitor's connection holds enough unsent data: wait for :meth:`writable`."""
+        return bool(self.conn.flow.write_paused)
+
+    def start_response(self, status: int, headers: list[tuple[bytes, bytes]]) -> bool:
+        """Write the head; False when the connection was closed instead (a header uvicorn refuses)."""
+        self.response_started = True
+        content = [_status_line(status)]
+        closing = False
+        defaults = self.conn.server_state.default_headers  # none: comzy turns Server and Date off
+        if defaults:
+            headers = defaults + headers
+        # uvicorn's checks, in two searches over all names and all values (one per header each
+        # cost ~1 µs per response): joined by a byte each allows ("-" in names, tab in values).
+        if _BAD_NAME.search(b"-".join([name for name, _ in headers])) or \
+                _BAD_VALUE.search(b"\t".join([value for _, value in headers])):
+            self.abort_response("invalid HTTP header in the response")
+            return False
+        try:
+            for name, value in headers:
+                name = name.lower()
+                if name == b"content-length" and self.chunked is None:
+                    self.remaining = int(value.decode())
+                    self.chunked = False
+                elif name == b"transfer-encoding" and value.lower() == b"chunked":
+                    self.remaining = 0
+                    self.chunked = True
+                elif name == b"connection" and b"close" in [t.lower().strip() for t in value.split(b",")]:
+                    self.keep_alive = False
+                    closing = True
+                content += (name, b": ", value, b"\r\n")
+        except (ValueError, UnicodeDecodeError) as exc:
+            self.abort_response(f"bad response head: {exc}")
+            return False
+        if not self.keep_alive and not closing:
+            content.append(b"connection: close\r\n")
+        if self.chunked is None and not self.head_only and status not in (204, 304):
+            self.chunked = True
+            content.append(b"transfer-encoding: chunked\r\n")
+        content.append(b"\r\n")
+        self.conn.transport.write(b"".join(content))
+        return True
+
+    def send_body(self, data: bytes) -> bool:
+        """Write body bytes; False when the connection was closed instead (past Content-Length)."""
+        if self.head_only:
+            self.remaining = 0
+        elif self.chunked:
+            if data:
+                self.conn.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+        else:
+            if len(data) > self.remaining:
+                self.abort_response("response content longer than Content-Length")
+                return False
+            self.remaining -= len(data)
+            self.conn.transport.write(data)
+        return True
+
+    def end_response(self) -> bool:
+        """End the response (the connection stays open for the next request if kept alive); False
+        when the connection was closed instead (shorter than its Content-Length)."""
+        if self.head_only:
+            self.remaining = 0
+        elif self.chunked:
+            self.conn.transport.write(b"0\r\n\r\n")
+        if self.remaining != 0:
+            self.abort_response("response content shorter than Content-Length")
+            return False
+        self.response_complete = True
+        conn = self.conn
+        if conn.plain_exchange is self:
+            conn.plain_exchange = None
+        if not self.keep_alive:
+            conn.transport.close()
+        conn.on_response_complete()
+        return True
+
+    def respond(self, status: int, body: str, headers: list[tuple[bytes, bytes]] | None = None) -> bool:
+        """A whole response, as :func:`comzy.core.asgi.respond` makes one (text, its Content-Length)."""
+        data = body.encode()
+        fields = [(b"content-type", TEXT), *(headers or ()), (b"content-length", b"%d" % len(data))]
+        return self.start_response(status, fields) and self.send_body(data) and self.end_response()
+
+    def internal_error(self) -> None:
+        """uvicorn's 500 for an app that failed before its response started (then the connection closes)."""
+        self.start_response(500, [(b"content-type", TEXT), (b"content-length", b"21"), (b"connection", b"close")])
+        self.send_body(b"Internal Server Error")
+        self.end_response()
+
+    def abort_response(self, why: str) -> None:
+        """Close the visitor's connection: a response that cannot be finished honestly (the
+        tunnel failed after its head, or its framing is broken) is never marked complete."""
+        conn = self.conn
+        if conn.plain_exchange is self:
+            conn.plain_exchange = None
+        if why:
+            log.debug("closing a visitor's connection: %s", why)
+        conn.transport.close()
+
+    def visitor_left(self) -> None:
+        """The connection was lost before the response was complete."""
+
+    def writable(self) -> None:
+        """The connection takes data again after :attr:`write_paused`."""
+
+
+#: The app's offer to serve a request itself, on the connection's protocol (uvicorn only):
+#: ``(connection, method, target, headers, http_version, keep_alive)`` -> the exchange now under
+#: way, or None to let the ASGI app have it. Offered only an HTTP/1.x request that is no upgrade,
+#: with an origin-form target, before its body (if any) is read. The headers are httptools' (names
+#: in lower case, trailing whitespace stripped), the list uvicorn would put in the scope.
+PlainServe = Callable[[Any, str, bytes, list[tuple[bytes, bytes]], str, bool], PlainExchange | None]
 
 
 class CorkedTransport:
@@ -266,6 +483,10 @@ class CorkedTransport:
         held, self._held = self._held, []
         if held and not self._transport.is_closing():
             self._transport.write(held[0] if len(held) == 1 else b"".join(held))
+
+    def is_closing(self) -> bool:
+        """The real transport's (defined here: ``__getattr__`` costs a slot lookup per call)."""
+        return bool(self._transport.is_closing())
 
     def get_write_buffer_size(self) -> int:
         """The real transport's buffer plus what this turn holds."""

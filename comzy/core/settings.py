@@ -74,10 +74,11 @@ class ServerSettings(BaseSettings):
     ssl_key_path: Path | None = Field(None, validation_alias=_env("COMZY_SSL_KEY_PATH", "SSL_KEY_PATH"),
                                       description="TLS private key (PEM, unencrypted) for the public and agent "
                                       "listeners. Empty: no TLS.")
-    http_server: Literal["hypercorn", "uvicorn"] = Field(
+    http_server: Literal["hypercorn", "uvicorn", "uvicorn-direct"] = Field(
         "uvicorn", validation_alias=_env("COMZY_HTTP_SERVER"),
-        description="ASGI server of the public listener: uvicorn (the fastest; HTTP/1.1) or hypercorn (also "
-        "HTTP/2 over TLS, about 2.6 times the CPU per request).")
+        description="HTTP server of the public listener: uvicorn (HTTP/1.1), uvicorn-direct (uvicorn serving "
+        "plain requests without ASGI: a request without a body to a tunnel of this node costs no task) or "
+        "hypercorn (also HTTP/2 over TLS, about 2.6 times the CPU per request).")
     event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
         "auto", validation_alias=_env("COMZY_EVENT_LOOP"),
         description="Event loop: auto (uvloop where installed, a dependency on Linux and macOS: less CPU per "
