@@ -6,6 +6,7 @@ one subscriber, which the link sequence numbers (link.py) rely on.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import secrets
@@ -64,11 +65,27 @@ class LinkClient(Client):
     the socket in the caller's call when nothing is queued before it (docs/benchmarks.md, "Fewer
     hand-offs on the link"). A publish that cannot be written at once (a reconnect under way, a
     transport other than TCP, bytes still queued in nats-py) takes nats-py's own path, in order.
+
+    ``flush`` also means what it says here: its PING leaves after every command made before it
+    (``_send_ping``), so a subscription flushed exists on the server when ``flush`` returns.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self._direct: dict[int, DirectHandler] = {}
+
+    async def _send_ping(self, future: asyncio.Future[Any] | None = None) -> None:
+        # nats-py (2.16) writes the PING of flush() straight to the socket, ahead of commands still
+        # queued for its flusher task, such as the SUB of a subscribe() just made: the PONG then
+        # came before the server read the SUB, and another connection's publishes in between were
+        # not delivered (a lost first link message; tests/cluster/test_nats_flush.py). Writing the
+        # queue first keeps the protocol's order: the flusher's own writes were all made before it
+        # emptied the queue, so nothing is overtaken.
+        if self._pending and self.is_connected and self._transport is not None:
+            self._transport.writelines(self._pending[:])
+            self._pending = []
+            self._pending_data_size = 0
+        await super()._send_ping(future)
 
     def direct(self, subscription: Subscription, handler: DirectHandler) -> None:
         """Handle every message of ``subscription`` with ``handler(subject, payload)`` as it is
