@@ -369,14 +369,15 @@ class Exchange:
             self.stream = StreamLog(self.started_ns, self.cap)
             self.sse = EventStreamParser(self.stream)
 
-    def response_data(self, chunk: bytes) -> None:
-        """Bytes of the response body as they go back to the visitor."""
+    def response_data(self, chunk: bytes | memoryview) -> None:
+        """Bytes of the response body as they go back to the visitor (a large body's reads come
+        as read-only views: local_http's ``_DirectBody``)."""
         self.response_size += len(chunk)
         room = self.cap - len(self.response_body)
         if room > 0:
             self.response_body += chunk[:room]
         if self.sse is not None:
-            self.sse.feed(chunk)
+            self.sse.feed(chunk if type(chunk) is bytes else bytes(chunk))
 
     def ws_message(self, direction: str, text: bool, data: bytes) -> None:
         """A WebSocket message, "in" (from the visitor) or "out" (from the local service): its bytes

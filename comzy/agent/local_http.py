@@ -48,6 +48,13 @@ import httptools
 READ_HIGH_WATER = 256 * 1024
 #: Largest response head accepted (status line and headers).
 MAX_HEAD = 256 * 1024
+#: A Content-Length body with at least this much still to read is read straight into buffers of
+#: its own (``_DirectBody``) rather than through the loop's read buffer and a bytes copy of it.
+DIRECT_FROM = 1024 * 1024
+#: The size of those buffers: one read at most (the loop's own read buffer is as large).
+DIRECT_BUFFER = 256 * 1024
+#: How much more than the rest of the body the last of them may read.
+SLACK = 4096
 
 _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
 # Field values: no control characters but tab (so no CR/LF/NUL), as RFC 9110 5.5 allows.
@@ -95,7 +102,8 @@ class LocalResponse:
     connection: _Connection
 
     def body(self) -> AsyncIterator[bytes]:
-        """The response body as it arrives (chunked framing removed, bytes untouched)."""
+        """The response body as it arrives (chunked framing removed, bytes untouched). The reads
+        of a large Content-Length body come as read-only memoryviews (see ``_DirectBody``)."""
         return self.connection.body()
 
     def whole_body(self) -> bytes | None:
@@ -228,8 +236,10 @@ class _Connection(asyncio.Protocol):
         if self._lost is not None:
             raise LocalError(f"connection lost while sending ({self._lost})")
 
-    async def _receive(self) -> bytes:
-        """The next bytes from the local service; b"" at end of stream."""
+    async def _receive(self, join: bool = True) -> bytes:
+        """The next bytes from the local service; b"" at end of stream. Everything read so far
+        comes joined in one piece unless ``join`` is False (then one read at a time: a read of
+        ``_DirectBody``, a read-only view of a buffer of its own, is passed on uncopied)."""
         while not self._received:
             if self._eof:
                 if self._lost is not None:
@@ -240,7 +250,7 @@ class _Connection(asyncio.Protocol):
                 await self._waiter
             finally:
                 self._waiter = None
-        if len(self._received) == 1:
+        if len(self._received) == 1 or not join:
             data = self._received.popleft()
         else:
             # Everything read so far in one piece (at most READ_HIGH_WATER plus one read): the
@@ -485,6 +495,7 @@ class _Connection(asyncio.Protocol):
         """The body of the response whose head was read last; marks the connection reusable at its end."""
         # Bytes fed without a byte of body coming out: only chunk framing and trailers do that.
         stalled = 0
+        direct: bool | None = None  # reading the rest of the body with _DirectBody (None: not decided)
         while True:
             pieces = self._pieces
             if pieces:
@@ -496,7 +507,7 @@ class _Connection(asyncio.Protocol):
                 raise self._body_error
             if self._complete:
                 break
-            data = await self._receive()
+            data = await self._receive(not direct)
             if not data:
                 if self._until_close:
                     break
@@ -509,6 +520,8 @@ class _Connection(asyncio.Protocol):
                 self._replace_parser = True
                 if len(data) < self._remaining:
                     self._remaining -= len(data)
+                    if direct is None and self._remaining >= DIRECT_FROM:
+                        direct = self._read_direct()
                     yield data
                     continue
                 if len(data) > self._remaining:
@@ -523,6 +536,34 @@ class _Connection(asyncio.Protocol):
             if stalled > MAX_HEAD and not self._pieces and not self._complete:
                 raise MalformedResponse(f"more than {MAX_HEAD} bytes of chunk framing or trailers without data")
         self._body_read()
+
+    def _read_direct(self) -> bool:
+        """Read the rest of a Content-Length body with ``_DirectBody``: each read lands in a buffer
+        that is then passed on as it is (the loop's read copies every read into a new bytes object:
+        about a tenth of the agent's CPU during a download, py-spy). False, changing nothing, when
+        more than the body was read already or the transport cannot switch protocols."""
+        transport = self.transport
+        left = self._remaining - self._received_size  # the body's bytes not read yet
+        if transport is None or transport.is_closing() or self._eof or left <= 0:
+            return False
+        if not hasattr(transport, "set_protocol"):
+            return False
+        # Reading restarts under the new protocol: uvloop picks its read callbacks when reading
+        # starts, so switching protocols while reading would keep the old ones.
+        transport.pause_reading()
+        transport.set_protocol(_DirectBody(self, left))
+        if not self._reading_paused:
+            transport.resume_reading()
+        return True
+
+    def _direct_done(self, reader: _DirectBody) -> None:
+        """The body was read to its last byte: the connection reads for itself again."""
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.pause_reading()
+            transport.set_protocol(self)
+            if not self._reading_paused:
+                transport.resume_reading()
 
     def _body_read(self) -> None:
         """The response was read to its end: decide whether the connection may serve another."""
@@ -554,6 +595,59 @@ class _Connection(asyncio.Protocol):
 
     async def aclose(self) -> None:
         self.close()
+
+
+class _DirectBody(asyncio.BufferedProtocol):
+    """The protocol of a connection while the rest of a large Content-Length body is read: the loop
+    reads straight into a buffer of ours (``get_buffer``), and the body's part of the
+    read goes to the connection as a read-only view of that buffer, which is never written again
+    (a new one is made for the next read), so the view can be sent on without a copy
+    (``protocol.data_frame``). A short read is copied out instead and its buffer used again: a
+    view would keep a whole buffer alive for a few bytes. Once the body is read, the connection
+    is the transport's protocol again; closing and flow control go to it meanwhile."""
+
+    __slots__ = ("_buffer", "_conn", "_left")
+
+    def __init__(self, conn: _Connection, left: int) -> None:
+        self._conn = conn
+        self._left = left  # body bytes not yet read from the socket
+        self._buffer: bytearray | None = None
+
+    def get_buffer(self, sizehint: int) -> bytearray:
+        if self._buffer is None:
+            # Room for a little more than the body: bytes after it that arrive with its end are
+            # read with it, so the connection is known to be unusable (as _Connection.body does).
+            self._buffer = bytearray(min(self._left + SLACK, DIRECT_BUFFER))
+        return self._buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        buffer = self._buffer
+        assert buffer is not None
+        body = min(nbytes, self._left)
+        self._left -= body
+        if body * 4 < len(buffer) and self._left:
+            data: bytes | memoryview = bytes(memoryview(buffer)[:body])
+        else:
+            data = memoryview(buffer)[:body].toreadonly()
+            self._buffer = None
+        conn = self._conn
+        conn.data_received(data)  # type: ignore[arg-type]
+        if body < nbytes:
+            conn.data_received(bytes(memoryview(buffer)[body:nbytes]))  # after the body: the connection is not reused
+        if not self._left:
+            conn._direct_done(self)
+
+    def eof_received(self) -> bool:
+        return self._conn.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._conn.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._conn.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._conn.resume_writing()
 
 
 class _Refused(MalformedResponse):

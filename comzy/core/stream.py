@@ -229,7 +229,9 @@ class Stream:
         ``flags`` (FIN/TEXT, for WebSocket messages) go on the last frame only.
         """
         view = memoryview(data)
-        immutable = type(data) is bytes  # large frames may then keep a view of it (p.DataFrame)
+        # Large frames may keep a view of bytes, or of a buffer its owner passed on read-only
+        # (p.DataFrame: the agent's direct body reads), instead of a copy.
+        immutable = type(data) is bytes or (type(data) is memoryview and data.readonly)
         total = len(view)
         offset = 0
         while True:
