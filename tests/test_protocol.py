@@ -848,3 +848,29 @@ async def test_on_event_tells_a_taskless_reader_of_each_frame_and_reads_do_not_b
         # The async API is untouched: a waiting receive still raises it.
         with pytest.raises(StreamReset):
             await other.receive()
+
+
+@pytest.mark.anyio
+async def test_an_on_event_that_raises_resets_its_stream_and_spares_the_session() -> None:
+    # on_event runs inside the session's reader: a consumer's bug must end its own stream (its peer
+    # told with a RESET), never the reader, and so never every other stream of the tunnel.
+    async with ws_pair() as (near, far), running_session(near, window=65536) as (session, result):
+        broken, healthy = session.open_stream(), session.open_stream()
+        calls: list[int] = []
+
+        def fail() -> None:
+            calls.append(broken.id)
+            raise RuntimeError("consumer bug")
+
+        broken.on_event = fail
+        await far.send(p.encode_data(broken.id, b"boom") + p.encode_data(healthy.id, b"fine")
+                       + p.encode(FT.END, healthy.id))
+        with anyio.fail_after(5):
+            assert await healthy.receive() == (b"fine", 0)
+            assert await healthy.receive() is None
+            frames = await next_frames(far)
+        assert "reason" not in result and session.closed is None  # the reader lives on
+        assert calls == [broken.id]  # called once: the reset of its own making does not call it again
+        assert broken.id not in session.streams and broken.reset_error is not None
+        assert [(f.type, f.stream, f.payload[0]) for f in frames if f.type == FT.RESET] == [
+            (FT.RESET, broken.id, p.ResetCode.INTERNAL)]

@@ -7,6 +7,7 @@ peer's credit allows; the session's reader feeds it through the ``_on_*`` method
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -15,6 +16,8 @@ from comzy.core import protocol as p
 
 if TYPE_CHECKING:
     from comzy.core.session import Session
+
+log = logging.getLogger("comzy.session")
 
 
 #: How far a stream's receive window may grow while its reader keeps waiting for data.
@@ -67,7 +70,8 @@ class Stream:
         #: Called (no arguments) after the reader's state update for a RESPONSE head, DATA, END,
         #: credit or a reset (the peer's, the session's end, or this side's own ``reset``): a
         #: consumer without a task reads what changed with the ``*_nowait`` methods below. It runs
-        #: inside the session reader, so it must not raise, and must not await anything.
+        #: inside the session reader, so it must not await anything; should it raise, the error is
+        #: logged and this stream reset (INTERNAL), the reader and the other streams untouched.
         self.on_event: Callable[[], None] | None = None
 
     # -- reading ---------------------------------------------------------------
@@ -314,25 +318,25 @@ class Stream:
         self._chunks.append((data, flags))
         _wake(self._readable)
         if self.on_event is not None:
-            self.on_event()
+            self._notify()
 
     def _on_end(self) -> None:
         self._remote_ended = True
         _wake(self._readable)
         if self.on_event is not None:
-            self.on_event()
+            self._notify()
 
     def _on_credit(self, increment: int) -> None:
         self._credit += increment
         _wake(self._credit_event)
         if self.on_event is not None:
-            self.on_event()
+            self._notify()
 
     def _on_head(self, head: object) -> None:
         self.head = head
         _wake(self._head_event)
         if self.on_event is not None:
-            self.on_event()
+            self._notify()
 
     def _fail(self, error: StreamReset) -> None:
         if self._reset is None:
@@ -341,7 +345,18 @@ class Stream:
         _wake(self._credit_event)
         _wake(self._head_event)
         if self.on_event is not None:
+            self._notify()
+
+    def _notify(self) -> None:
+        """Call ``on_event``. Its failure (a bug) ends this stream only: raised into the session's
+        reader it would end the session, and with it every other stream of the tunnel."""
+        assert self.on_event is not None
+        try:
             self.on_event()
+        except Exception:
+            log.exception("%s: stream %d: its event handler failed; resetting the stream", self.session.name, self.id)
+            self.on_event = None  # the reset below must not call it again
+            self.reset(p.ResetCode.INTERNAL, "internal error")
 
 
 def _wake(waiter: asyncio.Future[None] | None) -> None:
