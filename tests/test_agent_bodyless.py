@@ -315,3 +315,71 @@ async def test_an_answer_read_whole_but_beyond_the_credit_waits_for_it(tmp_path:
         assert (await visitor.get("/100k")).content == body
         assert forwarder(agent).answered_without_task == 0
         assert app.connections == 1
+
+
+async def test_a_small_body_written_apart_from_its_head_goes_on_as_it_is_read(tmp_path: Path) -> None:
+    # Many apps (an ASGI server among them) write the head and the body apart: the body comes in
+    # later reads, and is sent on from the connection's callbacks as each one is read.
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n"
+
+    def answer(_connection: int, request: int, _head: bytes) -> list[bytes]:
+        if request == 2:
+            return [head, b"hello world"]
+        if request == 3:
+            return [head + b"he", b"llo ", b"world"]
+        return [ok()]
+
+    app = LocalApp(answer)
+    async with tunnel_to(tmp_path, app) as (agent, visitor):
+        await visitor.get("/")
+        assert (await visitor.get("/apart")).text == "hello world"
+        assert (await visitor.get("/pieces")).text == "hello world"
+        assert forwarder(agent).answered_without_task == 2
+        assert (await visitor.get("/next")).text == "hello"
+        assert app.connections == 1  # each body ended where its length said: the connection serves on
+        assert [s.status for s in agent.reporter.served] == [200] * 4
+
+
+async def test_a_body_cut_short_after_its_head_resets_the_stream(tmp_path: Path) -> None:
+    app = LocalApp(lambda _connection, request, _head: [b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n",
+                                                         b"only this", CLOSE] if request == 2 else [ok()])
+    async with tunnel_to(tmp_path, app) as (agent, visitor):
+        await visitor.get("/")
+        with pytest.raises(httpx.RemoteProtocolError):
+            await visitor.get("/cut")
+        await wait_until(lambda: len(agent.reporter.served) == 2)
+        served = agent.reporter.served[1]
+        assert served.status == 200
+        assert served.error == ("local service failed mid-response: the local service closed the connection "
+                                "before the end of the response body")
+        assert forwarder(agent).answered_without_task == 0
+        assert (await visitor.get("/next")).text == "hello"
+
+
+async def test_the_local_connection_is_closed_when_the_visitor_leaves_during_the_body(tmp_path: Path) -> None:
+    app = LocalApp(lambda connection, request, _head: [b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n",
+                                                       b"the first bytes", HOLD]
+                   if (connection, request) == (1, 2) else [ok()])
+    async with tunnel_to(tmp_path, app) as (agent, visitor):
+        await visitor.get("/")
+        async with visitor.stream("GET", "/slow-body") as response:
+            assert await response.aiter_raw().__anext__() == b"the first bytes"
+        # The visitor left mid-body: the server resets the stream and the agent closes the local
+        # connection at once (it is never reused).
+        await wait_until(lambda: app.dropped == [1])
+        await wait_until(lambda: len(agent.reporter.served) == 2)
+        assert "stream reset" in (agent.reporter.served[1].error or "")
+        assert (await visitor.get("/next")).text == "hello"
+        assert app.connections == 2
+
+
+async def test_bytes_after_a_body_read_apart_make_the_connection_unusable(tmp_path: Path) -> None:
+    smuggled = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nsmuggled"
+    app = LocalApp(lambda connection, request, _head: [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
+                                                       b"hello" + smuggled]
+                   if (connection, request) == (1, 2) else [ok(b"conn %d" % connection)])
+    async with tunnel_to(tmp_path, app) as (agent, visitor):
+        await visitor.get("/")
+        assert (await visitor.get("/two")).text == "hello"
+        assert forwarder(agent).answered_without_task == 1
+        assert (await visitor.get("/next")).text == "conn 2"  # never the smuggled answer

@@ -143,6 +143,20 @@ class _Call:
                 exchange.response(response.status, response.headers)
             whole = response.whole_body()
             session = stream.session
+            if whole is None and 0 < conn.counted_body_left() <= stream.credit \
+                    and session.queued <= WRITE_HIGH_WATER:
+                # The rest of a small Content-Length body is still to come (a local app that wrote
+                # its head and its body apart): it goes on as it is read, within the credit.
+                session.send_nowait(p.encode(p.FrameType.RESPONSE, stream.id,
+                                             p.ResponseHead(response.status, response.headers).to_payload()))
+                first = conn.take_parsed_body()
+                if first:
+                    if exchange is not None:
+                        exchange.response_data(first)
+                    stream.send_data_nowait(first)
+                self._wait_on(conn)
+                conn.stream_body(self)
+                return
             if whole is None or len(whole) > stream.credit or session.queued > WRITE_HIGH_WATER:
                 # A body to read, no credit for it yet, or a link backed up (heads wait like DATA):
                 # a task goes on from here, as a request served by a task from the start would.
@@ -155,17 +169,14 @@ class _Call:
                     exchange.response_data(whole)
                 stream.send_data_nowait(whole)
             forwarder.local.release_nowait(conn)
-            stream.send_end()
-            forwarder.answered_without_task += 1
-            if not stream.finished:
-                self._go_on(forwarder._await_end(stream))
-                return
         except Exception as exc:  # a bug must not take the agent down with it
             log.exception("failed to serve %s %s", served.method, served.target)
             conn.close()
             served.error = repr(exc)
             stream.reset(p.ResetCode.INTERNAL, "agent error")
-        self._done_here()
+            self._done_here()
+            return
+        self._end()
 
     def head_failed(self, error: LocalError) -> None:
         """No response head on the pooled connection: retried on a fresh one, or a 502, by a task."""
@@ -176,6 +187,47 @@ class _Call:
             self._go_on(forwarder._http(self.stream, self.head, self.served, self.headers, self.exchange, (2,)))
         else:
             self._go_on(forwarder._fail(self.stream, self.served, self.exchange, forwarder._failure(error)))
+
+    def body_data(self, data: bytes) -> None:
+        """The next piece of a body streamed from the connection's callbacks (within the credit)."""
+        if self.exchange is not None:
+            self.exchange.response_data(data)
+        if not self.stream.send_data_nowait(data):  # never: the credit was checked for the whole body
+            self.stream.reset(p.ResetCode.INTERNAL, "agent error")  # stream_event abandons the call
+
+    def body_done(self) -> None:
+        """The body streamed from callbacks is complete."""
+        conn = self.connection
+        self._stop_waiting()
+        if conn is not None:
+            self.forwarder.local.release_nowait(conn)
+        self._end()
+
+    def body_failed(self, error: LocalError) -> None:
+        """The local connection ended in the middle of a body streamed from callbacks."""
+        self._stop_waiting()
+        served = self.served
+        served.error = f"local service failed mid-response: {error}"
+        self.stream.reset(p.ResetCode.LOCAL_FAILED, served.error)
+        self._done_here()
+
+    def _end(self) -> None:
+        """The whole answer was queued: END, and report (or wait for the edge's END in a task)."""
+        stream = self.stream
+        stream.send_end()
+        self.forwarder.answered_without_task += 1
+        if not stream.finished:
+            self._go_on(self.forwarder._await_end(stream))
+            return
+        self._done_here()
+
+    def _wait_on(self, conn: _Connection) -> None:
+        """Wait, without a task, for ``conn``'s answer: a reset stream or the session's end ends
+        the wait (``stream_event``, ``Serving.stop``)."""
+        assert self.serving is not None
+        self.connection = conn
+        self.serving.waiting.add(self)
+        self.stream.on_event = self.stream_event
 
     def stream_event(self) -> None:
         """The stream changed while the answer is awaited (``Stream.on_event``): once it is reset
@@ -257,13 +309,11 @@ class LocalForwarder:
             conn = self.local.request_nowait(head.method, head.target, headers, call)
             if conn is not None:
                 call.headers = headers
-                call.connection = conn
                 if self.capture is not None:
                     call.exchange = self.capture.begin(head.method, head.target, headers, head.client, "http",
                                                        tunnel_name=self.name)
                     call.exchange.request_complete = True
-                serving.waiting.add(call)
-                stream.on_event = call.stream_event
+                call._wait_on(conn)
                 return
         serving.spawn(call.run(self._begin(call)))
 

@@ -128,6 +128,20 @@ class HeadListener(Protocol):
         of answer (send the request again on a fresh one), else why; the connection is closed."""
 
 
+class BodyListener(Protocol):
+    """Who is given the rest of a Content-Length body from the connection's callbacks
+    (``_Connection.stream_body``): pieces as they are read, then exactly one of the two ends."""
+
+    def body_data(self, data: bytes) -> None:
+        """The next bytes of the body (never empty)."""
+
+    def body_done(self) -> None:
+        """The body is complete (and the connection's reuse decided, as at the end of ``body()``)."""
+
+    def body_failed(self, error: LocalError) -> None:
+        """The connection ended before the body did; it is closed."""
+
+
 class _Connection(asyncio.Protocol):
     """One keep-alive connection: the bytes read but not yet used, and the current response's framing.
 
@@ -172,6 +186,7 @@ class _Connection(asyncio.Protocol):
         # Reading a head from the loop's callbacks (request_nowait): who is told, and the state
         # that read_head keeps in locals.
         self._head_listener: HeadListener | None = None
+        self._body_listener: BodyListener | None = None  # the same for the body (stream_body)
         self._fed = 0
         self._read: list[bytes] = []
         self._rescuing = False
@@ -187,6 +202,9 @@ class _Connection(asyncio.Protocol):
         if self._head_listener is not None:
             self._head_received(data)
             return
+        if self._body_listener is not None:
+            self._body_received(data)
+            return
         self._received.append(data)
         self._received_size += len(data)
         if self._received_size > READ_HIGH_WATER and not self._reading_paused:
@@ -199,6 +217,8 @@ class _Connection(asyncio.Protocol):
         self._eof = True
         if self._head_listener is not None:
             self._head_failed(self._head_cut())
+        elif self._body_listener is not None:
+            self._body_failed()
         self._wake()
         return False  # let the transport close itself
 
@@ -207,6 +227,8 @@ class _Connection(asyncio.Protocol):
         self._lost = exc
         if self._head_listener is not None:
             self._head_failed(self._head_cut())
+        elif self._body_listener is not None:
+            self._body_failed()
         self._wake()
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
@@ -488,9 +510,62 @@ class _Connection(asyncio.Protocol):
         listener.head_failed(error)
 
     def abandon(self) -> None:
-        """Close the connection and tell its head listener nothing more (the stream it served is gone)."""
-        self._head_listener = None
+        """Close the connection and tell its listener nothing more (the stream it served is gone)."""
+        self._head_listener = self._body_listener = None
         self.close()
+
+    # -- the rest of a Content-Length body from the loop's callbacks (stream_body) ------------
+    def counted_body_left(self) -> int:
+        """Bytes of a Content-Length body not yet passed on (read with the head, and still to
+        come) when some are still to come; -1 when none are, or the body is framed otherwise
+        (chunked, until close)."""
+        if self._complete or self._remaining <= 0 or self._body_error is not None or self._received:
+            return -1
+        return self._remaining + sum(map(len, self._pieces))
+
+    def take_parsed_body(self) -> bytes:
+        """The body bytes parsed so far (read with the head), taken."""
+        pieces = self._pieces
+        self._pieces = []
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def stream_body(self, listener: BodyListener) -> None:
+        """Give the rest of the body (``counted_body_left`` bytes) to ``listener`` as the loop reads
+        it, counted as ``body()`` counts it, instead of waiting for a reader; after
+        ``take_parsed_body``, from the callback that read the head (nothing is buffered)."""
+        assert self.counted_body_left() > 0 and not self._pieces and not self._eof
+        self._body_listener = listener
+
+    def _body_received(self, data: bytes) -> None:
+        listener = self._body_listener
+        assert listener is not None
+        self._replace_parser = True  # llhttp was left waiting for the body (see body())
+        if len(data) < self._remaining:
+            self._remaining -= len(data)
+            listener.body_data(data)
+            return
+        if len(data) > self._remaining:
+            self._leftover = True  # bytes after the body
+            data = data[: self._remaining]
+        self._remaining = 0
+        self._complete = True
+        listener.body_data(data)
+        if self._body_listener is not listener:
+            return  # abandoned while it was passed on
+        self._body_listener = None
+        self._body_read()
+        listener.body_done()
+
+    def _body_failed(self) -> None:
+        listener = self._body_listener
+        assert listener is not None
+        self._body_listener = None
+        self.close()
+        if self._lost is not None:
+            error = LocalError(f"connection lost while reading ({self._lost})")
+        else:
+            error = LocalError("the local service closed the connection before the end of the response body")
+        listener.body_failed(error)
 
     # -- the response body ---------------------------------------------------------------
     async def body(self) -> AsyncIterator[bytes]:
