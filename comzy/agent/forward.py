@@ -54,7 +54,8 @@ class Serving:
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.tasks: set[asyncio.Task[None]] = set()
-        #: Requests waiting, without a task, for their response head on a pooled connection.
+        #: Requests waiting, without a task, on a pooled connection for their answer (its head, or
+        #: the rest of a small body).
         self.waiting: set[_Call] = set()
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
@@ -81,8 +82,9 @@ class _Call:
 
     A request without a body is written from the REQUEST callback to a pooled connection, and
     this object hears the response head from that connection's read callback (it is the
-    connection's HeadListener): a response that came whole with its head and fits the stream's
-    credit goes back from there, with no task at all. Anything else (a body still to read, no
+    connection's HeadListener): a response that came whole with its head, or whose Content-Length
+    body follows it (then this object is its BodyListener), and that fits the stream's credit goes
+    back from there, with no task at all. Anything else (a larger body, chunked or until close, no
     credit, a link backed up, a stale connection or an error) goes on in a task from the point
     reached, by the same code as a request served by a task from the start.
     """

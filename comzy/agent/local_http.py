@@ -18,6 +18,11 @@ a hand-written parser (itself h11's successor) in issue 13: the client's CPU per
 machine and within the noise on a busy one (docs/benchmarks.md, "One HTTP parser in the agent");
 tests/test_local_http_differential.py lists odd responses and every case where the two differ.
 
+A request without a body may instead be written with ``request_nowait`` to an idle pooled
+connection: its response head (and then the rest of a small Content-Length body, ``stream_body``)
+is handed to a listener from the connection's read callback, with the same parsing and the same
+rules, and no task waits for it (the agent's forwarder, issue 13).
+
 Strictness where it protects someone: llhttp refuses bad header bytes, conflicting lengths and
 Content-Length with Transfer-Encoding; on top of it this client refuses what llhttp would take: a
 transfer coding other than one "chunked", a 1xx that declares a body (llhttp skips it: another
