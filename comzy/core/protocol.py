@@ -359,15 +359,21 @@ def decode_message(message: bytes) -> Iterator[Frame]:
             yield Frame(frame_type, stream, flags, _decode_payload(frame_type, body, is_map))
 
 
+def decode_map(frame_type: FrameType, body: bytes) -> dict[str, Any]:
+    """The payload of a map-typed frame (REQUEST, RESPONSE, ...), checked as ``decode_message``
+    checks it; raises ProtocolError."""
+    try:
+        value = msgpack.unpackb(body, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(f"{frame_type.name} payload is not msgpack: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{frame_type.name} payload is not a map")
+    return value
+
+
 def _decode_payload(frame_type: FrameType, body: bytes, is_map: bool) -> Any:
     if is_map:
-        try:
-            value = msgpack.unpackb(body, raw=False, strict_map_key=True)
-        except Exception as exc:  # msgpack raises several unrelated types
-            raise ProtocolError(f"{frame_type.name} payload is not msgpack: {exc}") from exc
-        if not isinstance(value, dict):
-            raise ProtocolError(f"{frame_type.name} payload is not a map")
-        return value
+        return decode_map(frame_type, body)
     if frame_type == FrameType.WINDOW:
         if len(body) != _WINDOW.size:
             raise ProtocolError("WINDOW payload must be 4 bytes")

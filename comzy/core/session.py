@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -131,6 +131,10 @@ class Session:
         #: returns what goes into the stream table, or None when it answered the stream itself
         #: (a RESET). Without it, REQUESTs open a Stream and go to ``on_request``.
         self.accept_stream: Callable[[int, dict[str, Any]], Stream | None] | None = None
+        #: Sees each message from the peer before it is decoded, when set (a control node's relay
+        #: forwards its streams' frames from their bytes): handles the message's leading frames
+        #: that it can and returns the rest, which the session decodes and handles as usual.
+        self.take_frames: Callable[[bytes], bytes] | None = None
         self._heartbeats = heartbeats
         self._task_group: anyio.abc.TaskGroup | None = None
         self._timed_out: str | None = None
@@ -365,7 +369,7 @@ class Session:
             if backlog is not None:
                 backlog.extend(p.decode_message(message))  # bounded: reading is paused meanwhile
                 return
-            frames = p.decode_message(message)
+            frames = self._frames(message)
             for frame in frames:
                 if self._handle(frame):
                     # An async handler (on_control): it and every frame after it wait in order
@@ -381,6 +385,14 @@ class Session:
                 self.ws.pause_reading()
         except Exception as exc:
             self._end_with(exc)
+
+    def _frames(self, message: bytes) -> Iterator[p.Frame]:
+        """The frames of ``message`` to decode and handle: those ``take_frames`` (if set) left."""
+        if self.take_frames is not None and message:
+            message = self.take_frames(message)
+            if not message:
+                return iter(())
+        return p.decode_message(message)
 
     async def _drain_backlog(self) -> None:
         try:
@@ -421,7 +433,7 @@ class Session:
             if isinstance(message, str):
                 raise p.ProtocolError("text message on the agent link")
             self._last_seen = time.monotonic()
-            for frame in p.decode_message(message):
+            for frame in self._frames(message):
                 await self._dispatch(frame)
             if self._out_bytes > SEND_BUDGET:
                 await self._wait_writer_caught_up()

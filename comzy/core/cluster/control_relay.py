@@ -12,7 +12,9 @@ The relay has no task and no buffer of its own per stream.
 
 from __future__ import annotations
 
+import functools
 import logging
+import struct
 from typing import TYPE_CHECKING, Any, cast
 
 import msgpack
@@ -113,7 +115,7 @@ class RelayEnd:
         relay = self.relay
         return relay.edge if self.from_agent else relay.agent
 
-    def _on_data(self, data: bytes, flags: int) -> None:
+    def _on_data(self, data: bytes | memoryview, flags: int) -> None:
         relay = self.relay
         if relay.finished:
             return
@@ -175,10 +177,15 @@ class RelayEnd:
             relay.finish()
 
     def _on_head(self, head: object) -> None:
-        relay = self.relay
-        if relay.finished or not self.from_agent or not isinstance(head, p.ResponseHead):
+        if not self.from_agent or not isinstance(head, p.ResponseHead):
             return  # only an agent answers a stream
-        frame = p.encode(p.FrameType.RESPONSE, relay.edge.id, head.to_payload())
+        self._send_head(p.encode(p.FrameType.RESPONSE, self.relay.edge.id, head.to_payload()))
+
+    def _send_head(self, frame: bytes) -> None:
+        """Relay the agent's RESPONSE frame (renumbered for the link) to the edge."""
+        relay = self.relay
+        if relay.finished:
+            return
         if len(frame) > relay.head_limit:
             relay.reset(p.ResetCode.INTERNAL, "response head too large for the cluster link",
                         p.ResetCode.CANCEL, "response head too large for the cluster link")
@@ -197,6 +204,105 @@ class RelayEnd:
         other = self.other
         other.session.send_nowait(p.encode_reset(other.id, code, error.message))
         relay.finish()
+
+
+_pack = msgpack.Packer(use_bin_type=True).pack  # as protocol.encode packs maps (one C call, no callback)
+_HEADER_SIZE = p.HEADER_SIZE
+_UNPACK_HEADER = p.HEADER.unpack_from
+_INCREMENT = _CODE = struct.Struct(">I")  # WINDOW's payload; the start of RESET's
+_DATA, _END, _WINDOW, _RESET, _RESPONSE, _REQUEST = (int(kind) for kind in (
+    p.FrameType.DATA, p.FrameType.END, p.FrameType.WINDOW, p.FrameType.RESET, p.FrameType.RESPONSE,
+    p.FrameType.REQUEST))
+
+
+def _agent_head(payload: dict[str, Any], body: bytes | None, name: str | None) -> bytes:
+    """The REQUEST payload the agent gets: the edge's without the link keys, naming the tunnel
+    by this node's word (``name``), never the edge's.
+
+    An edge appends the link keys to the head's map (edge.py ``_open``), so when ``body`` ends with
+    exactly them, the agent's map is ``body`` cut before them with its count mended, plus ``tn``:
+    the same map as the decoded one re-encoded, without re-encoding it. Anything else (an older
+    edge's order, a ``tn`` from the edge, a map past 15 keys) is re-encoded."""
+    last = reversed(payload)
+    if body is not None and next(last, None) == "ts" and next(last, None) == "al" and "tn" not in payload:
+        # The last two entries are the link keys (one entry per key: the count matches) and the
+        # body ends with their shortest encoding, which msgpack writes and no other encoding of
+        # theirs ends with: the cut falls exactly before them.
+        tail = b"".join((b"\xa2al", _pack(payload["al"]), b"\xa2ts", _pack(payload["ts"])))
+        count = len(payload) - len(LINK_HEAD_KEYS) + (name is not None)
+        if body[0] == 0x80 | len(payload) and count <= 15 and body.endswith(tail):
+            cut = bytes((0x80 | count,)) + body[1:-len(tail)]
+            return cut if name is None else cut + b"\xa2tn" + _pack(name)
+    head = {key: value for key, value in payload.items() if key not in LINK_HEAD_KEYS}
+    head.pop("tn", None)
+    if name is not None:
+        head["tn"] = name
+    return _pack(head)  # type: ignore[no-any-return]
+
+
+def take_frames(session: Session, relay: ControlRelay | None, message: bytes) -> bytes:
+    """``Session.take_frames`` for a control node's link and agent sessions: the relay's frames
+    handled from their bytes; returns the rest of ``message``.
+
+    Each leading frame that is DATA, END, WINDOW or RESET of a relayed stream, a RESPONSE from the
+    agent, or (on a link) a REQUEST goes to its ``RelayEnd`` (or to the relay's ``accept``) as the session's
+    own path would hand it over, after the same checks, but without a ``Frame`` per frame, and the
+    agent's RESPONSE is forwarded as it came (checked, renumbered) instead of re-encoded
+    (docs/benchmarks.md, "The relay from the frames' bytes"). From the first frame it does not take
+    (another type or stream, anything malformed: the session raises the error) the rest is the
+    session's, in order.
+    """
+    streams = session.streams
+    end = len(message)
+    offset = 0
+    view = memoryview(message) if type(message) is bytes else None  # slices of bytes need no copy
+    while end - offset >= _HEADER_SIZE:
+        length, kind, flags, stream_id = _UNPACK_HEADER(message, offset)
+        start = offset + _HEADER_SIZE
+        stop = start + length
+        if stop > end:
+            break
+        target = streams.get(stream_id) if stream_id else None
+        if kind == _DATA:
+            if type(target) is not RelayEnd or length > p.MAX_DATA_FRAME:
+                break
+            target._on_data(view[start:stop] if view is not None else bytes(message[start:stop]), flags)
+        elif kind == _END:
+            if type(target) is not RelayEnd or length:
+                break
+            target._on_end()
+        elif kind == _WINDOW:
+            if type(target) is not RelayEnd or length != _INCREMENT.size:
+                break
+            (increment,) = _INCREMENT.unpack_from(message, start)
+            if not increment:
+                break
+            target._on_credit(increment)
+        elif kind == _RESET:
+            if type(target) is not RelayEnd or length < _CODE.size:
+                break
+            (code,) = _CODE.unpack_from(message, start)
+            session.forget(stream_id)
+            target._fail(StreamReset(code, bytes(message[start + _CODE.size:stop]).decode("utf-8", "replace")))
+        elif kind == _RESPONSE:
+            if type(target) is not RelayEnd or not target.from_agent:
+                break
+            body = bytes(message[start:stop])
+            # Checked as the edge will check it (a bad head must end this agent's session, never
+            # the link that many tunnels share), then sent on as it is.
+            p.ResponseHead.from_payload(p.decode_map(p.FrameType.RESPONSE, body))
+            target._send_head(p.HEADER.pack(length, _RESPONSE, 0, target.relay.edge.id) + body)
+        elif kind == _REQUEST:
+            if relay is None or target is not None or not stream_id:
+                break
+            body = bytes(message[start:stop])
+            accepted = relay.accept(session, stream_id, p.decode_map(p.FrameType.REQUEST, body), body)
+            if accepted is not None:
+                streams[stream_id] = accepted  # type: ignore[assignment]  # duck-typed like Stream
+        else:
+            break
+        offset = stop
+    return message[offset:] if offset else message
 
 
 class ControlRelay:
@@ -222,9 +328,12 @@ class ControlRelay:
     def _accept_link(self, link: Session, peer: str) -> None:
         # A RelayEnd stands in the stream table where a Stream would (duck-typed, see Session.accept_stream).
         link.accept_stream = lambda stream_id, payload: self.accept(link, stream_id, payload)  # type: ignore[assignment,return-value]
+        link.take_frames = functools.partial(take_frames, link, self)
 
-    def accept(self, link: Session, stream_id: int, payload: dict[str, Any]) -> RelayEnd | None:
-        """A REQUEST from an edge: relay it to the tunnel's agent, or answer RESET MOVED/REFUSED."""
+    def accept(self, link: Session, stream_id: int, payload: dict[str, Any],
+               body: bytes | None = None) -> RelayEnd | None:
+        """A REQUEST from an edge (``payload``, decoded from ``body`` when given): relay it to the
+        tunnel's agent, or answer RESET MOVED/REFUSED."""
         alias, session_number = payload.get("al"), payload.get("ts")
         entry: Entry | None = self.server.registry.get(alias) if isinstance(alias, str) else None
         if (entry is None or entry.tunnel.session != session_number or entry.session.closed is not None
@@ -238,16 +347,14 @@ class ControlRelay:
         if busy is not None:
             link.send_nowait(p.encode_reset(stream_id, p.ResetCode.REFUSED, busy))
             return None
-        head = {key: value for key, value in payload.items() if key not in LINK_HEAD_KEYS}
-        # Which tunnel of the agent's session: this node's word, never the edge's.
-        head.pop("tn", None)
-        if tunnel.name is not None:
-            head["tn"] = tunnel.name
-        websocket = bool(head.get("w"))
+        websocket = bool(payload.get("w"))
+        if agent.take_frames is None:
+            agent.take_frames = functools.partial(take_frames, agent, None)
         agent_id = agent.next_stream_id()
         relay = _Relay(tunnel, link, stream_id, agent, agent_id, websocket, link.coalesce_limit)
         agent.streams[agent_id] = relay.agent  # type: ignore[assignment]  # duck-typed like Stream
-        agent.send_nowait(p.encode(p.FrameType.REQUEST, agent_id, head))
+        head = _agent_head(payload, body, tunnel.name)
+        agent.send_nowait(p.HEADER.pack(len(head), _REQUEST, 0, agent_id) + head)
         tunnel.stream_opened(websocket)  # back down in _Relay.finish
         return relay.edge  # type: ignore[return-value]
 
