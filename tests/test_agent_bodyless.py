@@ -383,3 +383,39 @@ async def test_bytes_after_a_body_read_apart_make_the_connection_unusable(tmp_pa
         assert (await visitor.get("/two")).text == "hello"
         assert forwarder(agent).answered_without_task == 1
         assert (await visitor.get("/next")).text == "conn 2"  # never the smuggled answer
+
+
+async def test_a_request_served_by_a_task_closes_its_local_connection_when_the_visitor_leaves(tmp_path: Path) -> None:
+    # The first request finds no idle connection, so a task serves it; the local app never answers.
+    # Once the server resets the stream, the agent closes that connection at once (the local app
+    # sees its client leave), as it does for a request served from callbacks.
+    app = LocalApp(lambda connection, request, _head: [HOLD] if connection == 1 else [ok()])
+    async with tunnel_to(tmp_path, app) as (agent, visitor):
+        with pytest.raises(httpx.ReadTimeout):
+            await visitor.get("/held", timeout=0.5)
+        with anyio.fail_after(5):
+            await wait_until(lambda: app.dropped == [1])
+            await wait_until(lambda: len(agent.reporter.served) == 1)
+        served = agent.reporter.served[0]
+        assert served.status == 0 and served.error is not None and "stream reset" in served.error
+        assert (await visitor.get("/next")).status_code == 200
+
+
+async def test_an_event_stream_closes_its_local_connection_when_the_visitor_leaves(tmp_path: Path) -> None:
+    # A response whose body comes as the app has something to say (Server-Sent Events): a visitor
+    # that leaves between two events must not hold the local connection until the next one.
+    first = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n" \
+            b"d\r\ndata: first\n\n\r\n"
+    app = LocalApp(lambda connection, request, _head: [first, HOLD] if (connection, request) == (1, 2) else [ok()])
+    async with tunnel_to(tmp_path, app) as (agent, visitor):
+        await visitor.get("/")  # the connection is pooled: the event stream is asked from callbacks
+        async with visitor.stream("GET", "/events") as response:
+            assert response.headers["content-type"] == "text/event-stream"
+            async for chunk in response.aiter_bytes():
+                assert chunk == b"data: first\n\n"
+                break
+        with anyio.fail_after(5):
+            await wait_until(lambda: app.dropped == [1])
+            await wait_until(lambda: len(agent.reporter.served) == 2)
+        served = agent.reporter.served[1]
+        assert served.status == 200 and served.error is not None and "stream reset" in served.error

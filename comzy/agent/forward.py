@@ -89,7 +89,8 @@ class _Call:
     reached, by the same code as a request served by a task from the start.
     """
 
-    __slots__ = ("connection", "exchange", "forwarder", "head", "headers", "served", "serving", "started", "stream")
+    __slots__ = ("connection", "exchange", "forwarder", "head", "headers", "served", "serving", "started", "stream",
+                 "task")
 
     def __init__(self, forwarder: LocalForwarder, stream: Stream, head: p.RequestHead, serving: Serving | None) -> None:
         self.forwarder = forwarder
@@ -102,6 +103,8 @@ class _Call:
         self.headers: list[tuple[bytes, bytes]] = []
         #: The pooled connection the request was written to, while its answer is awaited.
         self.connection: _Connection | None = None
+        #: The task serving the stream (``run`` in a task of ``serving``), cancelled if the stream is reset.
+        self.task: asyncio.Task[Any] | None = None
 
     def done(self) -> None:
         """The stream was served (or failed): release it, and report."""
@@ -116,18 +119,37 @@ class _Call:
 
     async def run(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` (the rest of serving this stream) to the end; never raises (errors become
-        502 or RESET)."""
-        served = self.served
+        502 or RESET); in a task of ``serving``, it is cancelled should the stream be reset meanwhile."""
+        served, stream = self.served, self.stream
+        if self.serving is not None and not self.head.websocket:  # (a WebSocket's reset follows its close)
+            self.task = asyncio.current_task()
+            stream.on_event = self._reset_while_running
         try:
+            if stream.reset_error is not None:
+                work.close()  # reset before this task began: nothing left to serve
+                raise stream.reset_error
             await work
         except (StreamReset, SessionClosed) as exc:
             served.error = served.error or str(exc)
         except Exception as exc:  # a bug must not take the agent down with it
             log.exception("failed to serve %s %s", served.method, served.target)
             served.error = repr(exc)
-            self.stream.reset(p.ResetCode.INTERNAL, "agent error")
+            stream.reset(p.ResetCode.INTERNAL, "agent error")
         finally:
+            stream.on_event = None
             self.done()
+
+    def _reset_while_running(self) -> None:
+        """``Stream.on_event`` while a task serves the stream: once the server resets it (its visitor
+        left, a response timeout) or the session ends, the task is cancelled, so the local connection
+        it holds is closed now (the local app sees its client leave) rather than when the app next
+        writes: a head, or an event stream's next event, may be long in coming. A reset the task
+        made itself is its own to finish."""
+        reset, task = self.stream.reset_error, self.task
+        if reset is not None and task is not None and task is not asyncio.current_task():
+            self.stream.on_event = None
+            self.served.error = self.served.error or str(reset)
+            task.cancel()
 
     def _go_on(self, work: Coroutine[Any, Any, None]) -> None:
         assert self.serving is not None
