@@ -68,6 +68,11 @@ class EdgeApp:
         # serve_plain takes requests only when no hook may await before the response is written:
         # plugins are fixed once the server runs, so this is read once.
         self._plain = not (server.hooks.has_before_forward or server.hooks.has_before_response)
+        # The plain exchanges waiting for their response head, with their deadlines, oldest first
+        # (one timeout for all: insertion order is deadline order), and the one timer for the
+        # oldest: a loop timer per request (call_later and its cancel) cost more (see _Taskless).
+        self._heads_due: dict[_Taskless, float] = {}
+        self._heads_timer: asyncio.TimerHandle | None = None
 
     def serve_plain(self, conn: Any, method: str, url: bytes, headers: list[tuple[bytes, bytes]], http_version: str,
                     keep_alive: bool) -> PlainExchange | None:
@@ -126,6 +131,28 @@ class EdgeApp:
             await self.websocket(scope, receive, send)
         elif kind == "lifespan":
             await lifespan(receive, send)
+
+    def _wait_head(self, exchange: _Taskless) -> None:
+        """Give ``exchange`` COMZY_RESPONSE_TIMEOUT for its head (``_Taskless._timed_out`` after)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.response_timeout
+        self._heads_due[exchange] = deadline
+        if self._heads_timer is None:
+            self._heads_timer = loop.call_at(deadline, self._heads_late)
+
+    def _heads_late(self) -> None:
+        """Time out every exchange past its deadline; the timer then waits for the next one."""
+        self._heads_timer = None
+        due = self._heads_due
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while due:
+            exchange, deadline = next(iter(due.items()))
+            if deadline > now:
+                self._heads_timer = loop.call_at(deadline, self._heads_late)
+                return
+            del due[exchange]
+            exchange._timed_out()
 
     # -- routing shared by HTTP and WebSocket --------------------------------------
     def _forward_request(self, scope: Scope, websocket: bool) -> tuple[ForwardRequest, Entry | None, str]:
@@ -725,7 +752,7 @@ class _Taskless(PlainExchange):
     are plain functions, as the built-in ones are).
     """
 
-    __slots__ = ("done", "edge", "request", "started", "state", "stream", "timer", "tunnel")
+    __slots__ = ("done", "edge", "request", "started", "state", "stream", "tunnel")
 
     def __init__(self, edge: EdgeApp, conn: Any, stream: Stream, request: ForwardRequest, tunnel: Tunnel,
                  keep_alive: bool) -> None:
@@ -742,7 +769,7 @@ class _Taskless(PlainExchange):
         stream.send_end()
         tunnel.stream_opened(False)  # back down in _finish
         stream.on_event = self._on_event
-        self.timer = asyncio.get_running_loop().call_later(edge.settings.response_timeout, self._timed_out)
+        edge._wait_head(self)
 
     def _on_event(self) -> None:
         """The stream changed (head, data, end, credit, reset): move the response on. Runs in the
@@ -770,7 +797,7 @@ class _Taskless(PlainExchange):
                 if stream.reset_error is not None:
                     self._failed_before_head(stream.reset_error)
                 return  # credit: nothing to do before the head
-            self.timer.cancel()
+            self.edge._heads_due.pop(self, None)
             assert isinstance(head, p.ResponseHead)
             state.status = head.status
             state.started = True
@@ -830,7 +857,7 @@ class _Taskless(PlainExchange):
         if self.done:
             return
         self.done = True
-        self.timer.cancel()
+        self.edge._heads_due.pop(self, None)
         stream, state, edge = self.stream, self.state, self.edge
         stream.on_event = None
         stream.close()

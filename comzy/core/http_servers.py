@@ -188,7 +188,15 @@ def _bounded_head_protocol(limit: int, plain: PlainServe | None = None) -> type:
         def on_message_begin(self) -> None:
             self.in_head = self.head_started_now = True
             self.head_bytes = 0
-            super().on_message_begin()
+            if plain is None:
+                super().on_message_begin()
+                return
+            # uvicorn's, but the scope is built only for a request the app does not serve itself
+            # (see _uvicorn_scope): a plain one never reads it.
+            self.url = b""
+            self.expect_100_continue = False
+            self.headers = []
+            self.scope = None  # type: ignore[assignment]
 
         def on_headers_complete(self) -> None:
             self.in_head = False
@@ -215,11 +223,27 @@ def _bounded_head_protocol(limit: int, plain: PlainServe | None = None) -> type:
                     if exchange is not None:
                         self.cycle = self.plain_exchange = exchange  # type: ignore[assignment]
                         return
+            if self.scope is None:
+                self.scope = self._uvicorn_scope()
             super().on_headers_complete()
             if self.cycle is not cycle:  # a request to serve (not an upgrade): it may watch the connection
                 self.watch = DisconnectWatch()
                 # Added to what the scope has: uvicorn may give it extensions of its own.
                 self.scope.setdefault("extensions", {})[DISCONNECT_WATCH] = self.watch
+
+        def _uvicorn_scope(self) -> Any:
+            """The scope uvicorn's on_message_begin makes, made when it is needed (the same keys)."""
+            return {
+                "type": "http",
+                "asgi": {"version": self.asgi_version, "spec_version": "2.3"},
+                "http_version": "1.1",
+                "server": self.server,
+                "client": self.client,
+                "scheme": self.scheme,
+                "root_path": self.root_path,
+                "headers": self.headers,
+                "state": self.app_state.copy(),
+            }
 
         def on_response_complete(self) -> None:
             # The response is whole: it leaves now rather than at the end of the loop turn. The held
