@@ -68,7 +68,7 @@ async def _ignore(msg: object) -> None:
 async def test_link_client_flush_pings_after_the_subscription_it_made() -> None:
     """The PONG that ends ``flush()`` answers a PING the server read after the SUB: the
     subscription exists when ``flush`` returns. Fails without ``LinkClient._send_ping``."""
-    from comzy.core.cluster.connection import LinkClient
+    from comzy.core.cluster.nats_client import LinkClient
 
     assert await commands_of_subscribe_and_flush(LinkClient()) == [b"SUB", b"PING"]
 

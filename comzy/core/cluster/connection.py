@@ -1,12 +1,12 @@
 """A node's one NATS connection: connect (and keep connecting), subjects, the node lease.
 
 One ``nats.Client`` per node on purpose: NATS keeps the order of one connection's messages to
-one subscriber, which the link sequence numbers (link.py) rely on.
+one subscriber, which the link sequence numbers (link.py) rely on. It is a ``LinkClient``
+(nats_client.py, re-exported here with ``PENDING_SIZE``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
 import secrets
@@ -22,15 +22,13 @@ import msgpack
 import nats
 import nats.errors
 import nats.js.errors
-from nats.aio.client import Client
-from nats.aio.subscription import Subscription
-from nats.aio.transport import TcpTransport
 from nats.js import JetStreamContext
 from nats.js.api import StorageType
 from nats.js.kv import KeyValue
 
 from comzy import __version__
 from comzy.core.cluster import ClusterError
+from comzy.core.cluster.nats_client import PENDING_SIZE, LinkClient
 from comzy.core.cluster.settings import ClusterSettings, mask_url
 from comzy.core.logs import RateLimitedLog
 
@@ -46,120 +44,8 @@ CONNECT_BACKOFF_MAX = 5.0
 PING_INTERVAL = 5
 MAX_OUTSTANDING_PINGS = 2
 RECONNECT_TIME_WAIT = 0.5
-#: Bytes nats-py buffers for sending before a publish waits for its flusher: the link's backpressure.
-PENDING_SIZE = 2 * 1024 * 1024
 
 Callback = Callable[[], Awaitable[None] | None]
-#: A handler ``LinkClient.direct`` calls with each message's subject and payload, in the read loop.
-DirectHandler = Callable[[bytes, bytes], None]
-_CRLF = b"\r\n"
-
-
-class LinkClient(Client):
-    """nats-py's client with a shorter path for link messages, the cluster's per-request traffic.
-
-    nats-py hands every message to a subscription's queue, read by a task of its own, and every
-    publish to its flusher task: two task hand-offs (two event-loop iterations) per message on each
-    node, on top of the link session's own. Here, a subscription marked with ``direct`` has its
-    messages handled by a plain function in the read loop's own call, and ``publish_now`` writes to
-    the socket in the caller's call when nothing is queued before it (docs/benchmarks.md, "Fewer
-    hand-offs on the link"). A publish that cannot be written at once (a reconnect under way, a
-    transport other than TCP, bytes still queued in nats-py) takes nats-py's own path, in order.
-
-    ``flush`` also means what it says here: its PING leaves after every command made before it
-    (``_send_ping``), so a subscription flushed exists on the server when ``flush`` returns.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._direct: dict[int, DirectHandler] = {}
-
-    async def _send_ping(self, future: asyncio.Future[Any] | None = None) -> None:
-        # nats-py (2.16) writes the PING of flush() straight to the socket, ahead of commands still
-        # queued for its flusher task, such as the SUB of a subscribe() just made: the PONG then
-        # came before the server read the SUB, and another connection's publishes in between were
-        # not delivered (a lost first link message; tests/cluster/test_nats_flush.py). Writing the
-        # queue first keeps the protocol's order: the flusher's own writes were all made before it
-        # emptied the queue, so nothing is overtaken.
-        if self._pending and self.is_connected and self._transport is not None:
-            self._transport.writelines(self._pending[:])
-            self._pending = []
-            self._pending_data_size = 0
-        await super()._send_ping(future)
-
-    def direct(self, subscription: Subscription, handler: DirectHandler) -> None:
-        """Handle every message of ``subscription`` with ``handler(subject, payload)`` as it is
-        parsed, in order, instead of its callback (headers are dropped: links send none). The
-        handler must not block; the subscription's pending limits no longer apply, so it bounds
-        what it keeps itself."""
-        self._direct[subscription._id] = handler
-
-    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes,
-                           headers: bytes | None) -> None:
-        handler = self._direct.get(sid)
-        if handler is None or sid not in self._subs:
-            await super()._process_msg(sid, subject, reply, data, headers)
-            return
-        self.stats["in_msgs"] += 1
-        self.stats["in_bytes"] += len(data)
-        try:
-            handler(subject, data)
-        except Exception:  # as nats-py does with a callback's error: logged, the connection goes on
-            log.exception("cluster: a link message handler failed")
-
-    def _remove_sub(self, sid: int, max_msgs: int = 0) -> None:
-        self._direct.pop(sid, None)
-        super()._remove_sub(sid, max_msgs)
-
-    def write_now(self, subject: str, reply: str, head: bytes, body: bytes) -> bool:
-        """Write a PUB of ``head + body`` on ``subject`` (with ``reply``) to the socket now, when
-        that keeps order and limits: connected over plain TCP, nothing queued in nats-py before it,
-        within max_payload. False (and nothing written) otherwise. Subjects are not validated
-        (ours are built from checked names)."""
-        transport = self._transport
-        if type(transport) is not TcpTransport or self._status != Client.CONNECTED or self._pending:
-            return False
-        writer = transport._io_writer
-        size = len(head) + len(body)
-        if writer is None or size > self._max_payload or writer.transport.is_closing():
-            return False
-        # Nothing is pending, so every earlier write is in the transport already: order holds.
-        writer.writelines((b"PUB %s %s %d\r\n%s" % (subject.encode(), reply.encode(), size, head), body, _CRLF))
-        self.stats["out_msgs"] += 1
-        self.stats["out_bytes"] += size
-        return True
-
-    def unsent(self) -> int:
-        """Bytes the socket has not taken yet of what was written to it (0 over another transport)."""
-        transport = self._transport
-        if type(transport) is not TcpTransport or transport._io_writer is None:
-            return 0
-        return transport._io_writer.transport.get_write_buffer_size()  # type: ignore[no-any-return]
-
-    async def drain_unsent(self) -> None:
-        """Wait until ``unsent()`` is back under PENDING_SIZE; raises ConnectionClosedError if the
-        connection broke meanwhile (nats-py's read loop reconnects)."""
-        while self.unsent() > PENDING_SIZE:
-            transport = self._transport
-            assert type(transport) is TcpTransport and transport._io_writer is not None
-            try:
-                await transport._io_writer.drain()
-            except (OSError, RuntimeError) as exc:
-                raise nats.errors.ConnectionClosedError() from exc
-
-    async def publish_now(self, subject: str, reply: str, head: bytes, body: bytes) -> None:
-        """Publish ``head + body``: ``write_now``, else nats-py's ``publish`` (its buffer while
-        reconnecting, its backpressure and errors). Past PENDING_SIZE bytes the kernel has not
-        taken yet, it waits for the socket to drain: the link's backpressure."""
-        if not self.write_now(subject, reply, head, body):
-            await self.publish(subject, head + body, reply=reply)
-            return
-        writer = self._transport._io_writer
-        if writer.transport.get_write_buffer_size() > PENDING_SIZE:
-            try:
-                await writer.drain()
-            except (OSError, RuntimeError) as exc:  # the connection broke: nats-py's read loop reconnects
-                raise nats.errors.ConnectionClosedError() from exc
 
 
 class BusDown(Exception):
