@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from comzy.agent.client import Agent, AgentConfig
 from comzy.agent.forward import LocalForwarder, Served
@@ -22,6 +23,11 @@ from tests.private_mariadb import private_mariadb  # noqa: F401 (a fixture: a Ma
 from tests.upstream import Upstream, serve_upstream
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Property tests check behaviour, never speed (speed is the benchmark's job, bench/): Hypothesis's
+# 200 ms deadline per example failed a codec test at load 10 on a shared machine.
+hypothesis_settings.register_profile("comzy", deadline=None)
+hypothesis_settings.load_profile("comzy")
 
 
 @pytest.fixture
