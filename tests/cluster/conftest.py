@@ -130,9 +130,12 @@ async def nats_node(nats: NatsServer, role: str = "control", **overrides: Any) -
 async def wait_linkable(opener: Any, acceptor: Any, timeout: float = 10.0) -> None:
     """Wait until ``opener``'s NATS connection sees ``acceptor``'s link subscription.
 
-    nats-server 2.9.10 sometimes routes another connection's publish as if a subscription made a
-    moment ago (its PONG already received) did not exist yet: measured 2-4% of first publishes.
-    A test that links two nodes it has just started waits for this; in a running cluster an edge
+    Stock nats-py (2.16) writes ``flush()``'s PING ahead of a SUB still queued for its flusher, so
+    the PONG can come before the server has the subscription, and another connection's publish
+    then finds none (measured 2-4% of first publishes; tests/cluster/test_nats_flush.py).
+    ``LinkClient`` orders them, but a test's other clients are stock nats-py, and after a NATS
+    restart the replayed subscriptions arrive later still. A test that links two nodes it has just
+    started waits for this; in a running cluster an edge
     links to a node only after that node answered a lookup, long after it subscribed. The probe
     is a BYE for no link, which the acceptor ignores; "no responders" means not yet.
     """

@@ -285,8 +285,8 @@ async def test_losing_nats_closes_every_link_and_they_come_back_after_a_restart(
         nats_server.restart()
         await wait_until(lambda: pair.a.connected and pair.b.connected, timeout=20)
         # nats-py reports connected before the server has B's replayed subscriptions (its flush
-        # comes after), and 2.9.10 may not route to them for a moment more: a link opened before
-        # that gets "no responders" and ends. Both reconnected at once, so wait both ways.
+        # comes after): a link opened before that gets "no responders" and ends. Both reconnected
+        # at once, so wait both ways.
         await wait_linkable(pair.a, pair.b)
         await wait_linkable(pair.b, pair.a)
         fresh = pair.link()

@@ -86,9 +86,10 @@ def decode_header(payload: bytes) -> tuple[LinkKind, int, int] | None:
 class LinkTransport:
     """What a link ``Session`` uses as its ``ws``.
 
-    Attached (``attach``, the usual way): each link message goes straight from nats-py's read loop
-    to the session (``_link_message``) and ``write_message`` writes to the NATS socket in the
-    caller's call, with no reader or writer task (docs/benchmarks.md, "The cluster link attached").
+    Attached (``attach``, the usual way): each link message goes straight from the NATS socket's
+    read callback (``LinkClient``'s framer) to the session (``_link_message``) and
+    ``write_message`` writes to the NATS socket in the caller's call, with no reader or writer
+    task (docs/benchmarks.md, "The cluster link attached").
     Otherwise ``send`` and ``receive`` serve the session's tasks; ``receive`` never returns
     ``Closed``: once the link has failed it raises WebSocketError with the reason, so the session
     and its streams end with that reason as it is (attached, the session ends with that error too).
@@ -130,7 +131,7 @@ class LinkTransport:
 
     # -- the Session's side, attached ------------------------------------------------------------
     def attach(self, sink: Session) -> bool:
-        """Hand every link message to ``sink._link_message`` from nats-py's read loop, and take
+        """Hand every link message to ``sink._link_message`` as the NATS socket is read, and take
         ``write_message`` calls, from now on. What arrived before goes first, in order. False
         (nothing changes: the session keeps its tasks) over a NATS transport other than plain
         TCP, where no write can be made at once."""
@@ -451,11 +452,11 @@ class Links:
     # -- NATS callbacks (never await anything slow: one callback serves every link) ---------
     async def _on_message(self, msg: Msg) -> None:
         # The subscription's callback, which nats-py requires; LinkClient.direct hands every
-        # message to _on_link_message instead, in the read loop.
+        # message to _on_link_message instead, as the socket is read.
         self._on_link_message(msg.subject.encode(), msg.data)
 
     def _on_link_message(self, subject: bytes, data: bytes) -> None:
-        """A message on ``P.n.<me>.l.<peer>``, handled in nats-py's read loop (never blocks)."""
+        """A message on ``P.n.<me>.l.<peer>``, handled as the NATS socket is read (never blocks)."""
         peer = subject.rpartition(b".")[2].decode("ascii", "replace")
         header = decode_header(data)
         if header is None:
