@@ -22,9 +22,10 @@ import anyio
 import pytest
 
 from comzy.core import hookspecs
-from comzy.core.server import ServerContext
+from comzy.core.hooks import load_plugins, select_plugins
+from comzy.core.server import ServerContext, run_server
 from comzy.core.types import Exchange
-from tests.conftest import RunningAgent, start_agent, start_server
+from tests.conftest import RunningAgent, make_settings, start_agent, start_server
 from tests.helpers import wait_until
 from tests.upstream import Upstream
 
@@ -290,3 +291,32 @@ async def test_a_failing_hook_before_the_stream_is_uvicorns_500(tmp_path: Path, 
         answer = await exchange(server, b"GET / HTTP/1.1\r\nHost: boom.test\r\n\r\n")
     assert answer == (b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: text/plain; charset=utf-8\r\n"
                       b"content-length: 21\r\nconnection: close\r\n\r\nInternal Server Error")
+
+
+async def test_with_every_built_in_plugin_a_bodyless_request_still_needs_no_task(
+        tmp_path: Path, upstream: Upstream) -> None:
+    """The default install enables every built-in plugin: their before_forward and before_response
+    hooks are plain functions, called from the parser's callback, and after_response's too."""
+    settings = make_settings(tmp_path / "d", plugins=None, http_server="uvicorn-direct")
+    async with run_server(settings, load_plugins(select_plugins(None))) as server, \
+            start_agent(server, upstream.port) as tunnel:
+        assert server.hooks.has_before_forward and server.hooks.has_before_response
+        assert server.hooks.has_after_response
+        host = f"{tunnel.alias}.localhost".encode()
+        async with anyio.create_task_group() as tg:
+            answers: list[bytes] = []
+
+            async def visit() -> None:
+                answers.append(await exchange(server, b"GET /hold/plugins HTTP/1.1\r\nHost: " + host
+                                              + b"\r\nConnection: close\r\n\r\n"))
+
+            tg.start_soon(visit)
+            with anyio.fail_after(5):
+                await upstream.gate("plugins-arrived").wait()
+            waiting = request_tasks()
+            upstream.gate("plugins").set()
+        assert waiting == []
+        assert answers[0].startswith(b"HTTP/1.1 200 OK\r\n") and answers[0].endswith(b"released plugins\n")
+        entry = server.registry.get(tunnel.alias)
+        assert entry is not None
+        await wait_until(lambda: entry.tunnel.requests == 1 and entry.tunnel.streams_open == 0)

@@ -6,6 +6,7 @@ import asyncio
 import html
 import logging
 import time
+from collections.abc import Awaitable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -65,9 +66,6 @@ class EdgeApp:
         self.hooks = server.hooks
         # A misconfigured node refuses every visitor of a protected tunnel: one line a minute says so.
         self._unenforced_log = RateLimitedLog(log, interval=60.0, level=logging.ERROR)
-        # serve_plain takes requests only when no hook may await before the response is written:
-        # plugins are fixed once the server runs, so this is read once.
-        self._plain = not (server.hooks.has_before_forward or server.hooks.has_before_response)
         # The plain exchanges waiting for their response head, with their deadlines, oldest first
         # (one timeout for all: insertion order is deadline order), and the one timer for the
         # oldest: a loop timer per request (call_later and its cancel) cost more (see _Taskless).
@@ -77,15 +75,13 @@ class EdgeApp:
     def serve_plain(self, conn: Any, method: str, url: bytes, headers: list[tuple[bytes, bytes]], http_version: str,
                     keep_alive: bool) -> PlainExchange | None:
         """Serve a bodyless HTTP/1.x request to a tunnel of this node without ASGI and without a task
-        (``PlainServe``, uvicorn only): the REQUEST goes out now, and the response is written to the
-        visitor from the stream's events (:class:`_Taskless`). None (the ASGI app serves it, as
-        before) for everything else: a body, a Host not exactly one, no tunnel here (404, cluster
-        routes), 431, 502, 503, a hook that may await (before_forward, before_response).
-
-        Nothing is written or sent before the answer is known, so a refusal here changes nothing.
+        (``PlainServe``, uvicorn only): the hooks are called now, the REQUEST goes out now, and the
+        response is written to the visitor from the stream's events (:class:`_Taskless`); a hook that
+        returns something to await is awaited in a task, from which the exchange goes on. None (the
+        ASGI app serves it, as before) for everything else: a body, a Host not exactly one, no tunnel
+        here (404, cluster routes), 431 and a policy this node cannot enforce; without before_forward
+        hooks, also 503 and 502 before the stream. Nothing has been called, written or sent then.
         """
-        if not self._plain:
-            return None
         hosts = 0
         for name, _ in headers:
             if name == b"host":
@@ -113,15 +109,51 @@ class EdgeApp:
         tunnel, session = entry.tunnel, entry.session
         if tunnel.policies and self._unenforced(tunnel) is not None:
             return None
-        if self._busy(session, tunnel) is not None:
-            return None
+        if not self.hooks.has_before_forward:
+            if self._busy(session, tunnel) is not None or session.closed is not None:
+                return None
+            exchange = _Taskless(self, conn, request, tunnel, keep_alive)
+            self._forward_plain(exchange, session, http_version)
+            return exchange
+        exchange = _Taskless(self, conn, request, tunnel, keep_alive)
+        try:
+            pending = self.hooks.before_forward_now(request, tunnel, self.server)
+        except Exception as exc:
+            exchange.refused(exc, "before_forward")
+            return exchange
+        if pending is None:
+            self._forward_plain(exchange, session, http_version)
+        else:
+            exchange.hold(self._forward_after(exchange, pending, session, http_version))
+        return exchange
+
+    async def _forward_after(self, exchange: _Taskless, pending: Awaitable[None], session: Session,
+                             http_version: str) -> None:
+        """A plain exchange whose before_forward returned something to await (basic_auth's hash)."""
+        try:
+            await pending
+        except Exception as exc:
+            exchange.refused(exc, "before_forward")
+            return
+        exchange.pending = None
+        if not exchange.done:  # the visitor may have left meanwhile
+            self._forward_plain(exchange, session, http_version)
+
+    def _forward_plain(self, exchange: _Taskless, session: Session, http_version: str) -> None:
+        """Open the plain exchange's stream, or answer 503 or 502 as ``http`` does."""
+        request, tunnel = exchange.request, exchange.tunnel
+        busy = self._busy(session, tunnel)
+        if busy is not None:
+            exchange.answer(503, busy, [(b"retry-after", b"1"), *CLOSE])
+            return
         head = p.RequestHead(request.method, request.target, request.headers, request.client,
                              request.scheme, http_version, has_body=False, tunnel=tunnel.name)
         try:
             stream = _open(session, None, head)
         except SessionClosed:
-            return None
-        return _Taskless(self, conn, stream, request, tunnel, keep_alive)
+            exchange.answer(502, f"The agent for {tunnel.alias} has disconnected.\n")
+            return
+        exchange.begin(stream)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -674,12 +706,7 @@ class EdgeApp:
             state.status = 500
             await respond(send, 500, PLUGIN_FAILED, scope=scope)
             return None
-        edited = strip_hop_by_hop(response.headers, extra)
-        if [value for name, value in edited if name.lower() == b"content-length"] != lengths:
-            log.warning("a before_response hook changed %s's Content-Length; the local service's is kept", tunnel.alias)
-            edited = [(n, v) for n, v in edited if n.lower() != b"content-length"]
-            edited += [(b"content-length", value) for value in lengths]
-        return edited
+        return _kept_framing(response.headers, lengths, tunnel, extra)
 
     async def _ws_from_visitor(self, stream: Stream, receive: Receive, state: _Exchange,
                                scope: anyio.CancelScope) -> None:
@@ -721,6 +748,17 @@ class EdgeApp:
             await send({"type": "websocket.close", "code": 1011, "reason": "tunnel lost"})
 
 
+def _kept_framing(headers: list[tuple[bytes, bytes]], lengths: list[bytes], tunnel: Tunnel,
+                  extra: frozenset[bytes] = frozenset()) -> list[tuple[bytes, bytes]]:
+    """The headers a before_response hook left, with the local service's framing (see _before_response)."""
+    edited = strip_hop_by_hop(headers, extra)
+    if [value for name, value in edited if name.lower() == b"content-length"] != lengths:
+        log.warning("a before_response hook changed %s's Content-Length; the local service's is kept", tunnel.alias)
+        edited = [(n, v) for n, v in edited if n.lower() != b"content-length"]
+        edited += [(b"content-length", value) for value in lengths]
+    return edited
+
+
 class _Exchange:
     """Mutable counters for one proxied exchange."""
 
@@ -744,32 +782,62 @@ class _Exchange:
 class _Taskless(PlainExchange):
     """A bodyless request's exchange driven by its stream's events (``Stream.on_event``) and its
     connection's (``visitor_left``, ``writable``): no task, no ASGI messages. It keeps what
-    ``EdgeApp.http`` does for the same request on the ASGI path: the response timeout (504), a
-    reset before the head (502) or after it (the connection is closed, never a truncated response
-    marked complete), the visitor leaving (RESET CANCEL), the response's backpressure (the stream
-    is not read while the visitor's connection is paused, so its window holds the agent back),
-    and ``_finish``'s bookkeeping with after_response (called at once when its implementations
-    are plain functions, as the built-in ones are).
+    ``EdgeApp.http`` does for the same request on the ASGI path: before_forward's refusals (and
+    on_request_refused), 503 and 502 before the stream, the response timeout (504), a reset before
+    the head (502) or after it (the connection is closed, never a truncated response marked
+    complete), before_response's edits and refusals, the visitor leaving (RESET CANCEL), the
+    response's backpressure (the stream is not read while the visitor's connection is paused, so
+    its window holds the agent back), and ``_finish``'s bookkeeping with after_response (called at
+    once when its implementations are plain functions, as the built-in ones are). A hook that
+    returns something to await is awaited in a task (``pending``), from which the exchange goes on.
     """
 
-    __slots__ = ("done", "edge", "request", "started", "state", "stream", "tunnel")
+    __slots__ = ("done", "edge", "pending", "request", "started", "state", "stream", "tunnel")
 
-    def __init__(self, edge: EdgeApp, conn: Any, stream: Stream, request: ForwardRequest, tunnel: Tunnel,
-                 keep_alive: bool) -> None:
+    def __init__(self, edge: EdgeApp, conn: Any, request: ForwardRequest, tunnel: Tunnel, keep_alive: bool) -> None:
         super().__init__(conn, request.method, keep_alive)
         self.edge = edge
-        self.stream = stream
         self.request = request
         self.tunnel = tunnel
         self.started = time.time()
         self.state = _Exchange()
         self.state.request_done = True
         self.done = False
+        self.stream: Stream | None = None
+        #: A hook's awaitable being awaited (the stream's events wait until it is done).
+        self.pending: asyncio.Task[None] | None = None
+
+    def begin(self, stream: Stream) -> None:
+        """The stream is open and its REQUEST queued: END goes with it, then wait for the response."""
+        self.stream = stream
         # END goes with REQUEST in one link message, as on the ASGI path.
         stream.send_end()
-        tunnel.stream_opened(False)  # back down in _finish
+        self.tunnel.stream_opened(False)  # back down in _finish
         stream.on_event = self._on_event
-        edge._wait_head(self)
+        self.edge._wait_head(self)
+
+    def hold(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Go on in a task (a hook's awaitable), which a graceful stop waits for like uvicorn's own."""
+        task = self.pending = asyncio.get_running_loop().create_task(coroutine)
+        tasks = self.conn.tasks
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    def answer(self, status: int, body: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        """Answer without a stream (a refusal): nothing to finish after."""
+        self.done = True
+        self.pending = None
+        self.respond(status, body, headers=headers)
+
+    def refused(self, exc: Exception, hook: str) -> None:
+        """A before_forward implementation refused the request (Reject) or failed (500)."""
+        edge, tunnel = self.edge, self.tunnel
+        if isinstance(exc, Reject):
+            self.answer(exc.status, exc.body, headers=exc.headers)
+            self.hold(edge.hooks.on_request_refused(self.request, tunnel, exc, edge.server))
+        else:
+            log.error("%s failed for %s; answering 500", hook, tunnel.alias, exc_info=exc)
+            self.answer(500, PLUGIN_FAILED)
 
     def _on_event(self) -> None:
         """The stream changed (head, data, end, credit, reset): move the response on. Runs in the
@@ -788,9 +856,10 @@ class _Taskless(PlainExchange):
             self._on_event()
 
     def _advance(self) -> None:
-        if self.done:
+        if self.done or self.pending is not None:
             return
         stream, state = self.stream, self.state
+        assert stream is not None
         if not state.started:
             head = stream.head
             if head is None:
@@ -800,10 +869,47 @@ class _Taskless(PlainExchange):
             self.edge._heads_due.pop(self, None)
             assert isinstance(head, p.ResponseHead)
             state.status = head.status
-            state.started = True
-            if not self.start_response(head.status, strip_hop_by_hop(head.headers)):
-                self._finish()
+            headers = strip_hop_by_hop(head.headers)
+            if self.edge.hooks.has_before_response:
+                lengths = [value for name, value in headers if name.lower() == b"content-length"]
+                response = ForwardResponse(head.status, headers)
+                try:
+                    pending = self.edge.hooks.before_response_now(response, self.request, self.tunnel,
+                                                                  self.edge.server)
+                except Exception as exc:
+                    self._response_refused(exc)
+                    return
+                if pending is not None:
+                    self.hold(self._edited_later(pending, response, lengths))
+                    return
+                headers = _kept_framing(response.headers, lengths, self.tunnel)
+            if not self._start(head.status, headers):
                 return
+        self._pump()
+
+    async def _edited_later(self, pending: Awaitable[None], response: ForwardResponse, lengths: list[bytes]) -> None:
+        """A before_response implementation returned something to await: the head waits for it."""
+        try:
+            await pending
+        except Exception as exc:
+            self.pending = None
+            self._response_refused(exc)
+            return
+        self.pending = None
+        if not self.done and self._start(response.status, _kept_framing(response.headers, lengths, self.tunnel)):
+            self._on_event()
+
+    def _start(self, status: int, headers: list[tuple[bytes, bytes]]) -> bool:
+        """Write the response head; False when the exchange ended instead."""
+        self.state.started = True
+        if not self.start_response(status, headers):
+            self._finish()
+            return False
+        return True
+
+    def _pump(self) -> None:
+        stream, state = self.stream, self.state
+        assert stream is not None
         while not self.write_paused:
             data = stream.receive_nowait(COALESCE_BODY)
             if data is None:
@@ -824,6 +930,24 @@ class _Taskless(PlainExchange):
                 self._finish()
                 return
 
+    def _response_refused(self, exc: Exception) -> None:
+        """before_response refused the response (Reject: its answer) or failed (500)."""
+        if self.done:
+            return
+        state = self.state
+        if isinstance(exc, Reject):
+            state.status = exc.status
+            self.respond(exc.status, exc.body, headers=exc.headers)
+        else:
+            log.error("before_response failed for %s; answering 500", self.tunnel.alias, exc_info=exc)
+            state.status = 500
+            self.respond(500, PLUGIN_FAILED)
+        stream = self.stream
+        assert stream is not None
+        stream.on_event = None
+        stream.reset(p.ResetCode.CANCEL, "the response was refused by a server plugin")
+        self._finish()
+
     def _failed_before_head(self, error: StreamReset) -> None:
         self.state.error = error.message
         self.state.status = 502
@@ -834,6 +958,7 @@ class _Taskless(PlainExchange):
         if self.done or self.state.started:
             return
         stream, state = self.stream, self.state
+        assert stream is not None
         stream.on_event = None  # the reset below is ours
         stream.reset(p.ResetCode.CANCEL, "response timeout")
         state.status = 504
@@ -844,6 +969,12 @@ class _Taskless(PlainExchange):
     def visitor_left(self) -> None:
         """The visitor disconnected before the response was complete: reset the stream."""
         if self.done:
+            return
+        if self.pending is not None:
+            self.pending.cancel()  # a hook's await: nobody is left to answer
+            self.pending = None
+        if self.stream is None:
+            self.done = True  # before the stream (a hook's await): nothing was counted
             return
         state = self.state
         state.visitor_gone = True
@@ -857,8 +988,9 @@ class _Taskless(PlainExchange):
         if self.done:
             return
         self.done = True
-        self.edge._heads_due.pop(self, None)
         stream, state, edge = self.stream, self.state, self.edge
+        assert stream is not None
+        edge._heads_due.pop(self, None)
         stream.on_event = None
         stream.close()
         self.tunnel.stream_finished(False, state.bytes_in, state.bytes_out)

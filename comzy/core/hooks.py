@@ -6,7 +6,7 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
@@ -298,6 +298,21 @@ class HookRunner:
         await self._call_logged("after_response", {"exchange": exchange, "server": server},
                                 impls=self._after_response, shield=True)
 
+    def before_forward_now(self, request: Any, tunnel: Any, server: Any) -> Awaitable[None] | None:
+        """``before_forward`` for a caller without a task: the implementations are called now, in
+        order, and Reject (with its plugin) or an error raises here; from the first one that returns
+        something to await, what is left is returned as one awaitable (None: all done)."""
+        if self.trace:
+            return self.before_forward(request, tunnel, server)
+        return _call_now(self._before_forward, {"request": request, "tunnel": tunnel, "server": server}, True)
+
+    def before_response_now(self, response: Any, request: Any, tunnel: Any, server: Any) -> Awaitable[None] | None:
+        """``before_response`` for a caller without a task, as :meth:`before_forward_now`."""
+        if self.trace:
+            return self.before_response(response, request, tunnel, server)
+        return _call_now(self._before_response,
+                         {"response": response, "request": request, "tunnel": tunnel, "server": server}, False)
+
     def after_response_soon(self, exchange: Any, server: Any) -> asyncio.Task[None] | None:
         """``after_response`` for a caller without a task (the edge's taskless path): the plain
         implementations are called now, in order; from the first one that returns something to
@@ -362,6 +377,47 @@ class HookRunner:
         for result in await self._call_in_order("agent_routes", {"server": server}):
             routes.extend(result)
         return routes
+
+
+def _call_now(impls: list[Any], kwargs: dict[str, Any], name_rejects: bool) -> Awaitable[None] | None:
+    """Call ``impls`` in order until one returns an awaitable; then that one and the rest, awaited
+    in order, as one coroutine (None when none did). With ``name_rejects``, a Reject names its plugin
+    (before_forward).
+
+    A coroutine returned here is closed unstarted and its implementation called again from the
+    coroutine returned, so that it starts where it is made, in the awaiting task, as when the hook
+    is awaited (basic_auth's coroutine registers its hash as pending when it starts: made here and
+    started a loop turn later, another request with the same header could start a second one)."""
+    for index, impl in enumerate(impls):
+        try:
+            result = impl.function(*[kwargs[arg] for arg in impl.argnames])
+        except Reject as exc:
+            if name_rejects:
+                exc.plugin = exc.plugin or impl.plugin_name
+            raise
+        if result is not None and inspect.isawaitable(result):
+            if inspect.iscoroutine(result):
+                result.close()
+                return _call_from(impls[index:], kwargs, name_rejects)
+            return _call_from(impls[index + 1:], kwargs, name_rejects, result, impl.plugin_name)
+    return None
+
+
+async def _call_from(impls: list[Any], kwargs: dict[str, Any], name_rejects: bool,
+                     pending: Awaitable[Any] | None = None, plugin: str = "") -> None:
+    """Await ``pending`` (of ``plugin``), then call and await ``impls`` in order (see _call_now)."""
+    try:
+        if pending is not None:
+            await pending
+        for impl in impls:
+            plugin = impl.plugin_name
+            result = impl.function(*[kwargs[arg] for arg in impl.argnames])
+            if result is not None and inspect.isawaitable(result):
+                await result
+    except Reject as exc:
+        if name_rejects:
+            exc.plugin = exc.plugin or plugin
+        raise
 
 
 def _trace(hook: str, plugin: str, started: float, outcome: object) -> None:

@@ -432,10 +432,14 @@ class PlainExchange:
         conn.on_response_complete()
         return True
 
-    def respond(self, status: int, body: str, headers: list[tuple[bytes, bytes]] | None = None) -> bool:
-        """A whole response, as :func:`comzy.core.asgi.respond` makes one (text, its Content-Length)."""
-        data = body.encode()
-        fields = [(b"content-type", TEXT), *(headers or ()), (b"content-length", b"%d" % len(data))]
+    def respond(self, status: int, body: bytes | str, headers: Iterable[tuple[bytes, bytes]] | None = None) -> bool:
+        """A whole response as :func:`comzy.core.asgi.respond` makes one: ``headers`` in their order
+        (text/plain first unless they give a Content-Type), then its own Content-Length."""
+        data = body.encode() if isinstance(body, str) else body
+        fields = [(n, v) for n, v in headers or () if n.lower() != b"content-length"]
+        if not any(n.lower() == b"content-type" for n, _ in fields):
+            fields.insert(0, (b"content-type", TEXT))
+        fields.append((b"content-length", b"%d" % len(data)))
         return self.start_response(status, fields) and self.send_body(data) and self.end_response()
 
     def internal_error(self) -> None:
