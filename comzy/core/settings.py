@@ -75,10 +75,10 @@ class ServerSettings(BaseSettings):
                                       description="TLS private key (PEM, unencrypted) for the public and agent "
                                       "listeners. Empty: no TLS.")
     http_server: Literal["hypercorn", "uvicorn", "uvicorn-direct"] = Field(
-        "uvicorn", validation_alias=_env("COMZY_HTTP_SERVER"),
-        description="HTTP server of the public listener: uvicorn (HTTP/1.1), uvicorn-direct (uvicorn serving "
-        "plain requests without ASGI: a request without a body to a tunnel of this node costs no task) or "
-        "hypercorn (also HTTP/2 over TLS, about 2.6 times the CPU per request).")
+        "uvicorn-direct", validation_alias=_env("COMZY_HTTP_SERVER"),
+        description="HTTP server of the public listener: uvicorn-direct (uvicorn, HTTP/1.1, serving a request "
+        "without a body to a tunnel of this node without ASGI or a task: the least CPU per request), uvicorn "
+        "(every request through ASGI) or hypercorn (also HTTP/2 over TLS, about 2.6 times the CPU per request).")
     event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
         "auto", validation_alias=_env("COMZY_EVENT_LOOP"),
         description="Event loop: auto (uvloop where installed, a dependency on Linux and macOS: less CPU per "
