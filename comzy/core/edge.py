@@ -823,7 +823,7 @@ class _Taskless(PlainExchange):
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
-    def answer(self, status: int, body: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    def answer(self, status: int, body: bytes | str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
         """Answer without a stream (a refusal): nothing to finish after."""
         self.done = True
         self.pending = None
