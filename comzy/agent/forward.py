@@ -122,12 +122,14 @@ class _Call:
         502 or RESET); in a task of ``serving``, it is cancelled should the stream be reset meanwhile."""
         served, stream = self.served, self.stream
         if self.serving is not None and not self.head.websocket:  # (a WebSocket's reset follows its close)
-            self.task = asyncio.current_task()
+            task = self.task = asyncio.current_task()
             stream.on_event = self._reset_while_running
+            if stream.reset_error is not None and task is not None:
+                # Reset before this task began: the work stops at its first wait, its own cleanup
+                # (closing the local connection it holds) run, as when the reset comes later.
+                served.error = served.error or str(stream.reset_error)
+                task.cancel()
         try:
-            if stream.reset_error is not None:
-                work.close()  # reset before this task began: nothing left to serve
-                raise stream.reset_error
             await work
         except (StreamReset, SessionClosed) as exc:
             served.error = served.error or str(exc)
