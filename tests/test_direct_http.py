@@ -24,7 +24,7 @@ import pytest
 from comzy.core import hookspecs
 from comzy.core.hooks import load_plugins, select_plugins
 from comzy.core.server import ServerContext, run_server
-from comzy.core.types import Exchange
+from comzy.core.types import Exchange, Reject
 from tests.conftest import RunningAgent, make_settings, start_agent, start_server
 from tests.helpers import wait_until
 from tests.upstream import Upstream
@@ -320,3 +320,48 @@ async def test_with_every_built_in_plugin_a_bodyless_request_still_needs_no_task
         entry = server.registry.get(tunnel.alias)
         assert entry is not None
         await wait_until(lambda: entry.tunnel.requests == 1 and entry.tunnel.streams_open == 0)
+
+
+class RefuseSome:
+    """Refuses /refuse* from before_forward, synchronously: answered from the parser's callback."""
+
+    @hookspecs.hookimpl
+    def before_forward(self, request: Any) -> None:
+        if request.target.startswith(b"/refuse"):
+            raise Reject("refused here", 403)
+
+
+async def test_a_refusal_answered_while_parsing_does_not_cut_the_request_pipelined_behind_it(
+        tmp_path: Path, upstream: Upstream, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refusal finished inside the parser's callback arms uvicorn's keep-alive timer; a request
+    parsed after it in the same read is then being served, and the timer must not close its
+    connection (uvicorn disarms the timer only when a read begins)."""
+    import uvicorn
+
+    keep_alive = 1  # seconds (uvicorn takes whole seconds); the server's own is 75
+    original = uvicorn.Config.__init__
+
+    def short_keep_alive(self: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs["timeout_keep_alive"] = keep_alive
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(uvicorn.Config, "__init__", short_keep_alive)
+    refuse = [("refuse", RefuseSome())]
+    async with start_server(tmp_path / "d", plugins=refuse, http_server="uvicorn-direct") as server, \
+            start_agent(server, upstream.port) as tunnel:
+        host = f"{tunnel.alias}.localhost".encode()
+        async with anyio.create_task_group() as tg:
+            answers: list[bytes] = []
+
+            async def visit() -> None:
+                pipelined = (b"GET /refuse HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"
+                             b"GET /hold/k HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+                answers.append(await exchange(server, pipelined))
+
+            tg.start_soon(visit)
+            with anyio.fail_after(5):
+                await upstream.gate("k-arrived").wait()
+            await anyio.sleep(keep_alive + 1)  # past the keep-alive timeout, the held request still served
+            upstream.gate("k").set()
+    assert answers[0].startswith(b"HTTP/1.1 403 Forbidden\r\n"), answers[0]
+    assert answers[0].count(b"HTTP/1.1 ") == 2 and answers[0].endswith(b"released k\n"), answers[0]

@@ -175,6 +175,13 @@ def _bounded_head_protocol(limit: int, plain: PlainServe | None = None) -> type:
             was_in_head = self.in_head
             self.head_started_now = False
             super().data_received(data)
+            cycle = self.cycle
+            if self.timeout_keep_alive_task is not None and cycle is not None and not cycle.response_complete:
+                # A response finished inside this read's parsing (a plain exchange's refusal, answered
+                # from the parser's callback) armed the keep-alive timer, and a request parsed after it
+                # in the same read is being served: the timer would close its connection. uvicorn
+                # disarms it only when a read begins.
+                self._unset_keepalive_if_required()
             if not (was_in_head and self.in_head and not self.head_started_now):
                 return
             self.head_bytes += len(data)
