@@ -398,7 +398,7 @@ class EdgeApp:
                     try:
                         stream = _open(route.session, route, head)
                     except SessionClosed as exc:
-                        answer = (502, f"The tunnel failed before a response: {exc}\n", [])
+                        answer = (502, _failed_before_head(str(exc)), [])
                 if answer is not None:
                     status, body, headers = answer
                     state.status = status
@@ -426,7 +426,7 @@ class EdgeApp:
             return 502, "The tunnel moved to another node during the request; retry.\n", []
         if link_lost and not retried and not head.has_body and head.method in RETRYABLE_METHODS:
             return None  # the route went with the link (Links.on_link_closed): the lookup is fresh
-        return 502, f"The tunnel failed before a response: {reset.message}\n", []
+        return 502, _failed_before_head(reset.message), []
 
     async def _finish(self, stream: Stream, request: ForwardRequest, tunnel: Tunnel, state: _Exchange,
                       started: float) -> None:
@@ -496,7 +496,7 @@ class EdgeApp:
             raise ResponseAborted(exc.message) from exc
         if state.routed:
             raise _BeforeHead(exc) from None  # over a cluster link: 503, a retry or 502
-        await respond(send, 502, f"The tunnel failed before a response: {exc.message}\n")
+        await respond(send, 502, _failed_before_head(exc.message))
         state.status = 502
 
     async def _pump_request(self, stream: Stream, receive: Receive, state: _Exchange,
@@ -526,8 +526,7 @@ class EdgeApp:
             stream.reset(p.ResetCode.CANCEL, "response timeout")
             state.status = 504
             state.error = "response timeout"
-            await respond(send, 504, f"The local service did not answer within "
-                          f"{self.settings.response_timeout:g} s.\n")
+            await respond(send, 504, _no_answer(self.settings.response_timeout))
             return
         assert isinstance(head, p.ResponseHead)
         state.status = head.status
@@ -627,7 +626,7 @@ class EdgeApp:
                         try:
                             retry = _open(route.session, route, head)
                         except SessionClosed as exc:
-                            answer = (502, f"The tunnel failed before a response: {exc}\n", [])
+                            answer = (502, _failed_before_head(str(exc)), [])
                         else:
                             retried, stream = True, retry
                             continue
@@ -646,7 +645,7 @@ class EdgeApp:
             if state.routed:
                 raise _BeforeHead(exc) from None  # over a cluster link: 503, a retry or 502
             state.status = 502
-            await respond(send, 502, f"The tunnel failed before a response: {exc.message}\n", scope=scope)
+            await respond(send, 502, _failed_before_head(exc.message), scope=scope)
             return
         if head is None:
             state.status = 504
@@ -951,7 +950,7 @@ class _Taskless(PlainExchange):
     def _failed_before_head(self, error: StreamReset) -> None:
         self.state.error = error.message
         self.state.status = 502
-        self.respond(502, f"The tunnel failed before a response: {error.message}\n")
+        self.respond(502, _failed_before_head(error.message))
         self._finish()
 
     def _timed_out(self) -> None:
@@ -963,7 +962,7 @@ class _Taskless(PlainExchange):
         stream.reset(p.ResetCode.CANCEL, "response timeout")
         state.status = 504
         state.error = "response timeout"
-        self.respond(504, f"The local service did not answer within {self.edge.settings.response_timeout:g} s.\n")
+        self.respond(504, _no_answer(self.edge.settings.response_timeout))
         self._finish()
 
     def visitor_left(self) -> None:
@@ -1038,6 +1037,16 @@ def _link_busy(route: RouteEntry) -> str | None:
         return (f"The cluster link to node {route.node} is not keeping up ({route.session.queued} bytes "
                 "waiting); retry shortly.\n")
     return None
+
+
+def _failed_before_head(why: str) -> str:
+    """The visitor's 502 answer for a stream that failed before its response head."""
+    return f"The tunnel failed before a response: {why}\n"
+
+
+def _no_answer(timeout: float) -> str:
+    """The visitor's 504 answer when the local service sent no response head in ``timeout`` seconds."""
+    return f"The local service did not answer within {timeout:g} s.\n"
 
 
 def _sentence(text: str) -> str:
