@@ -29,7 +29,7 @@ import anyio
 
 from bench.procs import Proc
 from bench.stack import SMALL_FILE, comzy_env
-from bench.tools import WRK_SCRIPT, make_file, require_tools, run_wrk, start_nginx
+from bench.tools import require_tools, run_wrk, serve_small_file
 from comzy.core.eventloop import backend_options
 from comzy.core.memory import tune_gc
 from comzy.core.server import run_server
@@ -52,12 +52,7 @@ async def _run(kinds: list[str], connections: list[int], rounds: int, seconds: f
     try:
         with tempfile.TemporaryDirectory(prefix="comzy-ab-") as tmp:
             root = Path(tmp)
-            (root / "www").mkdir()
-            (root / "www").chmod(0o755)
-            make_file(root / "www" / SMALL_FILE, 1024)
-            script = root / "wrk.lua"
-            script.write_text(WRK_SCRIPT)
-            nginx, nginx_port = start_nginx(tools["nginx"], root)
+            nginx, nginx_port, script = serve_small_file(tools["nginx"], root, SMALL_FILE)
             procs.append(nginx)
             async with AsyncExitStack() as servers:
                 targets: dict[str, tuple[str, str]] = {}

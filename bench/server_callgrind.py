@@ -29,7 +29,7 @@ from pathlib import Path
 
 from bench.procs import Proc
 from bench.stack import SMALL_FILE, comzy_env
-from bench.tools import WRK_SCRIPT, make_file, require_tools, run_wrk, start_nginx
+from bench.tools import require_tools, run_wrk, serve_small_file
 
 #: Public listener servers measured when none is named.
 DEFAULT_KINDS = ("uvicorn", "uvicorn-direct")
@@ -74,12 +74,7 @@ def measure(kind: str, requests: int, seconds: float, tools: dict[str, str]) -> 
     try:
         with tempfile.TemporaryDirectory(prefix="comzy-callgrind-") as tmp:
             root = Path(tmp)
-            (root / "www").mkdir()
-            (root / "www").chmod(0o755)
-            make_file(root / "www" / SMALL_FILE, 1024)
-            script = root / "wrk.lua"
-            script.write_text(WRK_SCRIPT)
-            nginx, nginx_port = start_nginx(tools["nginx"], root)
+            nginx, nginx_port, script = serve_small_file(tools["nginx"], root, SMALL_FILE)
             procs.append(nginx)
             server = Proc("comzy-server", [
                 "valgrind", "--tool=callgrind", f"--callgrind-out-file={root}/cg.out.%p", "--instr-atstart=no",

@@ -117,6 +117,18 @@ http {{
 """
 
 
+def serve_small_file(nginx: str, root: Path, name: str, size: int = 1024) -> tuple[Proc, int, Path]:
+    """nginx serving one ``size``-byte file ``name`` from ``root/www``, and ``root/wrk.lua``
+    (WRK_SCRIPT) written for the loads against it: the master, its port and the script's path."""
+    (root / "www").mkdir()
+    (root / "www").chmod(0o755)
+    make_file(root / "www" / name, size)
+    script = root / "wrk.lua"
+    script.write_text(WRK_SCRIPT)
+    proc, port = start_nginx(nginx, root)
+    return proc, port, script
+
+
 def start_nginx(nginx: str, root: Path, attempts: int = 3) -> tuple[Proc, int]:
     """Start nginx on a free port with files in ``root/www``; returns the master and its port."""
     (root / "tmp").mkdir(exist_ok=True)
