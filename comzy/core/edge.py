@@ -184,7 +184,10 @@ class EdgeApp:
                 self._heads_timer = loop.call_at(deadline, self._heads_late)
                 return
             del due[exchange]
-            exchange._timed_out()
+            try:
+                exchange._timed_out()
+            except Exception:  # a bug in one exchange must not hold back the others' timeouts
+                log.exception("a plain exchange failed to answer its response timeout")
 
     # -- routing shared by HTTP and WebSocket --------------------------------------
     def _forward_request(self, scope: Scope, websocket: bool) -> tuple[ForwardRequest, Entry | None, str]:
