@@ -129,7 +129,7 @@ class EdgeApp:
 
     async def _forward_after(self, exchange: _Taskless, pending: Awaitable[None], session: Session,
                              http_version: str) -> None:
-        """A plain exchange whose before_forward returned something to await (basic_auth's hash)."""
+        """A plain exchange whose before_forward returned something to await (a password check off the loop, say)."""
         try:
             await pending
         except Exception as exc:

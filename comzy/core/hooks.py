@@ -386,8 +386,8 @@ def _call_now(impls: list[Any], kwargs: dict[str, Any], name_rejects: bool) -> A
 
     A coroutine returned here is closed unstarted and its implementation called again from the
     coroutine returned, so that it starts where it is made, in the awaiting task, as when the hook
-    is awaited (basic_auth's coroutine registers its hash as pending when it starts: made here and
-    started a loop turn later, another request with the same header could start a second one)."""
+    is awaited (a coroutine may record shared state when it starts, such as a password check in
+    progress: made here and started a loop turn later, another request could start a second one)."""
     for index, impl in enumerate(impls):
         try:
             result = impl.function(*[kwargs[arg] for arg in impl.argnames])
