@@ -82,6 +82,8 @@ class EdgeApp:
         here (404, cluster routes), 431 and a policy this node cannot enforce; without before_forward
         hooks, also 503 and 502 before the stream. Nothing has been called, written or sent then.
         """
+        if self.server.router is not None:
+            return None  # an edge of a cluster holds no tunnel: its routes go through the ASGI app
         hosts = 0
         for name, _ in headers:
             if name == b"host":
