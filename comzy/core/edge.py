@@ -79,11 +79,14 @@ class EdgeApp:
         response is written to the visitor from the stream's events (:class:`_Taskless`); a hook that
         returns something to await is awaited in a task, from which the exchange goes on. None (the
         ASGI app serves it, as before) for everything else: a body, a Host not exactly one, no tunnel
-        here (404, cluster routes), 431 and a policy this node cannot enforce; without before_forward
-        hooks, also 503 and 502 before the stream. Nothing has been called, written or sent then.
+        here (404), 431 and a policy this node cannot enforce; without before_forward hooks, also 503
+        and 502 before the stream. Nothing has been called, written or sent then.
+
+        An edge of a cluster serves the same way a request whose alias has a cached route: the
+        stream goes over the link to the control node holding it (its retries before a response
+        head too, see ``_Taskless``); a route still to look up (a NATS request to await) goes to
+        the ASGI app.
         """
-        if self.server.router is not None:
-            return None  # an edge of a cluster holds no tunnel: its routes go through the ASGI app
         hosts = 0
         for name, _ in headers:
             if name == b"host":
@@ -104,20 +107,30 @@ class EdgeApp:
         if parsed.query:
             target = target + b"?" + parsed.query
         client = conn.client
-        request, entry, _ = self._request(headers, target, method, client[0] if client else "",
+        request, local, _ = self._request(headers, target, method, client[0] if client else "",
                                           "https" if conn.scheme == "https" else "http", False)
-        if entry is None or self._head_too_large(headers, request) is not None:
+        entry: Entry | RouteEntry | None = local
+        route: RouteEntry | None = None
+        if entry is None:
+            router = self.server.router
+            if router is None or not request.alias:
+                return None
+            entry = route = router.cached(request.alias)
+            if route is None:
+                return None
+        if self._head_too_large(headers, request) is not None:
             return None
         tunnel, session = entry.tunnel, entry.session
         if tunnel.policies and self._unenforced(tunnel) is not None:
             return None
         if not self.hooks.has_before_forward:
-            if self._busy(session, tunnel) is not None or session.closed is not None:
+            busy = self._busy(session, tunnel) if route is None else _link_busy(route)
+            if busy is not None or session.closed is not None:
                 return None
-            exchange = _Taskless(self, conn, request, tunnel, keep_alive)
+            exchange = _Taskless(self, conn, request, tunnel, keep_alive, route)
             self._forward_plain(exchange, session, http_version)
             return exchange
-        exchange = _Taskless(self, conn, request, tunnel, keep_alive)
+        exchange = _Taskless(self, conn, request, tunnel, keep_alive, route)
         try:
             pending = self.hooks.before_forward_now(request, tunnel, self.server)
         except Exception as exc:
@@ -143,18 +156,19 @@ class EdgeApp:
 
     def _forward_plain(self, exchange: _Taskless, session: Session, http_version: str) -> None:
         """Open the plain exchange's stream, or answer 503 or 502 as ``http`` does."""
-        request, tunnel = exchange.request, exchange.tunnel
-        busy = self._busy(session, tunnel)
+        request, tunnel, route = exchange.request, exchange.tunnel, exchange.route
+        busy = self._busy(session, tunnel) if route is None else _link_busy(route)
         if busy is not None:
             exchange.answer(503, busy, [(b"retry-after", b"1"), *CLOSE])
             return
         head = p.RequestHead(request.method, request.target, request.headers, request.client,
                              request.scheme, http_version, has_body=False, tunnel=tunnel.name)
         try:
-            stream = _open(session, None, head)
+            stream = _open(session, route, head)
         except SessionClosed:
             exchange.answer(502, f"The agent for {tunnel.alias} has disconnected.\n")
             return
+        exchange.head = head  # sent again should a routed stream fail before its response head
         exchange.begin(stream)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -362,8 +376,19 @@ class EdgeApp:
     async def _route(self, alias: str, host: str, send: Send, scope: Scope | None = None,
                      state: _Exchange | None = None) -> RouteEntry | None:
         """The route to the control node holding ``alias``, or None after answering the visitor
-        (404 nobody holds it, 502 NATS unreachable or a bad reply, 504 lookup timeout; the status
-        goes into ``state`` when given)."""
+        (see ``_find_route``; the status goes into ``state`` when given)."""
+        found = await self._find_route(alias, host)
+        if not isinstance(found, tuple):
+            return found
+        status, body, headers = found
+        await respond(send, status, body, headers=headers, scope=scope)
+        if state is not None:
+            state.status = status
+        return None
+
+    async def _find_route(self, alias: str, host: str) -> RouteEntry | tuple[int, str, list[tuple[bytes, bytes]]]:
+        """The route to the control node holding ``alias``, or the visitor's answer instead: 404
+        nobody holds it, 502 NATS unreachable or a bad reply, 504 lookup timeout."""
         # Imported here: role all never gets this far, and the router's module needs nats.
         from comzy.core.cluster.edge_router import BusDown, RouteError
 
@@ -371,16 +396,10 @@ class EdgeApp:
         try:
             route: RouteEntry | None = (router.cached(alias) or await router.lookup(alias)) if alias else None
         except (RouteError, BusDown) as exc:
-            status = exc.status if isinstance(exc, RouteError) else 502
-            await respond(send, status, _sentence(str(exc)), scope=scope)
-        else:
-            if route is not None:
-                return route
-            status = 404
-            await respond(send, 404, _not_active(host), HTML, scope=scope)
-        if state is not None:
-            state.status = status
-        return None
+            return exc.status if isinstance(exc, RouteError) else 502, _sentence(str(exc)), []
+        if route is None:
+            return 404, _not_active(host), [(b"content-type", HTML)]
+        return route
 
     async def _proxy_routed(self, stream: Stream, route: RouteEntry, request: ForwardRequest, head: p.RequestHead,
                             receive: Receive, send: Send, state: _Exchange, first: dict[str, Any] | None) -> Stream:
@@ -794,15 +813,27 @@ class _Taskless(PlainExchange):
     its window holds the agent back), and ``_finish``'s bookkeeping with after_response (called at
     once when its implementations are plain functions, as the built-in ones are). A hook that
     returns something to await is awaited in a task (``pending``), from which the exchange goes on.
+
+    Over a cluster link (``route``, an edge) a stream that fails before its response head is
+    answered as ``EdgeApp._proxy_routed`` answers it (``EdgeApp._no_head``: the control node's 503,
+    or 502 with the reason), or sent once more after a new lookup (RESET MOVED; the link lost under
+    a GET, HEAD or OPTIONS), in a task: a lookup is a NATS request to await.
     """
 
-    __slots__ = ("done", "edge", "pending", "request", "started", "state", "stream", "tunnel")
+    __slots__ = ("done", "edge", "head", "pending", "request", "retried", "route", "started", "state", "stream",
+                 "tunnel")
 
-    def __init__(self, edge: EdgeApp, conn: Any, request: ForwardRequest, tunnel: Tunnel, keep_alive: bool) -> None:
+    def __init__(self, edge: EdgeApp, conn: Any, request: ForwardRequest, tunnel: Tunnel, keep_alive: bool,
+                 route: RouteEntry | None = None) -> None:
         super().__init__(conn, request.method, keep_alive)
         self.edge = edge
         self.request = request
         self.tunnel = tunnel
+        #: The cluster route the stream goes over (None: a tunnel of this node).
+        self.route = route
+        #: The REQUEST head sent (set with the stream), and whether it was sent again over a new route.
+        self.head: p.RequestHead | None = None
+        self.retried = False
         self.started = time.time()
         self.state = _Exchange()
         self.state.request_done = True
@@ -953,9 +984,60 @@ class _Taskless(PlainExchange):
         self._finish()
 
     def _failed_before_head(self, error: StreamReset) -> None:
-        self.state.error = error.message
-        self.state.status = 502
-        self.respond(502, _failed_before_head(error.message))
+        route, stream, state = self.route, self.stream, self.state
+        assert stream is not None
+        headers: list[tuple[bytes, bytes]] = []
+        if route is None:
+            status, body = 502, _failed_before_head(error.message)
+        else:
+            assert self.head is not None
+            answer = self.edge._no_head(error, stream, route, self.head, state, self.retried)
+            if answer is None:
+                self._reroute()
+                return
+            status, body, headers = answer
+        state.error = error.message
+        state.status = status
+        self.respond(status, body, headers)
+        self._finish()
+
+    def _reroute(self) -> None:
+        """Send the request again over a route looked up anew (the old one is gone: its link ended,
+        or RESET MOVED invalidated it); the lookup is awaited in a task."""
+        stream = self.stream
+        assert stream is not None
+        self.edge._heads_due.pop(self, None)  # a new deadline comes with the new stream
+        stream.on_event = None
+        stream.close()
+        self.retried = True
+        self.hold(self._rerouted())
+
+    async def _rerouted(self) -> None:
+        """``_reroute``'s task: the lookup, then the new stream, or the visitor's answer."""
+        edge, request, state, head = self.edge, self.request, self.state, self.head
+        assert head is not None
+        found = await edge._find_route(request.alias, request.host)
+        self.pending = None
+        if self.done:
+            return
+        if isinstance(found, tuple):
+            status, body, headers = found
+        else:
+            try:
+                stream = _open(found.session, found, head)
+            except SessionClosed as exc:
+                status, body, headers = 502, _failed_before_head(str(exc)), []
+            else:
+                # As a retry on the ASGI path: the exchange starts over on the new stream (counted
+                # once, under the tunnel of the first route).
+                self.route, self.stream = found, stream
+                state.error = None
+                stream.send_end()
+                stream.on_event = self._on_event
+                edge._wait_head(self)
+                return
+        state.status = status
+        self.respond(status, body, headers)
         self._finish()
 
     def _timed_out(self) -> None:

@@ -37,6 +37,7 @@ from comzy.core.websocket import Closed, WebSocket, client_handshake
 from tests.cluster.conftest import NatsServer, cluster_settings, control_node, wait_linkable
 from tests.conftest import RunningAgent, make_settings, start_agent, visitor
 from tests.helpers import wait_until
+from tests.test_direct_http import request_tasks
 from tests.upstream import Upstream, pattern_block
 
 pytestmark = pytest.mark.anyio
@@ -66,6 +67,10 @@ class FakeControl:
     moves: dict[str, int] = field(default_factory=dict)
     #: Aliases whose next REQUEST ends the whole link.
     drop_link_next: set[str] = field(default_factory=set)
+    #: alias -> how many of its next REQUESTs end the whole link.
+    link_drops: dict[str, int] = field(default_factory=dict)
+    #: /hold/<name> answers once gates[name] is set (gates[name + "-arrived"] is set on arrival).
+    gates: dict[str, anyio.Event] = field(default_factory=dict)
     #: What the stand-in saw of each upload: (bytes received, the most it ever held beyond its window).
     uploads: list[tuple[int, int]] = field(default_factory=list)
     subscriptions: dict[str, Any] = field(default_factory=dict)
@@ -90,6 +95,9 @@ class FakeControl:
             if self.prober is not None:
                 # As a real edge would, long after a registration: it reaches the new subscription.
                 await wait_subscribed(self.prober, subject)
+
+    def gate(self, name: str) -> anyio.Event:
+        return self.gates.setdefault(name, anyio.Event())
 
     async def announce(self, op: str, alias: str, session: int, node: str | None = None) -> None:
         """Publish a tunnel event, as the control role does."""
@@ -131,8 +139,10 @@ class FakeControl:
             session.send_nowait(p.encode_reset(stream_id, p.ResetCode.REFUSED,
                                                f"Tunnel {alias} is busy (2 requests in flight); retry shortly."))
             return None
-        if alias in self.drop_link_next:
+        if alias in self.drop_link_next or self.link_drops.get(alias, 0) > 0:  # type: ignore[arg-type]
             self.drop_link_next.discard(alias)  # type: ignore[arg-type]
+            if self.link_drops.get(alias, 0) > 0:  # type: ignore[arg-type]
+                self.link_drops[alias] -= 1  # type: ignore[index]
             self.tg.start_soon(session.close, 1000, "the test dropped the link")
             return None
         # The edge's windows are this node's window (what it may send here) and the agent's (credit).
@@ -158,6 +168,13 @@ class FakeControl:
             elif path.startswith("/bytes/"):
                 await self._respond(stream, 200)
                 await stream.send_data(os.urandom(int(path.rpartition("/")[2])))
+                stream.send_end()
+            elif path.startswith("/hold/"):
+                name = path.rpartition("/")[2]
+                self.gate(f"{name}-arrived").set()
+                await self.gate(name).wait()
+                await self._respond(stream, 200)
+                await stream.send_data(f"released {name}".encode())
                 stream.send_end()
             elif path == "/abort":
                 # Half a response, then the link is gone: the visitor must not get a clean end.
@@ -718,3 +735,54 @@ async def test_a_malformed_retry_is_a_502_naming_it(tmp_path: Path, nats_server:
         response = await client.get("/")
         assert response.status_code == 502
         assert "malformed reply" in response.text
+
+
+# -- the same contract on the edge's plain path (uvicorn-direct: no ASGI, no task per request) -------
+
+async def test_a_plain_request_sent_again_after_moved_waits_without_a_task(tmp_path: Path,
+                                                                          nats_server: NatsServer) -> None:
+    async with edge_and_control(tmp_path, nats_server) as (edge, control), visitor(edge, "demo") as client:
+        await control.hold("demo", 7)
+        assert (await client.get("/")).status_code == 200  # looked up (the ASGI path): the route is cached
+        control.held["demo"] = 8  # a new session the edge has not heard of: RESET MOVED
+        async with anyio.create_task_group() as tg:
+            answers: list[httpx.Response] = []
+
+            async def visit() -> None:
+                answers.append(await client.get("/hold/moved"))
+
+            tg.start_soon(visit)
+            with anyio.fail_after(10):
+                await control.gate("moved-arrived").wait()
+            assert request_tasks() == []  # the lookup after MOVED ran in a task; the wait for the head does not
+            control.gate("moved").set()
+        assert answers[0].status_code == 200 and answers[0].text == "released moved"
+        assert [r["ts"] for r in control.requests] == [7, 7, 8]
+        assert control.lookups == ["demo", "demo"]
+
+
+async def test_a_plain_get_whose_link_is_lost_twice_is_502_after_one_retry(tmp_path: Path,
+                                                                           nats_server: NatsServer) -> None:
+    async with edge_and_control(tmp_path, nats_server) as (edge, control), visitor(edge, "demo") as client:
+        await control.hold("demo", 7)
+        assert (await client.get("/")).status_code == 200
+        control.link_drops["demo"] = 2
+        response = await client.get("/twice")
+        assert response.status_code == 502
+        assert response.text.startswith("The tunnel failed before a response: tunnel session ended: ")
+        assert "the test dropped the link" in response.text
+        assert [r["ts"] for r in control.requests] == [7, 7, 7]  # sent twice, not three times
+        assert control.lookups == ["demo", "demo"]
+
+
+async def test_a_plain_request_refused_by_the_control_node_is_503(tmp_path: Path, nats_server: NatsServer) -> None:
+    async with edge_and_control(tmp_path, nats_server) as (edge, control), visitor(edge, "demo") as client:
+        await control.hold("demo", 7)
+        assert (await client.get("/")).status_code == 200
+        control.refuse.add("demo")
+        response = await client.head("/")
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "1" and response.headers["connection"] == "close"
+        assert response.headers["content-length"] == str(len("Tunnel demo is busy (2 requests in flight); "
+                                                              "retry shortly.\n"))
+        assert control.lookups == ["demo"]  # refused by the node holding it: no new lookup
