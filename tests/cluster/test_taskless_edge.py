@@ -23,9 +23,11 @@ import anyio
 import httpx
 import pytest
 
+from comzy.core import hookspecs
 from comzy.core.cluster.edge_router import EdgeRouter, RouteEntry
 from comzy.core.server import ServerContext
 from comzy.core.stream import Stream
+from comzy.core.types import Exchange, ForwardRequest, Reject
 from tests.cluster.conftest import NatsServer
 from tests.conftest import RunningAgent
 from tests.helpers import wait_until
@@ -233,3 +235,58 @@ async def test_a_visitor_who_leaves_mid_download_resets_the_stream_across_the_li
         assert tunnel.reporter.served[-1].error is not None
         async with tunnel.visitor() as client:
             assert (await client.get("/status/200")).status_code == 200
+
+
+class EdgeHooks:
+    """The edge's own hooks: a custom host for the tunnel, a refusal, a header added, every exchange recorded."""
+
+    def __init__(self) -> None:
+        self.alias = ""
+        self.seen: list[Exchange] = []
+
+    @hookspecs.hookimpl
+    def resolve_host(self, host: str) -> str | None:
+        return self.alias if host == "custom.test" else None
+
+    @hookspecs.hookimpl
+    def before_forward(self, request: ForwardRequest) -> None:
+        if request.target.startswith(b"/private"):
+            raise Reject("private", 403, "Private, says the edge.\n")
+        request.headers.append((b"x-edge-hook", b"yes"))
+
+    @hookspecs.hookimpl
+    def after_response(self, exchange: Exchange) -> None:
+        self.seen.append(exchange)
+
+
+async def test_the_edges_hooks_run_on_the_plain_path(tmp_path: Path, nats_server: NatsServer,
+                                                     upstream: Upstream) -> None:
+    hooks = EdgeHooks()
+    stacks = Stacks("cluster", tmp_path, nats_server)
+    async with stacks.start(edge_plugins=[("edge-hooks", hooks)], http_server="uvicorn-direct") as stack, \
+            stack.agent(upstream.port) as tunnel:
+        hooks.alias = tunnel.alias
+        custom = httpx.AsyncClient(base_url=f"http://127.0.0.1:{stack.public.ports.http}",
+                                   headers={"host": "custom.test"}, timeout=30.0)
+        async with custom:
+            assert (await custom.get("/status/200")).status_code == 200  # the lookup: the ASGI path
+            async with anyio.create_task_group() as tg:
+                answers: list[httpx.Response] = []
+
+                async def visit() -> None:
+                    answers.append(await custom.get("/hold/hooked"))
+
+                tg.start_soon(visit)
+                with anyio.fail_after(10):
+                    await upstream.gate("hooked-arrived").wait()
+                assert request_tasks() == []
+                upstream.gate("hooked").set()
+            assert answers[0].status_code == 200 and answers[0].text == "released hooked\n"
+            assert (b"x-edge-hook", b"yes") in upstream.requests[-1]["headers"]  # before_forward's edit arrived
+            refused = await custom.get("/private")
+            assert refused.status_code == 403 and refused.text == "Private, says the edge.\n"
+        assert [s["path"] for s in upstream.requests].count("/private") == 0
+        await wait_until(lambda: len(hooks.seen) == 2)  # the refusal is not an exchange
+        held = hooks.seen[1]
+        assert (held.request.target, held.status, held.bytes_out, held.error) == (b"/hold/hooked", 200, 16, None)
+        assert held.tunnel.alias == tunnel.alias and held.tunnel.node == stack.control.node
