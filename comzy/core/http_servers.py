@@ -145,33 +145,101 @@ async def _serve_uvicorn(app: Any, config: Config, stop: anyio.Event, plain: Pla
 
 
 def _bounded_head_protocol(limit: int, plain: PlainServe | None = None) -> type:
-    """uvicorn's httptools protocol with a bound on request heads, which httptools lacks, and
-    (``plain``) the app's own handling of plain requests without ASGI (see :data:`PlainServe`)."""
+    """uvicorn's httptools protocol with a bound on request heads, which httptools lacks, reads
+    that go on (bounded) while uvicorn holds its parser back, so that a visitor who leaves then is
+    noticed, and (``plain``) the app's own handling of plain requests without ASGI (see
+    :data:`PlainServe`)."""
+    from uvicorn.protocols.http.flow_control import FlowControl
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class ParsingFlow(FlowControl):
+        """uvicorn's flow control, whose pause of reading holds back the parser, not the reads.
+
+        uvicorn pauses reading while a pipelined request waits for the response before it (and
+        while a request body waits for the app). A paused transport does not see the visitor's
+        FIN or RST either, so one who pipelined a request behind a long response (an event
+        stream, a long poll) and left kept its stream, the local app's request and a slot of the
+        tunnel's stream limit until the local app next wrote. The protocol reads on instead and
+        holds the bytes unparsed (:meth:`BoundedHeadProtocol.hold`), up to ``limit``.
+        """
+
+        def __init__(self, protocol: BoundedHeadProtocol, transport: asyncio.Transport) -> None:
+            super().__init__(transport)
+            self.protocol = protocol
+
+        def pause_reading(self) -> None:
+            self.read_paused = True
+
+        def resume_reading(self) -> None:
+            if self.read_paused:
+                self.read_paused = False
+                self.protocol.release()
 
     class BoundedHeadProtocol(HttpToolsProtocol):
         """Counts the bytes of an unfinished request head and answers 431 past ``limit``.
 
         The read that starts a head is not counted (it may also hold the previous request's
         body); every later read that leaves the head unfinished is, so a head can buffer at
-        most ``limit`` bytes plus one read.
+        most ``limit`` bytes plus one read. Bytes read while uvicorn holds its parser back
+        (:class:`ParsingFlow`) are held, unparsed, up to ``limit`` plus one read as well; past
+        that the transport pauses for real until uvicorn parses again.
         """
 
         in_head = False
         head_started_now = False
         head_bytes = 0
-        #: The watch of the newest request's scope (uvicorn tells only that request of a disconnect).
-        watch: DisconnectWatch | None = None
+        #: What was read while the parser was held back, in order, not yet parsed.
+        held: bytearray | None = None
+        #: The transport is paused: ``held`` is past ``limit``.
+        reads_stopped = False
+        #: A call to parse ``held`` is scheduled.
+        feed_due = False
+        #: The request whose ASGI task uvicorn started last (it runs one at a time): the one being
+        #: answered, while a pipelined request queued behind it is uvicorn's ``cycle``.
+        running: Any = None
         #: The request ``plain`` serves, while its response is unfinished (it may no longer be the
         #: newest: a pipelined request queued behind it is uvicorn's ``cycle`` then).
         plain_exchange: PlainExchange | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            self.flow = ParsingFlow(self, transport)
             # uvicorn keeps the real transport for its flow control; its writes go through the cork.
             self.transport = CorkedTransport(transport, asyncio.get_running_loop())  # type: ignore[assignment]
 
+        def hold(self, data: bytes) -> None:
+            """Keep ``data`` for the parser, which uvicorn holds back; past ``limit``, stop reading."""
+            held = self.held
+            if held is None:
+                held = self.held = bytearray()
+            held += data
+            if len(held) > limit and not self.reads_stopped:
+                self.reads_stopped = True
+                self.transport.pause_reading()
+
+        def release(self) -> None:
+            """uvicorn parses again: read on, and parse what was held (soon: this may be called
+            from inside the parser's callbacks, where the parser must not be fed)."""
+            if self.reads_stopped:
+                self.reads_stopped = False
+                self.transport.resume_reading()
+            if self.held and not self.feed_due:
+                self.feed_due = True
+                self.loop.call_soon(self.parse_held)
+
+        def parse_held(self) -> None:
+            self.feed_due = False
+            held = self.held
+            # Held back again meanwhile (the next release schedules this again), or the connection is gone.
+            if not held or self.flow.read_paused or self.parser is None or self.transport.is_closing():
+                return
+            self.held = None
+            self.data_received(bytes(held))
+
         def data_received(self, data: bytes) -> None:
+            if self.flow.read_paused or self.held:
+                self.hold(data)
+                return
             was_in_head = self.in_head
             self.head_started_now = False
             super().data_received(data)
@@ -234,9 +302,12 @@ def _bounded_head_protocol(limit: int, plain: PlainServe | None = None) -> type:
                 self.scope = self._uvicorn_scope()
             super().on_headers_complete()
             if self.cycle is not cycle:  # a request to serve (not an upgrade): it may watch the connection
-                self.watch = DisconnectWatch()
                 # Added to what the scope has: uvicorn may give it extensions of its own.
-                self.scope.setdefault("extensions", {})[DISCONNECT_WATCH] = self.watch
+                self.scope.setdefault("extensions", {})[DISCONNECT_WATCH] = DisconnectWatch()
+
+        def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+            self.running = cycle
+            super()._start_asgi_task(cycle, app)
 
         def _uvicorn_scope(self) -> Any:
             """The scope uvicorn's on_message_begin makes, made when it is needed (the same keys)."""
@@ -253,6 +324,7 @@ def _bounded_head_protocol(limit: int, plain: PlainServe | None = None) -> type:
             }
 
         def on_response_complete(self) -> None:
+            self.running = None  # its scope need not live as long as the connection
             # The response is whole: it leaves now rather than at the end of the loop turn. The held
             # head and body still go in one send; the visitor gets them one loop iteration sooner
             # (an epoll_wait and the other connections' callbacks sooner), which a single
@@ -261,11 +333,18 @@ def _bounded_head_protocol(limit: int, plain: PlainServe | None = None) -> type:
             super().on_response_complete()
 
         def connection_lost(self, exc: Exception | None) -> None:
-            cycle, watch, exchange = self.cycle, self.watch, self.plain_exchange
+            cycle, running, exchange = self.cycle, self.running, self.plain_exchange
             super().connection_lost(exc)
+            self.held = None
             # As uvicorn's receive() would report it: only while the request's response is unfinished.
-            if watch is not None and watch.callback is not None and cycle is not None and cycle.disconnected:
-                watch.callback()
+            if running is not None and not running.response_complete:
+                if running is not cycle:
+                    # uvicorn tells only its newest request, which waits (pipelined) behind this one.
+                    running.disconnected = True
+                    running.message_event.set()
+                watch = running.scope.get("extensions", _NO_EXTENSIONS).get(DISCONNECT_WATCH)
+                if watch is not None and watch.callback is not None:
+                    watch.callback()
             if exchange is not None:
                 self.plain_exchange = None
                 exchange.visitor_left()
@@ -283,6 +362,7 @@ def _bounded_head_protocol(limit: int, plain: PlainServe | None = None) -> type:
 
 #: The scope extension (uvicorn only) holding the request's :class:`DisconnectWatch`.
 DISCONNECT_WATCH = "comzy.disconnect_watch"
+_NO_EXTENSIONS: dict[str, Any] = {}
 
 
 class DisconnectWatch:
