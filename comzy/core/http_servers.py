@@ -188,8 +188,9 @@ def _bounded_head_protocol(limit: int, plain: PlainServe | None = None) -> type:
         in_head = False
         head_started_now = False
         head_bytes = 0
-        #: What was read while the parser was held back, in order, not yet parsed.
-        held: bytearray | None = None
+        #: What was read while the parser was held back, in order, not yet parsed, and its size.
+        held: list[bytes] | None = None
+        held_bytes = 0
         #: The transport is paused: ``held`` is past ``limit``.
         reads_stopped = False
         #: A call to parse ``held`` is scheduled.
@@ -209,11 +210,11 @@ def _bounded_head_protocol(limit: int, plain: PlainServe | None = None) -> type:
 
         def hold(self, data: bytes) -> None:
             """Keep ``data`` for the parser, which uvicorn holds back; past ``limit``, stop reading."""
-            held = self.held
-            if held is None:
-                held = self.held = bytearray()
-            held += data
-            if len(held) > limit and not self.reads_stopped:
+            if self.held is None:
+                self.held = []
+            self.held.append(data)
+            self.held_bytes += len(data)
+            if self.held_bytes > limit and not self.reads_stopped:
                 self.reads_stopped = True
                 self.transport.pause_reading()
 
@@ -234,7 +235,9 @@ def _bounded_head_protocol(limit: int, plain: PlainServe | None = None) -> type:
             if not held or self.flow.read_paused or self.parser is None or self.transport.is_closing():
                 return
             self.held = None
-            self.data_received(bytes(held))
+            self.held_bytes = 0
+            # Usually one or two reads (the transport pauses past the limit): one read is fed uncopied.
+            self.data_received(held[0] if len(held) == 1 else b"".join(held))
 
         def data_received(self, data: bytes) -> None:
             if self.flow.read_paused or self.held:
@@ -336,6 +339,7 @@ def _bounded_head_protocol(limit: int, plain: PlainServe | None = None) -> type:
             cycle, running, exchange = self.cycle, self.running, self.plain_exchange
             super().connection_lost(exc)
             self.held = None
+            self.held_bytes = 0
             # As uvicorn's receive() would report it: only while the request's response is unfinished.
             if running is not None and not running.response_complete:
                 if running is not cycle:
