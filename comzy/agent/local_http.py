@@ -323,6 +323,10 @@ class _Connection(asyncio.Protocol):
             self._headers.append((name, value.rstrip(b" \t")))
 
     def on_headers_complete(self) -> None:
+        if self._complete:
+            # The head of a response after the one asked for (on_message_begin marked the
+            # connection unusable): nothing of it is taken, its status least of all.
+            return
         parser = self._parser
         status = parser.get_status_code()
         headers = self._headers
