@@ -20,7 +20,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
@@ -316,28 +316,23 @@ def _edited_headers(headers: Any) -> list[tuple[bytes, bytes]]:
     return result
 
 
-@dataclass(slots=True, eq=False)
 class Exchange:
-    """One request and its response as the agent forwarded them, bodies cut at the cap."""
+    """One request and its response as the agent forwarded them, bodies cut at the cap.
 
-    id: str
-    method: str
-    target: bytes
-    #: As sent to the local service: the Host rule applied, chunked framing added when needed.
-    headers: list[tuple[bytes, bytes]]
-    remote_addr: str
-    started: float  # wall clock
-    started_ns: int  # monotonic, for the duration
-    cap: int
+    Recording it is on the path of every forwarded request, so it keeps what passes as it is and
+    leaves the formatting to whoever views it: the constructor sets only what a request brings (the
+    rest are class-level defaults until they change), the id is formatted when first asked for, and
+    a body kept in one piece is the very bytes object that passed (a reference, not a copy); a
+    second piece turns it into a bytearray that grows to the cap, as before.
+    """
+
     kind: str = "http"  # "websocket" or "sse" for streams
     replay_of: str | None = None
-    request_body: bytearray = field(default_factory=bytearray)
     request_size: int = 0
     #: The request body was read to its end (a replay needs all of it).
     request_complete: bool = False
     status: int = 0
     response_headers: list[tuple[bytes, bytes]] | None = None
-    response_body: bytearray = field(default_factory=bytearray)
     response_size: int = 0
     duration_ns: int = 0
     done: bool = False
@@ -347,35 +342,64 @@ class Exchange:
     #: A WebSocket's messages or an event stream's events (None for plain HTTP).
     stream: StreamLog | None = None
     sse: EventStreamParser | None = None
-    #: The tunnel it came through (its name in comzy.yml, or ``PORT`` with several ports), whose
-    #: local service a replay goes to; ngrok's ``command_line`` for ``comzy 3000``.
-    tunnel_name: str = TUNNEL_NAME
+    # The bodies' first ``cap`` bytes: None, the one piece that passed, or a bytearray of several.
+    _request_kept: bytes | bytearray | None = None
+    _response_kept: bytes | bytearray | None = None
+    _id: str | None = None
+
+    def __init__(self, prefix: str, number: int, method: str, target: bytes, headers: list[tuple[bytes, bytes]],
+                 remote_addr: str, cap: int, tunnel_name: str = TUNNEL_NAME) -> None:
+        self._prefix = prefix
+        #: Its place in the capture's sequence (the id's last 8 hex digits).
+        self.number = number
+        self.method = method
+        self.target = target
+        #: As sent to the local service: the Host rule applied, chunked framing added when needed.
+        self.headers = headers
+        self.remote_addr = remote_addr
+        self.cap = cap
+        #: The tunnel it came through (its name in comzy.yml, or ``PORT`` with several ports), whose
+        #: local service a replay goes to; ngrok's ``command_line`` for ``comzy 3000``.
+        self.tunnel_name = tunnel_name
+        self.started = time.time()  # wall clock
+        self.started_ns = time.monotonic_ns()  # monotonic, for the duration
+
+    @property
+    def id(self) -> str:
+        """ngrok's shape: 16 hex digits, the capture's random half then the sequence number."""
+        if self._id is None:
+            self._id = f"{self._prefix}{self.number:08x}"
+        return self._id
 
     # -- the forwarder's hooks: O(1) per chunk, a copy only while under the cap -------------
     def request_data(self, chunk: bytes) -> None:
         """Bytes of the request body as they go to the local service."""
-        self.request_size += len(chunk)
-        room = self.cap - len(self.request_body)
-        if room > 0:
-            self.request_body += chunk[:room]
+        size = self.request_size
+        self.request_size = size + len(chunk)
+        if size < self.cap:
+            self._request_kept = _keep(self._request_kept, chunk, self.cap - size)
 
     def response(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         """The response head from the local service (or the agent's own 502)."""
         self.status = status
         self.response_headers = headers
-        if self.kind == "http" and any(n.lower() == b"content-type" and v.lower().startswith(b"text/event-stream")
-                                       for n, v in headers):
-            self.kind = "sse"
-            self.stream = StreamLog(self.started_ns, self.cap)
-            self.sse = EventStreamParser(self.stream)
+        if self.kind == "http":
+            # A plain loop: a generator over the fields cost more than the rest of recording.
+            for name, value in headers:
+                if len(name) == 12 and name.lower() == b"content-type" and \
+                        value[:17].lower() == b"text/event-stream":
+                    self.kind = "sse"
+                    self.stream = StreamLog(self.started_ns, self.cap)
+                    self.sse = EventStreamParser(self.stream)
+                    break
 
     def response_data(self, chunk: bytes | memoryview) -> None:
         """Bytes of the response body as they go back to the visitor (a large body's reads come
         as read-only views: local_http's ``_DirectBody``)."""
-        self.response_size += len(chunk)
-        room = self.cap - len(self.response_body)
-        if room > 0:
-            self.response_body += chunk[:room]
+        size = self.response_size
+        self.response_size = size + len(chunk)
+        if size < self.cap:
+            self._response_kept = _keep(self._response_kept, chunk, self.cap - size)
         if self.sse is not None:
             self.sse.feed(chunk if type(chunk) is bytes else bytes(chunk))
 
@@ -404,12 +428,22 @@ class Exchange:
     @property
     def request_truncated(self) -> bool:
         """More request body passed than was kept."""
-        return self.request_size > len(self.request_body)
+        return self.request_size > self.cap
 
     @property
     def response_truncated(self) -> bool:
         """More response body passed than was kept."""
-        return self.response_size > len(self.response_body)
+        return self.response_size > self.cap
+
+    @property
+    def request_body(self) -> bytes:
+        """The request body's first ``cap`` bytes."""
+        return bytes(self._request_kept or b"")
+
+    @property
+    def response_body(self) -> bytes:
+        """The response body's first ``cap`` bytes."""
+        return bytes(self._response_kept or b"")
 
     def request_raw(self) -> bytes:
         """The request as sent to the local service (its body cut at the cap)."""
@@ -467,6 +501,17 @@ class Exchange:
         }
 
 
+def _keep(kept: bytes | bytearray | None, chunk: bytes | memoryview, room: int) -> bytes | bytearray:
+    """``kept`` (a body's bytes kept so far) with the first ``room`` bytes of ``chunk`` added."""
+    if kept is None:
+        # A body's first piece, often its only one: kept as it is when it is whole and immutable.
+        return chunk if type(chunk) is bytes and len(chunk) <= room else bytes(chunk[:room])
+    if type(kept) is bytes:
+        kept = bytearray(kept)
+    kept += chunk[:room]
+    return kept
+
+
 def _framed(headers: list[tuple[bytes, bytes]], body: bytes | bytearray, complete: bool) -> bytes:
     """``body`` as the message carries it: one chunk and the last one when the head says chunked
     and the body is whole; a cut body is left as the bytes kept."""
@@ -493,13 +538,13 @@ def _header_map(headers: Iterable[tuple[bytes, bytes]]) -> dict[str, list[str]]:
 
 
 class Capture:
-    """The last ``max_requests`` exchanges, newest last; a deque and an index by id, O(1) a request."""
+    """The last ``max_requests`` exchanges, newest last: a deque of that length, so adding one is an
+    append (the oldest falls off) and finding one by id an index (ids number them in order)."""
 
     def __init__(self, max_requests: int = DEFAULT_MAX_REQUESTS, max_body: int = DEFAULT_MAX_BODY) -> None:
         self.max_requests = max_requests
         self.max_body = max_body
-        self._exchanges: deque[Exchange] = deque()
-        self._by_id: dict[str, Exchange] = {}
+        self._exchanges: deque[Exchange] = deque(maxlen=max_requests)
         # ngrok's ids are 16 hex digits; a random half per run keeps ids of two runs apart.
         self._prefix = secrets.token_hex(4)
         self._next = 0
@@ -508,24 +553,38 @@ class Capture:
         self.host_rules: dict[str, Callable[[list[tuple[bytes, bytes]]], list[tuple[bytes, bytes]]]] = {}
 
     def begin(self, method: str, target: bytes, headers: list[tuple[bytes, bytes]], remote_addr: str,
-              kind: str = "http", replay_of: str | None = None, tunnel_name: str = TUNNEL_NAME) -> Exchange:
-        """A new exchange, listed at once; the oldest one goes when the list is full."""
+              kind: str = "http", replay_of: str | None = None, tunnel_name: str = TUNNEL_NAME,
+              request_complete: bool = False) -> Exchange:
+        """A new exchange, listed at once; the oldest one goes when the list is full.
+        ``request_complete``: it has no request body to wait for."""
         self._next += 1
-        exchange = Exchange(f"{self._prefix}{self._next:08x}", method, target, headers, remote_addr,
-                            time.time(), time.monotonic_ns(), self.max_body, kind, replay_of)
-        exchange.tunnel_name = tunnel_name
-        if kind == "websocket":
-            exchange.stream = StreamLog(exchange.started_ns, self.max_body)
-        if len(self._exchanges) >= self.max_requests:
-            old = self._exchanges.popleft()
-            del self._by_id[old.id]
+        exchange = Exchange(self._prefix, self._next, method, target, headers, remote_addr, self.max_body,
+                            tunnel_name)
+        if kind != "http":
+            exchange.kind = kind
+            if kind == "websocket":
+                exchange.stream = StreamLog(exchange.started_ns, self.max_body)
+        if replay_of is not None:
+            exchange.replay_of = replay_of
+        if request_complete:
+            exchange.request_complete = True
         self._exchanges.append(exchange)
-        self._by_id[exchange.id] = exchange
         return exchange
 
     def get(self, exchange_id: str) -> Exchange | None:
         """The exchange with this id, if still kept."""
-        return self._by_id.get(exchange_id)
+        exchanges = self._exchanges
+        if not exchanges or len(exchange_id) != 16 or not exchange_id.startswith(self._prefix):
+            return None
+        try:
+            index = int(exchange_id[len(self._prefix):], 16) - exchanges[0].number
+        except ValueError:
+            return None
+        if not 0 <= index < len(exchanges):
+            return None
+        exchange = exchanges[index]
+        # int() takes more spellings than the id's own ("+1", upper case, "_"): only that one finds it.
+        return exchange if exchange.id == exchange_id else None
 
     def newest_first(self) -> list[Exchange]:
         """Every kept exchange, newest first (as ngrok lists them)."""
@@ -534,7 +593,6 @@ class Capture:
     def clear(self) -> None:
         """Forget every exchange."""
         self._exchanges.clear()
-        self._by_id.clear()
 
     async def replay(self, exchange_id: str, local: LocalClient, edits: Edits | None = None) -> Exchange:
         """Send a captured request to the local service again (see :meth:`start_replay`) and

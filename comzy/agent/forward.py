@@ -337,8 +337,7 @@ class LocalForwarder:
                 call.headers = headers
                 if self.capture is not None:
                     call.exchange = self.capture.begin(head.method, head.target, headers, head.client, "http",
-                                                       tunnel_name=self.name)
-                    call.exchange.request_complete = True
+                                                       tunnel_name=self.name, request_complete=True)
                 call._wait_on(conn)
                 return
         serving.spawn(call.run(self._begin(call)))
@@ -355,8 +354,8 @@ class LocalForwarder:
         if self.capture is not None:
             exchange = call.exchange = self.capture.begin(head.method, head.target, headers, head.client,
                                                           "websocket" if head.websocket else "http",
-                                                          tunnel_name=self.name)
-            exchange.request_complete = head.websocket or not head.has_body
+                                                          tunnel_name=self.name,
+                                                          request_complete=head.websocket or not head.has_body)
         if head.websocket:
             await self._websocket(stream, head, call.served, exchange)
         else:
