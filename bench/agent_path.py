@@ -91,6 +91,9 @@ class _CountingSession:
     def send_nowait(self, frame: p.Queued) -> None:
         self.frames += 1
 
+    def send_frames_nowait(self, frames: bytes, count: int) -> None:
+        self.frames += count
+
     async def send(self, frame: p.Queued) -> None:
         self.frames += 1
 

@@ -11,6 +11,7 @@ asyncio's loop and on uvloop's (the agent's default where installed), when uvloo
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -21,7 +22,9 @@ import anyio.abc
 import httpx
 import pytest
 
+from comzy.agent import forward
 from comzy.agent.forward import LocalForwarder
+from comzy.core import protocol as p
 from comzy.core.server import ServerContext
 from tests.conftest import RunningAgent, start_agent, start_server
 from tests.helpers import IN_CI, serve_tcp, wait_until
@@ -419,3 +422,99 @@ async def test_an_event_stream_closes_its_local_connection_when_the_visitor_leav
             await wait_until(lambda: len(agent.reporter.served) == 2)
         served = agent.reporter.served[1]
         assert served.status == 200 and served.error is not None and "stream reset" in served.error
+
+
+def link_messages(agent: RunningAgent) -> list[list[tuple[p.FrameType, int]]]:
+    """From now on, each message the agent writes on its link, as its frames' (type, stream id):
+    the WebSocket's ``write_message`` is wrapped, the message still written by it."""
+    session = agent.agent.session
+    assert session is not None and session.attached
+    ws = session.ws
+    write = ws.write_message
+    messages: list[list[tuple[p.FrameType, int]]] = []
+
+    def counted(message: bytes) -> None:
+        messages.append([(frame.type, frame.stream) for frame in p.decode_message(bytes(message))])
+        write(message)
+
+    ws.write_message = counted  # type: ignore[method-assign]
+    return messages
+
+
+def frames_of(messages: list[list[tuple[p.FrameType, int]]], kinds: set[p.FrameType]) -> list[list[p.FrameType]]:
+    """Per message, its frames of ``kinds`` (messages with none left out)."""
+    return [found for message in messages if (found := [kind for kind, _ in message if kind in kinds])]
+
+
+ANSWER = {p.FrameType.RESPONSE, p.FrameType.DATA, p.FrameType.END}
+
+
+async def test_a_whole_small_answer_goes_back_in_one_link_message(tmp_path: Path) -> None:
+    app = LocalApp(lambda _connection, _request, head: [b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n"]
+                   if head.startswith(b"HEAD ") else [ok(b"x" * 1000)])
+    async with tunnel_to(tmp_path, app) as (agent, visitor):
+        await visitor.get("/")
+        messages = link_messages(agent)
+        for n in range(3):
+            assert (await visitor.get(f"/{n}")).content == b"x" * 1000
+        head = (await visitor.head("/head"))
+        assert head.status_code == 200 and head.content == b""
+        assert frames_of(messages, ANSWER) == [[p.FrameType.RESPONSE, p.FrameType.DATA, p.FrameType.END]] * 3 + \
+            [[p.FrameType.RESPONSE, p.FrameType.END]]
+
+
+async def test_a_head_written_alone_waits_for_its_body_to_go_with_it(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # nginx writes a head and a file's bytes apart (sendfile): the agent often reads the head alone,
+    # the body a moment later. The head waits for it (HOLD_HEAD at most), so the server gets one
+    # message, and in a cluster the control node sends one NATS message, not two.
+    monkeypatch.setattr(forward, "HOLD_HEAD", 30.0)  # the body, 20 ms later, is what sends the head
+    app = LocalApp(lambda _connection, request, _head: [b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n",
+                                                        b"hello world"] if request > 1 else [ok()])
+    async with tunnel_to(tmp_path, app) as (agent, visitor):
+        await visitor.get("/")
+        messages = link_messages(agent)
+        with anyio.fail_after(10):
+            assert (await visitor.get("/apart")).text == "hello world"
+        assert forwarder(agent).answered_without_task == 1
+        assert frames_of(messages, ANSWER) == [[p.FrameType.RESPONSE, p.FrameType.DATA, p.FrameType.END]]
+        assert (await visitor.get("/next")).text == "hello world"
+        assert app.connections == 1
+
+
+async def test_a_head_whose_body_is_late_still_reaches_the_visitor_first(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # A local app that sends its head and holds its body (it has its reasons: a progress bar, a
+    # slow computation): the head waits HOLD_HEAD at most, then goes alone, as it did.
+    monkeypatch.setattr(forward, "HOLD_HEAD", 0.05)
+    body_may_go = anyio.Event()
+    connections: list[anyio.abc.SocketStream] = []
+
+    async def handle(client: anyio.abc.SocketStream) -> None:
+        connections.append(client)
+        async with client:
+            for request in (1, 2):
+                buffer = b""
+                while b"\r\n\r\n" not in buffer:
+                    buffer += await client.receive()
+                if request == 1:
+                    await client.send(ok())
+                    continue
+                await client.send(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nX-Early: yes\r\n\r\n")
+                await body_may_go.wait()
+                await client.send(b"late")
+            with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                await client.receive()
+
+    async with start_server(tmp_path / "data") as server, serve_tcp(handle) as port, \
+            start_agent(server, port) as agent, agent.visitor() as visitor:
+        await visitor.get("/")
+        messages = link_messages(agent)
+        with anyio.fail_after(10):
+            async with visitor.stream("GET", "/late") as response:
+                assert response.headers["x-early"] == "yes"  # before a byte of the body was written
+                body_may_go.set()
+                assert await response.aread() == b"late"
+        assert frames_of(messages, ANSWER) == [[p.FrameType.RESPONSE], [p.FrameType.DATA, p.FrameType.END]]
+        assert forwarder(agent).answered_without_task == 1
+        assert len(connections) == 1

@@ -160,6 +160,46 @@ async def test_frames_queued_in_one_turn_reach_the_peer_before_the_turn_ends() -
         await session.close()
 
 
+async def test_whole_answers_count_as_their_frames_and_are_never_split() -> None:
+    """``Stream.send_answer_nowait`` queues an answer's RESPONSE, DATA and END as one piece: a flush
+    never puts its head in one message and the rest in the next (with a piece per frame, the 16th
+    frame of a busy turn, always a RESPONSE, was written alone at once), and its three frames count
+    toward FLUSH_AT_FRAMES as before, so a busy turn still writes as soon."""
+    answers = -(-FLUSH_AT_FRAMES // 3)  # the first whose frames reach FLUSH_AT_FRAMES
+    async with attached_session() as (session, far, first):
+        streams = [first] + [session.open_stream() for _ in range(answers)]
+        raw = far._stream.extra(anyio.abc.SocketAttribute.raw_socket)
+        sock = socket.socket(raw.family, raw.type, fileno=os.dup(raw.fileno()))
+        loop = asyncio.get_running_loop()
+        seen: asyncio.Future[tuple[bytes, bytes]] = loop.create_future()
+
+        def one_turn() -> None:
+            for stream in streams[:answers - 1]:
+                assert stream.send_answer_nowait(200, [(b"x-n", b"%d" % stream.id)], b"body %d" % stream.id)
+            before = _peek(sock)
+            assert streams[answers - 1].send_answer_nowait(200, [], b"")
+            seen.set_result((before, _peek(sock)))
+
+        with sock:
+            loop.call_soon(one_turn)
+            with anyio.fail_after(10):
+                before, during = await seen
+        assert before == b"", "fewer frames than FLUSH_AT_FRAMES were written before the turn's end"
+        frames = _frames_in(during)
+        expected = []
+        for stream in streams[:answers - 1]:
+            expected += [(p.FrameType.RESPONSE, stream.id), (p.FrameType.DATA, stream.id), (p.FrameType.END, stream.id)]
+        expected += [(p.FrameType.RESPONSE, streams[answers - 1].id), (p.FrameType.END, streams[answers - 1].id)]
+        assert [(frame.type, frame.stream) for frame in frames] == expected
+        assert frames[1].payload == b"body %d" % first.id
+        # An answer too large to copy behind its head, or a second one, is refused and queues nothing.
+        last = streams[answers]
+        assert not last.send_answer_nowait(200, [], bytes(last.credit + 1))
+        assert not first.send_answer_nowait(200, [], b"again")
+        assert session.queued == 0
+        await session.close()
+
+
 async def test_flush_and_close_delivers_everything_queued_before_the_close() -> None:
     async with attached_session() as (session, far, stream), anyio.create_task_group() as tg:
         chunk = p.encode_data(stream.id, bytes(p.MAX_DATA_FRAME))

@@ -126,6 +126,23 @@ def test_response_head_round_trips(stream: int, head: p.ResponseHead) -> None:
     assert p.ResponseHead.from_payload(frame.payload) == head
 
 
+@given(stream=stream_ids, status=st.integers(100, 999), headers=header_lists,
+       body=st.binary(max_size=300) | st.sampled_from([b"", bytes(p.MAX_DATA_FRAME)]))
+def test_a_whole_answer_is_its_frames_back_to_back(stream: int, status: int, headers: list[tuple[bytes, bytes]],
+                                                   body: bytes) -> None:
+    """``encode_answer`` (the agent's small answers, one piece) makes the very bytes of RESPONSE,
+    DATA (none for an empty body) and END encoded apart, header pairs as tuples included."""
+    apart = p.encode(FT.RESPONSE, stream, p.ResponseHead(status, headers).to_payload())
+    if body:
+        apart += p.encode_data(stream, body)
+    apart += p.encode(FT.END, stream)
+    answer = p.encode_answer(stream, status, headers, body)
+    assert answer == apart
+    frames = decode_all(answer)
+    assert p.ResponseHead.from_payload(frames[0].payload) == p.ResponseHead(status, headers)
+    assert [(f.type, f.stream) for f in frames[1:]] == [(FT.DATA, stream)] * bool(body) + [(FT.END, stream)]
+
+
 def test_header_order_and_duplicates_survive() -> None:
     headers = [(b"set-cookie", b"a=1"), (b"X-Odd", b"\x00\xff"), (b"set-cookie", b"b=2")]
     head = p.RequestHead("GET", b"/a%2Fb?q=%20", headers)

@@ -32,6 +32,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("comzy.agent")
 
+#: How long a response head that came alone from the local app waits for the first bytes of its
+#: small Content-Length body, so that both reach the server in one link message (and one NATS
+#: message in a cluster) rather than two. nginx writes its head and a file's bytes apart
+#: (sendfile); at 1 connection the agent read the head alone in 15% of the bench's requests, the
+#: body following within tens of microseconds.
+HOLD_HEAD = 0.002
+
 
 @dataclass(slots=True)
 class Served:
@@ -89,8 +96,8 @@ class _Call:
     reached, by the same code as a request served by a task from the start.
     """
 
-    __slots__ = ("connection", "exchange", "forwarder", "head", "headers", "served", "serving", "started", "stream",
-                 "task")
+    __slots__ = ("connection", "exchange", "forwarder", "head", "headers", "held", "served", "serving", "started",
+                 "stream", "task")
 
     def __init__(self, forwarder: LocalForwarder, stream: Stream, head: p.RequestHead, serving: Serving | None) -> None:
         self.forwarder = forwarder
@@ -105,6 +112,8 @@ class _Call:
         self.connection: _Connection | None = None
         #: The task serving the stream (``run`` in a task of ``serving``), cancelled if the stream is reset.
         self.task: asyncio.Task[Any] | None = None
+        #: A response head that came alone, held for the body's first bytes: status, fields, the timer.
+        self.held: tuple[int, list[tuple[bytes, bytes]], asyncio.TimerHandle] | None = None
 
     def done(self) -> None:
         """The stream was served (or failed): release it, and report."""
@@ -161,48 +170,96 @@ class _Call:
     def head_read(self, response: LocalResponse) -> None:
         """The response head (and what came with it) is here: send it all back if it can go now."""
         self._stop_waiting()
-        stream, served, exchange, forwarder = self.stream, self.served, self.exchange, self.forwarder
-        conn = response.connection
         try:
-            served.status = response.status
-            if exchange is not None:
-                exchange.response(response.status, response.headers)
-            whole = response.whole_body()
-            session = stream.session
-            if whole is None and 0 < conn.counted_body_left() <= stream.credit \
-                    and session.queued <= WRITE_HIGH_WATER:
+            answered = self._answer(response)
+        except Exception as exc:  # a bug must not take the agent down with it
+            served = self.served
+            log.exception("failed to serve %s %s", served.method, served.target)
+            response.connection.close()
+            self._drop_held()
+            served.error = repr(exc)
+            self.stream.reset(p.ResetCode.INTERNAL, "agent error")
+            self._done_here()
+            return
+        if answered:
+            self._answered()
+
+    def _answer(self, response: LocalResponse) -> bool:
+        """``head_read``'s work: True when the whole answer and its END were queued; else the body
+        goes on from the connection's callbacks, or in a task."""
+        stream, exchange, forwarder = self.stream, self.exchange, self.forwarder
+        conn = response.connection
+        status, headers = response.status, response.headers
+        self.served.status = status
+        if exchange is not None:
+            exchange.response(status, headers)
+        whole = response.whole_body()
+        if stream.session.queued <= WRITE_HIGH_WATER:  # else heads wait like DATA, in a task
+            if whole is not None:
+                # The whole answer came with its head (most small ones): RESPONSE, DATA and END go
+                # in one piece, one link message.
+                if stream.send_answer_nowait(status, headers, whole):
+                    if exchange is not None and whole:
+                        exchange.response_data(whole)
+                    forwarder.local.release_nowait(conn)
+                    return True
+                if len(whole) <= stream.credit:  # a body too large to copy behind its head
+                    self._send_head(status, headers)
+                    if whole:
+                        if exchange is not None:
+                            exchange.response_data(whole)
+                        stream.send_data_nowait(whole)
+                    forwarder.local.release_nowait(conn)
+                    stream.send_end()
+                    return True
+            elif 0 < conn.counted_body_left() <= stream.credit:
                 # The rest of a small Content-Length body is still to come (a local app that wrote
-                # its head and its body apart): it goes on as it is read, within the credit.
-                session.send_nowait(p.encode(p.FrameType.RESPONSE, stream.id,
-                                             p.ResponseHead(response.status, response.headers).to_payload()))
+                # its head and its body apart, as nginx does with sendfile): it goes on as it is
+                # read, within the credit. A head that came alone waits for the body's first bytes,
+                # HOLD_HEAD at most, so that they reach the server in one message.
                 first = conn.take_parsed_body()
                 if first:
+                    self._send_head(status, headers)
                     if exchange is not None:
                         exchange.response_data(first)
                     stream.send_data_nowait(first)
+                else:
+                    self.held = (status, headers,
+                                 asyncio.get_running_loop().call_later(HOLD_HEAD, self._head_held_long))
                 self._wait_on(conn)
                 conn.stream_body(self)
-                return
-            if whole is None or len(whole) > stream.credit or session.queued > WRITE_HIGH_WATER:
-                # A body to read, no credit for it yet, or a link backed up (heads wait like DATA):
-                # a task goes on from here, as a request served by a task from the start would.
-                self._go_on(forwarder._respond(stream, served, response, exchange, whole))
-                return
-            session.send_nowait(p.encode(p.FrameType.RESPONSE, stream.id,
-                                         p.ResponseHead(response.status, response.headers).to_payload()))
-            if whole:
-                if exchange is not None:
-                    exchange.response_data(whole)
-                stream.send_data_nowait(whole)
-            forwarder.local.release_nowait(conn)
-        except Exception as exc:  # a bug must not take the agent down with it
-            log.exception("failed to serve %s %s", served.method, served.target)
-            conn.close()
-            served.error = repr(exc)
-            stream.reset(p.ResetCode.INTERNAL, "agent error")
-            self._done_here()
-            return
-        self._end()
+                return False
+        # A body to read, no credit for it yet, or a link backed up: a task goes on from here, as a
+        # request served by a task from the start would.
+        self._go_on(forwarder._respond(stream, self.served, response, exchange, whole))
+        return False
+
+    def _send_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.stream.session.send_nowait(p.encode(p.FrameType.RESPONSE, self.stream.id,
+                                                 p.ResponseHead(status, headers).to_payload()))
+
+    def _send_held(self) -> None:
+        """Send the head held for the body's first bytes (they are here, or the wait is over)."""
+        held = self.held
+        if held is not None:
+            self.held = None
+            status, headers, timer = held
+            timer.cancel()
+            self._send_head(status, headers)
+
+    def _head_held_long(self) -> None:
+        """The body did not follow its head within HOLD_HEAD: the head goes alone (a local app
+        that flushes its head early has its reasons: the visitor sees it as before)."""
+        try:
+            self._send_held()
+        except Exception:  # a loop callback must not raise; _send_head never should
+            log.exception("failed to serve %s %s", self.served.method, self.served.target)
+
+    def _drop_held(self) -> None:
+        """Forget the held head (the stream is gone: nobody waits for it)."""
+        if self.held is not None:
+            self.held[2].cancel()
+            self.held = None
 
     def head_failed(self, error: LocalError) -> None:
         """No response head on the pooled connection: retried on a fresh one, or a 502, by a task."""
@@ -216,6 +273,8 @@ class _Call:
 
     def body_data(self, data: bytes) -> None:
         """The next piece of a body streamed from the connection's callbacks (within the credit)."""
+        if self.held is not None:
+            self._send_held()
         if self.exchange is not None:
             self.exchange.response_data(data)
         if not self.stream.send_data_nowait(data):  # never: the credit was checked for the whole body
@@ -232,6 +291,7 @@ class _Call:
     def body_failed(self, error: LocalError) -> None:
         """The local connection ended in the middle of a body streamed from callbacks."""
         self._stop_waiting()
+        self._send_held()  # as when the head went at once: the visitor sees it, then the abort
         served = self.served
         served.error = f"local service failed mid-response: {error}"
         self.stream.reset(p.ResetCode.LOCAL_FAILED, served.error)
@@ -239,8 +299,12 @@ class _Call:
 
     def _end(self) -> None:
         """The whole answer was queued: END, and report (or wait for the edge's END in a task)."""
+        self.stream.send_end()
+        self._answered()
+
+    def _answered(self) -> None:
+        """The whole answer and its END were queued: report (or wait for the edge's END in a task)."""
         stream = self.stream
-        stream.send_end()
         self.forwarder.answered_without_task += 1
         if not stream.finished:
             self._go_on(self.forwarder._await_end(stream))
@@ -267,6 +331,7 @@ class _Call:
         """Stop waiting for the answer: close the local connection (never reused) and report."""
         conn = self.connection
         self._stop_waiting()
+        self._drop_held()
         if conn is not None:
             conn.abandon()
         self.served.error = why

@@ -251,6 +251,22 @@ def encode_data(stream: int, data: bytes | memoryview, flags: int = 0) -> bytes:
     return HEADER.pack(len(data), FrameType.DATA, flags, stream) + data
 
 
+_RESPONSE, _DATA, _END = int(FrameType.RESPONSE), int(FrameType.DATA), int(FrameType.END)
+
+
+def encode_answer(stream: int, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
+    """A whole answer in one piece: its RESPONSE head (``ResponseHead(status, headers)``), ``body``
+    in one DATA frame unless it is empty, and END; byte for byte the frames ``encode`` makes of
+    each. ``body`` must fit one DATA frame (MAX_DATA_FRAME)."""
+    # msgpack packs a tuple as the array a list makes: the header pairs need no copy into lists.
+    head = _PACKER.pack({"s": status, "h": headers, "sp": None})
+    pack = HEADER.pack
+    if body:
+        return b"".join((pack(len(head), _RESPONSE, 0, stream), head, pack(len(body), _DATA, 0, stream), body,
+                         pack(0, _END, 0, stream)))
+    return pack(len(head), _RESPONSE, 0, stream) + head + pack(0, _END, 0, stream)
+
+
 #: DATA payloads from this size on are queued beside their header rather than copied behind it
 #: (see ``DataFrame``); smaller ones are cheaper to copy than to carry as one more buffer.
 PIECES_FROM = 16 * 1024

@@ -162,6 +162,8 @@ class Session:
         # transport's pause_writing; _backlog holds frames behind one an async handler awaits.
         self._attached = False
         self._flush_pending = False
+        # Frames queued beyond one per piece of ``_out`` (send_frames_nowait), until the next flush.
+        self._out_extra = 0
         self._write_paused = False
         self._ended: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop  # set by _attach; used only once attached
@@ -211,7 +213,25 @@ class Session:
         self._out.append(frame)
         self._out_bytes += len(frame)
         if self._attached:
-            if len(self._out) >= FLUSH_AT_FRAMES:
+            if len(self._out) + self._out_extra >= FLUSH_AT_FRAMES:
+                self._flush()
+            elif not self._flush_pending:
+                self._flush_pending = True
+                self._loop.call_soon(self._flush)
+        else:
+            self._out_event.set()
+
+    def send_frames_nowait(self, frames: bytes, count: int) -> None:
+        """``send_nowait`` for ``count`` frames encoded back to back (``Stream.send_answer_nowait``):
+        queued as one piece, so no flush comes between them (the peer gets the whole answer in one
+        message), and counted as ``count`` frames toward FLUSH_AT_FRAMES, as apart."""
+        if self.closed is not None:
+            return
+        self._out.append(frames)
+        self._out_bytes += len(frames)
+        if self._attached:
+            self._out_extra += count - 1
+            if len(self._out) + self._out_extra >= FLUSH_AT_FRAMES:
                 self._flush()
             elif not self._flush_pending:
                 self._flush_pending = True
@@ -333,6 +353,8 @@ class Session:
                 write_pieces(p.frame_pieces(batch), size)
             else:
                 ws.write_message(p.join_frames(batch))
+        if not out:
+            self._out_extra = 0
         if self._drained is not None:
             self._drained.set()
         if self.reading_paused and self._out_bytes <= SEND_BUDGET and self._backlog is None:

@@ -271,6 +271,20 @@ class Stream:
                 self.session.send_nowait(p.data_frame(self.id, view[offset : offset + p.MAX_DATA_FRAME], 0, immutable))
         return True
 
+    def send_answer_nowait(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
+        """A whole small answer from a sender without a task (the agent's): RESPONSE, ``body`` and
+        END queued as one piece (``Session.send_frames_nowait``), so they reach the peer in one
+        message, and a head never waits alone for a flush that takes its body later. True when
+        done; False, queueing nothing, when ``body`` is not small (PIECES_FROM or more: it would be
+        copied) or the credit does not cover it, the stream was reset or has already ended."""
+        size = len(body)
+        if size >= p.PIECES_FROM or size > self._credit or self._reset is not None or self._local_ended:
+            return False
+        self._credit -= size
+        self._local_ended = True
+        self.session.send_frames_nowait(p.encode_answer(self.id, status, headers, body), 3 if size else 2)
+        return True
+
     def send_end(self) -> None:
         """Half-close: no more DATA from this side."""
         if not self._local_ended and self._reset is None:
