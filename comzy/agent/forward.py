@@ -193,7 +193,7 @@ class _Call:
         self.served.status = status
         if exchange is not None:
             exchange.response(status, headers)
-        whole = response.whole_body()
+        whole = conn.whole_body()
         if stream.session.queued <= WRITE_HIGH_WATER:  # else heads wait like DATA, in a task
             if whole is not None:
                 # The whole answer came with its head (most small ones): RESPONSE, DATA and END go
@@ -444,10 +444,10 @@ class LocalForwarder:
         # 0.5 us in process for a GET's four fields).
         host = length = False
         for name, _ in headers:
-            lower = name.lower()
-            if lower == b"host":
+            size = len(name)  # most fields are neither: told without lowering the name
+            if size == 4 and name.lower() == b"host":
                 host = True
-            elif lower == b"content-length":
+            elif size == 14 and name.lower() == b"content-length":
                 length = True
         if host and self.rewrite_host:
             headers = self._headers(head)

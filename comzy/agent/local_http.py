@@ -65,9 +65,12 @@ _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
 # Field values: no control characters but tab (so no CR/LF/NUL), as RFC 9110 5.5 allows.
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _BAD_TARGET = re.compile(rb"[\x00-\x20\x7f]")
-# Request fields as _request_head lays them out, each "name: value\r\n": a token, then a value
+# Request fields as _request_head lays them out, "name: value" joined by CRLF: a token, then a value
 # without control characters but tab (the same two checks as _TOKEN and _BAD_VALUE).
-_FIELDS = re.compile(rb"(?:[-!#$%&'*+.^_`|~0-9a-zA-Z]+: [^\x00-\x08\x0a-\x1f\x7f]*\r\n)*")
+_FIELDS = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+: [^\x00-\x08\x0a-\x1f\x7f]*"
+                     rb"(?:\r\n[-!#$%&'*+.^_`|~0-9a-zA-Z]+: [^\x00-\x08\x0a-\x1f\x7f]*)*")
+# b": ".join((name, value)): a field laid out by C code, no Python frame per field.
+_FIELD = b": ".join
 _NO_BODY_STATUS = (204, 304)
 # The lengths of transfer-encoding, content-length and connection.
 _FRAMING_NAME_SIZES = frozenset({17, 14, 10})
@@ -168,7 +171,8 @@ class _Connection(asyncio.Protocol):
         self._no_body = False  # the request was HEAD
         self._request_keep_alive = False
         self._status = 0
-        self._headers: list[tuple[bytes, bytes]] = []
+        self._headers: list[tuple[bytes, bytes]] = []  # the fields of the head being read
+        self._response_headers: list[tuple[bytes, bytes]] = []  # the final head's, once read
         self._informational = 0  # the last 1xx status skipped, for the error message
         self._informational_count = 0  # 1xx responses skipped before the final one
         self._begins_http11 = False  # the response's first read began b"HTTP/1.1 "
@@ -318,9 +322,11 @@ class _Connection(asyncio.Protocol):
             raise MalformedResponse(f"bad status line: control characters in the reason phrase {reason[:100]!r}")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._head_done:  # afterwards: trailer fields, dropped as before
-            # llhttp drops the whitespace before a value but keeps the whitespace after it.
-            self._headers.append((name, value.rstrip(b" \t")))
+        # Once the final head is read, the fields go to a list nobody reads: trailer fields are
+        # dropped, as before (on_headers_complete hands the head's list on), and no test is made
+        # here for them in every field of every head.
+        # llhttp drops the whitespace before a value but keeps the whitespace after it.
+        self._headers.append((name, value.rstrip(b" \t")))
 
     def on_headers_complete(self) -> None:
         if self._complete:
@@ -344,6 +350,8 @@ class _Connection(asyncio.Protocol):
             return
         self._status = status
         self._head_done = True
+        self._response_headers = headers
+        self._headers = []  # trailer fields, if any, go there (see on_header)
         # On top of llhttp, which reads a body until close for any other coding and takes
         # "chunked, chunked" or a repeated Transfer-Encoding as chunked: "chunked" is the only
         # transfer coding a response may use here, once (as h11 and our client always did).
@@ -434,7 +442,7 @@ class _Connection(asyncio.Protocol):
             if not data:
                 raise self._head_cut()
             self._head_step(data)
-        return self._status, self._headers
+        return self._status, self._response_headers
 
     def _start_head(self, method: str, request_keep_alive: bool) -> None:
         """Get ready to read the head of the response to a request just sent."""
@@ -506,7 +514,7 @@ class _Connection(asyncio.Protocol):
             listener = self._head_listener
             assert listener is not None
             self._head_listener = None  # what comes next waits in _received for body()
-            listener.head_read(LocalResponse(self._status, self._headers, self))
+            listener.head_read(LocalResponse(self._status, self._response_headers, self))
 
     def _head_failed(self, error: LocalError) -> None:
         listener = self._head_listener
@@ -860,12 +868,17 @@ def _request_head(method: str, target: bytes, headers: list[tuple[bytes, bytes]]
         method_bytes = encoded
     if method_bytes is None or not target or _BAD_TARGET.search(target):
         raise LocalError(f"request cannot be sent as HTTP/1.1: bad method or target {method!r} {target[:100]!r}")
-    fields = b"".join([name + b": " + value + b"\r\n" for name, value in headers])
-    # Every field checked by one regex over them all rather than two per field; as many line
-    # ends as fields proves that no value holds an LF (and the regex, that none holds a CR).
-    if fields.count(b"\n") != len(headers) or not _FIELDS.fullmatch(fields):
-        _refuse_field(headers)
-    head = method_bytes + b" " + target + b" HTTP/1.1\r\n" + fields + b"\r\n"
+    if headers:
+        # The fields laid out by C code (map and join: 15.2k instructions for wrk's four fields, where
+        # a list of concatenations took 19.3k, callgrind), and every one checked by one regex over
+        # them all rather than two per field; as many line ends as fields less one proves that no
+        # value holds an LF (and the regex, that none holds a CR).
+        fields = b"\r\n".join(map(_FIELD, headers))
+        if fields.count(b"\n") != len(headers) - 1 or not _FIELDS.fullmatch(fields):
+            _refuse_field(headers)
+        head = method_bytes + b" " + target + b" HTTP/1.1\r\n" + fields + b"\r\n\r\n"
+    else:
+        head = method_bytes + b" " + target + b" HTTP/1.1\r\n\r\n"
     framing = 0
     keep_alive = True
     for name, value in headers:
