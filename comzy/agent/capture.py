@@ -397,9 +397,12 @@ class Exchange:
         """Bytes of the response body as they go back to the visitor (a large body's reads come
         as read-only views: local_http's ``_DirectBody``)."""
         size = self.response_size
-        self.response_size = size + len(chunk)
+        self.response_size = end = size + len(chunk)
         if size < self.cap:
-            self._response_kept = _keep(self._response_kept, chunk, self.cap - size)
+            if self._response_kept is None and end <= self.cap and type(chunk) is bytes:
+                self._response_kept = chunk  # _keep's first case, in line: most bodies are one piece
+            else:
+                self._response_kept = _keep(self._response_kept, chunk, self.cap - size)
         if self.sse is not None:
             self.sse.feed(chunk if type(chunk) is bytes else bytes(chunk))
 

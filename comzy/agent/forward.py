@@ -168,50 +168,40 @@ class _Call:
 
     # -- served from callbacks: the pooled connection's (HeadListener) and the stream's ---------
     def head_read(self, response: LocalResponse) -> None:
-        """The response head (and what came with it) is here: send it all back if it can go now."""
-        self._stop_waiting()
-        try:
-            answered = self._answer(response)
-        except Exception as exc:  # a bug must not take the agent down with it
-            served = self.served
-            log.exception("failed to serve %s %s", served.method, served.target)
-            response.connection.close()
-            self._drop_held()
-            served.error = repr(exc)
-            self.stream.reset(p.ResetCode.INTERNAL, "agent error")
-            self._done_here()
-            return
-        if answered:
-            self._answered()
-
-    def _answer(self, response: LocalResponse) -> bool:
-        """``head_read``'s work: True when the whole answer and its END were queued; else the body
-        goes on from the connection's callbacks, or in a task."""
+        """The response head (and what came with it) is here: send it all back if it can go now;
+        else the body goes on from the connection's callbacks, or in a task."""
         stream, exchange, forwarder = self.stream, self.exchange, self.forwarder
+        stream.on_event = None  # _stop_waiting's work, here in line: this runs for every request
+        self.connection = None
+        assert self.serving is not None
+        self.serving.waiting.discard(self)
         conn = response.connection
-        status, headers = response.status, response.headers
-        self.served.status = status
-        if exchange is not None:
-            exchange.response(status, headers)
-        whole = conn.whole_body()
-        if stream.session.queued <= WRITE_HIGH_WATER:  # else heads wait like DATA, in a task
-            if whole is not None:
+        answered = False  # the whole answer and its END were queued
+        try:
+            status, headers = response.status, response.headers
+            self.served.status = status
+            if exchange is not None:
+                exchange.response(status, headers)
+            whole = conn.whole_body()
+            if stream.session.queued > WRITE_HIGH_WATER:
+                pass  # heads wait like DATA while the link is backed up: in a task, below
+            elif whole is not None:
                 # The whole answer came with its head (most small ones): RESPONSE, DATA and END go
                 # in one piece, one link message.
                 if stream.send_answer_nowait(status, headers, whole):
                     if exchange is not None and whole:
                         exchange.response_data(whole)
-                    forwarder.local.release_nowait(conn)
-                    return True
-                if len(whole) <= stream.credit:  # a body too large to copy behind its head
+                    answered = True
+                elif len(whole) <= stream.credit:  # a body too large to copy behind its head
                     self._send_head(status, headers)
                     if whole:
                         if exchange is not None:
                             exchange.response_data(whole)
                         stream.send_data_nowait(whole)
-                    forwarder.local.release_nowait(conn)
                     stream.send_end()
-                    return True
+                    answered = True
+                if answered:
+                    forwarder.local.release_nowait(conn)
             elif 0 < conn.counted_body_left() <= stream.credit:
                 # The rest of a small Content-Length body is still to come (a local app that wrote
                 # its head and its body apart, as nginx does with sendfile): it goes on as it is
@@ -228,11 +218,22 @@ class _Call:
                                  asyncio.get_running_loop().call_later(HOLD_HEAD, self._head_held_long))
                 self._wait_on(conn)
                 conn.stream_body(self)
-                return False
-        # A body to read, no credit for it yet, or a link backed up: a task goes on from here, as a
-        # request served by a task from the start would.
-        self._go_on(forwarder._respond(stream, self.served, response, exchange, whole))
-        return False
+                return
+            if not answered:
+                # A body to read, no credit for it yet, or a link backed up: a task goes on from
+                # here, as a request served by a task from the start would.
+                self._go_on(forwarder._respond(stream, self.served, response, exchange, whole))
+                return
+        except Exception as exc:  # a bug must not take the agent down with it
+            served = self.served
+            log.exception("failed to serve %s %s", served.method, served.target)
+            conn.close()
+            self._drop_held()
+            served.error = repr(exc)
+            stream.reset(p.ResetCode.INTERNAL, "agent error")
+            self._done_here()
+            return
+        self._answered()
 
     def _send_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.stream.session.send_nowait(p.encode(p.FrameType.RESPONSE, self.stream.id,
