@@ -10,6 +10,7 @@ counters zeroed and dumped with ``callgrind_control``:
 
     python -m bench.server_callgrind                                   # uvicorn and uvicorn-direct
     python -m bench.server_callgrind --http-server uvicorn-direct --requests 2000 --seconds 10
+    python -m bench.server_callgrind --http-server uvicorn-direct --plugins builtin  # the default install's plugins
 
 It needs valgrind (``valgrind`` and ``callgrind_control``: ``apt-get install valgrind``) besides
 nginx and wrk. Under valgrind the server runs about 50 times slower: the wrk load completes few
@@ -68,20 +69,23 @@ def _dump_total(out_dir: Path, pid: int, before: set[Path]) -> int:
         time.sleep(0.1)  # written by the server's own valgrind, a moment after callgrind_control returns
 
 
-def measure(kind: str, requests: int, seconds: float, tools: dict[str, str]) -> tuple[float, float, int, int]:
-    """Instructions per request at 1 and 50 connections for ``kind``, with the request counts of each."""
+def measure(kind: str, requests: int, seconds: float, tools: dict[str, str],
+            plugins: str = "none") -> tuple[float, float, int, int]:
+    """Instructions per request at 1 and 50 connections for ``kind``, with the request counts of each;
+    ``plugins`` is COMZY_PLUGINS (``builtin``: left unset, every built-in plugin, as installed)."""
     procs: list[Proc] = []
     try:
         with tempfile.TemporaryDirectory(prefix="comzy-callgrind-") as tmp:
             root = Path(tmp)
             nginx, nginx_port, script = serve_small_file(tools["nginx"], root, SMALL_FILE)
             procs.append(nginx)
+            settings = {} if plugins == "builtin" else {"COMZY_PLUGINS": plugins}
             server = Proc("comzy-server", [
                 "valgrind", "--tool=callgrind", f"--callgrind-out-file={root}/cg.out.%p", "--instr-atstart=no",
                 sys.executable, "-m", "comzy.core.cli"], env=comzy_env(
                     COMZY_HOST="127.0.0.1", COMZY_HTTP_PORT="0", COMZY_WS_PORT="0", COMZY_ADMIN_PORT="0",
-                    COMZY_DATA_DIR=str(root / "data"), COMZY_PLUGINS="none", COMZY_SHUTDOWN_GRACE="2",
-                    COMZY_HTTP_SERVER=kind, COMZY_HEARTBEAT_INTERVAL="600"))
+                    COMZY_DATA_DIR=str(root / "data"), COMZY_SHUTDOWN_GRACE="2",
+                    COMZY_HTTP_SERVER=kind, COMZY_HEARTBEAT_INTERVAL="600", **settings))
             procs.append(server)
             public_port = int(server.wait_for(r"public\s+http://[\d.]+:(\d+)", timeout=STARTUP_TIMEOUT)[1])
             ws_port = int(server.wait_for(r"agents\s+ws://[\d.]+:(\d+)", timeout=STARTUP_TIMEOUT)[1])
@@ -134,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=1000,
                         help="sequential requests counted at 1 connection (default 1000)")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of the 50-connection wrk load (default 5)")
+    parser.add_argument("--plugins", default="none",
+                        help="COMZY_PLUGINS for the server (default none; builtin: unset, every built-in plugin)")
     args = parser.parse_args(argv)
     if args.requests < 1 or args.seconds < 1:
         parser.error("--requests and --seconds must be at least 1")
@@ -143,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     tools = require_tools()
     for kind in args.kinds or DEFAULT_KINDS:
-        c1, c50, done, non_2xx = measure(kind, args.requests, args.seconds, tools)
+        c1, c50, done, non_2xx = measure(kind, args.requests, args.seconds, tools, args.plugins)
         errors = f", non-2xx {non_2xx}" if non_2xx else ""
         print(f"{kind}: c1 {c1 / 1e3:.1f} kIr/req ({args.requests} req); "
               f"c50 {c50 / 1e3:.1f} kIr/req ({done} req{errors})", flush=True)
