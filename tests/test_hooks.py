@@ -607,6 +607,47 @@ def test_resolve_host_answers_as_pluggy_does() -> None:
     assert wrapped.resolve_host("abc.example.test", None) == "ABC-FIRST"
 
 
+class Takes:
+    """before_forward and after_response implementations that name their arguments in every way
+    pluggy allows (a subset, another order, none) and record what they were given."""
+
+    def __init__(self, seen: list[tuple[str, tuple[Any, ...]]]) -> None:
+        self.seen = seen
+
+    @hookimpl
+    def before_forward(self, tunnel: Any, request: Any) -> None:
+        self.seen.append(("tunnel, request", (tunnel, request)))
+
+    @hookimpl
+    def after_response(self) -> None:
+        self.seen.append(("nothing", ()))
+
+
+class TakesServer:
+    def __init__(self, seen: list[tuple[str, tuple[Any, ...]]]) -> None:
+        self.seen = seen
+
+    @hookimpl
+    def before_forward(self, server: Any) -> None:
+        self.seen.append(("server", (server,)))
+
+    @hookimpl
+    def after_response(self, server: Any, exchange: Any) -> None:
+        self.seen.append(("server, exchange", (server, exchange)))
+
+
+def test_implementations_get_the_arguments_they_name() -> None:
+    # The runner calls the per-request hooks' implementations with positional arguments built once
+    # per implementation (hooks._positional); each still gets exactly what it names, as from pluggy.
+    seen: list[tuple[str, tuple[Any, ...]]] = []
+    hooks = HookRunner(build_manager("example.test", [("takes", Takes(seen)), ("server", TakesServer(seen))]))
+    assert hooks.before_forward_now("request", "tunnel", "server") is None
+    assert seen == [("server", ("server",)), ("tunnel, request", ("tunnel", "request"))]
+    seen.clear()
+    assert hooks.after_response_soon("exchange", "server") is None
+    assert seen == [("server, exchange", ("server", "exchange")), ("nothing", ())]
+
+
 # -- alias_owner -----------------------------------------------------------------------------------
 class Owners:
     """Says 'owned-by-ana' belongs to ana; records every question."""
