@@ -15,9 +15,11 @@ from comzy.core.headers import (
     FramingError,
     add_forwarded,
     announces_body,
+    head_size,
     is_trusted,
     origin_form,
     parse_networks,
+    plain_request_headers,
     real_client,
     strip_hop_by_hop,
 )
@@ -86,6 +88,32 @@ def test_two_body_framings_are_always_refused(headers: list[tuple[bytes, bytes]]
         assert body is True
     if not names & {b"content-length", b"transfer-encoding"}:
         assert body is None  # the ASGI messages decide (HTTP/2)
+
+
+plain_values = st.one_of(value, st.sampled_from([b"0", b" 0", b"", b"12", b"close", b"x-app, te", b"keep-alive",
+                                                  b"host, content-length", b"x-forwarded-for, cookie"]))
+
+
+@given(headers=st.lists(st.tuples(token, plain_values), max_size=12), trusted=st.booleans())
+@example(headers=[(b"host", b"a"), (b"connection", b"x-app"), (b"x-app", b"1"), (b"connection", b"cookie"),
+                  (b"cookie", b"c")], trusted=False)
+@example(headers=[(b"host", b"a"), (b"content-length", b" 0"), (b"x-real-ip", b"1.2.3.4")], trusted=True)
+def test_the_plain_path_forwards_what_the_general_rules_do(headers: list[tuple[bytes, bytes]], trusted: bool) -> None:
+    """plain_request_headers (the edge's plain path, one pass) against the functions the ASGI path
+    composes: the same headers kept, the same Host, and nothing with a body or two Hosts served."""
+    plain = plain_request_headers(headers, trusted)
+    hosts = [v for n, v in headers if n == b"host"]
+    bodyless = all(n != b"transfer-encoding" and (n != b"content-length" or v.strip() in (b"0", b""))
+                   for n, v in headers)
+    assert (plain is not None) == (len(hosts) == 1 and bodyless)
+    if plain is None:
+        return
+    assert not announces_body(headers)
+    kept, host, size = plain
+    assert host == hosts[0]
+    assert size == head_size(headers)
+    general = strip_hop_by_hop(headers)
+    assert kept == (general if trusted else [h for h in general if h[0] not in FORWARDING])
 
 
 path_chars = st.text(alphabet="abcxyz/%?=&.-_~0123456789", max_size=20).map(str.encode)

@@ -119,6 +119,15 @@ def test_request_head_round_trips(stream: int, head: p.RequestHead) -> None:
     assert p.RequestHead.from_payload(frame.payload) == head
 
 
+@given(stream=stream_ids, head=request_heads)
+def test_a_bodyless_request_encodes_as_its_head_and_end(stream: int, head: p.RequestHead) -> None:
+    """The edge's plain path encodes REQUEST and END in one call: the same bytes as the general path."""
+    head.websocket, head.subprotocols, head.has_body = False, [], False
+    encoded = p.encode_bodyless_request(stream, head.method, head.target, head.headers, head.client, head.scheme,
+                                        head.http_version, head.tunnel)
+    assert encoded == p.encode(FT.REQUEST, stream, head.to_payload()) + p.encode(FT.END, stream)
+
+
 @given(stream=stream_ids, head=response_heads)
 def test_response_head_round_trips(stream: int, head: p.ResponseHead) -> None:
     frame = decode_one(p.encode(FT.RESPONSE, stream, head.to_payload()))
@@ -818,31 +827,31 @@ async def test_a_bug_in_a_handler_ends_only_that_session() -> None:
 
 
 @pytest.mark.anyio
-async def test_on_event_tells_a_taskless_reader_of_each_frame_and_reads_do_not_block() -> None:
+async def test_on_event_tells_a_taskless_reader_once_per_message_and_reads_do_not_block() -> None:
     window = 65536
     async with ws_pair() as (near, far), running_session(near, window=window) as (session, _):
         stream = session.open_stream()
         seen: list[tuple[bool, bool, bool, int]] = []
-        arrived = anyio.Event()
+        told = [anyio.Event(), anyio.Event()]
 
         def on_event() -> None:
-            # What the reader sees after each state update (not before it).
+            # What the reader sees once the message is handled (after every frame's update).
             seen.append((stream.head is not None, stream.buffered, stream.remote_ended, stream.credit))
-            if stream.remote_ended:
-                arrived.set()
+            told[len(seen) - 1].set()
 
         stream.on_event = on_event
         assert stream.receive_nowait(1024) is None  # nothing buffered: no wait, no data
         credit = stream.credit
         head = p.ResponseHead(200, [(b"content-length", b"12")])
-        await far.send(p.encode(FT.RESPONSE, stream.id, head.to_payload()) + p.encode_window(stream.id, 10)
-                       + p.encode_data(stream.id, b"hello ") + p.encode_data(stream.id, b"world!")
+        await far.send(p.encode(FT.RESPONSE, stream.id, head.to_payload()) + p.encode_window(stream.id, 10))
+        with anyio.fail_after(5):
+            await told[0].wait()
+        await far.send(p.encode_data(stream.id, b"hello ") + p.encode_data(stream.id, b"world!")
                        + p.encode(FT.END, stream.id))
         with anyio.fail_after(5):
-            await arrived.wait()
-        assert seen == [(True, False, False, credit), (True, False, False, credit + 10),
-                        (True, True, False, credit + 10), (True, True, False, credit + 10),
-                        (True, True, True, credit + 10)]
+            await told[1].wait()
+        # One call per link message, not one per frame: a small response's head, body and end, one call.
+        assert seen == [(True, False, False, credit + 10), (True, True, True, credit + 10)]
         assert stream.receive_nowait(8) == b"hello "  # joined only up to the limit
         assert stream.receive_nowait(1024) == b"world!"
         assert stream.receive_nowait(1024) is None and stream.drained_and_ended

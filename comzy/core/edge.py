@@ -19,10 +19,13 @@ from comzy.core.headers import (
     FramingError,
     add_forwarded,
     announces_body,
+    head_size,
     host_header,
+    host_name,
     host_of,
     is_trusted,
     origin_form,
+    plain_request_headers,
     request_origin,
     strip_hop_by_hop,
 )
@@ -87,18 +90,11 @@ class EdgeApp:
         head too, see ``_Taskless``); a route still to look up (a NATS request to await) goes to
         the ASGI app.
         """
-        hosts = 0
-        for name, _ in headers:
-            if name == b"host":
-                hosts += 1
-            elif name == b"content-length" or name == b"transfer-encoding":
-                try:
-                    if announces_body(headers):
-                        return None
-                except FramingError:
-                    return None
-        if hosts != 1:
-            return None  # OneHostOnly's 400
+        peer: _Peer = conn.plain_peer or self._peer(conn)
+        plain = plain_request_headers(headers, peer.trusted)
+        if plain is None:
+            return None  # a body, Transfer-Encoding, or a Host not exactly one (OneHostOnly's 400)
+        forwarded, host_value, size = plain
         try:
             parsed = httptools.parse_url(url)  # as uvicorn splits it for the scope
         except httptools.HttpParserInvalidURLError:
@@ -106,20 +102,31 @@ class EdgeApp:
         target = origin_form(parsed.path or b"")
         if parsed.query:
             target = target + b"?" + parsed.query
-        client = conn.client
-        request, local, _ = self._request(headers, target, method, client[0] if client else "",
-                                          "https" if conn.scheme == "https" else "http", False)
-        entry: Entry | RouteEntry | None = local
+        if host_value != peer.host_value:  # a connection's requests mostly name the same Host
+            peer.host_value, peer.host = host_value, host_name(host_value)
+        host = peer.host
+        alias = self.hooks.resolve_host(host, self.server) if host else None
+        entry: Entry | RouteEntry | None = self.server.registry.get(alias) if alias else None
         route: RouteEntry | None = None
         if entry is None:
             router = self.server.router
-            if router is None or not request.alias:
+            if router is None or not alias:
                 return None
-            entry = route = router.cached(request.alias)
+            entry = route = router.cached(alias)
             if route is None:
                 return None
-        if self._head_too_large(headers, request) is not None:
+        if self._head_too_large(size + len(target)) is not None:
             return None
+        client, scheme = peer.client, peer.scheme
+        if peer.trusted:  # as in _request
+            origin = request_origin(headers, client, scheme, host_value, self.settings.trusted_networks)
+            forwarded = add_forwarded(forwarded, client, scheme, host_value, True, origin)
+            client, scheme = origin.client, origin.scheme
+        else:  # add_forwarded's: plain_request_headers dropped the visitor's own
+            forwarded += peer.forwarded
+            forwarded.append((b"x-forwarded-host", host_value))
+        # alias is not None here: an entry was found for it.
+        request = ForwardRequest(alias, method, target, forwarded, host, client, scheme)  # type: ignore[arg-type]
         tunnel, session = entry.tunnel, entry.session
         if tunnel.policies and self._unenforced(tunnel) is not None:
             return None
@@ -128,7 +135,7 @@ class EdgeApp:
             if busy is not None or session.closed is not None:
                 return None
             exchange = _Taskless(self, conn, request, tunnel, keep_alive, route)
-            self._forward_plain(exchange, session, http_version)
+            self._open_plain(exchange, session, http_version)  # checked just above: it opens
             return exchange
         exchange = _Taskless(self, conn, request, tunnel, keep_alive, route)
         try:
@@ -141,6 +148,13 @@ class EdgeApp:
         else:
             exchange.hold(self._forward_after(exchange, pending, session, http_version))
         return exchange
+
+    def _peer(self, conn: Any) -> _Peer:
+        """``conn``'s :class:`_Peer`, made at its first request served plain."""
+        client = conn.client
+        peer = conn.plain_peer = _Peer(client[0] if client else "", "https" if conn.scheme == "https" else "http",
+                                       self.settings.trusted_networks)
+        return peer
 
     async def _forward_after(self, exchange: _Taskless, pending: Awaitable[None], session: Session,
                              http_version: str) -> None:
@@ -156,19 +170,31 @@ class EdgeApp:
 
     def _forward_plain(self, exchange: _Taskless, session: Session, http_version: str) -> None:
         """Open the plain exchange's stream, or answer 503 or 502 as ``http`` does."""
-        request, tunnel, route = exchange.request, exchange.tunnel, exchange.route
+        tunnel, route = exchange.tunnel, exchange.route
         busy = self._busy(session, tunnel) if route is None else _link_busy(route)
         if busy is not None:
             exchange.answer(503, busy, [(b"retry-after", b"1"), *CLOSE])
-            return
-        head = p.RequestHead(request.method, request.target, request.headers, request.client,
-                             request.scheme, http_version, has_body=False, tunnel=tunnel.name)
-        try:
-            stream = _open(session, route, head)
-        except SessionClosed:
+        elif session.closed is not None:
             exchange.answer(502, f"The agent for {tunnel.alias} has disconnected.\n")
-            return
-        exchange.head = head  # sent again should a routed stream fail before its response head
+        else:
+            self._open_plain(exchange, session, http_version)
+
+    @staticmethod
+    def _open_plain(exchange: _Taskless, session: Session, http_version: str) -> None:
+        """Open the plain exchange's stream on ``session`` (open: its limits checked) and send its
+        REQUEST, END with it in one link message, as on the ASGI path."""
+        request, route = exchange.request, exchange.route
+        if route is None:
+            stream = session.open_stream()
+            stream.send_request_ended(p.encode_bodyless_request(
+                stream.id, request.method, request.target, request.headers, request.client, request.scheme,
+                http_version, exchange.tunnel.name))
+        else:
+            head = p.RequestHead(request.method, request.target, request.headers, request.client,
+                                 request.scheme, http_version, has_body=False, tunnel=exchange.tunnel.name)
+            stream = _open(session, route, head)
+            stream.send_end()
+            exchange.head = head  # sent again should a routed stream fail before its response head
         exchange.begin(stream)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -266,7 +292,7 @@ class EdgeApp:
             if route is None:
                 return  # answered: 404, 502 or 504
             entry = route
-        too_large = self._head_too_large(scope["headers"], request)
+        too_large = self._head_too_large(len(request.target) + head_size(scope["headers"]))
         if too_large is not None:
             await respond(send, 431, too_large, headers=CLOSE)
             return
@@ -351,9 +377,9 @@ class EdgeApp:
         return (f"Tunnel {tunnel.alias} has a policy this server cannot enforce (the {', '.join(missing)} plugin is "
                 "not enabled on it); the request was refused rather than passed on unprotected.\n")
 
-    def _head_too_large(self, headers: list[tuple[bytes, bytes]], request: ForwardRequest) -> str | None:
-        """Why a request head is refused with 431 (None: it fits COMZY_MAX_REQUEST_HEAD)."""
-        head_size = len(request.target) + sum(len(n) + len(v) + 4 for n, v in headers)
+    def _head_too_large(self, head_size: int) -> str | None:
+        """Why a request head of ``head_size`` (its target and :func:`head_size`) is refused with 431
+        (None: it fits COMZY_MAX_REQUEST_HEAD)."""
         if head_size > self.settings.max_request_head:
             return f"Request head of {head_size} bytes exceeds the limit of {self.settings.max_request_head}.\n"
         return None
@@ -598,7 +624,7 @@ class EdgeApp:
             if route is None:
                 return  # answered: 404, 502 or 504
             entry = route
-        too_large = self._head_too_large(scope["headers"], request)
+        too_large = self._head_too_large(len(request.target) + head_size(scope["headers"]))
         if too_large is not None:
             await respond(send, 431, too_large, scope=scope)
             return
@@ -782,6 +808,25 @@ def _kept_framing(headers: list[tuple[bytes, bytes]], lengths: list[bytes], tunn
     return edited
 
 
+class _Peer:
+    """What the plain path keeps about a visitor's connection between its requests (the
+    connection's ``plain_peer``): its address and scheme, whether it is a trusted proxy, the
+    X-Forwarded-For and -Proto the edge adds for it, and its last Host with the host it names.
+    Read once per connection rather than once per request."""
+
+    __slots__ = ("client", "forwarded", "host", "host_value", "scheme", "trusted")
+
+    def __init__(self, client: str, scheme: str, networks: tuple[Any, ...]) -> None:
+        self.client = client
+        self.scheme = scheme
+        self.trusted = is_trusted(client, networks)
+        # add_forwarded's, for a peer that is not trusted (no chain of its own to extend).
+        self.forwarded = [(b"x-forwarded-for", client.encode())] if client else []
+        self.forwarded.append((b"x-forwarded-proto", scheme.encode()))
+        self.host_value = b""
+        self.host = ""
+
+
 class _Exchange:
     """Mutable counters for one proxied exchange."""
 
@@ -843,10 +888,8 @@ class _Taskless(PlainExchange):
         self.pending: asyncio.Task[None] | None = None
 
     def begin(self, stream: Stream) -> None:
-        """The stream is open and its REQUEST queued: END goes with it, then wait for the response."""
+        """The stream is open and its REQUEST and END queued: wait for the response."""
         self.stream = stream
-        # END goes with REQUEST in one link message, as on the ASGI path.
-        stream.send_end()
         self.tunnel.stream_opened(False)  # back down in _finish
         stream.on_event = self._on_event
         self.edge._wait_head(self)
@@ -877,8 +920,11 @@ class _Taskless(PlainExchange):
     def _on_event(self) -> None:
         """The stream changed (head, data, end, credit, reset): move the response on. Runs in the
         session's reader, which must not see an exception."""
+        if self.done or self.pending is not None:
+            return
         try:
-            self._advance()
+            if self.state.started or self._head_came():
+                self._pump()
         except Exception:
             log.exception("serving a request without a task failed; closing the visitor's connection")
             if not self.done:
@@ -887,40 +933,35 @@ class _Taskless(PlainExchange):
 
     def writable(self) -> None:
         """The visitor's connection takes data again: read on."""
-        if not self.done:
-            self._on_event()
+        self._on_event()
 
-    def _advance(self) -> None:
-        if self.done or self.pending is not None:
-            return
-        stream, state = self.stream, self.state
+    def _head_came(self) -> bool:
+        """Before the response head is written: write it if it came (False: not yet, or the exchange
+        ended instead, answered by a refusal or a 502 of a reset)."""
+        stream = self.stream
         assert stream is not None
-        if not state.started:
-            head = stream.head
-            if head is None:
-                if stream.reset_error is not None:
-                    self._failed_before_head(stream.reset_error)
-                return  # credit: nothing to do before the head
-            self.edge._heads_due.pop(self, None)
-            assert isinstance(head, p.ResponseHead)
-            state.status = head.status
-            headers = strip_hop_by_hop(head.headers)
-            if self.edge.hooks.has_before_response:
-                lengths = [value for name, value in headers if name.lower() == b"content-length"]
-                response = ForwardResponse(head.status, headers)
-                try:
-                    pending = self.edge.hooks.before_response_now(response, self.request, self.tunnel,
-                                                                  self.edge.server)
-                except Exception as exc:
-                    self._response_refused(exc)
-                    return
-                if pending is not None:
-                    self.hold(self._edited_later(pending, response, lengths))
-                    return
-                headers = _kept_framing(response.headers, lengths, self.tunnel)
-            if not self._start(head.status, headers):
-                return
-        self._pump()
+        head = stream.head
+        if head is None:
+            if stream.reset_error is not None:
+                self._failed_before_head(stream.reset_error)
+            return False  # credit: nothing to do before the head
+        self.edge._heads_due.pop(self, None)
+        assert isinstance(head, p.ResponseHead)
+        self.state.status = head.status
+        if not self.edge.hooks.has_before_response:
+            return self._start(head.status, head.headers, hop_by_hop=True)  # stripped as it is written
+        headers = strip_hop_by_hop(head.headers)
+        lengths = [value for name, value in headers if name.lower() == b"content-length"]
+        response = ForwardResponse(head.status, headers)
+        try:
+            pending = self.edge.hooks.before_response_now(response, self.request, self.tunnel, self.edge.server)
+        except Exception as exc:
+            self._response_refused(exc)
+            return False
+        if pending is not None:
+            self.hold(self._edited_later(pending, response, lengths))
+            return False
+        return self._start(head.status, _kept_framing(response.headers, lengths, self.tunnel))
 
     async def _edited_later(self, pending: Awaitable[None], response: ForwardResponse, lengths: list[bytes]) -> None:
         """A before_response implementation returned something to await: the head waits for it."""
@@ -934,18 +975,19 @@ class _Taskless(PlainExchange):
         if not self.done and self._start(response.status, _kept_framing(response.headers, lengths, self.tunnel)):
             self._on_event()
 
-    def _start(self, status: int, headers: list[tuple[bytes, bytes]]) -> bool:
-        """Write the response head; False when the exchange ended instead."""
+    def _start(self, status: int, headers: list[tuple[bytes, bytes]], hop_by_hop: bool = False) -> bool:
+        """Write the response head (``hop_by_hop``: see ``start_response``); False when the exchange
+        ended instead."""
         self.state.started = True
-        if not self.start_response(status, headers):
+        if not self.start_response(status, headers, hop_by_hop):
             self._finish()
             return False
         return True
 
     def _pump(self) -> None:
-        stream, state = self.stream, self.state
+        stream, state, flow = self.stream, self.state, self.conn.flow
         assert stream is not None
-        while not self.write_paused:
+        while not flow.write_paused:  # write_paused's, without a property call per event
             data = stream.receive_nowait(COALESCE_BODY)
             if data is None:
                 if stream.remote_ended:

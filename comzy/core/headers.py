@@ -66,7 +66,12 @@ _DROPPED = HOP_BY_HOP - PROTECTED
 
 def host_of(headers: Headers) -> str:
     """The Host header's host, lowercase and without a port ('' if absent)."""
-    host = host_header(headers).decode("latin-1").strip().lower()
+    return host_name(host_header(headers))
+
+
+def host_name(value: bytes) -> str:
+    """A Host header value's host, lowercase and without a port."""
+    host = value.decode("latin-1").strip().lower()
     if host.startswith("["):  # IPv6 literal
         return host.split("]", 1)[0] + "]"
     return host.rsplit(":", 1)[0] if ":" in host else host
@@ -104,6 +109,68 @@ def announces_body(headers: Headers) -> bool | None:
     if chunked:
         return True
     return None if length is None else length.strip() not in (b"0", b"")
+
+
+#: The names :func:`plain_request_headers` looks at; every other header passes in one set test.
+_PLAIN_NOTED = HOP_BY_HOP | FORWARDING | {b"host", b"content-length"}
+
+
+def plain_request_headers(headers: Headers, trusted: bool) -> tuple[Headers, bytes, int] | None:
+    """For a request head as httptools gives it (names in lower case): the headers to forward, its
+    Host value and :func:`head_size` of its headers, in one pass, or None for a head the edge's
+    plain path leaves to the ASGI app (a body announced, Transfer-Encoding at all, or not exactly
+    one Host).
+
+    The headers are :func:`strip_hop_by_hop`'s, and from a peer that is not ``trusted`` also
+    without the forwarding ones :func:`add_forwarded` drops (the caller adds the edge's own then);
+    from a trusted one they are kept for :func:`add_forwarded`. Each header costs one set test:
+    ``strip_hop_by_hop``, ``announces_body``, ``host_header`` and ``add_forwarded`` each went
+    over every header, lowering each name twice.
+    """
+    kept: Headers = []
+    host: bytes | None = None
+    named: set[bytes] | None = None
+    size = 4 * len(headers)
+    for pair in headers:
+        name, value = pair
+        size += len(name) + len(value)  # here: a generator over the headers cost twice as much
+        if name not in _PLAIN_NOTED:
+            kept.append(pair)
+        elif name == b"host":
+            if host is not None:
+                return None  # OneHostOnly's 400
+            host = value
+            kept.append(pair)
+        elif name == b"content-length":
+            if value.strip() not in (b"0", b""):
+                return None
+            kept.append(pair)
+        elif name == b"transfer-encoding":
+            return None  # a body, or with Content-Length the 400 of announces_body
+        elif name == b"connection":
+            named = connection_tokens(value, named)
+        elif trusted and name in FORWARDING:
+            kept.append(pair)
+    if host is None:
+        return None  # OneHostOnly's 400 (HTTP/1.1), or HTTP/1.0 without a Host: not a tunnel's
+    if named is not None and not named <= HOP_BY_HOP:
+        drop = (HOP_BY_HOP | named) - PROTECTED
+        kept = [pair for pair in kept if pair[0] not in drop]
+    return kept, host, size
+
+
+def head_size(headers: Headers) -> int:
+    """What a request head's headers count towards COMZY_MAX_REQUEST_HEAD (its target adds its length)."""
+    return sum(len(n) + len(v) + 4 for n, v in headers)
+
+
+def connection_tokens(value: bytes, named: set[bytes] | None = None) -> set[bytes]:
+    """The names a Connection header's ``value`` lists, lower case, added to ``named`` (a new set)."""
+    if b"," not in value:  # one token, as nearly every Connection header has (keep-alive, close)
+        token = value.strip().lower()
+        return {token} if named is None else named | {token}
+    tokens = {token.strip().lower() for token in value.split(b",")}
+    return tokens if named is None else named | tokens
 
 
 def origin_form(target: bytes) -> bytes:

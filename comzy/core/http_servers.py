@@ -29,6 +29,7 @@ from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config
 
 from comzy.core.asgi import TEXT, App, Receive, Scope, Send, respond
+from comzy.core.headers import HOP_BY_HOP, connection_tokens, strip_hop_by_hop
 
 HTTP_SERVERS = ("hypercorn", "uvicorn", "uvicorn-direct")
 
@@ -201,6 +202,8 @@ def _bounded_head_protocol(limit: int, plain: PlainServe | None = None) -> type:
         #: The request ``plain`` serves, while its response is unfinished (it may no longer be the
         #: newest: a pipelined request queued behind it is uvicorn's ``cycle`` then).
         plain_exchange: PlainExchange | None = None
+        #: What ``plain`` keeps about this connection from one request to the next (its own object).
+        plain_peer: Any = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -391,6 +394,10 @@ _STATUS_LINES: dict[int, bytes] = {}
 #: What uvicorn refuses in a response header's name and value (it closes the connection instead).
 _BAD_NAME = re.compile(b'[\x00-\x1f\x7f()<>@,;:\\[\\]={} \t\\\\"]')
 _BAD_VALUE = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")
+#: The response header names start_response looks at, one set test per header: the framing ones,
+#: and with ``hop_by_hop`` every hop-by-hop one (Content-Length is end-to-end: headers.PROTECTED).
+_NOTED = frozenset({b"content-length", b"transfer-encoding", b"connection"})
+_NOTED_HOP_BY_HOP = HOP_BY_HOP | {b"content-length"}
 
 
 def _status_line(status: int) -> bytes:
@@ -450,37 +457,53 @@ class PlainExchange:
         """Whether the visitor's connection holds enough unsent data: wait for :meth:`writable`."""
         return bool(self.conn.flow.write_paused)
 
-    def start_response(self, status: int, headers: list[tuple[bytes, bytes]]) -> bool:
-        """Write the head; False when the connection was closed instead (a header uvicorn refuses)."""
-        self.response_started = True
+    def start_response(self, status: int, headers: list[tuple[bytes, bytes]], hop_by_hop: bool = False) -> bool:
+        """Write the head; False when the connection was closed instead (a header uvicorn refuses).
+
+        With ``hop_by_hop`` (a head from the tunnel, unfiltered), the hop-by-hop headers are left
+        out here, as :func:`~comzy.core.headers.strip_hop_by_hop` does, in the same pass that lowers
+        each name once: two passes over every header, with two ``lower`` each, were one."""
         content = [_status_line(status)]
         closing = False
+        chunked, remaining = self.chunked, self.remaining
+        named: set[bytes] | None = None
+        noted = _NOTED_HOP_BY_HOP if hop_by_hop else _NOTED
         defaults = self.conn.server_state.default_headers  # none: comzy turns Server and Date off
         if defaults:
             headers = defaults + headers
-        # uvicorn's checks, in two searches over all names and all values (one per header each
-        # cost ~1 µs per response): joined by a byte each allows ("-" in names, tab in values).
-        if _BAD_NAME.search(b"-".join([name for name, _ in headers])) or \
-                _BAD_VALUE.search(b"\t".join([value for _, value in headers])):
-            self.abort_response("invalid HTTP header in the response")
-            return False
         try:
             for name, value in headers:
                 name = name.lower()
-                if name == b"content-length" and self.chunked is None:
-                    self.remaining = int(value.decode())
-                    self.chunked = False
-                elif name == b"transfer-encoding" and value.lower() == b"chunked":
-                    self.remaining = 0
-                    self.chunked = True
-                elif name == b"connection" and b"close" in [t.lower().strip() for t in value.split(b",")]:
-                    self.keep_alive = False
-                    closing = True
+                if name in noted:
+                    if name == b"content-length":
+                        if chunked is None:
+                            remaining = int(value.decode())
+                            chunked = False
+                    elif hop_by_hop:
+                        if name == b"connection":
+                            named = connection_tokens(value, named)
+                        continue
+                    elif name == b"transfer-encoding":
+                        if value.lower() == b"chunked":
+                            remaining = 0
+                            chunked = True
+                    elif b"close" in [t.lower().strip() for t in value.split(b",")]:  # connection
+                        closing = True
                 content += (name, b": ", value, b"\r\n")
         except (ValueError, UnicodeDecodeError) as exc:
-            self.abort_response(f"bad response head: {exc}")
-            return False
-        if not self.keep_alive and not closing:
+            return self._refuse_head(f"bad response head: {exc}")
+        if named is not None and not named <= HOP_BY_HOP:
+            # The Connection header names more to drop: the general function's second pass.
+            return self.start_response(status, strip_hop_by_hop(headers))
+        # uvicorn's checks, in two searches over all names and all values (one per header each
+        # cost ~1 µs per response): joined by a byte each allows ("-" in names, tab in values).
+        if _BAD_NAME.search(b"-".join(content[1::4])) or _BAD_VALUE.search(b"\t".join(content[3::4])):
+            return self._refuse_head("invalid HTTP header in the response")
+        self.response_started = True
+        self.chunked, self.remaining = chunked, remaining
+        if closing:
+            self.keep_alive = False
+        elif not self.keep_alive:
             content.append(b"connection: close\r\n")
         if self.chunked is None and not self.head_only and status not in (204, 304):
             self.chunked = True
@@ -488,6 +511,12 @@ class PlainExchange:
         content.append(b"\r\n")
         self.conn.transport.write(b"".join(content))
         return True
+
+    def _refuse_head(self, why: str) -> bool:
+        """A response head uvicorn would refuse: the connection is closed (False, as start_response)."""
+        self.response_started = True
+        self.abort_response(why)
+        return False
 
     def send_body(self, data: bytes) -> bool:
         """Write body bytes; False when the connection was closed instead (past Content-Length)."""

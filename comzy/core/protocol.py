@@ -246,6 +246,20 @@ def encode(frame_type: FrameType, stream: int = 0, payload: Any = b"", flags: in
     return HEADER.pack(len(body), frame_type, flags, stream) + body
 
 
+def encode_bodyless_request(stream: int, method: str, target: bytes, headers: list[tuple[bytes, bytes]], client: str,
+                            scheme: str, http_version: str, tunnel: str | None) -> bytes:
+    """The REQUEST frame of an HTTP request without a body, then the stream's END, in one piece:
+    what ``encode(REQUEST, stream, RequestHead(...).to_payload())`` and ``encode(END, stream)``
+    give, made without the dataclass, its header list copy and two more calls (the edge's plain
+    path, once per request). ``headers`` pairs are packed as they are (a tuple is a msgpack array)."""
+    payload: dict[str, Any] = {"m": method, "t": target, "h": headers, "c": client, "s": scheme, "v": http_version,
+                               "w": False, "sp": [], "b": False}
+    if tunnel is not None:
+        payload["tn"] = tunnel
+    body = _PACKER.pack(payload)
+    return HEADER.pack(len(body), FrameType.REQUEST, 0, stream) + body + HEADER.pack(0, FrameType.END, 0, stream)
+
+
 def encode_data(stream: int, data: bytes | memoryview, flags: int = 0) -> bytes:
     """Encode a DATA frame (the hot path: no msgpack, one copy of ``data``)."""
     return HEADER.pack(len(data), FrameType.DATA, flags, stream) + data

@@ -126,6 +126,11 @@ class Session:
         self._idle: anyio.Event | None = None
         self._closed_event: anyio.Event | None = None
         self.on_request: Callable[[Stream, p.RequestHead], None] | None = None
+        #: While a link message is handled from the loop's read callback: the streams whose
+        #: ``on_event`` is due once it is, each once (None otherwise: called at once). A small
+        #: response's RESPONSE, DATA and END come in one message: its consumer is called once, with
+        #: all three there, instead of once per frame.
+        self.events_due: list[Stream] | None = None
         self.on_control: ControlHandler | None = None
         #: Takes over REQUEST frames when set (a control node relays a link's streams to agents):
         #: returns what goes into the stream table, or None when it answered the stream itself
@@ -392,15 +397,22 @@ class Session:
                 backlog.extend(p.decode_message(message))  # bounded: reading is paused meanwhile
                 return
             frames = self._frames(message)
-            for frame in frames:
-                if self._handle(frame):
-                    # An async handler (on_control): it and every frame after it wait in order
-                    # for a task, and reading pauses until the task has caught up.
-                    self._backlog = deque((frame,))
-                    self._backlog.extend(frames)
-                    self.ws.pause_reading()
-                    self._backlog_task = self._loop.create_task(self._drain_backlog())
-                    return
+            due: list[Stream] = []
+            self.events_due = due
+            try:
+                for frame in frames:
+                    if self._handle(frame):
+                        # An async handler (on_control): it and every frame after it wait in order
+                        # for a task, and reading pauses until the task has caught up.
+                        self._backlog = deque((frame,))
+                        self._backlog.extend(frames)
+                        self.ws.pause_reading()
+                        self._backlog_task = self._loop.create_task(self._drain_backlog())
+                        return
+            finally:
+                self.events_due = None
+                for stream in due:
+                    stream._event()
             if self._out_bytes > SEND_BUDGET and not self.reading_paused:
                 # See _wait_writer_caught_up: the flush resumes reading once the queue drains.
                 self.reading_paused = True

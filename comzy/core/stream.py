@@ -69,10 +69,13 @@ class Stream:
         self.websocket = False
         #: Called (no arguments) after the reader's state update for a RESPONSE head, DATA, END,
         #: credit or a reset (the peer's, the session's end, or this side's own ``reset``): a
-        #: consumer without a task reads what changed with the ``*_nowait`` methods below. It runs
-        #: inside the session reader, so it must not await anything; should it raise, the error is
-        #: logged and this stream reset (INTERNAL), the reader and the other streams untouched.
+        #: consumer without a task reads what changed with the ``*_nowait`` methods below. What one
+        #: link message brings is told once, after the whole message (a small response's head, DATA
+        #: and END: one call, see ``Session.events_due``). It runs inside the session reader, so it
+        #: must not await anything; should it raise, the error is logged and this stream reset
+        #: (INTERNAL), the reader and the other streams untouched.
         self.on_event: Callable[[], None] | None = None
+        self._event_due = False  # in the session's events_due
 
     # -- reading ---------------------------------------------------------------
     async def receive(self) -> tuple[bytes, int] | None:
@@ -291,6 +294,13 @@ class Stream:
             self._local_ended = True
             self.session.send_nowait(p.encode(p.FrameType.END, self.id))
 
+    def send_request_ended(self, frame: bytes) -> None:
+        """Queue ``frame``, this stream's REQUEST with its END behind it
+        (``protocol.encode_bodyless_request``): the half-close ``send_end`` would send after it,
+        in the same piece of the session's queue."""
+        self._local_ended = True
+        self.session.send_nowait(frame)
+
     def reset(self, code: p.ResetCode, message: str = "") -> None:
         """Abort the stream and tell the peer (if it is not already gone)."""
         if self._reset is None:
@@ -362,9 +372,21 @@ class Stream:
             self._notify()
 
     def _notify(self) -> None:
-        """Call ``on_event``. Its failure (a bug) ends this stream only: raised into the session's
+        """Call ``on_event``, or while the session's reader handles a link message, once it has
+        (``Session.events_due``)."""
+        due = self.session.events_due
+        if due is None:
+            self._event()
+        elif not self._event_due:
+            self._event_due = True
+            due.append(self)
+
+    def _event(self) -> None:
+        """Call ``on_event`` now. Its failure (a bug) ends this stream only: raised into the session's
         reader it would end the session, and with it every other stream of the tunnel."""
-        assert self.on_event is not None
+        self._event_due = False
+        if self.on_event is None:
+            return  # unset since the event was due
         try:
             self.on_event()
         except Exception:
