@@ -297,9 +297,9 @@ class Stream:
     def send_request_ended(self, frame: bytes) -> None:
         """Queue ``frame``, this stream's REQUEST with its END behind it
         (``protocol.encode_bodyless_request``): the half-close ``send_end`` would send after it,
-        in the same piece of the session's queue."""
+        in the same piece of the session's queue (counted as two frames, ``Session.send_frames_nowait``)."""
         self._local_ended = True
-        self.session.send_nowait(frame)
+        self.session.send_frames_nowait(frame, 2)
 
     def reset(self, code: p.ResetCode, message: str = "") -> None:
         """Abort the stream and tell the peer (if it is not already gone)."""
