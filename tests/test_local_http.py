@@ -156,6 +156,19 @@ async def test_chunked_body_with_extensions_trailers_and_odd_splits() -> None:
         assert server.connections == 1  # a complete chunked body leaves the connection reusable
 
 
+async def test_trailer_fields_are_dropped_not_kept_on_the_pooled_connection() -> None:
+    """A trailer section of tiny fields (up to MAX_HEAD of them) is not kept as tuples, 20-30 times
+    its wire size, on the connection waiting in the pool for its next exchange."""
+    trailers = b"".join(b"t%d: v\r\n" % index for index in range(2000))
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Head: 1\r\n\r\n"
+    answer = (head + b"2\r\nok\r\n0\r\n" + trailers + b"\r\n",)
+    async with scripted(always(*answer)) as (client, server):
+        response, data = await fetch(client)
+        assert data == b"ok" and response.headers == [(b"Transfer-Encoding", b"chunked"), (b"X-Head", b"1")]
+        assert server.connections == 1 and len(client._idle) == 1  # pooled, reusable
+        assert client._idle[0]._headers == []  # no trailer field kept
+
+
 async def test_chunked_pieces_are_passed_on_as_they_arrive() -> None:
     """SSE and long polls: each chunk reaches the caller before the next one is sent."""
     gate = anyio.Event()

@@ -253,3 +253,46 @@ async def test_a_pipelining_visitor_cannot_make_the_server_hold_more_than_the_bo
             # reader's 128 KiB plus a read, and h11's read of 64 KiB). A read is at most 256 KiB.
             assert 0 < held <= bound + 256 * 1024 + (64 + 256 + 64) * 1024, held
             app.event(app.released, "sse").set()
+
+
+async def test_reads_resume_when_the_bound_is_passed_after_uvicorn_let_go() -> None:
+    """A read that lands between uvicorn letting go (its resume_reading) and the held bytes being
+    parsed can take them past the bound and pause the socket; parsing them must resume it, or an
+    upload that then stays under uvicorn's own body buffer never reads again (it hung until the
+    response timeout). Driven step by step on a real socket transport: the order of the loop's
+    callbacks decides it, which an end-to-end upload hits only by chance."""
+    from uvicorn.config import Config
+    from uvicorn.server import ServerState
+
+    from comzy.core.http_servers import _bounded_head_protocol
+
+    release_app = anyio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await release_app.wait()  # reads nothing: the test plays the app's receive() itself
+
+    limit = 16 * 1024
+    protocol_class = _bounded_head_protocol(limit)
+    config = Config(app=app, loop="asyncio", http="httptools", lifespan="off", log_level="critical")
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair()
+    transport, protocol = await loop.connect_accepted_socket(
+        lambda: protocol_class(config, ServerState(), {}, _loop=loop), sock=ours)
+    try:
+        head = b"POST /up HTTP/1.1\r\nHost: a.localhost\r\nContent-Length: 1048576\r\n\r\n"
+        protocol.data_received(head + b"x" * (70 * 1024))  # past uvicorn's 64 KiB: it pauses
+        assert protocol.flow.read_paused
+        protocol.data_received(b"y" * (10 * 1024))  # held, under the bound
+        assert transport.is_reading()
+        protocol.cycle.body = b""  # what the app's receive() does before resuming
+        protocol.flow.resume_reading()  # uvicorn lets go; the held bytes are parsed next turn
+        protocol.data_received(b"z" * (10 * 1024))  # this turn's read: 20 KiB held, past the bound
+        assert not transport.is_reading()
+        await asyncio.sleep(0)  # parse_held runs: 20 KiB of body, under uvicorn's 64 KiB
+        assert not protocol.flow.read_paused and protocol.cycle.body == b"y" * (10 * 1024) + b"z" * (10 * 1024)
+        assert transport.is_reading()  # reads go on: the rest of the upload can come
+    finally:
+        release_app.set()
+        transport.close()
+        theirs.close()
+        await asyncio.sleep(0)

@@ -322,9 +322,11 @@ class _Connection(asyncio.Protocol):
             raise MalformedResponse(f"bad status line: control characters in the reason phrase {reason[:100]!r}")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # Once the final head is read, the fields go to a list nobody reads: trailer fields are
-        # dropped, as before (on_headers_complete hands the head's list on), and no test is made
-        # here for them in every field of every head.
+        if self._head_done:
+            # Trailer fields (or a later response's), dropped as they come: kept in a list they
+            # would cost 20-30 times their wire size (MAX_HEAD of tiny fields: megabytes per
+            # response) until the connection's next exchange.
+            return
         # llhttp drops the whitespace before a value but keeps the whitespace after it.
         self._headers.append((name, value.rstrip(b" \t")))
 
@@ -351,7 +353,7 @@ class _Connection(asyncio.Protocol):
         self._status = status
         self._head_done = True
         self._response_headers = headers
-        self._headers = []  # trailer fields, if any, go there (see on_header)
+        self._headers = []
         # On top of llhttp, which reads a body until close for any other coding and takes
         # "chunked, chunked" or a repeated Transfer-Encoding as chunked: "chunked" is the only
         # transfer coding a response may use here, once (as h11 and our client always did).

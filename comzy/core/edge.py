@@ -1058,7 +1058,11 @@ class _Taskless(PlainExchange):
         """``_reroute``'s task: the lookup, then the new stream, or the visitor's answer."""
         edge, request, state, head = self.edge, self.request, self.state, self.head
         assert head is not None
-        found = await edge._find_route(request.alias, request.host)
+        try:
+            found: Any = await edge._find_route(request.alias, request.host)
+        except Exception as exc:  # a bug: the visitor still gets an answer (no deadline is left to give one)
+            log.exception("looking up %s again failed", request.alias)
+            found = (502, _failed_before_head(repr(exc)), [])
         self.pending = None
         if self.done:
             return
@@ -1069,6 +1073,9 @@ class _Taskless(PlainExchange):
                 stream = _open(found.session, found, head)
             except SessionClosed as exc:
                 status, body, headers = 502, _failed_before_head(str(exc)), []
+            except Exception as exc:  # a bug, as above
+                log.exception("sending %s again failed", request.alias)
+                status, body, headers = 502, _failed_before_head(repr(exc)), []
             else:
                 # As a retry on the ASGI path: the exchange starts over on the new stream (counted
                 # once, under the tunnel of the first route).

@@ -239,6 +239,11 @@ def _bounded_head_protocol(limit: int, plain: PlainServe | None = None) -> type:
                 return
             self.held = None
             self.held_bytes = 0
+            if self.reads_stopped:
+                # Past the bound after uvicorn let go (a read came between release and this call):
+                # read on now, or nothing would (release only acts while uvicorn holds back).
+                self.reads_stopped = False
+                self.transport.resume_reading()
             # Usually one or two reads (the transport pauses past the limit): one read is fed uncopied.
             self.data_received(held[0] if len(held) == 1 else b"".join(held))
 

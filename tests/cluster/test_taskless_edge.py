@@ -25,6 +25,7 @@ import pytest
 
 from comzy.core import hookspecs
 from comzy.core.cluster.edge_router import EdgeRouter, RouteEntry
+from comzy.core.edge import EdgeApp
 from comzy.core.server import ServerContext
 from comzy.core.stream import Stream
 from comzy.core.types import Exchange, ForwardRequest, Reject
@@ -133,6 +134,34 @@ async def test_a_get_whose_link_is_lost_before_the_head_is_sent_again(
         assert first_link.closed is not None
         assert route(stack.public, tunnel.alias).session is not first_link  # type: ignore[union-attr]
         await wait_until(lambda: not control_streams(stack, tunnel.alias))
+
+
+async def test_a_retry_whose_lookup_fails_unexpectedly_is_still_answered(
+        tmp_path: Path, nats_server: NatsServer, upstream: Upstream, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in the retry's lookup (an exception nobody expected) must not leave the visitor waiting:
+    the retry's task is past every deadline, so it answers 502 itself."""
+    async with edge_tunnel(tmp_path, nats_server, upstream) as (stack, tunnel), tunnel.visitor() as client:
+        async with anyio.create_task_group() as tg:
+            answers: list[httpx.Response] = []
+
+            async def visit() -> None:
+                answers.append(await client.get("/hold/bug"))
+
+            tg.start_soon(visit)
+            with anyio.fail_after(10):
+                await upstream.gate("bug-arrived").wait()
+
+            async def broken_lookup(self: EdgeApp, alias: str, host: str) -> Any:
+                raise RuntimeError("a lookup bug")
+
+            monkeypatch.setattr(EdgeApp, "_find_route", broken_lookup)
+            with anyio.fail_after(10):
+                await drop_links(stack, "the test's control node went away")
+                await wait_until(lambda: bool(answers))
+        response = answers[0]
+        assert response.status_code == 502
+        assert response.text == "The tunnel failed before a response: RuntimeError('a lookup bug')\n"
+        upstream.gate("bug").set()
 
 
 async def test_a_delete_whose_link_is_lost_before_the_head_is_502_with_the_reason(
