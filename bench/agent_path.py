@@ -83,6 +83,8 @@ class _CountingSession:
     window_budget = p.SESSION_WINDOW_BUDGET
     closed = None
     queued = 0
+    #: No link message is being dispatched: a stream's events fire at once (``Session.events_due``).
+    events_due: list[Stream] | None = None
 
     def __init__(self) -> None:
         self.streams: dict[int, Stream] = {}
