@@ -215,8 +215,11 @@ async def fake_control(nats_server: NatsServer) -> AsyncIterator[FakeControl]:
 
 
 @asynccontextmanager
-async def edge_node(tmp_path: Path, nats_server: NatsServer, **cluster: Any) -> AsyncIterator[ServerContext]:
-    settings = make_settings(tmp_path / "edge", role="edge")
+async def edge_node(tmp_path: Path, nats_server: NatsServer, http_server: str | None = None,
+                    **cluster: Any) -> AsyncIterator[ServerContext]:
+    """An edge node (``http_server``: its public listener, else the suite's)."""
+    overrides = {"http_server": http_server} if http_server else {}
+    settings = make_settings(tmp_path / "edge", role="edge", **overrides)
     async with run_server(settings, (), cluster_settings(nats_server, node_name="edge", **cluster)) as server:
         yield server
 
@@ -241,9 +244,10 @@ def router(server: ServerContext) -> EdgeRouter:
 
 
 @asynccontextmanager
-async def edge_and_control(tmp_path: Path, nats_server: NatsServer,
+async def edge_and_control(tmp_path: Path, nats_server: NatsServer, http_server: str | None = None,
                            **cluster: Any) -> AsyncIterator[tuple[ServerContext, FakeControl]]:
-    async with fake_control(nats_server) as control, edge_node(tmp_path, nats_server, **cluster) as edge:
+    async with fake_control(nats_server) as control, \
+            edge_node(tmp_path, nats_server, http_server, **cluster) as edge:
         assert edge.cluster is not None
         await wait_linkable(edge.cluster.nats, control.node)
         control.prober = edge.cluster.nats.nc
@@ -741,7 +745,9 @@ async def test_a_malformed_retry_is_a_502_naming_it(tmp_path: Path, nats_server:
 
 async def test_a_plain_request_sent_again_after_moved_waits_without_a_task(tmp_path: Path,
                                                                           nats_server: NatsServer) -> None:
-    async with edge_and_control(tmp_path, nats_server) as (edge, control), visitor(edge, "demo") as client:
+    # The taskless path is uvicorn-direct's: pinned, whatever listener the suite runs on.
+    async with edge_and_control(tmp_path, nats_server, http_server="uvicorn-direct") as (edge, control), \
+            visitor(edge, "demo") as client:
         await control.hold("demo", 7)
         assert (await client.get("/")).status_code == 200  # looked up (the ASGI path): the route is cached
         control.held["demo"] = 8  # a new session the edge has not heard of: RESET MOVED
