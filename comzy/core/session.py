@@ -232,17 +232,8 @@ class Session:
         message), and counted as ``count`` frames toward FLUSH_AT_FRAMES, as apart."""
         if self.closed is not None:
             return
-        self._out.append(frames)
-        self._out_bytes += len(frames)
-        if self._attached:
-            self._out_extra += count - 1
-            if len(self._out) + self._out_extra >= FLUSH_AT_FRAMES:
-                self._flush()
-            elif not self._flush_pending:
-                self._flush_pending = True
-                self._loop.call_soon(self._flush)
-        else:
-            self._out_event.set()
+        self._out_extra += count - 1  # before send_nowait's count (only an attached session reads it)
+        self.send_nowait(frames)
 
     def _wake_writer(self) -> None:
         """Have the writer (or, attached, a flush) look at the queue and the PING/PONG owed."""
