@@ -46,14 +46,16 @@ def strip_hop_by_hop(headers: Headers, extra: frozenset[bytes] = frozenset()) ->
     # Runs twice per request (its head and its response's): one pass with one lower() per header
     # drops the usual set; a second pass only when a Connection header names more, or ``extra``.
     kept = []
-    named: set[bytes] = set()
+    named: set[bytes] | None = None
     for pair in headers:
         name = pair[0].lower()
         if name in _DROPPED:
             if name == b"connection":
-                named.update(token.strip().lower() for token in pair[1].split(b","))
+                named = connection_tokens(pair[1], named)
             continue
         kept.append(pair)
+    if named is None:
+        named = set()
     if extra or not named <= HOP_BY_HOP:
         drop = (HOP_BY_HOP | named | extra) - PROTECTED
         kept = [(n, v) for n, v in kept if n.lower() not in drop]
