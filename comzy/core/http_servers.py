@@ -492,7 +492,7 @@ class PlainExchange:
                         if value.lower() == b"chunked":
                             remaining = 0
                             chunked = True
-                    elif b"close" in [t.lower().strip() for t in value.split(b",")]:  # connection
+                    elif b"close" in connection_tokens(value):  # connection
                         closing = True
                 content += (name, b": ", value, b"\r\n")
         except (ValueError, UnicodeDecodeError) as exc:
