@@ -70,9 +70,10 @@ def _dump_total(out_dir: Path, pid: int, before: set[Path]) -> int:
 
 
 def measure(kind: str, requests: int, seconds: float, tools: dict[str, str],
-            plugins: str = "none") -> tuple[float, float, int, int]:
+            plugins: str = "none", keep: Path | None = None) -> tuple[float, float, int, int]:
     """Instructions per request at 1 and 50 connections for ``kind``, with the request counts of each;
-    ``plugins`` is COMZY_PLUGINS (``builtin``: left unset, every built-in plugin, as installed)."""
+    ``plugins`` is COMZY_PLUGINS (``builtin``: left unset, every built-in plugin, as installed);
+    ``keep``: a folder the two dumps are copied to (for ``callgrind_annotate``)."""
     procs: list[Proc] = []
     try:
         with tempfile.TemporaryDirectory(prefix="comzy-callgrind-") as tmp:
@@ -124,6 +125,10 @@ def measure(kind: str, requests: int, seconds: float, tools: dict[str, str],
             if load["requests"] <= 0:
                 raise RuntimeError(f"wrk completed no request through {kind} in {seconds} s")
             c50 = _dump_total(root, server.pid, before) / load["requests"]
+            if keep is not None:
+                keep.mkdir(parents=True, exist_ok=True)
+                for dump in root.glob(f"cg.out.{server.pid}*"):
+                    shutil.copy(dump, keep / f"{kind}.{dump.name}")
             return c1, c50, load["requests"], load["status_errors"]
     finally:
         for proc in reversed(procs):
@@ -140,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="length of the 50-connection wrk load (default 5)")
     parser.add_argument("--plugins", default="none",
                         help="COMZY_PLUGINS for the server (default none; builtin: unset, every built-in plugin)")
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="copy the c1 and c50 dumps to DIR (read them with callgrind_annotate)")
     args = parser.parse_args(argv)
     if args.requests < 1 or args.seconds < 1:
         parser.error("--requests and --seconds must be at least 1")
@@ -149,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     tools = require_tools()
     for kind in args.kinds or DEFAULT_KINDS:
-        c1, c50, done, non_2xx = measure(kind, args.requests, args.seconds, tools, args.plugins)
+        c1, c50, done, non_2xx = measure(kind, args.requests, args.seconds, tools, args.plugins, args.keep)
         errors = f", non-2xx {non_2xx}" if non_2xx else ""
         print(f"{kind}: c1 {c1 / 1e3:.1f} kIr/req ({args.requests} req); "
               f"c50 {c50 / 1e3:.1f} kIr/req ({done} req{errors})", flush=True)

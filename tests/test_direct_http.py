@@ -185,6 +185,47 @@ async def test_uvicorn_direct_answers_odd_inputs_as_uvicorn_does(tmp_path: Path,
         assert not differences, "\n".join(differences)
 
 
+class InjectHeader:
+    """Adds the response header a request's query names (``?name=HEX`` or ``?value=HEX``: a byte
+    inside a header's name or value), as a before_response plugin may: the listener's own checks of
+    a response head are then what decides what the visitor gets."""
+
+    @hookspecs.hookimpl
+    def before_response(self, response: Any, request: Any) -> None:
+        where, _, hexed = request.target.partition(b"?")[2].partition(b"=")
+        byte = bytes.fromhex(hexed.decode())
+        if where == b"name":
+            response.headers.append((b"x-" + byte + b"y", b"v"))
+        else:
+            response.headers.append((b"x-injected", b"a" + byte + b"b"))
+
+
+async def test_uvicorn_direct_refuses_the_response_header_bytes_uvicorn_refuses(
+        tmp_path: Path, upstream: Upstream) -> None:
+    """Every byte in a response header's name and in its value: uvicorn-direct's one pass over
+    all names and one over all values (``PlainExchange.start_response``) answers as uvicorn's check
+    per header does (the connection closed without an answer for a refused byte)."""
+    inject = [("inject", InjectHeader())]
+    async with AsyncExitStack() as stack:
+        direct = await stack.enter_async_context(tunnel_on(tmp_path, "uvicorn-direct", upstream, plugins=inject))
+        asgi = await stack.enter_async_context(tunnel_on(tmp_path, "uvicorn", upstream, plugins=inject))
+        aliases = {direct.alias: "a" * len(direct.alias), asgi.alias: "a" * len(asgi.alias)}
+        differences, refused = [], {"name": 0, "value": 0}
+        for where in ("name", "value"):
+            for byte in range(256):
+                answers = []
+                for tunnel in (direct, asgi):
+                    request = (f"GET /status/200?{where}={byte:02x} HTTP/1.1\r\nHost: {tunnel.alias}.localhost\r\n"
+                               "Connection: close\r\n\r\n").encode()
+                    answers.append(normalise(await exchange(tunnel.public, request, 3), aliases))
+                if answers[0] != answers[1]:
+                    differences.append(f"{where} byte {byte:#04x}: {answers[0][:300]!r} != {answers[1][:300]!r}")
+                refused[where] += not answers[1]
+        assert not differences, "\n".join(differences)
+    # The bytes of uvicorn's HEADER_RE and HEADER_VALUE_RE.
+    assert refused == {"name": 49, "value": 32}, refused
+
+
 # -- the exchange's own ends --------------------------------------------------------------------------
 
 async def test_response_timeout_is_504_and_the_stream_is_reset(tmp_path: Path, upstream: Upstream) -> None:

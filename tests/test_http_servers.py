@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import httpx
 import pytest
 from pydantic import ValidationError
 
-from comzy.core.http_servers import OneHostOnly, QuietAborts, ResponseAborted
+from comzy.core.http_servers import CorkedTransport, OneHostOnly, QuietAborts, ResponseAborted
 from comzy.core.settings import ServerSettings, explain_validation_error
 from comzy.core.websocket import Closed
 from tests.conftest import start_agent, start_server
@@ -248,3 +249,73 @@ def test_an_unknown_server_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValidationError) as info:
         ServerSettings(_env_file=None)
     assert "'hypercorn', 'uvicorn' or 'uvicorn-direct'" in explain_validation_error(ServerSettings, info.value)
+
+
+# -- what comzy's uvicorn protocol keeps cheaper than uvicorn's own ---------------------------------
+
+def test_the_cork_passes_the_whole_transport_interface_through_without_getattr() -> None:
+    """CorkedTransport spells out every method of asyncio's Transport: a ``__getattr__`` fallback
+    would put every attribute read of it, its own ``write`` included, on CPython's slow path."""
+    missing = [name for name in dir(asyncio.Transport)
+               if not name.startswith("_") and not hasattr(CorkedTransport, name)]
+    assert missing == []
+    assert "__getattr__" not in vars(CorkedTransport) and "__getattribute__" not in vars(CorkedTransport)
+
+
+def test_the_response_header_checks_refuse_exactly_uvicorns_bytes() -> None:
+    """start_response's two passes (names, values) refuse the bytes uvicorn's regexes find, no other."""
+    from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE
+
+    from comzy.core import http_servers
+
+    for check, regex in ((http_servers._NAME_CHECK, HEADER_RE), (http_servers._VALUE_CHECK, HEADER_VALUE_RE)):
+        for byte in range(256):
+            data = b"a" + bytes([byte]) + b"b"
+            assert (data.translate(check) != data) == bool(regex.search(data)), (regex.pattern, byte)
+
+
+@pytest.fixture
+def keep_alive_1s(monkeypatch: pytest.MonkeyPatch) -> float:
+    """uvicorn's keep-alive timeout at 1 s (it takes whole seconds); the server's own is longer."""
+    import uvicorn
+
+    original = uvicorn.Config.__init__
+
+    def short_keep_alive(self: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs["timeout_keep_alive"] = 1
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(uvicorn.Config, "__init__", short_keep_alive)
+    return 1.0
+
+
+async def _one_response(stream: anyio.abc.ByteStream, request: bytes) -> bytes:
+    await stream.send(request)
+    answer = b""
+    with anyio.fail_after(5):
+        while not _whole_response(answer):
+            answer += await stream.receive()
+    return answer
+
+
+@pytest.mark.parametrize("kind", ["uvicorn", "uvicorn-direct"])
+async def test_keep_alive_times_out_from_the_last_response(tmp_path: Path, upstream: Upstream, kind: str,
+                                                           keep_alive_1s: float) -> None:
+    """The keep-alive timer (one per connection, checked at its deadline rather than made and
+    cancelled per request) closes a connection idle for the timeout since its last response, and
+    only then: requests closer together than the timeout keep it open however long it lives."""
+    async with start_server(tmp_path / "data", http_server=kind) as server, \
+            start_agent(server, upstream.port) as running:
+        request = f"GET /status/200 HTTP/1.1\r\nHost: {running.alias}.localhost\r\n\r\n".encode()
+        stream = await anyio.connect_tcp("127.0.0.1", server.ports.http)
+        async with stream:
+            for _ in range(5):  # 5 x 0.6 s: past the timeout since the first response, never since the last
+                assert (await _one_response(stream, request)).startswith(b"HTTP/1.1 200 ")
+                await anyio.sleep(0.6 * keep_alive_1s)
+            answered = asyncio.get_running_loop().time()
+            assert (await _one_response(stream, request)).startswith(b"HTTP/1.1 200 ")
+            with anyio.fail_after(5):
+                with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                    await stream.receive()
+            idle = asyncio.get_running_loop().time() - answered
+    assert keep_alive_1s - 0.05 <= idle <= keep_alive_1s + 1.5, idle
