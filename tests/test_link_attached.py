@@ -15,6 +15,7 @@ import contextlib
 import os
 import socket
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -243,3 +244,87 @@ async def test_a_framing_error_on_an_attached_link_closes_it_with_1002() -> None
         assert closed.code == 1002
         assert "1002" in result["reason"] and "reserved bits" in result["reason"], result
         assert session.streams == {}
+
+
+def _response(stream_id: int, status: Any = 200) -> bytes:
+    return p.encode(p.FrameType.RESPONSE, stream_id, {"s": status, "h": [[b"content-length", b"2"]], "sp": None})
+
+
+#: Messages whose last frame is bad, after a whole small response on the stream (``{id}``): what the
+#: session's own walk over a message must refuse exactly as ``decode_message`` does.
+_BAD_TAILS = {
+    "END with a payload": lambda sid: p.HEADER.pack(1, p.FrameType.END, 0, sid) + b"x",
+    "DATA past MAX_DATA_FRAME": lambda sid: p.HEADER.pack(p.MAX_DATA_FRAME + 1, p.FrameType.DATA, 0, sid)
+    + b"x" * (p.MAX_DATA_FRAME + 1),
+    "DATA on stream 0": lambda sid: p.encode_data(0, b"x"),
+    "RESPONSE on stream 0": lambda sid: p.HEADER.pack(1, p.FrameType.RESPONSE, 0, 0) + b"\x80",
+    "END on stream 0": lambda sid: p.HEADER.pack(0, p.FrameType.END, 0, 0),
+    "a truncated header": lambda sid: p.HEADER.pack(0, p.FrameType.END, 0, sid)[:7],
+    "a truncated frame": lambda sid: p.HEADER.pack(5, p.FrameType.DATA, 0, sid) + b"xy",
+    "a payload past MAX_FRAME_PAYLOAD": lambda sid: p.HEADER.pack(p.MAX_FRAME_PAYLOAD + 1, p.FrameType.DATA, 0, sid),
+    "an unknown type": lambda sid: p.HEADER.pack(0, 99, 0, sid),
+    "RESPONSE not msgpack": lambda sid: p.HEADER.pack(1, p.FrameType.RESPONSE, 0, sid) + b"\xc1",
+    "RESPONSE not a map": lambda sid: p.HEADER.pack(1, p.FrameType.RESPONSE, 0, sid) + b"\x01",
+    "WINDOW of 0": lambda sid: p.encode(p.FrameType.WINDOW, sid, b"\0\0\0\0"),
+}
+
+
+def _expected_error(message: bytes) -> str:
+    """What decode_message, then the RESPONSE head's parsing, refuse in ``message`` (the old reader's path)."""
+    try:
+        for frame in p.decode_message(message):
+            if frame.type == p.FrameType.RESPONSE:
+                p.ResponseHead.from_payload(frame.payload)
+    except p.ProtocolError as exc:
+        return f"protocol error: {exc}"
+    raise AssertionError("the message is valid")
+
+
+@pytest.mark.parametrize("bad", list(_BAD_TAILS))
+async def test_a_message_is_handled_frame_by_frame_and_refused_as_decode_message_refuses_it(bad: str) -> None:
+    """The session walks a message's frames itself (a stream's DATA, END and RESPONSE handed over in
+    line, no Frame made): the frames before a bad one reach their stream, in one event, and the bad
+    one ends the session with decode_message's own reason."""
+    async with ws_pair() as (near, far):
+        session = Session(near)
+        result: dict[str, str] = {}
+
+        async def run() -> None:
+            result["reason"] = await session.run()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            await wait_until(lambda: session.attached, 10)
+            stream = session.open_stream()
+            events: list[tuple[bool, bool, bool]] = []
+            stream.on_event = lambda: events.append((stream.head is not None, stream.buffered, stream.remote_ended))
+            message = (_response(stream.id) + p.encode_data(stream.id, b"ok") + p.encode(p.FrameType.END, stream.id)
+                       + _BAD_TAILS[bad](stream.id))
+            await far.send(message)
+            with anyio.fail_after(10):
+                closed, _ = await receive_until_closed(far)
+                await session.wait_closed()
+        assert events[0] == (True, True, True), events  # head, body and end: one event
+        assert stream.head is not None and stream.receive_nowait(100) == b"ok"
+        assert closed.code == 1002
+        assert result["reason"] == _expected_error(message)
+
+
+async def test_a_malformed_response_head_for_an_open_stream_is_a_protocol_error() -> None:
+    async with attached_session() as (session, far, stream):
+        await far.send(_response(stream.id, status=42))
+        with anyio.fail_after(10):
+            await session.wait_closed()
+        assert session.closed is not None and "malformed RESPONSE head" in session.closed, session.closed
+
+
+async def test_frames_for_unknown_streams_are_dropped_and_the_message_goes_on() -> None:
+    """A stream the session no longer holds (reset, finished) gets nothing; the frames after it do."""
+    async with attached_session() as (session, far, stream):
+        gone = 99
+        await far.send(_response(gone) + p.encode_data(gone, b"no") + p.encode(p.FrameType.END, gone)
+                       + _response(stream.id) + p.encode_data(stream.id, b"ok") + p.encode(p.FrameType.END, stream.id))
+        with anyio.fail_after(10):
+            assert await stream.receive() == (b"ok", 0)
+            assert await stream.receive() is None
+        assert session.closed is None and stream.head is not None

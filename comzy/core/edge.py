@@ -74,6 +74,11 @@ class EdgeApp:
         # oldest: a loop timer per request (call_later and its cancel) cost more (see _Taskless).
         self._heads_due: dict[_Taskless, float] = {}
         self._heads_timer: asyncio.TimerHandle | None = None
+        # The settings read per request, read once (they do not change while the server runs): an
+        # attribute of the settings (a pydantic model, which has __getattr__) costs ~1k instructions.
+        self._max_request_head = self.settings.max_request_head
+        self._max_streams = self.settings.max_streams_per_tunnel
+        self._response_timeout = self.settings.response_timeout
 
     def serve_plain(self, conn: Any, method: str, url: bytes, headers: list[tuple[bytes, bytes]], http_version: str,
                     keep_alive: bool) -> PlainExchange | None:
@@ -209,7 +214,7 @@ class EdgeApp:
     def _wait_head(self, exchange: _Taskless) -> None:
         """Give ``exchange`` COMZY_RESPONSE_TIMEOUT for its head (``_Taskless._timed_out`` after)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.response_timeout
+        deadline = loop.time() + self._response_timeout
         self._heads_due[exchange] = deadline
         if self._heads_timer is None:
             self._heads_timer = loop.call_at(deadline, self._heads_late)
@@ -380,8 +385,8 @@ class EdgeApp:
     def _head_too_large(self, head_size: int) -> str | None:
         """Why a request head of ``head_size`` (its target and :func:`head_size`) is refused with 431
         (None: it fits COMZY_MAX_REQUEST_HEAD)."""
-        if head_size > self.settings.max_request_head:
-            return f"Request head of {head_size} bytes exceeds the limit of {self.settings.max_request_head}.\n"
+        if head_size > self._max_request_head:
+            return f"Request head of {head_size} bytes exceeds the limit of {self._max_request_head}.\n"
         return None
 
     def _busy(self, session: Session, tunnel: Tunnel) -> str | None:
@@ -390,8 +395,8 @@ class EdgeApp:
         A tunnel whose agent does not read its link would otherwise queue every visitor's
         request head in this process (see Session.congested).
         """
-        if len(session.streams) >= self.settings.max_streams_per_tunnel:
-            return (f"Tunnel {tunnel.alias} is busy ({self.settings.max_streams_per_tunnel} "
+        if len(session.streams) >= self._max_streams:
+            return (f"Tunnel {tunnel.alias} is busy ({self._max_streams} "
                     "requests in flight); retry shortly.\n")
         if session.congested:
             return (f"Tunnel {tunnel.alias} is not keeping up: its agent has not read the "

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("comzy.session")
 
 
+_END = int(p.FrameType.END)
+
 #: How far a stream's receive window may grow while its reader keeps waiting for data.
 MAX_GROWN_WINDOW = 2 * 1024 * 1024
 #: Empty WebSocket messages a stream buffers at most: they use no credit, so without a bound a
@@ -48,7 +50,9 @@ class Stream:
         # small exchange never wait on some of them), and resolved by _wake. Not an anyio.Event:
         # its wait and set cost several times a future's, on every proxied request (profiled).
         self._readable: asyncio.Future[None] | None = None
-        self._remote_ended = False
+        #: Whether the peer's END (or WS_CLOSE) has arrived (buffered DATA may remain). Set by the
+        #: reader only; an attribute, not a property: read once per response by the edge's plain path.
+        self.remote_ended = False
         self._reset: StreamReset | None = None
         self._unacked = 0
         self._window = window
@@ -83,7 +87,7 @@ class Stream:
         while not self._chunks:
             # END (or WS_CLOSE) first: a RESET that follows a complete read takes nothing away
             # (the edge resets a WebSocket stream right after passing on the visitor's close).
-            if self._remote_ended:
+            if self.remote_ended:
                 return None
             if self._reset is not None:
                 raise self._reset
@@ -123,7 +127,7 @@ class Stream:
         # without one WINDOW frame per DATA frame.
         # Nothing more for a reset stream (its buffered data is still handed out): it has left
         # the session's table, so credit, and growth, would never be given back.
-        if self._unacked >= self._window // 2 and not self._remote_ended and self._reset is None:
+        if self._unacked >= self._window // 2 and not self.remote_ended and self._reset is None:
             increment = self._unacked
             if self._starved and self._window < MAX_GROWN_WINDOW:
                 increment += self._grow()
@@ -131,11 +135,6 @@ class Stream:
             self.session.send_nowait(p.encode_window(self.id, increment))
             self._unacked = 0
         return data, flags
-
-    @property
-    def remote_ended(self) -> bool:
-        """Whether the peer's END (or WS_CLOSE) has arrived (buffered DATA may remain)."""
-        return self._remote_ended
 
     @property
     def reset_error(self) -> StreamReset | None:
@@ -292,7 +291,7 @@ class Stream:
         """Half-close: no more DATA from this side."""
         if not self._local_ended and self._reset is None:
             self._local_ended = True
-            self.session.send_nowait(p.encode(p.FrameType.END, self.id))
+            self.session.send_nowait(p.HEADER.pack(0, _END, 0, self.id))  # encode(END): no Enum read, no call
 
     def send_request_ended(self, frame: bytes) -> None:
         """Queue ``frame``, this stream's REQUEST with its END behind it
@@ -310,23 +309,23 @@ class Stream:
 
     def close(self) -> None:
         """Release the stream: a clean finish if both sides ended, otherwise a RESET."""
-        if self._reset is None and not (self._local_ended and self._remote_ended):
+        if self._reset is None and not (self._local_ended and self.remote_ended):
             self.reset(p.ResetCode.CANCEL, "closed")
         self.session.forget(self.id)
 
     @property
     def drained_and_ended(self) -> bool:
         """True when the peer's END has arrived and every DATA before it was read."""
-        return self._remote_ended and not self._chunks and self._reset is None
+        return self.remote_ended and not self._chunks and self._reset is None
 
     @property
     def finished(self) -> bool:
         """True once the peer has ended or reset the stream."""
-        return self._remote_ended or self._reset is not None
+        return self.remote_ended or self._reset is not None
 
     # -- called by the session reader -------------------------------------------
     def _on_data(self, data: bytes, flags: int) -> None:
-        if self._remote_ended:
+        if self.remote_ended:
             raise p.ProtocolError(f"DATA after END on stream {self.id}")
         if not data:
             if not flags & p.FLAG_FIN:
@@ -340,15 +339,31 @@ class Stream:
         if self._buffered > self._window:
             raise p.ProtocolError(f"peer overran the window of stream {self.id}")
         self._chunks.append((data, flags))
-        _wake(self._readable)
+        # _wake and _notify in line here and below: the reader calls these for every frame, and a
+        # small response's head, DATA and END made six calls of them per request.
+        waiter = self._readable
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
         if self.on_event is not None:
-            self._notify()
+            due = self.session.events_due
+            if due is None:
+                self._event()
+            elif not self._event_due:
+                self._event_due = True
+                due.append(self)
 
     def _on_end(self) -> None:
-        self._remote_ended = True
-        _wake(self._readable)
+        self.remote_ended = True
+        waiter = self._readable
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
         if self.on_event is not None:
-            self._notify()
+            due = self.session.events_due
+            if due is None:
+                self._event()
+            elif not self._event_due:
+                self._event_due = True
+                due.append(self)
 
     def _on_credit(self, increment: int) -> None:
         self._credit += increment
@@ -358,9 +373,16 @@ class Stream:
 
     def _on_head(self, head: object) -> None:
         self.head = head
-        _wake(self._head_event)
+        waiter = self._head_event
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
         if self.on_event is not None:
-            self._notify()
+            due = self.session.events_due
+            if due is None:
+                self._event()
+            elif not self._event_due:
+                self._event_due = True
+                due.append(self)
 
     def _fail(self, error: StreamReset) -> None:
         if self._reset is None:
