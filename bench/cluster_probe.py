@@ -23,6 +23,7 @@ import glob
 import http.client
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -137,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.cluster_probe", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="length of the wrk run (default 5)")
     parser.add_argument("--callgrind", type=int, metavar="N", help="count instructions over N requests instead")
+    parser.add_argument("--keep", metavar="DIR", help="with --callgrind: copy the nodes' dumps into DIR "
+                        "(for callgrind_annotate)")
     args = parser.parse_args(argv)
     unavailable = stack.cluster_unavailable()
     if unavailable:
@@ -150,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         assert running.cluster is not None
         if args.callgrind:
             callgrind_probe(running.cluster, args.callgrind, callgrind_dir)
+            if args.keep:
+                os.makedirs(args.keep, exist_ok=True)
+                for dump in glob.glob(f"{callgrind_dir}/*"):
+                    shutil.copy(dump, args.keep)
         else:
             wrk_probe(tools, running.cluster, running.wrk_script, args.seconds, monitor_port)
     return 0

@@ -128,6 +128,19 @@ def test_a_bodyless_request_encodes_as_its_head_and_end(stream: int, head: p.Req
     assert encoded == p.encode(FT.REQUEST, stream, head.to_payload()) + p.encode(FT.END, stream)
 
 
+@given(stream=stream_ids, head=request_heads, alias=st.text(max_size=70), session=st.integers(0, 2**63 - 1))
+def test_a_bodyless_request_over_a_link_encodes_as_its_head_with_the_link_keys_and_end(
+        stream: int, head: p.RequestHead, alias: str, session: int) -> None:
+    """An edge's plain path over a cluster link: the link keys (``RouteEntry.head_extra``) go last
+    in the map, byte for byte what ``edge._open`` sends with ``send_end`` after it (the order the
+    control node's relay cuts them off by, control_relay._agent_head)."""
+    head.websocket, head.subprotocols, head.has_body = False, [], False
+    extra = {"al": alias, "ts": session}
+    encoded = p.encode_bodyless_request(stream, head.method, head.target, head.headers, head.client, head.scheme,
+                                        head.http_version, head.tunnel, extra)
+    assert encoded == p.encode(FT.REQUEST, stream, {**head.to_payload(), **extra}) + p.encode(FT.END, stream)
+
+
 @given(stream=stream_ids, head=response_heads)
 def test_response_head_round_trips(stream: int, head: p.ResponseHead) -> None:
     frame = decode_one(p.encode(FT.RESPONSE, stream, head.to_payload()))

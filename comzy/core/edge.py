@@ -191,15 +191,18 @@ class EdgeApp:
         request, route = exchange.request, exchange.route
         if route is None:
             stream = session.open_stream()
-            stream.send_request_ended(p.encode_bodyless_request(
-                stream.id, request.method, request.target, request.headers, request.client, request.scheme,
-                http_version, exchange.tunnel.name))
+            extra = None
         else:
-            head = p.RequestHead(request.method, request.target, request.headers, request.client,
-                                 request.scheme, http_version, has_body=False, tunnel=exchange.tunnel.name)
-            stream = _open(session, route, head)
-            stream.send_end()
-            exchange.head = head  # sent again should a routed stream fail before its response head
+            # Over a cluster link: the far agent's windows, and the link keys last in the REQUEST's
+            # map, as _open sends them; REQUEST and END in one piece of the session's queue, as on
+            # a tunnel of this node. The RequestHead is made only should the stream be sent again
+            # (_Taskless.routed_head).
+            stream = session.open_stream(window=route.stream_window, credit=route.peer_window)
+            extra = route.head_extra
+            exchange.http_version = http_version
+        stream.send_request_ended(p.encode_bodyless_request(
+            stream.id, request.method, request.target, request.headers, request.client, request.scheme,
+            http_version, exchange.tunnel.name, extra))
         exchange.begin(stream)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -870,8 +873,8 @@ class _Taskless(PlainExchange):
     a GET, HEAD or OPTIONS), in a task: a lookup is a NATS request to await.
     """
 
-    __slots__ = ("done", "edge", "head", "pending", "request", "retried", "route", "started", "state", "stream",
-                 "tunnel")
+    __slots__ = ("done", "edge", "head", "http_version", "pending", "request", "retried", "route", "started", "state",
+                 "stream", "tunnel")
 
     def __init__(self, edge: EdgeApp, conn: Any, request: ForwardRequest, tunnel: Tunnel, keep_alive: bool,
                  route: RouteEntry | None = None) -> None:
@@ -881,8 +884,10 @@ class _Taskless(PlainExchange):
         self.tunnel = tunnel
         #: The cluster route the stream goes over (None: a tunnel of this node).
         self.route = route
-        #: The REQUEST head sent (set with the stream), and whether it was sent again over a new route.
+        #: The REQUEST head sent over a cluster link (made by ``routed_head`` when first needed), the
+        #: request's HTTP version (set when the stream opens), and whether it was sent again over a new route.
         self.head: p.RequestHead | None = None
+        self.http_version = "1.1"
         self.retried = False
         self.started = time.time()
         self.state = _Exchange()
@@ -1037,8 +1042,7 @@ class _Taskless(PlainExchange):
         if route is None:
             status, body = 502, _failed_before_head(error.message)
         else:
-            assert self.head is not None
-            answer = self.edge._no_head(error, stream, route, self.head, state, self.retried)
+            answer = self.edge._no_head(error, stream, route, self.routed_head(), state, self.retried)
             if answer is None:
                 self._reroute()
                 return
@@ -1047,6 +1051,17 @@ class _Taskless(PlainExchange):
         state.status = status
         self.respond(status, body, headers)
         self._finish()
+
+    def routed_head(self) -> p.RequestHead:
+        """The REQUEST head sent over the cluster link (``EdgeApp._open_plain`` sent its bytes
+        without making it): what ``_no_head`` reads and a retry sends again."""
+        head = self.head
+        if head is None:
+            request = self.request
+            head = self.head = p.RequestHead(request.method, request.target, request.headers, request.client,
+                                             request.scheme, self.http_version, has_body=False,
+                                             tunnel=self.tunnel.name)
+        return head
 
     def _reroute(self) -> None:
         """Send the request again over a route looked up anew (the old one is gone: its link ended,
@@ -1061,8 +1076,7 @@ class _Taskless(PlainExchange):
 
     async def _rerouted(self) -> None:
         """``_reroute``'s task: the lookup, then the new stream, or the visitor's answer."""
-        edge, request, state, head = self.edge, self.request, self.state, self.head
-        assert head is not None
+        edge, request, state, head = self.edge, self.request, self.state, self.routed_head()
         try:
             found: Any = await edge._find_route(request.alias, request.host)
         except Exception as exc:  # a bug: the visitor still gets an answer (no deadline is left to give one)

@@ -254,15 +254,19 @@ def encode(frame_type: FrameType, stream: int = 0, payload: Any = b"", flags: in
 
 
 def encode_bodyless_request(stream: int, method: str, target: bytes, headers: list[tuple[bytes, bytes]], client: str,
-                            scheme: str, http_version: str, tunnel: str | None) -> bytes:
+                            scheme: str, http_version: str, tunnel: str | None,
+                            extra: dict[str, Any] | None = None) -> bytes:
     """The REQUEST frame of an HTTP request without a body, then the stream's END, in one piece:
     what ``encode(REQUEST, stream, RequestHead(...).to_payload())`` and ``encode(END, stream)``
     give, made without the dataclass, its header list copy and two more calls (the edge's plain
-    path, once per request). ``headers`` pairs are packed as they are (a tuple is a msgpack array)."""
+    path, once per request). ``headers`` pairs are packed as they are (a tuple is a msgpack array).
+    ``extra`` entries go last in the map (an edge's link keys, ``RouteEntry.head_extra``)."""
     payload: dict[str, Any] = {"m": method, "t": target, "h": headers, "c": client, "s": scheme, "v": http_version,
                                "w": False, "sp": [], "b": False}
     if tunnel is not None:
         payload["tn"] = tunnel
+    if extra:
+        payload.update(extra)
     body = _PACKER.pack(payload)
     return HEADER.pack(len(body), _REQUEST, 0, stream) + body + HEADER.pack(0, _END, 0, stream)
 

@@ -186,6 +186,11 @@ def frame(kind: p.FrameType, stream: int, payload: bytes = b"", flags: int = 0) 
     return p.HEADER.pack(len(payload), kind, flags, stream) + payload
 
 
+def data(stream: int, payload: bytes, flags: int = 0) -> bytes:
+    return frame(p.FrameType.DATA, stream, payload, flags)
+
+
+END_1 = frame(p.FrameType.END, 1)
 RESPONSE = p.encode(p.FrameType.RESPONSE, 1, p.ResponseHead(200, [(b"a", b"b")]).to_payload())
 WINDOW = frame(p.FrameType.WINDOW, 1, b"\x00\x00\x10\x00")
 #: Conversations: (side, message) in order; every one starts with stream 1 opened by the edge.
@@ -218,6 +223,37 @@ CONVERSATIONS: dict[str, list[tuple[str, bytes]]] = {
     "data after end": [("edge", frame(p.FrameType.END, 1) + frame(p.FrameType.DATA, 1, b"x"))],
     "empty messages": [("agent", RESPONSE + frame(p.FrameType.DATA, 1, b"", p.FLAG_FIN) * 40)],
     "empty": [("edge", b"")],
+    # A small answer in one message (RESPONSE, DATA, END: forwarded in one piece), and the shapes
+    # that must take the frames' own paths instead.
+    "a whole answer": [("edge", END_1), ("agent", RESPONSE + data(1, b"x" * 1024) + END_1)],
+    "a whole answer without a body": [("edge", END_1), ("agent", RESPONSE + END_1)],
+    "a whole answer before the request's end": [("agent", RESPONSE + data(1, b"x" * 10) + END_1 + WINDOW),
+                                                ("edge", data(1, b"up") + END_1)],
+    "a whole answer, then data": [("edge", END_1), ("agent", RESPONSE + data(1, b"x") + END_1 + data(1, b"late"))],
+    "a whole answer, then another": [("agent", RESPONSE + END_1 + RESPONSE + END_1)],
+    "a whole answer past the window": [("agent", RESPONSE + data(1, b"x" * 60000)),
+                                       ("agent", RESPONSE + data(1, b"y" * 6000) + END_1)],
+    "a whole answer with flags": [("agent", RESPONSE + data(1, b"x", p.FLAG_FIN) + END_1)],
+    "a whole answer with an empty body frame": [("agent", RESPONSE + data(1, b"") + END_1)],
+    "a whole answer with an end of its own": [("agent", RESPONSE + data(1, b"x") + frame(p.FrameType.END, 1, b"!"))],
+    "a whole answer on two streams": [("agent", RESPONSE + data(1, b"x") + frame(p.FrameType.END, 3))],
+    "a whole answer, truncated": [("agent", RESPONSE + data(1, b"x") + END_1[:-1])],
+    "a whole answer after the edge left": [("edge", p.encode_reset(1, p.ResetCode.CANCEL, "gone")),
+                                           ("agent", RESPONSE + data(1, b"x") + END_1)],
+    "a whole answer with a head too large for the link": [
+        ("agent", p.encode(p.FrameType.RESPONSE, 1, p.ResponseHead(200, [(b"a", b"b" * 600_000)]).to_payload())
+         + data(1, b"x") + END_1)],
+    # A request without a body with its END in the same message (the END goes with the REQUEST).
+    "a bodyless request": [("edge", request(3) + frame(p.FrameType.END, 3)),
+                           ("agent", p.encode(p.FrameType.RESPONSE, 2, p.ResponseHead(204, []).to_payload())
+                            + frame(p.FrameType.END, 2))],
+    "a bodyless request, then data": [("edge", request(3) + frame(p.FrameType.END, 3) + data(3, b"x"))],
+    "a bodyless request for a wrong session": [("edge", request(3, session=8) + frame(p.FrameType.END, 3)
+                                                + request(5) + frame(p.FrameType.END, 5))],
+    "a request with the end of another stream": [("edge", request(3) + frame(p.FrameType.END, 5))],
+    "a request with an end carrying flags": [("edge", request(3) + frame(p.FrameType.END, 3, flags=p.FLAG_FIN))],
+    "a request reusing its stream, with its end": [("edge", request(1) + END_1)],
+    "a request on stream 0 with its end": [("edge", request(0) + frame(p.FrameType.END, 0))],
 }
 
 

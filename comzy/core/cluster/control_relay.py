@@ -66,6 +66,7 @@ class _Relay:
         self.head_limit = head_limit
         self.edge = RelayEnd(self, link, link_id, from_agent=False)
         self.agent = RelayEnd(self, agent, agent_id, from_agent=True)
+        self.edge.other, self.agent.other = self.agent, self.edge
         # What each side may still send: the window the other side announced (the agent's HELLO
         # window; the control node's stream window, which the edge opened with) plus its WINDOWs.
         self.to_agent = agent.peer_window
@@ -98,7 +99,7 @@ class RelayEnd:
     """One end of a relayed stream, in a session's stream table in place of a ``Stream``: what
     its session's reader hands it goes to the other end's session, renumbered."""
 
-    __slots__ = ("ended", "from_agent", "grown", "id", "relay", "session", "ws_close")
+    __slots__ = ("ended", "from_agent", "grown", "id", "other", "relay", "session", "ws_close")
 
     def __init__(self, relay: _Relay, session: Session, stream_id: int, *, from_agent: bool) -> None:
         self.relay = relay
@@ -108,12 +109,8 @@ class RelayEnd:
         self.ended = False
         self.ws_close: tuple[int, str] | None = None
         self.grown = 0  # a relay never grows a window: the edge's Stream does, end to end
-
-    @property
-    def other(self) -> RelayEnd:
-        """The end in the other session."""
-        relay = self.relay
-        return relay.edge if self.from_agent else relay.agent
+        #: The end in the other session (set by _Relay: an attribute, not a property read per frame).
+        self.other: RelayEnd = self
 
     def _on_data(self, data: bytes | memoryview, flags: int) -> None:
         relay = self.relay
@@ -172,7 +169,7 @@ class RelayEnd:
             code, reason = self.ws_close
             other.session.send_nowait(p.encode(p.FrameType.WS_CLOSE, other.id, {"code": code, "reason": reason}))
         else:
-            other.session.send_nowait(p.encode(p.FrameType.END, other.id))
+            other.session.send_nowait(_PACK_HEADER(0, _END, 0, other.id))
         if other.ended:
             relay.finish()
 
@@ -209,6 +206,7 @@ class RelayEnd:
 _pack = msgpack.Packer(use_bin_type=True).pack  # as protocol.encode packs maps (one C call, no callback)
 _HEADER_SIZE = p.HEADER_SIZE
 _UNPACK_HEADER = p.HEADER.unpack_from
+_PACK_HEADER = p.HEADER.pack
 _INCREMENT = _CODE = struct.Struct(">I")  # WINDOW's payload; the start of RESET's
 _DATA, _END, _WINDOW, _RESET, _RESPONSE, _REQUEST = (int(kind) for kind in (
     p.FrameType.DATA, p.FrameType.END, p.FrameType.WINDOW, p.FrameType.RESET, p.FrameType.RESPONSE,
@@ -238,6 +236,49 @@ def _agent_head(payload: dict[str, Any], body: bytes | None, name: str | None) -
     if name is not None:
         head["tn"] = name
     return _pack(head)  # type: ignore[no-any-return]
+
+
+def _whole_answer(agent: RelayEnd, body: bytes, message: bytes | memoryview, offset: int, size: int,
+                  stream_id: int) -> int:
+    """The agent's whole small answer to a relayed stream, from its RESPONSE frame (``body``, checked)
+    and the frames at ``offset`` of ``message``: when they are one DATA (not empty, no flags) or
+    none, then END, all on ``stream_id``, they go to the edge in one piece (counted as that many
+    frames, ``Session.send_frames_nowait``), byte for byte what ``_send_head``, ``_on_data`` and
+    ``_on_end`` would queue one by one; returns where the END ends. 0 (nothing done) for any other
+    shape, or whenever one of them would not simply forward (a finished relay, a head too large
+    for the link, the agent past its window): then each frame takes its own path."""
+    relay = agent.relay
+    if relay.finished or agent.ended or _HEADER_SIZE + len(body) > relay.head_limit or size - offset < _HEADER_SIZE:
+        return 0
+    length, kind, flags, frame_stream = _UNPACK_HEADER(message, offset)
+    data_at = offset + _HEADER_SIZE
+    data_size = 0
+    if kind == _DATA:
+        if frame_stream != stream_id or flags or not 0 < length <= p.MAX_DATA_FRAME or length > relay.to_edge:
+            return 0
+        data_size = length
+        offset = data_at + length
+        if size - offset < _HEADER_SIZE:
+            return 0
+        length, kind, flags, frame_stream = _UNPACK_HEADER(message, offset)
+    if kind != _END or frame_stream != stream_id or length or flags:
+        return 0
+    edge = relay.edge
+    edge_id = edge.id
+    head = _PACK_HEADER(len(body), _RESPONSE, 0, edge_id)
+    if data_size:
+        relay.empty = 0
+        relay.to_edge -= data_size
+        relay.bytes_out += data_size
+        answer = b"".join((head, body, _PACK_HEADER(data_size, _DATA, 0, edge_id), message[data_at:data_at + data_size],
+                           _PACK_HEADER(0, _END, 0, edge_id)))
+    else:
+        answer = b"".join((head, body, _PACK_HEADER(0, _END, 0, edge_id)))
+    agent.ended = True
+    edge.session.send_frames_nowait(answer, 3 if data_size else 2)
+    if edge.ended:
+        relay.finish()
+    return offset + _HEADER_SIZE
 
 
 def take_frames(session: Session, relay: ControlRelay | None, message: bytes) -> bytes:
@@ -291,14 +332,23 @@ def take_frames(session: Session, relay: ControlRelay | None, message: bytes) ->
             # Checked as the edge will check it (a bad head must end this agent's session, never
             # the link that many tunnels share), then sent on as it is.
             p.ResponseHead.from_payload(p.decode_map(p.FrameType.RESPONSE, body))
-            target._send_head(p.HEADER.pack(length, _RESPONSE, 0, target.relay.edge.id) + body)
+            after = _whole_answer(target, body, view if view is not None else message, stop, end, stream_id)
+            if after:
+                offset = after
+                continue
+            target._send_head(_PACK_HEADER(length, _RESPONSE, 0, target.relay.edge.id) + body)
         elif kind == _REQUEST:
             if relay is None or target is not None or not stream_id:
                 break
             body = bytes(message[start:stop])
-            accepted = relay.accept(session, stream_id, p.decode_map(p.FrameType.REQUEST, body), body)
+            # A request without a body comes with its END in the same message (edge.py): both go
+            # to the agent in one piece, and the END is taken here.
+            ended = (end - stop >= _HEADER_SIZE and _UNPACK_HEADER(message, stop) == (0, _END, 0, stream_id))
+            accepted = relay.accept(session, stream_id, p.decode_map(p.FrameType.REQUEST, body), body, ended)
             if accepted is not None:
                 streams[stream_id] = accepted  # type: ignore[assignment]  # duck-typed like Stream
+            if ended:
+                stop += _HEADER_SIZE  # answered with a RESET instead, the END goes where the session sends it: nowhere
         else:
             break
         offset = stop
@@ -331,9 +381,10 @@ class ControlRelay:
         link.take_frames = functools.partial(take_frames, link, self)
 
     def accept(self, link: Session, stream_id: int, payload: dict[str, Any],
-               body: bytes | None = None) -> RelayEnd | None:
+               body: bytes | None = None, ended: bool = False) -> RelayEnd | None:
         """A REQUEST from an edge (``payload``, decoded from ``body`` when given): relay it to the
-        tunnel's agent, or answer RESET MOVED/REFUSED."""
+        tunnel's agent, or answer RESET MOVED/REFUSED. ``ended``: the edge's END came with it (the
+        caller has taken that frame), and goes to the agent in the same piece as the REQUEST."""
         alias, session_number = payload.get("al"), payload.get("ts")
         entry: Entry | None = self.server.registry.get(alias) if isinstance(alias, str) else None
         if (entry is None or entry.tunnel.session != session_number or entry.session.closed is not None
@@ -354,7 +405,12 @@ class ControlRelay:
         relay = _Relay(tunnel, link, stream_id, agent, agent_id, websocket, link.coalesce_limit)
         agent.streams[agent_id] = relay.agent  # type: ignore[assignment]  # duck-typed like Stream
         head = _agent_head(payload, body, tunnel.name)
-        agent.send_nowait(p.HEADER.pack(len(head), _REQUEST, 0, agent_id) + head)
+        if ended:
+            relay.edge.ended = True
+            agent.send_frames_nowait(b"".join((_PACK_HEADER(len(head), _REQUEST, 0, agent_id), head,
+                                               _PACK_HEADER(0, _END, 0, agent_id))), 2)
+        else:
+            agent.send_nowait(_PACK_HEADER(len(head), _REQUEST, 0, agent_id) + head)
         tunnel.stream_opened(websocket)  # back down in _Relay.finish
         return relay.edge  # type: ignore[return-value]
 

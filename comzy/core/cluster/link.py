@@ -68,6 +68,11 @@ class LinkKind(enum.IntEnum):
     BYE = 1  #: the sender ended the link; the body is the reason (UTF-8)
 
 
+_LINK_HEADER_SIZE = LINK_HEADER.size
+_UNPACK_LINK_HEADER = LINK_HEADER.unpack_from
+_FRAMES = int(LinkKind.FRAMES)
+
+
 def encode_header(kind: LinkKind, epoch: int, seq: int) -> bytes:
     """A link header."""
     return LINK_HEADER.pack(LINK_MAGIC, LINK_VERSION, kind, epoch, seq)
@@ -458,6 +463,14 @@ class Links:
     def _on_link_message(self, subject: bytes, data: bytes) -> None:
         """A message on ``P.n.<me>.l.<peer>``, handled as the NATS socket is read (never blocks)."""
         peer = subject.rpartition(b".")[2].decode("ascii", "replace")
+        link = self._links.get(peer)
+        if link is not None and len(data) >= _LINK_HEADER_SIZE:
+            # The common case, checked as decode_header checks it, in line: the frames of a link
+            # we have, once per message on each node (no LinkKind made per message).
+            magic, version, kind, epoch, seq = _UNPACK_LINK_HEADER(data)
+            if kind == _FRAMES and magic == LINK_MAGIC and version == LINK_VERSION and link.transport.epoch == epoch:
+                link.transport.deliver(seq, data[_LINK_HEADER_SIZE:])
+                return
         header = decode_header(data)
         if header is None:
             self._noise("cluster: dropped a malformed link message from %s", peer)
