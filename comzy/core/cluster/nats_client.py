@@ -52,6 +52,10 @@ class LinkClient(Client):
         super().__init__()
         self._direct: dict[int, DirectHandler] = {}
         self._framer: _Framer | None = None
+        # The socket's StreamWriter and its transport, read once per connection rather than
+        # through the writer's property twice per link message (write_now, unsent).
+        self._writer: asyncio.StreamWriter | None = None
+        self._socket: Any = None  # asyncio.WriteTransport, once a writer has been seen
 
     async def _process_connect_init(self) -> None:
         await super()._process_connect_init()
@@ -110,21 +114,34 @@ class LinkClient(Client):
         if type(transport) is not TcpTransport or self._status != Client.CONNECTED or self._pending:
             return False
         writer = transport._io_writer
+        if writer is None:
+            return False
+        socket = self._socket if writer is self._writer else self._socket_of(writer)
         size = len(head) + len(body)
-        if writer is None or size > self._max_payload or writer.transport.is_closing():
+        if size > self._max_payload or socket.is_closing():
             return False
         # Nothing is pending, so every earlier write is in the transport already: order holds.
-        writer.writelines((b"PUB %s %s %d\r\n%s" % (subject.encode(), reply.encode(), size, head), body, _CRLF))
+        # (StreamWriter.writelines is this call.)
+        socket.writelines((b"PUB %s %s %d\r\n%s" % (subject.encode(), reply.encode(), size, head), body, _CRLF))
         self.stats["out_msgs"] += 1
         self.stats["out_bytes"] += size
         return True
 
+    def _socket_of(self, writer: asyncio.StreamWriter) -> Any:
+        self._writer = writer
+        self._socket = writer.transport
+        return self._socket
+
     def unsent(self) -> int:
         """Bytes the socket has not taken yet of what was written to it (0 over another transport)."""
         transport = self._transport
-        if type(transport) is not TcpTransport or transport._io_writer is None:
+        if type(transport) is not TcpTransport:
             return 0
-        return transport._io_writer.transport.get_write_buffer_size()  # type: ignore[no-any-return]
+        writer = transport._io_writer
+        if writer is None:
+            return 0
+        socket = self._socket if writer is self._writer else self._socket_of(writer)
+        return socket.get_write_buffer_size()
 
     async def drain_unsent(self) -> None:
         """Wait until ``unsent()`` is back under PENDING_SIZE; raises ConnectionClosedError if the
@@ -191,84 +208,90 @@ class _Framer:
         if self.client._framer is not self:  # a reconnect replaced it; this reader's socket is gone
             self.forward(data)
             return
+        # The framing and its guard in one function: it runs once per read on every node.
         try:
-            self._feed(data)
+            pos, size = 0, len(data)
+            if self.forwarding:
+                pos = min(self.forwarding, size)
+                self.forward(data if pos == size else data[:pos])
+                self.forwarding -= pos
+            elif self.unit is not None:
+                handler, subject, header, total = self.unit
+                need = total - self.have
+                if size < need:
+                    self.parts.append(data)
+                    self.have += size
+                    return
+                self.parts.append(data if need == size else data[:need])
+                body = b"".join(self.parts)
+                self.unit, self.parts, self.have = None, [], 0
+                self._hand(handler, subject, body[header:-2])
+                pos = need
+            if self.line:
+                data = self.line + data[pos:]
+                pos, size = 0, len(data)
+                self.line = b""
+            direct, subs = self.client._direct, self.client._subs
+            while pos < size:
+                eol = data.find(_CRLF, pos, pos + MAX_CONTROL_LINE)
+                if eol < 0:
+                    if size - pos >= MAX_CONTROL_LINE:  # not NATS's protocol: nats-py's parser says so
+                        self.client._framer = None
+                        self.forward(data[pos:])
+                    else:
+                        self.line = data[pos:]
+                    return
+                if data.startswith(b"MSG ", pos):
+                    args = data[pos + 4:eol].split()
+                    header = 0
+                    if len(args) not in (3, 4):
+                        self._give_up(data, pos)
+                        return
+                elif data.startswith(b"HMSG ", pos):
+                    args = data[pos + 5:eol].split()
+                    if len(args) not in (4, 5) or not args[-2].isdigit():
+                        self._give_up(data, pos)
+                        return
+                    header = int(args[-2])
+                else:  # PING, PONG, +OK, -ERR, INFO: nats-py's
+                    self.forward(data[pos:eol + 2])
+                    pos = eol + 2
+                    continue
+                if not (args[1].isdigit() and args[-1].isdigit()):
+                    self._give_up(data, pos)
+                    return
+                sid, total = int(args[1]), int(args[-1]) + 2  # the payload and its CRLF
+                start = eol + 2
+                end = start + total
+                target = direct.get(sid) if sid in subs else None
+                if target is None:
+                    if end <= size:
+                        self.forward(data[pos:end])
+                        pos = end
+                        continue
+                    self.forward(data[pos:])
+                    self.forwarding = end - size
+                    return
+                if end <= size:
+                    # _hand's, in line: the usual case (a link message whole in one read)
+                    payload = data[start + header:end - 2]
+                    stats = self.client.stats
+                    stats["in_msgs"] += 1
+                    stats["in_bytes"] += len(payload)
+                    try:
+                        target(args[0], payload)
+                    except Exception:  # as nats-py does with a callback's error: logged, the connection goes on
+                        log.exception("cluster: a link message handler failed")
+                    pos = end
+                    continue
+                self.unit = (target, args[0], header, total)
+                self.parts = [data[start:]]
+                self.have = size - start
+                return
         except Exception as exc:  # a bug here must not end in a stream out of step: reconnect
             log.exception("cluster: framing NATS's messages failed; reconnecting")
             self.client._framer = None
             asyncio.get_running_loop().create_task(self.client._process_op_err(exc))
-
-    def _feed(self, data: bytes) -> None:
-        pos, size = 0, len(data)
-        if self.forwarding:
-            pos = min(self.forwarding, size)
-            self.forward(data if pos == size else data[:pos])
-            self.forwarding -= pos
-        elif self.unit is not None:
-            handler, subject, header, total = self.unit
-            need = total - self.have
-            if size < need:
-                self.parts.append(data)
-                self.have += size
-                return
-            self.parts.append(data if need == size else data[:need])
-            body = b"".join(self.parts)
-            self.unit, self.parts, self.have = None, [], 0
-            self._hand(handler, subject, body[header:-2])
-            pos = need
-        if self.line:
-            data = self.line + data[pos:]
-            pos, size = 0, len(data)
-            self.line = b""
-        direct, subs = self.client._direct, self.client._subs
-        while pos < size:
-            eol = data.find(_CRLF, pos, pos + MAX_CONTROL_LINE)
-            if eol < 0:
-                if size - pos >= MAX_CONTROL_LINE:  # not NATS's protocol: nats-py's parser says so
-                    self.client._framer = None
-                    self.forward(data[pos:])
-                else:
-                    self.line = data[pos:]
-                return
-            if data.startswith(b"MSG ", pos):
-                args = data[pos + 4:eol].split()
-                header = 0
-                if len(args) not in (3, 4):
-                    self._give_up(data, pos)
-                    return
-            elif data.startswith(b"HMSG ", pos):
-                args = data[pos + 5:eol].split()
-                if len(args) not in (4, 5) or not args[-2].isdigit():
-                    self._give_up(data, pos)
-                    return
-                header = int(args[-2])
-            else:  # PING, PONG, +OK, -ERR, INFO: nats-py's
-                self.forward(data[pos:eol + 2])
-                pos = eol + 2
-                continue
-            if not (args[1].isdigit() and args[-1].isdigit()):
-                self._give_up(data, pos)
-                return
-            sid, total = int(args[1]), int(args[-1]) + 2  # the payload and its CRLF
-            start = eol + 2
-            end = start + total
-            target = direct.get(sid) if sid in subs else None
-            if target is None:
-                if end <= size:
-                    self.forward(data[pos:end])
-                    pos = end
-                    continue
-                self.forward(data[pos:])
-                self.forwarding = end - size
-                return
-            if end <= size:
-                self._hand(target, args[0], data[start + header:end - 2])
-                pos = end
-                continue
-            self.unit = (target, args[0], header, total)
-            self.parts = [data[start:]]
-            self.have = size - start
-            return
 
     def _give_up(self, data: bytes, pos: int) -> None:
         """A control line that is not what NATS sends: nats-py takes everything from here (its
