@@ -211,6 +211,8 @@ _INCREMENT = _CODE = struct.Struct(">I")  # WINDOW's payload; the start of RESET
 _DATA, _END, _WINDOW, _RESET, _RESPONSE, _REQUEST = (int(kind) for kind in (
     p.FrameType.DATA, p.FrameType.END, p.FrameType.WINDOW, p.FrameType.RESET, p.FrameType.RESPONSE,
     p.FrameType.REQUEST))
+# Enum members read once: reading one off its class costs ~100 ns each time on CPython 3.11.
+_T_RESPONSE, _T_REQUEST = p.FrameType.RESPONSE, p.FrameType.REQUEST
 
 
 def _agent_head(payload: dict[str, Any], body: bytes | None, name: str | None) -> bytes:
@@ -331,7 +333,7 @@ def take_frames(session: Session, relay: ControlRelay | None, message: bytes) ->
             body = bytes(message[start:stop])
             # Checked as the edge will check it (a bad head must end this agent's session, never
             # the link that many tunnels share), then sent on as it is.
-            p.ResponseHead.from_payload(p.decode_map(p.FrameType.RESPONSE, body))
+            p.ResponseHead.from_payload(p.decode_map(_T_RESPONSE, body))
             after = _whole_answer(target, body, view if view is not None else message, stop, end, stream_id)
             if after:
                 offset = after
@@ -344,7 +346,7 @@ def take_frames(session: Session, relay: ControlRelay | None, message: bytes) ->
             # A request without a body comes with its END in the same message (edge.py): both go
             # to the agent in one piece, and the END is taken here.
             ended = (end - stop >= _HEADER_SIZE and _UNPACK_HEADER(message, stop) == (0, _END, 0, stream_id))
-            accepted = relay.accept(session, stream_id, p.decode_map(p.FrameType.REQUEST, body), body, ended)
+            accepted = relay.accept(session, stream_id, p.decode_map(_T_REQUEST, body), body, ended)
             if accepted is not None:
                 streams[stream_id] = accepted  # type: ignore[assignment]  # duck-typed like Stream
             if ended:
