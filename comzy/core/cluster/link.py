@@ -33,6 +33,7 @@ from nats.aio.transport import TcpTransport
 
 from comzy.core import protocol as p
 from comzy.core.cluster.connection import PENDING_SIZE, BusDown, NatsNode
+from comzy.core.cluster.nats_client import pub_prefix
 from comzy.core.logs import RateLimitedLog
 from comzy.core.session import COALESCE_LIMIT, Heartbeats, Session
 from comzy.core.stream import Stream, StreamReset
@@ -169,6 +170,7 @@ class LinkTransport:
         me = links.nats.node_id
         self.subject = subjects.link(peer, me)
         self.reply = subjects.no_responders(me, peer, epoch)
+        self._pub = pub_prefix(self.subject, self.reply)
         self.inbox_limit = inbox_limit
         self._send_seq = 0
         self._recv_seq = 0
@@ -228,7 +230,7 @@ class LinkTransport:
         header = _PACK_LINK_HEADER(LINK_MAGIC, LINK_VERSION, _FRAMES, self.epoch, self._send_seq)
         self._send_seq += 1
         nc = self.links.nats.nc
-        if self._publisher is None and nc.write_now(self.subject, self.reply, header, message):
+        if self._publisher is None and nc.write_pub(self._pub, header, message):
             if self._drainer is None and nc.unsent() > PENDING_SIZE:
                 self._block()
                 self._drainer = asyncio.get_running_loop().create_task(self._drain())

@@ -28,6 +28,11 @@ _CRLF = b"\r\n"
 MAX_CONTROL_LINE = 4096
 
 
+def pub_prefix(subject: str, reply: str) -> bytes:
+    """The start of a PUB command's line for ``subject`` with ``reply`` (the size follows)."""
+    return b"PUB %s %s " % (subject.encode(), reply.encode())
+
+
 class LinkClient(Client):
     """nats-py's client with a shorter path for link messages, the cluster's per-request traffic.
 
@@ -110,6 +115,11 @@ class LinkClient(Client):
         that keeps order and limits: connected over plain TCP, nothing queued in nats-py before it,
         within max_payload. False (and nothing written) otherwise. Subjects are not validated
         (ours are built from checked names)."""
+        return self.write_pub(pub_prefix(subject, reply), head, body)
+
+    def write_pub(self, prefix: bytes, head: bytes, body: bytes) -> bool:
+        """``write_now`` with its subjects given as ``pub_prefix(subject, reply)``: a link makes it
+        once, not once per message."""
         transport = self._transport
         if type(transport) is not TcpTransport or self._status != Client.CONNECTED or self._pending:
             return False
@@ -122,7 +132,7 @@ class LinkClient(Client):
             return False
         # Nothing is pending, so every earlier write is in the transport already: order holds.
         # (StreamWriter.writelines is this call.)
-        socket.writelines((b"PUB %s %s %d\r\n%s" % (subject.encode(), reply.encode(), size, head), body, _CRLF))
+        socket.writelines((b"%s%d\r\n%s" % (prefix, size, head), body, _CRLF))
         self.stats["out_msgs"] += 1
         self.stats["out_bytes"] += size
         return True
