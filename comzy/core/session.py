@@ -396,7 +396,7 @@ class Session:
                 backlog.extend(p.decode_message(message))  # bounded: reading is paused meanwhile
                 return
             due: list[Stream] = []
-            self.events_due = due  # take_frames's streams too: their events wait for the whole message
+            self.events_due = due
             try:
                 waiting = self._dispatch_message(message)
                 if waiting is not None:
