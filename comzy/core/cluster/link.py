@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import functools
 import logging
 import secrets
 import struct
@@ -36,7 +35,6 @@ from comzy.core.cluster.connection import PENDING_SIZE, BusDown, NatsNode
 from comzy.core.cluster.nats_client import pub_prefix
 from comzy.core.logs import RateLimitedLog
 from comzy.core.session import COALESCE_LIMIT, Heartbeats, Session
-from comzy.core.stream import Stream, StreamReset
 from comzy.core.websocket import WebSocketError
 
 if TYPE_CHECKING:
@@ -75,64 +73,6 @@ _LINK_HEADER_SIZE = LINK_HEADER.size
 _UNPACK_LINK_HEADER = LINK_HEADER.unpack_from
 _PACK_LINK_HEADER = LINK_HEADER.pack
 _FRAMES = int(LinkKind.FRAMES)
-_HEADER_SIZE = p.HEADER_SIZE
-_UNPACK_HEADER = p.HEADER.unpack_from
-_U32 = struct.Struct(">I")  # WINDOW's payload; the start of RESET's
-_DATA, _END, _WINDOW, _RESET, _RESPONSE = (int(kind) for kind in (
-    p.FrameType.DATA, p.FrameType.END, p.FrameType.WINDOW, p.FrameType.RESET, p.FrameType.RESPONSE))
-# Enum members read once: reading one off its class costs ~100 ns each time on CPython 3.11.
-_T_RESPONSE = p.FrameType.RESPONSE
-
-
-def take_stream_frames(session: Session, message: bytes) -> bytes:
-    """``Session.take_frames`` for the link sessions a node opens (an edge's): the leading frames of
-    ``message`` that are RESPONSE, DATA, END, WINDOW or RESET of one of its streams go to the
-    stream from their bytes, after the checks ``protocol.decode_message`` and ``Session._handle``
-    make, without a ``Frame`` and a dispatch each (a small answer is three frames in one link
-    message: docs/benchmarks.md, "The cluster hop at one connection"). From the first frame it
-    does not take (another type, a stream the table does not hold, anything malformed) the rest is
-    the session's, in order: it decodes them and raises the same errors. Returns that rest."""
-    if type(message) is not bytes:
-        return message
-    streams = session.streams
-    end = len(message)
-    offset = 0
-    while end - offset >= _HEADER_SIZE:
-        length, kind, flags, stream_id = _UNPACK_HEADER(message, offset)
-        start = offset + _HEADER_SIZE
-        stop = start + length
-        if stop > end or length > p.MAX_FRAME_PAYLOAD:
-            break
-        stream = streams.get(stream_id) if stream_id else None
-        if type(stream) is not Stream:
-            break
-        if kind == _DATA:
-            if length > p.MAX_DATA_FRAME:
-                break
-            stream._on_data(message[start:stop], flags)
-        elif kind == _RESPONSE:
-            stream._on_head(p.ResponseHead.from_payload(p.decode_map(_T_RESPONSE, message[start:stop])))
-        elif kind == _END:
-            if length:
-                break
-            stream._on_end()
-        elif kind == _WINDOW:
-            if length != _U32.size:
-                break
-            (increment,) = _U32.unpack_from(message, start)
-            if not increment:
-                break
-            stream._on_credit(increment)
-        elif kind == _RESET:
-            if length < _U32.size:
-                break
-            (code,) = _U32.unpack_from(message, start)
-            session.forget(stream_id)
-            stream._fail(StreamReset(code, message[start + _U32.size:stop].decode("utf-8", "replace")))
-        else:
-            break
-        offset = stop
-    return message[offset:] if offset else message
 
 
 def encode_header(kind: LinkKind, epoch: int, seq: int) -> bytes:
@@ -217,7 +157,6 @@ class LinkTransport:
     def attached(self) -> bool:
         """Whether a session took the link with ``attach``."""
         return self._sink is not None
-
 
     def write_message(self, message: bytes) -> None:
         """Publish ``message`` (whole frames) as the next link message, without waiting (attached).
@@ -492,8 +431,6 @@ class Links:
                           heartbeat_interval=interval, heartbeat_timeout=self.link_timeout,
                           name=f"link {peer}", heartbeats=self._heartbeats, coalesce_limit=self.coalesce_limit)
         session.window_budget = LINK_WINDOW_BUDGET
-        # The streams' frames from their bytes (an acceptor's relay sets its own, control_relay.take_frames).
-        session.take_frames = functools.partial(take_stream_frames, session)
         link = Link(transport, session)
         self._links[peer] = link
         self._task_group.start_soon(self._run, peer, link)
