@@ -122,6 +122,67 @@ def test_one_byte_per_read_gives_the_same_messages() -> None:
     assert parse_all(reader, *(data[i : i + 1] for i in range(len(data)))) == expected
 
 
+def _single_frames(masked: bool) -> list[bytes]:
+    """Reads of one frame each, of every kind, length form and masking, and some that are not one
+    whole frame: what ``whole_message`` must either take as ``feed`` and ``next`` would or leave."""
+    reads = [frame(BINARY, os.urandom(n), masked=masked) for n in (0, 1, 125, 126, 127, 300, 65535, 65536)]
+    reads += [frame(BINARY, b"zero key", masked=masked, key=wsframe.ZERO_KEY if masked else KEY),
+              frame(TEXT, b"text", masked=masked), frame(PING, b"p", masked=masked),
+              frame(CLOSE, close_payload(1000), masked=masked), frame(BINARY, b"first", fin=False, masked=masked),
+              frame(CONT, b"stray", masked=masked), frame(BINARY, b"rsv", rsv=0x40, masked=masked),
+              frame(BINARY, b"wrong side", masked=not masked), frame(BINARY, b"x" * 10, announce=126, width=16,
+                                                                      masked=masked)[:-3],
+              frame(BINARY, b"long form", width=16, masked=masked), frame(BINARY, b"two", masked=masked) * 2,
+              frame(BINARY, b"cut", masked=masked)[:-1], b"\x82"]
+    return reads
+
+
+def _outcome(reader: wsframe.FrameReader, *chunks: bytes) -> list[Any] | tuple[int, str]:
+    try:
+        return parse_all(reader, *chunks)
+    except wsframe.FrameError as exc:
+        return exc.code, exc.reason
+
+
+@pytest.mark.parametrize("client", [False, True], ids=["server-receives-masked", "client-receives-unmasked"])
+def test_a_read_of_one_whole_binary_frame_is_taken_in_one_step_as_feed_and_next_would(client: bool) -> None:
+    """``whole_message`` (the attached link's usual read) gives what ``feed`` and ``next`` give for a
+    read that is one whole final binary frame, and takes nothing from any other read: fed after
+    it, that read comes out (or is refused) as it would have."""
+    taken = 0
+    for read in _single_frames(masked=not client):
+        for before in (b"", frame(BINARY, b"", fin=False, masked=not client)[:1]):  # idle, or a header pending
+            reader, reference = wsframe.FrameReader(client, MAX_MESSAGE), wsframe.FrameReader(client, MAX_MESSAGE)
+            if before:
+                reader.feed(before)
+                reference.feed(before)
+            expected = _outcome(reference, read)
+            message = reader.whole_message(read)
+            if message is None:
+                assert _outcome(reader, read) == expected, read[:20]
+            else:
+                taken += 1
+                assert not before and [message] == expected, read[:20]
+                assert reader.next() is None and reader.missing == 0
+    assert taken == 8  # the binary frames of 0 to 65535 bytes and the one with the zero key
+
+
+def test_the_binary_headers_written_without_a_call_are_encode_binarys() -> None:
+    """WebSocket.write_message's headers (a table below 126 bytes, the 16-bit form below 64 KiB)."""
+    for size in (0, 1, 125, 126, 127, 1000, 65535, 65536, 70000):
+        payload = os.urandom(size)
+        for masked in (False, True):
+            if size < 126:
+                header = (wsframe.ZERO_KEY_HEADERS if masked else wsframe.BINARY_HEADERS)[size]
+            elif size < 65536:
+                header = (wsframe.zero_key_header_16(size, wsframe.ZERO_KEY) if masked
+                          else wsframe.binary_header_16(size))
+            else:
+                header = wsframe.binary_header(size, masked)
+            assert header + payload == wsframe.encode_binary(payload, masked, zero_key=True), (size, masked)
+            assert wsframe.binary_header(size, masked) == header
+
+
 messages = st.lists(st.one_of(st.binary(max_size=70000), st.text(max_size=300)), max_size=8)
 
 

@@ -178,7 +178,18 @@ class WebSocket:
         transport = self._transport
         assert transport is not None
         if self.closed is None and not transport.is_closing():
-            transport.write(wsframe.encode_binary(message, self._client, self.zero_key))
+            if self._client and not self.zero_key:
+                transport.write(wsframe.encode_binary(message, True))  # masked with a random key
+            else:  # the payload as it is, behind its header: encode_binary's bytes without its calls
+                size = len(message)
+                if size < 126:
+                    header = (wsframe.ZERO_KEY_HEADERS if self._client else wsframe.BINARY_HEADERS)[size]
+                elif size < 65536:
+                    header = (wsframe.zero_key_header_16(size, wsframe.ZERO_KEY) if self._client
+                              else wsframe.binary_header_16(size))
+                else:
+                    header = wsframe.binary_header(size, self._client)
+                transport.write(header + message)
 
     def write_pieces(self, pieces: list[bytes | memoryview], size: int) -> None:
         """Send one binary message whose payload is ``pieces`` (``size`` bytes) without joining
@@ -213,6 +224,11 @@ class WebSocket:
         reader, sink = self._reader, self._sink
         assert sink is not None
         if data:
+            if not self._paused and self.closed is None:
+                message = reader.whole_message(data)
+                if message is not None:  # one read, one message: the agent link's usual case
+                    sink._link_message(message)
+                    return
             reader.feed(data)
         while self.closed is None and not self._paused:
             try:

@@ -16,6 +16,7 @@ WebSockets of the public listener (hypercorn): ``install`` gives those its maski
 from __future__ import annotations
 
 import codecs
+import functools
 import os
 import struct
 from dataclasses import dataclass
@@ -126,6 +127,46 @@ class FrameReader:
         """Payload bytes still to come of a frame that spans reads (0: none pending)."""
         return self._missing
 
+    def whole_message(self, data: bytes) -> bytes | None:
+        """The payload of ``data`` when it is exactly one whole, final binary frame with nothing
+        else of the connection's bytes still to parse (unmasked), the usual read of a busy agent
+        link: what ``feed`` and ``next`` would return, in one call instead of five (two of
+        ``next``, two of ``_parse_frame``, ``_on_frame``). Otherwise None, and nothing is taken:
+        ``feed`` ``data`` as usual (including whatever here is refused: the checks are theirs)."""
+        if self._pending is not None or self._opcode or self._offset < len(self._buffer):
+            return None
+        size = len(data)
+        if size < 2 or data[0] != _FIN | OP_BINARY:
+            return None
+        second = data[1]
+        length = second & _LENGTH
+        header = 2
+        if length == 126:
+            if size < 4:
+                return None
+            (length,) = _UNSIGNED_SHORT.unpack_from(data, 2)
+            if length < 126:
+                return None
+            header = 4
+        elif length == 127:
+            return None  # 64 KiB or more: a message that large is read in pieces anyway
+        if second & _MASK_BIT:
+            if not self._masked:
+                return None
+            header += 4
+        elif self._masked:
+            return None
+        if header + length != size or length > self._max_message:
+            return None
+        self._buffer, self._offset = b"", 0  # the last read, all consumed: released
+        if not self._masked:
+            return data[header:]
+        key = data[header - 4 : header]
+        if key == ZERO_KEY:
+            return data[header:]
+        with memoryview(data) as view:
+            return apply_mask(view[header:], key)  # type: ignore[no-any-return]
+
     def feed(self, data: bytes) -> None:
         """Add what was read from the connection."""
         missing = self._missing
@@ -149,6 +190,38 @@ class FrameReader:
 
     def next(self) -> bytes | str | Ping | CloseFrame | None:
         """The next message or control frame, or None until more bytes are fed."""
+        if self._pending is None and not self._opcode:
+            # The agent link's usual frame first, in line: a whole, final binary frame (a read
+            # under load holds several), parsed with the checks of _parse_frame for that case and
+            # no call of it or of _on_frame. Anything else, or anything wrong, goes the long way.
+            buffer, start = self._buffer, self._offset
+            available = len(buffer) - start
+            if not available:
+                if buffer:
+                    self._buffer, self._offset = b"", 0  # all consumed: release the read
+                return None
+            if available >= 2 and buffer[start] == _FIN | OP_BINARY:
+                second = buffer[start + 1]
+                length = second & _LENGTH
+                header = 2
+                if length == 126 and available >= 4:
+                    (length,) = _UNSIGNED_SHORT.unpack_from(buffer, start + 2)
+                    header = 4 if length >= 126 else 0
+                elif length >= 126:
+                    header = 0
+                masked = self._masked
+                if header and bool(second & _MASK_BIT) == masked and length <= self._max_message:
+                    body = start + header + 4 if masked else start + header
+                    end = body + length
+                    if end <= len(buffer):
+                        self._offset = end
+                        if not masked:
+                            return buffer[body:end]
+                        key = buffer[body - 4 : body]
+                        if key == ZERO_KEY:
+                            return buffer[body:end]
+                        with memoryview(buffer) as view:
+                            return apply_mask(view[body:end], key)  # type: ignore[no-any-return]
         while True:
             if self._pending is not None:
                 if self._missing:
@@ -317,6 +390,25 @@ def _header(opcode: int, length: int, masked: bool) -> bytes:
     if length < 65536:
         return struct.pack("!BBH", first, mask_bit | 126, length)
     return struct.pack("!BBQ", first, mask_bit | 127, length)
+
+
+#: The header of a final binary frame of each length below 126, unmasked (a server's) and masked
+#: with the zero key (a client's on a link no intermediary reads): ``binary_header``'s table.
+BINARY_HEADERS = tuple(bytes((_FIN | OP_BINARY, length)) for length in range(126))
+ZERO_KEY_HEADERS = tuple(bytes((_FIN | OP_BINARY, _MASK_BIT | length)) + ZERO_KEY for length in range(126))
+#: The same for lengths from 126 to 65535, called with the length (the 16-bit length form).
+binary_header_16 = functools.partial(struct.Struct("!BBH").pack, _FIN | OP_BINARY, 126)
+zero_key_header_16 = functools.partial(struct.Struct("!BBH4s").pack, _FIN | OP_BINARY, _MASK_BIT | 126)
+
+
+def binary_header(length: int, masked: bool) -> bytes:
+    """The header of a final binary frame of ``length`` bytes, with the zero key if ``masked``:
+    what ``encode_binary(payload, masked, zero_key=True)`` puts in front of the payload, which it
+    leaves as it is. Short frames' headers come from a table."""
+    if length < 126:
+        return ZERO_KEY_HEADERS[length] if masked else BINARY_HEADERS[length]
+    header = _header(OP_BINARY, length, masked)
+    return header + ZERO_KEY if masked else header
 
 
 def encode_frame(opcode: int, payload: bytes | bytearray, masked: bool, zero_key: bool = False) -> bytes:
