@@ -73,6 +73,39 @@ async def test_uvicorn_sends_a_small_response_in_one_write(tmp_path: Path, monke
                for data in sent), "head and body in each single write"
 
 
+@pytest.mark.parametrize(("method", "path"), [("GET", "/status/200"), ("HEAD", "/status/200"), ("GET", "/status/204"),
+                                            ("GET", "/hop-headers")])
+async def test_uvicorn_direct_sends_a_small_proxied_response_in_one_write(
+        tmp_path: Path, upstream: Upstream, monkeypatch: pytest.MonkeyPatch, method: str, path: str) -> None:
+    """The plain path gathers a small response that comes in one link message (the agent sends a
+    small answer so) into one write to the socket, without the cork (PlainExchange.out)."""
+    sent: list[bytes] = []
+    write = asyncio.selector_events._SelectorSocketTransport.write  # type: ignore[attr-defined]
+    port = 0  # the public listener's, once it runs (the agent's link writes through the same class)
+
+    def counting_write(transport: Any, data: bytes) -> None:
+        if transport.get_extra_info("sockname")[1] == port:
+            sent.append(bytes(data))
+        write(transport, data)
+
+    monkeypatch.setattr(asyncio.selector_events._SelectorSocketTransport, "write", counting_write)  # type: ignore[attr-defined]
+    async with start_server(tmp_path / "data", http_server="uvicorn-direct") as server, \
+            start_agent(server, upstream.port) as running:
+        port = server.ports.http
+        stream = await anyio.connect_tcp("127.0.0.1", port)
+        async with stream:
+            for _ in range(2):
+                await stream.send(f"{method} {path} HTTP/1.1\r\nHost: {running.alias}.localhost\r\n\r\n".encode())
+                answer = b""
+                with anyio.fail_after(10):
+                    while not (_whole_response(answer) if method == "GET" and b"204" not in answer[:12]
+                               else answer.endswith(b"\r\n\r\n")):
+                        answer += await stream.receive()
+                assert answer.startswith(b"HTTP/1.1 20")
+    assert len(sent) == 2, [data[:60] for data in sent]
+    assert sent[0] == sent[1]
+
+
 def _whole_response(data: bytes) -> bool:
     """Whether ``data`` holds a whole response with a Content-Length body."""
     head, found, body = data.partition(b"\r\n\r\n")

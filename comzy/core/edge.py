@@ -935,6 +935,8 @@ class _Taskless(PlainExchange):
         try:
             if self.state.started or self._head_came():
                 self._pump()
+            if self.out:  # a response still unfinished: what it wrote leaves at the turn's end
+                self.hand_over()
         except Exception:
             log.exception("serving a request without a task failed; closing the visitor's connection")
             if not self.done:

@@ -350,11 +350,12 @@ def _bounded_head_protocol(limit: int, plain: PlainServe | None = None) -> type:
             # head and body still go in one send; the visitor gets them one loop iteration sooner
             # (an epoll_wait and the other connections' callbacks sooner), which a single
             # connection's latency sees.
-            transport = self.transport
-            transport.flush()  # type: ignore[attr-defined]  # the CorkedTransport above
+            cork: CorkedTransport = self.transport  # type: ignore[assignment]
+            if cork._held:  # (a plain exchange holds nothing there: it writes at once)
+                cork.flush()
             # uvicorn's, with the keep-alive timer kept lazily (see idle_since).
             self.server_state.total_requests += 1
-            if transport.is_closing():
+            if cork._transport.is_closing():
                 return
             if self.flow.read_paused:
                 self.flow.resume_reading()
@@ -501,7 +502,7 @@ class PlainExchange:
     """
 
     __slots__ = ("body", "chunked", "conn", "disconnected", "head_only", "keep_alive", "message_event",
-                 "more_body", "remaining", "response_complete", "response_started")
+                 "more_body", "out", "remaining", "response_complete", "response_started")
 
     def __init__(self, conn: Any, method: str, keep_alive: bool) -> None:
         # What uvicorn's protocol reads and writes on its cycle:
@@ -517,6 +518,8 @@ class PlainExchange:
         self.response_started = False
         self.chunked: bool | None = None
         self.remaining = 0
+        #: What is written and not yet handed to the connection, in order (see start_response).
+        self.out: list[bytes] | None = None
 
     @property
     def write_paused(self) -> bool:
@@ -525,6 +528,12 @@ class PlainExchange:
 
     def start_response(self, status: int, headers: list[tuple[bytes, bytes]], hop_by_hop: bool = False) -> bool:
         """Write the head; False when the connection was closed instead (a header uvicorn refuses).
+
+        What the exchange writes is gathered in ``out``, and the end sends it at once, in one send
+        (``CorkedTransport.write_now``): a small response is one write to the socket, without the
+        cork's calls, its loop callback and its flushes. A caller that returns to the loop with a
+        response unfinished hands ``out`` to the cork (:meth:`hand_over`: the edge does at the end of
+        each stream event), which sends it at the turn's end as it would have.
 
         With ``hop_by_hop`` (a head from the tunnel, unfiltered), the hop-by-hop headers are left
         out here, as :func:`~comzy.core.headers.strip_hop_by_hop` does, in the same pass that lowers
@@ -578,8 +587,22 @@ class PlainExchange:
             self.chunked = True
             content.append(b"transfer-encoding: chunked\r\n")
         content.append(b"\r\n")
-        self.conn.transport.write(b"".join(content))
+        self.out = [b"".join(content)]
         return True
+
+    def hand_over(self) -> None:
+        """Hand what is written to the connection's cork (sent at the end of the loop's turn)."""
+        out = self.out
+        if out:
+            self.out = None
+            self.conn.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def _write(self, data: bytes) -> None:
+        out = self.out
+        if out is None:
+            self.out = [data]
+        else:
+            out.append(data)
 
     def _refuse_head(self, why: str) -> bool:
         """A response head uvicorn would refuse: the connection is closed (False, as start_response)."""
@@ -593,13 +616,13 @@ class PlainExchange:
             self.remaining = 0
         elif self.chunked:
             if data:
-                self.conn.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self._write(b"%x\r\n%s\r\n" % (len(data), data))
         else:
             if len(data) > self.remaining:
                 self.abort_response("response content longer than Content-Length")
                 return False
             self.remaining -= len(data)
-            self.conn.transport.write(data)
+            self._write(data)
         return True
 
     def end_response(self) -> bool:
@@ -608,10 +631,14 @@ class PlainExchange:
         if self.head_only:
             self.remaining = 0
         elif self.chunked:
-            self.conn.transport.write(b"0\r\n\r\n")
+            self._write(b"0\r\n\r\n")
         if self.remaining != 0:
             self.abort_response("response content shorter than Content-Length")
             return False
+        out = self.out
+        if out:
+            self.out = None
+            self.conn.transport.write_now(out[0] if len(out) == 1 else b"".join(out))
         self.response_complete = True
         conn = self.conn
         if conn.plain_exchange is self:
@@ -645,6 +672,7 @@ class PlainExchange:
             conn.plain_exchange = None
         if why:
             log.debug("closing a visitor's connection: %s", why)
+        self.hand_over()  # what was written goes first, as it would have: the close then tells the rest
         conn.transport.close()
 
     def visitor_left(self) -> None:
@@ -699,6 +727,18 @@ class CorkedTransport:
         """Hold each of ``lines`` (see :meth:`write`)."""
         for data in lines:
             self.write(data)
+
+    def write_now(self, data: bytes) -> None:
+        """Send ``data`` now, with anything held before it, in one send: for a writer that gathers
+        what it writes itself (:class:`PlainExchange`), and so needs no end-of-turn flush."""
+        held = self._held
+        if held:
+            held.append(data)
+            self.flush()
+            return
+        transport = self._transport
+        if not transport.is_closing():
+            transport.write(data)
 
     def flush(self) -> None:
         """Send what is held now (a no-op when nothing is)."""
