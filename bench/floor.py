@@ -10,15 +10,10 @@ plugins off, as in ``python -m bench``), order rotating each round:
 
     python -m bench.floor                              # 3 rounds, 1 and 50 connections, 5 s each
     python -m bench.floor --rounds 5 --seconds 3 --connections 1
-    python -m bench.floor --download-mib 1024          # plus a 1 GiB curl download through each
-    python -m bench.floor --download-mib 1024 --connections ""   # the download alone
 
 It prints, per connection count, the median req/s, p50 and p99 of each target, the p50 added to
 direct, and each Python process's CPU per request (user + system from /proc): relay A and B against
-the tunnel's server and agent. With ``--download-mib N`` each round also downloads an N MiB file
-with curl into /dev/null through each target (the client and file of ``python -m bench``'s
-download case, order rotating as for the loads): MiB/s, the share of direct, and each Python
-process's CPU seconds per GiB.
+the tunnel's server and agent.
 """
 
 from __future__ import annotations
@@ -30,9 +25,9 @@ import statistics
 import sys
 from typing import Any
 
-from bench.procs import MIB, Proc
-from bench.stack import LARGE_FILE, SMALL_FILE, Stack, comzy_env, running_stack
-from bench.tools import curl_download, require_tools, run_wrk
+from bench.procs import Proc
+from bench.stack import SMALL_FILE, Stack, comzy_env, running_stack
+from bench.tools import require_tools, run_wrk
 
 #: Bytes a relay holds for a peer that is not connected yet (the request, for one visitor).
 PENDING_LIMIT = 64 * 1024
@@ -151,30 +146,11 @@ def measure(stack: Stack, targets: dict[str, tuple[int, str, list[Proc]]], conne
     return results
 
 
-def measure_download(stack: Stack, targets: dict[str, tuple[int, str, list[Proc]]]) -> dict[str, dict[str, Any]]:
-    """One curl download of the large file through each target in turn: MiB/s and each process's CPU s per GiB."""
-    results: dict[str, dict[str, Any]] = {}
-    for label, (port, host, procs) in targets.items():
-        before = [proc.cpu_seconds() for proc in procs]
-        run = curl_download(stack.tools["curl"], f"http://127.0.0.1:{port}/{LARGE_FILE}",
-                            host, stack.large_size, 600.0)
-        after = [proc.cpu_seconds() for proc in procs]
-        if run["errors"]:
-            raise RuntimeError(f"download through {label}: {run.get('error')}")
-        gib = run["bytes"] / (1024 * MIB)
-        run["cpu_s_per_gib"] = [(b - a) / gib for a, b in zip(before, after, strict=True)]
-        results[label] = run
-    return results
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="rounds (medians printed; default 3)")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each wrk load (default 5)")
-    parser.add_argument("--connections", default="1,50",
-                        help='comma-separated connection counts (default 1,50; "" for none, e.g. the download alone)')
-    parser.add_argument("--download-mib", type=int, default=0, metavar="N",
-                        help="also download an N MiB file with curl through each target per round (default 0: off)")
+    parser.add_argument("--connections", default="1,50", help="comma-separated connection counts (default 1,50)")
     parser.add_argument("--relay", type=int, metavar="PORT", help=argparse.SUPPRESS)  # a relay's own process
     return parser.parse_args(argv)
 
@@ -184,12 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.relay is not None:
         run_relay(args.relay)
         return 0
-    counts = [int(part) for part in args.connections.split(",") if part.strip()]
-    if not counts and args.download_mib <= 0:
-        raise SystemExit("bench.floor: nothing to measure (no connection counts and no --download-mib)")
+    counts = [int(part) for part in args.connections.split(",") if part]
     tools = require_tools()
-    large = max(args.download_mib, 1) * MIB
-    with running_stack(tools, large_size=large, upload_size=1024 * 1024) as stack:
+    with running_stack(tools, large_size=1024 * 1024, upload_size=1024 * 1024) as stack:
         relays: list[Proc] = []
         try:
             relay_b, port_b = start_relay("relay B", stack.nginx_direct.port, relays)
@@ -203,24 +176,18 @@ def main(argv: list[str] | None = None) -> int:
             run_wrk(tools["wrk"], stack.wrk_script, f"http://127.0.0.1:{stack.nginx_tunnel.port}/{SMALL_FILE}",
                     stack.nginx_tunnel.host, 10, 1)
             rounds: dict[int, list[dict[str, dict[str, Any]]]] = {count: [] for count in counts}
-            downloads: list[dict[str, dict[str, Any]]] = []
             labels = list(targets)
             for index in range(args.rounds):
                 order = labels[index % len(labels):] + labels[:index % len(labels)]
-                ordered = {label: targets[label] for label in order}
                 for count in counts:
-                    rounds[count].append(measure(stack, ordered, count, args.seconds))
+                    rounds[count].append(measure(stack, {label: targets[label] for label in order}, count,
+                                                 args.seconds))
                     print(f"[floor] round {index + 1}/{args.rounds}, {count} connection(s) done", flush=True)
-                if args.download_mib > 0:
-                    downloads.append(measure_download(stack, ordered))
-                    print(f"[floor] round {index + 1}/{args.rounds}, download done", flush=True)
         finally:
             for proc in relays:
                 proc.stop()
     for count in counts:
         print(report(count, rounds[count]))
-    if downloads:
-        print(download_report(args.download_mib, downloads))
     return 0
 
 
@@ -242,28 +209,6 @@ def report(count: int, runs: list[dict[str, dict[str, Any]]]) -> str:
         cpus = f"{cpu(label, 0):.0f} / {cpu(label, 1):.0f} ({names})" if names else "-"
         lines.append(f"| {label} | {rate:,.0f} | {100 * rate / direct_rate:.1f}% | {p50:.3f} ms | "
                      f"+{p50 - direct_p50:.3f} ms | {median(label, 'p99_ms'):.3f} ms | {cpus} |")
-    return "\n".join(lines)
-
-
-def download_report(mib: int, runs: list[dict[str, dict[str, Any]]]) -> str:
-    """The download's table: medians over rounds of MiB/s, the share of direct and CPU s per GiB."""
-    def median(label: str, key: str) -> float:
-        return statistics.median(run[label][key] for run in runs)
-
-    def cpu(label: str, index: int) -> float:
-        return statistics.median(run[label]["cpu_s_per_gib"][index] for run in runs)
-
-    direct_rate = median("direct", "mib_per_s")
-    lines = [f"\ndownload of {mib} MiB (curl), medians of {len(runs)} rounds",
-             "| target | MiB/s | share of direct | CPU s/GiB (front / back) |",
-             "|---|---:|---:|---|"]
-    for label, names in (("direct", ""), ("relays", "relay A / relay B"), ("tunnel", "server / agent")):
-        rate = median(label, "mib_per_s")
-        cpus = f"{cpu(label, 0):.2f} / {cpu(label, 1):.2f} ({names})" if names else "-"
-        lines.append(f"| {label} | {rate:,.0f} | {100 * rate / direct_rate:.1f}% | {cpus} |")
-    relays, tunnel = cpu("relays", 0) + cpu("relays", 1), cpu("tunnel", 0) + cpu("tunnel", 1)
-    lines.append(f"the tunnel: {100 * median('tunnel', 'mib_per_s') / median('relays', 'mib_per_s'):.1f}% of the "
-                 f"relays' rate, {tunnel:.2f} s of CPU per GiB in its two processes against the relays' {relays:.2f}")
     return "\n".join(lines)
 
 
