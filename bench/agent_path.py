@@ -12,8 +12,15 @@ quiet measurement (or under ``valgrind --tool=callgrind``, deterministically):
 - the session only counts the frames queued for the server; the inspector's capture is on, as by
   default.
 
+With ``--link`` the link is in the count too: each REQUEST and its END reach a real ``Session``
+(attached, as the agent's is) as the WebSocket frame the server writes, read by a real
+``WebSocket``'s frame parser, decoded, dispatched, and the answers go out through the session's
+flush and the WebSocket's frame encoder to a transport that drops them. Only the sockets are
+missing: what ``bench.cpu`` counts for the agent, less the syscalls and the event loop's own work.
+
     python -m bench.agent_path                        # 5 repeats of 20,000 requests on uvloop
     python -m bench.agent_path --loop asyncio --requests 5000 --repeats 3
+    python -m bench.agent_path --link                 # the link's decoding and encoding too
 
 It prints the CPU time (``time.process_time``) per request of each repeat, their minimum and
 median, and how many requests were answered from callbacks without a task. Instructions per
@@ -33,11 +40,15 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from comzy.agent.capture import Capture
+from comzy.agent.client import MAX_LINK_MESSAGE
 from comzy.agent.forward import LocalForwarder, Served, Serving
 from comzy.agent.local_http import _Connection
 from comzy.core import protocol as p
+from comzy.core import wsframe
 from comzy.core.memory import tune_gc, tune_malloc
+from comzy.core.session import Session
 from comzy.core.stream import Stream
+from comzy.core.websocket import WebSocket
 
 #: nginx's answer to bench's ``/small`` (1 KiB), as it comes on the local connection.
 RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.24.0\r\nDate: Mon, 07 Dec 2026 18:00:00 GMT\r\n"
@@ -76,6 +87,48 @@ class _AnsweringTransport:
         pass
 
 
+class _LinkTransport:
+    """The agent link's transport: what the session writes is counted and dropped."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+
+    def writelines(self, data: list[bytes]) -> None:
+        self.writes += 1
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def _attached_session(loop: asyncio.AbstractEventLoop) -> tuple[Session, WebSocket]:
+    """A real agent-side Session on a real WebSocket, attached (as ``Session.run`` leaves them) to a
+    transport that drops what is written; bytes from the server go to ``WebSocket._data_received``."""
+    ws = WebSocket(None, client=True, max_message=MAX_LINK_MESSAGE)  # type: ignore[arg-type]
+    ws.zero_key = True  # a loopback link, as the agent's to a local server is
+    session = Session(ws, name="agent")
+    ws._transport = _LinkTransport()  # type: ignore[assignment]
+    ws._sink = session
+    session._loop = loop
+    session._ended = loop.create_future()
+    session._attached = True
+    return session, ws
+
+
+def _server_message(stream_id: int) -> bytes:
+    """What the server writes on the link for wrk's GET: REQUEST and END in one WebSocket message."""
+    frames = p.encode_bodyless_request(stream_id, "GET", b"/small", HEADERS, "127.0.0.1", "http", "1.1", None)
+    return wsframe.encode_binary(frames, masked=False)
+
+
 class _CountingSession:
     """What a Stream needs of its session; frames are counted, not sent."""
 
@@ -103,9 +156,9 @@ class _CountingSession:
         self.streams.pop(stream_id, None)
 
 
-async def run_once(requests: int, workers: int) -> tuple[float, int]:
+async def run_once(requests: int, workers: int, link: bool = False) -> tuple[float, int]:
     """CPU seconds per request for ``requests`` requests, ``workers`` at a time; and how many were
-    answered without a task."""
+    answered without a task. ``link``: through a real Session and WebSocket (see ``--link``)."""
     loop = asyncio.get_running_loop()
     forwarder = LocalForwarder("127.0.0.1", 1, capture=Capture())
     idle_since = time.monotonic() + 3600  # never expires during the run
@@ -118,10 +171,18 @@ async def run_once(requests: int, workers: int) -> tuple[float, int]:
     serving = Serving()
     finished = loop.create_future()
     started = ended = 0
+    if link:
+        real, ws = _attached_session(loop)
+        real.on_request = lambda stream, head: forwarder.start(stream, head, serving)
+        # The server's messages are made before the clock starts: their encoding is the server's work.
+        messages = [_server_message(stream_id) for stream_id in range(1, requests + 1)]
 
     def dispatch() -> None:
         nonlocal started
         started += 1
+        if link:
+            ws._data_received(messages[started - 1])
+            return
         head = p.RequestHead("GET", b"/small", HEADERS, "127.0.0.1")
         stream = Stream(session, started, p.DEFAULT_WINDOW)  # type: ignore[arg-type]
         session.streams[started] = stream
@@ -145,6 +206,8 @@ async def run_once(requests: int, workers: int) -> tuple[float, int]:
     await finished
     cpu = time.process_time() - cpu
     await serving.stop()
+    if link and real._ended is not None and real._ended.done():
+        real._ended.result()  # the session ended on an error: say which
     return cpu / requests, forwarder.answered_without_task
 
 
@@ -154,6 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=50, help="requests in flight (default 50)")
     parser.add_argument("--repeats", type=int, default=5, help="repeats; min and median printed (default 5)")
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+    parser.add_argument("--link", action="store_true",
+                        help="through a real Session and WebSocket: the link's decoding and encoding counted too")
     args = parser.parse_args(argv)
     run: Callable[[Coroutine[Any, Any, tuple[float, int]]], tuple[float, int]] = asyncio.run
     if args.loop == "uvloop":
@@ -164,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     tune_gc()
     per_request = []
     for _ in range(args.repeats):
-        seconds, without_task = run(run_once(args.requests, args.workers))
+        seconds, without_task = run(run_once(args.requests, args.workers, args.link))
         per_request.append(seconds * 1e6)
         print(f"{seconds * 1e6:.1f} µs/request ({without_task} of {args.requests} without a task)", flush=True)
     print(f"{args.loop}: min {min(per_request):.1f} median {statistics.median(per_request):.1f} µs/request")
