@@ -61,6 +61,9 @@ DIRECT_BUFFER = 256 * 1024
 #: How much more than the rest of the body the last of them may read.
 SLACK = 4096
 
+#: What llhttp raises on a response it refuses (HttpParserCallbackError, one of ours raised in a callback,
+#: is an HttpParserError).
+_PARSER_ERRORS = (httptools.HttpParserError, httptools.HttpParserUpgrade)
 _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
 # Field values: no control characters but tab (so no CR/LF/NUL), as RFC 9110 5.5 allows.
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
@@ -128,8 +131,9 @@ class HeadListener(Protocol):
     """Who is told, from the connection's callbacks, how a request sent by
     ``LocalClient.request_nowait`` went: exactly one of the two methods is called, once."""
 
-    def head_read(self, response: LocalResponse) -> None:
-        """The final response head was read (and the body bytes that came with it parsed)."""
+    def head_read(self, status: int, headers: list[tuple[bytes, bytes]], connection: _Connection) -> None:
+        """The final response head was read (and the body bytes that came with it parsed): what
+        ``LocalResponse`` holds, given apart (no object made for the requests answered at once)."""
 
     def head_failed(self, error: LocalError) -> None:
         """No head: StaleConnection when the pooled connection was found closed before any byte
@@ -407,21 +411,25 @@ class _Connection(asyncio.Protocol):
         _normal_head may put right raises _Rescue when ``rescue``."""
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserCallbackError as exc:
+        except _PARSER_ERRORS as exc:
+            self._feed_failed(exc, rescue)
+
+    def _feed_failed(self, exc: Exception, rescue: bool) -> None:
+        """``_feed``'s answer to llhttp's refusal ``exc`` (raised while it is handled)."""
+        if isinstance(exc, httptools.HttpParserCallbackError):
             # A check of ours refused the response from inside a callback.
             if isinstance(exc.__context__, LocalError):
                 raise exc.__context__ from None
             raise MalformedResponse(str(exc)) from None
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
-            if self._complete:
-                self._leftover = True  # garbage after the response: only the pool is concerned
-                return
-            if self._head_done:
-                self._body_error = MalformedResponse(f"{exc} in the body")
-                return
-            if rescue and str(exc) in _RESCUED:
-                raise _Rescue from None
-            raise _Refused(str(exc)) from None
+        if self._complete:
+            self._leftover = True  # garbage after the response: only the pool is concerned
+            return
+        if self._head_done:
+            self._body_error = MalformedResponse(f"{exc} in the body")
+            return
+        if rescue and str(exc) in _RESCUED:
+            raise _Rescue from None
+        raise _Refused(str(exc)) from None
 
     def _refused(self, exc: _Refused, read: bytes) -> MalformedResponse:
         """llhttp's refusal of a head, saying which line (llhttp's messages do not)."""
@@ -474,7 +482,11 @@ class _Connection(asyncio.Protocol):
         try:
             if not self._rescuing:
                 try:
-                    self._feed(data, rescue=True)
+                    # _feed in line (a call less per response read at once).
+                    try:
+                        self._parser.feed_data(data)
+                    except _PARSER_ERRORS as exc:
+                        self._feed_failed(exc, True)
                 except _Rescue:
                     self._rescuing = True
             if self._rescuing:
@@ -516,7 +528,7 @@ class _Connection(asyncio.Protocol):
             listener = self._head_listener
             assert listener is not None
             self._head_listener = None  # what comes next waits in _received for body()
-            listener.head_read(LocalResponse(self._status, self._response_headers, self))
+            listener.head_read(self._status, self._response_headers, self)
 
     def _head_failed(self, error: LocalError) -> None:
         listener = self._head_listener
@@ -675,7 +687,8 @@ class _Connection(asyncio.Protocol):
             return None
         pieces = self._pieces
         self._pieces = []
-        self._body_read()
+        # _body_read() in line (a call less on every small response).
+        self.reusable = self._keep_alive and not self._leftover and not self._received
         if not pieces:
             return b""
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)

@@ -173,24 +173,28 @@ class RequestHead:
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> RequestHead:
         """Parse a REQUEST payload; raises ProtocolError on a malformed one."""
+        # Once per request on the agent: the header list and the checks in line, no comprehension
+        # over an empty subprotocol list, positional arguments (four calls fewer per request).
+        get = payload.get
         try:
             target = payload["t"]
             if not isinstance(target, bytes):  # bytes(5) would be five NULs, bytes(2**63) an OverflowError
                 raise TypeError("the target must be bytes")
-            return cls(
-                method=str(payload["m"]),
-                target=target,
-                headers=_header_list(payload["h"]),
-                client=str(payload.get("c", "")),
-                scheme=str(payload.get("s", "http")),
-                http_version=str(payload.get("v", "1.1")),
-                websocket=bool(payload.get("w", False)),
-                subprotocols=[str(p) for p in payload.get("sp", [])],
-                has_body=bool(payload.get("b", False)),
-                tunnel=_tunnel_name(payload.get("tn")),
-            )
+            # msgpack decodes bin to bytes, never a subclass: the exact type test is the same check, cheaper.
+            headers = [(name, value) if type(name) is bytes and type(value) is bytes else _not_bytes()
+                       for name, value in payload["h"]]
+            subprotocols = get("sp", _NONE)
+            subprotocols = [] if subprotocols == [] else [str(p) for p in subprotocols]
+            tunnel = get("tn")
+            return cls(str(payload["m"]), target, headers, str(get("c", "")), str(get("s", "http")),
+                       str(get("v", "1.1")), bool(get("w", False)), subprotocols, bool(get("b", False)),
+                       None if tunnel is None else _tunnel_name(tunnel))
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ProtocolError(f"malformed REQUEST head: {exc!r}") from exc
+
+
+#: REQUEST ``sp`` when absent: no subprotocols.
+_NONE: list[str] = []
 
 
 def _tunnel_name(value: Any) -> str | None:
