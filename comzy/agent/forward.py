@@ -411,10 +411,7 @@ class LocalForwarder:
                 if self.capture is not None:
                     call.exchange = self.capture.begin(head.method, head.target, headers, head.client, "http",
                                                        tunnel_name=self.name, request_complete=True)
-                # _wait_on(conn) in line: this runs for every request answered from callbacks.
-                call.connection = conn
-                serving.waiting.add(call)
-                stream.on_event = call.stream_event
+                call._wait_on(conn)
                 return
         serving.spawn(call.run(self._begin(call)))
 
