@@ -378,12 +378,31 @@ GOOD_RESPONSE = p.ResponseHead(200, [(b"a", b"b")]).to_payload()
         {"h": [[b"n", 1]]},
         {"h": [b"ab"]},
         {"sp": 3},
+        {"tn": ""},
+        {"tn": 5},
+        {"tn": "x" * 65},
     ],
 )
 def test_malformed_request_head_is_an_error(change: dict[str, Any]) -> None:
     payload = {k: v for k, v in {**GOOD_REQUEST, **change}.items() if v is not None}
     with pytest.raises(p.ProtocolError, match="malformed REQUEST"):
         p.RequestHead.from_payload(payload)
+
+
+@pytest.mark.parametrize(("change", "subprotocols", "tunnel"), [
+    ({"sp": None, "tn": None}, [], None),  # both left out
+    ({"sp": []}, [], None),
+    ({"sp": ["chat", "v2"], "tn": "web"}, ["chat", "v2"], "web"),
+])
+def test_request_head_subprotocols_and_tunnel(change: dict[str, Any], subprotocols: list[str],
+                                              tunnel: str | None) -> None:
+    """What ``from_payload`` reads in line (no comprehension for an empty list, no call without a name)."""
+    payload = {k: v for k, v in {**GOOD_REQUEST, **change}.items() if v is not None}
+    head = p.RequestHead.from_payload(payload)
+    assert (head.subprotocols, head.tunnel) == (subprotocols, tunnel)
+    if subprotocols == []:
+        head.subprotocols.append("x")  # a list of its own, never one shared between heads
+        assert p.RequestHead.from_payload(payload).subprotocols == []
 
 
 @pytest.mark.parametrize(
